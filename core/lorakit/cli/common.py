@@ -1,0 +1,16 @@
+"""Argument helpers shared by verbs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override recipe keys by path, e.g. train.max_steps=5 peft.r=8",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -1,0 +1,30 @@
+"""``lorakit plugins``: every installed plugin with its kind, name and distribution."""
+
+from __future__ import annotations
+
+import argparse
+
+from lorakit.options import describe_options
+from lorakit.plugins import KINDS, default_catalog
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plugins", help="list installed plugins (all kinds)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's options")
+    p.add_argument("--kind", choices=list(KINDS), help="only this kind")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    catalog = default_catalog()
+    rows = [e for e in catalog.all() if not args.kind or e.kind == args.kind]
+    width = max((len(e.name) for e in rows), default=4)
+    print(f"{'KIND':<10} {'NAME':<{width}}  FROM")
+    for e in rows:
+        dist = f"{e.distribution} {e.version}" if e.distribution else e.plugin
+        print(f"{e.kind:<10} {e.name:<{width}}  {dist}")
+        if args.verbose and e.options_class is not None:
+            for name, typ, default, doc in describe_options(e.options_class):
+                print(f"{'':<10}   {name} = {default}  ({typ}) {doc}")
+    return 0

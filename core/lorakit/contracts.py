@@ -1,0 +1,164 @@
+"""The contracts between the core and plugins: plain records and ``typing.Protocol`` classes.
+
+Nothing here imports torch or transformers, so ``lorakit check`` stays fast. Heavy objects
+(tokenizers, models, configs) are typed ``Any`` at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import attrs
+
+ROLES = ("system", "user", "assistant")
+
+
+@attrs.frozen
+class Message:
+    role: str
+    content: str
+
+
+@attrs.frozen
+class Example:
+    """One normalized training example.
+
+    Exactly one of ``messages`` (a conversation) or ``text`` (raw completion text) is set.
+    ``meta`` holds ``source`` (where it came from: file and line), ``tags`` and optional ``split``.
+    """
+
+    id: str
+    messages: tuple[Message, ...] | None = None
+    text: str | None = None
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if self.messages is not None:
+            out["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        if self.text is not None:
+            out["text"] = self.text
+        out["meta"] = dict(self.meta)
+        return out
+
+
+@attrs.frozen
+class Segment:
+    """A piece of rendered text; ``supervised`` pieces are the ones the loss is computed on."""
+
+    text: str
+    supervised: bool = False
+
+
+@attrs.frozen
+class Rendered:
+    """An example rendered by a formatter: segments whose concatenation is the model input."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+@attrs.frozen
+class ModelRef:
+    """What a model source resolved to: something ``from_pretrained`` accepts."""
+
+    path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # A short human description for logs and model cards ("local:/x", "hub:org/name@rev").
+    label: str = ""
+
+
+class SourceContext(Protocol):
+    """What the core hands a data source while it reads."""
+
+    recipe_dir: Path
+
+    def reject(self, reason: str, where: str, fix: str) -> None:
+        """A bad record: raises ``DataError`` (``[data] on_error = "fail"``, the default), or
+        counts it as skipped with its reason and returns (``on_error = "skip"``)."""
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def read(self, ctx: SourceContext) -> Iterator[Example]:
+        """Yield normalized examples; raise ``DataError`` (file:line and fix) on bad input."""
+        ...
+
+
+@runtime_checkable
+class Formatter(Protocol):
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def render(self, example: Example, tokenizer: Any) -> Rendered:
+        """Render a full training example, marking supervised segments."""
+        ...
+
+    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
+        """Render a conversation up to and including the assistant header (for generation)."""
+        ...
+
+    def end_of_turn(self, tokenizer: Any) -> str:
+        """The text of the token that ends an assistant turn (generation stops there)."""
+        ...
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def resolve(self) -> ModelRef:
+        """Return a loadable reference; raise ``ModelError`` with a fix when that is impossible."""
+        ...
+
+
+@runtime_checkable
+class QuantBackend(Protocol):
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        """Extra ``from_pretrained`` kwargs (``quantization_config``, ``dtype``) for ``device``."""
+        ...
+
+    def compute_dtype(self, device: str) -> Any:
+        """The torch dtype that matmuls run in on ``device``."""
+        ...
+
+    def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
+        """Prepare a freshly loaded base model for adapter training; return it."""
+        ...
+
+
+@runtime_checkable
+class PeftMethod(Protocol):
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def peft_config(self) -> Any:
+        """Return a ``peft.PeftConfig`` for ``get_peft_model``."""
+        ...
+
+
+@runtime_checkable
+class Metric(Protocol):
+    Options: ClassVar[type]
+    # "loss": computed from token log-likelihoods; "generation": from generated text.
+    kind: ClassVar[str]
+
+    def __init__(self, options: Any) -> None: ...

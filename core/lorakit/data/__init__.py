@@ -1,0 +1,1 @@
+"""The data path: read sources, split, render and tokenize with completion-only labels."""

@@ -1,0 +1,169 @@
+"""Recipe -> examples -> splits -> tokenized rows, with every skip and drop counted.
+
+``lorakit check``, ``prepare`` and ``run`` all go through here, so they agree on what is read,
+which split each example lands in, and what is dropped and why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lorakit.contracts import Example
+from lorakit.data.splits import assign_splits, fingerprint
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
+from lorakit.errors import DataError, PluginError
+from lorakit.plugins import Catalog
+from lorakit.recipe import Recipe
+
+
+@attrs.define
+class DataReport:
+    """Counts of what happened to the data; printed by check/prepare/run and saved in the run."""
+
+    per_source: dict[str, int] = attrs.field(factory=dict)
+    skipped: list[tuple[str, str]] = attrs.field(factory=list)  # (where, reason)
+    dropped: Counter = attrs.field(factory=Counter)  # reason -> count
+    truncated: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} bad records:")
+            out += [f"  {where}: {reason}" for where, reason in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                out.append(f"  ... and {len(self.skipped) - 20} more")
+        for reason, n in sorted(self.dropped.items()):
+            out.append(f"dropped {n} examples: {reason}")
+        if self.truncated:
+            out.append(f"truncated {self.truncated} examples to train.max_length")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "per_source": self.per_source,
+            "skipped": [{"where": w, "reason": r} for w, r in self.skipped],
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+        }
+
+
+@attrs.define
+class ReadContext:
+    """The :class:`lorakit.contracts.SourceContext` the core hands to data sources."""
+
+    recipe_dir: Path
+    on_error: str
+    report: DataReport
+
+    def reject(self, reason: str, where: str, fix: str) -> None:
+        if self.on_error == "skip":
+            self.report.skipped.append((where, reason))
+            return
+        raise DataError(reason, where=where, fix=fix)
+
+
+@attrs.frozen
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    def get(self, name: str) -> list[Example]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint([*self.train, *self.val, *self.test])
+
+
+def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[Example]:
+    """Read every ``[[data.sources]]`` table, in order. Duplicate ids are an error (or a skip)."""
+    ctx = ReadContext(recipe_dir=recipe.recipe_dir, on_error=recipe.data.on_error, report=report)
+    examples: list[Example] = []
+    seen: dict[str, str] = {}
+    for i, choice in enumerate(recipe.sources):
+        source = choice.build(catalog)
+        label = f"{i}:{choice.name}"
+        count = 0
+        try:
+            iterator = iter(source.read(ctx))
+        except TypeError as exc:
+            raise PluginError(f"source {choice.name!r} read() did not return an iterator") from exc
+        for ex in iterator:
+            where = str(ex.meta.get("source", ex.id))
+            if ex.id in seen:
+                ctx.reject(
+                    f"duplicate id {ex.id!r} (first seen at {seen[ex.id]})",
+                    where,
+                    "ids must be unique across all sources; rename one",
+                )
+                continue
+            seen[ex.id] = where
+            examples.append(attrs.evolve(ex, meta={**ex.meta, "source_plugin": choice.name}))
+            count += 1
+        report.per_source[label] = count
+    if not examples:
+        raise DataError(
+            "the recipe's sources yielded no examples",
+            where="[data.sources]",
+            fix="check the paths and globs; `lorakit check` lists what each source read",
+        )
+    return examples
+
+
+def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = None) -> Splits:
+    report = report if report is not None else DataReport()
+    examples = read_examples(recipe, catalog, report)
+    parts = assign_splits(
+        examples, recipe.data.split_seed, recipe.data.val_fraction, recipe.data.test_fraction
+    )
+    return Splits(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    overlength: str,
+    report: DataReport,
+) -> list[Tokenized]:
+    """Render and tokenize; apply the overlength policy; drop rows with nothing to learn.
+
+    Every drop is counted in ``report`` with its reason; nothing disappears silently.
+    """
+    rendered = [formatter.render(ex, tokenizer) for ex in examples]
+    rows = tokenize_batch(rendered, tokenizer)
+    kept: list[Tokenized] = []
+    for ex, row in zip(examples, rows, strict=True):
+        if row.n_supervised == 0:
+            report.dropped["no supervised token (nothing to learn)"] += 1
+            continue
+        if len(row.input_ids) > max_length:
+            if overlength == "error":
+                raise DataError(
+                    f"example is {len(row.input_ids)} tokens, over train.max_length={max_length}",
+                    where=str(ex.meta.get("source", ex.id)),
+                    fix='raise [train].max_length, shorten the example, or set [data] overlength = "drop"',
+                )
+            if overlength == "drop":
+                report.dropped[f"longer than train.max_length={max_length}"] += 1
+                continue
+            cut = Tokenized(row.input_ids[:max_length], row.labels[:max_length])
+            if cut.n_supervised == 0:
+                report.dropped[f"answer entirely beyond train.max_length={max_length}"] += 1
+                continue
+            report.truncated += 1
+            row = cut
+        kept.append(row)
+    return kept
+
+
+def supervised_share(rows: Sequence[Tokenized]) -> float:
+    total = sum(len(r.labels) for r in rows)
+    return sum(1 for r in rows for t in r.labels if t != IGNORE_INDEX) / total if total else 0.0

@@ -1,0 +1,152 @@
+"""Load the tokenizer and base model a recipe names, quantize it, attach or load an adapter.
+
+Only safetensors weights are loaded, and ``trust_remote_code`` stays off unless the model
+source turns it on. Network failures become a ``ModelError`` that says how to work offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorakit.contracts import ModelRef
+from lorakit.errors import ModelError, RunError
+from lorakit.plugins import Catalog
+from lorakit.recipe import Recipe
+from lorakit.secrets import hub_token
+
+
+def resolve_model(recipe: Recipe, catalog: Catalog) -> ModelRef:
+    ref = recipe.model.build(catalog).resolve()
+    if not isinstance(ref, ModelRef):
+        raise ModelError(f"model plugin {recipe.model.name!r} returned {ref!r}, not a ModelRef")
+    return ref
+
+
+def _common_kwargs(ref: ModelRef, recipe: Recipe) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
+    if ref.revision:
+        kwargs["revision"] = ref.revision
+    if not Path(ref.path).exists():
+        token = hub_token((Path.cwd(), recipe.recipe_dir))
+        if token:
+            kwargs["token"] = token
+    return kwargs
+
+
+def _load_error(exc: Exception, ref: ModelRef, what: str) -> ModelError:
+    from lorakit.secrets import redact
+
+    text = redact(str(exc), hub_token())
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if not Path(ref.path).exists():
+        return ModelError(
+            f"cannot load {what} {ref.label or ref.path!r}: {first}",
+            where="[model]",
+            fix="this needs the Hugging Face Hub: check the id, your network and HF_TOKEN; offline,"
+            ' download once and use plugin = "local" with path = "<folder>"',
+        )
+    return ModelError(
+        f"cannot load {what} from {ref.path}: {first}",
+        where="[model]",
+        fix="the folder must hold a transformers model saved with save_pretrained (safetensors)",
+    )
+
+
+def load_tokenizer(recipe: Recipe, catalog: Catalog, ref: ModelRef | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    ref = ref or resolve_model(recipe, catalog)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.path, **_common_kwargs(ref, recipe))
+    except (OSError, ValueError) as exc:
+        raise _load_error(exc, ref, "tokenizer") from exc
+    if tok.pad_token is None:
+        # Labels are built from masks, not from pad ids, so pad == eos cannot hide the EOS label.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    recipe: Recipe,
+    catalog: Catalog,
+    device: str,
+    *,
+    quantized: bool = True,
+    dtype: Any = None,
+    ref: ModelRef | None = None,
+) -> Any:
+    """The base model on ``device``, quantized by the recipe's backend unless ``quantized=False``.
+
+    ``dtype`` overrides the compute dtype (export merges in fp32).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = ref or resolve_model(recipe, catalog)
+    kwargs = _common_kwargs(ref, recipe)
+    backend = recipe.quant.build(catalog)
+    if quantized:
+        kwargs.update(backend.load_kwargs(device))
+    else:
+        kwargs["dtype"] = backend.compute_dtype(device)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if "quantization_config" in kwargs and kwargs["quantization_config"] is not None:
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(exc, ref, "model") from exc
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
+def attach_new_adapter(model: Any, recipe: Recipe, catalog: Catalog, seed: int) -> Any:
+    """Wrap ``model`` with a freshly initialised adapter (seeded, so init is reproducible)."""
+    import torch
+    from peft import get_peft_model
+
+    config = recipe.peft.build(catalog).peft_config()
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Fail clearly on a missing, truncated or non-finite adapter instead of loading garbage."""
+    config = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise RunError(
+            f"no adapter in {adapter_dir} (need adapter_config.json and adapter_model.safetensors)",
+            fix="point at a run folder's adapter/ or a checkpoint; train first with `lorakit run`",
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            import torch
+
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensor = f.get_tensor(key)
+                if not torch.isfinite(tensor).all():
+                    raise RunError(
+                        f"{weights}: tensor {key} holds NaN or Inf values",
+                        fix="the adapter is corrupt (diverged training?); retrain or use an earlier checkpoint",
+                    )
+    except RunError:
+        raise
+    except Exception as exc:
+        raise RunError(
+            f"{weights}: cannot read adapter weights ({exc})",
+            fix="the file is truncated or corrupt; re-export it or use an earlier checkpoint",
+        ) from exc
+
+
+def load_adapter(model: Any, adapter_dir: Path, *, trainable: bool = False) -> Any:
+    """Load a saved adapter onto ``model``. ``trainable=True`` keeps it unfrozen (resume)."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

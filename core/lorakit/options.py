@@ -1,0 +1,202 @@
+"""Validate plain TOML tables against attrs option classes, collecting every problem.
+
+Plugins and recipe sections describe their options as attrs classes whose fields carry a
+one-line ``doc`` in their metadata (use :func:`option`). :func:`structure` checks types, unknown
+keys (with a did-you-mean) and validators for a table and returns the instance plus a list of
+problems, each prefixed with its key path, so a recipe reports all mistakes at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+import attrs
+
+_MISSING = object()
+
+
+def option(default: Any = attrs.NOTHING, *, doc: str, validator: Any = None, factory: Any = None) -> Any:
+    """An attrs field with a one-line ``doc`` (shown by ``lorakit plugins -v`` and the docs)."""
+    if factory is not None:
+        return attrs.field(factory=factory, validator=validator, metadata={"doc": doc})
+    return attrs.field(default=default, validator=validator, metadata={"doc": doc})
+
+
+def describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_plural(describe_type(args[0]))}" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a table"
+    if origin in (Union, types.UnionType):
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts)
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(desc: str) -> str:
+    for article in ("an ", "a "):
+        if desc.startswith(article):
+            noun = desc[len(article) :]
+            return noun + ("" if noun.endswith("s") else "s")
+    return desc
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list" if value else "[]"
+    return repr(value)
+
+
+def convert(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ``TypeError`` describing the expectation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            inner = args[0] if args else Any
+            return tuple(convert(v, inner) for v in value)
+    elif origin in (dict, Mapping):
+        if isinstance(value, Mapping):
+            return dict(value)
+    elif origin in (Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(value, arg)
+            except TypeError:
+                continue
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise TypeError(f"expected {describe_type(tp)}, got {_show(value)}")
+
+
+def fields_of(cls: type) -> tuple[attrs.Attribute, ...]:
+    attrs.resolve_types(cls)
+    return attrs.fields(cls)
+
+
+def structure(
+    cls: type, table: Mapping[str, Any], path: str, *, ignore: tuple[str, ...] = ()
+) -> tuple[Any | None, list[str]]:
+    """Build ``cls`` from ``table``. Returns ``(instance or None, problems)``.
+
+    ``path`` prefixes every problem (``[peft]``, ``[data.sources.0]``). Keys in ``ignore`` (such
+    as ``plugin``) are skipped.
+    """
+    problems: list[str] = []
+    flds = {f.name: f for f in fields_of(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in ignore:
+            continue
+        if key not in flds:
+            problems.append(f"{path}.{key}: unknown key{_did_you_mean(key, flds)}")
+            continue
+        fld = flds[key]
+        try:
+            value = convert(value, fld.type)
+        except TypeError as exc:
+            problems.append(f"{path}.{key}: {exc}")
+            continue
+        if fld.validator is not None:
+            try:
+                fld.validator(None, fld, value)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{path}.{key}: {_validator_message(exc, value)}")
+                continue
+        kwargs[key] = value
+    for name, fld in flds.items():
+        if name not in table and fld.default is attrs.NOTHING:
+            doc = fld.metadata.get("doc", "")
+            problems.append(
+                f"{path}.{name}: required key is missing; add `{name} = ...`"
+                + (f" ({doc})" if doc else "")
+            )
+    if problems:
+        return None, problems
+    try:
+        return cls(**kwargs), []
+    except (ValueError, TypeError) as exc:
+        return None, [f"{path}: {exc}"]
+
+
+def _did_you_mean(key: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f", did you mean {close[0]}?"
+    return f"; known keys: {', '.join(sorted(known))}" if known else "; this table takes no keys"
+
+
+def _validator_message(exc: Exception, value: Any) -> str:
+    # attrs' built-in validators put a long tuple in args; keep their first, readable part.
+    msg = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if msg.startswith("'") and "must be in" in msg:
+        return f"{_show(value)} is not allowed; {msg.split('must be', 1)[1].strip()}"
+    return msg
+
+
+def describe_options(cls: type) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, doc)`` for each field: for ``lorakit plugins -v`` and docs."""
+    rows = []
+    for fld in fields_of(cls):
+        if fld.default is attrs.NOTHING:
+            default = "(required)"
+        elif isinstance(fld.default, attrs.Factory):  # type: ignore[arg-type]
+            default = _show(fld.default.factory())
+        else:
+            default = "(unset)" if fld.default is None else _show(fld.default)
+        rows.append((fld.name, describe_type(fld.type), default, fld.metadata.get("doc", "")))
+    return rows
+
+
+def to_plain(obj: Any) -> Any:
+    """An attrs instance (or nested values) as TOML/JSON-friendly plain data."""
+    if attrs.has(type(obj)):
+        return {k: to_plain(v) for k, v in attrs.asdict(obj, recurse=False).items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,112 @@
+"""Option classes for the recipe sections the core owns: [data], [train], [eval], [output].
+
+Plugin sections ([model], [format], [quant], [peft], [[data.sources]]) are validated against the
+chosen plugin's own ``Options`` class instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+from lorakit.options import option
+
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+
+
+def _fraction(_inst, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must be at least 0 and below 1, got {value}")
+
+
+@attrs.frozen
+class DataSection:
+    val_fraction: float = option(0.1, doc="share of examples held out for validation", validator=_fraction)
+    test_fraction: float = option(0.1, doc="share of examples held out for test", validator=_fraction)
+    split_seed: int = option(
+        1234, doc="seed of the split hash; an example's split depends only on its id and this"
+    )
+    on_error: Literal["fail", "skip"] = option(
+        "fail", doc="bad records: fail with file:line, or skip them and report each skip"
+    )
+    overlength: Literal["drop", "error", "truncate"] = option(
+        "drop",
+        doc="examples longer than train.max_length: drop (counted), stop with an error, or "
+        "truncate (counted; an example whose answer would be cut off entirely is dropped)",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                "val_fraction + test_fraction must leave examples for training (sum below 1)"
+            )
+
+
+@attrs.frozen
+class TrainSection:
+    seed: int = option(42, doc="seeds LoRA init, dropout and data order")
+    max_steps: int = option(-1, doc="optimizer steps to run; -1 means use num_train_epochs")
+    num_train_epochs: float = option(1.0, doc="passes over the training split (when max_steps is -1)")
+    per_device_train_batch_size: int = option(4, doc="micro-batch size per device", validator=v.ge(1))
+    per_device_eval_batch_size: int = option(8, doc="batch size for loss evaluation", validator=v.ge(1))
+    gradient_accumulation_steps: int = option(
+        1, doc="micro-batches per optimizer step (effective batch = this x batch size)", validator=v.ge(1)
+    )
+    learning_rate: float = option(2e-4, doc="peak learning rate", validator=v.gt(0.0))
+    lr_scheduler_type: Scheduler = option("linear", doc="learning-rate schedule")
+    warmup_ratio: float = option(0.0, doc="share of steps spent warming up the LR", validator=_fraction)
+    weight_decay: float = option(0.0, doc="AdamW weight decay", validator=v.ge(0.0))
+    max_grad_norm: float = option(1.0, doc="gradient clipping norm", validator=v.gt(0.0))
+    optim: str = option("adamw_torch", doc="optimizer name understood by transformers (e.g. paged_adamw_8bit on GPU)")
+    logging_steps: int = option(1, doc="log loss every N steps", validator=v.ge(1))
+    save_steps: int = option(50, doc="write a checkpoint every N steps", validator=v.ge(1))
+    save_total_limit: int | None = option(
+        None, doc="keep only the newest N checkpoints of this run (unset: keep all)"
+    )
+    eval_steps: int | None = option(None, doc="also evaluate val loss every N steps (unset: only at the end)")
+    gradient_checkpointing: bool = option(
+        False, doc="trade compute for memory (non-reentrant, safe with LoRA and DDP)"
+    )
+    packing: bool = option(
+        False, doc="pack short examples into max_length rows (attention stays within each example)"
+    )
+    max_length: int = option(1024, doc="longest tokenized example, in tokens", validator=v.ge(8))
+    device: Literal["auto", "cpu", "cuda", "mps"] = option(
+        "auto", doc="where to train; auto picks cuda when available, else cpu"
+    )
+    dataloader_num_workers: int = option(0, doc="data loader worker processes", validator=v.ge(0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("max_steps must be a positive number of steps, or -1 for epochs")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+
+
+@attrs.frozen
+class EvalSection:
+    metrics: list[str] = option(
+        factory=lambda: ("eval_loss", "perplexity"), doc="metric plugins to compute (lorakit plugins)"
+    )
+    splits: list[str] = option(factory=lambda: ("val",), doc="splits to evaluate: val and/or test")
+    max_new_tokens: int = option(128, doc="generation budget for generation metrics", validator=v.ge(1))
+    batch_size: int = option(8, doc="batch size for generation", validator=v.ge(1))
+    max_examples: int | None = option(
+        None, doc="evaluate at most N examples per split (unset: all)"
+    )
+    baseline: bool = option(True, doc="also score the base model without the adapter")
+
+    def __attrs_post_init__(self) -> None:
+        bad = [s for s in self.splits if s not in ("train", "val", "test")]
+        if bad:
+            raise ValueError(f"splits: unknown split {bad[0]!r}; use train, val or test")
+
+
+@attrs.frozen
+class OutputSection:
+    dir: str = option("runs", doc="folder that holds run folders")
+    name: str | None = option(None, doc="run folder name (default: the recipe file's stem)")

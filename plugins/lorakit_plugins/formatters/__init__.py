@@ -1,0 +1,1 @@
+"""Prompt formatters: render examples as text with supervised segments marked."""

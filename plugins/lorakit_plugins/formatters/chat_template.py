@@ -1,0 +1,134 @@
+"""``chat_template``: the tokenizer's own chat template (what inference servers will use).
+
+Assistant spans are found by rendering growing prefixes of the conversation: the text between
+"everything before this turn + generation prompt" and "everything through this turn" is the
+assistant reply plus its end-of-turn. A template whose renders are not prefix-stable cannot be
+masked safely and is rejected with an explanation instead of producing wrong labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from lorakit import hookimpl
+from lorakit.contracts import Example, Message, Rendered, Segment
+from lorakit.errors import DataError
+from lorakit.options import option
+
+
+def _dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def template_end_of_turn(tokenizer: Any) -> str:
+    """The special token a template closes an assistant turn with (e.g. ``<|im_end|>``)."""
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    tail = text[text.rindex("PONG-7") + len("PONG-7") :]
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    stripped = tail.lstrip(" ")
+    for tok in specials:
+        if tok and stripped.startswith(tok):
+            return tok
+    if tokenizer.eos_token and tokenizer.eos_token in tail:
+        return tokenizer.eos_token
+    raise DataError(
+        f"cannot find the end-of-turn token after an assistant reply in the chat template "
+        f"(it renders {tail!r})",
+        where="[format]",
+        fix='use a formatter that names its end-of-turn, e.g. plugin = "chatml"',
+    )
+
+
+@attrs.frozen
+class ChatTemplateOptions:
+    system_prompt: str | None = option(
+        None, doc="system message added to conversations that have none (unset: template default)"
+    )
+
+
+class ChatTemplateFormatter:
+    Options = ChatTemplateOptions
+
+    def __init__(self, options: ChatTemplateOptions):
+        self.options = options
+        self._eot: dict[int, str] = {}
+
+    def _check(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "the tokenizer has no chat template",
+                where="[format].plugin",
+                fix='choose a formatter with a fixed layout: "chatml", "mistral_inst" or "instruction"',
+            )
+
+    def end_of_turn(self, tokenizer: Any) -> str:
+        key = id(tokenizer)
+        if key not in self._eot:
+            self._check(tokenizer)
+            self._eot[key] = template_end_of_turn(tokenizer)
+        return self._eot[key]
+
+    def _with_system(self, messages: Sequence[Message]) -> list[dict[str, str]]:
+        out = _dicts(messages)
+        if self.options.system_prompt is not None and (not out or out[0]["role"] != "system"):
+            out.insert(0, {"role": "system", "content": self.options.system_prompt})
+        return out
+
+    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
+        self._check(tokenizer)
+        return tokenizer.apply_chat_template(
+            self._with_system(messages), tokenize=False, add_generation_prompt=True
+        )
+
+    def render(self, example: Example, tokenizer: Any) -> Rendered:
+        eot = self.end_of_turn(tokenizer)
+        if example.messages is None:
+            # Raw text: learn all of it, and to stop after it.
+            bos = tokenizer.bos_token or ""
+            return Rendered((Segment(bos), Segment((example.text or "") + eot, True)))
+        msgs = self._with_system(example.messages)
+        segments: list[Segment] = []
+        done = ""  # rendered text covered by segments so far
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise DataError(
+                    "the chat template renders earlier turns differently once later turns are "
+                    "added, so assistant tokens cannot be located safely",
+                    where=f"example {example.id}",
+                    fix='use plugin = "chatml" (or another fixed formatter) for this model',
+                )
+            reply = full[len(prompt) :]
+            cut = reply.find(eot, reply.find(m["content"]) + len(m["content"]) if m["content"] in reply else 0)
+            if cut < 0:
+                raise DataError(
+                    f"assistant turn {i} does not end with the end-of-turn token {eot!r}",
+                    where=f"example {example.id}",
+                    fix='use plugin = "chatml" (or another fixed formatter) for this model',
+                )
+            end = cut + len(eot)
+            segments.append(Segment(prompt[len(done) :]))
+            segments.append(Segment(reply[:end], True))
+            segments.append(Segment(reply[end:]))
+            done = full
+        whole = tokenizer.apply_chat_template(msgs, tokenize=False)
+        if not whole.startswith(done):
+            raise DataError(
+                "the chat template is not prefix-stable for this conversation",
+                where=f"example {example.id}",
+                fix='use plugin = "chatml" (or another fixed formatter) for this model',
+            )
+        segments.append(Segment(whole[len(done) :]))
+        return Rendered(tuple(s for s in segments if s.text))
+
+
+@hookimpl
+def lorakit_register_formatters(register):
+    register("chat_template", ChatTemplateFormatter)

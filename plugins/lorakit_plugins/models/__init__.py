@@ -1,0 +1,1 @@
+"""Model sources: where base weights come from."""

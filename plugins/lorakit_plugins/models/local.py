@@ -1,0 +1,56 @@
+"""``local``: a model folder on disk written by ``save_pretrained`` (safetensors weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from lorakit import hookimpl
+from lorakit.contracts import ModelRef
+from lorakit.errors import ModelError
+from lorakit.options import option
+
+
+@attrs.frozen
+class LocalOptions:
+    path: str = option(doc="folder with config.json, tokenizer and *.safetensors weights")
+    trust_remote_code: bool = option(
+        False, doc="run Python code shipped in the folder (only for folders you trust)"
+    )
+
+
+class LocalSource:
+    Options = LocalOptions
+
+    def __init__(self, options: LocalOptions):
+        self.options = options
+
+    def resolve(self) -> ModelRef:
+        path = Path(self.options.path).expanduser()
+        if not path.is_dir():
+            raise ModelError(
+                f"model folder {path} does not exist",
+                where="[model].path",
+                fix="point path at a folder written by save_pretrained",
+            )
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} has no config.json", where="[model].path", fix="is this a model folder?"
+            )
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(
+                f"{path} has no .safetensors weights (pickle .bin weights can run code on load)",
+                where="[model].path",
+                fix="convert the weights: load once and save_pretrained(..., safe_serialization=True)",
+            )
+        return ModelRef(
+            path=str(path.resolve()),
+            trust_remote_code=self.options.trust_remote_code,
+            label=f"local:{path}",
+        )
+
+
+@hookimpl
+def lorakit_register_model_sources(register):
+    register("local", LocalSource)

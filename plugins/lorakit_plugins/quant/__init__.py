@@ -1,0 +1,1 @@
+"""Quantization backends for the base model."""

@@ -1,0 +1,96 @@
+"""``bnb-4bit`` and ``bnb-8bit``: bitsandbytes quantization of the frozen base (QLoRA).
+
+bitsandbytes runs 4-bit NF4/FP4 on CPU too, so QLoRA is tested here for real. The compute dtype
+``auto`` is fp32 on CPU (bf16 matmul is ~30x slower there), bf16 on GPUs that support it, else
+fp16. The base is prepared with ``prepare_model_for_kbit_training`` *before* the adapter is
+attached (the other order upcasts or freezes the wrong weights), with non-reentrant gradient
+checkpointing so gradients reach the LoRA weights (peft#1142) and DDP stays happy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from lorakit import hookimpl
+from lorakit.device import dtype_from_name
+from lorakit.options import option
+
+
+def _prepare(model: Any, gradient_checkpointing: bool) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+@attrs.frozen
+class Bnb4bitOptions:
+    quant_type: Literal["nf4", "fp4"] = option("nf4", doc="4-bit data type; nf4 suits normally distributed weights")
+    double_quant: bool = option(True, doc="quantize the quantization constants too (~0.4 bit/param saved)")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", doc="dtype matmuls run in; auto: fp32 on CPU, bf16 on capable GPUs, else fp16"
+    )
+
+
+class Bnb4bit:
+    Options = Bnb4bitOptions
+
+    def __init__(self, options: Bnb4bitOptions):
+        self.options = options
+
+    def compute_dtype(self, device: str) -> Any:
+        return dtype_from_name(self.options.compute_dtype, device)
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        from transformers import BitsAndBytesConfig
+
+        dtype = self.compute_dtype(device)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.options.quant_type,
+            bnb_4bit_use_double_quant=self.options.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if device == "cuda" else None,
+        )
+        return {"quantization_config": config, "dtype": dtype}
+
+    def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
+        return _prepare(model, gradient_checkpointing)
+
+
+@attrs.frozen
+class Bnb8bitOptions:
+    threshold: float = option(6.0, doc="LLM.int8() outlier threshold")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", doc="dtype of the non-quantized parts; auto: fp32 on CPU, bf16/fp16 on GPU"
+    )
+
+
+class Bnb8bit:
+    Options = Bnb8bitOptions
+
+    def __init__(self, options: Bnb8bitOptions):
+        self.options = options
+
+    def compute_dtype(self, device: str) -> Any:
+        return dtype_from_name(self.options.compute_dtype, device)
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.options.threshold)
+        return {"quantization_config": config, "dtype": self.compute_dtype(device)}
+
+    def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
+        return _prepare(model, gradient_checkpointing)
+
+
+@hookimpl
+def lorakit_register_quantizers(register):
+    register("bnb-4bit", Bnb4bit)
+    register("bnb-8bit", Bnb8bit)

@@ -1,0 +1,43 @@
+"""``none``: load the base model unquantized in its compute dtype (plain LoRA)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from lorakit import hookimpl
+from lorakit.device import dtype_from_name
+from lorakit.options import option
+
+
+@attrs.frozen
+class NoQuantOptions:
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", doc="weight dtype; auto: fp32 on CPU, bf16 on GPUs that support it, else fp16"
+    )
+
+
+class NoQuant:
+    Options = NoQuantOptions
+
+    def __init__(self, options: NoQuantOptions):
+        self.options = options
+
+    def compute_dtype(self, device: str) -> Any:
+        return dtype_from_name(self.options.dtype, device)
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        return {"dtype": self.compute_dtype(device)}
+
+    def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them.
+            model.enable_input_require_grads()
+        return model
+
+
+@hookimpl
+def lorakit_register_quantizers(register):
+    register("none", NoQuant)

@@ -1,0 +1,1 @@
+"""Data sources: readers that turn files into normalized examples."""
