@@ -167,3 +167,17 @@ def tokenize_examples(
 def supervised_share(rows: Sequence[Tokenized]) -> float:
     total = sum(len(r.labels) for r in rows)
     return sum(1 for r in rows for t in r.labels if t != IGNORE_INDEX) / total if total else 0.0
+
+
+def write_splits(folder: Path, splits: Splits) -> None:
+    """Write ``{train,val,test}.jsonl`` in the normalized contract (atomically, per file)."""
+    import json
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val", "test"):
+        tmp = folder / f".{name}.jsonl.tmp"
+        with tmp.open("w", encoding="utf-8") as f:
+            for ex in splits.get(name):
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        os.replace(tmp, folder / f"{name}.jsonl")

@@ -1,0 +1,65 @@
+"""Save a trained adapter so stock PEFT and inference servers load it without surprises.
+
+The folder holds the adapter weights (safetensors), the tokenizer with its chat template, a
+``generation_config.json`` whose ``eos_token_id`` includes the template's end-of-turn token, and
+``lorakit.json`` describing how it was trained (base model, formatter, end-of-turn).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import RunError
+from lorakit.rundir import read_json, write_json
+
+META = "lorakit.json"
+
+
+def stop_token_ids(tokenizer: Any, end_of_turn: str) -> list[int]:
+    """End-of-turn first, then the tokenizer's eos when it differs."""
+    ids = []
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    if isinstance(eot_id, int) and eot_id != tokenizer.unk_token_id:
+        ids.append(eot_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str) -> None:
+    """Write the adapter folder atomically and verify it is not empty."""
+    from safetensors import safe_open
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    gen = model.generation_config if hasattr(model, "generation_config") else None
+    if gen is not None:
+        gen = gen.__class__.from_dict(gen.to_dict())
+        gen.eos_token_id = stop_token_ids(tokenizer, end_of_turn)
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(str(tmp))
+    write_json(tmp / META, {**meta, "end_of_turn": end_of_turn})
+    weights = tmp / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        if not list(f.keys()):
+            raise RunError(f"saving the adapter produced an empty {weights.name}", fix="report this bug")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def read_meta(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / META
+    return read_json(path) if path.is_file() else {}

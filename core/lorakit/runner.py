@@ -1,0 +1,107 @@
+"""Run a recipe, phase by phase. Each phase is one call; read this file top to bottom."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorakit import __version__
+from lorakit.adapter_io import save_adapter
+from lorakit.data.pipeline import DataReport, load_splits, supervised_share, tokenize_examples, write_splits
+from lorakit.errors import DataError
+from lorakit.plugins import Catalog
+from lorakit.recipe import Recipe
+from lorakit.rundir import RunDir, write_json
+
+
+def say(msg: str) -> None:
+    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
+
+
+def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> Path:
+    """Train an adapter for ``recipe``; return the run folder."""
+    import transformers
+
+    from lorakit.device import resolve_device
+    from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
+    from lorakit.training import build_trainer
+
+    transformers.logging.set_verbosity_error()
+    run = RunDir(recipe.run_dir)
+
+    # 1. Claim the run folder (or find the checkpoint to resume from).
+    checkpoint = None
+    if resume:
+        checkpoint = run.resolve_checkpoint(resume)
+        run.record_resume(checkpoint, list(recipe.overrides))
+        say(f"resuming {run.path} from {checkpoint.name}")
+    else:
+        run.start(recipe.text, recipe.resolved(), list(recipe.overrides), recipe.config_hash())
+        say(f"run folder {run.path}")
+
+    # 2. Read the data and split it deterministically.
+    report = DataReport()
+    splits = load_splits(recipe, catalog, report)
+    write_splits(run.splits, splits)
+
+    # 3. Resolve the base model and load its tokenizer.
+    ref = resolve_model(recipe, catalog)
+    tokenizer = load_tokenizer(recipe, catalog, ref)
+
+    # 4. Format and tokenize with completion-only labels.
+    formatter = recipe.format.build(catalog)
+    eot = formatter.end_of_turn(tokenizer)
+    t = recipe.train
+    train_rows = tokenize_examples(splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report)
+    val_rows = tokenize_examples(splits.val, formatter, tokenizer, t.max_length, recipe.data.overlength, DataReport())
+    if not train_rows:
+        raise DataError("no training example is left after formatting", fix="see data_report.json for why")
+    write_json(run.data_report, {**report.to_json(), "fingerprint": splits.fingerprint,
+                                 "counts": {"train": len(train_rows), "val": len(val_rows), "test": len(splits.test)},
+                                 "supervised_share": supervised_share(train_rows)})
+    for line in report.lines():
+        say(line)
+    say(f"train {len(train_rows)} / val {len(val_rows)} / test {len(splits.test)} examples")
+
+    # 5. Seed everything that draws random numbers (LoRA init, dropout, data order).
+    transformers.set_seed(t.seed)
+
+    # 6. Load the base model, quantized by the recipe's backend.
+    device = resolve_device(t.device)
+    backend = recipe.quant.build(catalog)
+    compute_dtype = backend.compute_dtype(device)
+    say(f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute {compute_dtype})")
+    model = load_base_model(recipe, catalog, device, ref=ref)
+
+    # 7. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
+    model = backend.prepare_for_training(model, t.gradient_checkpointing)
+
+    # 8. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
+    model = attach_new_adapter(model, recipe, catalog, t.seed)
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+
+    # 9. Train with TRL's SFTTrainer.
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, run.checkpoints, run.metrics, device, compute_dtype)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    # 10. Save the adapter with its tokenizer, chat template and stop tokens.
+    meta: dict[str, Any] = {
+        "lorakit_version": __version__,
+        "base_model": ref.label or ref.path,
+        "base_model_path": ref.path,
+        "quant": recipe.quant.to_plain(),
+        "format": recipe.format.name,
+        "config_hash": recipe.config_hash(),
+        "data_fingerprint": splits.fingerprint,
+        "global_step": trainer.state.global_step,
+    }
+    save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
+    say(f"adapter saved to {run.adapter}")
+
+    # 11. Evaluate on the held-out split.
+    if val_rows:
+        metrics = trainer.evaluate()
+        say(f"val loss {metrics.get('eval_loss', float('nan')):.4f}")
+    return run.path
