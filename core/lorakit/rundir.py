@@ -61,7 +61,14 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_json.is_file()
 
-    def start(self, recipe_text: str, resolved: Mapping[str, Any], overrides: list[str], config_hash: str) -> None:
+    def start(
+        self,
+        recipe_text: str,
+        resolved: Mapping[str, Any],
+        overrides: list[str],
+        config_hash: str,
+        recipe_path: Path,
+    ) -> None:
         """Claim the folder for a new run; refuse if a run already lives there."""
         if self.exists():
             name = self.path.name
@@ -79,6 +86,7 @@ class RunDir:
             {
                 "lorakit_version": __version__,
                 "config_hash": config_hash,
+                "recipe_path": str(recipe_path),
                 "history": [{"event": "start", "time": _now(), "overrides": overrides}],
             },
         )

@@ -37,7 +37,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         run.record_resume(checkpoint, list(recipe.overrides))
         say(f"resuming {run.path} from {checkpoint.name}")
     else:
-        run.start(recipe.text, recipe.resolved(), list(recipe.overrides), recipe.config_hash())
+        run.start(recipe.text, recipe.resolved(), list(recipe.overrides), recipe.config_hash(), recipe.path)
         say(f"run folder {run.path}")
 
     # 2. Read the data and split it deterministically.
