@@ -38,7 +38,10 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
                 "id": f"ex{i}",
                 "messages": [
                     {"role": "user", "content": f"Extract: I bought {q} {c} {it}s."},
-                    {"role": "assistant", "content": json.dumps({"item": it, "color": c, "qty": q})},
+                    {
+                        "role": "assistant",
+                        "content": json.dumps({"item": it, "color": c, "qty": q}),
+                    },
                 ],
             }
         )
@@ -61,9 +64,14 @@ def build_tiny_model(folder: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [m["content"] for r in chat_records(300) for m in r["messages"]]
-    corpus += ["user assistant system Extract: I bought", "The quick brown fox jumps over the lazy dog."]
+    corpus += [
+        "user assistant system Extract: I bought",
+        "The quick brown fox jumps over the lazy dog.",
+    ]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(

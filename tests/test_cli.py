@@ -32,7 +32,10 @@ sys.exit(code)
 
 def run_probe(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-c", PROBE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
 
@@ -76,7 +79,9 @@ def test_debug_shows_traceback(tmp_path):
     (tmp_path / "bad.toml").write_text(BAD)
     res = subprocess.run(
         [sys.executable, "-m", "lorakit.cli.main", "--debug", "check", "bad.toml"],
-        cwd=tmp_path, capture_output=True, text=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode != 0 and "Traceback" in res.stderr
 

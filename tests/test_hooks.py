@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import attrs
 import pytest
-
 from lorakit import hookimpl, hookspecs
 from lorakit.errors import PluginError
 from lorakit.plugins import KINDS, build_catalog, make_manager
@@ -74,7 +73,9 @@ def _check_catalog_hook(catalog_with, hook: str, kind: str, builtin: str):
 
 
 def test_lorakit_register_model_sources(catalog_with):
-    _check_catalog_hook(catalog_with, "lorakit_register_model_sources", "model", "smollm2-135m-instruct")
+    _check_catalog_hook(
+        catalog_with, "lorakit_register_model_sources", "model", "smollm2-135m-instruct"
+    )
 
 
 def test_lorakit_register_sources(catalog_with):

@@ -57,7 +57,11 @@ def install_fake_package(site: Path) -> None:
 def run_cli(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
-        [sys.executable, "-m", "lorakit.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "lorakit.cli.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
 

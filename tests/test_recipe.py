@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from lorakit.errors import RecipeError
 from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe, parse_override
@@ -46,17 +45,21 @@ def test_defaults_fill_in(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    text = GOOD.replace("r = 8", 'r = "8"') + '\n[train]\nlerning_rate = 1e-4\n'
+    text = GOOD.replace("r = 8", 'r = "8"') + "\n[train]\nlerning_rate = 1e-4\n"
     text = text.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bti"')
     found = problems(tmp_path, text)
     assert len(found) == 3
     assert any(p.startswith('[peft].r: expected an integer, got "8"') for p in found)
     assert any("[train].lerning_rate: unknown key, did you mean learning_rate?" in p for p in found)
-    assert any('[quant].plugin: unknown quant plugin "bnb-4bti"' in p and "bnb-4bit" in p for p in found)
+    assert any(
+        '[quant].plugin: unknown quant plugin "bnb-4bti"' in p and "bnb-4bit" in p for p in found
+    )
 
 
 def test_unknown_section_and_source_plugin(tmp_path):
-    text = GOOD.replace('plugin = "chat_jsonl"', 'plugin = "chat_jsonll"') + "\n[traning]\nseed = 1\n"
+    text = (
+        GOOD.replace('plugin = "chat_jsonl"', 'plugin = "chat_jsonll"') + "\n[traning]\nseed = 1\n"
+    )
     found = problems(tmp_path, text)
     assert any("[traning]: unknown section, did you mean [train]?" in p for p in found)
     assert any(p.startswith("[data.sources.0].plugin: unknown source plugin") for p in found)
@@ -68,7 +71,9 @@ def test_validators_and_literals(tmp_path):
     found = problems(tmp_path, text)
     assert any(p.startswith("[train].per_device_train_batch_size:") for p in found)
     assert any(p.startswith('[train].lr_scheduler_type: expected one of "linear"') for p in found)
-    assert any(p.startswith('[quant].quant_type: expected one of "nf4", "fp4", got "nf5"') for p in found)
+    assert any(
+        p.startswith('[quant].quant_type: expected one of "nf4", "fp4", got "nf5"') for p in found
+    )
 
 
 def test_cross_field_rules(tmp_path):
@@ -83,7 +88,9 @@ def test_missing_data_and_required_plugin_option(tmp_path):
 
 
 def test_secrets_are_refused(tmp_path):
-    found = problems(tmp_path, GOOD.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bit"\ntoken = "hf_x"'))
+    found = problems(
+        tmp_path, GOOD.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bit"\ntoken = "hf_x"')
+    )
     assert any("secrets never go in recipes" in p and "HF_TOKEN" in p for p in found)
 
 
@@ -93,21 +100,33 @@ def test_toml_syntax_error_names_line(tmp_path):
 
 
 def test_overrides(tmp_path):
-    r = load_recipe(write(tmp_path, GOOD), ["train.max_steps=5", "peft.r=4", "output.name=x",
-                                             "data.sources.0.path=other.jsonl", "peft.target_modules=[\"q_proj\"]"])
+    r = load_recipe(
+        write(tmp_path, GOOD),
+        [
+            "train.max_steps=5",
+            "peft.r=4",
+            "output.name=x",
+            "data.sources.0.path=other.jsonl",
+            'peft.target_modules=["q_proj"]',
+        ],
+    )
     assert r.train.max_steps == 5 and r.peft.options.r == 4 and r.name == "x"
     assert r.sources[0].options.path == "other.jsonl"
     assert r.peft.options.target_modules == ("q_proj",)
     found = problems(tmp_path, GOOD, "train.max_stepz=5", "nonsense")
-    assert any("[train].max_stepz: unknown key, did you mean max_steps?" in p for p in found) or any(
-        "expected KEY.PATH=VALUE" in p for p in found
-    )
+    assert any(
+        "[train].max_stepz: unknown key, did you mean max_steps?" in p for p in found
+    ) or any("expected KEY.PATH=VALUE" in p for p in found)
 
 
 @pytest.mark.parametrize(
     ("item", "keys", "value"),
-    [("train.seed=3", ["train", "seed"], 3), ("output.name=abc", ["output", "name"], "abc"),
-     ("train.packing=true", ["train", "packing"], True), ("eval.splits=[\"val\",\"test\"]", ["eval", "splits"], ["val", "test"])],
+    [
+        ("train.seed=3", ["train", "seed"], 3),
+        ("output.name=abc", ["output", "name"], "abc"),
+        ("train.packing=true", ["train", "packing"], True),
+        ('eval.splits=["val","test"]', ["eval", "splits"], ["val", "test"]),
+    ],
 )
 def test_parse_override(item, keys, value):
     assert parse_override(item) == (keys, value)

@@ -25,7 +25,7 @@ def losses(run: Path) -> list[float]:
 
 def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, cli):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "first"')
-    code, out, err = cli("run", recipe, "train.max_steps=6", "train.save_steps=3")
+    code, _out, err = cli("run", recipe, "train.max_steps=6", "train.save_steps=3")
     assert code == 0, err
     run = tmp_path / "runs" / "first"
     assert (run / "recipe.toml").read_text() == recipe.read_text(), "the recipe is kept as given"
@@ -35,9 +35,18 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, c
     assert versions["torch"] and versions["peft"] and versions["trl"]
     report = json.loads((run / "data_report.json").read_text())
     assert sum(report["counts"].values()) == 40
-    assert {p.name for p in (run / "data" / "splits").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
+    assert {p.name for p in (run / "data" / "splits").iterdir()} == {
+        "train.jsonl",
+        "val.jsonl",
+        "test.jsonl",
+    }
     adapter = run / "adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ):
         assert (adapter / name).is_file(), name
     assert json.loads((adapter / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
     tensors = load_adapter_tensors(run)
@@ -65,21 +74,30 @@ def test_same_seed_gives_identical_adapters(tmp_path, tiny_model_dir, chat_file,
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli):
     recipe = tiny_recipe(
-        tmp_path, tiny_model_dir, chat_file,
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
     )
-    common = ["train.lr_scheduler_type=\"constant\"", "train.save_steps=2"]
+    common = ['train.lr_scheduler_type="constant"', "train.save_steps=2"]
     code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
     assert code == 0, err
     code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
     assert code == 0, err
     code, _, err = cli(
-        "run", recipe, "output.name=split", "train.max_steps=4", *common,
-        "--resume-from-checkpoint", "auto",
+        "run",
+        recipe,
+        "output.name=split",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
     )
     assert code == 0, err
     assert "resuming" in err and "checkpoint-2" in err
     full, split = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("full", "split"))
-    assert all(full[k].equal(split[k]) for k in full), "resumed adapter differs from uninterrupted run"
+    assert all(full[k].equal(split[k]) for k in full), (
+        "resumed adapter differs from uninterrupted run"
+    )
     info = json.loads((tmp_path / "runs" / "split" / "run.json").read_text())
     assert [e["event"] for e in info["history"]] == ["start", "resume"]
 

@@ -29,7 +29,9 @@ def stop_token_ids(tokenizer: Any, end_of_turn: str) -> list[int]:
     return ids
 
 
-def save_adapter(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str) -> None:
+def save_adapter(
+    model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str
+) -> None:
     """Write the adapter folder atomically and verify it is not empty."""
     from safetensors import safe_open
 
@@ -48,7 +50,9 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any],
     weights = tmp / "adapter_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         if not list(f.keys()):
-            raise RunError(f"saving the adapter produced an empty {weights.name}", fix="report this bug")
+            raise RunError(
+                f"saving the adapter produced an empty {weights.name}", fix="report this bug"
+            )
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():

@@ -12,7 +12,9 @@ def resolve_device(requested: str) -> str:
         if requested == "cuda" and not torch.cuda.is_available():
             from lorakit.errors import RecipeError
 
-            raise RecipeError(['[train].device: "cuda" requested but no CUDA GPU is visible; use "auto" or "cpu"'])
+            raise RecipeError(
+                ['[train].device: "cuda" requested but no CUDA GPU is visible; use "auto" or "cpu"']
+            )
         return requested
     if torch.cuda.is_available():
         return "cuda"

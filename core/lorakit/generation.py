@@ -46,7 +46,9 @@ def generate(
         model.eval()
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                device
+            )
             kwargs: dict[str, Any] = {
                 "max_new_tokens": max_new_tokens,
                 "eos_token_id": list(stop_ids),

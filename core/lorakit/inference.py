@@ -36,7 +36,9 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
     return validate(data, catalog, path=original, text=text, overrides=(*saved, *overrides))
 
 
-def open_target(target: str, catalog: Catalog, overrides: tuple[str, ...] = ()) -> tuple[Recipe, Path | None]:
+def open_target(
+    target: str, catalog: Catalog, overrides: tuple[str, ...] = ()
+) -> tuple[Recipe, Path | None]:
     """A recipe file or a run folder -> (recipe, run folder or None)."""
     path = Path(target)
     if path.is_dir():
@@ -79,7 +81,14 @@ def prepare_inference(recipe: Recipe, catalog: Catalog, adapter_dir: Path | None
     )
 
 
-def load_model(recipe: Recipe, catalog: Catalog, device: str, adapter_dir: Path | None, *, quantized: bool = True) -> Any:
+def load_model(
+    recipe: Recipe,
+    catalog: Catalog,
+    device: str,
+    adapter_dir: Path | None,
+    *,
+    quantized: bool = True,
+) -> Any:
     """The base model (quantized as in training unless ``quantized=False``), plus the adapter."""
     from lorakit.modeling import load_adapter, load_base_model
 

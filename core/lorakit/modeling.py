@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.contracts import ModelRef
+from lorakit.distributed import local_rank
 from lorakit.errors import ModelError, RunError
 from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
@@ -80,7 +81,6 @@ def load_base_model(
 
     ``dtype`` overrides the compute dtype (export merges in fp32).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     ref = ref or resolve_model(recipe, catalog)
@@ -93,13 +93,14 @@ def load_base_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     if "quantization_config" in kwargs and kwargs["quantization_config"] is not None:
-        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+        # One whole model per process: device_map="auto" cannot be combined with DDP.
+        kwargs["device_map"] = {"": f"cuda:{local_rank()}" if device == "cuda" else device}
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(exc, ref, "model") from exc
     if "device_map" not in kwargs:
-        model.to(device)
+        model.to(f"cuda:{local_rank()}" if device == "cuda" else device)  # type: ignore[arg-type]
     return model
 
 

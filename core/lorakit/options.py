@@ -19,7 +19,9 @@ import attrs
 _MISSING = object()
 
 
-def option(default: Any = attrs.NOTHING, *, doc: str, validator: Any = None, factory: Any = None) -> Any:
+def option(
+    default: Any = attrs.NOTHING, *, doc: str, validator: Any = None, factory: Any = None
+) -> Any:
     """An attrs field with a one-line ``doc`` (shown by ``lorakit plugins -v`` and the docs)."""
     if factory is not None:
         return attrs.field(factory=factory, validator=validator, metadata={"doc": doc})
@@ -184,7 +186,7 @@ def describe_options(cls: type) -> list[tuple[str, str, str, str]]:
         if fld.default is attrs.NOTHING:
             default = "(required)"
         elif isinstance(fld.default, attrs.Factory):  # type: ignore[arg-type]
-            default = _show(fld.default.factory())
+            default = _show(fld.default.factory())  # type: ignore[union-attr]
         else:
             default = "(unset)" if fld.default is None else _show(fld.default)
         rows.append((fld.name, describe_type(fld.type), default, fld.metadata.get("doc", "")))

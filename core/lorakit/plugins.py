@@ -69,7 +69,9 @@ class Catalog:
             yield from (self.entries[kind][n] for n in self.names(kind))
 
 
-def make_manager(extra_plugins: Iterable[Any] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
+def make_manager(
+    extra_plugins: Iterable[Any] = (), *, entry_points: bool = True
+) -> pluggy.PluginManager:
     """A fresh plugin manager with every entry-point plugin (and ``extra_plugins``) registered."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

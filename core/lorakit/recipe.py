@@ -126,13 +126,17 @@ def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecipeError([f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
+        raise RecipeError(
+            [f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]
+        ) from None
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # Python < 3.14 only puts the position in the message: "... (at line 2, column 8)".
         m = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(exc))
-        msg, where = (m.group(1), f"{path}:{m.group(2)}:{m.group(3)}") if m else (str(exc), str(path))
+        msg, where = (
+            (m.group(1), f"{path}:{m.group(2)}:{m.group(3)}") if m else (str(exc), str(path))
+        )
         raise RecipeError([f"{where}: invalid TOML: {msg}"]) from None
 
 
@@ -218,7 +222,9 @@ def _plugin_choice(
     if not isinstance(name, str):
         return None, [f"{path}.plugin: expected a string, got {name!r}"]
     if name not in catalog.entries[kind]:
-        return None, [f'{path}.plugin: unknown {kind} plugin "{name}"; {catalog.suggest(kind, name)}']
+        return None, [
+            f'{path}.plugin: unknown {kind} plugin "{name}"; {catalog.suggest(kind, name)}'
+        ]
     cls = catalog.get(kind, name).options_class
     assert cls is not None
     options, problems = structure(cls, table, path, ignore=("plugin",))
@@ -236,7 +242,9 @@ def validate(
     for key in data:
         if key not in SECTIONS:
             close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f", did you mean [{close[0]}]?" if close else f"; sections: {', '.join(SECTIONS)}"
+            hint = (
+                f", did you mean [{close[0]}]?" if close else f"; sections: {', '.join(SECTIONS)}"
+            )
             problems.append(f"[{key}]: unknown section{hint}")
 
     parts: dict[str, Any] = {}
@@ -294,7 +302,9 @@ def validate(
     )
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = (), catalog: Catalog | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), catalog: Catalog | None = None
+) -> Recipe:
     """Read, override and validate a recipe file."""
     from lorakit.plugins import default_catalog
 

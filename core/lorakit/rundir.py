@@ -30,13 +30,25 @@ from lorakit import __version__
 from lorakit.errors import RunError
 
 COMPLETE = "LORAKIT_COMPLETE"
-STACK = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "pluggy", "attrs")
+STACK = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "pluggy",
+    "attrs",
+)
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a killed process never leaves half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
@@ -94,7 +106,12 @@ class RunDir:
     def record_resume(self, checkpoint: Path, overrides: list[str]) -> None:
         info = read_json(self.run_json)
         info["history"].append(
-            {"event": "resume", "time": _now(), "checkpoint": str(checkpoint), "overrides": overrides}
+            {
+                "event": "resume",
+                "time": _now(),
+                "checkpoint": str(checkpoint),
+                "overrides": overrides,
+            }
         )
         write_json(self.run_json, info)
 
@@ -126,7 +143,9 @@ class RunDir:
             return done[-1]
         path = Path(spec)
         if not path.is_dir():
-            raise RunError(f"checkpoint {path} does not exist", fix="pass a checkpoint-N folder or auto")
+            raise RunError(
+                f"checkpoint {path} does not exist", fix="pass a checkpoint-N folder or auto"
+            )
         if not (path / COMPLETE).is_file() and not (path / "trainer_state.json").is_file():
             raise RunError(
                 f"checkpoint {path} is incomplete (no {COMPLETE} marker)",

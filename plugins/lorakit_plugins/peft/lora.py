@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
-
 from lorakit import hookimpl
 from lorakit.options import option
 
@@ -14,20 +13,34 @@ from lorakit.options import option
 def _targets(_inst, _attr, value):
     if isinstance(value, str):
         if value != "all-linear":
-            raise ValueError(f'"{value}": use "all-linear" or a list of module names like ["q_proj", "v_proj"]')
+            raise ValueError(
+                f'"{value}": use "all-linear" or a list of module names like ["q_proj", "v_proj"]'
+            )
     elif not value:
-        raise ValueError('the list is empty; name modules like ["q_proj", "v_proj"] or use "all-linear"')
+        raise ValueError(
+            'the list is empty; name modules like ["q_proj", "v_proj"] or use "all-linear"'
+        )
 
 
 @attrs.frozen
 class LoraOptions:
     r: int = option(16, doc="adapter rank; higher: more capacity, more memory", validator=v.ge(1))
-    alpha: int = option(32, doc="scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", validator=v.ge(1))
-    dropout: float = option(0.05, doc="dropout on the adapter input during training", validator=[v.ge(0.0), v.lt(1.0)])
-    target_modules: str | list[str] = option(
-        "all-linear", doc='modules to adapt: "all-linear" or a list like ["q_proj", "v_proj"]', validator=_targets
+    alpha: int = option(
+        32,
+        doc="scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)",
+        validator=v.ge(1),
     )
-    use_dora: bool = option(False, doc="weight-decomposed LoRA (DoRA): better quality, slower steps")
+    dropout: float = option(
+        0.05, doc="dropout on the adapter input during training", validator=[v.ge(0.0), v.lt(1.0)]
+    )
+    target_modules: str | list[str] = option(
+        "all-linear",
+        doc='modules to adapt: "all-linear" or a list like ["q_proj", "v_proj"]',
+        validator=_targets,
+    )
+    use_dora: bool = option(
+        False, doc="weight-decomposed LoRA (DoRA): better quality, slower steps"
+    )
     use_rslora: bool = option(False, doc="rank-stabilised scaling alpha/sqrt(r): helps at high r")
     bias: Literal["none", "all", "lora_only"] = option("none", doc="which biases to train")
 

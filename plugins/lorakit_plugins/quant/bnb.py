@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.device import dtype_from_name
 from lorakit.options import option
@@ -30,8 +29,12 @@ def _prepare(model: Any, gradient_checkpointing: bool) -> Any:
 
 @attrs.frozen
 class Bnb4bitOptions:
-    quant_type: Literal["nf4", "fp4"] = option("nf4", doc="4-bit data type; nf4 suits normally distributed weights")
-    double_quant: bool = option(True, doc="quantize the quantization constants too (~0.4 bit/param saved)")
+    quant_type: Literal["nf4", "fp4"] = option(
+        "nf4", doc="4-bit data type; nf4 suits normally distributed weights"
+    )
+    double_quant: bool = option(
+        True, doc="quantize the quantization constants too (~0.4 bit/param saved)"
+    )
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", doc="dtype matmuls run in; auto: fp32 on CPU, bf16 on capable GPUs, else fp16"
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.device import dtype_from_name
 from lorakit.options import option
@@ -32,7 +31,9 @@ class NoQuant:
 
     def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them.
             model.enable_input_require_grads()
         return model
