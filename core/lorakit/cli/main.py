@@ -50,9 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Hide deprecation chatter from the training stack; --debug shows everything."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes logs a missing optional CPU kernel package at import; the fallback works.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LORAKIT_DEBUG") == "1"
+    if not debug:
+        _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
