@@ -110,19 +110,17 @@ def build_trainer(
     compute_dtype: Any,
 ) -> Any:
     from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     args = sft_config(recipe, output_dir, device, compute_dtype, has_eval=bool(eval_rows))
-    collator = DataCollatorForLanguageModeling(
-        pad_token_id=tokenizer.pad_token_id, padding_free=recipe.train.packing
-    )
+    # TRL's own collator pads labels with -100 (by position, not by token id), and with packing
+    # it switches to padding-free rows whose position_ids keep examples from attending to each
+    # other.
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        data_collator=collator,
         callbacks=make_callbacks(metrics_path),
     )
     keep_adapter_dtype(trainer.model, compute_dtype)
