@@ -1,6 +1,13 @@
-"""``lorakit check RECIPE``: validate the recipe and read the data; no model, no torch."""
+"""``lorakit check RECIPE``: validate the recipe, read the data, lint it; no model, no torch.
+
+Token statistics need the model's tokenizer: it is read from a local folder with the
+``tokenizers`` library (:mod:`lorakit.data.lite_tokenizer`), never through transformers.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 from lorakit.cli.common import add_recipe_args
 from lorakit.data.pipeline import DataReport, load_splits
@@ -11,10 +18,25 @@ from lorakit.recipe import load_recipe
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="validate a recipe and its data without loading a model")
     add_recipe_args(p)
+    p.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print N formatted training examples with the supervised text marked",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        help="folder with tokenizer.json for token statistics (default: the recipe's model)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from lorakit.data.lint import lint, show
+    from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
+
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
     print(f"recipe {args.recipe}: ok (run folder {recipe.run_dir})")
@@ -26,4 +48,27 @@ def run(args) -> int:
         f"splits: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}"
         f" (fingerprint {splits.fingerprint})"
     )
+    folder: Path | None
+    if args.tokenizer:
+        folder, note = Path(args.tokenizer), ""
+    else:
+        folder, note = find_tokenizer_folder(recipe, catalog)
+    if folder is None:
+        print(f"token statistics skipped: {note} (or pass --tokenizer FOLDER)")
+        return 0
+    tokenizer = LiteTokenizer(folder)
+    formatter = recipe.format.build(catalog)
+    examples = [*splits.train, *splits.val, *splits.test]
+    stats = lint(examples, formatter, tokenizer, recipe.train.max_length, recipe.data.overlength)
+    print(f"format {recipe.format.name}, tokenizer {folder}:")
+    for line in stats.lines(recipe.train.max_length, recipe.data.overlength):
+        print(f"  {line}")
+    if args.show:
+        color = sys.stdout.isatty()
+        legend = "green" if color else "[[...]]"
+        print(
+            f"\n{min(args.show, len(splits.train))} training examples; supervised text in {legend}:"
+        )
+        for block in show(splits.train[: args.show], formatter, tokenizer, color):
+            print(block)
     return 0

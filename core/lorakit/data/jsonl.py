@@ -19,27 +19,40 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, ctx: SourceContext) -> bool:
+    """False (after ``ctx.reject``) when the file is gzip bytes rather than text."""
     with path.open("rb") as f:
         head = f.read(2)
     if head == GZIP_MAGIC:
-        raise DataError(
+        ctx.reject(
             "file is gzip-compressed, not plain JSONL",
-            where=str(path),
-            fix=f"decompress it first: gunzip -c {path.name} > {path.stem}.plain.jsonl",
+            str(path),
+            f"decompress it first: gunzip -c {path.name} > {path.stem}.plain.jsonl",
         )
+        return False
+    return True
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
 
 
 def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", parsed JSON)`` for each non-blank line."""
-    _check_file(path)
+    if not _check_file(path, ctx):
+        return
     seen_any = False
     with path.open("rb") as f:
         for lineno, raw in enumerate(_lines(f), start=1):
             where = f"{path}:{lineno}"
             if len(raw) > MAX_LINE_BYTES:
                 ctx.reject(
-                    f"line is {len(raw) / 1e6:.0f} MB, over the {MAX_LINE_BYTES // 2**20} MiB limit",
+                    f"line is over the {MAX_LINE_BYTES // 2**20} MiB limit for one record",
                     where,
                     "split the record, or check that the file really is one JSON object per line",
                 )
@@ -62,25 +75,35 @@ def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]
                     fix="convert it: jq -c '.[]' file.json > file.jsonl",
                 )
             try:
-                record = json.loads(text)
+                record = json.loads(text, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as exc:
                 ctx.reject(
                     f"malformed JSON: {exc.msg} (column {exc.colno})",
                     where,
-                    "fix the line, or set [data] on_error = \"skip\" to skip bad lines",
+                    'fix the line, or set [data] on_error = "skip" to skip bad lines',
                 )
+                continue
+            except ValueError as exc:
+                ctx.reject(f"malformed JSON: {exc}", where, "keep one value per key")
                 continue
             seen_any = True
             yield where, record
     if not seen_any:
-        raise DataError(
-            "file holds no records", where=str(path), fix="add data, or remove it from the recipe"
-        )
+        ctx.reject("file holds no records", str(path), "add data, or remove it from the recipe")
 
 
 def _lines(f) -> Iterator[bytes]:
-    """Lines without their newline, without reading a giant line whole into a Python str."""
-    for raw in f:
+    """Lines without their newline. A line over ``MAX_LINE_BYTES`` is not read whole: its first
+    ``MAX_LINE_BYTES + 1`` bytes are yielded (enough to report it) and the rest is skipped."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:
+                rest = f.readline(MAX_LINE_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
         yield raw.rstrip(b"\r\n")
 
 
@@ -101,7 +124,9 @@ def parse_meta(record: Mapping[str, Any], where: str, ctx: SourceContext) -> dic
         return None
     if "split" in meta and meta["split"] not in ("train", "val", "test", None):
         ctx.reject(
-            f"meta.split is {meta['split']!r}", where, 'use "train", "val" or "test", or leave it out'
+            f"meta.split is {meta['split']!r}",
+            where,
+            'use "train", "val" or "test", or leave it out',
         )
         return None
     if "source" in meta and not isinstance(meta["source"], str):
@@ -135,7 +160,9 @@ def parse_conversation(record: Any, where: str, ctx: SourceContext) -> Example |
     where = f"{where} (id {rid})"
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        ctx.reject("messages must be a non-empty list", where, 'e.g. "messages": [{"role": "user", ...}]')
+        ctx.reject(
+            "messages must be a non-empty list", where, 'e.g. "messages": [{"role": "user", ...}]'
+        )
         return None
     parsed: list[Message] = []
     for i, m in enumerate(messages):
@@ -163,7 +190,10 @@ def _message_problem(m: Any, i: int, before: list[Message]) -> tuple[str, str] |
         return f"messages[{i}] must be an object", 'use {"role": "user", "content": "..."}'
     extra = set(m) - {"role", "content"}
     if extra:
-        return f"messages[{i}] has unknown field(s) {', '.join(sorted(extra))}", "keep only role and content"
+        return (
+            f"messages[{i}] has unknown field(s) {', '.join(sorted(extra))}",
+            "keep only role and content",
+        )
     role, content = m.get("role"), m.get("content")
     if role not in ROLES:
         return (
@@ -171,16 +201,23 @@ def _message_problem(m: Any, i: int, before: list[Message]) -> tuple[str, str] |
             "roles are system, user and assistant (map tool/function turns before training)",
         )
     if not isinstance(content, str):
-        return f"messages[{i}].content must be a string, got {type(content).__name__}", "use plain text content"
+        return (
+            f"messages[{i}].content must be a string, got {type(content).__name__}",
+            "use plain text content",
+        )
     if role == "system" and i != 0:
         return f"messages[{i}]: a system message may only come first", "move it to the start"
     prev = before[-1].role if before else None
     if role == "assistant" and prev != "user":
-        return f"messages[{i}]: assistant turn must follow a user turn (after {prev or 'nothing'})", (
-            "roles must alternate user/assistant after an optional system message"
+        return (
+            f"messages[{i}]: assistant turn must follow a user turn (after {prev or 'nothing'})",
+            ("roles must alternate user/assistant after an optional system message"),
         )
     if role == "user" and prev == "user":
-        return f"messages[{i}]: two user turns in a row", "merge them, or add the assistant reply between"
+        return (
+            f"messages[{i}]: two user turns in a row",
+            "merge them, or add the assistant reply between",
+        )
     if role == "assistant" and not content.strip():
         return f"messages[{i}]: empty assistant turn", "fill in the reply or drop the record"
     return None

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from lorakit.contracts import Example
+from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 from lorakit.errors import DataError, PluginError
@@ -29,6 +30,7 @@ class DataReport:
     skipped: list[tuple[str, str]] = attrs.field(factory=list)  # (where, reason)
     dropped: Counter = attrs.field(factory=Counter)  # reason -> count
     truncated: int = 0
+    chunked: dict[str, int] = attrs.field(factory=dict)  # document id -> number of chunks
 
     def lines(self) -> list[str]:
         out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
@@ -41,6 +43,11 @@ class DataReport:
             out.append(f"dropped {n} examples: {reason}")
         if self.truncated:
             out.append(f"truncated {self.truncated} examples to train.max_length")
+        if self.chunked:
+            out.append(
+                f"split {len(self.chunked)} long documents into {sum(self.chunked.values())} "
+                "chunks that fit train.max_length"
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -49,6 +56,7 @@ class DataReport:
             "skipped": [{"where": w, "reason": r} for w, r in self.skipped],
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
+            "chunked": dict(self.chunked),
         }
 
 
@@ -125,20 +133,74 @@ def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = No
     return Splits(train=parts["train"], val=parts["val"], test=parts["test"])
 
 
-def tokenize_examples(
+def _fits(formatter: Any, tokenizer: Any, max_length: int, template: Example) -> Any:
+    def fits(text: str) -> bool:
+        row = tokenize_batch(
+            [formatter.render(attrs.evolve(template, text=text), tokenizer)], tokenizer
+        )
+        return len(row[0].input_ids) <= max_length
+
+    return fits
+
+
+def chunk_long_documents(
     examples: Sequence[Example],
+    rows: Sequence[Tokenized],
     formatter: Any,
     tokenizer: Any,
+    max_length: int,
+    report: DataReport,
+) -> tuple[list[Example], list[Tokenized]]:
+    """Replace over-long ``meta.chunkable`` raw-text examples by chunks that fit max_length.
+
+    Chunk ``k`` of example ``x`` gets id ``x#k`` and ``meta.chunk = [k, total]``; the chunks
+    concatenate back into the original text.
+    """
+    out_ex: list[Example] = []
+    out_rows: list[Tokenized] = []
+    for ex, row in zip(examples, rows, strict=True):
+        if len(row.input_ids) <= max_length or ex.text is None or not ex.meta.get("chunkable"):
+            out_ex.append(ex)
+            out_rows.append(row)
+            continue
+        try:
+            pieces = chunk_text(ex.text, _fits(formatter, tokenizer, max_length, ex))
+        except ValueError as exc:
+            raise DataError(
+                f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
+                "room after the format's own tokens)",
+                where=str(ex.meta.get("source", ex.id)),
+                fix="raise [train].max_length",
+            ) from None
+        chunks = [
+            attrs.evolve(
+                ex, id=f"{ex.id}#{k}", text=piece, meta={**ex.meta, "chunk": [k, len(pieces)]}
+            )
+            for k, piece in enumerate(pieces)
+        ]
+        report.chunked[ex.id] = len(chunks)
+        out_ex += chunks
+        out_rows += tokenize_batch([formatter.render(c, tokenizer) for c in chunks], tokenizer)
+    return out_ex, out_rows
+
+
+def render_and_tokenize(
+    examples: Sequence[Example], formatter: Any, tokenizer: Any, max_length: int, report: DataReport
+) -> tuple[list[Example], list[Tokenized]]:
+    """Render and tokenize every example; chunk long chunkable documents. No policy applied."""
+    rendered = [formatter.render(ex, tokenizer) for ex in examples]
+    rows = tokenize_batch(rendered, tokenizer)
+    return chunk_long_documents(examples, rows, formatter, tokenizer, max_length, report)
+
+
+def apply_overlength(
+    examples: Sequence[Example],
+    rows: Sequence[Tokenized],
     max_length: int,
     overlength: str,
     report: DataReport,
 ) -> list[Tokenized]:
-    """Render and tokenize; apply the overlength policy; drop rows with nothing to learn.
-
-    Every drop is counted in ``report`` with its reason; nothing disappears silently.
-    """
-    rendered = [formatter.render(ex, tokenizer) for ex in examples]
-    rows = tokenize_batch(rendered, tokenizer)
+    """Apply the overlength policy and drop rows with nothing to learn, counting each drop."""
     kept: list[Tokenized] = []
     for ex, row in zip(examples, rows, strict=True):
         if row.n_supervised == 0:
@@ -162,6 +224,23 @@ def tokenize_examples(
             row = cut
         kept.append(row)
     return kept
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    overlength: str,
+    report: DataReport,
+) -> list[Tokenized]:
+    """Render and tokenize; chunk long documents; apply the overlength policy; drop rows with
+    nothing to learn.
+
+    Every drop is counted in ``report`` with its reason; nothing disappears silently.
+    """
+    examples, rows = render_and_tokenize(examples, formatter, tokenizer, max_length, report)
+    return apply_overlength(examples, rows, max_length, overlength, report)
 
 
 def supervised_share(rows: Sequence[Tokenized]) -> float:

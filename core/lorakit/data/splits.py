@@ -59,7 +59,11 @@ def assign_splits(
         pinned[key] = (want, ex.id)
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for ex, key in zip(examples, keys, strict=True):
-        split = pinned[key][0] if key in pinned else hashed_split(key, seed, val_fraction, test_fraction)
+        split = (
+            pinned[key][0]
+            if key in pinned
+            else hashed_split(key, seed, val_fraction, test_fraction)
+        )
         out[split].append(ex)
     return out
 

@@ -28,29 +28,51 @@ class Tokenized:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def _char_mask(rendered: Rendered) -> bytearray:
-    mask = bytearray()
-    for seg in rendered.segments:
-        mask.extend((1 if seg.supervised else 0).to_bytes(1, "little") * len(seg.text))
-    return mask
+def _char_mask(rendered: Rendered) -> bytes:
+    """One byte per character of the rendered text: 1 where the character is supervised."""
+    return b"".join(
+        (b"\x01" if seg.supervised else b"\x00") * len(seg.text) for seg in rendered.segments
+    )
+
+
+def labels_for(ids: Sequence[int], offsets: Sequence[tuple[int, int]], mask: bytes) -> list[int]:
+    """A token is supervised when its first character is (zero-width tokens: the one before)."""
+    n = len(mask)
+    return [
+        tok if (p := (s if s < e else (s - 1 if s else 0))) < n and mask[p] else IGNORE_INDEX
+        for tok, (s, e) in zip(ids, offsets, strict=True)
+    ]
 
 
 def tokenize_batch(rendered: Sequence[Rendered], tokenizer: Any) -> list[Tokenized]:
     """Tokenize many rendered examples at once (fast tokenizers batch this in Rust)."""
     if not rendered:
         return []
-    texts = [r.text for r in rendered]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ids_list, offsets_list = encode_with_offsets([r.text for r in rendered], tokenizer)
     out = []
-    for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-        mask = _char_mask(r)
-        labels = []
-        for tok, (start, end) in zip(ids, offsets, strict=True):
-            pos = start if start < end else max(start - 1, 0)
-            sup = pos < len(mask) and mask[pos]
-            labels.append(tok if sup else IGNORE_INDEX)
-        out.append(Tokenized(input_ids=list(ids), labels=labels))
+    for r, ids, offsets in zip(rendered, ids_list, offsets_list, strict=True):
+        out.append(Tokenized(input_ids=list(ids), labels=labels_for(ids, offsets, _char_mask(r))))
     return out
+
+
+def encode_with_offsets(texts: list[str], tokenizer: Any) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets, without special tokens.
+
+    A transformers fast tokenizer is called through its Rust ``backend_tokenizer`` directly
+    (same result, without the Python-side batch conversion that costs about 40% of the time)
+    unless truncation or padding is configured on it.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is not None
+        and hasattr(backend, "encode_batch")
+        and backend.truncation is None
+        and backend.padding is None
+    ):
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
 
 
 def tokenize_one(rendered: Rendered, tokenizer: Any) -> Tokenized:

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.contracts import Example, Message, Rendered, Segment
 from lorakit.errors import DataError
 from lorakit.options import option
+
+from lorakit_plugins.formatters._turns import bos_for
 
 
 def _dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
@@ -28,7 +29,9 @@ def template_end_of_turn(tokenizer: Any) -> str:
     probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     tail = text[text.rindex("PONG-7") + len("PONG-7") :]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    specials = sorted(
+        set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True
+    )
     stripped = tail.lstrip(" ")
     for tok in specials:
         if tok and stripped.startswith(tok):
@@ -56,6 +59,7 @@ class ChatTemplateFormatter:
     def __init__(self, options: ChatTemplateOptions):
         self.options = options
         self._eot: dict[int, str] = {}
+        self._fast: dict[int, Any] = {}  # tokenizer id -> compiled template, or None
 
     def _check(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
@@ -72,6 +76,20 @@ class ChatTemplateFormatter:
             self._eot[key] = template_end_of_turn(tokenizer)
         return self._eot[key]
 
+    def _apply(self, tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
+        """``apply_chat_template(..., tokenize=False)``, rendered with a cached compiled template
+        when that gives the same text on a probe conversation (it skips transformers' per-call
+        overhead, about half the cost); otherwise through transformers."""
+        key = id(tokenizer)
+        if key not in self._fast:
+            self._fast[key] = _compile_if_equivalent(tokenizer)
+        fast = self._fast[key]
+        if fast is None:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen
+            )
+        return fast(messages, gen)
+
     def _with_system(self, messages: Sequence[Message]) -> list[dict[str, str]]:
         out = _dicts(messages)
         if self.options.system_prompt is not None and (not out or out[0]["role"] != "system"):
@@ -87,17 +105,19 @@ class ChatTemplateFormatter:
     def render(self, example: Example, tokenizer: Any) -> Rendered:
         eot = self.end_of_turn(tokenizer)
         if example.messages is None:
-            # Raw text: learn all of it, and to stop after it.
-            bos = tokenizer.bos_token or ""
-            return Rendered((Segment(bos), Segment((example.text or "") + eot, True)))
+            # Raw text: learn all of it, and to stop after it. BOS only where the tokenizer
+            # itself would add one (a chat template's BOS-like start token is not a BOS).
+            bos = bos_for(tokenizer)
+            segs = (Segment(bos), Segment((example.text or "") + eot, True))
+            return Rendered(tuple(s for s in segs if s.text))
         msgs = self._with_system(example.messages)
         segments: list[Segment] = []
         done = ""  # rendered text covered by segments so far
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+            prompt = self._apply(tokenizer, msgs[:i], gen=True)
+            full = self._apply(tokenizer, msgs[: i + 1])
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise DataError(
                     "the chat template renders earlier turns differently once later turns are "
@@ -106,7 +126,9 @@ class ChatTemplateFormatter:
                     fix='use plugin = "chatml" (or another fixed formatter) for this model',
                 )
             reply = full[len(prompt) :]
-            cut = reply.find(eot, reply.find(m["content"]) + len(m["content"]) if m["content"] in reply else 0)
+            cut = reply.find(
+                eot, reply.find(m["content"]) + len(m["content"]) if m["content"] in reply else 0
+            )
             if cut < 0:
                 raise DataError(
                     f"assistant turn {i} does not end with the end-of-turn token {eot!r}",
@@ -118,7 +140,8 @@ class ChatTemplateFormatter:
             segments.append(Segment(reply[:end], True))
             segments.append(Segment(reply[end:]))
             done = full
-        whole = tokenizer.apply_chat_template(msgs, tokenize=False)
+        # A conversation that ends with a reply was rendered whole in the last step.
+        whole = done if msgs[-1]["role"] == "assistant" else self._apply(tokenizer, msgs)
         if not whole.startswith(done):
             raise DataError(
                 "the chat template is not prefix-stable for this conversation",
@@ -127,6 +150,45 @@ class ChatTemplateFormatter:
             )
         segments.append(Segment(whole[len(done) :]))
         return Rendered(tuple(s for s in segments if s.text))
+
+
+_PROBE = [
+    {"role": "system", "content": "S1"},
+    {"role": "user", "content": "U1 x"},
+    {"role": "assistant", "content": "A1\ny"},
+    {"role": "user", "content": "U2"},
+    {"role": "assistant", "content": "A2"},
+]
+
+
+def _compile_if_equivalent(tokenizer: Any) -> Any:
+    """A ``render(messages, add_generation_prompt)`` function using a compiled template, or None
+    when it does not reproduce ``tokenizer.apply_chat_template`` exactly (then that is used)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "generation" in template:
+        return None
+    try:
+        from lorakit.data.lite_tokenizer import chat_environment
+
+        compiled = chat_environment().from_string(template)
+        special = {
+            name: getattr(tokenizer, name, None) or ""
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+
+        def render(messages: list[dict[str, str]], gen: bool) -> str:
+            return compiled.render(messages=messages, add_generation_prompt=gen, **special)
+
+        for n in range(1, len(_PROBE) + 1):
+            for gen in (False, True):
+                want = tokenizer.apply_chat_template(
+                    _PROBE[:n], tokenize=False, add_generation_prompt=gen
+                )
+                if render(_PROBE[:n], gen) != want:
+                    return None
+        return render
+    except Exception:  # any template the fast path cannot handle goes through transformers
+        return None
 
 
 @hookimpl

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import attrs
-
 from lorakit import hookimpl
 from lorakit.contracts import Example, SourceContext
 from lorakit.data.jsonl import iter_json_lines, parse_conversation

@@ -1,0 +1,35 @@
+"""``lorakit prepare RECIPE``: read, validate and split the data; write the normalized splits.
+
+Writes ``<run folder>/data/splits/{train,val,test}.jsonl`` (the same files ``lorakit run``
+writes) and nothing else: the raw data is never modified, and the run folder is not marked as a
+run (no ``run.json``), so a later ``lorakit run`` can still claim it.
+"""
+
+from __future__ import annotations
+
+from lorakit.cli.common import add_recipe_args
+from lorakit.data.pipeline import DataReport, load_splits, write_splits
+from lorakit.plugins import default_catalog
+from lorakit.recipe import load_recipe
+from lorakit.rundir import RunDir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="validate and split the data; write normalized splits")
+    add_recipe_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    catalog = default_catalog()
+    recipe = load_recipe(args.recipe, args.overrides, catalog)
+    report = DataReport()
+    splits = load_splits(recipe, catalog, report)
+    for line in report.lines():
+        print(line)
+    folder = RunDir(recipe.run_dir).splits
+    write_splits(folder, splits)
+    for name in ("train", "val", "test"):
+        print(f"{name}: {len(splits.get(name))} examples -> {folder / (name + '.jsonl')}")
+    print(f"fingerprint {splits.fingerprint}")
+    return 0

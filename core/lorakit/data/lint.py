@@ -1,0 +1,150 @@
+"""Token-level lint for ``lorakit check``: lengths, drops, supervised share, end-of-turn.
+
+Works with any tokenizer that the formatters accept, including the torch-free
+:class:`lorakit.data.lite_tokenizer.LiteTokenizer`, and goes through the same functions as
+``lorakit run`` (:func:`render_and_tokenize`, :func:`apply_overlength`), so what it reports is
+what training sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from lorakit.contracts import Example
+from lorakit.data.pipeline import DataReport, apply_overlength, render_and_tokenize
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+
+GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
+OPEN, CLOSE = "[[", "]]"
+
+
+@attrs.define
+class LintStats:
+    examples: int = 0
+    lengths: list[int] = attrs.field(factory=list)
+    over_length: int = 0
+    no_supervised: list[str] = attrs.field(factory=list)  # example ids
+    supervised_tokens: int = 0
+    total_tokens: int = 0
+    eot: str = ""
+    eot_tokens: int = 0
+    turns: int = 0  # assistant turns + raw texts: places an end-of-turn should be learned
+    eot_supervised: int = 0
+    report: DataReport = attrs.field(factory=DataReport)
+
+    def lines(self, max_length: int, overlength: str) -> list[str]:
+        if not self.lengths:
+            return ["tokens: no examples"]
+        s = sorted(self.lengths)
+        pct = s[min(len(s) - 1, int(0.95 * len(s)))]
+        out = [
+            f"tokens per example: min {s[0]}, median {s[len(s) // 2]}, p95 {pct}, max {s[-1]}"
+            f" (train.max_length {max_length})",
+        ]
+        if self.report.chunked:
+            out.append(
+                f"chunked {len(self.report.chunked)} long documents into "
+                f"{sum(self.report.chunked.values())} pieces (never truncated)"
+            )
+        if self.over_length:
+            what = {
+                "drop": "dropped",
+                "truncate": "truncated (or dropped if no answer is left)",
+                "error": "an error: `lorakit run` would stop",
+            }[overlength]
+            out.append(
+                f"{self.over_length} examples longer than {max_length} tokens: {what}"
+                f' ([data] overlength = "{overlength}")'
+            )
+        for reason, n in sorted(self.report.dropped.items()):
+            out.append(f"would drop {n} examples: {reason}")
+        if self.report.truncated:
+            out.append(f"would truncate {self.report.truncated} examples")
+        share = self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
+        out.append(
+            f"supervised tokens: {self.supervised_tokens} of {self.total_tokens} ({100 * share:.1f}%)"
+        )
+        if self.no_supervised:
+            ids = ", ".join(self.no_supervised[:5]) + (
+                " ..." if len(self.no_supervised) > 5 else ""
+            )
+            out.append(f"{len(self.no_supervised)} examples have no supervised token: {ids}")
+        if self.eot_tokens != 1:
+            out.append(f"end-of-turn {self.eot!r} is {self.eot_tokens} tokens (expected 1)")
+        else:
+            ok = "ok" if self.eot_supervised >= self.turns else "MISSING in some"
+            out.append(
+                f"end-of-turn {self.eot!r} supervised {self.eot_supervised} times for "
+                f"{self.turns} replies/texts ({ok})"
+            )
+        return out
+
+
+def lint(
+    examples: Sequence[Example],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    overlength: str,
+) -> LintStats:
+    stats = LintStats()
+    stats.eot = formatter.end_of_turn(tokenizer)
+    eot_ids = tokenizer(stats.eot, add_special_tokens=False)["input_ids"]
+    stats.eot_tokens = len(eot_ids)
+    pieces, rows = render_and_tokenize(examples, formatter, tokenizer, max_length, stats.report)
+    stats.examples = len(rows)
+    for ex, row in zip(pieces, rows, strict=True):
+        n = len(row.input_ids)
+        stats.lengths.append(n)
+        stats.total_tokens += n
+        sup = row.n_supervised
+        stats.supervised_tokens += sup
+        if sup == 0:
+            stats.no_supervised.append(ex.id)
+        if n > max_length:
+            stats.over_length += 1
+        stats.turns += 1 if ex.messages is None else sum(m.role == "assistant" for m in ex.messages)
+        if len(eot_ids) == 1:
+            stats.eot_supervised += sum(1 for t in row.labels if t == eot_ids[0])
+    policy = "drop" if overlength == "error" else overlength
+    apply_overlength(pieces, rows, max_length, policy, stats.report)
+    return stats
+
+
+def mark_supervised(
+    text: str, row: Tokenized, offsets: Sequence[tuple[int, int]], color: bool
+) -> str:
+    """The rendered text with supervised token spans wrapped in markers (or green when color)."""
+    start_mark, end_mark = (GREEN, RESET) if color else (OPEN, CLOSE)
+    flags = bytearray(len(text))
+    for label, (s, e) in zip(row.labels, offsets, strict=True):
+        if label != IGNORE_INDEX:
+            flags[s:e] = b"\x01" * (e - s)
+    out: list[str] = []
+    inside = False
+    for ch, flag in zip(text, flags, strict=True):
+        if bool(flag) != inside:
+            out.append(start_mark if flag else end_mark)
+            inside = bool(flag)
+        out.append(ch)
+    if inside:
+        out.append(end_mark)
+    return "".join(out)
+
+
+def show(examples: Sequence[Example], formatter: Any, tokenizer: Any, color: bool) -> list[str]:
+    """Each example rendered, with what the loss is computed on marked."""
+    from lorakit.data.tokenize import _char_mask, labels_for
+
+    blocks = []
+    for ex in examples:
+        rendered = formatter.render(ex, tokenizer)
+        enc = tokenizer([rendered.text], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
+        row = Tokenized(list(ids), labels_for(ids, offsets, _char_mask(rendered)))
+        head = f"--- {ex.id} ({len(ids)} tokens, {row.n_supervised} supervised)"
+        blocks.append(head + "\n" + mark_supervised(rendered.text, row, offsets, color))
+    return blocks

@@ -1,0 +1,166 @@
+"""A tokenizer for ``lorakit check`` that needs neither torch nor transformers.
+
+Importing ``transformers`` imports torch (seconds), so ``check`` reads a model folder's
+``tokenizer.json`` with the ``tokenizers`` library and renders its chat template with jinja2,
+the way transformers does (sandboxed, ``trim_blocks``, ``lstrip_blocks``). The object offers the
+small part of the transformers tokenizer API that formatters and
+:func:`lorakit.data.tokenize.tokenize_batch` use, so ``check`` computes exactly the token counts
+and labels that ``run`` will.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import DataError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class LiteTokenizer:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (+ ``chat_template.jinja``) from a folder."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self._tok.no_truncation()  # counts must be the full lengths, like transformers' call
+        self._tok.no_padding()
+        cfg_path = self.folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.pad_token = _token_text(cfg.get("pad_token")) or self.eos_token
+        self.unk_token = _token_text(cfg.get("unk_token"))
+        template = cfg.get("chat_template")
+        jinja_file = self.folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self._compiled: Any = None
+        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        return self._tok
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        names = (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+        return [t for t in dict.fromkeys(names) if t]
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return dict(self._added)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
+    ) -> dict[str, Any]:
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        encs = self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)
+        out: dict[str, Any] = {"input_ids": [e.ids for e in encs]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encs]
+        if single:
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[dict[str, str]],
+        tokenize: bool = False,
+        add_generation_prompt: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        if tokenize:
+            raise TypeError("LiteTokenizer.apply_chat_template renders text only (tokenize=False)")
+        if not self.chat_template:
+            raise DataError(f"{self.folder} has no chat template", where="[format]")
+        if self._compiled is None:
+            self._compiled = chat_environment().from_string(self.chat_template)
+        return self._compiled.render(
+            messages=list(conversation),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "",
+            unk_token=self.unk_token or "",
+            **kwargs,
+        )
+
+
+def chat_environment() -> Any:
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, **kw: Any) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def find_tokenizer_folder(recipe: Any, catalog: Any) -> tuple[Path | None, str]:
+    """A local folder holding the recipe's tokenizer, found without loading a model.
+
+    Returns ``(folder or None, note)``. Model plugins may offer ``tokenizer_folder()`` (a cheap
+    method returning a local folder or None); otherwise the ``local`` plugin's path, the embedded
+    model's converted cache, and the Hub cache are tried.
+    """
+    model = recipe.model
+    source = model.build(catalog)
+    finder = getattr(source, "tokenizer_folder", None)
+    if callable(finder):
+        folder = finder()
+        if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+            return Path(folder), ""
+    path = getattr(model.options, "path", None)
+    if isinstance(path, str):
+        folder = Path(path).expanduser()
+        if (folder / "tokenizer.json").is_file():
+            return folder, ""
+        return None, f"no tokenizer.json in {folder}"
+    if model.name == "smollm2-135m-instruct":
+        from lorakit_plugins.models.smollm2 import COMPLETE, cache_root
+
+        folder = cache_root() / "smollm2-135m-instruct"
+        if (folder / COMPLETE).is_file():
+            return folder, ""
+        return None, "the embedded model is converted on first use; run `lorakit run` once"
+    hub_id = getattr(model.options, "id", None)
+    if isinstance(hub_id, str):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None, "huggingface_hub is not installed"
+        rev = getattr(model.options, "revision", None)
+        found = try_to_load_from_cache(hub_id, "tokenizer.json", revision=rev)
+        if isinstance(found, str):
+            return Path(found).parent, ""
+        return None, f"{hub_id} is not in the local Hub cache yet"
+    return None, f"model plugin {model.name!r} offers no local tokenizer folder"

@@ -1,0 +1,107 @@
+"""Shared rendering for formatters with a fixed turn layout (chatml, mistral_inst, instruction).
+
+A :class:`Layout` names the text around each turn. Only ``assistant_lead + content + eot`` of
+each assistant turn is supervised; everything else (system, user, headers, the text after the
+end-of-turn) is context. Raw-text examples render as ``bos + text + eos`` with text and eos
+supervised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from lorakit.contracts import Example, Message, Rendered, Segment
+from lorakit.errors import DataError
+
+
+@attrs.frozen
+class Layout:
+    system: str  # "{content}" placeholder
+    user: str  # "{content}" placeholder
+    assistant_open: str  # context text before an assistant reply (the generation prompt)
+    assistant_close: str  # context text after the end-of-turn
+    assistant_lead: str = ""  # supervised text before the content (e.g. mistral's space)
+    system_into_user: str | None = None  # fold the system message into the first user turn
+
+
+def bos_for(tokenizer: Any) -> str:
+    """The BOS text to write ourselves: the tokenizer's BOS when its own special-token handling
+    would add one to plain text (the core tokenizes with ``add_special_tokens=False``), else "".
+    This avoids both a missing and a double BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return ""
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos_id else ""
+
+
+def eos_for(tokenizer: Any, fallback: str) -> str:
+    eos = getattr(tokenizer, "eos_token", None)
+    return eos or fallback
+
+
+def require_single_token(tokenizer: Any, text: str, formatter: str) -> None:
+    """An end-of-turn must be one token, or the model cannot stop cleanly on it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise DataError(
+            f"{formatter}: the end-of-turn {text!r} is {len(ids)} tokens for this tokenizer, not one",
+            where="[format].plugin",
+            fix="use a formatter made for this model (chat_template uses the model's own format), "
+            "or a tokenizer that has this special token",
+        )
+
+
+class TurnRenderer:
+    """Renders conversations with a :class:`Layout`; caches per-tokenizer lookups."""
+
+    def __init__(self, layout: Layout, system_prompt: str | None):
+        self.layout = layout
+        self.system_prompt = system_prompt
+        self._bos: dict[int, str] = {}
+
+    def bos(self, tokenizer: Any) -> str:
+        key = id(tokenizer)
+        if key not in self._bos:
+            self._bos[key] = bos_for(tokenizer)
+        return self._bos[key]
+
+    def _messages(self, messages: Sequence[Message]) -> list[Message]:
+        msgs = list(messages)
+        if self.system_prompt is not None and (not msgs or msgs[0].role != "system"):
+            msgs.insert(0, Message("system", self.system_prompt))
+        sep = self.layout.system_into_user
+        if sep is not None and msgs and msgs[0].role == "system":
+            system, rest = msgs[0], msgs[1:]
+            if rest and rest[0].role == "user":
+                rest[0] = Message("user", system.content + sep + rest[0].content)
+                msgs = rest
+        return msgs
+
+    def segments(self, messages: Sequence[Message], eot: str, tokenizer: Any) -> list[Segment]:
+        lay = self.layout
+        out = [Segment(self.bos(tokenizer))]
+        for m in self._messages(messages):
+            if m.role == "system":
+                out.append(Segment(lay.system.format(content=m.content)))
+            elif m.role == "user":
+                out.append(Segment(lay.user.format(content=m.content)))
+            else:
+                out.append(Segment(lay.assistant_open))
+                out.append(Segment(lay.assistant_lead + m.content + eot, True))
+                out.append(Segment(lay.assistant_close))
+        return out
+
+    def render(self, example: Example, eot: str, eos: str, tokenizer: Any) -> Rendered:
+        if example.messages is None:
+            segs = [Segment(self.bos(tokenizer)), Segment((example.text or "") + eos, True)]
+        else:
+            segs = self.segments(example.messages, eot, tokenizer)
+        return Rendered(tuple(s for s in segs if s.text))
+
+    def render_prompt(self, messages: Sequence[Message], eot: str, tokenizer: Any) -> str:
+        text = "".join(s.text for s in self.segments(messages, eot, tokenizer))
+        return text + self.layout.assistant_open

@@ -1,0 +1,169 @@
+"""``markdown``: a folder of ``.md`` files, one raw-text example per document.
+
+Schema: every file matching ``include`` (and no ``exclude`` glob) under ``path``, read
+recursively in sorted order. An optional front-matter block at the very top::
+
+    ---
+    title: Getting started
+    tags: [guide, intro]
+    split: val
+    ---
+
+is kept out of the text and parsed into ``meta.front_matter`` (flat ``key: value`` lines; a
+``[a, b]`` value is a list of strings; quotes are stripped). ``tags`` (a list) and ``split``
+(train/val/test) from it become ``meta.tags`` and ``meta.split``. The id is the file's path
+relative to ``path``; ``meta.source`` is the file path.
+
+Long documents are never truncated: examples are marked ``meta.chunkable`` and the pipeline
+cuts those longer than ``train.max_length`` tokens into chunks that fit, at heading or paragraph
+boundaries where possible (see :mod:`lorakit.data.chunking`). The chunks concatenate back into
+the document text exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+from lorakit import hookimpl
+from lorakit.contracts import Example, SourceContext
+from lorakit.data.paths import resolve
+from lorakit.data.textfile import read_text_file
+from lorakit.errors import DataError
+from lorakit.options import option
+
+_FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:\s*(.*)$")
+
+
+def _scalar(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def parse_front_matter(block: str) -> tuple[dict[str, Any], int | None]:
+    """Parse flat ``key: value`` lines. Returns ``(fields, bad line index or None)``."""
+    out: dict[str, Any] = {}
+    for i, line in enumerate(block.splitlines()):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _KEY.match(line)
+        if not m:
+            return out, i
+        key, value = m.group(1), m.group(2).strip()
+        if value.startswith("[") and value.endswith("]"):
+            out[key] = [_scalar(v) for v in value[1:-1].split(",") if v.strip()]
+        else:
+            out[key] = _scalar(value)
+    return out, None
+
+
+def split_front_matter(text: str) -> tuple[str | None, str]:
+    """``(front-matter block or None, body)``; the body is everything after the closing ---."""
+    m = _FRONT.match(text)
+    if not m:
+        return None, text
+    return m.group(1) or "", text[m.end() :]
+
+
+@attrs.frozen
+class MarkdownOptions:
+    path: str = option(doc="a folder of markdown files, or one file (relative to the recipe file)")
+    include: list[str] = option(
+        factory=lambda: ("**/*.md", "**/*.markdown"), doc="globs of files to read, under path"
+    )
+    exclude: list[str] = option(factory=tuple, doc="globs of files to skip (e.g. **/drafts/**)")
+    chunk: bool = option(
+        True,
+        doc="cut documents longer than train.max_length into chunks that fit (false: the "
+        "[data] overlength policy applies instead)",
+    )
+
+
+class MarkdownSource:
+    Options = MarkdownOptions
+
+    def __init__(self, options: MarkdownOptions):
+        self.options = options
+
+    def files(self, recipe_dir: Path) -> tuple[Path, list[Path]]:
+        root = resolve(recipe_dir, self.options.path)
+        if root.is_file():
+            return root.parent, [root]
+        if not root.is_dir():
+            raise DataError(
+                f"{root} does not exist",
+                where="[data.sources].path",
+                fix="paths are relative to the recipe file's folder; check the spelling",
+            )
+        found: set[Path] = set()
+        for pattern in self.options.include:
+            found.update(f for f in root.glob(pattern) if f.is_file())
+        rel = {f: f.relative_to(root) for f in found}
+        files = sorted(
+            (
+                f
+                for f in found
+                if not any(rel[f].match(x) or f.match(x) for x in self.options.exclude)
+            ),
+            key=lambda f: rel[f].as_posix(),
+        )
+        if not files:
+            raise DataError(
+                f"folder {root} has no markdown files matching {', '.join(self.options.include)}",
+                where="[data.sources].path",
+                fix="point path at a folder of .md files, or adjust include/exclude",
+            )
+        return root, files
+
+    def read(self, ctx: SourceContext) -> Iterator[Example]:
+        root, files = self.files(ctx.recipe_dir)
+        for file in files:
+            example = self.read_file(file, root, ctx)
+            if example is not None:
+                yield example
+
+    def read_file(self, file: Path, root: Path, ctx: SourceContext) -> Example | None:
+        text = read_text_file(file, ctx, "markdown")
+        if text is None:
+            return None
+        block, body = split_front_matter(text)
+        meta: dict[str, Any] = {"source": str(file), "path": file.relative_to(root).as_posix()}
+        if block is not None:
+            fields, bad = parse_front_matter(block)
+            if bad is not None:
+                ctx.reject(
+                    "front matter line is not `key: value`",
+                    f"{file}:{bad + 2}",
+                    "use flat `key: value` lines between the --- markers",
+                )
+                return None
+            meta["front_matter"] = fields
+            tags = fields.get("tags")
+            if isinstance(tags, list):
+                meta["tags"] = tags
+            if "split" in fields:
+                if fields["split"] not in ("train", "val", "test"):
+                    ctx.reject(
+                        f"front matter split is {fields['split']!r}",
+                        str(file),
+                        "use train, val or test, or leave it out",
+                    )
+                    return None
+                meta["split"] = fields["split"]
+        if not body.strip():
+            ctx.reject("document has no text after its front matter", str(file), "add content")
+            return None
+        if self.options.chunk:
+            meta["chunkable"] = True
+        return Example(id=meta["path"], text=body, meta=meta)
+
+
+@hookimpl
+def lorakit_register_sources(register):
+    register("markdown", MarkdownSource)

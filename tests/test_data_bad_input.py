@@ -1,0 +1,234 @@
+"""Every kind of bad input gets a clear message with file and line, and exit code 2 from the CLI
+(no traceback); with ``[data] on_error = "skip"`` the bad record is skipped, counted and listed."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from data_helpers import cli, write_recipe
+
+pytest_plugins = ["data_fixtures"]
+
+GOOD = {
+    "id": "good",
+    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+}
+
+
+def chat(rid: str, *msgs: tuple[str, object]) -> dict:
+    return {"id": rid, "messages": [{"role": r, "content": c} for r, c in msgs]}
+
+
+def lines(*records: object) -> bytes:
+    return b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records
+    )
+
+
+def chat_file(content: bytes, name: str = "data.jsonl") -> Callable[[Path], dict]:
+    def make(folder: Path) -> dict:
+        (folder / name).write_bytes(content)
+        return {"plugin": "chat_jsonl", "path": name}
+
+    return make
+
+
+def big_line(folder: Path) -> dict:
+    with (folder / "data.jsonl").open("wb") as f:
+        f.write(lines(GOOD))
+        f.write(b'{"id": "huge", "messages": "' + b"x" * (17 * 2**20) + b'"}\n')
+    return {"plugin": "chat_jsonl", "path": "data.jsonl"}
+
+
+def empty_folder(folder: Path) -> dict:
+    (folder / "chats").mkdir()
+    return {"plugin": "chat_jsonl", "path": "chats"}
+
+
+def no_markdown(folder: Path) -> dict:
+    (folder / "docs").mkdir()
+    (folder / "docs" / "notes.txt").write_text("not markdown")
+    return {"plugin": "markdown", "path": "docs"}
+
+
+def markdown_latin1(folder: Path) -> dict:
+    (folder / "docs").mkdir()
+    (folder / "docs" / "a.md").write_bytes(b"# Title\n\nline two\ncaf\xe9\n")
+    return {"plugin": "markdown", "path": "docs"}
+
+
+def markdown_empty(folder: Path) -> dict:
+    (folder / "docs").mkdir()
+    (folder / "docs" / "a.md").write_text("  \n")
+    return {"plugin": "markdown", "path": "docs"}
+
+
+def report_malformed(folder: Path) -> dict:
+    (folder / "reports").mkdir()
+    (folder / "reports" / "r.json").write_text(
+        '{\n  "sections": {\n    "A": {"improved": "x"},,\n  }\n}'
+    )
+    return {"plugin": "report_json", "path": "reports"}
+
+
+def report_missing_field(folder: Path) -> dict:
+    (folder / "reports").mkdir()
+    (folder / "reports" / "r.json").write_text(json.dumps({"sections": {"A": {"original": "x"}}}))
+    return {"plugin": "report_json", "path": "reports"}
+
+
+def instruction_file(*records: object) -> Callable[[Path], dict]:
+    def make(folder: Path) -> dict:
+        (folder / "ins.jsonl").write_bytes(lines(*records))
+        return {"plugin": "instruction_jsonl", "path": "ins.jsonl"}
+
+    return make
+
+
+CASES = {
+    "malformed json": (
+        chat_file(lines(GOOD, b'{"id": "x", "messages": [}')),
+        "malformed JSON",
+        "data.jsonl:2",
+    ),
+    "json array": (
+        chat_file(json.dumps([GOOD, GOOD]).encode()),
+        "this is a JSON array",
+        "data.jsonl:1",
+    ),
+    "wrong type": (
+        chat_file(lines(GOOD, chat("b", ("user", "q"), ("assistant", 5)))),
+        "messages[1].content must be a string, got int",
+        "data.jsonl:2",
+    ),
+    "unknown role": (
+        chat_file(lines(chat("t", ("user", "q"), ("tool", "r"), ("assistant", "a")), GOOD)),
+        "messages[1].role is 'tool'",
+        "data.jsonl:1",
+    ),
+    "roles out of order": (
+        chat_file(lines(GOOD, chat("o", ("assistant", "a"), ("user", "q")))),
+        "assistant turn must follow a user turn",
+        "data.jsonl:2",
+    ),
+    "empty assistant turn": (
+        chat_file(lines(GOOD, chat("e", ("user", "q"), ("assistant", "  ")))),
+        "empty assistant turn",
+        "data.jsonl:2",
+    ),
+    "system only": (
+        chat_file(lines(GOOD, chat("s", ("system", "be nice")))),
+        "system-only",
+        "data.jsonl:2",
+    ),
+    "duplicate id": (chat_file(lines(GOOD, GOOD)), "duplicate id 'good'", "data.jsonl:2"),
+    "empty file": (chat_file(b""), "file holds no records", "data.jsonl"),
+    "empty folder": (empty_folder, "has no files matching", "[data.sources].path"),
+    "non utf-8": (
+        chat_file(lines(GOOD, b'{"id": "caf\xe9", "messages": []}')),
+        "not UTF-8 (byte 0xe9",
+        "data.jsonl:2",
+    ),
+    "gzip named jsonl": (chat_file(gzip.compress(lines(GOOD))), "gzip-compressed", "data.jsonl"),
+    "many-megabyte line": (big_line, "over the 16 MiB limit", "data.jsonl:2"),
+    "folder without markdown": (no_markdown, "has no markdown files", "[data.sources].path"),
+    "markdown not utf-8": (markdown_latin1, "not UTF-8 (byte 0xe9 at column 4)", "a.md:4"),
+    "markdown empty file": (markdown_empty, "markdown file is empty", "a.md"),
+    "report malformed json": (report_malformed, "malformed JSON", "r.json:3"),
+    "report missing field": (report_missing_field, "has no 'improved' field", "r.json"),
+    "instruction missing output": (
+        instruction_file({"instruction": "do it"}),
+        "missing field 'output'",
+        "ins.jsonl:1",
+    ),
+    "instruction unknown field": (
+        instruction_file({"instruction": "a", "output": "b", "extra": 1}),
+        "unknown field(s) extra",
+        "ins.jsonl:1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_file_line_and_exit_code_2(case, tmp_path):
+    make, message, where = CASES[case]
+    recipe = write_recipe(tmp_path, [make(tmp_path)])
+    code, out, err = cli("check", str(recipe))
+    assert code == 2, (out, err)
+    assert message in err
+    assert where in err
+    assert "fix:" in err
+    assert "Traceback" not in err + out
+
+
+SKIPPABLE = [
+    c
+    for c in CASES
+    if c not in ("json array", "empty folder", "folder without markdown", "empty file")
+    and not c.startswith(("markdown", "report"))
+]
+
+
+@pytest.mark.parametrize("case", SKIPPABLE)
+def test_on_error_skip_counts_and_lists_each_skip(case, tmp_path):
+    make, message, where = CASES[case]
+    table = make(tmp_path)
+    (tmp_path / "more.jsonl").write_bytes(
+        lines({"instruction": "extra", "output": "ok"})
+        if table["plugin"] == "instruction_jsonl"
+        else lines(chat("other", ("user", "q"), ("assistant", "a")))
+    )
+    extra = {"plugin": table["plugin"], "path": "more.jsonl"}
+    recipe = write_recipe(tmp_path, [table, extra], data={"on_error": "skip"})
+    code, out, err = cli("check", str(recipe))
+    assert code == 0, err
+    assert "skipped 1 bad records" in out
+    assert message in out and where in out
+
+
+def test_skipping_an_empty_file_is_reported(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
+    (tmp_path / "good.jsonl").write_bytes(lines(GOOD))
+    sources = [{"plugin": "chat_jsonl", "path": p} for p in ("empty.jsonl", "good.jsonl")]
+    code, out, _ = cli("check", str(write_recipe(tmp_path, sources, data={"on_error": "skip"})))
+    assert code == 0
+    assert "file holds no records" in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    recipe = write_recipe(tmp_path, [chat_file(b"")(tmp_path)])
+    from lorakit.errors import DataError
+
+    with pytest.raises(DataError, match="file holds no records"):
+        cli("--debug", "check", str(recipe))
+
+
+def test_raw_text_formatter_rejects_conversations(tmp_path, data_tokenizer):
+    from lorakit.contracts import Example, Message
+    from lorakit.errors import DataError
+    from lorakit_plugins.formatters.raw_text import RawTextFormatter, RawTextOptions
+
+    ex = Example(id="c", messages=(Message("user", "q"), Message("assistant", "a")))
+    with pytest.raises(DataError, match="raw_text cannot format conversation c"):
+        RawTextFormatter(RawTextOptions()).render(ex, data_tokenizer)
+
+
+def test_chatml_needs_a_single_end_of_turn_token(tmp_path):
+    from lorakit.errors import DataError
+    from lorakit_plugins.formatters.chatml import ChatmlFormatter, ChatmlOptions
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["plain text only"],
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t")
+    with pytest.raises(DataError, match=r"is \d+ tokens for this tokenizer, not one"):
+        ChatmlFormatter(ChatmlOptions()).end_of_turn(plain)

@@ -1,0 +1,110 @@
+"""``lorakit check``: token statistics without torch, --show markers, the shipped recipes,
+and the torch-free tokenizer agreeing with transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_helpers import cli, write_jsonl, write_recipe
+from lorakit.contracts import Example, Message
+from lorakit.data.lite_tokenizer import LiteTokenizer
+from lorakit.data.tokenize import tokenize_batch
+from lorakit_plugins.formatters.chat_template import ChatTemplateFormatter, ChatTemplateOptions
+
+pytest_plugins = ["data_fixtures"]
+REPO = Path(__file__).resolve().parents[1]
+OURS = ["markdown_lora", "report_json_lora", "instruction_lora", "mixed_sources"]
+
+
+def chat_recipe(tmp_path: Path, **sections) -> Path:
+    recs = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ],
+        }
+        for i in range(20)
+    ]
+    write_jsonl(tmp_path / "c.jsonl", recs)
+    return write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}], **sections)
+
+
+def test_check_reports_token_stats_without_importing_torch(tmp_path, data_tokenizer_dir):
+    recipe = chat_recipe(tmp_path, format={"plugin": "chatml"}, train={"max_length": 16})
+    code = (
+        "import sys; from lorakit.cli.main import main; "
+        f"rc = main(['check', {str(recipe)!r}, '--tokenizer', {str(data_tokenizer_dir)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "source 0:chat_jsonl: 20 examples" in out
+    assert "tokens per example: min" in out and "p95" in out
+    assert "longer than 16 tokens: dropped" in out
+    assert "supervised tokens:" in out
+    assert "end-of-turn '<|im_end|>' supervised" in out
+
+
+def test_check_show_marks_supervised_text(tmp_path, data_tokenizer_dir):
+    recipe = chat_recipe(tmp_path, format={"plugin": "chatml"})
+    code, out, err = cli(
+        "check", str(recipe), "--tokenizer", str(data_tokenizer_dir), "--show", "2"
+    )
+    assert code == 0, err
+    assert out.count("[[answer ") == 2 and "<|im_end|>]]" in out
+    assert "[[question" not in out
+
+
+def test_check_reports_examples_without_supervised_tokens(tmp_path, data_tokenizer_dir):
+    write_jsonl(tmp_path / "t.jsonl", [{"instruction": "x", "output": "y"}])
+    recipe = write_recipe(
+        tmp_path,
+        [{"plugin": "instruction_jsonl", "path": "t.jsonl"}],
+        train={"max_length": 9},
+        data={"overlength": "truncate"},
+    )
+    code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
+    assert code == 0, err
+    assert "answer entirely beyond train.max_length=9" in out
+
+
+def test_check_without_tokenizer_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "nocache"))
+    code, out, _ = cli("check", str(chat_recipe(tmp_path)))
+    assert code == 0
+    assert "token statistics skipped: the embedded model is converted on first use" in out
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_shipped_recipes_check(name, data_tokenizer_dir):
+    code, out, err = cli(
+        "check", str(REPO / "recipes" / f"{name}.toml"), "--tokenizer", str(data_tokenizer_dir)
+    )
+    assert code == 0, err
+    assert "supervised tokens:" in out
+
+
+def test_lite_tokenizer_matches_transformers(data_tokenizer, data_tokenizer_dir):
+    lite = LiteTokenizer(data_tokenizer_dir)
+    texts = ["<s>hello world</s>", "# Heading\n\nx<|im_end|>\n", "ünïcode  spaces\t"]
+    for kw in ({"add_special_tokens": False}, {"add_special_tokens": True}):
+        a = data_tokenizer(texts, return_offsets_mapping=True, **kw)
+        b = lite(texts, return_offsets_mapping=True, **kw)
+        assert a["input_ids"] == b["input_ids"]
+        assert [list(map(tuple, o)) for o in a["offset_mapping"]] == b["offset_mapping"]
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for gen in (False, True):
+        assert lite.apply_chat_template(conv, add_generation_prompt=gen) == (
+            data_tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+        )
+    ex = Example(id="e", messages=(Message("user", "u"), Message("assistant", "a")))
+    fmt = ChatTemplateFormatter(ChatTemplateOptions())
+    rows = [tokenize_batch([fmt.render(ex, t)], t)[0] for t in (data_tokenizer, lite)]
+    assert rows[0] == rows[1]

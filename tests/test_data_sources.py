@@ -1,0 +1,186 @@
+"""Property tests for every source: serialise-then-read gives the same examples, none lost or
+duplicated, in order."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from data_helpers import context, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lorakit.contracts import Example, Message
+from lorakit_plugins.sources.chat_jsonl import ChatJsonlOptions, ChatJsonlSource
+from lorakit_plugins.sources.instruction_jsonl import (
+    InstructionJsonlOptions,
+    InstructionJsonlSource,
+    content_id,
+)
+from lorakit_plugins.sources.markdown import MarkdownOptions, MarkdownSource
+from lorakit_plugins.sources.report_json import ReportJsonOptions, ReportJsonSource
+
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40)
+nonblank = text.filter(lambda s: s.strip())
+ids = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=12)
+
+
+@st.composite
+def chat_examples(draw):
+    out = []
+    for rid in draw(st.lists(ids, unique=True, max_size=8, min_size=1)):
+        msgs = [Message("system", draw(text))] if draw(st.booleans()) else []
+        for _ in range(draw(st.integers(1, 3))):
+            msgs += [Message("user", draw(text)), Message("assistant", draw(nonblank))]
+        meta = {"tags": draw(st.lists(ids, max_size=2))}
+        if draw(st.booleans()):
+            meta["split"] = draw(st.sampled_from(["train", "val", "test"]))
+        out.append(Example(id=rid, messages=tuple(msgs), meta=meta))
+    return out
+
+
+def read(source, tmp_path):
+    return list(source.read(context(tmp_path)))
+
+
+@SETTINGS
+@given(examples=chat_examples())
+def test_chat_jsonl_round_trip(examples, tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [ex.to_json() for ex in examples])
+    got = read(ChatJsonlSource(ChatJsonlOptions(path="c.jsonl")), tmp_path)
+    assert [(g.id, g.messages) for g in got] == [(e.id, e.messages) for e in examples]
+    for g, e in zip(got, examples, strict=True):
+        assert {k: g.meta[k] for k in e.meta} == e.meta
+        assert g.meta["source"].startswith(str(tmp_path / "c.jsonl"))
+
+
+records = st.fixed_dictionaries(
+    {"instruction": nonblank, "output": nonblank},
+    optional={"input": text, "system": text, "meta": st.just({"tags": ["t"]})},
+)
+
+
+@SETTINGS
+@given(recs=st.lists(records, max_size=8, min_size=1))
+def test_instruction_jsonl_maps_every_record_in_order(recs, tmp_path):
+    write_jsonl(tmp_path / "i.jsonl", recs)
+    ctx = context(tmp_path, on_error="skip")
+    got = list(InstructionJsonlSource(InstructionJsonlOptions(path="i.jsonl")).read(ctx))
+    assert len(got) == len(recs) and not ctx.report.skipped
+    for g, r in zip(got, recs, strict=True):
+        inp = r.get("input") or ""
+        assert g.id == content_id(r["instruction"], inp, r["output"])
+        user = r["instruction"] + ("\n\n" + inp if inp else "")
+        want = ([Message("system", r["system"])] if r.get("system") else []) + [
+            Message("user", user),
+            Message("assistant", r["output"]),
+        ]
+        assert list(g.messages) == want
+
+
+def test_instruction_ids_are_stable_and_explicit_ids_win(tmp_path):
+    write_jsonl(
+        tmp_path / "i.jsonl",
+        [{"instruction": "a", "output": "b"}, {"id": "mine", "instruction": "a", "output": "c"}],
+    )
+    got = read(InstructionJsonlSource(InstructionJsonlOptions(path="i.jsonl")), tmp_path)
+    assert got[0].id.startswith("sha-") and len(got[0].id) == 20
+    assert got[0].id == content_id("a", "", "b") and got[1].id == "mine"
+
+
+md_text = st.text(alphabet="abc XY#\n.-*", min_size=1, max_size=200).filter(lambda s: s.strip())
+front = st.dictionaries(
+    st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True).filter(lambda k: k not in ("split",)),
+    st.text("abc xyz0-", max_size=10).map(str.strip),
+    max_size=3,
+)
+
+
+@SETTINGS
+@given(docs=st.lists(st.tuples(md_text, front), min_size=1, max_size=5))
+def test_markdown_round_trip_with_front_matter(docs, tmp_path):
+    root = tmp_path / f"docs{len(list(tmp_path.iterdir()))}"
+    for i, (body, fm) in enumerate(docs):
+        (root / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        head = "---\n" + "".join(f"{k}: {v}\n" for k, v in fm.items()) + "---\n" if fm else ""
+        (root / f"d{i % 2}" / f"n{i}.md").write_text(head + body, encoding="utf-8")
+    got = read(MarkdownSource(MarkdownOptions(path=str(root))), tmp_path)
+    want = sorted(
+        ((f"d{i % 2}/n{i}.md", body, fm) for i, (body, fm) in enumerate(docs)), key=lambda t: t[0]
+    )
+    assert [g.id for g in got] == [w[0] for w in want]
+    for g, (_, body, fm) in zip(got, want, strict=True):
+        if fm:
+            assert g.text == body and g.meta["front_matter"] == fm
+        else:  # without front matter the file is the text, byte for byte
+            assert g.text == body
+        assert g.meta["chunkable"] is True
+
+
+def test_markdown_include_exclude_and_front_matter_meta(tmp_path):
+    (tmp_path / "docs" / "drafts").mkdir(parents=True)
+    (tmp_path / "docs" / "a.md").write_text("---\ntags: [x, y]\nsplit: val\n---\n# A\n")
+    (tmp_path / "docs" / "drafts" / "b.md").write_text("# B\n")
+    (tmp_path / "docs" / "c.txt").write_text("C")
+    opts = MarkdownOptions(path="docs", exclude=("drafts/**",))
+    (got,) = read(MarkdownSource(opts), tmp_path)
+    assert got.id == "a.md" and got.text == "# A\n"
+    assert got.meta["tags"] == ["x", "y"] and got.meta["split"] == "val"
+
+
+sections = st.dictionaries(
+    st.from_regex(r"[A-Z]{2,12}", fullmatch=True),
+    nonblank.filter(lambda s: "###" not in s),
+    min_size=1,
+    max_size=5,
+)
+
+
+@SETTINGS
+@given(reports=st.lists(sections, min_size=1, max_size=4))
+def test_report_json_round_trip(reports, tmp_path):
+    folder = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    for i, secs in enumerate(reports):
+        body = {
+            "id": f"rep{i}",
+            "sections": {k: {"original": "o", "improved": v} for k, v in secs.items()},
+        }
+        (folder / f"{i:03d}.json").write_text(json.dumps(body), encoding="utf-8")
+    got = read(ReportJsonSource(ReportJsonOptions(path=str(folder))), tmp_path)
+    assert [g.id for g in got] == [f"rep{i}" for i in range(len(reports))]
+    for g, secs in zip(got, reports, strict=True):
+        kept = {k: v for k, v in secs.items() if v.strip()}
+        assert g.text == "".join(f"### {k}:\n{v}\n\n" for k, v in kept.items())
+        # ...and the text parses back into the same sections, in document order.
+        parts = re.split(r"(?:^|\n\n)### ([A-Z]+):\n", g.text)
+        names = parts[1::2]
+        assert names == list(kept)
+
+
+def test_report_json_section_selection_top_level_and_arrays(tmp_path):
+    reps = [
+        {"id": "a", "INTRODUCTION": "intro", "RESULTS": {"improved": "res"}, "OTHER": "x"},
+        {"id": "b", "RESULTS": "only"},
+    ]
+    (tmp_path / "all.json").write_text(json.dumps(reps))
+    opts = ReportJsonOptions(path="all.json", sections_key="", sections=("results", "INTRODUCTION"))
+    got = read(ReportJsonSource(opts), tmp_path)
+    assert [g.text for g in got] == [
+        "### INTRODUCTION:\nintro\n\n### RESULTS:\nres\n\n",
+        "### RESULTS:\nonly\n\n",
+    ]
+
+
+def test_example_data_folder_reads(tmp_path):
+    data = Path(__file__).resolve().parents[1] / "examples" / "data"
+    assert len(read(MarkdownSource(MarkdownOptions(path=str(data / "markdown"))), tmp_path)) >= 3
+    assert len(read(ReportJsonSource(ReportJsonOptions(path=str(data / "reports"))), tmp_path)) >= 3
+    ins = InstructionJsonlSource(InstructionJsonlOptions(path=str(data / "instructions.jsonl")))
+    assert len(read(ins, tmp_path)) >= 10
+    assert (
+        len(read(ChatJsonlSource(ChatJsonlOptions(path=str(data / "chat.jsonl"))), tmp_path)) >= 10
+    )

@@ -1,0 +1,81 @@
+"""Splits: disjoint, complete, deterministic, stable when data grows; meta.split honoured;
+identical conversations never straddle splits; prepare writes them without claiming a run."""
+
+from __future__ import annotations
+
+import json
+
+from data_helpers import cli, write_jsonl, write_recipe
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lorakit.contracts import Example, Message
+from lorakit.data.splits import assign_splits, content_key
+
+SETTINGS = settings(max_examples=50, deadline=None)
+
+
+def ex(i: int, answer: str | None = None, split: str | None = None) -> Example:
+    meta = {"split": split} if split else {}
+    msgs = (Message("user", f"q{i}"), Message("assistant", answer or f"a{i}"))
+    return Example(id=f"e{i}", messages=msgs, meta=meta)
+
+
+pool = st.lists(st.integers(0, 10_000), unique=True, min_size=1, max_size=60)
+fractions = st.tuples(st.floats(0, 0.45), st.floats(0, 0.45))
+
+
+@SETTINGS
+@given(nums=pool, seed=st.integers(0, 2**31), frac=fractions)
+def test_splits_are_disjoint_complete_and_deterministic(nums, seed, frac):
+    examples = [ex(i) for i in nums]
+    parts = assign_splits(examples, seed, *frac)
+    got = [e.id for name in ("train", "val", "test") for e in parts[name]]
+    assert sorted(got) == sorted(e.id for e in examples)  # complete, nothing duplicated
+    assert len(set(got)) == len(got)  # disjoint
+    assert assign_splits(list(examples), seed, *frac) == parts  # deterministic
+
+
+@SETTINGS
+@given(nums=pool, more=pool, seed=st.integers(0, 2**31), frac=fractions)
+def test_adding_examples_never_moves_existing_ones(nums, more, seed, frac):
+    old = [ex(i) for i in nums]
+    new = old + [ex(i) for i in more if i not in nums]
+    before, after = assign_splits(old, seed, *frac), assign_splits(new, seed, *frac)
+    where = {e.id: name for name, exs in after.items() for e in exs}
+    for name, exs in before.items():
+        assert all(where[e.id] == name for e in exs)
+
+
+@SETTINGS
+@given(nums=pool, seed=st.integers(0, 2**31), pinned=st.sampled_from(["train", "val", "test"]))
+def test_meta_split_wins_and_identical_content_shares_a_split(nums, seed, pinned):
+    examples = [ex(i) for i in nums] + [ex(nums[0], split=pinned)]
+    examples[-1] = Example(id="dup", messages=examples[0].messages, meta={"split": pinned})
+    parts = assign_splits(examples, seed, 0.3, 0.3)
+    assert {e.id for e in parts[pinned]} >= {f"e{nums[0]}", "dup"}
+    assert content_key(examples[0]) == content_key(examples[-1])
+
+
+def test_prepare_writes_splits_without_claiming_the_run_folder(tmp_path):
+    records = [ex(i).to_json() for i in range(40)]
+    write_jsonl(tmp_path / "c.jsonl", records)
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
+    raw = (tmp_path / "c.jsonl").read_bytes()
+    code, out, err = cli("prepare", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "runs" / "recipe"
+    folder = run / "data" / "splits"
+    got = {}
+    for name in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+        got[name] = rows
+        assert f"{name}: {len(rows)} examples" in out
+    assert sorted(r["id"] for rows in got.values() for r in rows) == sorted(
+        r["id"] for r in records
+    )
+    assert not (run / "run.json").exists()
+    assert (tmp_path / "c.jsonl").read_bytes() == raw
+    # deterministic: a second prepare writes the same files
+    first = {n: (folder / f"{n}.jsonl").read_bytes() for n in got}
+    assert cli("prepare", str(recipe))[0] == 0
+    assert {n: (folder / f"{n}.jsonl").read_bytes() for n in got} == first
