@@ -124,6 +124,10 @@ class ModelSource(Protocol):
         """Return a loadable reference; raise ``ModelError`` with a fix when that is impossible."""
         ...
 
+    # Optional: ``tokenizer_folder() -> (Path | None, note)``: a local folder with the model's
+    # tokenizer.json, found cheaply (no download, no conversion), for torch-free `lorakit check`;
+    # ``note`` says why there is none yet.
+
 
 @runtime_checkable
 class QuantBackend(Protocol):
@@ -157,8 +161,25 @@ class PeftMethod(Protocol):
 
 @runtime_checkable
 class Metric(Protocol):
+    """Scores one split. ``kind`` says which inputs ``score`` takes.
+
+    * ``kind = "loss"``: ``score(nll_sum, n_tokens) -> float`` gets the summed negative
+      log-likelihood of every supervised token of the split and their count (token-weighted, so
+      the result does not depend on the eval batch size).
+    * ``kind = "generation"``: ``score(predictions, references, stopped) -> float`` gets the
+      greedy completion of every prompt, the reference answer (the last assistant turn) and
+      whether each completion ended with the template's end-of-turn.
+
+    ``higher_is_better`` lets reports mark which direction is an improvement. Generation metrics
+    return a fraction in [0, 1]; reports show them as points (x 100).
+    """
+
     Options: ClassVar[type]
-    # "loss": computed from token log-likelihoods; "generation": from generated text.
     kind: ClassVar[str]
+    higher_is_better: ClassVar[bool]
 
     def __init__(self, options: Any) -> None: ...
+
+    def score(self, *args: Any) -> float:
+        """Return the metric for one split (see the class docstring for the arguments)."""
+        ...

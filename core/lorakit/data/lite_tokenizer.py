@@ -128,39 +128,15 @@ def chat_environment() -> Any:
 def find_tokenizer_folder(recipe: Any, catalog: Any) -> tuple[Path | None, str]:
     """A local folder holding the recipe's tokenizer, found without loading a model.
 
-    Returns ``(folder or None, note)``. Model plugins may offer ``tokenizer_folder()`` (a cheap
-    method returning a local folder or None); otherwise the ``local`` plugin's path, the embedded
-    model's converted cache, and the Hub cache are tried.
+    Returns ``(folder or None, note)``. Asks the model plugin's optional
+    ``tokenizer_folder()`` (see :class:`lorakit.contracts.ModelSource`), which must be cheap and
+    must not download or convert anything.
     """
-    model = recipe.model
-    source = model.build(catalog)
+    source = recipe.model.build(catalog)
     finder = getattr(source, "tokenizer_folder", None)
-    if callable(finder):
-        folder = finder()
-        if folder is not None and (Path(folder) / "tokenizer.json").is_file():
-            return Path(folder), ""
-    path = getattr(model.options, "path", None)
-    if isinstance(path, str):
-        folder = Path(path).expanduser()
-        if (folder / "tokenizer.json").is_file():
-            return folder, ""
-        return None, f"no tokenizer.json in {folder}"
-    if model.name == "smollm2-135m-instruct":
-        from lorakit_plugins.models.smollm2 import COMPLETE, cache_root
-
-        folder = cache_root() / "smollm2-135m-instruct"
-        if (folder / COMPLETE).is_file():
-            return folder, ""
-        return None, "the embedded model is converted on first use; run `lorakit run` once"
-    hub_id = getattr(model.options, "id", None)
-    if isinstance(hub_id, str):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None, "huggingface_hub is not installed"
-        rev = getattr(model.options, "revision", None)
-        found = try_to_load_from_cache(hub_id, "tokenizer.json", revision=rev)
-        if isinstance(found, str):
-            return Path(found).parent, ""
-        return None, f"{hub_id} is not in the local Hub cache yet"
-    return None, f"model plugin {model.name!r} offers no local tokenizer folder"
+    if not callable(finder):
+        return None, f"model plugin {recipe.model.name!r} offers no local tokenizer folder"
+    folder, note = finder()
+    if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+        return Path(folder), ""
+    return None, note or f"no tokenizer.json in {folder}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import attrs
 from lorakit import hookimpl
@@ -37,6 +38,19 @@ class HubSource:
 
     def __init__(self, options: HubOptions):
         self.options = options
+
+    def tokenizer_folder(self) -> tuple[Path | None, str]:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None, "huggingface_hub is not installed (pip install -e '.[train]')"
+
+        found = try_to_load_from_cache(
+            self.options.id, "tokenizer.json", revision=self.options.revision
+        )
+        if isinstance(found, str):
+            return Path(found).parent, ""
+        return None, f"{self.options.id} is not in the local Hub cache yet"
 
     def resolve(self) -> ModelRef:
         if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -25,6 +25,14 @@ class LocalSource:
     def __init__(self, options: LocalOptions):
         self.options = options
 
+    def tokenizer_folder(self) -> tuple[Path | None, str]:
+        folder = Path(self.options.path).expanduser()
+        return (
+            (folder, "")
+            if (folder / "tokenizer.json").is_file()
+            else (None, f"no tokenizer.json in {folder}")
+        )
+
     def resolve(self) -> ModelRef:
         path = Path(self.options.path).expanduser()
         if not path.is_dir():

