@@ -1,0 +1,58 @@
+"""``lorakit export RUN_DIR [--merge] [--dtype fp32|bf16|fp16] [--out DIR] [--overwrite]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit.plugins import default_catalog
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's adapter (and with --merge a merged model) with tokenizer and model card",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `lorakit run`")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="also write a merged model (merged in fp32 on the unquantized base) and check parity",
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="dtype of the merged weights (default fp32)"
+    )
+    p.add_argument("--out", type=Path, help="export folder (default RUN_DIR/export)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous lorakit export in the target folder (swapped in once complete)",
+    )
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.export import export_run
+
+    result = export_run(
+        Path(args.run_dir),
+        default_catalog(),
+        merge=args.merge,
+        dtype=args.dtype,
+        out=args.out,
+        overwrite=args.overwrite,
+    )
+    print(f"adapter: {result.adapter}")
+    if result.merged is not None:
+        print(f"merged:  {result.merged}")
+    if result.parity is not None:
+        for row in result.parity["comparisons"].values():
+            print(
+                f"parity:  {row['model']}: max |logit diff| {row['max_abs_logit_diff']:.3g}, "
+                f"ppl diff {row['ppl_diff_vs_reference']:+.4f}"
+            )
+        print(f"parity.json: {result.out / 'parity.json'}")
+    return 0

@@ -1,0 +1,169 @@
+"""Merge an adapter into an unquantized fp32 base, then cast: the only safe way for QLoRA.
+
+Merging into 4-bit weights would re-quantize the sum and ruin quality (transformers#31293), so
+the base is always loaded unquantized in fp32 (whatever the recipe's ``[quant]``), the adapter
+is merged there with peft's ``safe_merge`` (which refuses NaN), and only then is the result cast
+to the export dtype. A finite-weights guard runs after the merge and again after the cast
+(fp16 overflows to Inf for large weights).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import RunError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def check_finite(model: Any, stage: str) -> None:
+    """Raise ``RunError`` naming the first parameter that holds NaN or Inf."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        # A sum is NaN or Inf exactly when some element is (fp32 sums of weights cannot
+        # overflow), and is much cheaper than materialising isfinite's boolean mask.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+            raise RunError(
+                f"merged weight {name} holds NaN or Inf values {stage}",
+                fix="export in fp32 or bf16 (fp16 overflows for large weights), or check the "
+                "adapter: `lorakit eval` on the run should give a finite loss",
+            )
+
+
+def _keep_tied_embeddings_honest(model: Any) -> None:
+    """If the merge changed lm_head but not the embeddings they were tied to, untie them.
+
+    peft merges tied layers together, so normally both stay one tensor; this only fires when
+    they came apart, and then saving with ``tie_word_embeddings=True`` would drop lm_head.
+    """
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or inp.weight is out.weight:
+        return
+    if inp.weight.shape == out.weight.shape and bool((inp.weight == out.weight).all()):
+        return
+    text_config.tie_word_embeddings = False
+    config.tie_word_embeddings = False
+
+
+def merge_adapter(peft_model: Any) -> Any:
+    """``merge_and_unload(safe_merge=True)`` on an fp32 base; returns the plain model."""
+    try:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:
+        raise RunError(
+            f"merging the adapter produced broken weights: {exc}",
+            fix="the adapter is probably corrupt (diverged training); use an earlier checkpoint",
+        ) from exc
+    _keep_tied_embeddings_honest(merged)
+    check_finite(merged, "after the fp32 merge")
+    return merged
+
+
+def cast_merged(model: Any, dtype_name: str) -> Any:
+    """Cast the merged fp32 model to ``dtype_name`` and guard the result."""
+    if dtype_name == "fp32":
+        return model
+    model = model.to(torch_dtype(dtype_name))
+    check_finite(model, f"after casting to {dtype_name}")
+    return model
+
+
+def _check_tolerance(row: dict[str, Any]) -> None:
+    from lorakit.parity import FP32_TOLERANCE
+
+    if row["max_abs_logit_diff"] > FP32_TOLERANCE:
+        raise RunError(
+            f"{row['model']}: the fp32 merge changes logits by up to {row['max_abs_logit_diff']:.3g} "
+            f"(tolerance {FP32_TOLERANCE:g}); nothing was exported",
+            fix="report this with the run folder; the run's adapter/ folder still works unmerged",
+        )
+
+
+def write_merged(
+    recipe: Any,
+    catalog: Any,
+    run: Any,
+    loaded: Any,
+    folder: Path,
+    dtype_name: str,
+    generation_config: Any,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Merge, cast, save to ``folder``, measure parity; return the parity record."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.modeling import load_adapter, load_base_model
+    from lorakit.parity import ParityReport, build_probes, probe_logits
+
+    device = loaded.device
+    probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
+
+    # Reference: the unquantized fp32 base with the adapter attached, unmerged.
+    say("loading the base unquantized in fp32 for the merge")
+    base = load_base_model(recipe, catalog, device, quantized=False, dtype=torch.float32)
+    model = load_adapter(base, run.adapter, trainable=False)
+    model.eval()
+    report = ParityReport(
+        probes, probe_logits(model, probes), "fp32 unquantized base + adapter (unmerged)"
+    )
+
+    merged = merge_adapter(model)
+    if dtype_name != "fp32":
+        # Check the merge itself before the cast blurs it; for fp32 the reload below does.
+        row = report.add("merged_in_memory", "merged, fp32 in memory", probe_logits(merged, probes))
+        _check_tolerance(row)
+    merged = cast_merged(merged, dtype_name)
+    merged.generation_config = generation_config
+    merged.save_pretrained(str(folder))
+    loaded.tokenizer.save_pretrained(str(folder))
+    generation_config.save_pretrained(str(folder))
+    if any(folder.glob("*.bin")) or not any(folder.glob("*.safetensors")):
+        raise RunError(
+            f"the merged model in {folder} was not saved as safetensors", fix="report this bug"
+        )
+    del merged, model, base
+    gc.collect()
+    say(f"merged model written ({dtype_name})")
+
+    # The merged model as a stock user loads it: from disk, in the exported dtype.
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype_name)).to(
+        device
+    )
+    row = report.add(
+        "merged", f"merged {dtype_name}, reloaded from disk", probe_logits(reloaded, probes)
+    )
+    if dtype_name == "fp32":
+        _check_tolerance(row)
+    del reloaded
+    gc.collect()
+
+    if recipe.quant.name != "none":
+        from lorakit.inference import load_model
+
+        quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
+        report.add(
+            "quantized",
+            f"{recipe.quant.name} base + adapter (as trained)",
+            probe_logits(quant, probes),
+        )
+        del quant
+        gc.collect()
+
+    for line in report.lines():
+        say(line)
+    return {**report.to_json(), "merge_base": "unquantized fp32", "dtype": dtype_name}

@@ -1,0 +1,132 @@
+"""The ``README.md`` model card written into each export folder.
+
+It says what a reader needs to trust the weights: the base model, the recipe, the data
+fingerprint, the metrics (``eval_report.json`` of the run when there is one), the lorakit
+version, which base a merge used, and the parity numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from lorakit import __version__
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return "`" + json.dumps(value, default=str) + "`"
+    return str(value)
+
+
+def _metrics_section(
+    eval_report: Mapping[str, Any] | None, last_eval: Mapping[str, Any] | None
+) -> list[str]:
+    out = ["## Metrics", ""]
+    if eval_report:
+        metrics = eval_report.get("metrics", eval_report)
+        out.append("From the run's `eval_report.json`:")
+        out.append("")
+        out += ["| metric | value |", "|---|---|"]
+        if isinstance(metrics, Mapping):
+            out += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        else:
+            out.append(f"| metrics | {_fmt(metrics)} |")
+    elif last_eval:
+        out.append("No `eval_report.json` in the run (run `lorakit eval` for task metrics); last")
+        out.append(f"validation loss logged during training: {_fmt(last_eval.get('eval_loss'))}")
+        out.append(f"(step {last_eval.get('step', '?')}).")
+    else:
+        out.append("No evaluation was recorded for this run (run `lorakit eval` on it).")
+    return [*out, ""]
+
+
+def _parity_section(parity: Mapping[str, Any] | None) -> list[str]:
+    out = ["## Parity", ""]
+    if not parity:
+        return [*out, "Not measured (export with `--merge` to measure it).", ""]
+    out.append(f"Reference: {parity['reference']}. Probes: {parity['probes']}")
+    out.append(f"({parity['n_tokens']} tokens, {parity['n_supervised_tokens']} supervised).")
+    out += ["", "| model | max abs logit diff | perplexity | vs reference |", "|---|---|---|---|"]
+    out.append(f"| reference | 0 | {parity['reference_ppl']:.4f} | |")
+    for row in parity["comparisons"].values():
+        out.append(
+            f"| {row['model']} | {row['max_abs_logit_diff']:.3g} | {row['ppl']:.4f} | "
+            f"{row['ppl_diff_vs_reference']:+.4f} |"
+        )
+    if "quantized_vs_merged_ppl_diff" in parity:
+        out += [
+            "",
+            f"Perplexity of the quantized base + adapter minus the merged model: "
+            f"{parity['quantized_vs_merged_ppl_diff']:+.4f}.",
+        ]
+    return [*out, ""]
+
+
+def render_card(
+    *,
+    kind: str,
+    meta: Mapping[str, Any],
+    recipe_text: str,
+    data_report: Mapping[str, Any] | None,
+    eval_report: Mapping[str, Any] | None,
+    last_eval: Mapping[str, Any] | None,
+    parity: Mapping[str, Any] | None,
+    merge_info: Mapping[str, Any] | None,
+) -> str:
+    """Markdown for ``kind`` = "adapter" or "merged"."""
+    base = meta.get("base_model", "unknown")
+    library = "peft" if kind == "adapter" else "transformers"
+    quant = meta.get("quant") or {}
+    lines = [
+        "---",
+        f"library_name: {library}",
+        f"base_model: {json.dumps(str(meta.get('base_model_path', base)))}",
+        "tags: [lorakit, lora"
+        + (", qlora" if str(quant.get("plugin", "none")) != "none" else "")
+        + "]",
+        "---",
+        "",
+        f"# {'LoRA adapter' if kind == 'adapter' else 'Merged model'} trained with lorakit",
+        "",
+        f"- base model: {base}",
+        f"- training quantization: {_fmt(quant) if quant else 'none'}",
+        f"- prompt format: {meta.get('format', '?')} (end of turn `{meta.get('end_of_turn', '?')}`;"
+        " the chat template ships with the tokenizer)",
+        f"- data fingerprint: {meta.get('data_fingerprint') or (data_report or {}).get('fingerprint', '?')}",
+        f"- config hash: {meta.get('config_hash', '?')}, steps trained: {meta.get('global_step', '?')}",
+        f"- trained with lorakit {meta.get('lorakit_version', '?')}, exported with lorakit {__version__}",
+    ]
+    if data_report and data_report.get("counts"):
+        counts = data_report["counts"]
+        lines.append("- examples: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if merge_info:
+        lines.append(
+            f"- merge: adapter merged into the **{merge_info['merge_base']}** base "
+            f"(safe_merge), then cast to {merge_info['dtype']}"
+        )
+    lines.append("")
+    lines += _metrics_section(eval_report, last_eval)
+    lines += _parity_section(parity)
+    lines += ["## Use", ""]
+    if kind == "adapter":
+        lines += [
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            'model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")',
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+            "```",
+        ]
+    lines += ["", 'or `lorakit generate <this folder> --prompt "..."`.', ""]
+    lines += ["## Recipe", "", "```toml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)

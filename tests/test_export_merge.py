@@ -1,0 +1,305 @@
+"""Export and generate, end to end on the embedded SmolLM2-135M-Instruct (QLoRA, 2 steps).
+
+One run is trained and exported with ``--merge`` per module; the tests then check the merged
+model in a fresh process with stock transformers, the exported tokenizer against the training
+render, stopping at end-of-turn, and clear errors for corrupted adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.embedded]
+
+COLORS = ["red", "blue", "green", "black"]
+ITEMS = ["cup", "lamp", "chair", "book"]
+
+
+def _records(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        c, it, q = COLORS[i % 4], ITEMS[(i // 4) % 4], 1 + i % 9
+        reply = json.dumps({"item": it, "color": c, "qty": q})
+        out.append(
+            {
+                "id": f"ex{i}",
+                "messages": [
+                    {"role": "user", "content": f"Extract: I bought {q} {c} {it}s."},
+                    {"role": "assistant", "content": reply},
+                ],
+            }
+        )
+    return out
+
+
+RECIPE = """
+[quant]
+plugin = "bnb-4bit"
+[peft]
+r = 8
+alpha = 16
+[train]
+max_steps = 2
+per_device_train_batch_size = 4
+learning_rate = 1e-3
+max_length = 96
+save_steps = 100
+gradient_checkpointing = false
+[data]
+val_fraction = 0.2
+test_fraction = 0.0
+[[data.sources]]
+plugin = "chat_jsonl"
+path = "chat.jsonl"
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, export folder) of a 2-step QLoRA run exported with --merge."""
+    from lorakit.cli.main import main
+
+    root = tmp_path_factory.mktemp("export")
+    data = "".join(json.dumps(r) + "\n" for r in _records(24))
+    (root / "chat.jsonl").write_text(data, encoding="utf-8")
+    (root / "tiny.toml").write_text(RECIPE, encoding="utf-8")
+    runs = root / "runs"
+    code = main(["run", str(root / "tiny.toml"), f"output.dir={runs}", "output.name=qlora"])
+    assert code == 0
+    run = runs / "qlora"
+    assert main(["export", str(run), "--merge"]) == 0
+    return run, run / "export"
+
+
+def _reference_logits(run: Path, ids: list[int]) -> dict:
+    """Unquantized base + the unmerged adapter, in fp32 and fp64: what the merge must reproduce."""
+    import torch
+    from lorakit.inference import open_run
+    from lorakit.modeling import load_adapter, load_base_model
+    from lorakit.plugins import default_catalog
+
+    catalog = default_catalog()
+    recipe = open_run(run, catalog)
+    base = load_base_model(recipe, catalog, "cpu", quantized=False, dtype=torch.float32)
+    model = load_adapter(base, run / "adapter").eval()
+    out = {}
+    with torch.inference_mode():
+        out["fp32"] = model(input_ids=torch.tensor([ids])).logits[0]
+        out["fp64"] = model.to(torch.float64)(input_ids=torch.tensor([ids])).logits[0]
+    return out
+
+
+FRESH = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, out = sys.argv[1], sys.argv[2]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    msgs = [{"role": "user", "content": "Extract: I bought 2 blue cups."}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        # No eos passed: the stop tokens must come from the exported generation_config.
+        seq = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0]
+        logits64 = model.to(torch.float64)(input_ids=torch.tensor([ids])).logits[0]
+    torch.save({"ids": ids, "fp32": logits, "fp64": logits64}, out + ".pt")
+    gen = seq[len(ids):].tolist()
+    json.dump({"new": gen, "eos": model.generation_config.eos_token_id}, open(out, "w"))
+    """
+)
+
+
+def test_merged_model_matches_base_plus_adapter_in_a_fresh_process(exported, tmp_path):
+    import torch
+
+    run, export = exported
+    out = tmp_path / "fresh.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(export / "merged"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(str(out) + ".pt")
+    reference = _reference_logits(run, saved["ids"])
+    # The exported fp32 weights, evaluated in fp64 on both sides: only the merge and the
+    # save can make a difference here (measured ~2e-5, the fp32 rounding of merged weights).
+    exact = float((saved["fp64"] - reference["fp64"]).abs().max())
+    assert exact < 1e-4, f"merged vs base + adapter (fp64 evaluation): max |logit diff| {exact}"
+    # Evaluated in fp32, arithmetic order adds noise: the same unmerged model differs from
+    # itself by ~8e-5 between batch shapes on SmolLM2 (logits reach ~45), so allow a few times it.
+    diff = float((saved["fp32"] - reference["fp32"]).abs().max())
+    assert diff < 5e-4, f"merged vs base + adapter (fp32): max |logit diff| {diff}"
+
+    # Generation with stock generate() stops at <|im_end|> thanks to generation_config.
+    result = json.loads(out.read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(export / "merged"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = result["eos"] if isinstance(result["eos"], list) else [result["eos"]]
+    assert im_end in eos
+    assert result["new"][-1] == im_end and len(result["new"]) < 48, tok.decode(result["new"])
+
+
+def test_parity_and_model_card_are_written(exported):
+    run, export = exported
+    parity = json.loads((export / "parity.json").read_text())
+    assert "fp32 unquantized" in parity["reference"]
+    assert parity["comparisons"]["merged"]["max_abs_logit_diff"] < 5e-4  # fp32 noise, see above
+    quant = parity["comparisons"]["quantized"]
+    assert quant["model"].startswith("bnb-4bit")
+    assert "quantized_vs_merged_ppl_diff" in parity and parity["n_supervised_tokens"] > 0
+    fingerprint = json.loads((run / "data_report.json").read_text())["fingerprint"]
+    for card in (export / "merged" / "README.md", export / "adapter" / "README.md"):
+        text = card.read_text()
+        assert fingerprint in text and "lorakit 0.1.0" in text and "## Parity" in text
+        # No eval_report.json in the run: the card says so instead of failing.
+        assert "No `eval_report.json`" in text or "No evaluation was recorded" in text
+    assert "**unquantized fp32** base" in (export / "merged" / "README.md").read_text()
+    # safetensors only, and the adapter export is complete on its own.
+    assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"):
+        assert (export / "adapter" / name).is_file()
+    gen = json.loads((export / "adapter" / "generation_config.json").read_text())
+    assert 2 in (
+        gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    )
+
+
+def test_exported_tokenizer_renders_exactly_like_training(exported):
+    from lorakit.contracts import Example, Message
+    from lorakit.inference import open_run, prepare_inference
+    from lorakit.plugins import default_catalog
+    from transformers import AutoTokenizer
+
+    run, export = exported
+    catalog = default_catalog()
+    loaded = prepare_inference(open_run(run, catalog), catalog, run / "adapter")
+    lines = (run / "data" / "splits" / "train.jsonl").read_text().splitlines()
+    assert lines
+    for folder in (export / "adapter", export / "merged"):
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        for line in lines:
+            rec = json.loads(line)
+            msgs = tuple(Message(m["role"], m["content"]) for m in rec["messages"])
+            trained = loaded.formatter.render(
+                Example(id=rec["id"], messages=msgs), loaded.tokenizer
+            ).text
+            assert tok.apply_chat_template(rec["messages"], tokenize=False) == trained
+            prompt = tok.apply_chat_template(
+                rec["messages"][:-1], tokenize=False, add_generation_prompt=True
+            )
+            assert prompt == loaded.formatter.render_prompt(msgs[:-1], loaded.tokenizer)
+            assert (
+                tok(trained, add_special_tokens=False)["input_ids"]
+                == loaded.tokenizer(trained, add_special_tokens=False)["input_ids"]
+            )
+
+
+def test_generate_on_merged_export_stops_and_compares(exported, capsys):
+    from lorakit.cli.main import main
+
+    _run, export = exported
+    code = main(
+        [
+            "generate",
+            str(export),
+            "--prompt",
+            "Answer with one word: what color is the sky on a clear day?",
+            "--prompt",
+            "Answer with one word: what is the capital of France?",
+            "--compare",
+            "--json",
+            "--max-new-tokens",
+            "48",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2
+    assert all(r["stopped"] for r in rows), rows
+    assert all("base_output" in r for r in rows)
+
+
+# --------------------------------------------------------------------------- corrupted adapters
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    ignore = shutil.ignore_patterns("checkpoints", "export")
+    return Path(shutil.copytree(run, dest / run.name, ignore=ignore))
+
+
+def _nan_adapter(weights: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    assert torch.isnan(load_file(str(weights))[key]).any()
+
+
+def _truncate(weights: Path) -> None:
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [_truncate, _nan_adapter], ids=["truncated", "nan"])
+@pytest.mark.parametrize("verb", ["export", "generate"])
+def test_corrupted_adapter_is_a_clear_error(exported, tmp_path, capsys, damage, verb):
+    from lorakit.cli.main import main
+
+    run = _copy_run(exported[0], tmp_path)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    damage(weights)
+    args = (
+        ["export", str(run), "--merge"]
+        if verb == "export"
+        else ["generate", str(run), "--prompt", "hi"]
+    )
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(weights) in err and "fix:" in err
+    assert "Traceback" not in err
+    assert not (run / "export").exists()
+
+
+# --------------------------------------------------------------------------- the out folder
+
+
+def test_export_never_overwrites_silently(exported, tmp_path, capsys):
+    from lorakit.cli.main import main
+
+    run, export = exported
+    # A previous lorakit export: refused without --overwrite, replaced with it.
+    assert main(["export", str(run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (export / "merged").is_dir()  # untouched by the refusal
+    out = tmp_path / "again"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    (out / "adapter" / "stale.txt").write_text("old")
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "adapter" / "stale.txt").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # A folder lorakit did not write is never replaced, even with --overwrite.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), "--out", str(foreign), "--overwrite"]) == 2
+    assert "not a lorakit export" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

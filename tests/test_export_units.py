@@ -1,0 +1,139 @@
+"""Fast checks of export/generate pieces that need no model: prompts, out folder, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lorakit.cli.generate import read_prompts
+from lorakit.errors import DataError, RunError
+from lorakit.export import MARKER, check_out_dir
+from lorakit.model_card import render_card
+
+
+def test_prompts_from_flags_text_and_jsonl(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\n  second prompt\n", encoding="utf-8")
+    jsonl = tmp_path / "p.jsonl"
+    conv = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "reference answer"},
+        ]
+    }
+    jsonl.write_text(
+        json.dumps(conv) + "\n" + json.dumps({"prompt": "plain"}) + "\n", encoding="utf-8"
+    )
+    got = read_prompts(["flag"], text)
+    assert [c[-1].content for c in got] == ["flag", "first prompt", "  second prompt"]
+    convs = read_prompts([], jsonl)
+    # The trailing assistant turn is the reference: it is dropped, the system turn kept.
+    assert [(m.role, m.content) for m in convs[0]] == [("system", "Be brief."), ("user", "Hi")]
+    assert convs[1][0].content == "plain"
+
+
+def test_bad_prompt_file_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"messages": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read_prompts([], bad)
+    assert f"{bad}:2" in str(exc.value)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.jsonl:1"):
+        read_prompts([], broken)
+    with pytest.raises(DataError, match="no prompt"):
+        read_prompts([], None)
+
+
+def test_out_folder_rules(tmp_path):
+    check_out_dir(tmp_path / "new", overwrite=False)  # missing: fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_out_dir(empty, overwrite=False)  # empty: fine
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / MARKER).write_text("{}")
+    with pytest.raises(RunError, match="--overwrite"):
+        check_out_dir(ours, overwrite=False)
+    check_out_dir(ours, overwrite=True)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "x").write_text("x")
+    with pytest.raises(RunError, match="not a lorakit export"):
+        check_out_dir(theirs, overwrite=True)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RunError, match="not a folder"):
+        check_out_dir(a_file, overwrite=True)
+
+
+def _card(**kw) -> str:
+    args = {
+        "kind": "merged",
+        "meta": {
+            "base_model": "embedded:SmolLM2",
+            "quant": {"plugin": "bnb-4bit"},
+            "data_fingerprint": "abc123",
+        },
+        "recipe_text": '[quant]\nplugin = "bnb-4bit"\n',
+        "data_report": {"fingerprint": "abc123", "counts": {"train": 3, "val": 1}},
+        "eval_report": None,
+        "last_eval": None,
+        "parity": None,
+        "merge_info": {"merge_base": "unquantized fp32", "dtype": "bf16"},
+    }
+    args.update(kw)
+    return render_card(**args)
+
+
+def test_model_card_handles_missing_and_present_reports():
+    card = _card()
+    assert "abc123" in card and 'plugin = "bnb-4bit"' in card and "qlora" in card
+    assert "**unquantized fp32** base" in card and "cast to bf16" in card
+    assert "No evaluation was recorded" in card and "Not measured" in card
+    card = _card(last_eval={"eval_loss": 0.5, "step": 3})
+    assert "validation loss" in card and "0.5" in card
+    card = _card(eval_report={"metrics": {"exact_match": 0.75, "loss": 0.4}})
+    assert "| exact_match | 0.75 |" in card
+    parity = {
+        "reference": "fp32 unquantized base + adapter (unmerged)",
+        "reference_ppl": 2.5,
+        "probes": "3 built-in conversations",
+        "n_tokens": 100,
+        "n_supervised_tokens": 20,
+        "comparisons": {
+            "merged": {
+                "model": "merged fp32",
+                "max_abs_logit_diff": 3e-5,
+                "ppl": 2.5,
+                "ppl_diff_vs_reference": 0.0,
+            },
+        },
+    }
+    card = _card(parity=parity)
+    assert "| merged fp32 | 3e-05 | 2.5000 | +0.0000 |" in card
+
+
+def test_export_and_generate_verbs_are_registered():
+    from lorakit.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["export", "runs/x", "--merge", "--dtype", "bf16"])
+    assert args.merge and args.dtype == "bf16" and args.out is None
+    args = parser.parse_args(
+        ["generate", "runs/x", "--prompt", "a", "--prompt", "b", "--temperature", "0.7"]
+    )
+    assert args.prompt == ["a", "b"] and args.temperature == 0.7
+
+
+def test_export_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
+    from lorakit.cli.main import main
+
+    assert main(["export", str(tmp_path)]) == 2
+    assert "not a lorakit run folder" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "neither a run folder nor a model folder" in capsys.readouterr().err
+    assert not list(Path(tmp_path).iterdir())
