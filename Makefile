@@ -36,6 +36,16 @@ test: lint
 	$(BIN)/pytest -q
 
 DEMO_RECIPE ?= recipes/smollm2_qlora.toml
+DEMO_RUN    ?= runs/smollm2_qlora
 
+# Generate the demo task, score the base model, fine-tune (QLoRA), evaluate base vs tuned and
+# tabulate every run. A finished demo run is kept, never overwritten: delete $(DEMO_RUN) to redo.
 demo: setup
-	$(BIN)/lorakit run $(DEMO_RECIPE)
+	$(BIN)/python examples/demo_task/make_data.py
+	@if [ -f $(DEMO_RUN)/run.json ]; then \
+		echo "$(DEMO_RUN) already holds a finished demo run; delete it to train again"; \
+	else \
+		$(BIN)/lorakit baseline $(DEMO_RECIPE) && $(BIN)/lorakit run $(DEMO_RECIPE); \
+	fi
+	$(BIN)/lorakit compare runs
+	@echo "report: $(DEMO_RUN)/report.md (eval_report.json, predictions.jsonl, loss.png beside it)"

@@ -8,7 +8,14 @@ from typing import Any
 
 from lorakit import __version__
 from lorakit.adapter_io import save_adapter
-from lorakit.data.pipeline import DataReport, load_splits, supervised_share, tokenize_examples, write_splits
+from lorakit.data.pipeline import (
+    DataReport,
+    load_splits,
+    supervised_share,
+    tokenize_examples,
+    write_splits,
+)
+from lorakit.distributed import is_main
 from lorakit.errors import DataError
 from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
@@ -24,6 +31,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     import transformers
 
     from lorakit.device import resolve_device
+    from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.training import build_trainer
 
@@ -32,18 +40,28 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     # 1. Claim the run folder (or find the checkpoint to resume from).
     checkpoint = None
+    # Under torchrun/accelerate only rank 0 writes to the run folder.
+    main_process = is_main()
     if resume:
         checkpoint = run.resolve_checkpoint(resume)
-        run.record_resume(checkpoint, list(recipe.overrides))
+        if main_process:
+            run.record_resume(checkpoint, list(recipe.overrides))
         say(f"resuming {run.path} from {checkpoint.name}")
-    else:
-        run.start(recipe.text, recipe.resolved(), list(recipe.overrides), recipe.config_hash(), recipe.path)
+    elif main_process:
+        run.start(
+            recipe.text,
+            recipe.resolved(),
+            list(recipe.overrides),
+            recipe.config_hash(),
+            recipe.path,
+        )
         say(f"run folder {run.path}")
 
     # 2. Read the data and split it deterministically.
     report = DataReport()
     splits = load_splits(recipe, catalog, report)
-    write_splits(run.splits, splits)
+    if main_process:
+        write_splits(run.splits, splits)
 
     # 3. Resolve the base model and load its tokenizer.
     ref = resolve_model(recipe, catalog)
@@ -53,13 +71,30 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     formatter = recipe.format.build(catalog)
     eot = formatter.end_of_turn(tokenizer)
     t = recipe.train
-    train_rows = tokenize_examples(splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report)
-    val_rows = tokenize_examples(splits.val, formatter, tokenizer, t.max_length, recipe.data.overlength, DataReport())
+    train_rows = tokenize_examples(
+        splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report
+    )
+    val_rows = tokenize_examples(
+        splits.val, formatter, tokenizer, t.max_length, recipe.data.overlength, DataReport()
+    )
     if not train_rows:
-        raise DataError("no training example is left after formatting", fix="see data_report.json for why")
-    write_json(run.data_report, {**report.to_json(), "fingerprint": splits.fingerprint,
-                                 "counts": {"train": len(train_rows), "val": len(val_rows), "test": len(splits.test)},
-                                 "supervised_share": supervised_share(train_rows)})
+        raise DataError(
+            "no training example is left after formatting", fix="see data_report.json for why"
+        )
+    if main_process:
+        write_json(
+            run.data_report,
+            {
+                **report.to_json(),
+                "fingerprint": splits.fingerprint,
+                "counts": {
+                    "train": len(train_rows),
+                    "val": len(val_rows),
+                    "test": len(splits.test),
+                },
+                "supervised_share": supervised_share(train_rows),
+            },
+        )
     for line in report.lines():
         say(line)
     say(f"train {len(train_rows)} / val {len(val_rows)} / test {len(splits.test)} examples")
@@ -71,7 +106,9 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     device = resolve_device(t.device)
     backend = recipe.quant.build(catalog)
     compute_dtype = backend.compute_dtype(device)
-    say(f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute {compute_dtype})")
+    say(
+        f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute {compute_dtype})"
+    )
     model = load_base_model(recipe, catalog, device, ref=ref)
 
     # 7. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
@@ -80,10 +117,22 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # 8. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
     model = attach_new_adapter(model, recipe, catalog, t.seed)
     trainable, total = model.get_nb_trainable_parameters()
-    say(f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    say(
+        f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+    )
 
     # 9. Train with TRL's SFTTrainer.
-    trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, run.checkpoints, run.metrics, device, compute_dtype)
+    trainer = build_trainer(
+        recipe,
+        model,
+        tokenizer,
+        train_rows,
+        val_rows,
+        run.checkpoints,
+        run.metrics,
+        device,
+        compute_dtype,
+    )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 10. Save the adapter with its tokenizer, chat template and stop tokens.
@@ -97,11 +146,12 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         "data_fingerprint": splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
+    if not main_process:
+        return run.path
     save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
     say(f"adapter saved to {run.adapter}")
 
-    # 11. Evaluate on the held-out split.
-    if val_rows:
-        metrics = trainer.evaluate()
-        say(f"val loss {metrics.get('eval_loss', float('nan')):.4f}")
+    # 11. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
+    #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
+    evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
     return run.path

@@ -25,8 +25,12 @@ def _fraction(_inst, attribute, value):
 
 @attrs.frozen
 class DataSection:
-    val_fraction: float = option(0.1, doc="share of examples held out for validation", validator=_fraction)
-    test_fraction: float = option(0.1, doc="share of examples held out for test", validator=_fraction)
+    val_fraction: float = option(
+        0.1, doc="share of examples held out for validation", validator=_fraction
+    )
+    test_fraction: float = option(
+        0.1, doc="share of examples held out for test", validator=_fraction
+    )
     split_seed: int = option(
         1234, doc="seed of the split hash; an example's split depends only on its id and this"
     )
@@ -50,24 +54,39 @@ class DataSection:
 class TrainSection:
     seed: int = option(42, doc="seeds LoRA init, dropout and data order")
     max_steps: int = option(-1, doc="optimizer steps to run; -1 means use num_train_epochs")
-    num_train_epochs: float = option(1.0, doc="passes over the training split (when max_steps is -1)")
-    per_device_train_batch_size: int = option(4, doc="micro-batch size per device", validator=v.ge(1))
-    per_device_eval_batch_size: int = option(8, doc="batch size for loss evaluation", validator=v.ge(1))
+    num_train_epochs: float = option(
+        1.0, doc="passes over the training split (when max_steps is -1)"
+    )
+    per_device_train_batch_size: int = option(
+        4, doc="micro-batch size per device", validator=v.ge(1)
+    )
+    per_device_eval_batch_size: int = option(
+        8, doc="batch size for loss evaluation", validator=v.ge(1)
+    )
     gradient_accumulation_steps: int = option(
-        1, doc="micro-batches per optimizer step (effective batch = this x batch size)", validator=v.ge(1)
+        1,
+        doc="micro-batches per optimizer step (effective batch = this x batch size)",
+        validator=v.ge(1),
     )
     learning_rate: float = option(2e-4, doc="peak learning rate", validator=v.gt(0.0))
     lr_scheduler_type: Scheduler = option("linear", doc="learning-rate schedule")
-    warmup_ratio: float = option(0.0, doc="share of steps spent warming up the LR", validator=_fraction)
+    warmup_ratio: float = option(
+        0.0, doc="share of steps spent warming up the LR", validator=_fraction
+    )
     weight_decay: float = option(0.0, doc="AdamW weight decay", validator=v.ge(0.0))
     max_grad_norm: float = option(1.0, doc="gradient clipping norm", validator=v.gt(0.0))
-    optim: str = option("adamw_torch", doc="optimizer name understood by transformers (e.g. paged_adamw_8bit on GPU)")
+    optim: str = option(
+        "adamw_torch",
+        doc="optimizer name understood by transformers (e.g. paged_adamw_8bit on GPU)",
+    )
     logging_steps: int = option(1, doc="log loss every N steps", validator=v.ge(1))
     save_steps: int = option(50, doc="write a checkpoint every N steps", validator=v.ge(1))
     save_total_limit: int | None = option(
         None, doc="keep only the newest N checkpoints of this run (unset: keep all)"
     )
-    eval_steps: int | None = option(None, doc="also evaluate val loss every N steps (unset: only at the end)")
+    eval_steps: int | None = option(
+        None, doc="also evaluate val loss every N steps (unset: only at the end)"
+    )
     gradient_checkpointing: bool = option(
         False, doc="trade compute for memory (non-reentrant, safe with LoRA and DDP)"
     )
@@ -90,15 +109,22 @@ class TrainSection:
 @attrs.frozen
 class EvalSection:
     metrics: list[str] = option(
-        factory=lambda: ("eval_loss", "perplexity"), doc="metric plugins to compute (lorakit plugins)"
+        factory=lambda: ("eval_loss", "perplexity"),
+        doc="metric plugins to compute (lorakit plugins)",
     )
     splits: list[str] = option(factory=lambda: ("val",), doc="splits to evaluate: val and/or test")
-    max_new_tokens: int = option(128, doc="generation budget for generation metrics", validator=v.ge(1))
+    max_new_tokens: int = option(
+        128, doc="generation budget for generation metrics", validator=v.ge(1)
+    )
     batch_size: int = option(8, doc="batch size for generation", validator=v.ge(1))
     max_examples: int | None = option(
         None, doc="evaluate at most N examples per split (unset: all)"
     )
     baseline: bool = option(True, doc="also score the base model without the adapter")
+    metric_options: dict[str, dict] = option(
+        factory=dict,
+        doc="options per metric, e.g. [eval.metric_options.exact_match] ignore_case = true",
+    )
 
     def __attrs_post_init__(self) -> None:
         bad = [s for s in self.splits if s not in ("train", "val", "test")]

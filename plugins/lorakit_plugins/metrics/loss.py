@@ -10,20 +10,20 @@ import math
 from typing import Any, ClassVar
 
 import attrs
-
 from lorakit import hookimpl
 
 
 @attrs.frozen
 class NoOptions:
-    pass
+    """This metric takes no options."""
 
 
 class EvalLoss:
-    """Mean negative log-likelihood per supervised token."""
+    """Mean negative log-likelihood per supervised token (nats)."""
 
     Options = NoOptions
     kind: ClassVar[str] = "loss"
+    higher_is_better: ClassVar[bool] = False
 
     def __init__(self, options: Any):
         self.options = options
@@ -37,6 +37,7 @@ class Perplexity:
 
     Options = NoOptions
     kind: ClassVar[str] = "loss"
+    higher_is_better: ClassVar[bool] = False
 
     def __init__(self, options: Any):
         self.options = options

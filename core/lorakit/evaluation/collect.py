@@ -1,0 +1,83 @@
+"""Find every ``eval_report.json`` under a folder and flatten it into comparable rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def find_reports(root: Path) -> list[Path]:
+    """Reports under ``root``; a run's own report before its baseline/ report."""
+    found = list(root.rglob("eval_report.json")) if root.is_dir() else []
+    return sorted(
+        found,
+        key=lambda p: (
+            str(p.parent.parent if p.parent.name == "baseline" else p.parent),
+            p.parent.name == "baseline",
+        ),
+    )
+
+
+def collect_rows(root: Path) -> list[dict[str, Any]]:
+    """``{run, model, adapter, split, metrics}`` rows; a base result seen twice is listed once."""
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for path in find_reports(root):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        for res in report.get("results", []):
+            key = (
+                report.get("run"),
+                res.get("model"),
+                res.get("adapter"),
+                res.get("split"),
+                report.get("baseline_key") if res.get("adapter") is None else path,
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(
+                {
+                    "run": report.get("run"),
+                    "model": res.get("model"),
+                    "adapter": res.get("adapter"),
+                    "split": res.get("split"),
+                    "metrics": res.get("metrics", {}),
+                    "kinds": report.get("metric_kinds", {}),
+                    "report": str(path),
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    names: list[str] = []
+    kinds: dict[str, str] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            if name not in names:
+                names.append(name)
+        kinds.update(r.get("kinds", {}))
+    head = ["run", "model", "adapter", "split", *names]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * len(names)]
+    for r in rows:
+        cells = [
+            r["run"] or "?",
+            r["model"] or "?",
+            "(base)" if r["adapter"] is None else "tuned",
+            r["split"] or "?",
+        ]
+        for name in names:
+            v = r["metrics"].get(name)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("")
+            elif kinds.get(name) == "generation":
+                cells.append(f"{100 * v:.1f}")
+            else:
+                cells.append(f"{v:.4f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

@@ -1,0 +1,59 @@
+"""The metrics a recipe's ``[eval]`` section picks: validation (no torch) and construction."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from lorakit.options import structure
+from lorakit.plugins import Catalog
+from lorakit.sections import EvalSection
+
+
+def check_eval(catalog: Catalog, section: EvalSection) -> list[str]:
+    """Problems with ``[eval].metrics`` and ``[eval.metric_options]``, each with a fix."""
+    problems: list[str] = []
+    known = catalog.names("metric")
+    for i, name in enumerate(section.metrics):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                f'[eval].metrics[{i}]: unknown metric "{name}"; {hint}'
+                f"installed metrics: {', '.join(known) or '(none)'}"
+            )
+    if len(set(section.metrics)) != len(section.metrics):
+        problems.append("[eval].metrics: a metric is listed twice; list each once")
+    for name, table in section.metric_options.items():
+        path = f"[eval.metric_options.{name}]"
+        if name not in section.metrics:
+            problems.append(
+                f"{path}: {name!r} is not in [eval].metrics; add it there or remove this table"
+            )
+            continue
+        if name not in known:
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: expected a table of options")
+            continue
+        cls = catalog.get("metric", name).options_class
+        _, errs = structure(cls, table, path) if cls is not None else (None, [])
+        problems += errs
+    return problems
+
+
+def build_metrics(catalog: Catalog, section: EvalSection) -> dict[str, Any]:
+    """name -> metric instance, in the recipe's order (the recipe was validated already)."""
+    out: dict[str, Any] = {}
+    for name in section.metrics:
+        entry = catalog.get("metric", name, where="[eval].metrics")
+        cls = entry.options_class
+        options, _ = (
+            structure(cls, section.metric_options.get(name, {}), name) if cls else (None, [])
+        )
+        out[name] = entry.factory(options)
+    return out
+
+
+def needs_generation(metrics: dict[str, Any]) -> bool:
+    return any(getattr(m, "kind", "") == "generation" for m in metrics.values())

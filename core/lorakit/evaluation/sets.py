@@ -1,0 +1,87 @@
+"""One split prepared for scoring, once, and shared by the base and the tuned model.
+
+Loss metrics read ``rows`` (tokenized exactly like training, completion-only labels).
+Generation metrics read ``prompts``: the conversation up to its last assistant turn rendered
+with the formatter's generation prompt; the reference is that last assistant turn's content.
+Examples that cannot give a prompt (raw text, no assistant turn) are counted, not dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from lorakit.contracts import Example
+from lorakit.data.pipeline import DataReport, tokenize_examples
+from lorakit.data.tokenize import Tokenized
+
+
+@attrs.frozen
+class EvalSet:
+    split: str
+    n_examples: int
+    rows: list[Tokenized]
+    ids: list[str]
+    inputs: list[str]  # the last user message of each prompt (for side-by-side reports)
+    prompts: list[str]
+    references: list[str]
+    skipped: dict[str, int]  # reason -> count
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "examples": self.n_examples,
+            "loss_examples": len(self.rows),
+            "supervised_tokens": sum(r.n_supervised for r in self.rows),
+            "generated": len(self.prompts),
+            "skipped": dict(self.skipped),
+        }
+
+
+def prompt_and_reference(example: Example) -> tuple[list[Any], str] | None:
+    """(messages before the last assistant turn, its content), or None when there is none."""
+    if not example.messages:
+        return None
+    last = max((i for i, m in enumerate(example.messages) if m.role == "assistant"), default=None)
+    if last is None or last == 0:
+        return None
+    return list(example.messages[:last]), example.messages[last].content
+
+
+def prepare_set(
+    split: str,
+    examples: Sequence[Example],
+    formatter: Any,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    overlength: str,
+    max_examples: int | None,
+    generation: bool,
+) -> EvalSet:
+    chosen = list(examples[:max_examples] if max_examples is not None else examples)
+    report = DataReport()
+    # An eval split must not stop a run: over-long examples are dropped and counted.
+    policy = "drop" if overlength == "error" else overlength
+    rows = tokenize_examples(chosen, formatter, tokenizer, max_length, policy, report)
+    skipped: dict[str, int] = {f"loss: {k}": v for k, v in report.dropped.items()}
+    if report.truncated:
+        skipped["loss: truncated to train.max_length"] = report.truncated
+    ids: list[str] = []
+    inputs: list[str] = []
+    prompts: list[str] = []
+    refs: list[str] = []
+    if generation:
+        for ex in chosen:
+            pair = prompt_and_reference(ex)
+            if pair is None:
+                key = "generation: no assistant turn to compare against"
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
+            msgs, ref = pair
+            ids.append(ex.id)
+            inputs.append(next((m.content for m in reversed(msgs) if m.role == "user"), ""))
+            prompts.append(formatter.render_prompt(msgs, tokenizer))
+            refs.append(ref)
+    return EvalSet(split, len(chosen), rows, ids, inputs, prompts, refs, skipped)

@@ -1,0 +1,49 @@
+"""``bleu``: corpus BLEU from ``sacrebleu``, divided by 100 so it reads as a fraction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import attrs
+from lorakit import hookimpl
+from lorakit.options import option
+
+
+@attrs.frozen
+class BleuOptions:
+    tokenize: Literal["13a", "none", "char", "intl"] = option(
+        "13a", doc="sacrebleu tokenizer (13a: the WMT standard; char: for code-like text)"
+    )
+    lowercase: bool = option(False, doc="compare lower-cased text")
+
+
+class Bleu:
+    """Corpus-level BLEU over the split (one reference per prediction)."""
+
+    Options = BleuOptions
+    kind: ClassVar[str] = "generation"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options: BleuOptions):
+        self.options = options
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        import sacrebleu
+
+        if not references:
+            return float("nan")
+        result = sacrebleu.corpus_bleu(
+            list(predictions),
+            [list(references)],
+            tokenize=self.options.tokenize,
+            lowercase=self.options.lowercase,
+        )
+        return float(result.score) / 100.0
+
+
+@hookimpl
+def lorakit_register_metrics(register):
+    register("bleu", Bleu)

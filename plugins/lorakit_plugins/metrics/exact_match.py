@@ -1,0 +1,54 @@
+"""``exact_match``: share of completions equal to the reference (after optional normalization)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import attrs
+from lorakit import hookimpl
+from lorakit.options import option
+
+
+@attrs.frozen
+class ExactMatchOptions:
+    strip: bool = option(True, doc="ignore leading and trailing whitespace")
+    ignore_case: bool = option(False, doc="compare case-insensitively")
+    collapse_whitespace: bool = option(False, doc="treat runs of whitespace as one space")
+
+
+class ExactMatch:
+    """Fraction of predictions that equal their reference."""
+
+    Options = ExactMatchOptions
+    kind: ClassVar[str] = "generation"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options: ExactMatchOptions):
+        self.options = options
+
+    def normalize(self, text: str) -> str:
+        o = self.options
+        if o.collapse_whitespace:
+            text = " ".join(text.split())
+        if o.strip:
+            text = text.strip()
+        if o.ignore_case:
+            text = text.casefold()
+        return text
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        if not references:
+            return float("nan")
+        hits = sum(
+            self.normalize(p) == self.normalize(r)
+            for p, r in zip(predictions, references, strict=True)
+        )
+        return hits / len(references)
+
+
+@hookimpl
+def lorakit_register_metrics(register):
+    register("exact_match", ExactMatch)

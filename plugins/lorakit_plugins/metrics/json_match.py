@@ -1,0 +1,71 @@
+"""``json_match`` and ``json_field_accuracy``: compare parsed JSON, not strings.
+
+``json_match`` counts a prediction right when the first JSON object in it equals the reference
+object (key order and spacing do not matter). ``json_field_accuracy`` gives partial credit: the
+share of the reference's top-level fields whose value the prediction reproduces exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import attrs
+from lorakit import hookimpl
+
+from lorakit_plugins.metrics.json_valid import extract_json
+
+
+@attrs.frozen
+class NoOptions:
+    """This metric takes no options."""
+
+
+class JsonMatch:
+    """Fraction of predictions whose JSON object equals the reference's."""
+
+    Options = NoOptions
+    kind: ClassVar[str] = "generation"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        if not references:
+            return float("nan")
+        hits = 0
+        for pred, ref in zip(predictions, references, strict=True):
+            want = extract_json(ref)
+            hits += want is not None and extract_json(pred) == want
+        return hits / len(references)
+
+
+class JsonFieldAccuracy:
+    """Share of reference fields (over the whole split) reproduced with the same value."""
+
+    Options = NoOptions
+    kind: ClassVar[str] = "generation"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        total = right = 0
+        for pred, ref in zip(predictions, references, strict=True):
+            want = extract_json(ref) or {}
+            got = extract_json(pred) or {}
+            total += len(want)
+            right += sum(1 for k, v in want.items() if k in got and got[k] == v)
+        return right / total if total else float("nan")
+
+
+@hookimpl
+def lorakit_register_metrics(register):
+    register("json_match", JsonMatch)
+    register("json_field_accuracy", JsonFieldAccuracy)

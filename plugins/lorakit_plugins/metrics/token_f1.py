@@ -1,0 +1,61 @@
+"""``token_f1``: SQuAD-style bag-of-tokens F1 between prediction and reference, averaged.
+
+Tokens are lower-cased words and single punctuation marks; a pair that is empty on both sides
+scores 1, empty on one side scores 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import attrs
+from lorakit import hookimpl
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def f1(prediction: str, reference: str) -> float:
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@attrs.frozen
+class NoOptions:
+    """This metric takes no options."""
+
+
+class TokenF1:
+    """Mean per-example token F1."""
+
+    Options = NoOptions
+    kind: ClassVar[str] = "generation"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        if not references:
+            return float("nan")
+        pairs = zip(predictions, references, strict=True)
+        return sum(f1(p, r) for p, r in pairs) / len(references)
+
+
+@hookimpl
+def lorakit_register_metrics(register):
+    register("token_f1", TokenF1)

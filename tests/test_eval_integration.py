@@ -1,0 +1,69 @@
+"""End to end on the tiny Llama: run -> eval report, baseline reuse, ``lorakit eval``, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+EVAL = """
+[eval]
+metrics = ["eval_loss", "perplexity", "exact_match", "json_valid", "stops"]
+max_new_tokens = 6
+batch_size = 4
+max_examples = 5
+"""
+
+
+def test_run_baseline_eval_compare(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "ev"\n' + EVAL)
+    code, _, err = cli("baseline", recipe)
+    assert code == 0, err
+    run = tmp_path / "runs" / "ev"
+    base = json.loads((run / "baseline" / "eval_report.json").read_text())
+    assert [r["adapter"] for r in base["results"]] == [None]
+
+    code, _, err = cli("run", recipe, "train.eval_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" in err
+    report = json.loads((run / "eval_report.json").read_text())
+    assert report["config_hash"] and report["data_fingerprint"]
+    base_row, tuned_row = report["results"]
+    assert base_row["adapter"] is None and tuned_row["adapter"].endswith("adapter")
+    assert base_row["metrics"] == base["results"][0]["metrics"]
+    assert set(tuned_row["metrics"]) == {
+        "eval_loss",
+        "perplexity",
+        "exact_match",
+        "json_valid",
+        "stops",
+    }
+    assert tuned_row["counts"]["examples"] == min(5, tuned_row["counts"]["examples"])
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert preds and {"prompt", "reference", "base", "tuned"} <= set(preds[0])
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| metric | base | tuned | change |" in (run / "report.md").read_text()
+    assert any(
+        "eval_loss" in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+    )
+
+    # eval on the run folder gives the same tuned numbers (greedy, same weights)
+    code, _, err = cli("eval", run, "--no-baseline")
+    assert code == 0, err
+    again = json.loads((run / "eval_report.json").read_text())["results"]
+    assert [r["adapter"] is None for r in again] == [False]
+    assert again[0]["metrics"] == pytest.approx(tuned_row["metrics"], rel=1e-5)
+
+    code, out, _ = cli("compare", tmp_path / "runs", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [(r["run"], r["adapter"] is None) for r in rows] == [("ev", False), ("ev", True)]
+
+
+def test_eval_without_a_run_is_a_clear_error(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "none"')
+    code, _, err = cli("eval", recipe)
+    assert code != 0 and "lorakit run" in err

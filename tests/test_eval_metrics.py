@@ -1,0 +1,106 @@
+"""Every metric plugin against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from lorakit.plugins import build_catalog, make_manager
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return build_catalog(make_manager())
+
+
+def metric(catalog, name, **options):
+    entry = catalog.get("metric", name)
+    return entry.factory(entry.options_class(**options))
+
+
+def test_every_builtin_metric_is_registered(catalog):
+    names = set(catalog.names("metric"))
+    assert {
+        "eval_loss",
+        "perplexity",
+        "exact_match",
+        "json_valid",
+        "json_match",
+        "json_field_accuracy",
+        "token_f1",
+        "rouge_l",
+        "bleu",
+        "stops",
+    } <= names
+    for name in names:
+        cls = catalog.get("metric", name).factory
+        assert cls.kind in ("loss", "generation")
+        assert isinstance(cls.higher_is_better, bool)
+
+
+def test_eval_loss_and_perplexity_are_token_weighted(catalog):
+    # two batches: 3 tokens with NLL 1.0 each, 1 token with NLL 5.0 -> 8 / 4 = 2.0
+    assert metric(catalog, "eval_loss").score(8.0, 4) == pytest.approx(2.0)
+    assert metric(catalog, "perplexity").score(8.0, 4) == pytest.approx(math.exp(2.0))
+    assert math.isnan(metric(catalog, "eval_loss").score(0.0, 0))
+
+
+def test_exact_match(catalog):
+    m = metric(catalog, "exact_match")
+    assert m.score(["a", " b ", "C"], ["a", "b", "c"], [True] * 3) == pytest.approx(2 / 3)
+    m = metric(catalog, "exact_match", ignore_case=True)
+    assert m.score(["a", " b ", "C"], ["a", "b", "c"], [True] * 3) == 1.0
+    m = metric(catalog, "exact_match", strip=False)
+    assert m.score([" b "], ["b"], [True]) == 0.0
+
+
+def test_json_valid_is_string_aware(catalog):
+    from lorakit_plugins.metrics.json_valid import extract_json
+
+    assert extract_json('Sure! {"a": "}{", "b": {"c": 1}} done') == {"a": "}{", "b": {"c": 1}}
+    assert extract_json('x {"q": "say \\"hi\\" }"} y') == {"q": 'say "hi" }'}
+    assert extract_json('{bad} then {"ok": true}') == {"ok": True}
+    assert extract_json("[1, 2]") is None
+    assert extract_json('{"open": 1') is None
+    m = metric(catalog, "json_valid")
+    preds = ['{"a": 1}', "no json", 'text {"b": [1, 2]} text', "{'single': 1}"]
+    assert m.score(preds, [""] * 4, [True] * 4) == 0.5
+
+
+def test_json_match_and_field_accuracy(catalog):
+    refs = ['{"item": "hat", "size": null}', '{"item": "coat", "size": "M"}']
+    preds = ['{"size": null, "item": "hat"}', 'Here: {"item": "coat", "size": "L"}']
+    assert metric(catalog, "json_match").score(preds, refs, [True, True]) == 0.5
+    # fields: hat row 2/2, coat row 1/2 -> 3 of 4
+    assert metric(catalog, "json_field_accuracy").score(preds, refs, [True, True]) == 0.75
+    assert metric(catalog, "json_match").score(["nope"], ['{"a": 1}'], [True]) == 0.0
+
+
+def test_token_f1(catalog):
+    m = metric(catalog, "token_f1")
+    # pred tokens: the cat sat (3); ref: the cat sat down (4); common 3 -> P=1, R=.75, F1=6/7
+    assert m.score(["The cat sat"], ["the cat sat down"], [True]) == pytest.approx(6 / 7)
+    assert m.score(["", "x"], ["", "y"], [True, True]) == pytest.approx(0.5)
+
+
+def test_rouge_l(catalog):
+    m = metric(catalog, "rouge_l")
+    # LCS of "a b c d" and "a c d e" is "a c d": P = R = 3/4 -> F = 0.75
+    assert m.score(["a b c d"], ["a c d e"], [True]) == pytest.approx(0.75)
+    assert m.score(["x y", "a b"], ["x y", "c d"], [True, True]) == pytest.approx(0.5)
+
+
+def test_bleu(catalog):
+    m = metric(catalog, "bleu")
+    same = "the quick brown fox jumps over the lazy dog"
+    assert m.score([same], [same], [True]) == pytest.approx(1.0)
+    assert m.score(["completely unrelated words here"], [same], [True]) == pytest.approx(0.0)
+    # 4 of 5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams, no brevity penalty (5 vs 5)
+    got = m.score(["a b c d x"], ["a b c d e"], [True])
+    assert got == pytest.approx((0.8 * 0.75 * (2 / 3) * 0.5) ** 0.25, rel=1e-6)
+
+
+def test_stops(catalog):
+    m = metric(catalog, "stops")
+    assert m.score(["a", "b", "c", "d"], ["", "", "", ""], [True, False, True, True]) == 0.75
+    assert math.isnan(m.score([], [], []))

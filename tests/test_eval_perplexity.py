@@ -1,0 +1,76 @@
+"""Perplexity is token-weighted: the same for any eval batch size, padding never counted."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized  # noqa: E402
+from lorakit.evaluation.scoring import loss_sums  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    model.eval()
+    return model
+
+
+def rows(n: int, seed: int = 1) -> list[Tokenized]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(4, 40)
+        ids = [rng.randrange(1, 300) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)  # at least two supervised tokens
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        out.append(Tokenized(ids, labels))
+    return out
+
+
+def manual_nll(model, data: list[Tokenized]) -> tuple[float, int]:
+    """One example at a time, no padding at all: the reference value."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in data:
+            logits = model(input_ids=torch.tensor([r.input_ids])).logits[0]
+            logp = torch.log_softmax(logits.double(), -1)
+            for pos in range(1, len(r.labels)):
+                if r.labels[pos] != IGNORE_INDEX:
+                    total -= logp[pos - 1, r.labels[pos]].item()
+                    count += 1
+    return total, count
+
+
+def test_perplexity_identical_for_batch_sizes_1_and_8(tiny_model):
+    data = rows(21)
+    nll1, n1 = loss_sums(tiny_model, data, batch_size=1, pad_id=0)
+    nll8, n8 = loss_sums(tiny_model, data, batch_size=8, pad_id=0)
+    assert n1 == n8 == sum(r.n_supervised for r in data)
+    assert math.exp(nll8 / n8) == pytest.approx(math.exp(nll1 / n1), rel=1e-6)
+    ref_nll, ref_n = manual_nll(tiny_model, data)
+    assert ref_n == n1
+    assert nll8 == pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_padding_is_never_scored(tiny_model):
+    data = rows(5, seed=3)
+    a, n = loss_sums(tiny_model, data, batch_size=5, pad_id=0)
+    b, m = loss_sums(tiny_model, data, batch_size=5, pad_id=7)  # a different pad id
+    assert n == m
+    assert a == pytest.approx(b, rel=1e-6)

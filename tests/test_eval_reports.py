@@ -1,0 +1,160 @@
+"""Reports and ``lorakit compare`` from synthetic results (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lorakit.evaluation.collect import collect_rows
+from lorakit.evaluation.config import build_metrics
+from lorakit.evaluation.plot import plot_losses
+from lorakit.evaluation.report import fmt, write_outputs
+from lorakit.evaluation.scoring import SplitResult
+from lorakit.evaluation.sets import EvalSet
+from lorakit.generation import Generation
+from lorakit.plugins import default_catalog
+from lorakit.sections import EvalSection
+
+
+def _set() -> EvalSet:
+    return EvalSet(
+        "val", 2, [], ["a", "b"], ["q1", "q2"], ["<p1>", "<p2>"], ['{"x": 1}', '{"x": 2}'], {}
+    )
+
+
+def _result(texts, stopped, metrics) -> SplitResult:
+    counts = {
+        "examples": 2,
+        "loss_examples": 2,
+        "supervised_tokens": 10,
+        "generated": 2,
+        "skipped": {},
+    }
+    gens = [Generation(t, s, 3) for t, s in zip(texts, stopped, strict=True)]
+    return SplitResult("val", metrics, counts, gens)
+
+
+def _write(folder: Path, run: str, adapter: str | None, key: str = "k1") -> None:
+    metrics = build_metrics(
+        default_catalog(), EvalSection(metrics=["eval_loss", "json_match", "stops"])
+    )
+    info = {
+        "run": run,
+        "model": "tiny",
+        "adapter": adapter,
+        "config_hash": "h",
+        "data_fingerprint": "f",
+        "baseline_key": key,
+    }
+    base = [
+        _result(
+            ["nope", '{"x": 2}'], [False, True], {"eval_loss": 2.0, "json_match": 0.5, "stops": 0.5}
+        )
+    ]
+    tuned = [
+        _result(
+            ['{"x": 1}', '{"x": 2}'],
+            [True, True],
+            {"eval_loss": 1.0, "json_match": 1.0, "stops": 1.0},
+        )
+    ]
+    write_outputs(folder, info, [_set()], metrics, base, tuned if adapter else None, 1.0)
+
+
+def test_report_files(tmp_path):
+    _write(tmp_path, "r1", "runs/r1/adapter")
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert [(r["adapter"], r["split"]) for r in report["results"]] == [
+        (None, "val"),
+        ("runs/r1/adapter", "val"),
+    ]
+    assert report["metric_kinds"]["json_match"] == "generation"
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0] == {
+        "split": "val",
+        "id": "a",
+        "prompt": "<p1>",
+        "reference": '{"x": 1}',
+        "base": "nope",
+        "base_stopped": False,
+        "tuned": '{"x": 1}',
+        "tuned_stopped": True,
+    }
+    md = (tmp_path / "report.md").read_text()
+    assert "| json_match | 50.0 | 100.0 | +50.0 (better) |" in md
+    assert "| eval_loss | 2.0000 | 1.0000 | -1.0000 (better) |" in md
+    assert "nope *(no stop)*" in md
+
+
+def test_fmt():
+    assert fmt(0.875, "generation") == "87.5"
+    assert fmt(1.23456, "loss") == "1.2346"
+    assert fmt(float("nan"), "loss") == "n/a"
+
+
+def test_compare_rows_dedupe_the_baseline(tmp_path, cli):
+    runs = tmp_path / "runs"
+    _write(runs / "r1" / "baseline", "r1", None)
+    _write(runs / "r1", "r1", "runs/r1/adapter")
+    _write(runs / "r2", "r2", "runs/r2/adapter", key="k2")
+    rows = collect_rows(runs)
+    assert [(r["run"], r["adapter"]) for r in rows] == [
+        ("r1", None),
+        ("r1", "runs/r1/adapter"),
+        ("r2", None),
+        ("r2", "runs/r2/adapter"),
+    ]
+    code, out, _ = cli("compare", runs, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data[1] == {
+        "run": "r1",
+        "model": "tiny",
+        "adapter": "runs/r1/adapter",
+        "split": "val",
+        "metrics": {"eval_loss": 1.0, "json_match": 1.0, "stops": 1.0},
+    }
+    code, out, _ = cli("compare", runs)
+    assert code == 0
+    assert "| run | model | adapter | split | eval_loss | json_match | stops |" in out
+    assert "| r2 | tiny | tuned | val | 1.0000 | 100.0 | 100.0 |" in out
+
+
+def test_compare_without_reports_is_an_error(tmp_path, cli):
+    code, _, err = cli("compare", tmp_path)
+    assert code != 0 and "no eval_report.json" in err
+
+
+def test_loss_png(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = plot_losses(metrics, tmp_path / "loss.png")
+    assert out is not None and out.read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert plot_losses(empty, tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize(
+    "messages,expected",
+    [
+        ([("user", "hi"), ("assistant", "yo")], (1, "yo")),
+        (
+            [("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")],
+            (4, "d"),
+        ),
+        ([("user", "only")], None),
+    ],
+)
+def test_prompt_and_reference(messages, expected):
+    from lorakit.contracts import Example, Message
+    from lorakit.evaluation.sets import prompt_and_reference
+
+    ex = Example(id="x", messages=tuple(Message(r, c) for r, c in messages))
+    got = prompt_and_reference(ex)
+    if expected is None:
+        assert got is None
+    else:
+        assert len(got[0]) == expected[0] and got[1] == expected[1]
