@@ -161,3 +161,32 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, chat_file, cli, monkeypatc
     )
     code, _, err = cli("run", recipe)
     assert code == 2 and "someorg/not-a-model" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, cli):
+    """Evaluating every 2 steps gives the same adapter as not evaluating (QLoRA, dropout on).
+
+    Guards two ways evaluation leaked into training: bitsandbytes repacking 4-bit layers for
+    inference on AVX512-BF16 CPUs (no backward after the first eval), and the eval dataloader
+    drawing from the global RNG (different dropout masks afterwards).
+    """
+    from conftest import chat_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant="bnb-4bit")
+    common = (
+        "train.max_steps=6",
+        "train.save_steps=6",
+        'eval.metrics=["eval_loss"]',
+        "eval.baseline=false",
+    )
+    for name, extra in (("plain", ()), ("evaluated", ("train.eval_steps=2",))):
+        code, _, err = cli("run", recipe, f"output.name={name}", *common, *extra)
+        assert code == 0, err
+    rows = [
+        json.loads(x) for x in (tmp_path / "runs/evaluated/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
+    assert losses(tmp_path / "runs/plain") == losses(tmp_path / "runs/evaluated")
+    a, b = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("plain", "evaluated"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -147,6 +147,10 @@ class QuantBackend(Protocol):
         """Prepare a freshly loaded base model for adapter training; return it."""
         ...
 
+    # Optional: ``finish_loading(model, device) -> model``: called on every model loaded with
+    # this backend's ``load_kwargs`` (training, baseline, eval, generate), before anything else
+    # touches it. For fixes a quantization library needs after ``from_pretrained``.
+
 
 @runtime_checkable
 class PeftMethod(Protocol):

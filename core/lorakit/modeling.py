@@ -101,6 +101,9 @@ def load_base_model(
         raise _load_error(exc, ref, "model") from exc
     if "device_map" not in kwargs:
         model.to(f"cuda:{local_rank()}" if device == "cuda" else device)  # type: ignore[arg-type]
+    finish = getattr(backend, "finish_loading", None) if quantized else None
+    if finish is not None:
+        model = finish(model, device)
     return model
 
 

@@ -95,7 +95,43 @@ def make_callbacks(metrics_path: Path) -> list[Any]:
             if ckpt.is_dir():
                 (ckpt / COMPLETE).write_text(f"step {state.global_step}\n")
 
-    return [MetricsLog(), CompleteMarker()]
+    class KeepTrainingRng(TrainerCallback):
+        """Evaluation leaves the training random stream untouched.
+
+        Building the eval dataloader draws from torch's global generator, so without this every
+        mid-training evaluation would shift the dropout masks of all later steps: adding
+        ``eval_steps`` would change the trained adapter. The state is taken when the trainer
+        decides to evaluate and put back once evaluation is done (checkpoints are saved after).
+        """
+
+        def __init__(self) -> None:
+            self.saved: tuple[Any, Any] | None = None
+
+        def _take(self, control: Any) -> None:
+            import torch
+
+            if control.should_evaluate:
+                cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                self.saved = (torch.get_rng_state(), cuda)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._take(control)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self._take(control)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            import torch
+
+            if self.saved is None:
+                return
+            cpu, cuda = self.saved
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            self.saved = None
+
+    return [MetricsLog(), CompleteMarker(), KeepTrainingRng()]
 
 
 def build_trainer(

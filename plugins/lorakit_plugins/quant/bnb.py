@@ -5,6 +5,15 @@ bitsandbytes runs 4-bit NF4/FP4 on CPU too, so QLoRA is tested here for real. Th
 fp16. The base is prepared with ``prepare_model_for_kbit_training`` *before* the adapter is
 attached (the other order upcasts or freezes the wrong weights), with non-reentrant gradient
 checkpointing so gradients reach the LoRA weights (peft#1142) and DDP stays happy.
+
+On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50) converts a ``Linear4bit`` layer's weights,
+in place and for good, to a packed inference layout the first time it runs in eval mode without
+gradients. From then on that layer computes in bf16 (absmax rounded to bf16) whatever the compute
+dtype, and its matmul has no autograd formula: gradients no longer flow back through it. Left
+alone, one mid-training evaluation (``eval_steps``) silently spoils the rest of a QLoRA run, and a
+baseline scored in bf16 is compared with a tuned model scored in fp32. ``_pin_4bit_layers`` turns
+that conversion off: always for training, and for inference unless bf16 is the compute dtype
+anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +24,27 @@ import attrs
 from lorakit import hookimpl
 from lorakit.device import dtype_from_name
 from lorakit.options import option
+
+
+def _pin_4bit_layers(model: Any) -> int:
+    """Keep every 4-bit layer on the differentiable, compute-dtype path; return how many changed."""
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        quant_state = getattr(module.weight, "quant_state", None)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # Already converted (and rounded): only reloading the weights gives them back.
+            raise RuntimeError(
+                "a 4-bit layer was already converted to bitsandbytes' CPU inference layout; "
+                "load the model again before training it"
+            )
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def _prepare(model: Any, gradient_checkpointing: bool) -> Any:
@@ -62,7 +92,15 @@ class Bnb4bit:
         )
         return {"quantization_config": config, "dtype": dtype}
 
+    def finish_loading(self, model: Any, device: str) -> Any:
+        import torch
+
+        if device == "cpu" and self.compute_dtype(device) != torch.bfloat16:
+            _pin_4bit_layers(model)
+        return model
+
     def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
+        _pin_4bit_layers(model)  # whatever the dtype: the packed path has no backward
         return _prepare(model, gradient_checkpointing)
 
 

@@ -1,0 +1,69 @@
+"""bitsandbytes 4-bit layers as lorakit loads them: they stay on the differentiable path.
+
+On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` for a bf16 inference kernel
+the first time it runs in eval mode without gradients, in place; after that the layer has no
+backward and ignores the fp32 compute dtype. These tests pass on any CPU; on one without
+AVX512-BF16 the conversion never happens in the first place.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _four_bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _packed(layer) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def _load(tmp_path, tiny_model_dir, chat_file):
+    from lorakit.modeling import load_base_model
+    from lorakit.plugins import default_catalog
+    from lorakit.recipe import load_recipe
+
+    catalog = default_catalog()
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit"))
+    return recipe, catalog, load_base_model(recipe, catalog, "cpu")
+
+
+def test_eval_forward_keeps_4bit_layers_trainable(tmp_path, tiny_model_dir, chat_file):
+    import torch
+
+    _, _, model = _load(tmp_path, tiny_model_dir, chat_file)
+    layers = _four_bit_layers(model)
+    assert layers, "the recipe must load a 4-bit model"
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        again = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert not any(_packed(m) for m in layers), "an eval forward must not repack the weights"
+    assert before.dtype == torch.float32 and before.equal(again)
+
+    # After evaluation, gradients still flow through the frozen 4-bit layers to their input.
+    model.train()
+    layer = layers[0]
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_training_refuses_an_already_repacked_model(tmp_path, tiny_model_dir, chat_file):
+    functional = pytest.importorskip("bitsandbytes.functional")
+    convert = getattr(functional, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU inference repacking")
+    recipe, catalog, model = _load(tmp_path, tiny_model_dir, chat_file)
+    layer = _four_bit_layers(model)[0]
+    layer.weight.data, layer.weight.quant_state = convert(
+        layer.weight.data, layer.weight.quant_state
+    )
+    with pytest.raises(RuntimeError, match="load the model again"):
+        recipe.quant.build(catalog).prepare_for_training(model, gradient_checkpointing=False)
