@@ -9,7 +9,7 @@ supervised.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from lorakit.contracts import Example, Message, Rendered, Segment
@@ -105,3 +105,37 @@ class TurnRenderer:
     def render_prompt(self, messages: Sequence[Message], eot: str, tokenizer: Any) -> str:
         text = "".join(s.text for s in self.segments(messages, eot, tokenizer))
         return text + self.layout.assistant_open
+
+
+class EosTurnFormatter:
+    """A fixed-layout formatter whose assistant turns end with the tokenizer's eos token.
+
+    Subclasses set ``Options`` (with a ``system_prompt`` field), ``name``, ``layout`` and
+    ``no_eos_fix`` (what to do when the tokenizer has no eos token).
+    """
+
+    Options: ClassVar[type]
+    name: ClassVar[str]
+    layout: ClassVar[Layout]
+    no_eos_fix: ClassVar[str]
+
+    def __init__(self, options: Any):
+        self.options = options
+        self.turns = TurnRenderer(self.layout, options.system_prompt)
+
+    def end_of_turn(self, tokenizer: Any) -> str:
+        eos = getattr(tokenizer, "eos_token", None)
+        if not eos:
+            raise DataError(
+                f"{self.name} ends assistant turns with the tokenizer's eos token, but it has none",
+                where="[format].plugin",
+                fix=self.no_eos_fix,
+            )
+        return str(eos)
+
+    def render(self, example: Example, tokenizer: Any) -> Rendered:
+        eot = self.end_of_turn(tokenizer)
+        return self.turns.render(example, eot, eot, tokenizer)
+
+    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
+        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer)

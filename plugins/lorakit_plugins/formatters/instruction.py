@@ -15,16 +15,11 @@ examples: ``bos + text + eos``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import attrs
 from lorakit import hookimpl
-from lorakit.contracts import Example, Message, Rendered
-from lorakit.errors import DataError
 from lorakit.options import option
 
-from lorakit_plugins.formatters._turns import Layout, TurnRenderer
+from lorakit_plugins.formatters._turns import EosTurnFormatter, Layout
 
 LAYOUT = Layout(
     system="{content}\n\n",
@@ -44,29 +39,11 @@ class InstructionOptions:
     )
 
 
-class InstructionFormatter:
+class InstructionFormatter(EosTurnFormatter):
     Options = InstructionOptions
-
-    def __init__(self, options: InstructionOptions):
-        self.options = options
-        self.turns = TurnRenderer(LAYOUT, options.system_prompt)
-
-    def end_of_turn(self, tokenizer: Any) -> str:
-        eos = getattr(tokenizer, "eos_token", None)
-        if not eos:
-            raise DataError(
-                "instruction ends responses with the tokenizer's eos token, but it has none",
-                where="[format].plugin",
-                fix="use a tokenizer with an eos token",
-            )
-        return eos
-
-    def render(self, example: Example, tokenizer: Any) -> Rendered:
-        eot = self.end_of_turn(tokenizer)
-        return self.turns.render(example, eot, eot, tokenizer)
-
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
-        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer)
+    name = "instruction"
+    layout = LAYOUT
+    no_eos_fix = "use a tokenizer with an eos token"
 
 
 @hookimpl

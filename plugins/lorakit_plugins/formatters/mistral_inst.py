@@ -10,16 +10,11 @@ written only when the tokenizer adds one to plain text. Raw-text examples: ``bos
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import attrs
 from lorakit import hookimpl
-from lorakit.contracts import Example, Message, Rendered
-from lorakit.errors import DataError
 from lorakit.options import option
 
-from lorakit_plugins.formatters._turns import Layout, TurnRenderer
+from lorakit_plugins.formatters._turns import EosTurnFormatter, Layout
 
 LAYOUT = Layout(
     system="{content}\n\n",  # only used when a conversation has no user turn after the system
@@ -38,29 +33,11 @@ class MistralInstOptions:
     )
 
 
-class MistralInstFormatter:
+class MistralInstFormatter(EosTurnFormatter):
     Options = MistralInstOptions
-
-    def __init__(self, options: MistralInstOptions):
-        self.options = options
-        self.turns = TurnRenderer(LAYOUT, options.system_prompt)
-
-    def end_of_turn(self, tokenizer: Any) -> str:
-        eos = getattr(tokenizer, "eos_token", None)
-        if not eos:
-            raise DataError(
-                "mistral_inst ends replies with the tokenizer's eos token, but it has none",
-                where="[format].plugin",
-                fix='use plugin = "chatml" or "chat_template"',
-            )
-        return eos
-
-    def render(self, example: Example, tokenizer: Any) -> Rendered:
-        eot = self.end_of_turn(tokenizer)
-        return self.turns.render(example, eot, eot, tokenizer)
-
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
-        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer)
+    name = "mistral_inst"
+    layout = LAYOUT
+    no_eos_fix = 'use plugin = "chatml" or "chat_template"'
 
 
 @hookimpl
