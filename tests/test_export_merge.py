@@ -177,6 +177,29 @@ def test_parity_and_model_card_are_written(exported):
     )
 
 
+def test_dequantized_merge_reproduces_the_trained_quantized_model(exported, tmp_path):
+    """--merge-base dequantized: the merged model is the 4-bit base + adapter that was trained."""
+    from lorakit.cli.main import main
+
+    run, export = exported
+    out = tmp_path / "deq"
+    argv = ["export", str(run), "--merge", "--merge-base", "dequantized", "--out", str(out)]
+    assert main(argv) == 0
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["reference"] == "bnb-4bit base + adapter (as trained)"
+    assert parity["merge_base"] == "dequantized bnb-4bit (fp32)"
+    merged = parity["comparisons"]["merged"]
+    # Same function as the trained 4-bit model up to fp32 arithmetic order (see above).
+    assert merged["max_abs_logit_diff"] < 5e-4, merged
+    assert abs(merged["ppl_diff_vs_reference"]) < 1e-3 * parity["reference_ppl"]
+    # Merging into the original base instead leaves the 4-bit quantization gap.
+    original = json.loads((export / "parity.json").read_text())
+    gap = abs(original["quantized_vs_merged_ppl_diff"])
+    assert abs(merged["ppl_diff_vs_reference"]) < gap, (merged, gap)
+    card = (out / "merged" / "README.md").read_text()
+    assert "**dequantized bnb-4bit (fp32)** base" in card
+
+
 def test_exported_tokenizer_renders_exactly_like_training(exported):
     from lorakit.contracts import Example, Message
     from lorakit.inference import open_run, prepare_inference

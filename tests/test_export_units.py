@@ -129,6 +129,15 @@ def test_export_and_generate_verbs_are_registered():
     assert args.prompt == ["a", "b"] and args.temperature == 0.7
 
 
+def test_merge_base_without_merge_is_a_clear_error(tmp_path, capsys):
+    from lorakit.cli.main import main
+
+    assert main(["export", str(tmp_path), "--merge-base", "dequantized"]) == 2
+    err = capsys.readouterr().err
+    assert "--merge was not given" in err and "add --merge" in err and "Traceback" not in err
+    assert not list(Path(tmp_path).iterdir())
+
+
 def test_export_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     from lorakit.cli.main import main
 

@@ -113,6 +113,7 @@ def export_run(
     *,
     merge: bool = False,
     dtype: str = "fp32",
+    merge_base: str = "original",
     out: Path | None = None,
     overwrite: bool = False,
     say: Callable[[str], None] = _say,
@@ -171,14 +172,17 @@ def export_run(
         write_json(adapter_out / META, meta)
         say(f"adapter export written ({', '.join(ADAPTER_FILES)} + tokenizer + generation_config)")
 
-        # 4. The merged model, merged in fp32 on the unquantized base, with parity numbers.
+        # 4. The merged model, merged in fp32 (on the original or the dequantized base), with
+        #    parity numbers.
         parity = None
         merge_info = None
         if merge:
-            from lorakit.merge import write_merged
+            from lorakit.merge import merge_base_label, write_merged
 
-            merge_info = {"merge_base": "unquantized fp32", "dtype": dtype}
-            parity = write_merged(recipe, catalog, run, loaded, tmp / "merged", dtype, gen, say)
+            merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
+            parity = write_merged(
+                recipe, catalog, run, loaded, tmp / "merged", dtype, gen, say, merge_base
+            )
             write_json(tmp / "merged" / META, {**meta, **merge_info})
             write_json(tmp / "parity.json", parity)
 

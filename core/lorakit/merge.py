@@ -1,10 +1,18 @@
-"""Merge an adapter into an unquantized fp32 base, then cast: the only safe way for QLoRA.
+"""Merge an adapter into an fp32 base, then cast: the only safe way for QLoRA.
 
 Merging into 4-bit weights would re-quantize the sum and ruin quality (transformers#31293), so
-the base is always loaded unquantized in fp32 (whatever the recipe's ``[quant]``), the adapter
-is merged there with peft's ``safe_merge`` (which refuses NaN), and only then is the result cast
-to the export dtype. A finite-weights guard runs after the merge and again after the cast
-(fp16 overflows to Inf for large weights).
+the merge always happens on fp32 weights, with peft's ``safe_merge`` (which refuses NaN), and
+only then is the result cast to the export dtype. A finite-weights guard runs after the merge
+and again after the cast (fp16 overflows to Inf for large weights).
+
+Two bases to merge into (``--merge-base``):
+
+- ``original`` (default): the base checkpoint loaded unquantized in fp32. The merged model is
+  the original weights plus the adapter; for a QLoRA run that is not quite the model that was
+  trained, since the adapter learned to correct the 4-bit base.
+- ``dequantized``: the base loaded quantized exactly as in training, then dequantized to fp32.
+  The merged model reproduces the trained model (quantized base + adapter) to fp32 noise, at the
+  cost of carrying the quantization error into full-size weights.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 from lorakit.errors import RunError
 
 DTYPES = ("fp32", "bf16", "fp16")
+MERGE_BASES = ("original", "dequantized")
 
 
 def torch_dtype(name: str) -> Any:
@@ -82,15 +91,53 @@ def cast_merged(model: Any, dtype_name: str) -> Any:
     return model
 
 
-def _check_tolerance(row: dict[str, Any]) -> None:
-    from lorakit.parity import FP32_TOLERANCE
+def _check_tolerance(row: dict[str, Any], logits: list[Any], unmerged: list[Any]) -> None:
+    """The merge must not change the function: compare with the same fp32 base, unmerged."""
+    from lorakit.parity import FP32_TOLERANCE, max_abs_diff
 
-    if row["max_abs_logit_diff"] > FP32_TOLERANCE:
+    diff = max_abs_diff(unmerged, logits)
+    if diff > FP32_TOLERANCE:
         raise RunError(
-            f"{row['model']}: the fp32 merge changes logits by up to {row['max_abs_logit_diff']:.3g} "
+            f"{row['model']}: the fp32 merge changes logits by up to {diff:.3g} "
             f"(tolerance {FP32_TOLERANCE:g}); nothing was exported",
             fix="report this with the run folder; the run's adapter/ folder still works unmerged",
         )
+
+
+def merge_base_label(merge_base: str, recipe: Any) -> str:
+    if merge_base == "dequantized":
+        return f"dequantized {recipe.quant.name} (fp32)"
+    return "unquantized fp32"
+
+
+def _dequantized_base(recipe: Any, catalog: Any, device: str, say: Callable[[str], None]) -> Any:
+    """The base quantized as in training, then dequantized to plain fp32 ``nn.Linear`` layers."""
+    import torch
+
+    from lorakit.modeling import load_base_model
+
+    if recipe.quant.name == "none":
+        raise RunError(
+            "--merge-base dequantized needs a run trained on a quantized base, and this run's "
+            '[quant].plugin is "none"',
+            fix="drop --merge-base (the original base is exactly the one this run trained on)",
+        )
+    say(f"loading the base as trained ({recipe.quant.name}), then dequantizing it to fp32")
+    base = load_base_model(recipe, catalog, device)
+    if getattr(base, "hf_quantizer", None) is None:
+        raise RunError(
+            f"the {recipe.quant.name} backend did not load a transformers-quantized model, so "
+            "there is nothing to dequantize",
+            fix="drop --merge-base to merge into the original base",
+        )
+    try:
+        base = base.dequantize(dtype=torch.float32)
+    except (NotImplementedError, ValueError) as exc:
+        raise RunError(
+            f"transformers cannot dequantize a {recipe.quant.name} model: {exc}",
+            fix="drop --merge-base to merge into the original base",
+        ) from exc
+    return base.to(torch.float32)
 
 
 def write_merged(
@@ -102,6 +149,7 @@ def write_merged(
     dtype_name: str,
     generation_config: Any,
     say: Callable[[str], None],
+    merge_base: str = "original",
 ) -> dict[str, Any]:
     """Merge, cast, save to ``folder``, measure parity; return the parity record."""
     import torch
@@ -112,21 +160,38 @@ def write_merged(
 
     device = loaded.device
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
+    quantized_run = recipe.quant.name != "none"
 
-    # Reference: the unquantized fp32 base with the adapter attached, unmerged.
-    say("loading the base unquantized in fp32 for the merge")
-    base = load_base_model(recipe, catalog, device, quantized=False, dtype=torch.float32)
-    model = load_adapter(base, run.adapter, trainable=False)
-    model.eval()
-    report = ParityReport(
-        probes, probe_logits(model, probes), "fp32 unquantized base + adapter (unmerged)"
-    )
+    if merge_base == "dequantized":
+        # Reference: the model as trained, the quantized base with the adapter attached.
+        from lorakit.inference import load_model
+
+        quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
+        report = ParityReport(
+            probes, probe_logits(quant, probes), f"{recipe.quant.name} base + adapter (as trained)"
+        )
+        del quant
+        gc.collect()
+        base = _dequantized_base(recipe, catalog, device, say)
+        model = load_adapter(base, run.adapter, trainable=False)
+        model.eval()
+        unmerged = probe_logits(model, probes)
+        report.add("unmerged", "dequantized fp32 base + adapter (unmerged)", unmerged)
+    else:
+        # Reference: the unquantized fp32 base with the adapter attached, unmerged.
+        say("loading the base unquantized in fp32 for the merge")
+        base = load_base_model(recipe, catalog, device, quantized=False, dtype=torch.float32)
+        model = load_adapter(base, run.adapter, trainable=False)
+        model.eval()
+        unmerged = probe_logits(model, probes)
+        report = ParityReport(probes, unmerged, "fp32 unquantized base + adapter (unmerged)")
 
     merged = merge_adapter(model)
     if dtype_name != "fp32":
         # Check the merge itself before the cast blurs it; for fp32 the reload below does.
-        row = report.add("merged_in_memory", "merged, fp32 in memory", probe_logits(merged, probes))
-        _check_tolerance(row)
+        logits = probe_logits(merged, probes)
+        row = report.add("merged_in_memory", "merged, fp32 in memory", logits)
+        _check_tolerance(row, logits, unmerged)
     merged = cast_merged(merged, dtype_name)
     merged.generation_config = generation_config
     merged.save_pretrained(str(folder))
@@ -144,15 +209,14 @@ def write_merged(
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype_name)).to(
         device
     )
-    row = report.add(
-        "merged", f"merged {dtype_name}, reloaded from disk", probe_logits(reloaded, probes)
-    )
+    logits = probe_logits(reloaded, probes)
+    row = report.add("merged", f"merged {dtype_name}, reloaded from disk", logits)
     if dtype_name == "fp32":
-        _check_tolerance(row)
+        _check_tolerance(row, logits, unmerged)
     del reloaded
     gc.collect()
 
-    if recipe.quant.name != "none":
+    if quantized_run and merge_base != "dequantized":
         from lorakit.inference import load_model
 
         quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
@@ -166,4 +230,8 @@ def write_merged(
 
     for line in report.lines():
         say(line)
-    return {**report.to_json(), "merge_base": "unquantized fp32", "dtype": dtype_name}
+    return {
+        **report.to_json(),
+        "merge_base": merge_base_label(merge_base, recipe),
+        "dtype": dtype_name,
+    }

@@ -2,7 +2,8 @@
 
 Probes are a few built-in conversations plus up to ``VAL_LIMIT`` examples of the run's val
 split, rendered by the run's formatter exactly as in training. The reference is the fp32
-unquantized base with the adapter attached (unmerged). Every other model is compared to it by
+unquantized base with the adapter attached (unmerged), or for a merge into the dequantized base
+the quantized base + adapter as trained. Every other model is compared to it by
 the max absolute logit difference over all probe positions, and by perplexity on the
 supervised (assistant) tokens.
 """

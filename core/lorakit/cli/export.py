@@ -1,13 +1,14 @@
-"""``lorakit export RUN_DIR [--merge] [--dtype fp32|bf16|fp16] [--out DIR] [--overwrite]``."""
+"""``lorakit export RUN_DIR [--merge] [--merge-base original|dequantized] [--dtype ...] [--out DIR]
+[--overwrite]``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from lorakit.errors import RunError
+from lorakit.merge import DTYPES, MERGE_BASES
 from lorakit.plugins import default_catalog
-
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_parser(sub) -> None:
@@ -19,7 +20,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--merge",
         action="store_true",
-        help="also write a merged model (merged in fp32 on the unquantized base) and check parity",
+        help="also write a merged model (merged in fp32, see --merge-base) and check parity",
+    )
+    p.add_argument(
+        "--merge-base",
+        choices=MERGE_BASES,
+        help="what --merge merges into: the original base in fp32 (default), or, for a QLoRA "
+        "run, the base quantized as in training and dequantized to fp32 (reproduces the "
+        "trained model)",
     )
     p.add_argument(
         "--dtype", choices=DTYPES, default="fp32", help="dtype of the merged weights (default fp32)"
@@ -37,11 +45,18 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lorakit.export import export_run
 
+    if args.merge_base is not None and not args.merge:
+        raise RunError(
+            "--merge-base chooses what --merge merges into, but --merge was not given",
+            fix=f"add --merge: lorakit export {args.run_dir} --merge --merge-base {args.merge_base}",
+        )
+
     result = export_run(
         Path(args.run_dir),
         default_catalog(),
         merge=args.merge,
         dtype=args.dtype,
+        merge_base=args.merge_base or "original",
         out=args.out,
         overwrite=args.overwrite,
     )
