@@ -79,3 +79,26 @@ def test_prepare_writes_splits_without_claiming_the_run_folder(tmp_path):
     first = {n: (folder / f"{n}.jsonl").read_bytes() for n in got}
     assert cli("prepare", str(recipe))[0] == 0
     assert {n: (folder / f"{n}.jsonl").read_bytes() for n in got} == first
+
+
+def test_an_empty_split_that_was_asked_for_is_reported(tmp_path):
+    """Hash splits can leave a small dataset's val split empty: prepare says so, with the fix."""
+    examples = [ex(i) for i in range(6)]
+    records = [e.to_json() for e in examples]
+    write_jsonl(tmp_path / "c.jsonl", records)
+
+    def val_size(seed: int) -> int:
+        return len(assign_splits(examples, seed, 0.2, 0.0)["val"])
+
+    empty = next(s for s in range(1000) if val_size(s) == 0)
+    filled = next(s for s in range(1000) if val_size(s) > 0)
+    source = [{"plugin": "chat_jsonl", "path": "c.jsonl"}]
+    for seed, warned in ((empty, True), (filled, False)):
+        data = {"val_fraction": 0.2, "test_fraction": 0.0, "split_seed": seed}
+        recipe = write_recipe(tmp_path, source, data=data)
+        code, out, err = cli("prepare", str(recipe))
+        assert code == 0, err
+        text = out + err
+        assert ("data.val_fraction = 0.2 put none of the 6 examples in val" in text) is warned
+        assert ("data.split_seed" in text) is warned
+        assert "data.test_fraction" not in text, "a split nobody asked for is not a problem"

@@ -31,6 +31,7 @@ class DataReport:
     dropped: Counter = attrs.field(factory=Counter)  # reason -> count
     truncated: int = 0
     chunked: dict[str, int] = attrs.field(factory=dict)  # document id -> number of chunks
+    warnings: list[str] = attrs.field(factory=list)
 
     def lines(self) -> list[str]:
         out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
@@ -48,6 +49,7 @@ class DataReport:
                 f"split {len(self.chunked)} long documents into {sum(self.chunked.values())} "
                 "chunks that fit train.max_length"
             )
+        out += [f"warning: {w}" for w in self.warnings]
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -57,6 +59,7 @@ class DataReport:
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
             "chunked": dict(self.chunked),
+            "warnings": list(self.warnings),
         }
 
 
@@ -127,9 +130,17 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
 def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = None) -> Splits:
     report = report if report is not None else DataReport()
     examples = read_examples(recipe, catalog, report)
-    parts = assign_splits(
-        examples, recipe.data.split_seed, recipe.data.val_fraction, recipe.data.test_fraction
-    )
+    data = recipe.data
+    parts = assign_splits(examples, data.split_seed, data.val_fraction, data.test_fraction)
+    for name, fraction in (("val", data.val_fraction), ("test", data.test_fraction)):
+        if fraction > 0 and not parts[name]:
+            # Each example's split comes from a hash of its content, so on a small dataset a
+            # split can come out empty by chance; say so rather than silently skip evaluation.
+            report.warnings.append(
+                f"data.{name}_fraction = {fraction:g} put none of the {len(examples)} examples "
+                f"in {name} (splits hash each example, so small datasets vary): set "
+                f"data.split_seed to another value, or pin examples with meta.split"
+            )
     return Splits(train=parts["train"], val=parts["val"], test=parts["test"])
 
 
