@@ -163,7 +163,8 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, chat_file, cli, monkeypatc
     assert code == 2 and "someorg/not-a-model" in err and "HF_HUB_OFFLINE" in err
 
 
-def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, cli):
+@pytest.mark.parametrize("quant", ["bnb-4bit", "bnb-8bit"])
+def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, cli, quant):
     """Evaluating every 2 steps gives the same adapter as not evaluating (QLoRA, dropout on).
 
     Guards two ways evaluation leaked into training: bitsandbytes repacking 4-bit layers for
@@ -173,7 +174,7 @@ def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, c
     from conftest import chat_records, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant="bnb-4bit")
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant)
     common = (
         "train.max_steps=6",
         "train.save_steps=6",
