@@ -67,6 +67,13 @@ def markdown_empty(folder: Path) -> dict:
     return {"plugin": "markdown", "path": "docs"}
 
 
+def markdown_bad_front_matter(folder: Path) -> dict:
+    (folder / "docs").mkdir()
+    # Line 3 of the file: an unquoted ': ' inside a value is not YAML.
+    (folder / "docs" / "a.md").write_text("---\ntags: [a]\ntitle: Setup: the basics\n---\n# A\n")
+    return {"plugin": "markdown", "path": "docs"}
+
+
 def report_malformed(folder: Path) -> dict:
     (folder / "reports").mkdir()
     (folder / "reports" / "r.json").write_text(
@@ -138,6 +145,11 @@ CASES = {
     "folder without markdown": (no_markdown, "has no markdown files", "[data.sources].path"),
     "markdown not utf-8": (markdown_latin1, "not UTF-8 (byte 0xe9 at column 4)", "a.md:4"),
     "markdown empty file": (markdown_empty, "markdown file is empty", "a.md"),
+    "markdown front matter not yaml": (
+        markdown_bad_front_matter,
+        "front matter is not valid YAML: mapping values are not allowed",
+        "a.md:3",
+    ),
     "report malformed json": (report_malformed, "malformed JSON", "r.json:3"),
     "report missing field": (report_missing_field, "has no 'improved' field", "r.json"),
     "instruction missing output": (

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import yaml
 from data_helpers import context, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,9 +93,10 @@ def test_instruction_ids_are_stable_and_explicit_ids_win(tmp_path):
 
 
 md_text = st.text(alphabet="abc XY#\n.-*", min_size=1, max_size=200).filter(lambda s: s.strip())
+scalars = st.one_of(st.text("abc xyz0-:#'\"[", max_size=10), st.integers(), st.booleans())
 front = st.dictionaries(
     st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True).filter(lambda k: k not in ("split",)),
-    st.text("abc xyz0-", max_size=10).map(str.strip),
+    st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.just("k"), scalars)),
     max_size=3,
 )
 
@@ -105,7 +107,7 @@ def test_markdown_round_trip_with_front_matter(docs, tmp_path):
     root = tmp_path / f"docs{len(list(tmp_path.iterdir()))}"
     for i, (body, fm) in enumerate(docs):
         (root / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
-        head = "---\n" + "".join(f"{k}: {v}\n" for k, v in fm.items()) + "---\n" if fm else ""
+        head = "---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n" if fm else ""
         (root / f"d{i % 2}" / f"n{i}.md").write_text(head + body, encoding="utf-8")
     got = read(MarkdownSource(MarkdownOptions(path=str(root))), tmp_path)
     want = sorted(
@@ -118,6 +120,33 @@ def test_markdown_round_trip_with_front_matter(docs, tmp_path):
         else:  # without front matter the file is the text, byte for byte
             assert g.text == body
         assert g.meta["chunkable"] is True
+
+
+def test_markdown_yaml_front_matter_as_static_site_generators_write_it(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "post.md").write_text(
+        "---\n"
+        "title: 'Setup: the basics'\n"
+        "date: 2024-05-01\n"
+        "tags:\n  - guide\n  - setup\n"
+        "author:\n  name: Ada\n  links: [a, b]\n"
+        "draft: false\n"
+        "---\n"
+        "Body.\n"
+    )
+    (tmp_path / "docs" / "one_tag.md").write_text("---\ntags: solo\n---\nText.\n")
+    one, post = read(MarkdownSource(MarkdownOptions(path="docs")), tmp_path)  # sorted by path
+    assert post.text == "Body.\n"
+    assert post.meta["front_matter"] == {
+        "title": "Setup: the basics",
+        "date": "2024-05-01",  # JSON-safe: the split files are JSON
+        "tags": ["guide", "setup"],
+        "author": {"name": "Ada", "links": ["a", "b"]},
+        "draft": False,
+    }
+    assert post.meta["tags"] == ["guide", "setup"]
+    assert one.meta["tags"] == ["solo"]
+    json.dumps(post.to_json())
 
 
 def test_markdown_include_exclude_and_front_matter_meta(tmp_path):

@@ -9,8 +9,9 @@ recursively in sorted order. An optional front-matter block at the very top::
     split: val
     ---
 
-is kept out of the text and parsed into ``meta.front_matter`` (flat ``key: value`` lines; a
-``[a, b]`` value is a list of strings; quotes are stripped). ``tags`` (a list) and ``split``
+is kept out of the text and parsed as YAML (``yaml.safe_load``, as Jekyll, Hugo and Obsidian
+write it: nested keys and block lists included) into ``meta.front_matter``; dates become ISO
+strings so the metadata stays JSON. ``tags`` (a list, or one string) and ``split``
 (train/val/test) from it become ``meta.tags`` and ``meta.split``. The id is the file's path
 relative to ``path``; ``meta.source`` is the file path.
 
@@ -22,6 +23,8 @@ the document text exactly.
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,31 +39,49 @@ from lorakit.errors import DataError
 from lorakit.options import option
 
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
-_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:\s*(.*)$")
 
 
-def _scalar(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
+class FrontMatterError(ValueError):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line  # 0-based line within the block
 
 
-def parse_front_matter(block: str) -> tuple[dict[str, Any], int | None]:
-    """Parse flat ``key: value`` lines. Returns ``(fields, bad line index or None)``."""
-    out: dict[str, Any] = {}
-    for i, line in enumerate(block.splitlines()):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = _KEY.match(line)
-        if not m:
-            return out, i
-        key, value = m.group(1), m.group(2).strip()
-        if value.startswith("[") and value.endswith("]"):
-            out[key] = [_scalar(v) for v in value[1:-1].split(",") if v.strip()]
-        else:
-            out[key] = _scalar(value)
-    return out, None
+def _json_safe(value: Any) -> Any:
+    """YAML values as JSON values: dates as ISO strings, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def parse_front_matter(block: str) -> dict[str, Any]:
+    """Parse a YAML front-matter block into a JSON-safe mapping; raise ``FrontMatterError``."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(block, Loader=loader)  # a safe loader: plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FrontMatterError(
+            f"front matter is not valid YAML: {problem}", mark.line if mark else 0
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FrontMatterError(
+            f"front matter must be `key: value` pairs, not a {type(data).__name__}", 0
+        )
+    return _json_safe(data)
 
 
 def split_front_matter(text: str) -> tuple[str | None, str]:
@@ -135,18 +156,22 @@ class MarkdownSource:
         block, body = split_front_matter(text)
         meta: dict[str, Any] = {"source": str(file), "path": file.relative_to(root).as_posix()}
         if block is not None:
-            fields, bad = parse_front_matter(block)
-            if bad is not None:
+            try:
+                fields = parse_front_matter(block)
+            except FrontMatterError as exc:
                 ctx.reject(
-                    "front matter line is not `key: value`",
-                    f"{file}:{bad + 2}",
-                    "use flat `key: value` lines between the --- markers",
+                    str(exc),
+                    f"{file}:{exc.line + 2}",  # the block starts on the line after the first ---
+                    "fix the YAML between the --- markers (quote values that hold ': ' or start "
+                    "with a special character)",
                 )
                 return None
             meta["front_matter"] = fields
             tags = fields.get("tags")
+            if isinstance(tags, str):
+                tags = [tags]
             if isinstance(tags, list):
-                meta["tags"] = tags
+                meta["tags"] = [str(t) for t in tags]
             if "split" in fields:
                 if fields["split"] not in ("train", "val", "test"):
                     ctx.reject(
