@@ -38,6 +38,15 @@ def test_every_builtin_metric_is_registered(catalog):
         assert isinstance(cls.higher_is_better, bool)
 
 
+def test_every_metric_is_nan_on_an_empty_split(catalog):
+    """Nothing scored is not a score of 0 (a report would read it as a total failure)."""
+    for name in catalog.names("metric"):
+        entry = catalog.get("metric", name)
+        m = entry.factory(entry.options_class())
+        got = m.score(0.0, 0) if m.kind == "loss" else m.score([], [], [])
+        assert math.isnan(got), name
+
+
 def test_eval_loss_and_perplexity_are_token_weighted(catalog):
     # two batches: 3 tokens with NLL 1.0 each, 1 token with NLL 5.0 -> 8 / 4 = 2.0
     assert metric(catalog, "eval_loss").score(8.0, 4) == pytest.approx(2.0)

@@ -160,7 +160,6 @@ def write_merged(
 
     device = loaded.device
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-    quantized_run = recipe.quant.name != "none"
 
     if merge_base == "dequantized":
         # Reference: the model as trained, the quantized base with the adapter attached.
@@ -216,7 +215,7 @@ def write_merged(
     del reloaded
     gc.collect()
 
-    if quantized_run and merge_base != "dequantized":
+    if recipe.quant.name != "none" and merge_base != "dequantized":
         from lorakit.inference import load_model
 
         quant = load_model(recipe, catalog, device, run.adapter, quantized=True)

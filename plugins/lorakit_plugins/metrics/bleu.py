@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import attrs
 from lorakit import hookimpl
 from lorakit.options import option
+
+from lorakit_plugins.metrics._base import GenerationMetric
 
 
 @attrs.frozen
@@ -18,23 +20,16 @@ class BleuOptions:
     lowercase: bool = option(False, doc="compare lower-cased text")
 
 
-class Bleu:
+class Bleu(GenerationMetric):
     """Corpus-level BLEU over the split (one reference per prediction)."""
 
     Options = BleuOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
 
-    def __init__(self, options: BleuOptions):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
         import sacrebleu
 
-        if not references:
-            return float("nan")
         result = sacrebleu.corpus_bleu(
             list(predictions),
             [list(references)],

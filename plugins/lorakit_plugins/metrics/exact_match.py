@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import attrs
 from lorakit import hookimpl
 from lorakit.options import option
+
+from lorakit_plugins.metrics._base import GenerationMetric
 
 
 @attrs.frozen
@@ -17,15 +18,10 @@ class ExactMatchOptions:
     collapse_whitespace: bool = option(False, doc="treat runs of whitespace as one space")
 
 
-class ExactMatch:
+class ExactMatch(GenerationMetric):
     """Fraction of predictions that equal their reference."""
 
     Options = ExactMatchOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: ExactMatchOptions):
-        self.options = options
 
     def normalize(self, text: str) -> str:
         o = self.options
@@ -37,11 +33,9 @@ class ExactMatch:
             text = text.casefold()
         return text
 
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
-        if not references:
-            return float("nan")
         hits = sum(
             self.normalize(p) == self.normalize(r)
             for p, r in zip(predictions, references, strict=True)

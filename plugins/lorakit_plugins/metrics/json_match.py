@@ -8,34 +8,19 @@ share of the reference's top-level fields whose value the prediction reproduces 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
-import attrs
 from lorakit import hookimpl
 
+from lorakit_plugins.metrics._base import GenerationMetric
 from lorakit_plugins.metrics.json_valid import extract_json
 
 
-@attrs.frozen
-class NoOptions:
-    """This metric takes no options."""
-
-
-class JsonMatch:
+class JsonMatch(GenerationMetric):
     """Fraction of predictions whose JSON object equals the reference's."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
-        if not references:
-            return float("nan")
         hits = 0
         for pred, ref in zip(predictions, references, strict=True):
             want = extract_json(ref)
@@ -43,17 +28,10 @@ class JsonMatch:
         return hits / len(references)
 
 
-class JsonFieldAccuracy:
+class JsonFieldAccuracy(GenerationMetric):
     """Share of reference fields (over the whole split) reproduced with the same value."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
         total = right = 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-import attrs
 from lorakit import hookimpl
+
+from lorakit_plugins.metrics._base import GenerationMetric
 
 
 def _object_end(text: str, start: int) -> int | None:
@@ -57,26 +58,12 @@ def extract_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-@attrs.frozen
-class NoOptions:
-    """This metric takes no options."""
-
-
-class JsonValid:
+class JsonValid(GenerationMetric):
     """Fraction of predictions holding a JSON object."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
-        if not predictions:
-            return float("nan")
         return sum(extract_json(p) is not None for p in predictions) / len(predictions)
 
 

@@ -7,43 +7,24 @@ every supervised token, and their count); neither averages per-batch means.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
-import attrs
 from lorakit import hookimpl
 
-
-@attrs.frozen
-class NoOptions:
-    """This metric takes no options."""
+from lorakit_plugins.metrics._base import LossMetric
 
 
-class EvalLoss:
+class EvalLoss(LossMetric):
     """Mean negative log-likelihood per supervised token (nats)."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "loss"
-    higher_is_better: ClassVar[bool] = False
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(self, nll_sum: float, n_tokens: int) -> float:
-        return nll_sum / n_tokens if n_tokens else float("nan")
+    def from_mean_nll(self, mean_nll: float) -> float:
+        return mean_nll
 
 
-class Perplexity:
+class Perplexity(LossMetric):
     """exp(mean negative log-likelihood per supervised token)."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "loss"
-    higher_is_better: ClassVar[bool] = False
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(self, nll_sum: float, n_tokens: int) -> float:
-        return math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
+    def from_mean_nll(self, mean_nll: float) -> float:
+        return math.exp(mean_nll)
 
 
 @hookimpl

@@ -7,31 +7,19 @@ pad == eos masking bug); this metric makes that visible.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
-import attrs
 from lorakit import hookimpl
 
-
-@attrs.frozen
-class NoOptions:
-    """This metric takes no options."""
+from lorakit_plugins.metrics._base import GenerationMetric
 
 
-class Stops:
+class Stops(GenerationMetric):
     """Fraction of generations that stopped within ``[eval].max_new_tokens``."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
-        return sum(map(bool, stopped)) / len(stopped) if stopped else float("nan")
+        return sum(map(bool, stopped)) / len(stopped)
 
 
 @hookimpl

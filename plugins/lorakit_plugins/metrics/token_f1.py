@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
-import attrs
 from lorakit import hookimpl
+
+from lorakit_plugins.metrics._base import GenerationMetric
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -32,26 +32,12 @@ def f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@attrs.frozen
-class NoOptions:
-    """This metric takes no options."""
-
-
-class TokenF1:
+class TokenF1(GenerationMetric):
     """Mean per-example token F1."""
 
-    Options = NoOptions
-    kind: ClassVar[str] = "generation"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, options: Any):
-        self.options = options
-
-    def score(
+    def score_split(
         self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
     ) -> float:
-        if not references:
-            return float("nan")
         pairs = zip(predictions, references, strict=True)
         return sum(f1(p, r) for p, r in pairs) / len(references)
 

@@ -26,11 +26,10 @@ from lorakit.device import dtype_from_name
 from lorakit.options import option
 
 
-def _pin_4bit_layers(model: Any) -> int:
-    """Keep every 4-bit layer on the differentiable, compute-dtype path; return how many changed."""
+def _pin_4bit_layers(model: Any) -> None:
+    """Keep every 4-bit layer on the differentiable, compute-dtype path."""
     import bitsandbytes as bnb
 
-    changed = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -43,8 +42,6 @@ def _pin_4bit_layers(model: Any) -> int:
             )
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def _prepare(model: Any, gradient_checkpointing: bool) -> Any:
