@@ -1,36 +1,166 @@
-"""Packing must not let examples attend to each other (trl#1163)."""
+"""Packed padding-free batches: the layout, no attention across examples (trl#1163), the same
+loss as a padded batch, and a loss that does not depend on how examples are grouped."""
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lorakit.packing import IGNORE_INDEX, pack
 
-pytestmark = pytest.mark.slow
+
+def test_pack_layout():
+    a = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}
+    b = {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}
+    batch = pack([a, b])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    # position i predicts token i+1 of the same example; the last position of each predicts nothing
+    assert batch["labels"].tolist() == [[-100, 7, 8, -100, 10, 11, -100]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 7]
+    assert batch["max_length_q"] == 4
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tmp_path, chat_file, cli):
+rows_strategy = st.lists(
+    st.lists(st.tuples(st.integers(0, 500), st.booleans()), min_size=1, max_size=30),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows_strategy)
+def test_pack_keeps_every_target_once_and_never_crosses_examples(spec):
+    rows = [
+        {"input_ids": [t for t, _ in r], "labels": [t if s else IGNORE_INDEX for t, s in r]}
+        for r in spec
+    ]
+    batch = pack(rows)
+    targets = batch["labels"][0].tolist()
+    bounds = batch["cu_seq_lens_q"].tolist()
+    assert bounds[0] == 0 and bounds[-1] == len(targets) == sum(len(r["input_ids"]) for r in rows)
+    for row, (a, b) in zip(rows, itertools.pairwise(bounds), strict=True):
+        # the supervised tokens of an example, except its first (nothing predicts it), appear
+        # exactly once, in order, inside that example's span and nowhere else
+        assert targets[a:b] == [*row["labels"][1:], IGNORE_INDEX]
+        assert batch["position_ids"][0, a:b].tolist() == list(range(b - a))
+
+
+def test_pack_refuses_empty_input():
+    with pytest.raises(ValueError):
+        pack([])
+    with pytest.raises(ValueError):
+        pack([{"input_ids": [], "labels": []}])
+    with pytest.raises(ValueError):
+        pack([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def _tiny_model(tiny_model_dir):
     import torch
+    from lorakit.attention import use_packed_attention
     from transformers import AutoModelForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    a = {"input_ids": [5, 17, 33, 41, 60, 7], "labels": [5, 17, 33, 41, 60, 7]}
-    b = {"input_ids": [9, 12, 80, 3], "labels": [9, 12, 80, 3]}
-    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([a, b])
-    batch = {k: packed[k] for k in ("input_ids", "position_ids")}
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    use_packed_attention(model, "cpu")
+    return model, reference.eval()
+
+
+ROWS = [
+    {"input_ids": [5, 17, 33, 41, 60, 7], "labels": [-100, -100, 33, 41, 60, 7]},
+    {"input_ids": [9, 12, 80, 3], "labels": [-100, 12, 80, 3]},
+    {"input_ids": [44, 45, 46, 47, 48, 49, 50, 51, 52], "labels": [-100] * 5 + [49, 50, 51, 52]},
+]
+
+
+@pytest.mark.slow
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
+    import torch
+
+    model, reference = _tiny_model(tiny_model_dir)
+    batch = pack(ROWS)
+    kwargs = {k: batch[k] for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")}
     with torch.no_grad():
-        # as in training: TRL's SFTTrainer calls the model with use_cache=False, which is what
-        # lets transformers derive a block-diagonal mask from the packed position_ids
-        together = model(**batch, use_cache=False).logits[0]
-        alone_a = model(input_ids=torch.tensor([a["input_ids"]])).logits[0]
-        alone_b = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
-    assert torch.allclose(together[:6], alone_a, atol=1e-5)
-    assert torch.allclose(together[6:], alone_b, atol=1e-5), "b saw a's tokens"
+        together = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[0]
+        bounds = batch["cu_seq_lens_q"].tolist()
+        for row, (a, b) in zip(ROWS, itertools.pairwise(bounds), strict=True):
+            alone = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            assert torch.allclose(together[a:b], alone, atol=1e-5), "an example saw another"
 
-    # and a packed run trains end to end
-    from conftest import tiny_recipe
 
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "packed"')
-    code, _, err = cli(
-        "run", recipe, "train.packing=true", "train.max_steps=2", 'eval.metrics=["eval_loss"]'
-    )
-    assert code == 0, err
+@pytest.mark.slow
+def test_packed_loss_and_gradients_equal_a_padded_batch(tiny_model_dir):
+    """The packed, supervised-only loss is the padded batch's token-weighted loss, and its
+    gradients are the same (the head only skips positions with no target)."""
+    import torch
+    from lorakit.training import supervised_nll
+
+    model, reference = _tiny_model(tiny_model_dir)
+    model.train()
+    reference.train()
+    nll, n = supervised_nll(model, pack(ROWS))
+    loss = nll / n
+    longest = max(len(r["input_ids"]) for r in ROWS)
+    ids = torch.zeros((len(ROWS), longest), dtype=torch.long)
+    labels = torch.full((len(ROWS), longest), IGNORE_INDEX)
+    mask = torch.zeros((len(ROWS), longest), dtype=torch.long)
+    for i, r in enumerate(ROWS):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+        mask[i, : len(r["input_ids"])] = 1
+    padded = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert n == sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in ROWS)
+    assert torch.allclose(loss, padded, atol=1e-6), (loss.item(), padded.item())
+    loss.backward()
+    padded.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def _adapter(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_loss_does_not_depend_on_how_examples_are_grouped(tmp_path, tiny_model_dir, cli):
+    """One micro-batch of 4, or 2 of 2 with gradient accumulation, or 4 of 1: the same examples
+    per optimizer step give the same adapter (loss = summed token NLL / tokens of the step)."""
+    import torch
+    from conftest import chat_records, tiny_recipe, write_jsonl
+
+    records = chat_records(40)
+    for i, r in enumerate(records):  # uneven answer lengths, so per-micro-batch means would differ
+        r["messages"][1]["content"] += " ok" * (i % 7)
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    common = ("train.max_steps=3", "peft.dropout=0.0", 'eval.metrics=["eval_loss"]')
+    for name, bs, ga in (("b4", 4, 1), ("b2", 2, 2), ("b1", 1, 4)):
+        code, _, err = cli(
+            "run",
+            recipe,
+            f"output.name={name}",
+            f"train.per_device_train_batch_size={bs}",
+            f"train.gradient_accumulation_steps={ga}",
+            *common,
+        )
+        assert code == 0, err
+    a, b, c = (_adapter(tmp_path / "runs" / n) for n in ("b4", "b2", "b1"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.allclose(a[k], c[k], atol=1e-6), k
+    logged = [
+        [
+            json.loads(x)["loss"]
+            for x in (tmp_path / "runs" / n / "metrics.jsonl").open()
+            if '"loss"' in x
+        ]
+        for n in ("b4", "b2", "b1")
+    ]
+    assert len(logged[0]) == 3
+    assert logged[1] == pytest.approx(logged[0], abs=1e-5)
+    assert logged[2] == pytest.approx(logged[0], abs=1e-5)

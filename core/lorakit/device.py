@@ -1,8 +1,21 @@
-"""Device and dtype choices, kept in one place (imports torch lazily)."""
+"""Device, dtype and thread choices, kept in one place (imports torch lazily).
+
+CPUs differ a lot in bf16: with AVX512-BF16 or AMX a bf16 matmul runs about twice as fast as
+fp32, without them PyTorch emulates it and it is 30-200x slower. ``auto`` therefore never guesses
+from the CPU's name: it reads the CPU flags, and where they promise fast bf16 it times one short
+matmul in both dtypes and keeps the faster. The answer is cached per CPU model and torch version
+(``$LORAKIT_CACHE/cpu_dtype.json``), so the timing runs once per machine, not once per run.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_device(requested: str) -> str:
@@ -22,11 +35,14 @@ def resolve_device(requested: str) -> str:
 
 
 def auto_compute_dtype(device: str) -> Any:
-    """fp32 on CPU (bf16 matmul is ~30x slower there), bf16 on GPUs that support it, else fp16."""
+    """bf16 where the hardware runs it fast (capable GPUs, CPUs with measured fast bf16), else
+    fp16 on older GPUs and fp32 on CPUs."""
     import torch
 
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu" and cpu_bf16_is_faster():
+        return torch.bfloat16
     return torch.float32
 
 
@@ -36,3 +52,99 @@ def dtype_from_name(name: str, device: str) -> Any:
     if name == "auto":
         return auto_compute_dtype(device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def matmul_flops(dtype: Any, size: int = 1024, seconds: float = 0.3) -> float:
+    """Measured matmul FLOP/s of ``dtype`` on this CPU with the current thread count."""
+    import torch
+
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up (allocations, kernel selection)
+    n, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size**3 * n / elapsed
+
+
+def cpu_bf16_is_faster() -> bool:
+    """True when this CPU has bf16 instructions and a timed bf16 matmul beats fp32."""
+    if not any(flag in cpu_flags() for flag in BF16_FLAGS):
+        return False
+    import torch
+
+    key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    path = cache / "cpu_dtype.json"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        fp32 = matmul_flops(torch.float32)
+        bf16 = matmul_flops(torch.bfloat16)
+        known[key] = {"fp32_gflops": round(fp32 / 1e9, 1), "bf16_gflops": round(bf16 / 1e9, 1)}
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the timing again next run
+    rates = known[key]
+    return bool(rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"])
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads so the processes of this machine do not oversubscribe it.
+
+    ``requested`` > 0 wins; else ``OMP_NUM_THREADS`` if the user set it; else the cores this
+    process may run on, divided among the ranks that torchrun started on this node
+    (``LOCAL_WORLD_SIZE``). Two processes that each spin 2 OpenMP threads on 2 cores run ~8x
+    slower than one; the Rust tokenizer's own thread pool is turned off for the same reason.
+    """
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if requested > 0:
+        n = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        n = max(1, usable_cores() // max(1, per_node))
+    n = max(1, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -91,13 +91,21 @@ class TrainSection:
         False, doc="trade compute for memory (non-reentrant, safe with LoRA and DDP)"
     )
     packing: bool = option(
-        False, doc="pack short examples into max_length rows (attention stays within each example)"
+        False,
+        doc="fill each micro-batch by tokens (up to batch size x max_length) instead of a fixed "
+        "number of examples; rows are always packed without padding either way",
     )
     max_length: int = option(1024, doc="longest tokenized example, in tokens", validator=v.ge(8))
     device: Literal["auto", "cpu", "cuda", "mps"] = option(
         "auto", doc="where to train; auto picks cuda when available, else cpu"
     )
     dataloader_num_workers: int = option(0, doc="data loader worker processes", validator=v.ge(0))
+    threads: int = option(
+        0,
+        doc="CPU threads for torch; 0: the cores this process may use, shared among the "
+        "ranks torchrun started on this machine (OMP_NUM_THREADS, if set, wins)",
+        validator=v.ge(0),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:

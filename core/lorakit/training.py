@@ -1,39 +1,50 @@
-"""Build TRL's SFTTrainer for a recipe: config, datasets, callbacks.
+"""The training step: transformers' Trainer loop with lorakit's batches and loss.
 
-We hand SFTTrainer rows that are already tokenized with completion-only ``labels`` and skip its
-own preparation, so the labels it trains on are exactly the ones ``lorakit check`` reports.
-Padding uses ``-100`` labels, so an end-of-turn token equal to the pad token is still learned.
+Why not TRL's SFTTrainer (lorakit used it until 0.1): on real chat data it padded every
+micro-batch to its longest row (about half the positions were padding), projected every
+position, prompt and padding included, onto the whole vocabulary, and computed entropy and
+token accuracy over those full logits at every step. lorakit keeps what the Trainer does well
+(optimizer, schedule, gradient accumulation, clipping, checkpoints with optimizer/scheduler/RNG
+state, exact resume, DDP/FSDP/DeepSpeed through accelerate, callbacks) and replaces the step:
+
+- a micro-batch is packed into one padding-free row (``lorakit.packing``) and attention stays
+  inside each example (``lorakit.attention``): no position is computed for padding;
+- the language-model head runs only at supervised positions (``logits_to_keep``), so prompt
+  tokens never reach the vocabulary projection, and the cross-entropy is summed over them;
+- the loss is the summed token NLL divided by the supervised tokens of the whole optimizer step
+  (all micro-batches, all ranks), so it does not depend on how examples were grouped into
+  micro-batches or devices;
+- nothing else runs per step: no entropy, no accuracy, no extra logits.
+
+Labels come from lorakit's tokenizer (completion-only, built from segment masks), so the tokens
+trained on are exactly the ones ``lorakit check`` reports.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.tokenize import Tokenized
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.packing import RowDataset, pack
 from lorakit.recipe import Recipe
 from lorakit.rundir import COMPLETE
 
-
-def to_dataset(rows: Sequence[Tokenized]) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_dict(
-        {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
-    )
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def sft_config(
+def training_args(
     recipe: Recipe, output_dir: Path, device: str, compute_dtype: Any, has_eval: bool
 ) -> Any:
-    import torch
-    from trl import SFTConfig
+    from transformers import TrainingArguments
 
     t = recipe.train
     eval_steps = t.eval_steps if (t.eval_steps and has_eval) else None
-    return SFTConfig(
+    return TrainingArguments(
         output_dir=str(output_dir),
         seed=t.seed,
         data_seed=t.seed,
@@ -55,21 +66,110 @@ def sft_config(
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
-        # SFTConfig defaults to bf16 and gradient checkpointing: both wrong on CPU.
-        bf16=device == "cuda" and compute_dtype == torch.bfloat16,
-        fp16=device == "cuda" and compute_dtype == torch.float16,
+        # The base weights are already in the compute dtype; mixed-precision autocast on top
+        # would only add casts. LoRA weights and optimizer state stay fp32 (peft keeps them so).
+        bf16=False,
+        fp16=device == "cuda" and compute_dtype == _torch().float16,
         use_cpu=device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        max_length=t.max_length,
-        packing=t.packing,
-        packing_strategy="bfd",
-        dataset_kwargs={"skip_prepare_dataset": not t.packing},
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
+        average_tokens_across_devices=True,
+        include_num_input_tokens_seen="all",  # rows are packed: every input token is real
         report_to="none",
         disable_tqdm=False,
     )
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:
+    """Summed next-token NLL over the supervised positions of a packed batch, and their count.
+
+    ``batch["labels"]`` holds shifted targets (see ``lorakit.packing``). The model computes
+    logits only where a target exists (``logits_to_keep``); models whose forward has no such
+    argument compute all logits and are indexed afterwards.
+    """
+    import torch.nn.functional as F
+
+    targets = batch["labels"].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
+    if head_kwarg:
+        extra["logits_to_keep"] = keep
+    out = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    if not head_kwarg:
+        logits = logits[keep]
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return nll, int(keep.numel())
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def make_trainer_class() -> Any:
+    from transformers import Trainer
+
+    class LorakitTrainer(Trainer):
+        """Trainer whose step is lorakit's packed, supervised-only, token-weighted loss."""
+
+        # compute_loss divides by the supervised tokens of the whole optimizer step already
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # labels are shifted by the collator: count them as they are, over every
+            # micro-batch of the step (and every rank), for ``num_items_in_batch``
+            self._loss_shifts_labels = False
+            self.model_accepts_loss_kwargs = True
+            self._head_kwarg = accepts_logits_to_keep(self.model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            nll, n = supervised_nll(model, inputs, self._head_kwarg)
+            denominator = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+            loss = nll / denominator
+            if self.accelerator.num_processes > 1:
+                # DDP averages gradients over ranks; the denominator already counts all ranks
+                loss = loss * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Token-weighted loss over the whole eval split (not a mean of batch means)."""
+            import torch
+
+            loader = self.get_eval_dataloader(eval_dataset)
+            model: Any = self.model
+            was_training = model.training
+            model.eval()
+            total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+            with torch.no_grad():
+                for batch in loader:
+                    batch = self._prepare_inputs(batch)
+                    nll, n = supervised_nll(model, batch, self._head_kwarg)
+                    total[0] += nll.double()
+                    total[1] += n
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            if was_training:
+                model.train()
+            metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
+            return metrics
+
+    return LorakitTrainer
 
 
 def make_callbacks(metrics_path: Path) -> list[Any]:
@@ -81,7 +181,12 @@ def make_callbacks(metrics_path: Path) -> list[Any]:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "time": round(time.time(), 3),
+                **logs,
+            }
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -98,8 +203,8 @@ def make_callbacks(metrics_path: Path) -> list[Any]:
     class KeepTrainingRng(TrainerCallback):
         """Evaluation leaves the training random stream untouched.
 
-        Building the eval dataloader draws from torch's global generator, so without this every
-        mid-training evaluation would shift the dropout masks of all later steps: adding
+        Building the eval dataloader may draw from torch's global generator, so without this a
+        mid-training evaluation could shift the dropout masks of all later steps: adding
         ``eval_steps`` would change the trained adapter. The state is taken when the trainer
         decides to evaluate and put back once evaluation is done (checkpoints are saved after).
         """
@@ -137,7 +242,6 @@ def make_callbacks(metrics_path: Path) -> list[Any]:
 def build_trainer(
     recipe: Recipe,
     model: Any,
-    tokenizer: Any,
     train_rows: Sequence[Tokenized],
     eval_rows: Sequence[Tokenized],
     output_dir: Path,
@@ -145,34 +249,16 @@ def build_trainer(
     device: str,
     compute_dtype: Any,
 ) -> Any:
-    from trl import SFTTrainer
+    from lorakit.attention import use_packed_attention
 
-    args = sft_config(recipe, output_dir, device, compute_dtype, has_eval=bool(eval_rows))
-    # TRL's own collator pads labels with -100 (by position, not by token id), and with packing
-    # it switches to padding-free rows whose position_ids keep examples from attending to each
-    # other.
-    trainer = SFTTrainer(
+    use_packed_attention(model, device)
+    args = training_args(recipe, output_dir, device, compute_dtype, has_eval=bool(eval_rows))
+    trainer_class = make_trainer_class()
+    return trainer_class(
         model=model,
         args=args,
-        train_dataset=to_dataset(train_rows),
-        eval_dataset=to_dataset(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
+        train_dataset=RowDataset(train_rows),
+        eval_dataset=RowDataset(eval_rows) if eval_rows else None,
+        data_collator=pack,
         callbacks=make_callbacks(metrics_path),
     )
-    keep_adapter_dtype(trainer.model, compute_dtype)
-    return trainer
-
-
-def keep_adapter_dtype(model: Any, compute_dtype: Any) -> None:
-    """Undo TRL's cast of trainable weights to bf16 on quantized models when computing in fp32.
-
-    TRL follows the QLoRA paper (bf16 adapters), which on CPU means ~30x slower matmuls and a
-    less precise adapter. The optimizer is created later, in ``train()``, so this is safe here.
-    """
-    import torch
-
-    if compute_dtype != torch.float32:
-        return
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()

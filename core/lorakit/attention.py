@@ -1,0 +1,109 @@
+"""Attention over packed rows: each example attends only to itself, with no mask in memory.
+
+transformers lets a model's attention be swapped by name (``AttentionInterface``). lorakit
+registers ``lorakit_varlen``: the packed row is cut at the example boundaries that the packing
+collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
+``scaled_dot_product_attention`` with ``is_causal=True``. Compared with one block-diagonal mask
+over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask;
+on GPUs SDPA picks its flash or memory-efficient kernel for each piece. With the ``flash_attn``
+package on CUDA, :func:`choose` prefers transformers' own ``flash_attention_2``, which reads the
+same ``cu_seq_lens_*`` arguments.
+
+No mask function is registered for the name, so transformers builds no mask at all; the function
+refuses a batch it cannot handle (several rows and no boundaries) rather than attend wrongly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+NAME = "lorakit_varlen"
+_registered = False
+
+
+def varlen_sdpa(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """``query`` is ``[1, heads, T, dim]``; returns ``[1, T, heads, dim]`` like transformers' SDPA."""
+    import torch.nn.functional as F
+
+    if cu_seq_lens_q is None:
+        if query.shape[0] != 1 or attention_mask is not None:
+            raise RuntimeError(
+                f"{NAME} attention needs packed rows (cu_seq_lens_q); got a padded batch"
+            )
+        bounds = [0, query.shape[2]]
+    else:
+        bounds = cu_seq_lens_q.tolist()
+    gqa = key.shape[1] != query.shape[1]
+    p = dropout if module.training else 0.0
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    out = pieces[0] if len(pieces) == 1 else _cat(pieces)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _cat(pieces: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(pieces, dim=2)
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_sdpa)
+    _registered = True
+
+
+def choose(device: str) -> str:
+    """The attention implementation for packed training rows on ``device``."""
+    if device == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    register()
+    return NAME
+
+
+def use_packed_attention(model: Any, device: str) -> str:
+    """Switch ``model`` (a transformers model, possibly PEFT-wrapped) to packed-row attention."""
+    from lorakit.errors import ModelError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = choose(device)
+    if not base._can_set_attn_implementation():
+        raise ModelError(
+            f"{type(base).__name__} does not let its attention be swapped, so lorakit cannot "
+            "keep packed examples from attending to each other",
+            where="[model]",
+            fix="use a model class that follows transformers' AttentionInterface (Llama, Mistral, "
+            "Qwen2, Gemma, Phi-3 ...)",
+        )
+    base.set_attn_implementation(name)
+    if base.config._attn_implementation != name:
+        raise ModelError(f"{type(base).__name__} refused attention implementation {name!r}")
+    return name

@@ -1,0 +1,65 @@
+"""LoRA dropout that costs a third of ``nn.Dropout`` on CPU.
+
+PEFT puts an ``nn.Dropout`` in front of every adapter. On CPU its mask costs one call of the
+random generator per element, which on a 135M model is as slow as the layer's own matmul (about
+9% of a step on 2 cores). :class:`FastDropout` draws 64 random bits at a time and cuts them into
+four 16-bit numbers, so it needs a quarter of the generator calls; an element is kept when its
+number is at or above ``round(p * 65536)``. The drop rate is therefore ``p`` rounded to 1/65536
+(0.05 becomes 0.0500030...), kept elements are scaled by ``1 / (1 - rate)`` as in
+``nn.Dropout``, and the masks come from torch's seeded generator like every other random draw,
+so runs stay reproducible. In eval mode it is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LEVELS = 1 << 16
+
+
+class FastDropout(torch.nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * LEVELS)  # numbers below this (of 65536) are dropped
+        self.scale = LEVELS / (LEVELS - self.threshold)
+
+    @property
+    def rate(self) -> float:
+        """The drop probability actually used (``p`` rounded to 1/65536)."""
+        return self.threshold / LEVELS
+
+    def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        n = shape.numel()
+        words = torch.randint(
+            -(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device
+        )
+        numbers = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+        return numbers >= self.threshold - LEVELS // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        keep = self.keep_mask(x.shape, x.device).to(x.dtype).mul_(self.scale)
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: Any) -> int:
+    """Swap every LoRA ``nn.Dropout`` of a PEFT model for :class:`FastDropout`; return how many."""
+    swapped = 0
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if not isinstance(table, torch.nn.ModuleDict):
+            continue
+        for name, layer in list(table.items()):
+            if type(layer) is torch.nn.Dropout and layer.p > 0:
+                table[name] = FastDropout(layer.p)
+                swapped += 1
+    return swapped

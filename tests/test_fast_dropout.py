@@ -1,0 +1,68 @@
+"""FastDropout: the drop rate and scale of nn.Dropout, seeded masks, identity in eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit.fast_dropout import FastDropout, use_fast_dropout
+
+
+def test_rate_scale_and_expectation():
+    torch.manual_seed(0)
+    drop = FastDropout(0.05).train()
+    x = torch.ones(1000, 1000)
+    y = drop(x)
+    kept = y != 0
+    assert abs(drop.rate - 0.05) < 1 / 65536
+    assert abs(1 - kept.float().mean().item() - drop.rate) < 0.002  # 1e6 draws: ~0.0002 sd
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - drop.rate)))
+    assert abs(y.mean().item() - 1.0) < 0.005, "unbiased, as nn.Dropout"
+
+
+def test_masks_are_seeded_and_independent_per_call():
+    drop = FastDropout(0.3).train()
+    x = torch.randn(64, 33)  # a size that is not a multiple of 4
+    torch.manual_seed(5)
+    a, b = drop(x), drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), a), "same seed, same mask"
+    assert not torch.equal(a, b), "each call draws a new mask"
+
+
+def test_eval_mode_and_zero_rate_are_the_identity():
+    x = torch.randn(8, 8)
+    assert FastDropout(0.5).eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError):
+        FastDropout(1.0)
+
+
+def test_gradient_is_masked_and_scaled():
+    torch.manual_seed(1)
+    drop = FastDropout(0.25).train()
+    x = torch.randn(50, 40, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    keep = y.detach() != 0
+    assert torch.allclose(x.grad[keep], torch.full_like(x.grad[keep], drop.scale))
+    assert torch.all(x.grad[~keep] == 0)
+
+
+def test_swaps_only_lora_dropout_layers():
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+            self.k = torch.nn.Linear(8, 8)
+            self.keep = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.keep(self.q(x) + self.k(x))
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q", "k"]))
+    assert use_fast_dropout(model) == 2
+    found = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert len(found) == 2 and all(m.p == 0.1 for m in found)
+    assert type(model.base_model.model.keep) is torch.nn.Dropout, "the model's own dropout stays"
