@@ -74,7 +74,8 @@ def write_gguf_export(
         check_template,
         check_tokenizer,
         check_tolerance,
-        read_back,
+        read_model,
+        read_tokenizer,
     )
     from lorakit.merge import _check_tolerance, merge_base_label, merge_fp32
     from lorakit.modelfile import jinja_renderer, render_modelfile, translate
@@ -103,7 +104,7 @@ def write_gguf_export(
         say(
             f"GGUF written ({path.name}, {files[gguf_type]['bytes'] / 2**20:.1f} MiB); reading it back"
         )
-        model, tokenizer = read_back(path, loaded.device)
+        model = read_model(path, loaded.device)
         logits = probe_logits(model, probes)
         del model
         gc.collect()
@@ -115,8 +116,13 @@ def write_gguf_export(
             argmax_agreement=argmax_agreement(reference, logits),
         )
         check_tolerance(row, gguf_type, reference, report.reference_ppl)
-        tokenizer_check = check_tokenizer(tokenizer, probes, loaded.tokenizer)
-        if not template_check:
+        if not tokenizer_check:
+            # Every type carries the same tokenizer metadata: check it (and the template) once.
+            tokenizer = read_tokenizer(path)
+            tokenizer_check = {
+                "file": path.name,
+                **check_tokenizer(tokenizer, probes, loaded.tokenizer),
+            }
             train = split_examples(run.path, "train")
             template_check = check_template(tokenizer, train, loaded.formatter, loaded.tokenizer)
             translation = translate(

@@ -53,17 +53,24 @@ def _no_progress_bars() -> Iterator[None]:
         yield
 
 
-def read_back(path: Path, device: str = "cpu") -> tuple[Any, Any]:
-    """(model in fp32, tokenizer) rebuilt from the GGUF alone by transformers."""
+def read_model(path: Path, device: str = "cpu") -> Any:
+    """The model in fp32, rebuilt from the GGUF alone (config from its metadata) by transformers."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     with _no_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model: Any = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
+
+
+def read_tokenizer(path: Path) -> Any:
+    """The tokenizer rebuilt by transformers from the GGUF's ``tokenizer.ggml.*`` metadata."""
+    from transformers import AutoTokenizer
+
+    with _no_progress_bars():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def argmax_agreement(reference: list[Any], other: list[Any]) -> float:

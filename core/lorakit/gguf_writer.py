@@ -113,7 +113,8 @@ def _convert(array: Any, gguf_type: str) -> tuple[Any, Any]:
     if gguf_type == "q8_0" and array.shape[-1] % Q8_BLOCK == 0:
         kind = gguf.GGMLQuantizationType.Q8_0
         return gguf.quants.quantize(array.astype(np.float32), kind), kind
-    half = array.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+        half = array.astype(np.float16)
     if not np.isfinite(half).all():
         raise RunError(
             f"a weight overflows float16 (|value| > 65504) in the {gguf_type} GGUF",
