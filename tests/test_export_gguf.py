@@ -396,6 +396,9 @@ learning_rate = 1e-3
 max_length = 96
 save_steps = 100
 gradient_checkpointing = false
+[eval]
+metrics = ["eval_loss"]
+baseline = false
 [[data.sources]]
 plugin = "chat_jsonl"
 path = "chat.jsonl"

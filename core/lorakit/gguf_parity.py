@@ -36,12 +36,12 @@ class Tolerance:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
 
 
-# Measured on SmolLM2-135M after a short run (docs/export.md): f16 ~0.1% of the logit scale and
-# ~0.05% perplexity, q8_0 ~3% and ~0.5%. The bounds leave a few times that.
+# Measured on SmolLM2-135M after a short LoRA run (docs/export.md): f16 0.12% of the logit scale
+# and 0.02% perplexity, q8_0 3.5% and 0.3%. The bounds leave about three times that or more.
 TOLERANCES = {
     "f32": Tolerance(max_abs=FP32_TOLERANCE),
     "f16": Tolerance(max_rel=0.01, ppl_rel=0.005),
-    "q8_0": Tolerance(max_rel=0.08, ppl_rel=0.03),
+    "q8_0": Tolerance(max_rel=0.1, ppl_rel=0.03),
 }
 
 
