@@ -134,7 +134,11 @@ def test_merge_base_without_merge_is_a_clear_error(tmp_path, capsys):
 
     assert main(["export", str(tmp_path), "--merge-base", "dequantized"]) == 2
     err = capsys.readouterr().err
-    assert "--merge was not given" in err and "add --merge" in err and "Traceback" not in err
+    assert (
+        "neither --merge nor --gguf was given" in err
+        and "add --merge" in err
+        and "Traceback" not in err
+    )
     assert not list(Path(tmp_path).iterdir())
 
 

@@ -7,6 +7,7 @@ Layout of the export folder (``RUN_DIR/export/`` unless ``--out``)::
     merged/             (--merge) config.json, model*.safetensors, tokenizer + chat template,
                         generation_config.json, lorakit.json, README.md
     parity.json         (--merge) merged vs base + adapter, quantized base + adapter vs both
+    gguf/               (--gguf) <run>-<TYPE>.gguf, adapter GGUF, Modelfile, parity.json, README.md
     lorakit_export.json marks the folder as a lorakit export (only those are ever replaced)
 
 The export is built in a temporary sibling folder and moved into place when complete, so a
@@ -21,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ class ExportResult:
     adapter: Path
     merged: Path | None
     parity: dict[str, Any] | None
+    gguf: Path | None = None
+    gguf_parity: dict[str, Any] | None = None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -116,9 +119,11 @@ def export_run(
     merge_base: str = "original",
     out: Path | None = None,
     overwrite: bool = False,
+    gguf_types: Sequence[str] = (),
     say: Callable[[str], None] = _say,
 ) -> ExportResult:
-    """Export the adapter of ``run_dir`` (and with ``merge`` a merged model); return the paths."""
+    """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
+    merged GGUF files); return the paths."""
     import transformers
 
     from lorakit.inference import open_run, prepare_inference
@@ -148,6 +153,12 @@ def export_run(
         meta["system_prompt"] = system_prompt
     base_path = meta.get("base_model_path") or resolve_model(recipe, catalog).path
     meta.setdefault("base_model_path", base_path)
+    vocab = None
+    if gguf_types:
+        # Refuse what a GGUF cannot hold (architecture, tokenizer) before loading any weights.
+        from lorakit.gguf_export import preflight
+
+        vocab = preflight(loaded, base_path)
     card_inputs: dict[str, Any] = {
         "meta": meta,
         "recipe_text": run.recipe.read_text(encoding="utf-8"),
@@ -186,7 +197,21 @@ def export_run(
             write_json(tmp / "merged" / META, {**meta, **merge_info})
             write_json(tmp / "parity.json", parity)
 
-        # 5. Model cards and the export marker, then move the finished export into place.
+        # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
+        gguf_parity = None
+        if gguf_types and vocab is not None:
+            from lorakit.gguf_export import write_gguf_export
+
+            gguf_parity = write_gguf_export(
+                recipe, catalog, run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
+            )
+            write_json(tmp / "gguf" / "parity.json", gguf_parity)
+            (tmp / "gguf" / "README.md").write_text(
+                render_card(kind="gguf", parity=gguf_parity, merge_info=None, **card_inputs),
+                encoding="utf-8",
+            )
+
+        # 6. Model cards and the export marker, then move the finished export into place.
         (adapter_out / "README.md").write_text(
             render_card(kind="adapter", parity=parity, merge_info=None, **card_inputs),
             encoding="utf-8",
@@ -204,6 +229,7 @@ def export_run(
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "merged": merge,
                 "dtype": dtype if merge else None,
+                "gguf": list(gguf_types),
             },
         )
         _publish(tmp, out)
@@ -212,5 +238,10 @@ def export_run(
             shutil.rmtree(tmp, ignore_errors=True)
         gc.collect()
     return ExportResult(
-        out=out, adapter=out / "adapter", merged=out / "merged" if merge else None, parity=parity
+        out=out,
+        adapter=out / "adapter",
+        merged=out / "merged" if merge else None,
+        parity=parity,
+        gguf=out / "gguf" if gguf_types else None,
+        gguf_parity=gguf_parity,
     )

@@ -140,27 +140,23 @@ def _dequantized_base(recipe: Any, catalog: Any, device: str, say: Callable[[str
     return base.to(torch.float32)
 
 
-def write_merged(
+def merge_fp32(
     recipe: Any,
     catalog: Any,
     run: Any,
     loaded: Any,
-    folder: Path,
-    dtype_name: str,
-    generation_config: Any,
+    probes: Any,
     say: Callable[[str], None],
     merge_base: str = "original",
-) -> dict[str, Any]:
-    """Merge, cast, save to ``folder``, measure parity; return the parity record."""
+) -> tuple[Any, Any, list[Any]]:
+    """Load the fp32 merge base with the adapter, measure it, merge; return (merged model,
+    parity report against the reference, logits of the unmerged fp32 model)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from lorakit.modeling import load_adapter, load_base_model
-    from lorakit.parity import ParityReport, build_probes, probe_logits
+    from lorakit.parity import ParityReport, probe_logits
 
     device = loaded.device
-    probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-
     if merge_base == "dequantized":
         # Reference: the model as trained, the quantized base with the adapter attached.
         from lorakit.inference import load_model
@@ -184,8 +180,28 @@ def write_merged(
         model.eval()
         unmerged = probe_logits(model, probes)
         report = ParityReport(probes, unmerged, "fp32 unquantized base + adapter (unmerged)")
+    return merge_adapter(model), report, unmerged
 
-    merged = merge_adapter(model)
+
+def write_merged(
+    recipe: Any,
+    catalog: Any,
+    run: Any,
+    loaded: Any,
+    folder: Path,
+    dtype_name: str,
+    generation_config: Any,
+    say: Callable[[str], None],
+    merge_base: str = "original",
+) -> dict[str, Any]:
+    """Merge, cast, save to ``folder``, measure parity; return the parity record."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.parity import build_probes, probe_logits
+
+    device = loaded.device
+    probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
+    merged, report, unmerged = merge_fp32(recipe, catalog, run, loaded, probes, say, merge_base)
     if dtype_name != "fp32":
         # Check the merge itself before the cast blurs it; for fp32 the reload below does.
         logits = probe_logits(merged, probes)
@@ -200,7 +216,7 @@ def write_merged(
         raise RunError(
             f"the merged model in {folder} was not saved as safetensors", fix="report this bug"
         )
-    del merged, model, base
+    del merged
     gc.collect()
     say(f"merged model written ({dtype_name})")
 

@@ -57,6 +57,12 @@ def _parity_section(parity: Mapping[str, Any] | None) -> list[str]:
             f"| {row['model']} | {row['max_abs_logit_diff']:.3g} | {row['ppl']:.4f} | "
             f"{row['ppl_diff_vs_reference']:+.4f} |"
         )
+    for row in parity["comparisons"].values():
+        if "argmax_agreement" in row:
+            out.append(
+                f"\n{row['model']}: next-token argmax agrees with the reference at "
+                f"{row['argmax_agreement']:.1%} of positions; tolerance {_fmt(row.get('tolerance'))}."
+            )
     if "quantized_vs_merged_ppl_diff" in parity:
         out += [
             "",
@@ -64,6 +70,38 @@ def _parity_section(parity: Mapping[str, Any] | None) -> list[str]:
             f"{parity['quantized_vs_merged_ppl_diff']:+.4f}.",
         ]
     return [*out, ""]
+
+
+_TITLES = {"adapter": "LoRA adapter", "merged": "Merged model", "gguf": "GGUF model"}
+
+
+def _gguf_use(parity: Mapping[str, Any]) -> list[str]:
+    files = [row["file"] for row in parity.get("comparisons", {}).values() if "file" in row]
+    first = files[0] if files else "<file>.gguf"
+    template = (parity.get("chat_template") or {}).get("ollama_template")
+    out = [
+        f"Files: {', '.join(f'`{f}`' for f in files) or 'none'}. Each carries the tokenizer, the",
+        "run's chat template, BOS/EOS and the end-of-turn token "
+        f"(stop tokens: {', '.join(f'`{t}`' for t in parity.get('stop_tokens', []))}).",
+        "",
+        "```sh",
+        f"llama-cli -m {first} -cnv",
+        "ollama create my-model -f Modelfile && ollama run my-model",
+        "```",
+        "",
+        f"Ollama TEMPLATE: translated from the chat template ({template})."
+        if template
+        else "Ollama TEMPLATE: **not translated** (see the comment in `Modelfile`).",
+    ]
+    adapter = parity.get("adapter_gguf") or {}
+    if adapter.get("written"):
+        out.append(
+            f"Adapter alone: `{adapter['file']}` for `llama-cli -m BASE.gguf --lora {adapter['file']}`"
+            " (BASE: a GGUF of the same base model)."
+        )
+    elif adapter:
+        out.append(f"No adapter-only GGUF: {adapter.get('reason')}.")
+    return out
 
 
 def render_card(
@@ -77,9 +115,9 @@ def render_card(
     parity: Mapping[str, Any] | None,
     merge_info: Mapping[str, Any] | None,
 ) -> str:
-    """Markdown for ``kind`` = "adapter" or "merged"."""
+    """Markdown for ``kind`` = "adapter", "merged" or "gguf" (the GGUF folder)."""
     base = meta.get("base_model", "unknown")
-    library = "peft" if kind == "adapter" else "transformers"
+    library = {"adapter": "peft", "gguf": "gguf"}.get(kind, "transformers")
     quant = meta.get("quant") or {}
     lines = [
         "---",
@@ -90,7 +128,7 @@ def render_card(
         + "]",
         "---",
         "",
-        f"# {'LoRA adapter' if kind == 'adapter' else 'Merged model'} trained with lorakit",
+        f"# {_TITLES.get(kind, 'Merged model')} trained with lorakit",
         "",
         f"- base model: {base}",
         f"- training quantization: {_fmt(quant) if quant else 'none'}",
@@ -108,11 +146,17 @@ def render_card(
             f"- merge: adapter merged into the **{merge_info['merge_base']}** base "
             f"(safe_merge), then cast to {merge_info['dtype']}"
         )
+    if kind == "gguf" and parity:
+        lines.append(
+            f"- GGUF merge: adapter merged into the **{parity.get('merge_base', '?')}** base"
+        )
     lines.append("")
     lines += _metrics_section(eval_report, last_eval)
     lines += _parity_section(parity)
     lines += ["## Use", ""]
-    if kind == "adapter":
+    if kind == "gguf":
+        lines += _gguf_use(parity or {})
+    elif kind == "adapter":
         lines += [
             "```python",
             "from peft import AutoPeftModelForCausalLM",
@@ -127,6 +171,7 @@ def render_card(
             'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
             "```",
         ]
-    lines += ["", 'or `lorakit generate <this folder> --prompt "..."`.', ""]
+    if kind != "gguf":
+        lines += ["", 'or `lorakit generate <this folder> --prompt "..."`.', ""]
     lines += ["## Recipe", "", "```toml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

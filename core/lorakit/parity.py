@@ -42,15 +42,20 @@ class Probes:
 
 
 def _val_examples(run_dir: Path | None, limit: int) -> list[Example]:
+    return split_examples(run_dir, "val", limit)
+
+
+def split_examples(run_dir: Path | None, split: str, limit: int | None = None) -> list[Example]:
+    """Up to ``limit`` examples of the run's ``data/splits/<split>.jsonl`` (all if None)."""
     if run_dir is None:
         return []
-    path = run_dir / "data" / "splits" / "val.jsonl"
+    path = run_dir / "data" / "splits" / f"{split}.jsonl"
     if not path.is_file():
         return []
     out: list[Example] = []
     with path.open(encoding="utf-8") as f:
         for line in f:
-            if len(out) >= limit:
+            if limit is not None and len(out) >= limit:
                 break
             rec = json.loads(line)
             if rec.get("messages"):

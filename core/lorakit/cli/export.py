@@ -1,5 +1,5 @@
-"""``lorakit export RUN_DIR [--merge] [--merge-base original|dequantized] [--dtype ...] [--out DIR]
-[--overwrite]``."""
+"""``lorakit export RUN_DIR [--merge] [--merge-base original|dequantized] [--dtype ...]
+[--gguf [--gguf-type f32|f16|q8_0 ...]] [--out DIR] [--overwrite]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from lorakit.errors import RunError
 from lorakit.merge import DTYPES, MERGE_BASES
 from lorakit.plugins import default_catalog
+
+GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.gguf_writer.GGUF_TYPES, without importing gguf
 
 
 def add_parser(sub) -> None:
@@ -32,6 +34,18 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--dtype", choices=DTYPES, default="fp32", help="dtype of the merged weights (default fp32)"
     )
+    p.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also write the merged model as GGUF (llama.cpp, Ollama, LM Studio) with a Modelfile, "
+        "read it back and check parity",
+    )
+    p.add_argument(
+        "--gguf-type",
+        action="append",
+        choices=GGUF_TYPES,
+        help="GGUF weight type (default f16); repeat for several files from one merge",
+    )
     p.add_argument("--out", type=Path, help="export folder (default RUN_DIR/export)")
     p.add_argument(
         "--overwrite",
@@ -45,9 +59,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lorakit.export import export_run
 
-    if args.merge_base is not None and not args.merge:
+    if args.gguf_type and not args.gguf:
         raise RunError(
-            "--merge-base chooses what --merge merges into, but --merge was not given",
+            "--gguf-type chooses the GGUF weight type, but --gguf was not given",
+            fix=f"add --gguf: lorakit export {args.run_dir} --gguf --gguf-type {args.gguf_type[0]}",
+        )
+    if args.merge_base is not None and not (args.merge or args.gguf):
+        raise RunError(
+            "--merge-base chooses what --merge or --gguf merges into, but neither --merge nor "
+            "--gguf was given",
             fix=f"add --merge: lorakit export {args.run_dir} --merge --merge-base {args.merge_base}",
         )
 
@@ -59,6 +79,7 @@ def run(args) -> int:
         merge_base=args.merge_base or "original",
         out=args.out,
         overwrite=args.overwrite,
+        gguf_types=tuple(dict.fromkeys(args.gguf_type or ["f16"])) if args.gguf else (),
     )
     print(f"adapter: {result.adapter}")
     if result.merged is not None:
@@ -70,4 +91,14 @@ def run(args) -> int:
                 f"ppl diff {row['ppl_diff_vs_reference']:+.4f}"
             )
         print(f"parity.json: {result.out / 'parity.json'}")
+    if result.gguf is not None and result.gguf_parity is not None:
+        for key, row in result.gguf_parity["comparisons"].items():
+            if key.startswith("gguf_"):
+                print(
+                    f"gguf:    {result.gguf / row['file']}: max |logit diff| "
+                    f"{row['max_abs_logit_diff']:.3g}, argmax agreement {row['argmax_agreement']:.1%}, "
+                    f"ppl diff {row['ppl_diff_vs_reference']:+.4f}"
+                )
+        print(f"gguf:    {result.gguf / 'Modelfile'} (ollama create NAME -f Modelfile)")
+        print(f"parity.json: {result.gguf / 'parity.json'}")
     return 0

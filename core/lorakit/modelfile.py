@@ -1,0 +1,176 @@
+"""An Ollama ``Modelfile`` for an exported GGUF: FROM, TEMPLATE, SYSTEM, PARAMETER stop.
+
+Ollama templates are Go templates, not Jinja, so the run's chat template has to be translated.
+lorakit does not parse Jinja: it recognises a template by what it renders. Each known family
+(ChatML, Mistral ``[INST]``) has a reference renderer here and a Go template; a family is
+chosen only when the run's template renders every probe conversation exactly like the
+reference. Anything else gets no TEMPLATE line and a comment saying so, never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+Conversation = Sequence[tuple[str, str]]
+Render = Callable[[Conversation, bool], str]
+
+_PROBES: tuple[Conversation, ...] = (
+    (("user", "Hi there"),),
+    (("user", "Hi there"), ("assistant", "Hello!")),
+    (("system", "Be brief."), ("user", "2 + 2 ="), ("assistant", "4"), ("user", "and 3 + 3?")),
+    (("user", "one"), ("assistant", "two"), ("user", "three")),
+)
+
+CHATML_GO = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+# The system message (if any) is folded into the first user turn, as Mistral's templates do.
+MISTRAL_GO = """{{- $system := "" }}
+{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}
+{{- $first := true }}{BOS}
+{{- range .Messages }}
+{{- if eq .Role "user" }}[INST] {{ if and $first $system }}{{ $system }}
+
+{{ end }}{{ .Content }} [/INST]{{ $first = false }}
+{{- else if eq .Role "assistant" }} {{ .Content }}{EOS}
+{{- end }}
+{{- end }}"""
+
+
+@attrs.frozen
+class Translation:
+    family: str | None  # "chatml", "mistral_inst" or None (not translatable)
+    template: str | None  # the Go template
+    system: str | None  # a default system prompt the Jinja template inserts
+    reason: str = ""  # why there is no template
+
+
+def _chatml(default_system: str | None) -> Render:
+    def render(conv: Conversation, generation_prompt: bool) -> str:
+        turns = list(conv)
+        if default_system is not None and (not turns or turns[0][0] != "system"):
+            turns.insert(0, ("system", default_system))
+        text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+        return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+    return render
+
+
+def _mistral(bos: str, eos: str) -> Render:
+    def render(conv: Conversation, generation_prompt: bool) -> str:
+        system = next((c for r, c in conv if r == "system"), None)
+        text, first = bos, True
+        for role, content in conv:
+            if role == "user":
+                lead = f"{system}\n\n" if first and system else ""
+                text += f"[INST] {lead}{content} [/INST]"
+                first = False
+            elif role == "assistant":
+                text += f" {content}{eos}"
+        return text
+
+    return render
+
+
+def _default_system(render_jinja: Render) -> str | None:
+    """The system prompt a ChatML template adds to conversations that have none, if any."""
+    text = render_jinja((("user", "Hi there"),), False)
+    head = "<|im_start|>system\n"
+    if text.startswith(head) and "<|im_end|>\n" in text:
+        return text[len(head) : text.index("<|im_end|>\n")]
+    return None
+
+
+def _matches(render_jinja: Render, reference: Render) -> bool:
+    for conv in _PROBES:
+        for generation_prompt in (False, True):
+            if conv[-1][0] == "assistant" and generation_prompt:
+                continue
+            try:
+                if render_jinja(conv, generation_prompt) != reference(conv, generation_prompt):
+                    return False
+            except Exception:  # the template rejects a probe (roles, alternation): not this family
+                return False
+    return True
+
+
+def translate(render_jinja: Render, bos: str, eos: str, add_bos: bool) -> Translation:
+    """Recognise the template behind ``render_jinja`` (conversation, generation prompt -> text).
+
+    ``bos``/``eos`` are the tokenizer's special token texts; ``add_bos`` whether llama.cpp adds
+    BOS itself (then the Go template must not write it again)."""
+    system = _default_system(render_jinja)
+    if _matches(render_jinja, _chatml(system)):
+        if system is not None and '"""' in system:
+            return Translation(None, None, None, 'its default system prompt contains """')
+        return Translation("chatml", CHATML_GO, system)
+    for lead in (bos, ""):
+        if _matches(render_jinja, _mistral(lead, eos)):
+            go = MISTRAL_GO.replace("{EOS}", eos).replace("{BOS}", "" if add_bos else lead)
+            return Translation("mistral_inst", go, None)
+    return Translation(
+        None, None, None, "it renders neither ChatML nor Mistral [INST] conversations exactly"
+    )
+
+
+def jinja_renderer(tokenizer: Any) -> Render:
+    """Render with ``tokenizer``'s own chat template (transformers' Jinja sandbox)."""
+
+    def render(conv: Conversation, generation_prompt: bool) -> str:
+        messages = [{"role": r, "content": c} for r, c in conv]
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    return render
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}".rstrip() for line in text.splitlines()]
+
+
+def render_modelfile(
+    *,
+    gguf_file: str,
+    translation: Translation,
+    stop_tokens: Sequence[str],
+    chat_template: str | None,
+    header: str,
+    others: Sequence[str] = (),
+) -> str:
+    """The Modelfile text; ``others`` are sibling GGUF files (other types) to mention."""
+    lines = [*_comment(header), "", f"FROM ./{gguf_file}"]
+    if others:
+        lines.append(f"# other types in this folder: {', '.join(others)} (change FROM to use one)")
+    if translation.template is not None:
+        lines += ["", f"# TEMPLATE: the run's chat template ({translation.family}), in Go syntax"]
+        lines.append(f'TEMPLATE """{translation.template}"""')
+        if translation.system is not None:
+            lines += [
+                "# the chat template's default system prompt (Ollama adds it when a chat has none)"
+            ]
+            lines.append(f'SYSTEM """{translation.system}"""')
+    else:
+        lines += [
+            "",
+            "# TEMPLATE: NOT WRITTEN. lorakit could not translate the run's chat template to Ollama's",
+            f"# Go template syntax ({translation.reason}). Without a TEMPLATE Ollama sends prompts",
+            "# unformatted and the model will not answer as trained: write one by hand from the",
+            "# chat template below (it is also in the GGUF's tokenizer.chat_template).",
+            *_comment(chat_template or "(the run has no chat template)"),
+        ]
+    lines.append("")
+    for token in stop_tokens:
+        lines.append(f"PARAMETER stop {_quote(token)}")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
