@@ -164,3 +164,60 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(tmp_path, tiny_model_d
     assert len(logged[0]) == 3
     assert logged[1] == pytest.approx(logged[0], abs=1e-5)
     assert logged[2] == pytest.approx(logged[0], abs=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 300), min_size=1, max_size=60),
+    st.integers(1, 900),
+    st.integers(0, 3),
+)
+def test_token_budget_batches_use_every_example_once_within_budget(lengths, budget, epoch):
+    from lorakit.packing import TokenBudgetBatches
+
+    sampler = TokenBudgetBatches(lengths, budget, seed=11)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths))), "each example exactly once per epoch"
+    for b in batches:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= budget
+    assert list(sampler) == batches and len(sampler) == len(batches), "seeded, repeatable"
+
+
+def test_token_budget_order_changes_with_the_epoch():
+    from lorakit.packing import TokenBudgetBatches
+
+    sampler = TokenBudgetBatches([10] * 50, 40, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert all(len(b) == 4 for b in first[:-1])
+
+
+@pytest.mark.slow
+def test_packing_true_fills_micro_batches_by_tokens(tmp_path, tiny_model_dir, chat_file, cli):
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    for name, packing in (("rows", "false"), ("tokens", "true")):
+        code, _, err = cli(
+            "run",
+            recipe,
+            f"output.name={name}",
+            f"train.packing={packing}",
+            "train.max_steps=2",
+            'eval.metrics=["eval_loss"]',
+        )
+        assert code == 0, err
+    seen = {
+        n: [
+            json.loads(x)["num_input_tokens_seen"]
+            for x in (tmp_path / "runs" / n / "metrics.jsonl").open()
+            if '"loss"' in x
+        ]
+        for n in ("rows", "tokens")
+    }
+    # 4 rows of ~30 tokens per step, against up to 4 x 64 tokens of examples per step
+    assert seen["tokens"][0] > 1.3 * seen["rows"][0], seen
+    assert all(n <= 4 * 64 * k for k, n in enumerate(seen["tokens"], start=1)), seen

@@ -18,7 +18,7 @@ packing changes the cost of a step, not what it trains on.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -74,3 +74,49 @@ class RowDataset:
     def __getitem__(self, i: int) -> dict[str, Sequence[int]]:
         row = self.rows[i]
         return {"input_ids": row.input_ids, "labels": row.labels}
+
+
+class TokenBudgetBatches:
+    """Micro-batches by tokens (``train.packing = true``): shuffled examples, each batch filled
+    until the next example would pass ``budget`` tokens.
+
+    Every example is used exactly once per epoch; one longer than the budget forms a batch of its
+    own (``max_length`` already bounds it). The order is a seeded permutation of the epoch
+    (``seed + epoch``), so a run and its resume see the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], budget: int, seed: int) -> None:
+        if budget < 1:
+            raise ValueError(f"token budget must be positive, got {budget}")
+        self.lengths = list(lengths)
+        self.budget = budget
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        out: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in order:
+            n = self.lengths[i]
+            if current and used + n > self.budget:
+                out.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += n
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())

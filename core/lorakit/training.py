@@ -126,13 +126,32 @@ def make_trainer_class() -> Any:
         # compute_loss divides by the supervised tokens of the whole optimizer step already
         loss_is_scaled_for_ga = True
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, token_budget: int = 0, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             # labels are shifted by the collator: count them as they are, over every
             # micro-batch of the step (and every rank), for ``num_items_in_batch``
             self._loss_shifts_labels = False
             self.model_accepts_loss_kwargs = True
             self._head_kwarg = accepts_logits_to_keep(self.model)
+            self._token_budget = token_budget
+
+        def get_train_dataloader(self) -> Any:
+            if not self._token_budget:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            from lorakit.packing import TokenBudgetBatches
+
+            data = self.train_dataset
+            lengths = [len(row["input_ids"]) for row in data]  # type: ignore[union-attr]
+            batches = TokenBudgetBatches(lengths, self._token_budget, self.args.seed)
+            loader = DataLoader(
+                data,  # type: ignore[arg-type]
+                batch_sampler=batches,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+            )
+            return self.accelerator.prepare(loader)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             nll, n = supervised_nll(model, inputs, self._head_kwarg)
@@ -261,4 +280,8 @@ def build_trainer(
         eval_dataset=RowDataset(eval_rows) if eval_rows else None,
         data_collator=pack,
         callbacks=make_callbacks(metrics_path),
+        # packing = true: micro-batches by tokens, as many examples as fit in batch x max_length
+        token_budget=recipe.train.per_device_train_batch_size * recipe.train.max_length
+        if recipe.train.packing
+        else 0,
     )
