@@ -1,4 +1,5 @@
-"""Perplexity is token-weighted: the same for any eval batch size, padding never counted."""
+"""Perplexity is token-weighted: the same for any eval batch size, equal to scoring each
+example alone."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def manual_nll(model, data: list[Tokenized]) -> tuple[float, int]:
 
 def test_perplexity_identical_for_batch_sizes_1_and_8(tiny_model):
     data = rows(21)
-    nll1, n1 = loss_sums(tiny_model, data, batch_size=1, pad_id=0)
-    nll8, n8 = loss_sums(tiny_model, data, batch_size=8, pad_id=0)
+    nll1, n1 = loss_sums(tiny_model, data, batch_size=1)
+    nll8, n8 = loss_sums(tiny_model, data, batch_size=8)
     assert n1 == n8 == sum(r.n_supervised for r in data)
     assert math.exp(nll8 / n8) == pytest.approx(math.exp(nll1 / n1), rel=1e-6)
     ref_nll, ref_n = manual_nll(tiny_model, data)
@@ -68,9 +69,11 @@ def test_perplexity_identical_for_batch_sizes_1_and_8(tiny_model):
     assert nll8 == pytest.approx(ref_nll, rel=1e-5)
 
 
-def test_padding_is_never_scored(tiny_model):
-    data = rows(5, seed=3)
-    a, n = loss_sums(tiny_model, data, batch_size=5, pad_id=0)
-    b, m = loss_sums(tiny_model, data, batch_size=5, pad_id=7)  # a different pad id
-    assert n == m
-    assert a == pytest.approx(b, rel=1e-6)
+def test_scoring_leaves_the_model_attention_as_it_was(tiny_model):
+    """Loss scoring packs rows (no padding to score at all) with packed-row attention, then
+    gives the model back its own attention for generation."""
+    before = tiny_model.config._attn_implementation
+    a, n = loss_sums(tiny_model, rows(5, seed=3), batch_size=5)
+    assert tiny_model.config._attn_implementation == before
+    ref, m = manual_nll(tiny_model, rows(5, seed=3))
+    assert n == m and a == pytest.approx(ref, rel=1e-5)

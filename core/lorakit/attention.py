@@ -15,7 +15,9 @@ refuses a batch it cannot handle (several rows and no boundaries) rather than at
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 NAME = "lorakit_varlen"
@@ -107,3 +109,16 @@ def use_packed_attention(model: Any, device: str) -> str:
     if base.config._attn_implementation != name:
         raise ModelError(f"{type(base).__name__} refused attention implementation {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def packed_attention(model: Any, device: str) -> Iterator[None]:
+    """Packed-row attention inside the block, the model's own implementation after it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    name = use_packed_attention(model, device)
+    try:
+        yield
+    finally:
+        if before != name:
+            base.set_attn_implementation(before)

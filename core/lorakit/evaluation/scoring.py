@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.data.tokenize import Tokenized
 from lorakit.evaluation.sets import EvalSet
 from lorakit.generation import Generation, generate
 
@@ -20,40 +20,32 @@ class SplitResult:
     generations: list[Generation]
 
 
-def loss_sums(
-    model: Any, rows: Sequence[Tokenized], batch_size: int, pad_id: int
-) -> tuple[float, int]:
+def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[float, int]:
     """Summed NLL of every supervised token and their count, over all ``rows``.
 
-    Rows are batched by length (little padding) and right-padded with ``-100`` labels; sums are
-    accumulated in float64, so the result does not depend on ``batch_size``.
+    The same computation as the training step (``lorakit.training.supervised_nll``): rows are
+    packed ``batch_size`` at a time without padding, and logits are computed only where a token
+    is supervised. Sums are accumulated in float64, so the result does not depend on
+    ``batch_size``.
     """
     import torch
 
+    from lorakit.attention import packed_attention
+    from lorakit.packing import pack
+    from lorakit.training import accepts_logits_to_keep, supervised_nll
+
     device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    head_kwarg = accepts_logits_to_keep(model)
     nll = 0.0
     count = 0
     model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [rows[i] for i in order[start : start + batch_size]]
-            width = max(len(r.input_ids) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, r in enumerate(batch):
-                n = len(r.input_ids)
-                ids[j, :n] = torch.tensor(r.input_ids)
-                labels[j, :n] = torch.tensor(r.labels)
-                mask[j, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            target = labels[:, 1:].to(device)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            keep = target != IGNORE_INDEX
-            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            nll -= picked[keep].double().sum().item()
-            count += int(keep.sum().item())
+    with torch.inference_mode(), packed_attention(model, device.type):
+        for start in range(0, len(rows), batch_size):
+            batch = pack([attrs.asdict(r) for r in rows[start : start + batch_size]])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            total, n = supervised_nll(model, batch, head_kwarg)
+            nll += float(total.double())
+            count += n
     return nll, count
 
 
@@ -75,7 +67,7 @@ def score_model(
     for s in sets:
         values: dict[str, float] = {}
         if loss_metrics:
-            nll, n = loss_sums(model, s.rows, loss_batch_size, tokenizer.pad_token_id)
+            nll, n = loss_sums(model, s.rows, loss_batch_size)
             values.update({k: float(m.score(nll, n)) for k, m in loss_metrics.items()})
         gens: list[Generation] = []
         if gen_metrics and s.prompts:

@@ -1,10 +1,11 @@
 """``bnb-4bit`` and ``bnb-8bit``: bitsandbytes quantization of the frozen base (QLoRA).
 
 bitsandbytes runs 4-bit NF4/FP4 on CPU too, so QLoRA is tested here for real. The compute dtype
-``auto`` is fp32 on CPU (bf16 matmul is ~30x slower there), bf16 on GPUs that support it, else
-fp16. The base is prepared with ``prepare_model_for_kbit_training`` *before* the adapter is
-attached (the other order upcasts or freezes the wrong weights), with non-reentrant gradient
-checkpointing so gradients reach the LoRA weights (peft#1142) and DDP stays happy.
+``auto`` is bf16 where the hardware runs it fast (GPUs that support it; CPUs where a timed bf16
+matmul beats fp32, see ``lorakit.device``), fp16 on older GPUs, else fp32. The base is
+prepared with ``prepare_model_for_kbit_training`` *before* the adapter is attached (the other
+order upcasts or freezes the wrong weights), with non-reentrant gradient checkpointing so
+gradients reach the LoRA weights (peft#1142) and DDP stays happy.
 
 On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50) converts a ``Linear4bit`` layer's weights,
 in place and for good, to a packed inference layout the first time it runs in eval mode without
@@ -63,7 +64,9 @@ class Bnb4bitOptions:
         True, doc="quantize the quantization constants too (~0.4 bit/param saved)"
     )
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", doc="dtype matmuls run in; auto: fp32 on CPU, bf16 on capable GPUs, else fp16"
+        "auto",
+        doc="dtype matmuls run in; auto: bf16 where measured fast (capable GPUs and CPUs), "
+        "fp16 on older GPUs, else fp32",
     )
 
 
@@ -105,7 +108,9 @@ class Bnb4bit:
 class Bnb8bitOptions:
     threshold: float = option(6.0, doc="LLM.int8() outlier threshold")
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", doc="dtype of the non-quantized parts; auto: fp32 on CPU, bf16/fp16 on GPU"
+        "auto",
+        doc="dtype of the non-quantized parts; auto: bf16 where measured fast, else fp32 (CPU) "
+        "or fp16 (older GPUs)",
     )
 
 

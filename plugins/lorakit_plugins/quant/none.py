@@ -13,7 +13,9 @@ from lorakit.options import option
 @attrs.frozen
 class NoQuantOptions:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", doc="weight dtype; auto: fp32 on CPU, bf16 on GPUs that support it, else fp16"
+        "auto",
+        doc="weight dtype; auto: bf16 where measured fast (capable GPUs and CPUs), fp16 on "
+        "older GPUs, else fp32",
     )
 
 
