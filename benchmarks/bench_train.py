@@ -11,14 +11,15 @@ tokens and the same supervised positions for all of them). Contenders:
     lorakit_lora     `lorakit run` (packed rows, supervised-only head), fp32 base
     lorakit_qlora    `lorakit run` with the base in 4-bit NF4 (+ double quant)
     trl              TRL SFTTrainer, bf16 off, gradient checkpointing off (rows padded per batch)
-    trl_packing      the same with TRL's packing (BFD, padding-free)
+    trl_packing      the same with TRL's packing (BFD, padding-free), 1 row of 1024 tokens a step
     pad512           transformers Trainer, every row padded (or cut) to 512: what most
                      hand-written fine-tuning scripts do
     hand_loop        a plain PyTorch + PEFT loop, rows padded to the batch maximum
 
 Each contender runs in its own process, one after the other (never two at once: on 2 cores two
 trainers slow each other ~8x), interleaved round-robin for ``--reps`` rounds. A contender's speed
-is useful (non-padding) tokens per second over the steps after ``--warmup``. The matmul FLOP/s
+is useful (non-padding) tokens per second over the steps after ``--warmup``; peak memory is the
+contender process's own peak RSS on CPU, CUDA max allocated on a GPU. The matmul FLOP/s
 of fp32 and bf16 are measured in the same run; the ceiling is the fastest dtype's FLOP/s divided
 by the FLOPs of one LoRA training token (4 x parameters: forward, and backward to the inputs).
 
@@ -218,6 +219,10 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> list[dict[str, A
         data = Dataset.from_dict(
             {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
         )
+        if packing:
+            # TRL packs examples into max_length rows; 1 row of 1024 tokens a step is about the
+            # tokens of 4 unpacked examples here (4 rows would make each step ~5x bigger)
+            common["per_device_train_batch_size"] = 1
         args = SFTConfig(
             **common,
             gradient_checkpointing=False,
@@ -280,6 +285,7 @@ def lorakit_records(run_dir: Path) -> list[dict[str, Any]]:
                     "time": r["time"],
                     "tokens": r["num_input_tokens_seen"],
                     "loss": r["loss"],
+                    "peak_memory_gb": r.get("peak_memory_gb"),
                 }
             )
     return out
@@ -312,8 +318,17 @@ def run_contender(name: str, folder: Path, data: Path, steps: int) -> dict[str, 
         records = lorakit_records(folder / "runs" / tag)
     else:
         records = json.loads(log_out.read_text().strip().splitlines()[-1])
+    # on a GPU the process reports CUDA max allocated; on CPU its own peak RSS (wait4) is exact
     rss = round(usage.ru_maxrss / 1024 / 1024, 2)
+    if torch_cuda_available():
+        rss = round(records[-1]["peak_memory_gb"], 2)
     return {"name": name, "started": started, "records": records, "peak_rss_gb": rss}
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def throughput(records: list[dict[str, Any]], warmup: int) -> float:
@@ -327,7 +342,7 @@ def measure_flops() -> dict[str, float]:
     from lorakit.device import configure_threads, matmul_flops
 
     configure_threads()
-    fp32 = matmul_flops(torch.float32, size=1024, seconds=1.0)
+    fp32 = max(matmul_flops(torch.float32, size=n, seconds=1.0) for n in (1024, 2048))
     # without bf16 instructions a 1024^3 bf16 matmul takes seconds: measure a smaller one
     bf16 = matmul_flops(torch.bfloat16, size=256, seconds=0.5)
     if bf16 > fp32 / 4:
@@ -356,7 +371,7 @@ def table(results: dict[str, list[dict[str, Any]]], ceiling: float, warmup: int)
     ref = statistics.median(throughput(r["records"], warmup) for r in results["lorakit_lora"])
     lines = [
         "| contender | useful tokens/s (median, runs) | share of ceiling | ratio to lorakit LoRA "
-        "| s per step | peak RSS GB | final train loss |",
+        "| s per step | peak memory GB | final train loss |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
@@ -396,6 +411,9 @@ def main() -> None:
             records = worker_hand_loop(args.recipe, args.steps)
         else:
             records = worker_trainer(args.worker, args.recipe, args.steps)
+        from lorakit.device import peak_memory_gb
+
+        records[-1]["peak_memory_gb"] = peak_memory_gb()
         print(json.dumps(records))
         return
 
@@ -426,7 +444,7 @@ def main() -> None:
                 first = r["records"][0]["time"] - r["started"]
                 print(
                     f"round {rep + 1} {name}: {tps:.1f} useful tokens/s, first step after "
-                    f"{first:.1f} s, peak RSS {r['peak_rss_gb']} GB",
+                    f"{first:.1f} s, peak memory {r['peak_rss_gb']} GB",
                     flush=True,
                 )
     lines = table(results, ceiling, args.warmup)

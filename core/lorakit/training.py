@@ -194,6 +194,8 @@ def make_trainer_class() -> Any:
 def make_callbacks(metrics_path: Path) -> list[Any]:
     from transformers import TrainerCallback
 
+    from lorakit.device import peak_memory_gb
+
     class MetricsLog(TrainerCallback):
         """Append every log record to metrics.jsonl (one JSON object per line)."""
 
@@ -205,6 +207,7 @@ def make_callbacks(metrics_path: Path) -> list[Any]:
                 "epoch": state.epoch,
                 "time": round(time.time(), 3),
                 **logs,
+                "peak_memory_gb": round(peak_memory_gb(), 3),
             }
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
