@@ -221,3 +221,36 @@ def test_packing_true_fills_micro_batches_by_tokens(tmp_path, tiny_model_dir, ch
     # 4 rows of ~30 tokens per step, against up to 4 x 64 tokens of examples per step
     assert seen["tokens"][0] > 1.3 * seen["rows"][0], seen
     assert all(n <= 4 * 64 * k for k, n in enumerate(seen["tokens"], start=1)), seen
+
+
+@pytest.mark.slow
+def test_token_budget_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir, cli):
+    """packing = true keeps exact resume, also from a checkpoint inside the second epoch (about
+    6 token-budget batches an epoch here): the batches after the checkpoint are the same ones."""
+    import torch
+    from conftest import chat_records, tiny_recipe, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    common = (
+        "train.packing=true",
+        "train.save_steps=4",
+        'train.lr_scheduler_type="constant"',
+        'eval.metrics=["eval_loss"]',
+    )
+    assert cli("run", recipe, "output.name=full", "train.max_steps=10", *common)[0] == 0
+    assert cli("run", recipe, "output.name=cut", "train.max_steps=8", *common)[0] == 0
+    code, _, err = cli(
+        "run",
+        recipe,
+        "output.name=cut",
+        "train.max_steps=10",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "cut" / "metrics.jsonl").open()]
+    assert next(r["epoch"] for r in rows if r["step"] == 8) > 1.0, "checkpoint not in epoch 2"
+    a, b = _adapter(tmp_path / "runs" / "full"), _adapter(tmp_path / "runs" / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed token-budget run differs"
