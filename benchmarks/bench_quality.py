@@ -24,15 +24,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_chat.jsonl"
 
+# every variant computes in fp32, so only the base weights' format differs
+Q4 = ['quant.plugin="bnb-4bit"', 'quant.compute_dtype="fp32"']
 VARIANTS = {
-    "LoRA fp32 (no quantization)": ['quant.plugin="none"'],
-    "QLoRA NF4 + double quant": ['quant.plugin="bnb-4bit"', 'quant.quant_type="nf4"'],
-    "QLoRA NF4": [
-        'quant.plugin="bnb-4bit"',
-        'quant.quant_type="nf4"',
-        "quant.double_quant=false",
-    ],
-    "QLoRA FP4": ['quant.plugin="bnb-4bit"', 'quant.quant_type="fp4"', "quant.double_quant=false"],
+    "LoRA fp32 (no quantization)": ['quant.plugin="none"', 'quant.dtype="fp32"'],
+    "QLoRA NF4 + double quant": [*Q4, 'quant.quant_type="nf4"'],
+    "QLoRA NF4": [*Q4, 'quant.quant_type="nf4"', "quant.double_quant=false"],
+    "QLoRA FP4": [*Q4, 'quant.quant_type="fp4"', "quant.double_quant=false"],
 }
 
 RECIPE = """

@@ -8,7 +8,8 @@ Every contender trains the embedded SmolLM2-135M-Instruct with LoRA r=16 (alpha 
 lorakit's chat-template rendering with completion-only labels (so "same data" means the same
 tokens and the same supervised positions for all of them). Contenders:
 
-    lorakit_lora     `lorakit run` (packed rows, supervised-only head), fp32 base
+    lorakit_lora     `lorakit run` (packed rows, supervised-only head), compute dtype auto
+                     (the fastest this machine has: fp32 on CPUs without fast bf16)
     lorakit_qlora    `lorakit run` with the base in 4-bit NF4 (+ double quant)
     trl              TRL SFTTrainer, bf16 off, gradient checkpointing off (rows padded per batch)
     trl_packing      the same with TRL's packing (BFD, padding-free), 1 row of 1024 tokens a step
@@ -216,6 +217,10 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> list[dict[str, A
         from trl import SFTConfig, SFTTrainer
 
         packing = kind == "trl_packing"
+        if packing:
+            # padding-free rows carry no attention mask, and "non_padding" would then count
+            # input_ids != pad id: SmolLM2's pad is <|im_end|>, which ends every turn
+            common["include_num_input_tokens_seen"] = "all"
         data = Dataset.from_dict(
             {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
         )
@@ -251,10 +256,13 @@ def worker_hand_loop(recipe_path: Path, steps: int) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SEED)).tolist()
+    generator = torch.Generator().manual_seed(SEED)
+    order: list[int] = []
+    while len(order) < steps * BATCH:  # a new shuffle per pass over the data
+        order += torch.randperm(len(rows), generator=generator).tolist()
     records, seen = [], 0
     for step in range(steps):
-        batch = [rows[i % len(rows)] for i in order[step * BATCH : (step + 1) * BATCH]]
+        batch = [rows[i] for i in order[step * BATCH : (step + 1) * BATCH]]
         n = max(len(r.input_ids) for r in batch)
         ids = torch.full((len(batch), n), tok.pad_token_id)
         labels = torch.full((len(batch), n), -100)
@@ -402,6 +410,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        p.error("--warmup must be at least 1 and below --steps")
 
     if args.worker:
         from lorakit.device import configure_threads

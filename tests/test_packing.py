@@ -79,10 +79,17 @@ ROWS = [
 @pytest.mark.slow
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     import torch
+    from lorakit.attention import NAME
 
     model, reference = _tiny_model(tiny_model_dir)
+    assert model.config._attn_implementation == NAME
     batch = pack(ROWS)
     kwargs = {k: batch[k] for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")}
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+        # without boundaries it refuses: proof that lorakit_varlen, not SDPA, is running
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model.generate(input_ids=torch.tensor([ROWS[0]["input_ids"]]), max_new_tokens=2)
     with torch.no_grad():
         together = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[0]
         bounds = batch["cu_seq_lens_q"].tolist()
@@ -176,13 +183,18 @@ def test_token_budget_batches_use_every_example_once_within_budget(lengths, budg
     from lorakit.packing import TokenBudgetBatches
 
     sampler = TokenBudgetBatches(lengths, budget, seed=11)
+    first = list(sampler)
     sampler.set_epoch(epoch)
     batches = list(sampler)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths))), "each example exactly once per epoch"
-    for b in batches:
+    assert len(batches) == len(first) == len(sampler), "the same number of batches every epoch"
+    for b in first:  # epoch 0 fixes the count and keeps the budget
         assert len(b) == 1 or sum(lengths[i] for i in b) <= budget
-    assert list(sampler) == batches and len(sampler) == len(batches), "seeded, repeatable"
+    longest = max(lengths)
+    for b in batches:  # a merge in a later epoch joins two batches of epoch-0 size at most
+        assert sum(lengths[i] for i in b) <= budget + max(budget, longest)
+    assert list(sampler) == batches, "seeded, repeatable"
 
 
 def test_token_budget_order_changes_with_the_epoch():
@@ -254,3 +266,32 @@ def test_token_budget_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mo
     assert next(r["epoch"] for r in rows if r["step"] == 8) > 1.0, "checkpoint not in epoch 2"
     a, b = _adapter(tmp_path / "runs" / "full"), _adapter(tmp_path / "runs" / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed token-budget run differs"
+
+
+@pytest.mark.slow
+def test_token_budget_epochs_with_accumulation_see_every_example(tmp_path, tiny_model_dir, cli):
+    """Three epochs with gradient accumulation 2: the Trainer takes every batch of every epoch
+    (the batch count it planned with holds in each epoch), like row batches do."""
+    from conftest import chat_records, tiny_recipe, write_jsonl
+
+    records = chat_records(60)
+    for i, r in enumerate(records):  # mixed lengths, so each epoch packs differently
+        r["messages"][1]["content"] += " ok" * (i % 9)
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    common = (
+        "train.max_steps=-1",
+        "train.num_train_epochs=3",
+        "train.gradient_accumulation_steps=2",
+        "train.save_steps=1000",
+        'eval.metrics=["eval_loss"]',
+    )
+    seen = {}
+    for name, packing in (("rows", "false"), ("tokens", "true")):
+        code, _, err = cli(
+            "run", recipe, f"output.name={name}", f"train.packing={packing}", *common
+        )
+        assert code == 0, err
+        rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").open()]
+        seen[name] = max(r.get("num_input_tokens_seen", 0) for r in rows)
+    assert seen["tokens"] == seen["rows"] > 0, seen

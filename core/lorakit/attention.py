@@ -10,7 +10,9 @@ package on CUDA, :func:`choose` prefers transformers' own ``flash_attention_2``,
 same ``cu_seq_lens_*`` arguments.
 
 No mask function is registered for the name, so transformers builds no mask at all; the function
-refuses a batch it cannot handle (several rows and no boundaries) rather than attend wrongly.
+refuses what it cannot do right (no boundaries, a KV cache, soft-capping, a sliding window
+shorter than an example) rather than attend wrongly. Training switches it on only around
+``trainer.train()`` and loss scoring (:func:`packed_attention`), never for generation.
 """
 
 from __future__ import annotations
@@ -33,19 +35,37 @@ def varlen_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: Any = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
-    """``query`` is ``[1, heads, T, dim]``; returns ``[1, T, heads, dim]`` like transformers' SDPA."""
+    """``query`` is ``[1, heads, T, dim]``; returns ``[1, T, heads, dim]`` like transformers' SDPA.
+
+    Refuses what it would get wrong rather than attend wrongly: a call without example
+    boundaries (no mask exists for this implementation), keys longer than the queries (a KV
+    cache: generation), logit soft-capping, sinks or position biases it does not implement, and a
+    sliding window shorter than an example.
+    """
     import torch.nn.functional as F
 
-    if cu_seq_lens_q is None:
-        if query.shape[0] != 1 or attention_mask is not None:
-            raise RuntimeError(
-                f"{NAME} attention needs packed rows (cu_seq_lens_q); got a padded batch"
-            )
-        bounds = [0, query.shape[2]]
-    else:
-        bounds = cu_seq_lens_q.tolist()
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise RuntimeError(f"{NAME} attention needs one packed row with cu_seq_lens_q")
+    if key.shape[2] != query.shape[2]:
+        raise RuntimeError(f"{NAME} attention is for training rows, not cached generation")
+    unsupported = [k for k in ("s_aux", "position_bias") if kwargs.get(k) is not None]
+    if softcap is not None:
+        unsupported.append("softcap")
+    if unsupported:
+        raise RuntimeError(f"{NAME} attention does not implement {', '.join(unsupported)}")
+    bounds = cu_seq_lens_q.tolist()
+    if (
+        sliding_window is not None
+        and max(b - a for a, b in itertools.pairwise(bounds)) > sliding_window
+    ):
+        raise RuntimeError(
+            f"{NAME} attention has no sliding window; an example is longer than the model's "
+            f"window of {sliding_window} tokens (lower train.max_length)"
+        )
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
     pieces = [
@@ -103,7 +123,7 @@ def use_packed_attention(model: Any, device: str) -> str:
             "keep packed examples from attending to each other",
             where="[model]",
             fix="use a model class that follows transformers' AttentionInterface (Llama, Mistral, "
-            "Qwen2, Gemma, Phi-3 ...)",
+            "Qwen2, Phi-3 ...)",
         )
     base.set_attn_implementation(name)
     if base.config._attn_implementation != name:

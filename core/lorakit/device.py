@@ -97,7 +97,7 @@ def cpu_bf16_is_faster() -> bool:
         return False
     import torch
 
-    key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = f"{_cpu_model()}|torch {torch.__version__}"
     cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
     path = cache / "cpu_dtype.json"
     try:
@@ -133,6 +133,8 @@ def configure_threads(requested: int = 0) -> int:
     process may run on, divided among the ranks that torchrun started on this node
     (``LOCAL_WORLD_SIZE``). Two processes that each spin 2 OpenMP threads on 2 cores run ~8x
     slower than one; the Rust tokenizer's own thread pool is turned off for the same reason.
+    torchrun sets ``OMP_NUM_THREADS=1`` for its workers unless you set it yourself, so under
+    torchrun a rank uses one thread unless ``OMP_NUM_THREADS`` or ``train.threads`` says more.
     """
     import torch
 

@@ -44,8 +44,8 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        keep = self.keep_mask(x.shape, x.device).to(x.dtype).mul_(self.scale)
-        return x * keep
+        # scaling x by a Python float keeps the scale exact in low-precision dtypes too
+        return torch.where(self.keep_mask(x.shape, x.device), x * self.scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

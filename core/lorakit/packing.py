@@ -82,7 +82,11 @@ class TokenBudgetBatches:
 
     Every example is used exactly once per epoch; one longer than the budget forms a batch of its
     own (``max_length`` already bounds it). The order is a seeded permutation of the epoch
-    (``seed + epoch``), so a run and its resume see the same batches.
+    (``seed + epoch``), so a run and its resume see the same batches. The number of batches is the
+    same in every epoch (the Trainer counts steps per epoch once): the greedy packing of epoch 0
+    fixes it, and a later epoch whose packing comes out shorter splits its fullest batches, one
+    that comes out longer merges its two smallest neighbours (that batch may then hold up to
+    twice the budget).
     """
 
     def __init__(self, lengths: Sequence[int], budget: int, seed: int) -> None:
@@ -92,14 +96,15 @@ class TokenBudgetBatches:
         self.budget = budget
         self.seed = seed
         self.epoch = 0
+        self.count = len(self._greedy(0))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
+    def _greedy(self, epoch: int) -> list[list[int]]:
         import torch
 
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         out: list[list[int]] = []
         current: list[int] = []
@@ -115,8 +120,24 @@ class TokenBudgetBatches:
             out.append(current)
         return out
 
+    def _tokens(self, batch: list[int]) -> int:
+        return sum(self.lengths[i] for i in batch)
+
+    def batches(self) -> list[list[int]]:
+        out = self._greedy(self.epoch)
+        while len(out) < self.count:
+            j = max(
+                (k for k in range(len(out)) if len(out[k]) > 1), key=lambda k: self._tokens(out[k])
+            )
+            half = len(out[j]) // 2
+            out[j : j + 1] = [out[j][:half], out[j][half:]]
+        while len(out) > self.count:
+            j = min(range(len(out) - 1), key=lambda k: self._tokens(out[k] + out[k + 1]))
+            out[j : j + 2] = [out[j] + out[j + 1]]
+        return out
+
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return len(self.batches())
+        return self.count

@@ -30,6 +30,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     """Train an adapter for ``recipe``; return the run folder."""
     import transformers
 
+    from lorakit.attention import packed_attention
     from lorakit.device import configure_threads, resolve_device
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
@@ -139,7 +140,8 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         device,
         compute_dtype,
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with packed_attention(model, device):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 10. Save the adapter with its tokenizer, chat template and stop tokens.
     meta: dict[str, Any] = {

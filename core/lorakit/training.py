@@ -155,7 +155,14 @@ def make_trainer_class() -> Any:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             nll, n = supervised_nll(model, inputs, self._head_kwarg)
-            denominator = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+            if num_items_in_batch is None:
+                num_items_in_batch = n
+            # a step whose examples hold no target at all (all supervised tokens at position 0)
+            # contributes 0, not NaN
+            if isinstance(num_items_in_batch, int):
+                denominator: Any = max(num_items_in_batch, 1)
+            else:
+                denominator = num_items_in_batch.clamp(min=1)
             loss = nll / denominator
             if self.accelerator.num_processes > 1:
                 # DDP averages gradients over ranks; the denominator already counts all ranks
@@ -271,10 +278,11 @@ def build_trainer(
     device: str,
     compute_dtype: Any,
 ) -> Any:
-    from lorakit.attention import use_packed_attention
-
-    use_packed_attention(model, device)
     args = training_args(recipe, output_dir, device, compute_dtype, has_eval=bool(eval_rows))
+    if args.n_gpu > 1:
+        # Without torchrun the Trainer would wrap the model in nn.DataParallel, which splits a
+        # packed row (and its boundaries) across GPUs. One process per GPU is the way to use more.
+        args._n_gpu = 1
     trainer_class = make_trainer_class()
     return trainer_class(
         model=model,
