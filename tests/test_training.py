@@ -191,3 +191,27 @@ def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, c
     assert losses(tmp_path / "runs/plain") == losses(tmp_path / "runs/evaluated")
     a, b = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("plain", "evaluated"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path, tiny_model_dir, chat_file, cli):
+    """A run stopped after its last step (while saving the adapter or evaluating) resumes by
+    finishing what is missing: no step past max_steps, the adapter of the last checkpoint."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "done"')
+    common = ("train.max_steps=2", "train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    assert cli("run", recipe, *common)[0] == 0
+    run = tmp_path / "runs" / "done"
+    first = load_adapter_tensors(run)
+    (run / "adapter" / "adapter_model.safetensors").unlink()  # as if killed while saving
+    code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
+    assert code == 0, err
+    assert "not training" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert json.loads((run / "adapter" / "lorakit.json").read_text())["global_step"] == 2
+    again = load_adapter_tensors(run)
+    assert first.keys() == again.keys() and all(first[k].equal(again[k]) for k in first)
+    # extending a finished run is still training: max_steps 3 trains one more step
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=3", *common[1:], "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    assert json.loads((run / "adapter" / "lorakit.json").read_text())["global_step"] == 3

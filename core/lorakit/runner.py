@@ -34,7 +34,12 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     from lorakit.device import configure_threads, resolve_device
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
-    from lorakit.training import build_trainer
+    from lorakit.training import (
+        build_trainer,
+        checkpoint_step,
+        load_checkpoint_adapter,
+        planned_steps,
+    )
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
@@ -140,8 +145,16 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         device,
         compute_dtype,
     )
-    with packed_attention(model, device):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    done = checkpoint_step(checkpoint) if checkpoint else 0
+    if checkpoint and done >= planned_steps(trainer):
+        # The run was stopped after its last step (while saving the adapter or evaluating):
+        # finish what is missing, train nothing more.
+        say(f"{checkpoint.name} is the last step ({done}): not training, finishing the run")
+        load_checkpoint_adapter(model, checkpoint)
+        trainer.state.global_step = done
+    else:
+        with packed_attention(model, device):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 10. Save the adapter with its tokenizer, chat template and stop tokens.
     meta: dict[str, Any] = {
