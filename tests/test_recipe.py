@@ -149,3 +149,19 @@ def test_every_shipped_recipe_validates(recipe):
     assert text.lstrip().startswith("#"), "recipes open with a comment explaining them"
     assert "lorakit run" in text, "the opening comment gives the exact run line"
     load_recipe(recipe, catalog=default_catalog())
+
+
+def test_non_finite_rates_and_negative_seed_are_recipe_errors(tmp_path):
+    found = problems(
+        tmp_path,
+        GOOD,
+        "train.learning_rate=inf",
+        "train.max_grad_norm=nan",
+        "train.weight_decay=inf",
+        "train.seed=-1",
+    )
+    text = "\n".join(found)
+    assert "[train].learning_rate" in text and "finite" in text
+    assert "[train].max_grad_norm" in text and "[train].weight_decay" in text
+    assert "[train].seed" in text
+    assert len(found) == 4, found

@@ -215,3 +215,23 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, tiny_model_dir, chat_f
     )
     assert code == 0, err
     assert json.loads((run / "adapter" / "lorakit.json").read_text())["global_step"] == 3
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, chat_file, cli):
+    """A loss that turns NaN/Inf stops the run (exit 2, no traceback): the checkpoints written
+    before stay, and no adapter is saved from the diverged weights."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "boom"')
+    code, _, err = cli(
+        "run",
+        recipe,
+        "train.learning_rate=1e30",
+        'train.lr_scheduler_type="constant"',
+        "train.max_grad_norm=1e30",
+        "train.max_steps=6",
+        "train.save_steps=1",
+    )
+    assert code == 2, err
+    assert "NaN or Inf" in err and "learning_rate" in err and "Traceback" not in err
+    run = tmp_path / "runs" / "boom"
+    assert (run / "checkpoints" / "checkpoint-1" / "LORAKIT_COMPLETE").is_file()
+    assert not (run / "adapter").exists()

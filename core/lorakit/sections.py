@@ -18,6 +18,11 @@ Scheduler = Literal[
 ]
 
 
+def _finite(_inst, attribute, value):
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"must be a finite number, got {value}")
+
+
 def _fraction(_inst, attribute, value):
     if not 0.0 <= value < 1.0:
         raise ValueError(f"must be at least 0 and below 1, got {value}")
@@ -52,7 +57,7 @@ class DataSection:
 
 @attrs.frozen
 class TrainSection:
-    seed: int = option(42, doc="seeds LoRA init, dropout and data order")
+    seed: int = option(42, doc="seeds LoRA init, dropout and data order", validator=v.ge(0))
     max_steps: int = option(-1, doc="optimizer steps to run; -1 means use num_train_epochs")
     num_train_epochs: float = option(
         1.0, doc="passes over the training split (when max_steps is -1)"
@@ -68,13 +73,13 @@ class TrainSection:
         doc="micro-batches per optimizer step (effective batch = this x batch size)",
         validator=v.ge(1),
     )
-    learning_rate: float = option(2e-4, doc="peak learning rate", validator=v.gt(0.0))
+    learning_rate: float = option(2e-4, doc="peak learning rate", validator=[_finite, v.gt(0.0)])
     lr_scheduler_type: Scheduler = option("linear", doc="learning-rate schedule")
     warmup_ratio: float = option(
         0.0, doc="share of steps spent warming up the LR", validator=_fraction
     )
-    weight_decay: float = option(0.0, doc="AdamW weight decay", validator=v.ge(0.0))
-    max_grad_norm: float = option(1.0, doc="gradient clipping norm", validator=v.gt(0.0))
+    weight_decay: float = option(0.0, doc="AdamW weight decay", validator=[_finite, v.ge(0.0)])
+    max_grad_norm: float = option(1.0, doc="gradient clipping norm", validator=[_finite, v.gt(0.0)])
     optim: str = option(
         "adamw_torch",
         doc="optimizer name understood by transformers (e.g. paged_adamw_8bit on GPU)",

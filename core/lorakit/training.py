@@ -117,6 +117,19 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def diverged(step: int, checkpoints: str) -> Exception:
+    """The error for a loss that is NaN/Inf: training stops before the optimizer applies it, no
+    adapter is saved from it, and the checkpoints written so far stay."""
+    from lorakit.errors import RunError
+
+    done = sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = f"; the last checkpoint is {done[-1].name}" if done else ""
+    return RunError(
+        f"the training loss became NaN or Inf at step {step}{last}",
+        fix="lower train.learning_rate (or raise warmup_ratio); check the data for broken rows",
+    )
+
+
 def make_trainer_class() -> Any:
     from transformers import Trainer
 
@@ -155,6 +168,8 @@ def make_trainer_class() -> Any:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             nll, n = supervised_nll(model, inputs, self._head_kwarg)
+            if not bool(nll.isfinite()):
+                raise diverged(self.state.global_step + 1, str(self.args.output_dir))
             if num_items_in_batch is None:
                 num_items_in_batch = n
             # a step whose examples hold no target at all (all supervised tokens at position 0)
