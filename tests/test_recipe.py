@@ -165,3 +165,14 @@ def test_non_finite_rates_and_negative_seed_are_recipe_errors(tmp_path):
     assert "[train].max_grad_norm" in text and "[train].weight_decay" in text
     assert "[train].seed" in text
     assert len(found) == 4, found
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", ".", "..", "a/b", "", "-x", "a..b"])
+def test_run_name_cannot_escape_the_output_folder(tmp_path, name):
+    found = problems(tmp_path, GOOD, f'output.name="{name}"')
+    assert any(p.startswith("[output].name") and "path component" in p for p in found), found
+
+
+def test_ordinary_run_names_are_accepted(tmp_path):
+    for name in ("run1", "smollm2_qlora-v2.1", "A"):
+        assert load_recipe(write(tmp_path, GOOD), [f'output.name="{name}"']).name == name

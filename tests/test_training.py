@@ -235,3 +235,44 @@ def test_a_diverging_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, cha
     run = tmp_path / "runs" / "boom"
     assert (run / "checkpoints" / "checkpoint-1" / "LORAKIT_COMPLETE").is_file()
     assert not (run / "adapter").exists()
+
+
+def test_auto_resume_skips_a_damaged_checkpoint_and_says_why(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "hurt"')
+    common = ("train.save_steps=1", 'eval.metrics=["eval_loss"]')
+    assert cli("run", recipe, "train.max_steps=3", *common)[0] == 0
+    ckpts = tmp_path / "runs" / "hurt" / "checkpoints"
+    optimizer = ckpts / "checkpoint-3" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a kill while torch.save wrote it
+    code, _, err = cli(
+        "run",
+        recipe,
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        str(ckpts / "checkpoint-3"),
+    )
+    assert code == 2 and "damaged" in err and "optimizer.pt" in err and "Traceback" not in err
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    assert "skipping checkpoint-3: optimizer.pt" in err and "from checkpoint-2" in err
+    assert (ckpts / "checkpoint-4" / "LORAKIT_COMPLETE").is_file()
+
+
+def test_safetensors_truncation_is_found_without_loading(tmp_path):
+    import torch
+    from lorakit.rundir import safetensors_problem
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(100), "b": torch.zeros(3, 3)}, str(path))
+    assert safetensors_problem(path) is None
+    path.write_bytes(path.read_bytes()[:-10])
+    assert "truncated" in safetensors_problem(path)
+    path.write_bytes(b"\x05")
+    assert "header" in safetensors_problem(path)
+    assert safetensors_problem(tmp_path / "none.safetensors") == "missing"

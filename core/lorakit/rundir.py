@@ -22,7 +22,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,11 @@ class RunDir:
                 found.append((int(m.group(1)), d))
         return [d for _, d in sorted(found)]
 
-    def resolve_checkpoint(self, spec: str) -> Path:
-        """``auto`` -> newest complete checkpoint of this run; else an explicit folder."""
+    def resolve_checkpoint(
+        self, spec: str, on_skip: Callable[[Path, str], None] | None = None
+    ) -> Path:
+        """``auto`` -> the newest complete checkpoint of this run whose files read back (a
+        damaged one is skipped, and ``on_skip`` told why); else an explicit folder, verified."""
         if spec == "auto":
             if not self.exists():
                 raise RunError(
@@ -135,12 +139,16 @@ class RunDir:
                     fix="start the run without --resume-from-checkpoint",
                 )
             done = self.complete_checkpoints()
-            if not done:
-                raise RunError(
-                    f"{self.checkpoints} holds no complete checkpoint",
-                    fix="checkpoints are written every train.save_steps steps; start a new run",
-                )
-            return done[-1]
+            for candidate in reversed(done):
+                problem = checkpoint_problem(candidate)
+                if problem is None:
+                    return candidate
+                if on_skip is not None:
+                    on_skip(candidate, problem)
+            raise RunError(
+                f"{self.checkpoints} holds no complete, readable checkpoint",
+                fix="checkpoints are written every train.save_steps steps; start a new run",
+            )
         path = Path(spec)
         if not path.is_dir():
             raise RunError(
@@ -151,7 +159,70 @@ class RunDir:
                 f"checkpoint {path} is incomplete (no {COMPLETE} marker)",
                 fix="the process was probably killed while saving; resume from an earlier checkpoint",
             )
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise RunError(
+                f"checkpoint {path} is damaged: {problem}",
+                fix="resume from an earlier checkpoint, or use --resume-from-checkpoint auto",
+            )
         return path
+
+
+CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (truncated or unreadable files), or None.
+
+    Reads only headers, JSON and zip checksums: no torch import, no unpickling.
+    """
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"trainer_state.json is unreadable ({type(exc).__name__})"
+    weights = folder / "adapter_model.safetensors"
+    problem = safetensors_problem(weights)
+    if problem:
+        return f"{weights.name}: {problem}"
+    for name in CHECKPOINT_PICKLES:
+        path = folder / name
+        if not path.is_file():
+            if name == "rng_state.pth":
+                continue  # torch writes it per process; a missing one only loses the RNG
+            return f"{name} is missing"
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{name} is truncated or not a torch file ({exc})"
+        if bad is not None:
+            return f"{name}: {bad} fails its checksum"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is whole when its header parses and the data ends where it says."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return "missing or truncated header"
+            n = int.from_bytes(raw, "little")
+            if n > 100_000_000:
+                return "header too large"
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as exc:
+        return f"unreadable header ({type(exc).__name__})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if not ends:
+        return "holds no tensors"
+    if size != 8 + n + max(ends):
+        return f"truncated ({size} bytes, the header describes {8 + n + max(ends)})"
+    return None
 
 
 def stack_versions() -> dict[str, str | None]:

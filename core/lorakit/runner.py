@@ -49,7 +49,9 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # Under torchrun/accelerate only rank 0 writes to the run folder.
     main_process = is_main()
     if resume:
-        checkpoint = run.resolve_checkpoint(resume)
+        checkpoint = run.resolve_checkpoint(
+            resume, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
+        )
         if main_process:
             run.record_resume(checkpoint, list(recipe.overrides))
         say(f"resuming {run.path} from {checkpoint.name}")

@@ -6,6 +6,7 @@ chosen plugin's own ``Options`` class instead.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import attrs
@@ -21,6 +22,14 @@ Scheduler = Literal[
 def _finite(_inst, attribute, value):
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"must be a finite number, got {value}")
+
+
+def _run_name(_inst, attribute, value):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a run folder name: use one path component of letters, digits, "
+            "'.', '_' and '-' that starts with a letter or digit (no '/', no '..')"
+        )
 
 
 def _fraction(_inst, attribute, value):
@@ -148,4 +157,9 @@ class EvalSection:
 @attrs.frozen
 class OutputSection:
     dir: str = option("runs", doc="folder that holds run folders")
-    name: str | None = option(None, doc="run folder name (default: the recipe file's stem)")
+    name: str | None = option(
+        None,
+        doc="run folder name, one path component of letters, digits, '.', '_' and '-' "
+        "(default: the recipe file's stem)",
+        validator=v.optional(_run_name),
+    )
