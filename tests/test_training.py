@@ -276,3 +276,48 @@ def test_safetensors_truncation_is_found_without_loading(tmp_path):
     path.write_bytes(b"\x05")
     assert "header" in safetensors_problem(path)
     assert safetensors_problem(tmp_path / "none.safetensors") == "missing"
+
+
+def test_a_failed_start_writes_nothing_or_may_be_restarted(tmp_path, tiny_model_dir, cli):
+    from conftest import chat_records, write_jsonl
+
+    data = tmp_path / "chat.jsonl"
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra='name = "first-try"')
+    run = tmp_path / "runs" / "first-try"
+    # bad data: the folder is never claimed
+    code, _, err = cli("run", recipe, "train.max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    assert not run.exists()
+    # a failure after the claim but before step 1: named modules that do not exist
+    write_jsonl(data, chat_records(40))
+    code, _, err = cli("run", recipe, "train.max_steps=1", 'peft.target_modules=["nope"]')
+    assert code == 2 and "target_modules" in err and "q_proj" in err and "Traceback" not in err
+    assert (run / "run.json").is_file() and not (run / "metrics.jsonl").exists()
+    # the corrected recipe restarts it, says so, and keeps the earlier attempt in the history
+    code, _, err = cli("run", recipe, "train.max_steps=1")
+    assert code == 0, err
+    assert "restarted" in err
+    events = [e["event"] for e in json.loads((run / "run.json").read_text())["history"]]
+    assert events == ["start", "stopped before step 1", "restart"]
+    # a run that trained is never restarted
+    code, _, err = cli("run", recipe, "train.max_steps=1")
+    assert code == 2 and "already holds a run" in err
+
+
+def test_two_runs_started_together_one_claims_the_folder(tmp_path, tiny_model_dir, chat_file):
+    import os
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "race"')
+    cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), "train.max_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "in use by another lorakit process" in loser or "already holds a run" in loser
+    assert "Traceback" not in loser
+    history = json.loads((tmp_path / "runs" / "race" / "run.json").read_text())["history"]
+    assert [e["event"] for e in history] == ["start"]

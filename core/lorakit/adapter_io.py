@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,8 @@ def save_adapter(
     """Write the adapter folder atomically and verify it is not empty."""
     from safetensors import safe_open
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # a temp name of this process's own, so two writers never share one
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     gen = model.generation_config if hasattr(model, "generation_config") else None
@@ -54,10 +54,8 @@ def save_adapter(
                 f"saving the adapter produced an empty {weights.name}", fix="report this bug"
             )
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.replace(folder, old / folder.name)
         os.replace(tmp, folder)
         shutil.rmtree(old)
     else:

@@ -114,7 +114,23 @@ def attach_new_adapter(model: Any, recipe: Recipe, catalog: Catalog, seed: int) 
 
     config = recipe.peft.build(catalog).peft_config()
     torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        if "target modules" not in str(exc).lower():
+            raise
+        names = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise ModelError(
+            f"[peft].target_modules names no module of this model ({exc})",
+            where="[peft].target_modules",
+            fix=f'use "all-linear" or some of: {", ".join(names)}',
+        ) from exc
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:

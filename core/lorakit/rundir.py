@@ -46,11 +46,7 @@ STACK = (
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a killed process never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -70,6 +66,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
+    claim = property(lambda self: self.path / ".lorakit-claim")
 
     def exists(self) -> bool:
         return self.run_json.is_file()
@@ -81,28 +78,78 @@ class RunDir:
         overrides: list[str],
         config_hash: str,
         recipe_path: Path,
-    ) -> None:
-        """Claim the folder for a new run; refuse if a run already lives there."""
-        if self.exists():
-            name = self.path.name
-            raise RunError(
-                f"run folder {self.path} already holds a run",
-                fix=f"resume it with --resume-from-checkpoint auto, or start a new one with "
-                f"output.name={name}-2 (runs are never overwritten)",
-            )
+    ) -> bool:
+        """Claim the folder for a new run, atomically; refuse if a run already lives there.
+
+        The claim is ``.lorakit-claim``, created with O_CREAT|O_EXCL: of two runs started
+        together exactly one gets it. A folder whose run never reached step 1 (no checkpoint, no
+        logged step, no adapter) may be restarted by the same recipe once its owner process is
+        gone (with this recipe or a corrected one: nothing was trained); returns True then, and
+        run.json keeps the earlier attempt in its history.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        restarted = not self._claim()
+        if restarted:
+            self._check_restartable()
+            _write_text(self.claim, f"{os.getpid()}\n")
         self.recipe.write_text(recipe_text, encoding="utf-8")
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
+        event = {
+            "event": "restart" if restarted else "start",
+            "time": _now(),
+            "overrides": overrides,
+        }
+        history = []
+        if restarted and self.exists():
+            before = read_json(self.run_json)
+            history = [
+                *before["history"],
+                {"event": "stopped before step 1", "config_hash": before.get("config_hash")},
+            ]
         write_json(
             self.run_json,
             {
                 "lorakit_version": __version__,
                 "config_hash": config_hash,
                 "recipe_path": str(recipe_path),
-                "history": [{"event": "start", "time": _now(), "overrides": overrides}],
+                "history": [*history, event],
             },
         )
+        return restarted
+
+    def _claim(self) -> bool:
+        if self.exists() and not self.claim.exists():
+            return False  # a run folder from before claim files
+        try:
+            fd = os.open(self.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+
+    def never_started(self) -> bool:
+        """No trained step left a trace: no checkpoint, no logged step, no adapter."""
+        ckpts = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+        return not (ckpts or self.metrics.is_file() or self.adapter.exists())
+
+    def _check_restartable(self) -> None:
+        owner = _claim_owner(self.claim)
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            raise RunError(
+                f"run folder {self.path} is in use by another lorakit process (pid {owner})",
+                fix="wait for it to finish, or choose another output.name",
+            )
+        if not self.exists():
+            return  # the last attempt died before it wrote run.json
+        name = self.path.name
+        if not self.never_started():
+            raise RunError(
+                f"run folder {self.path} already holds a run",
+                fix=f"resume it with --resume-from-checkpoint auto, or start a new one with "
+                f"output.name={name}-2 (runs are never overwritten)",
+            )
 
     def record_resume(self, checkpoint: Path, overrides: list[str]) -> None:
         info = read_json(self.run_json)
@@ -223,6 +270,29 @@ def safetensors_problem(path: Path) -> str | None:
     if size != 8 + n + max(ends):
         return f"truncated ({size} bytes, the header describes {8 + n + max(ends)})"
     return None
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _claim_owner(claim: Path) -> int | None:
+    try:
+        return int(claim.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stack_versions() -> dict[str, str | None]:

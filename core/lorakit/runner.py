@@ -44,7 +44,8 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
 
-    # 1. Claim the run folder (or find the checkpoint to resume from).
+    # 1. Find the checkpoint to resume from (read only: nothing is written before the data and
+    #    the tokenizer are known to be good, so a failed start never blocks the run name).
     checkpoint = None
     # Under torchrun/accelerate only rank 0 writes to the run folder.
     main_process = is_main()
@@ -52,24 +53,10 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         checkpoint = run.resolve_checkpoint(
             resume, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
         )
-        if main_process:
-            run.record_resume(checkpoint, list(recipe.overrides))
-        say(f"resuming {run.path} from {checkpoint.name}")
-    elif main_process:
-        run.start(
-            recipe.text,
-            recipe.resolved(),
-            list(recipe.overrides),
-            recipe.config_hash(),
-            recipe.path,
-        )
-        say(f"run folder {run.path}")
 
     # 2. Read the data and split it deterministically.
     report = DataReport()
     splits = load_splits(recipe, catalog, report)
-    if main_process:
-        write_splits(run.splits, splits)
 
     # 3. Resolve the base model and load its tokenizer.
     ref = resolve_model(recipe, catalog)
@@ -89,7 +76,25 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
+
+    # 5. Claim the run folder atomically (or record the resume), then write splits and report.
     if main_process:
+        if checkpoint is not None:
+            run.record_resume(checkpoint, list(recipe.overrides))
+            say(f"resuming {run.path} from {checkpoint.name}")
+        else:
+            restarted = run.start(
+                recipe.text,
+                recipe.resolved(),
+                list(recipe.overrides),
+                recipe.config_hash(),
+                recipe.path,
+            )
+            say(
+                f"run folder {run.path}"
+                + (" (restarted: the previous attempt stopped before step 1)" if restarted else "")
+            )
+        write_splits(run.splits, splits)
         write_json(
             run.data_report,
             {
@@ -107,10 +112,10 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         say(line)
     say(f"train {len(train_rows)} / val {len(val_rows)} / test {len(splits.test)} examples")
 
-    # 5. Seed everything that draws random numbers (LoRA init, dropout, data order).
+    # 6. Seed everything that draws random numbers (LoRA init, dropout, data order).
     transformers.set_seed(t.seed)
 
-    # 6. Load the base model, quantized by the recipe's backend.
+    # 7. Load the base model, quantized by the recipe's backend.
     device = resolve_device(t.device)
     threads = configure_threads(t.threads) if device == "cpu" else None
     backend = recipe.quant.build(catalog)
@@ -121,10 +126,10 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     )
     model = load_base_model(recipe, catalog, device, ref=ref)
 
-    # 7. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
+    # 8. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
     model = backend.prepare_for_training(model, t.gradient_checkpointing)
 
-    # 8. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
+    # 9. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
     model = attach_new_adapter(model, recipe, catalog, t.seed)
     if device == "cpu":
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost
@@ -136,7 +141,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
     )
 
-    # 9. Train: packed padding-free micro-batches, loss only at supervised positions.
+    # 10. Train: packed padding-free micro-batches, loss only at supervised positions.
     trainer = build_trainer(
         recipe,
         model,
@@ -158,7 +163,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         with packed_attention(model, device):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    # 10. Save the adapter with its tokenizer, chat template and stop tokens.
+    # 11. Save the adapter with its tokenizer, chat template and stop tokens.
     meta: dict[str, Any] = {
         "lorakit_version": __version__,
         "base_model": ref.label or ref.path,
@@ -174,7 +179,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
     say(f"adapter saved to {run.adapter}")
 
-    # 11. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
+    # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
     #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
     evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
     return run.path
