@@ -39,11 +39,16 @@ DEMO_RECIPE ?= recipes/smollm2_qlora.toml
 DEMO_RUN    ?= runs/smollm2_qlora
 
 # Generate the demo task, score the base model, fine-tune (QLoRA), evaluate base vs tuned and
-# tabulate every run. A finished demo run is kept, never overwritten: delete $(DEMO_RUN) to redo.
+# tabulate every run. A finished demo run (it has its eval report) is kept, never overwritten:
+# delete $(DEMO_RUN) to redo. An interrupted one resumes from its last checkpoint, or starts
+# again when it was stopped before its first checkpoint.
 demo: setup
 	$(BIN)/python examples/demo_task/make_data.py
-	@if [ -f $(DEMO_RUN)/run.json ]; then \
+	@if [ -f $(DEMO_RUN)/eval_report.json ]; then \
 		echo "$(DEMO_RUN) already holds a finished demo run; delete it to train again"; \
+	elif ls $(DEMO_RUN)/checkpoints/checkpoint-*/LORAKIT_COMPLETE >/dev/null 2>&1; then \
+		echo "resuming the interrupted demo run in $(DEMO_RUN)"; \
+		$(BIN)/lorakit run $(DEMO_RECIPE) --resume-from-checkpoint auto; \
 	else \
 		$(BIN)/lorakit baseline $(DEMO_RECIPE) && $(BIN)/lorakit run $(DEMO_RECIPE); \
 	fi

@@ -296,9 +296,9 @@ def test_a_failed_start_writes_nothing_or_may_be_restarted(tmp_path, tiny_model_
     # the corrected recipe restarts it, says so, and keeps the earlier attempt in the history
     code, _, err = cli("run", recipe, "train.max_steps=1")
     assert code == 0, err
-    assert "restarted" in err
+    assert "started again" in err
     events = [e["event"] for e in json.loads((run / "run.json").read_text())["history"]]
-    assert events == ["start", "stopped before step 1", "restart"]
+    assert events == ["start", "stopped before a checkpoint", "restart"]
     # a run that trained is never restarted
     code, _, err = cli("run", recipe, "train.max_steps=1")
     assert code == 2 and "already holds a run" in err
@@ -321,3 +321,40 @@ def test_two_runs_started_together_one_claims_the_folder(tmp_path, tiny_model_di
     assert "Traceback" not in loser
     history = json.loads((tmp_path / "runs" / "race" / "run.json").read_text())["history"]
     assert [e["event"] for e in history] == ["start"]
+
+
+def test_resume_refuses_changed_settings_and_records_safe_ones(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "same"')
+    common = ("train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    assert cli("run", recipe, "train.max_steps=2", *common)[0] == 0
+    for change, key in (("train.learning_rate=0.1", "train.learning_rate"), ("peft.r=8", "peft.r")):
+        code, _, err = cli(
+            "run", recipe, "train.max_steps=4", change, *common, "--resume-from-checkpoint", "auto"
+        )
+        assert code == 2 and key in err and "Traceback" not in err, err
+    data = chat_file.read_text().splitlines()
+    chat_file.write_text("\n".join(data[1:]) + "\n")  # the data changed under the run
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 2 and "data changed" in err
+    chat_file.write_text("\n".join(data) + "\n")
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    last = json.loads((tmp_path / "runs" / "same" / "run.json").read_text())["history"][-1]
+    assert last["event"] == "resume" and last["changed"] == {"train.max_steps": [2, 4]}
+
+
+def test_resuming_another_runs_checkpoint_says_how(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "origin"')
+    assert cli("run", recipe, "train.max_steps=2", "train.save_steps=2")[0] == 0
+    ckpt = tmp_path / "runs" / "origin" / "checkpoints" / "checkpoint-2"
+    code, _, err = cli(
+        "run", recipe, "output.name=elsewhere", "--resume-from-checkpoint", str(ckpt)
+    )
+    assert code == 2 and "belongs to the run in" in err and "output.name='origin'" in err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "elsewhere").exists()

@@ -31,6 +31,21 @@ from lorakit import __version__
 from lorakit.errors import RunError
 
 COMPLETE = "LORAKIT_COMPLETE"
+# Settings a resume may change (prefixes of resolved keys): how long to train, how often to
+# save, log and evaluate, and everything about evaluation and where runs live.
+RESUME_SAFE = (
+    "train.max_steps",
+    "train.num_train_epochs",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.per_device_eval_batch_size",
+    "train.dataloader_num_workers",
+    "train.threads",
+    "eval.",
+    "output.",
+)
 STACK = (
     "torch",
     "transformers",
@@ -92,6 +107,8 @@ class RunDir:
         if restarted:
             self._check_restartable()
             _write_text(self.claim, f"{os.getpid()}\n")
+            if self.metrics.is_file():  # the dead attempt's log stays, under another name
+                os.replace(self.metrics, _free_name(self.metrics))
         self.recipe.write_text(recipe_text, encoding="utf-8")
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
@@ -105,7 +122,7 @@ class RunDir:
             before = read_json(self.run_json)
             history = [
                 *before["history"],
-                {"event": "stopped before step 1", "config_hash": before.get("config_hash")},
+                {"event": "stopped before a checkpoint", "config_hash": before.get("config_hash")},
             ]
         write_json(
             self.run_json,
@@ -129,10 +146,10 @@ class RunDir:
             f.write(f"{os.getpid()}\n")
         return True
 
-    def never_started(self) -> bool:
-        """No trained step left a trace: no checkpoint, no logged step, no adapter."""
+    def nothing_to_continue(self) -> bool:
+        """No checkpoint and no adapter: an attempt that left nothing a resume could use."""
         ckpts = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
-        return not (ckpts or self.metrics.is_file() or self.adapter.exists())
+        return not (ckpts or self.adapter.exists())
 
     def _check_restartable(self) -> None:
         owner = _claim_owner(self.claim)
@@ -144,14 +161,38 @@ class RunDir:
         if not self.exists():
             return  # the last attempt died before it wrote run.json
         name = self.path.name
-        if not self.never_started():
+        if not self.nothing_to_continue():
             raise RunError(
                 f"run folder {self.path} already holds a run",
                 fix=f"resume it with --resume-from-checkpoint auto, or start a new one with "
                 f"output.name={name}-2 (runs are never overwritten)",
             )
 
-    def record_resume(self, checkpoint: Path, overrides: list[str]) -> None:
+    def resume_changes(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """Settings that differ from the run's ``resolved.json``: those safe to change on resume
+        (how long to train, how often to save, log and evaluate, what to evaluate) are returned as
+        ``{key: [old, new]}``; any other change makes the resumed result meaningless and raises."""
+        before = _flatten(read_json(self.resolved)) if self.resolved.is_file() else {}
+        after = _flatten(resolved)
+        changed = {
+            k: [before.get(k), after.get(k)]
+            for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)
+        }
+        refused = [k for k in changed if not k.startswith(RESUME_SAFE)]
+        if refused:
+            shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
+            raise RunError(
+                f"resuming {self.path} with changed settings: {shown}",
+                fix="resume with the settings the run started with (see its resolved.json); "
+                "only how long to train and how often to save, log and evaluate may change; "
+                "for anything else start a new run under another output.name",
+            )
+        return changed
+
+    def record_resume(
+        self, checkpoint: Path, overrides: list[str], changed: Mapping[str, Any] | None = None
+    ) -> None:
         info = read_json(self.run_json)
         info["history"].append(
             {
@@ -159,6 +200,7 @@ class RunDir:
                 "time": _now(),
                 "checkpoint": str(checkpoint),
                 "overrides": overrides,
+                "changed": dict(changed or {}),
             }
         )
         write_json(self.run_json, info)
@@ -200,6 +242,14 @@ class RunDir:
         if not path.is_dir():
             raise RunError(
                 f"checkpoint {path} does not exist", fix="pass a checkpoint-N folder or auto"
+            )
+        if path.resolve().parent != self.checkpoints.resolve():
+            other = path.resolve().parent.parent
+            raise RunError(
+                f"checkpoint {path} belongs to the run in {other}, not to {self.path}",
+                fix=f"resume that run with output.dir={str(other.parent)!r} "
+                f"output.name={other.name!r} --resume-from-checkpoint auto (a resume continues "
+                "the checkpoint's own run)",
             )
         if not (path / COMPLETE).is_file() and not (path / "trainer_state.json").is_file():
             raise RunError(
@@ -276,6 +326,22 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while (candidate := path.with_name(f"{path.stem}.attempt-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
 
 
 def _claim_owner(claim: Path) -> int | None:

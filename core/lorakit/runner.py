@@ -19,7 +19,7 @@ from lorakit.distributed import is_main
 from lorakit.errors import DataError
 from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
-from lorakit.rundir import RunDir, write_json
+from lorakit.rundir import RunDir, read_json, write_json
 
 
 def say(msg: str) -> None:
@@ -49,14 +49,24 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     checkpoint = None
     # Under torchrun/accelerate only rank 0 writes to the run folder.
     main_process = is_main()
+    changed: dict[str, Any] = {}
     if resume:
         checkpoint = run.resolve_checkpoint(
             resume, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
         )
+        changed = run.resume_changes(recipe.resolved())
 
     # 2. Read the data and split it deterministically.
     report = DataReport()
     splits = load_splits(recipe, catalog, report)
+    if checkpoint is not None and run.data_report.is_file():
+        started_with = read_json(run.data_report).get("fingerprint")
+        if started_with and started_with != splits.fingerprint:
+            raise DataError(
+                f"the data changed since {run.path} started (fingerprint {started_with} -> "
+                f"{splits.fingerprint})",
+                fix="resume with the data the run was trained on, or start a new run",
+            )
 
     # 3. Resolve the base model and load its tokenizer.
     ref = resolve_model(recipe, catalog)
@@ -80,7 +90,9 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # 5. Claim the run folder atomically (or record the resume), then write splits and report.
     if main_process:
         if checkpoint is not None:
-            run.record_resume(checkpoint, list(recipe.overrides))
+            run.record_resume(checkpoint, list(recipe.overrides), changed)
+            for key, (old, new) in changed.items():
+                say(f"resume changes {key}: {old!r} -> {new!r}")
             say(f"resuming {run.path} from {checkpoint.name}")
         else:
             restarted = run.start(
@@ -92,7 +104,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
             )
             say(
                 f"run folder {run.path}"
-                + (" (restarted: the previous attempt stopped before step 1)" if restarted else "")
+                + (" (started again: the earlier attempt left no checkpoint)" if restarted else "")
             )
         write_splits(run.splits, splits)
         write_json(
