@@ -2,6 +2,7 @@
 
 Layout::
 
+    .lorakit-claim       created atomically (O_EXCL) by the run that owns the folder: its pid
     recipe.toml          the recipe exactly as given (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash
     resolved.json        every setting with defaults filled in
@@ -13,7 +14,8 @@ Layout::
     adapter/             the final adapter + tokenizer (+ chat template)
 
 A run folder that holds ``run.json`` belongs to a run: it is never overwritten. Resume it
-with ``--resume-from-checkpoint auto`` or choose another ``output.name``.
+with ``--resume-from-checkpoint auto`` or choose another ``output.name``; one that left nothing
+to continue (no checkpoint, no adapter) may be started again (docs/reliability.md).
 """
 
 from __future__ import annotations
