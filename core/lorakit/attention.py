@@ -46,6 +46,7 @@ def varlen_sdpa(
     cache: generation), logit soft-capping, sinks or position biases it does not implement, and a
     sliding window shorter than an example.
     """
+    import torch
     import torch.nn.functional as F
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
@@ -80,14 +81,8 @@ def varlen_sdpa(
         )
         for a, b in itertools.pairwise(bounds)
     ]
-    out = pieces[0] if len(pieces) == 1 else _cat(pieces)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _cat(pieces: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(pieces, dim=2)
 
 
 def register() -> None:

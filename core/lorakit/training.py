@@ -40,6 +40,7 @@ PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 def training_args(
     recipe: Recipe, output_dir: Path, device: str, compute_dtype: Any, has_eval: bool
 ) -> Any:
+    import torch
     from transformers import TrainingArguments
 
     t = recipe.train
@@ -69,7 +70,7 @@ def training_args(
         # The base weights are already in the compute dtype; mixed-precision autocast on top
         # would only add casts. LoRA weights and optimizer state stay fp32 (peft keeps them so).
         bf16=False,
-        fp16=device == "cuda" and compute_dtype == _torch().float16,
+        fp16=device == "cuda" and compute_dtype == torch.float16,
         use_cpu=device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
@@ -80,12 +81,6 @@ def training_args(
         report_to="none",
         disable_tqdm=False,
     )
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
 
 
 def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:
