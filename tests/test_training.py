@@ -265,7 +265,7 @@ def test_auto_resume_skips_a_damaged_checkpoint_and_says_why(
 
 def test_safetensors_truncation_is_found_without_loading(tmp_path):
     import torch
-    from lorakit.rundir import safetensors_problem
+    from lorakit.checkpoints import safetensors_problem
     from safetensors.torch import save_file
 
     path = tmp_path / "w.safetensors"

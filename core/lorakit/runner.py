@@ -31,15 +31,11 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     import transformers
 
     from lorakit.attention import packed_attention
+    from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
     from lorakit.device import configure_threads, resolve_device
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
-    from lorakit.training import (
-        build_trainer,
-        checkpoint_step,
-        load_checkpoint_adapter,
-        planned_steps,
-    )
+    from lorakit.training import build_trainer, planned_steps
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)

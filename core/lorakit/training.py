@@ -319,25 +319,3 @@ def planned_steps(trainer: Any) -> int:
     batches = len(trainer.get_train_dataloader())
     per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
-
-
-def load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
-    """Put a checkpoint's adapter weights into ``model`` (a PEFT model), without training."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    result: Any = set_peft_model_state_dict(
-        model, load_file(str(checkpoint / "adapter_model.safetensors"))
-    )
-    bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if "lora_" in k]
-    if bad:
-        from lorakit.errors import RunError
-
-        raise RunError(
-            f"{checkpoint}: its adapter does not fit this model ({bad[0]} ...)",
-            fix="resume with the recipe the run was trained with",
-        )
