@@ -99,10 +99,11 @@ class RunDir:
         """Claim the folder for a new run, atomically; refuse if a run already lives there.
 
         The claim is ``.lorakit-claim``, created with O_CREAT|O_EXCL: of two runs started
-        together exactly one gets it. A folder whose run never reached step 1 (no checkpoint, no
-        logged step, no adapter) may be restarted by the same recipe once its owner process is
-        gone (with this recipe or a corrected one: nothing was trained); returns True then, and
-        run.json keeps the earlier attempt in its history.
+        together exactly one gets it. A folder whose run left nothing to continue (no checkpoint,
+        no adapter: it failed before step 1, or was killed before its first checkpoint) may be
+        started again once its owner process is gone, with this recipe or a corrected one;
+        returns True then. run.json keeps the earlier attempt in its history and its
+        metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         restarted = not self._claim()
