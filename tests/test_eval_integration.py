@@ -67,3 +67,27 @@ def test_eval_without_a_run_is_a_clear_error(tmp_path, tiny_model_dir, chat_file
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "none"')
     code, _, err = cli("eval", recipe)
     assert code != 0 and "lorakit run" in err
+
+
+def test_eval_scores_the_runs_saved_splits_when_sources_change(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A run's saved data/splits are its single source of truth: after the source file changes,
+    `lorakit eval RUN` scores the same val examples and says the sources changed."""
+    from lorakit.data.pipeline import read_split_files
+    from lorakit.data.splits import fingerprint
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "pinned"')
+    assert cli("run", recipe, "train.max_steps=2", 'eval.metrics=["eval_loss"]')[0] == 0
+    run = tmp_path / "runs" / "pinned"
+    saved = read_split_files(run / "data" / "splits")
+    report = json.loads((run / "data_report.json").read_text())
+    assert saved is not None and saved.fingerprint == report["fingerprint"], "exact round trip"
+    assert fingerprint(saved.val) and saved.val
+    before = json.loads((run / "eval_report.json").read_text())["results"][0]["counts"]
+    chat_file.write_text("".join(chat_file.read_text().splitlines(True)[:10]))  # data shrank
+    code, _, err = cli("eval", str(run), "--no-baseline")
+    assert code == 0, err
+    assert "sources changed" in err
+    after = json.loads((run / "eval_report.json").read_text())["results"][0]["counts"]
+    assert after["examples"] == before["examples"] == len(saved.val)

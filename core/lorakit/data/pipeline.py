@@ -259,6 +259,40 @@ def supervised_share(rows: Sequence[Tokenized]) -> float:
     return sum(1 for r in rows for t in r.labels if t != IGNORE_INDEX) / total if total else 0.0
 
 
+def read_split_files(folder: Path) -> Splits | None:
+    """The splits a run saved (``write_splits``), or None when the folder does not hold all three.
+
+    A run's saved splits are what it was trained and evaluated on, whatever its sources hold now.
+    """
+    import json
+
+    from lorakit.contracts import Message
+
+    files = {name: folder / f"{name}.jsonl" for name in ("train", "val", "test")}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    parts: dict[str, list[Example]] = {}
+    for name, path in files.items():
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            messages = r.get("messages")
+            rows.append(
+                Example(
+                    id=r["id"],
+                    messages=None
+                    if messages is None
+                    else tuple(Message(m["role"], m["content"]) for m in messages),
+                    text=r.get("text"),
+                    meta=r.get("meta", {}),
+                )
+            )
+        parts[name] = rows
+    return Splits(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
 def write_splits(folder: Path, splits: Splits) -> None:
     """Write ``{train,val,test}.jsonl`` in the normalized contract (atomically, per file)."""
     import json

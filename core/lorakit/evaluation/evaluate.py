@@ -53,6 +53,33 @@ def _cached_baseline(folder: Path, key: str) -> tuple[dict[str, Any], list[dict[
     return data, rows
 
 
+def _splits_to_score(
+    recipe: Recipe, catalog: Catalog, run: RunDir, say: Callable[[str], None]
+) -> Any:
+    """A run's own saved splits when it has them (what it was trained on), else the sources'.
+
+    When the sources changed since the run saved its splits, say so: the run is still scored on
+    its own splits, never silently on different data.
+    """
+    from lorakit.data.pipeline import load_splits, read_split_files
+    from lorakit.errors import LorakitError
+
+    saved = read_split_files(run.splits)
+    if saved is None:
+        return load_splits(recipe, catalog)
+    try:
+        now = load_splits(recipe, catalog).fingerprint
+    except LorakitError as exc:
+        say(f"the data sources cannot be read now ({exc}); scoring the run's saved splits")
+        return saved
+    if now != saved.fingerprint:
+        say(
+            f"the data sources changed since {run.path.name} saved its splits (fingerprint "
+            f"{saved.fingerprint} -> {now}): scoring the run's own splits in {run.splits}"
+        )
+    return saved
+
+
 def evaluate_run(
     recipe: Recipe,
     catalog: Catalog,
@@ -63,7 +90,6 @@ def evaluate_run(
     say: Callable[[str], None] = print,
 ) -> Path | None:
     """Score and write reports; return the report path (None when there is nothing to score)."""
-    from lorakit.data.pipeline import load_splits
     from lorakit.evaluation.config import build_metrics, needs_generation
     from lorakit.evaluation.plot import plot_losses
     from lorakit.evaluation.report import write_outputs
@@ -85,7 +111,7 @@ def evaluate_run(
 
     # Prepare each split once; the base and tuned model see the same rows and prompts.
     loaded = prepare_inference(recipe, catalog, adapter_dir)
-    splits = load_splits(recipe, catalog)
+    splits = _splits_to_score(recipe, catalog, run, say)
     metrics = build_metrics(catalog, ev)
     sets = [
         prepare_set(
