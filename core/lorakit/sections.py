@@ -6,6 +6,7 @@ chosen plugin's own ``Options`` class instead.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -20,7 +21,7 @@ Scheduler = Literal[
 
 
 def _finite(_inst, attribute, value):
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
 
 
