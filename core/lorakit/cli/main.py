@@ -18,6 +18,7 @@ from lorakit.errors import LorakitError
 VERBS = {
     "run": "run",
     "check": "check",
+    "plan": "plan",
     "prepare": "prepare",
     "plugins": "plugins_cmd",
     "baseline": "baseline",

@@ -52,6 +52,42 @@ class HubSource:
             return Path(found).parent, ""
         return None, f"{self.options.id} is not in the local Hub cache yet"
 
+    def model_config(self) -> dict:
+        """config.json only: from the local Hub cache, else fetched by transformers' AutoConfig
+        (no weights). Without the Hub, a ModelError says how to plan offline."""
+        import json
+
+        from huggingface_hub import try_to_load_from_cache
+
+        o = self.options
+        cached = try_to_load_from_cache(o.id, "config.json", revision=o.revision)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text(encoding="utf-8"))
+        offline = "no network access to the Hub"
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            from lorakit.secrets import hub_token
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(
+                    o.id,
+                    revision=o.revision,
+                    token=hub_token(),
+                    trust_remote_code=o.trust_remote_code,
+                )
+                return config.to_dict()
+            except (OSError, ValueError) as exc:
+                offline = str(exc).strip().splitlines()[0] if str(exc).strip() else offline
+        else:
+            offline = "HF_HUB_OFFLINE=1"
+        raise ModelError(
+            f"no config for {o.id}: it is not in the local Hub cache and the Hub cannot be "
+            f"reached ({offline})",
+            where="[model].id",
+            fix="on a machine with the Hub, `lorakit plan` fetches config.json only; offline, "
+            'download the model folder once and use plugin = "local"',
+        )
+
     def resolve(self) -> ModelRef:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             from huggingface_hub import try_to_load_from_cache

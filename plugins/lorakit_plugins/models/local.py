@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
@@ -32,6 +33,18 @@ class LocalSource:
             if (folder / "tokenizer.json").is_file()
             else (None, f"no tokenizer.json in {folder}")
         )
+
+    def model_config(self) -> dict:
+        """The folder's config.json (config only: ``lorakit plan`` loads no weights)."""
+        file = Path(self.options.path).expanduser() / "config.json"
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot read {file}: {exc}",
+                where="[model].path",
+                fix="point path at a folder written by save_pretrained",
+            ) from None
 
     def resolve(self) -> ModelRef:
         path = Path(self.options.path).expanduser()

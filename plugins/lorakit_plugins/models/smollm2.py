@@ -10,6 +10,7 @@ with or without bitsandbytes, reads the cached folder like any local model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -90,6 +91,31 @@ def ensure_cached() -> Path:
     return target
 
 
+def gguf_config(gguf_path: Path) -> dict:
+    """Llama-style config keys from a GGUF file's metadata (memory-mapped; tensors untouched)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture") or "llama"
+    heads = value(f"{arch}.attention.head_count")
+    tokens = value("tokenizer.ggml.tokens")
+    return {
+        "model_type": arch,
+        "vocab_size": len(tokens) if tokens else value(f"{arch}.vocab_size"),
+        "hidden_size": value(f"{arch}.embedding_length"),
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv") or heads,
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+
+
 @attrs.frozen
 class SmolLM2Options:
     pass
@@ -108,6 +134,13 @@ class SmolLM2Source:
         if (folder / COMPLETE).is_file():
             return folder, ""
         return None, "the embedded model is converted on first use; run `lorakit run` once"
+
+    def model_config(self) -> dict:
+        """The converted folder's config.json, else the GGUF's metadata (no weights read)."""
+        folder = cache_root() / "smollm2-135m-instruct"
+        if (folder / COMPLETE).is_file():
+            return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return gguf_config(find_gguf())
 
     def resolve(self) -> ModelRef:
         path = ensure_cached()

@@ -51,6 +51,11 @@ class Lora:
     def __init__(self, options: LoraOptions):
         self.options = options
 
+    def memory_spec(self) -> dict[str, Any]:
+        """For ``lorakit plan``: what decides the adapter's size."""
+        o = self.options
+        return {"r": o.r, "targets": o.target_modules, "dora": o.use_dora}
+
     def peft_config(self) -> Any:
         from peft import LoraConfig
 

@@ -92,6 +92,11 @@ class Bnb4bit:
         )
         return {"quantization_config": config, "dtype": dtype}
 
+    def memory_spec(self) -> dict[str, Any]:
+        """For ``lorakit plan``: how the base weights are stored, without loading anything."""
+        o = self.options
+        return {"weights": o.quant_type, "double_quant": o.double_quant, "dtype": o.compute_dtype}
+
     def finish_loading(self, model: Any, device: str) -> Any:
         import torch
 
@@ -128,6 +133,10 @@ class Bnb8bit:
 
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.options.threshold)
         return {"quantization_config": config, "dtype": self.compute_dtype(device)}
+
+    def memory_spec(self) -> dict[str, Any]:
+        """For ``lorakit plan``: int8 linear weights, the rest in the compute dtype."""
+        return {"weights": "int8", "dtype": self.options.compute_dtype}
 
     def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
         return _prepare(model, gradient_checkpointing)

@@ -31,6 +31,10 @@ class NoQuant:
     def load_kwargs(self, device: str) -> dict[str, Any]:
         return {"dtype": self.compute_dtype(device)}
 
+    def memory_spec(self) -> dict[str, Any]:
+        """For ``lorakit plan``: every weight in one dtype."""
+        return {"weights": "none", "dtype": self.options.dtype}
+
     def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(

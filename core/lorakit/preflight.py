@@ -1,0 +1,195 @@
+"""The memory pre-flight: gather a recipe's plan inputs (config only), render it, judge the fit.
+
+Nothing is downloaded or loaded: the model source's ``model_config()`` reads ``config.json`` (or
+GGUF metadata), the quant and PEFT plugins describe themselves through ``memory_spec()``, and the
+data is read the way ``lorakit check`` reads it (torch-free) when the model's tokenizer is local.
+Used by ``lorakit plan`` and at the start of ``lorakit run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ModelError
+from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
+from lorakit.plugins import Catalog
+from lorakit.recipe import Recipe
+
+
+def model_config(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
+    source = recipe.model.build(catalog)
+    read = getattr(source, "model_config", None)
+    if read is None:
+        raise ModelError(
+            f"model plugin {recipe.model.name!r} cannot give its config without loading the model",
+            where="[model]",
+            fix="add a model_config() method to the plugin (see contracts.ModelSource)",
+        )
+    config = read()
+    if not isinstance(config, dict):
+        raise ModelError(f"model plugin {recipe.model.name!r}: model_config() returned {config!r}")
+    return config
+
+
+def _spec(recipe: Recipe, catalog: Catalog, section: str) -> dict[str, Any]:
+    choice = getattr(recipe, section)
+    plugin = choice.build(catalog)
+    spec = getattr(plugin, "memory_spec", None)
+    if spec is None:
+        raise ModelError(
+            f"[{section}] plugin {choice.name!r} does not describe its memory (no memory_spec())",
+            where=f"[{section}]",
+            fix="lorakit plan cannot predict this recipe; run it and read peak_memory_gb",
+        )
+    return dict(spec())
+
+
+def detect_device(recipe: Recipe) -> tuple[str, str, int | None]:
+    """(device, description, usable bytes or None) without importing torch."""
+    wanted = recipe.train.device
+    if wanted in ("auto", "cuda") and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            name, mib = out.splitlines()[0].rsplit(",", 1)
+            return "cuda", f"{name.strip()} (nvidia-smi)", int(float(mib)) * 2**20
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    if wanted == "cuda":
+        return "cuda", "CUDA (size unknown)", None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return "cpu", "CPU RAM available now", int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return "cpu", "CPU RAM (size unknown)", None
+
+
+def _auto_dtype(device: str) -> str:
+    """What ``auto`` resolves to, without timing or torch: bf16 on CUDA, on CPU what the
+    cached measurement of ``lorakit.device`` said (fp32 when nothing was measured)."""
+    if device == "cuda":
+        return "bf16"
+    from lorakit.device import BF16_FLAGS, _cpu_model, cpu_flags
+
+    if not any(f in cpu_flags() for f in BF16_FLAGS):
+        return "fp32"
+    from importlib.metadata import PackageNotFoundError, version
+
+    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    try:
+        known = json.loads((cache / "cpu_dtype.json").read_text(encoding="utf-8"))
+        rates = known[f"{_cpu_model()}|torch {version('torch')}"]
+    except (OSError, ValueError, KeyError, PackageNotFoundError):
+        return "fp32"
+    return "bf16" if rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"] else "fp32"
+
+
+def data_tokens(recipe: Recipe, catalog: Catalog) -> tuple[int, int, str]:
+    """Tokens and supervised positions of the largest micro-batch, and where they came from.
+
+    With the model's tokenizer on disk the data is read and tokenized (torch-free); otherwise the
+    upper bound: ``batch x max_length`` tokens, all supervised.
+    """
+    t = recipe.train
+    budget = t.per_device_train_batch_size * t.max_length
+    try:
+        from lorakit.data.lint import lint
+        from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
+        from lorakit.data.pipeline import DataReport, load_splits
+
+        folder, note = find_tokenizer_folder(recipe, catalog)
+        if folder is None:
+            return budget, budget, f"upper bound, no data read ({note})"
+        splits = load_splits(recipe, catalog, DataReport())
+        stats = lint(
+            splits.train,
+            recipe.format.build(catalog),
+            LiteTokenizer(folder),
+            t.max_length,
+            recipe.data.overlength,
+        )
+    except Exception as exc:  # the plan must never block on the data: fall back to the bound
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return budget, budget, f"upper bound, data not read: {first}"
+    lengths = sorted((min(n, t.max_length) for n in stats.lengths), reverse=True)
+    share = stats.supervised_tokens / max(1, stats.total_tokens)
+    tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
+    tokens = max(1, min(tokens, budget))
+    return tokens, round(tokens * share), f"from the data: {share:.0%} of tokens supervised"
+
+
+def plan_recipe(recipe: Recipe, catalog: Catalog, device: str, read_data: bool = True) -> Any:
+    """The :class:`Plan` for ``recipe`` on ``device`` and a note on the micro-batch size."""
+    shape = shape_from_config(model_config(recipe, catalog))
+    quant, peft = _spec(recipe, catalog, "quant"), _spec(recipe, catalog, "peft")
+    dtype = quant.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = _auto_dtype(device)
+    if read_data:
+        tokens, supervised, note = data_tokens(recipe, catalog)
+    else:
+        tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
+        supervised, note = tokens, "upper bound"
+    targets = peft["targets"]
+    inputs = PlanInputs(
+        shape=shape,
+        r=int(peft["r"]),
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        dora=bool(peft.get("dora", False)),
+        scheme=quant["weights"],
+        double_quant=bool(quant.get("double_quant", False)),
+        dtype=dtype,
+        optim=recipe.train.optim,
+        checkpointing=recipe.train.gradient_checkpointing,
+        tokens=tokens,
+        supervised=supervised,
+        eval_batch=recipe.eval.batch_size,
+        eval_length=recipe.train.max_length + recipe.eval.max_new_tokens,
+        cpu=device == "cpu",
+    )
+    return make_plan(inputs), note
+
+
+def summary(plan: Plan, capacity: int | None, where: str) -> str:
+    fit = ""
+    if capacity is not None:
+        fit = (
+            f" of {gb(capacity)} ({where}): fits"
+            if plan.peak <= capacity
+            else f" of {gb(capacity)} ({where}): does NOT fit"
+        )
+    return (
+        f"memory plan: peak {gb(plan.peak)}{fit}; {plan.trainable:,} trainable of "
+        f"{plan.total:,} parameters"
+    )
+
+
+def fixes(plan: Plan) -> str:
+    i = plan.inputs
+    out = []
+    if i.tokens > 1:
+        out.append(
+            "a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps)"
+        )
+        out.append("a smaller train.max_length")
+    if not i.checkpointing:
+        out.append("train.gradient_checkpointing = true")
+    if i.scheme not in ("nf4", "fp4"):
+        out.append('[quant] plugin = "bnb-4bit" (QLoRA)')
+    if plan.optimizer > plan.lora // 2:
+        out.append('train.optim = "adamw_8bit" (GPU) or "sgd"')
+    if plan.eval_peak > plan.train_peak:
+        out.append("a smaller [eval].batch_size")
+    return "; ".join(out)

@@ -1,0 +1,137 @@
+"""`lorakit plan`: exact parameter counts from a config dict, the byte arithmetic, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from lorakit.memory_plan import (
+    PlanInputs,
+    lora_params,
+    make_plan,
+    parse_size,
+    quantized_bytes,
+    shape_from_config,
+    weight_bytes,
+)
+
+from tests.conftest import tiny_recipe
+from tests.test_cli import run_probe
+
+# Mistral-7B-v0.1 / -Instruct-v0.2 config.json, the keys that decide the sizes
+MISTRAL_7B = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": None,
+    "tie_word_embeddings": False,
+}
+
+
+def test_mistral_7b_counts_are_exact():
+    shape = shape_from_config(MISTRAL_7B)
+    assert shape.total_params() == 7_241_732_096
+    assert lora_params(shape, 16, "all-linear") == (41_943_040, [])
+    assert lora_params(shape, 8, ["q_proj", "v_proj"]) == (32 * 8 * (4096 * 2 + 4096 + 1024), [])
+    assert lora_params(shape, 8, ["q_proj", "wqkv"])[1] == ["wqkv"]
+
+
+def test_smollm2_count_matches_transformers():
+    # 134,515,008: what transformers reports for SmolLM2-135M (tied embeddings)
+    shape = shape_from_config(
+        {
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "tie_word_embeddings": True,
+        }
+    )
+    assert shape.total_params() == 134_515_008
+
+
+def test_quantized_bytes_per_weight():
+    n = 64 * 256 * 100
+    assert quantized_bytes(n, 0, "nf4") == n // 2 + n // 16  # + fp32 absmax per 64
+    assert quantized_bytes(n, 0, "nf4", double_quant=True) == n // 2 + n // 64 + n // 4096
+    assert quantized_bytes(n, 10, "int8") == n + 40
+    assert quantized_bytes(n, 0, "bf16") == 2 * n
+    shape = shape_from_config(MISTRAL_7B)
+    nf4 = weight_bytes(shape, "nf4", True, "bf16")
+    # ~3.35 GiB of 4-bit linear layers + embeddings and head upcast to fp32 by k-bit preparation
+    linear = quantized_bytes(shape.linear_weights(), shape.linear_rows(), "nf4", True)
+    assert nf4 == linear + 4 * shape.other_params()
+    assert 3.3 * 2**30 < linear < 3.4 * 2**30
+
+
+def test_plan_terms_and_checkpointing():
+    shape = shape_from_config(MISTRAL_7B)
+    base = dict(
+        shape=shape,
+        r=16,
+        targets="all-linear",
+        dora=False,
+        scheme="nf4",
+        double_quant=True,
+        dtype="bf16",
+        optim="adamw_torch",
+        checkpointing=True,
+        tokens=8192,
+        supervised=8192,
+        eval_batch=8,
+        eval_length=2176,
+        cpu=False,
+    )
+    plan = make_plan(PlanInputs(**base))
+    assert plan.trainable == 41_943_040
+    assert plan.optimizer == 8 * plan.trainable
+    assert plan.activations < plan.activations_other / 5
+    assert plan.kv_cache == 2 * 32 * 1024 * 2 * 8 * 2176
+    eight_bit = make_plan(PlanInputs(**{**base, "optim": "paged_adamw_8bit"}))
+    assert eight_bit.optimizer == 2 * plan.trainable
+    assert plan.peak > eight_bit.peak
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("24GB", 24 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 3 * 2**29)]
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_plan_cli_reads_config_only_without_torch(tmp_path, tiny_model_dir, chat_file):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit")
+    res = run_probe("plan", str(recipe), "--device-memory", "8GB", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "trainable" in res.stdout and "<- recipe" in res.stdout
+    assert "fits" in res.stdout and "from the data" in res.stdout
+    assert "HEAVY:\n" in res.stderr, "plan must not import torch/transformers"
+    res = run_probe("plan", str(recipe), "--device-memory", "1MB", cwd=tmp_path)
+    assert res.returncode == 1 and "does NOT fit" in res.stdout and "to fit:" in res.stdout
+
+
+def test_run_refuses_when_the_plan_does_not_fit(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    code, _out, err = cli("run", recipe, "--device-memory", "1MB")
+    assert code == 2
+    assert "memory plan predicts a peak of" in err and "--ignore-memory-plan" in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_plan_hub_model_without_hub_says_so(tmp_path, chat_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = tmp_path / "hub.toml"
+    recipe.write_text(
+        f'[model]\nplugin = "hub"\nid = "nobody/not-cached-model"\n'
+        f'[[data.sources]]\nplugin = "chat_jsonl"\npath = "{chat_file}"\n'
+    )
+    res = run_probe("plan", str(recipe), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "not in the local Hub cache" in res.stderr and 'plugin = "local"' in res.stderr
