@@ -131,7 +131,7 @@ def test_shipped_mistral_recipe_runs_end_to_end(tmp_path, cli):
         f"data.sources.0.path={json.dumps(str(data))}",
         f"output.dir={json.dumps(str(tmp_path / 'runs'))}",
     ]
-    code, out, err = cli("run", recipe, *overrides)
+    code, _out, err = cli("run", recipe, *overrides)
     assert code == 0, err
     run = tmp_path / "runs" / shipped["output"]["name"]
     assert "memory plan: peak" in err
@@ -159,7 +159,7 @@ def test_shipped_mistral_recipe_runs_end_to_end(tmp_path, cli):
     )
 
     # Export: adapter and merged model (QLoRA-aware merge) with the template.
-    code, out, err = cli("export", run, "--merge")
+    code, _out, err = cli("export", run, "--merge")
     assert code == 0, err
     merged = run / "export" / "merged"
     assert (merged / "config.json").is_file()
