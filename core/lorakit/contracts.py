@@ -127,6 +127,9 @@ class ModelSource(Protocol):
     # Optional: ``tokenizer_folder() -> (Path | None, note)``: a local folder with the model's
     # tokenizer.json, found cheaply (no download, no conversion), for torch-free `lorakit check`;
     # ``note`` says why there is none yet.
+    # Optional: ``model_config() -> dict``: the model's config.json as a dict (or the same keys
+    # from GGUF metadata), without loading weights, for `lorakit plan`; raise ModelError when
+    # even the config cannot be had (no Hub, not cached).
 
 
 @runtime_checkable
@@ -150,6 +153,8 @@ class QuantBackend(Protocol):
     # Optional: ``finish_loading(model, device) -> model``: called on every model loaded with
     # this backend's ``load_kwargs`` (training, baseline, eval, generate), before anything else
     # touches it. For fixes a quantization library needs after ``from_pretrained``.
+    # Optional: ``memory_spec() -> dict`` for `lorakit plan`: ``weights`` ("nf4", "fp4", "int8"
+    # or "none"), ``double_quant`` (bool) and ``dtype`` ("auto", "fp32", "bf16", "fp16").
 
 
 @runtime_checkable
@@ -161,6 +166,9 @@ class PeftMethod(Protocol):
     def peft_config(self) -> Any:
         """Return a ``peft.PeftConfig`` for ``get_peft_model``."""
         ...
+
+    # Optional: ``memory_spec() -> dict`` for `lorakit plan`: ``r``, ``targets`` ("all-linear"
+    # or module names) and ``dora`` (bool).
 
 
 @runtime_checkable
