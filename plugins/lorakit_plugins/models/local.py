@@ -5,10 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import ModelRef
-from lorakit.errors import ModelError
-from lorakit.options import option
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, option
 
 
 @attrs.frozen
@@ -59,5 +56,5 @@ class LocalSource:
 
 
 @hookimpl
-def lorakit_register_model_sources(register):
+def lorakit_register_model_sources(register: RegisterModelSource) -> None:
     register("local", LocalSource)
