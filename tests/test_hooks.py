@@ -95,7 +95,7 @@ def test_class_attributes_the_core_reads_are_checked_at_registration(
     impl.__name__ = hook
     with pytest.raises(PluginError) as err:
         catalog_with(SimpleNamespace(**{hook: hookimpl(impl)}))
-    assert f"'broken' from" in str(err.value) and fix in str(err.value)
+    assert "'broken' from" in str(err.value) and fix in str(err.value)
 
 
 def test_lorakit_register_model_sources(catalog_with):

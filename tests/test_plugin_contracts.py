@@ -121,7 +121,7 @@ def test_a_third_party_split_name_is_a_clear_error_not_a_keyerror(tmp_path):
     site.mkdir()
     (site / "lorakit_badsplit.py").write_text(
         textwrap.dedent(
-            '''
+            """
             import attrs
             from lorakit.api import Example, Message, hookimpl
 
@@ -142,7 +142,7 @@ def test_a_third_party_split_name_is_a_clear_error_not_a_keyerror(tmp_path):
             @hookimpl
             def lorakit_register_sources(register):
                 register("badsplit", Bad)
-            '''
+            """
         )
     )
     info = site / "lorakit_badsplit-0.3.dist-info"
