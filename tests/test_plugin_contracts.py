@@ -35,8 +35,12 @@ CHAT = (Message("user", "q"), Message("assistant", "a"))
         ({"id": "x", "messages": CHAT, "text": "t"}, "exactly one of messages or text"),
         ({"id": "x", "messages": [*CHAT]}, "tuple of Message"),
         ({"id": "x", "messages": (Message("tool", "t"),)}, "role is 'tool'"),
+        ({"id": "x", "messages": (*CHAT, Message("system", "s"))}, "system message may only"),
+        ({"id": "x", "messages": (Message("assistant", "a"),)}, "must follow a user turn"),
+        ({"id": "x", "messages": (Message("user", "q"), *CHAT)}, "two user turns"),
+        ({"id": "x", "messages": (Message("user", "q"),)}, "no assistant turn"),
         ({"id": "x", "messages": ({"role": "user"},)}, "not a Message"),
-        ({"id": "x", "messages": (Message("user", 5),)}, "content is a int"),  # type: ignore[arg-type]
+        ({"id": "x", "messages": (Message("user", 5), CHAT[1])}, "content is a int"),  # type: ignore[arg-type]
         ({"id": "x", "text": b"bytes"}, "text is a bytes"),
         ({"id": "x", "text": "\ud800"}, "lone surrogate"),
         ({"id": "x", "text": "t", "meta": {"split": "validation"}}, "meta.split is 'validation'"),
@@ -168,9 +172,8 @@ def test_a_third_party_split_name_is_a_clear_error_not_a_keyerror(tmp_path):
 def _lorakit_imports(path: Path) -> list[tuple[int, str]]:
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorakit"):
-            if not node.module.startswith("lorakit_plugins"):
-                out.append((node.lineno, node.module))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lorakit":
+            out.append((node.lineno, str(node.module)))
         elif isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "lorakit"]
     return out

@@ -69,6 +69,15 @@ def _messages_problem(messages: Any) -> str | None:
             return f"messages[{i}].content is a {type(m.content).__name__}, not a string"
         if not _encodable(m.content):
             return f"messages[{i}].content is not valid Unicode (a lone surrogate)"
+        prev = messages[i - 1].role if i else None
+        if m.role == "system" and i:
+            return f"messages[{i}]: a system message may only come first"
+        if m.role == "assistant" and prev != "user":
+            return f"messages[{i}]: an assistant turn must follow a user turn"
+        if m.role == "user" and prev == "user":
+            return f"messages[{i}]: two user turns in a row"
+    if not any(m.role == "assistant" for m in messages):
+        return "the conversation has no assistant turn (nothing to learn)"
     return None
 
 
@@ -95,7 +104,8 @@ def example_problem(example: Any) -> str | None:
 
     The rules: an ``Example`` instance; ``id`` a non-empty string; exactly one of ``messages``
     (a tuple of ``Message`` with roles system/user/assistant and string content) or ``text`` (a
-    string); ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
+    string), roles alternating user/assistant after an optional first system message, with at
+    least one assistant turn; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
     whose ``split`` is train/val/test or absent, ``tags`` a list of strings, ``source`` a string
     and ``chunkable`` a bool.
     """
