@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check core plugins tests benchmarks
-	$(BIN)/ruff format --check core plugins tests benchmarks
+	$(BIN)/ruff check core plugins tests benchmarks examples/plugins
+	$(BIN)/ruff format --check core plugins tests benchmarks examples/plugins
 	$(BIN)/mypy
 
 test: lint

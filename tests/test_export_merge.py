@@ -164,6 +164,7 @@ def test_parity_and_model_card_are_written(exported):
     for card in (export / "merged" / "README.md", export / "adapter" / "README.md"):
         text = card.read_text()
         assert fingerprint in text and "lorakit 0.1.0" in text and "## Parity" in text
+        assert "qlora" in text.split("---")[1]  # the backend said it quantizes
         # No eval_report.json in the run: the card says so instead of failing.
         assert "No `eval_report.json`" in text or "No evaluation was recorded" in text
     assert "**unquantized fp32** base" in (export / "merged" / "README.md").read_text()

@@ -76,6 +76,7 @@ def _card(**kw) -> str:
         "meta": {
             "base_model": "embedded:SmolLM2",
             "quant": {"plugin": "bnb-4bit"},
+            "quantized": True,
             "data_fingerprint": "abc123",
         },
         "recipe_text": '[quant]\nplugin = "bnb-4bit"\n',
@@ -87,6 +88,14 @@ def _card(**kw) -> str:
     }
     args.update(kw)
     return render_card(**args)
+
+
+def test_model_card_tags_qlora_by_what_the_backend_says_not_its_name():
+    # A third-party backend named anything but "none" that loads plain weights is not QLoRA.
+    meta = {"base_model": "m", "quant": {"plugin": "fp16-only"}, "quantized": False}
+    assert "qlora" not in _card(meta=meta).split("---")[1]
+    meta = {"base_model": "m", "quant": {"plugin": "none"}, "quantized": True}
+    assert "qlora" in _card(meta=meta).split("---")[1]
 
 
 def test_model_card_handles_missing_and_present_reports():

@@ -27,6 +27,9 @@ class _Opts:
 
 class _Thing:
     Options = _Opts
+    quantizes = False  # the class attributes quant backends and metrics must have
+    kind = "loss"
+    higher_is_better = False
 
     def __init__(self, options):
         self.options = options
@@ -70,6 +73,29 @@ def _check_catalog_hook(catalog_with, hook: str, kind: str, builtin: str):
     entry = cat.get(kind, "throwaway")
     assert entry.factory is _Thing and entry.options_class is _Opts
     assert builtin in cat.names(kind), f"built-in {kind} {builtin} missing"
+
+
+@pytest.mark.parametrize(
+    ("hook", "attr", "value", "fix"),
+    [
+        ("lorakit_register_quantizers", "quantizes", None, "quantizes = ..."),
+        ("lorakit_register_quantizers", "quantizes", "no", "quantizes = ..."),
+        ("lorakit_register_metrics", "kind", "accuracy", '"loss" or "generation"'),
+        ("lorakit_register_metrics", "higher_is_better", 1, "higher_is_better = ..."),
+    ],
+)
+def test_class_attributes_the_core_reads_are_checked_at_registration(
+    catalog_with, hook, attr, value, fix
+):
+    broken = type("Broken", (_Thing,), {attr: value})
+
+    def impl(register):
+        register("broken", broken)
+
+    impl.__name__ = hook
+    with pytest.raises(PluginError) as err:
+        catalog_with(SimpleNamespace(**{hook: hookimpl(impl)}))
+    assert "'broken' from" in str(err.value) and fix in str(err.value)
 
 
 def test_lorakit_register_model_sources(catalog_with):

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from lorakit import hookimpl
-from lorakit.contracts import Example, Message
+from lorakit.api import Example, Message, hookimpl
 
 
 @attrs.frozen

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "val", "test")
 
 
 @attrs.frozen
@@ -84,23 +85,27 @@ class SourceContext(Protocol):
         counts it as skipped with its reason and returns (``on_error = "skip"``)."""
 
 
-@runtime_checkable
-class DataSource(Protocol):
-    Options: ClassVar[type]
+class Configured(Protocol):
+    """What every plugin factory has: an ``Options`` attrs class (its recipe options) and a
+    constructor taking an instance of it. ``Options`` is a plain class attribute
+    (``Options = MyOptions``); the protocols spell such attributes as read-only properties so a
+    plain assignment satisfies them."""
+
+    @property
+    def Options(self) -> type: ...
 
     def __init__(self, options: Any) -> None: ...
 
+
+@runtime_checkable
+class DataSource(Configured, Protocol):
     def read(self, ctx: SourceContext) -> Iterator[Example]:
         """Yield normalized examples; raise ``DataError`` (file:line and fix) on bad input."""
         ...
 
 
 @runtime_checkable
-class Formatter(Protocol):
-    Options: ClassVar[type]
-
-    def __init__(self, options: Any) -> None: ...
-
+class Formatter(Configured, Protocol):
     def render(self, example: Example, tokenizer: Any) -> Rendered:
         """Render a full training example, marking supervised segments."""
         ...
@@ -115,11 +120,7 @@ class Formatter(Protocol):
 
 
 @runtime_checkable
-class ModelSource(Protocol):
-    Options: ClassVar[type]
-
-    def __init__(self, options: Any) -> None: ...
-
+class ModelSource(Configured, Protocol):
     def resolve(self) -> ModelRef:
         """Return a loadable reference; raise ``ModelError`` with a fix when that is impossible."""
         ...
@@ -133,10 +134,13 @@ class ModelSource(Protocol):
 
 
 @runtime_checkable
-class QuantBackend(Protocol):
-    Options: ClassVar[type]
+class QuantBackend(Configured, Protocol):
+    """How the frozen base model is loaded. ``quantizes`` says whether the weights it loads are
+    quantized (False for a backend that only picks a dtype): merge and export ask it, never the
+    backend's name."""
 
-    def __init__(self, options: Any) -> None: ...
+    @property
+    def quantizes(self) -> bool: ...
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         """Extra ``from_pretrained`` kwargs (``quantization_config``, ``dtype``) for ``device``."""
@@ -158,11 +162,7 @@ class QuantBackend(Protocol):
 
 
 @runtime_checkable
-class PeftMethod(Protocol):
-    Options: ClassVar[type]
-
-    def __init__(self, options: Any) -> None: ...
-
+class PeftMethod(Configured, Protocol):
     def peft_config(self) -> Any:
         """Return a ``peft.PeftConfig`` for ``get_peft_model``."""
         ...
@@ -172,7 +172,7 @@ class PeftMethod(Protocol):
 
 
 @runtime_checkable
-class Metric(Protocol):
+class Metric(Configured, Protocol):
     """Scores one split. ``kind`` says which inputs ``score`` takes.
 
     * ``kind = "loss"``: ``score(nll_sum, n_tokens) -> float`` gets the summed negative
@@ -186,12 +186,12 @@ class Metric(Protocol):
     return a fraction in [0, 1]; reports show them as points (x 100).
     """
 
-    Options: ClassVar[type]
-    kind: ClassVar[str]
-    higher_is_better: ClassVar[bool]
+    @property
+    def kind(self) -> str: ...
 
-    def __init__(self, options: Any) -> None: ...
+    @property
+    def higher_is_better(self) -> bool: ...
 
-    def score(self, *args: Any) -> float:
+    def score(self, *args: Any, **kwargs: Any) -> float:
         """Return the metric for one split (see the class docstring for the arguments)."""
         ...

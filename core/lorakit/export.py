@@ -147,7 +147,12 @@ def export_run(
         say(
             "warning: the tokenizer has no chat template; the export renders prompts only via lorakit"
         )
-    meta = {**read_meta(run.adapter), "end_of_turn": loaded.end_of_turn}
+    meta = {
+        **read_meta(run.adapter),
+        "end_of_turn": loaded.end_of_turn,
+        # the backend says whether it quantizes (the model card tags qlora); never its name
+        "quantized": recipe.quant.build(catalog).quantizes,
+    }
     system_prompt = getattr(loaded.formatter.options, "system_prompt", None)
     if system_prompt is not None:
         meta["system_prompt"] = system_prompt

@@ -17,16 +17,26 @@ from typing import Any
 
 import pluggy
 
+from lorakit.contracts import DataSource, Formatter, Metric, ModelSource, PeftMethod, QuantBackend
+
 PROJECT = "lorakit"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[[str, Any], None]
+# The ``register`` callback each catalog hook receives, typed by the protocol its factories
+# follow, so mypy checks a plugin's factory against the contract where it is registered.
+Register = Callable[[str, Any], None]  # untyped: for hooks without a protocol of their own
+RegisterModelSource = Callable[[str, type[ModelSource]], None]
+RegisterSource = Callable[[str, type[DataSource]], None]
+RegisterFormatter = Callable[[str, type[Formatter]], None]
+RegisterQuantizer = Callable[[str, type[QuantBackend]], None]
+RegisterPeftMethod = Callable[[str, type[PeftMethod]], None]
+RegisterMetric = Callable[[str, type[Metric]], None]
 
 
 @hookspec
-def lorakit_register_model_sources(register: Register) -> None:
+def lorakit_register_model_sources(register: RegisterModelSource) -> None:
     """Register where base weights come from.
 
     Called once when the plugin catalog is built (``lorakit plugins``, ``check``, ``run``...).
@@ -37,7 +47,7 @@ def lorakit_register_model_sources(register: Register) -> None:
 
 
 @hookspec
-def lorakit_register_sources(register: Register) -> None:
+def lorakit_register_sources(register: RegisterSource) -> None:
     """Register data sources (readers of a data format).
 
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
@@ -48,7 +58,7 @@ def lorakit_register_sources(register: Register) -> None:
 
 
 @hookspec
-def lorakit_register_formatters(register: Register) -> None:
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     """Register prompt formatters.
 
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
@@ -59,7 +69,7 @@ def lorakit_register_formatters(register: Register) -> None:
 
 
 @hookspec
-def lorakit_register_quantizers(register: Register) -> None:
+def lorakit_register_quantizers(register: RegisterQuantizer) -> None:
     """Register quantization backends.
 
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
@@ -70,7 +80,7 @@ def lorakit_register_quantizers(register: Register) -> None:
 
 
 @hookspec
-def lorakit_register_peft_methods(register: Register) -> None:
+def lorakit_register_peft_methods(register: RegisterPeftMethod) -> None:
     """Register parameter-efficient fine-tuning methods.
 
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
@@ -80,7 +90,7 @@ def lorakit_register_peft_methods(register: Register) -> None:
 
 
 @hookspec
-def lorakit_register_metrics(register: Register) -> None:
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     """Register evaluation metrics.
 
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows

@@ -116,10 +116,10 @@ def _dequantized_base(recipe: Any, catalog: Any, device: str, say: Callable[[str
 
     from lorakit.modeling import load_base_model
 
-    if recipe.quant.name == "none":
+    if not recipe.quant.build(catalog).quantizes:
         raise RunError(
             "--merge-base dequantized needs a run trained on a quantized base, and this run's "
-            '[quant].plugin is "none"',
+            f"[quant].plugin {recipe.quant.name!r} does not quantize",
             fix="drop --merge-base (the original base is exactly the one this run trained on)",
         )
     say(f"loading the base as trained ({recipe.quant.name}), then dequantizing it to fp32")
@@ -231,7 +231,7 @@ def write_merged(
     del reloaded
     gc.collect()
 
-    if recipe.quant.name != "none" and merge_base != "dequantized":
+    if recipe.quant.build(catalog).quantizes and merge_base != "dequantized":
         from lorakit.inference import load_model
 
         quant = load_model(recipe, catalog, device, run.adapter, quantized=True)

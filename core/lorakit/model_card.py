@@ -123,9 +123,7 @@ def render_card(
         "---",
         f"library_name: {library}",
         f"base_model: {json.dumps(str(meta.get('base_model_path', base)))}",
-        "tags: [lorakit, lora"
-        + (", qlora" if str(quant.get("plugin", "none")) != "none" else "")
-        + "]",
+        "tags: [lorakit, lora" + (", qlora" if meta.get("quantized") else "") + "]",
         "---",
         "",
         f"# {_TITLES.get(kind, 'Merged model')} trained with lorakit",

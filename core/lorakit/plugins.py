@@ -134,6 +134,13 @@ def _add(
             f"{kind} {name!r} from {plugin} has no attrs Options class",
             fix="give the factory an `Options` attrs class describing its recipe options",
         )
+    missing = _class_attr_problem(kind, factory)
+    if missing:
+        attr, want = missing
+        raise PluginError(
+            f"{kind} {name!r} from {plugin} has {attr} = {getattr(factory, attr, None)!r}",
+            fix=f"give the class an attribute `{attr} = ...` set to {want} (see lorakit.api)",
+        )
     catalog.entries[kind][name] = Entry(
         kind=kind,
         name=name,
@@ -142,6 +149,19 @@ def _add(
         distribution=dist[0] if dist else None,
         version=dist[1] if dist else None,
     )
+
+
+def _class_attr_problem(kind: str, factory: Any) -> tuple[str, str] | None:
+    """The class attribute (besides ``Options``) the core reads from ``factory`` that is missing
+    or wrong, with what it should be; None when all are right."""
+    if kind == "quant" and not isinstance(getattr(factory, "quantizes", None), bool):
+        return "quantizes", "True or False (does the backend load quantized weights?)"
+    if kind == "metric":
+        if getattr(factory, "kind", None) not in ("loss", "generation"):
+            return "kind", '"loss" or "generation"'
+        if not isinstance(getattr(factory, "higher_is_better", None), bool):
+            return "higher_is_better", "True or False"
+    return None
 
 
 _DEFAULT: Catalog | None = None

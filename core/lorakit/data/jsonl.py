@@ -1,8 +1,9 @@
-"""Careful JSONL reading and the strict chat contract.
+"""Careful JSONL reading and ``meta`` parsing: helpers shared by the JSON-based sources.
 
 Errors name file and line and say what to do, instead of an opaque Arrow error deep in
 ``datasets``: gzip bytes, non-UTF-8, a JSON array where JSONL is expected, huge lines,
-malformed JSON, wrong types, unknown or out-of-order roles, empty turns, duplicate keys.
+malformed JSON, duplicate keys, a ``meta`` that breaks the contract. Each format's own schema
+lives in its plugin; plugins reach these helpers through :mod:`lorakit.api`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lorakit.contracts import ROLES, Example, Message, SourceContext
+from lorakit.contracts import SPLITS, SourceContext
 from lorakit.errors import DataError
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -112,6 +113,8 @@ def _is_str(value: Any) -> bool:
 
 
 def parse_meta(record: Mapping[str, Any], where: str, ctx: SourceContext) -> dict[str, Any] | None:
+    """``record["meta"]`` checked (a table; ``tags`` strings, ``split`` train/val/test,
+    ``source`` a string), ``source`` defaulting to ``where``; None after ``ctx.reject``."""
     meta = record.get("meta", {})
     if meta is None:
         meta = {}
@@ -122,7 +125,7 @@ def parse_meta(record: Mapping[str, Any], where: str, ctx: SourceContext) -> dic
     if "tags" in meta and not (isinstance(meta["tags"], list) and all(map(_is_str, meta["tags"]))):
         ctx.reject("meta.tags must be a list of strings", where, 'e.g. "tags": ["support"]')
         return None
-    if "split" in meta and meta["split"] not in ("train", "val", "test", None):
+    if "split" in meta and meta["split"] is not None and meta["split"] not in SPLITS:
         ctx.reject(
             f"meta.split is {meta['split']!r}",
             where,
@@ -134,90 +137,3 @@ def parse_meta(record: Mapping[str, Any], where: str, ctx: SourceContext) -> dic
         return None
     meta.setdefault("source", where)
     return meta
-
-
-def parse_conversation(record: Any, where: str, ctx: SourceContext) -> Example | None:
-    """Validate one chat record; return the Example, or None when it was skipped."""
-    if not isinstance(record, Mapping):
-        ctx.reject(
-            f"expected a JSON object, got {type(record).__name__}",
-            where,
-            'each line is {"id": ..., "messages": [...]}',
-        )
-        return None
-    unknown = set(record) - {"id", "messages", "meta"}
-    if unknown:
-        ctx.reject(
-            f"unknown field(s) {', '.join(sorted(unknown))}",
-            where,
-            "chat_jsonl records hold only id, messages and meta (put extras in meta)",
-        )
-        return None
-    rid = record.get("id")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-        ctx.reject("id must be a non-empty string", where, 'add "id": "unique-name" to the record')
-        return None
-    where = f"{where} (id {rid})"
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        ctx.reject(
-            "messages must be a non-empty list", where, 'e.g. "messages": [{"role": "user", ...}]'
-        )
-        return None
-    parsed: list[Message] = []
-    for i, m in enumerate(messages):
-        problem = _message_problem(m, i, parsed)
-        if problem:
-            ctx.reject(problem[0], where, problem[1])
-            return None
-        parsed.append(Message(role=m["role"], content=m["content"]))
-    if not any(m.role == "assistant" for m in parsed):
-        what = "system-only" if all(m.role == "system" for m in parsed) else "no assistant turn"
-        ctx.reject(
-            f"conversation has {what}: nothing to train on",
-            where,
-            "add an assistant reply, or drop the record",
-        )
-        return None
-    meta = parse_meta(record, where, ctx)
-    if meta is None:
-        return None
-    return Example(id=str(rid), messages=tuple(parsed), meta=meta)
-
-
-def _message_problem(m: Any, i: int, before: list[Message]) -> tuple[str, str] | None:
-    if not isinstance(m, Mapping):
-        return f"messages[{i}] must be an object", 'use {"role": "user", "content": "..."}'
-    extra = set(m) - {"role", "content"}
-    if extra:
-        return (
-            f"messages[{i}] has unknown field(s) {', '.join(sorted(extra))}",
-            "keep only role and content",
-        )
-    role, content = m.get("role"), m.get("content")
-    if role not in ROLES:
-        return (
-            f"messages[{i}].role is {role!r}",
-            "roles are system, user and assistant (map tool/function turns before training)",
-        )
-    if not isinstance(content, str):
-        return (
-            f"messages[{i}].content must be a string, got {type(content).__name__}",
-            "use plain text content",
-        )
-    if role == "system" and i != 0:
-        return f"messages[{i}]: a system message may only come first", "move it to the start"
-    prev = before[-1].role if before else None
-    if role == "assistant" and prev != "user":
-        return (
-            f"messages[{i}]: assistant turn must follow a user turn (after {prev or 'nothing'})",
-            ("roles must alternate user/assistant after an optional system message"),
-        )
-    if role == "user" and prev == "user":
-        return (
-            f"messages[{i}]: two user turns in a row",
-            "merge them, or add the assistant reply between",
-        )
-    if role == "assistant" and not content.strip():
-        return f"messages[{i}]: empty assistant turn", "fill in the reply or drop the record"
-    return None

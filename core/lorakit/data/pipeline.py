@@ -17,7 +17,8 @@ from lorakit.contracts import Example
 from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
-from lorakit.errors import DataError, PluginError
+from lorakit.data.validate import checked_records
+from lorakit.errors import DataError
 from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
 
@@ -93,7 +94,12 @@ class Splits:
 
 
 def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[Example]:
-    """Read every ``[[data.sources]]`` table, in order. Duplicate ids are an error (or a skip)."""
+    """Read every ``[[data.sources]]`` table, in order. Duplicate ids are an error (or a skip).
+
+    Every record a source yields is checked against the ``Example`` contract
+    (:mod:`lorakit.data.validate`); a record that breaks it, or a source that fails with
+    anything but a lorakit error, is a ``PluginError`` naming the plugin and the record.
+    """
     ctx = ReadContext(recipe_dir=recipe.recipe_dir, on_error=recipe.data.on_error, report=report)
     examples: list[Example] = []
     seen: dict[str, str] = {}
@@ -101,11 +107,8 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
         source = choice.build(catalog)
         label = f"{i}:{choice.name}"
         count = 0
-        try:
-            iterator = iter(source.read(ctx))
-        except TypeError as exc:
-            raise PluginError(f"source {choice.name!r} read() did not return an iterator") from exc
-        for ex in iterator:
+        entry = catalog.get("source", choice.name)
+        for ex in checked_records(source.read, ctx, entry, f"[data.sources.{i}]"):
             where = str(ex.meta.get("source", ex.id))
             if ex.id in seen:
                 ctx.reject(

@@ -11,10 +11,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
-from lorakit.contracts import Example
+from lorakit.contracts import SPLITS, Example
 from lorakit.errors import DataError
 
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "assign_splits", "content_key", "fingerprint", "hashed_split"]
 
 
 def content_key(example: Example) -> str:

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
-from lorakit.contracts import Example, Message, Rendered, Segment
-from lorakit.errors import DataError
+from lorakit.api import DataError, Example, Message, Rendered, Segment
 
 
 @attrs.frozen

@@ -12,10 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, Message, Rendered, Segment
-from lorakit.errors import DataError
-from lorakit.options import option
+from lorakit.api import (
+    DataError,
+    Example,
+    Message,
+    RegisterFormatter,
+    Rendered,
+    Segment,
+    hookimpl,
+    option,
+)
 
 from lorakit_plugins.formatters._turns import bos_for
 
@@ -168,7 +174,7 @@ def _compile_if_equivalent(tokenizer: Any) -> Any:
     if not isinstance(template, str) or "generation" in template:
         return None
     try:
-        from lorakit.data.lite_tokenizer import chat_environment
+        from lorakit.api import chat_environment
 
         compiled = chat_environment().from_string(template)
         special = {
@@ -192,5 +198,5 @@ def _compile_if_equivalent(tokenizer: Any) -> Any:
 
 
 @hookimpl
-def lorakit_register_formatters(register):
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     register("chat_template", ChatTemplateFormatter)

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, Message, Rendered
-from lorakit.options import option
+from lorakit.api import Example, Message, RegisterFormatter, Rendered, hookimpl, option
 
 from lorakit_plugins.formatters._turns import Layout, TurnRenderer, eos_for, require_single_token
 
@@ -63,5 +61,5 @@ class ChatmlFormatter:
 
 
 @hookimpl
-def lorakit_register_formatters(register):
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     register("chatml", ChatmlFormatter)

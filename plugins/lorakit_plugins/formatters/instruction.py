@@ -16,8 +16,7 @@ examples: ``bos + text + eos``.
 from __future__ import annotations
 
 import attrs
-from lorakit import hookimpl
-from lorakit.options import option
+from lorakit.api import RegisterFormatter, hookimpl, option
 
 from lorakit_plugins.formatters._turns import EosTurnFormatter, Layout
 
@@ -47,5 +46,5 @@ class InstructionFormatter(EosTurnFormatter):
 
 
 @hookimpl
-def lorakit_register_formatters(register):
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     register("instruction", InstructionFormatter)

@@ -11,8 +11,7 @@ written only when the tokenizer adds one to plain text. Raw-text examples: ``bos
 from __future__ import annotations
 
 import attrs
-from lorakit import hookimpl
-from lorakit.options import option
+from lorakit.api import RegisterFormatter, hookimpl, option
 
 from lorakit_plugins.formatters._turns import EosTurnFormatter, Layout
 
@@ -41,5 +40,5 @@ class MistralInstFormatter(EosTurnFormatter):
 
 
 @hookimpl
-def lorakit_register_formatters(register):
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     register("mistral_inst", MistralInstFormatter)

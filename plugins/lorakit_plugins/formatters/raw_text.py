@@ -12,9 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, Message, Rendered, Segment
-from lorakit.errors import DataError
+from lorakit.api import DataError, Example, Message, RegisterFormatter, Rendered, Segment, hookimpl
 
 from lorakit_plugins.formatters._turns import bos_for
 
@@ -65,5 +63,5 @@ class RawTextFormatter:
 
 
 @hookimpl
-def lorakit_register_formatters(register):
+def lorakit_register_formatters(register: RegisterFormatter) -> None:
     register("raw_text", RawTextFormatter)

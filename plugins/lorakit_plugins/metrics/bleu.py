@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import attrs
-from lorakit import hookimpl
-from lorakit.options import option
+from lorakit.api import RegisterMetric, hookimpl, option
 
 from lorakit_plugins.metrics._base import GenerationMetric
 
@@ -40,5 +39,5 @@ class Bleu(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("bleu", Bleu)

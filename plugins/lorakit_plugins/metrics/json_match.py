@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorakit import hookimpl
+from lorakit.api import RegisterMetric, hookimpl
 
 from lorakit_plugins.metrics._base import GenerationMetric
 from lorakit_plugins.metrics.json_valid import extract_json
@@ -44,6 +44,6 @@ class JsonFieldAccuracy(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("json_match", JsonMatch)
     register("json_field_accuracy", JsonFieldAccuracy)

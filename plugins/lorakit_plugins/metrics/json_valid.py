@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lorakit import hookimpl
+from lorakit.api import RegisterMetric, hookimpl
 
 from lorakit_plugins.metrics._base import GenerationMetric
 
@@ -68,5 +68,5 @@ class JsonValid(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("json_valid", JsonValid)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from lorakit import hookimpl
+from lorakit.api import RegisterMetric, hookimpl
 
 from lorakit_plugins.metrics._base import LossMetric
 
@@ -28,6 +28,6 @@ class Perplexity(LossMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("eval_loss", EvalLoss)
     register("perplexity", Perplexity)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-from lorakit import hookimpl
-from lorakit.options import option
+from lorakit.api import RegisterMetric, hookimpl, option
 
 from lorakit_plugins.metrics._base import GenerationMetric
 
@@ -33,5 +32,5 @@ class RougeL(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("rouge_l", RougeL)

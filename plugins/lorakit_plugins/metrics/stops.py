@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorakit import hookimpl
+from lorakit.api import RegisterMetric, hookimpl
 
 from lorakit_plugins.metrics._base import GenerationMetric
 
@@ -23,5 +23,5 @@ class Stops(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("stops", Stops)

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from lorakit import hookimpl
+from lorakit.api import RegisterMetric, hookimpl
 
 from lorakit_plugins.metrics._base import GenerationMetric
 
@@ -43,5 +43,5 @@ class TokenF1(GenerationMetric):
 
 
 @hookimpl
-def lorakit_register_metrics(register):
+def lorakit_register_metrics(register: RegisterMetric) -> None:
     register("token_f1", TokenF1)

@@ -11,10 +11,7 @@ import re
 from pathlib import Path
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import ModelRef
-from lorakit.errors import ModelError
-from lorakit.options import option
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, option
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -111,5 +108,5 @@ class HubSource:
 
 
 @hookimpl
-def lorakit_register_model_sources(register):
+def lorakit_register_model_sources(register: RegisterModelSource) -> None:
     register("hub", HubSource)

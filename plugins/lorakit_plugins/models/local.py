@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import ModelRef
-from lorakit.errors import ModelError
-from lorakit.options import option
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, option
 
 
 @attrs.frozen
@@ -72,5 +69,5 @@ class LocalSource:
 
 
 @hookimpl
-def lorakit_register_model_sources(register):
+def lorakit_register_model_sources(register: RegisterModelSource) -> None:
     register("local", LocalSource)

@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import ModelRef
-from lorakit.errors import ModelError
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE = "LORAKIT_COMPLETE"
@@ -148,5 +146,5 @@ class SmolLM2Source:
 
 
 @hookimpl
-def lorakit_register_model_sources(register):
+def lorakit_register_model_sources(register: RegisterModelSource) -> None:
     register("smollm2-135m-instruct", SmolLM2Source)

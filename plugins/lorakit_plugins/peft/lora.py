@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
-from lorakit import hookimpl
-from lorakit.options import option
+from lorakit.api import RegisterPeftMethod, hookimpl, option
 
 
 def _targets(_inst, _attr, value):
@@ -74,5 +73,5 @@ class Lora:
 
 
 @hookimpl
-def lorakit_register_peft_methods(register):
+def lorakit_register_peft_methods(register: RegisterPeftMethod) -> None:
     register("lora", Lora)

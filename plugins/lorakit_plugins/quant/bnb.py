@@ -22,9 +22,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-from lorakit import hookimpl
-from lorakit.device import dtype_from_name
-from lorakit.options import option
+from lorakit.api import RegisterQuantizer, dtype_from_name, hookimpl, option
 
 
 def _pin_4bit_layers(model: Any) -> None:
@@ -72,6 +70,7 @@ class Bnb4bitOptions:
 
 class Bnb4bit:
     Options = Bnb4bitOptions
+    quantizes = True
 
     def __init__(self, options: Bnb4bitOptions):
         self.options = options
@@ -121,6 +120,7 @@ class Bnb8bitOptions:
 
 class Bnb8bit:
     Options = Bnb8bitOptions
+    quantizes = True
 
     def __init__(self, options: Bnb8bitOptions):
         self.options = options
@@ -143,6 +143,6 @@ class Bnb8bit:
 
 
 @hookimpl
-def lorakit_register_quantizers(register):
+def lorakit_register_quantizers(register: RegisterQuantizer) -> None:
     register("bnb-4bit", Bnb4bit)
     register("bnb-8bit", Bnb8bit)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-from lorakit import hookimpl
-from lorakit.device import dtype_from_name
-from lorakit.options import option
+from lorakit.api import RegisterQuantizer, dtype_from_name, hookimpl, option
 
 
 @attrs.frozen
@@ -21,6 +19,7 @@ class NoQuantOptions:
 
 class NoQuant:
     Options = NoQuantOptions
+    quantizes = False  # weights load in a plain dtype
 
     def __init__(self, options: NoQuantOptions):
         self.options = options
@@ -46,5 +45,5 @@ class NoQuant:
 
 
 @hookimpl
-def lorakit_register_quantizers(register):
+def lorakit_register_quantizers(register: RegisterQuantizer) -> None:
     register("none", NoQuant)

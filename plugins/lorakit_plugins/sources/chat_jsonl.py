@@ -7,14 +7,22 @@ keys are optional. Every line is checked strictly; problems name the file and li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, SourceContext
-from lorakit.data.jsonl import iter_json_lines, parse_conversation
-from lorakit.data.paths import expand_files
-from lorakit.options import option
+from lorakit.api import (
+    ROLES,
+    Example,
+    Message,
+    RegisterSource,
+    SourceContext,
+    expand_files,
+    hookimpl,
+    iter_json_lines,
+    option,
+    parse_meta,
+)
 
 
 @attrs.frozen
@@ -37,6 +45,93 @@ class ChatJsonlSource:
                     yield example
 
 
+def parse_conversation(record: Any, where: str, ctx: SourceContext) -> Example | None:
+    """Validate one chat record; return the Example, or None when it was skipped."""
+    if not isinstance(record, Mapping):
+        ctx.reject(
+            f"expected a JSON object, got {type(record).__name__}",
+            where,
+            'each line is {"id": ..., "messages": [...]}',
+        )
+        return None
+    unknown = set(record) - {"id", "messages", "meta"}
+    if unknown:
+        ctx.reject(
+            f"unknown field(s) {', '.join(sorted(unknown))}",
+            where,
+            "chat_jsonl records hold only id, messages and meta (put extras in meta)",
+        )
+        return None
+    rid = record.get("id")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        ctx.reject("id must be a non-empty string", where, 'add "id": "unique-name" to the record')
+        return None
+    where = f"{where} (id {rid})"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        ctx.reject(
+            "messages must be a non-empty list", where, 'e.g. "messages": [{"role": "user", ...}]'
+        )
+        return None
+    parsed: list[Message] = []
+    for i, m in enumerate(messages):
+        problem = _message_problem(m, i, parsed)
+        if problem:
+            ctx.reject(problem[0], where, problem[1])
+            return None
+        parsed.append(Message(role=m["role"], content=m["content"]))
+    if not any(m.role == "assistant" for m in parsed):
+        what = "system-only" if all(m.role == "system" for m in parsed) else "no assistant turn"
+        ctx.reject(
+            f"conversation has {what}: nothing to train on",
+            where,
+            "add an assistant reply, or drop the record",
+        )
+        return None
+    meta = parse_meta(record, where, ctx)
+    if meta is None:
+        return None
+    return Example(id=str(rid), messages=tuple(parsed), meta=meta)
+
+
+def _message_problem(m: Any, i: int, before: list[Message]) -> tuple[str, str] | None:
+    if not isinstance(m, Mapping):
+        return f"messages[{i}] must be an object", 'use {"role": "user", "content": "..."}'
+    extra = set(m) - {"role", "content"}
+    if extra:
+        return (
+            f"messages[{i}] has unknown field(s) {', '.join(sorted(extra))}",
+            "keep only role and content",
+        )
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        return (
+            f"messages[{i}].role is {role!r}",
+            "roles are system, user and assistant (map tool/function turns before training)",
+        )
+    if not isinstance(content, str):
+        return (
+            f"messages[{i}].content must be a string, got {type(content).__name__}",
+            "use plain text content",
+        )
+    if role == "system" and i != 0:
+        return f"messages[{i}]: a system message may only come first", "move it to the start"
+    prev = before[-1].role if before else None
+    if role == "assistant" and prev != "user":
+        return (
+            f"messages[{i}]: assistant turn must follow a user turn (after {prev or 'nothing'})",
+            ("roles must alternate user/assistant after an optional system message"),
+        )
+    if role == "user" and prev == "user":
+        return (
+            f"messages[{i}]: two user turns in a row",
+            "merge them, or add the assistant reply between",
+        )
+    if role == "assistant" and not content.strip():
+        return f"messages[{i}]: empty assistant turn", "fill in the reply or drop the record"
+    return None
+
+
 @hookimpl
-def lorakit_register_sources(register):
+def lorakit_register_sources(register: RegisterSource) -> None:
     register("chat_jsonl", ChatJsonlSource)

@@ -19,11 +19,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, Message, SourceContext
-from lorakit.data.jsonl import iter_json_lines, parse_meta
-from lorakit.data.paths import expand_files
-from lorakit.options import option
+from lorakit.api import (
+    Example,
+    Message,
+    RegisterSource,
+    SourceContext,
+    expand_files,
+    hookimpl,
+    iter_json_lines,
+    option,
+    parse_meta,
+)
 
 FIELDS = ("instruction", "input", "output", "system", "id", "meta")
 
@@ -111,5 +117,5 @@ class InstructionJsonlSource:
 
 
 @hookimpl
-def lorakit_register_sources(register):
+def lorakit_register_sources(register: RegisterSource) -> None:
     register("instruction_jsonl", InstructionJsonlSource)

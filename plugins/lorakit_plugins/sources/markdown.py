@@ -31,12 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, SourceContext
-from lorakit.data.paths import resolve
-from lorakit.data.textfile import read_text_file
-from lorakit.errors import DataError
-from lorakit.options import option
+from lorakit.api import (
+    DataError,
+    Example,
+    RegisterSource,
+    SourceContext,
+    hookimpl,
+    option,
+    read_text_file,
+    resolve_path,
+)
 
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
@@ -113,7 +117,7 @@ class MarkdownSource:
         self.options = options
 
     def files(self, recipe_dir: Path) -> tuple[Path, list[Path]]:
-        root = resolve(recipe_dir, self.options.path)
+        root = resolve_path(recipe_dir, self.options.path)
         if root.is_file():
             return root.parent, [root]
         if not root.is_dir():
@@ -190,5 +194,5 @@ class MarkdownSource:
 
 
 @hookimpl
-def lorakit_register_sources(register):
+def lorakit_register_sources(register: RegisterSource) -> None:
     register("markdown", MarkdownSource)

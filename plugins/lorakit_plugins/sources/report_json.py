@@ -33,12 +33,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
-from lorakit import hookimpl
-from lorakit.contracts import Example, SourceContext
-from lorakit.data.jsonl import parse_meta
-from lorakit.data.paths import expand_files, resolve
-from lorakit.data.textfile import read_text_file
-from lorakit.options import option
+from lorakit.api import (
+    Example,
+    RegisterSource,
+    SourceContext,
+    expand_files,
+    hookimpl,
+    option,
+    parse_meta,
+    read_text_file,
+    resolve_path,
+)
 
 
 def render_report(sections: list[tuple[str, str]]) -> str:
@@ -65,7 +70,7 @@ class ReportJsonSource:
         self.options = options
 
     def read(self, ctx: SourceContext) -> Iterator[Example]:
-        root = resolve(ctx.recipe_dir, self.options.path)
+        root = resolve_path(ctx.recipe_dir, self.options.path)
         base = root if root.is_dir() else root.parent
         for file in expand_files(ctx.recipe_dir, self.options.path, self.options.glob, "path"):
             text = read_text_file(file, ctx, "report")
@@ -146,5 +151,5 @@ _SCHEMA = '{"sections": {"INTRODUCTION": {"improved": "..."}, ...}} (see docs/da
 
 
 @hookimpl
-def lorakit_register_sources(register):
+def lorakit_register_sources(register: RegisterSource) -> None:
     register("report_json", ReportJsonSource)

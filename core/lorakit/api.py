@@ -1,0 +1,148 @@
+"""The public API for plugin authors: import everything a plugin needs from here, and only here.
+
+Built-in plugins (``lorakit_plugins``) use nothing else, so a third-party package can do all
+they do. Names here keep working across lorakit releases; anything else in ``lorakit.*`` is
+internal and may move. Importing this module never imports torch or transformers.
+
+Hooks and registration::
+
+    from lorakit.api import DataSource, Example, Message, RegisterSource, hookimpl, option
+
+    @hookimpl
+    def lorakit_register_sources(register: RegisterSource) -> None:
+        register("my_format", MySource)
+
+The contracts each kind of plugin follows are the protocols below (``DataSource``,
+``Formatter``, ``ModelSource``, ``QuantBackend``, ``PeftMethod``, ``Metric``); the records
+they exchange are ``Example``/``Message``, ``Rendered``/``Segment`` and ``ModelRef``. Errors a
+person can act on are ``DataError``, ``ModelError``, ``PluginError`` (each with ``where`` and
+``fix``). Shared helpers read files the way the built-in sources do (``iter_json_lines``,
+``read_text_file``, ``expand_files``, ``resolve_path``, ``parse_meta``) and check a record
+against the contract (``example_problem``); ``read_source`` runs a source outside a recipe,
+for a plugin's own tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorakit.contracts import (
+    ROLES,
+    SPLITS,
+    DataSource,
+    Example,
+    Formatter,
+    Message,
+    Metric,
+    ModelRef,
+    ModelSource,
+    PeftMethod,
+    QuantBackend,
+    Rendered,
+    Segment,
+    SourceContext,
+)
+from lorakit.data.jsonl import iter_json_lines, parse_meta
+from lorakit.data.paths import expand_files
+from lorakit.data.paths import resolve as resolve_path
+from lorakit.data.textfile import read_text_file
+from lorakit.data.validate import example_problem
+from lorakit.errors import DataError, LorakitError, ModelError, PluginError
+from lorakit.hookspecs import (
+    RegisterFormatter,
+    RegisterMetric,
+    RegisterModelSource,
+    RegisterPeftMethod,
+    RegisterQuantizer,
+    RegisterSource,
+    hookimpl,
+)
+from lorakit.options import option
+
+# ``Turn`` reads better in some plugins; it is the same record as ``Message``.
+Turn = Message
+
+__all__ = [
+    "ROLES",
+    "SPLITS",
+    "DataError",
+    "DataSource",
+    "Example",
+    "Formatter",
+    "LorakitError",
+    "Message",
+    "Metric",
+    "ModelError",
+    "ModelRef",
+    "ModelSource",
+    "PeftMethod",
+    "PluginError",
+    "QuantBackend",
+    "RegisterFormatter",
+    "RegisterMetric",
+    "RegisterModelSource",
+    "RegisterPeftMethod",
+    "RegisterQuantizer",
+    "RegisterSource",
+    "Rendered",
+    "Segment",
+    "SourceContext",
+    "Turn",
+    "chat_environment",
+    "dtype_from_name",
+    "example_problem",
+    "expand_files",
+    "hookimpl",
+    "iter_json_lines",
+    "option",
+    "parse_meta",
+    "read_source",
+    "read_text_file",
+    "resolve_path",
+]
+
+
+def dtype_from_name(name: str, device: str) -> Any:
+    """The torch dtype for ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (the measured best
+    compute dtype of ``device``). Imports torch: call it from methods, not at import time."""
+    from lorakit.device import dtype_from_name as impl
+
+    return impl(name, device)
+
+
+def chat_environment() -> Any:
+    """A sandboxed jinja2 environment that renders chat templates as transformers does."""
+    from lorakit.data.lite_tokenizer import chat_environment as impl
+
+    return impl()
+
+
+def read_source(
+    factory: type,
+    options: dict[str, Any],
+    *,
+    recipe_dir: Path,
+    on_error: str = "fail",
+) -> tuple[list[Example], list[tuple[str, str]]]:
+    """Run a data source as ``lorakit`` would, outside a recipe: for a plugin's own tests.
+
+    ``options`` is the ``[[data.sources]]`` table (without ``plugin``), validated against
+    ``factory.Options`` like a recipe's (a ``RecipeError`` lists every problem). Every record is
+    checked against the ``Example`` contract (a ``PluginError`` names the broken one). Returns
+    ``(examples, skipped)``, ``skipped`` holding ``(where, reason)`` when ``on_error="skip"``.
+    """
+    from lorakit.data.pipeline import DataReport, ReadContext
+    from lorakit.data.validate import checked_records
+    from lorakit.errors import RecipeError
+    from lorakit.options import structure
+    from lorakit.plugins import Entry
+
+    opts, problems = structure(factory.Options, options, "[data.sources.0]")  # type: ignore[attr-defined]
+    if problems:
+        raise RecipeError(problems)
+    report = DataReport()
+    ctx = ReadContext(recipe_dir=Path(recipe_dir), on_error=on_error, report=report)
+    entry = Entry(kind="source", name=factory.__name__, factory=factory, plugin=factory.__module__)
+    examples = list(checked_records(factory(opts).read, ctx, entry, "[data.sources.0]"))
+    return examples, list(report.skipped)
