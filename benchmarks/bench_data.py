@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--format", default="chat_template")
     args = parser.parse_args()
 
+    from lorakit.catalog import default_catalog
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
-    from lorakit.plugins import default_catalog
     from lorakit.recipe import load_recipe
 
     tokenizer, tok_name = load_tokenizer()

@@ -81,9 +81,9 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
 def _reference_logits(run: Path, ids: list[int]) -> dict:
     """Unquantized base + the unmerged adapter, in fp32 and fp64: what the merge must reproduce."""
     import torch
-    from lorakit.inference import open_run
+    from lorakit.catalog import default_catalog
+    from lorakit.load_run import open_run
     from lorakit.modeling import load_adapter, load_base_model
-    from lorakit.plugins import default_catalog
 
     catalog = default_catalog()
     recipe = open_run(run, catalog)
@@ -201,9 +201,9 @@ def test_dequantized_merge_reproduces_the_trained_quantized_model(exported, tmp_
 
 
 def test_exported_tokenizer_renders_exactly_like_training(exported):
+    from lorakit.catalog import default_catalog
     from lorakit.contracts import Example, Message
-    from lorakit.inference import open_run, prepare_inference
-    from lorakit.plugins import default_catalog
+    from lorakit.load_run import open_run, prepare_inference
     from transformers import AutoTokenizer
 
     run, export = exported

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import attrs
 import pytest
 from lorakit import hookimpl, hookspecs
+from lorakit.catalog import KINDS, build_catalog, make_manager
 from lorakit.errors import PluginError
-from lorakit.plugins import KINDS, build_catalog, make_manager
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = sorted(n for n, f in vars(hookspecs).items() if n.startswith("lorakit_") and callable(f))

@@ -19,9 +19,9 @@ from typing import Any
 
 import attrs
 
+from lorakit.catalog import Catalog
 from lorakit.errors import RecipeError
 from lorakit.options import structure, to_plain
-from lorakit.plugins import Catalog
 from lorakit.sections import (
     DataSection,
     EvalSection,
@@ -306,7 +306,7 @@ def load_recipe(
     path: str | Path, overrides: Sequence[str] = (), catalog: Catalog | None = None
 ) -> Recipe:
     """Read, override and validate a recipe file."""
-    from lorakit.plugins import default_catalog
+    from lorakit.catalog import default_catalog
 
     path = Path(path)
     text, data = read_toml(path)

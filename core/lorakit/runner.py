@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.adapter_io import save_adapter
+from lorakit.catalog import Catalog
 from lorakit.data.pipeline import (
     DataReport,
     load_splits,
@@ -17,7 +17,7 @@ from lorakit.data.pipeline import (
 )
 from lorakit.distributed import is_main
 from lorakit.errors import DataError
-from lorakit.plugins import Catalog
+from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
 

@@ -25,10 +25,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from lorakit.catalog import default_catalog
     from lorakit.errors import RunError
     from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.inference import open_target
-    from lorakit.plugins import default_catalog
+    from lorakit.load_run import open_target
     from lorakit.runner import say
 
     catalog = default_catalog()

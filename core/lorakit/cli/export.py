@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit.catalog import default_catalog
 from lorakit.errors import RunError
-from lorakit.merge import DTYPES, MERGE_BASES
-from lorakit.plugins import default_catalog
+from lorakit.export.merge import DTYPES, MERGE_BASES
 
-GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.gguf_writer.GGUF_TYPES, without importing gguf
+GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.export.gguf_writer.GGUF_TYPES, without importing gguf
 
 
 def add_parser(sub) -> None:
@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lorakit.export import export_run
+    from lorakit.export.folder import export_run
 
     if args.gguf_type and not args.gguf:
         raise RunError(

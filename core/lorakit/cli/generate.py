@@ -121,9 +121,9 @@ class Target:
 
 class RunTarget(Target):
     def __init__(self, run_dir: Path):
-        from lorakit.inference import load_model, open_run, prepare_inference
+        from lorakit.catalog import default_catalog
+        from lorakit.load_run import load_model, open_run, prepare_inference
         from lorakit.modeling import check_adapter_dir
-        from lorakit.plugins import default_catalog
         from lorakit.rundir import RunDir
 
         catalog = default_catalog()
@@ -226,7 +226,7 @@ def open_generation_target(target: Path) -> Target:
 def run(args) -> int:
     import transformers
 
-    from lorakit.generation import generate
+    from lorakit.decoding import generate
 
     transformers.logging.set_verbosity_error()
     if (

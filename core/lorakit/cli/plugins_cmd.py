@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.catalog import KINDS, default_catalog
 from lorakit.options import describe_options
-from lorakit.plugins import KINDS, default_catalog
 
 
 def add_parser(sub) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
-from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe
 
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import attrs
 
+from lorakit.catalog import Catalog
 from lorakit.contracts import Example
 from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 from lorakit.errors import DataError, PluginError
-from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from lorakit.catalog import Catalog
 from lorakit.options import structure
-from lorakit.plugins import Catalog
 from lorakit.sections import EvalSection
 
 

@@ -29,9 +29,9 @@ from typing import Any
 import attrs
 
 from lorakit import __version__
-from lorakit.adapter_io import META, read_meta
+from lorakit.catalog import Catalog
 from lorakit.errors import RunError
-from lorakit.plugins import Catalog
+from lorakit.export.adapter_io import META, read_meta
 from lorakit.rundir import RunDir, read_json, write_json
 
 MARKER = "lorakit_export.json"
@@ -126,8 +126,8 @@ def export_run(
     merged GGUF files); return the paths."""
     import transformers
 
-    from lorakit.inference import open_run, prepare_inference
-    from lorakit.model_card import render_card
+    from lorakit.export.model_card import render_card
+    from lorakit.load_run import open_run, prepare_inference
     from lorakit.modeling import check_adapter_dir, resolve_model
 
     transformers.logging.set_verbosity_error()
@@ -156,7 +156,7 @@ def export_run(
     vocab = None
     if gguf_types:
         # Refuse what a GGUF cannot hold (architecture, tokenizer) before loading any weights.
-        from lorakit.gguf_export import preflight
+        from lorakit.export.gguf_export import preflight
 
         vocab = preflight(loaded, base_path)
     card_inputs: dict[str, Any] = {
@@ -188,7 +188,7 @@ def export_run(
         parity = None
         merge_info = None
         if merge:
-            from lorakit.merge import merge_base_label, write_merged
+            from lorakit.export.merge import merge_base_label, write_merged
 
             merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
             parity = write_merged(
@@ -200,7 +200,7 @@ def export_run(
         # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
         gguf_parity = None
         if gguf_types and vocab is not None:
-            from lorakit.gguf_export import write_gguf_export
+            from lorakit.export.gguf_export import write_gguf_export
 
             gguf_parity = write_gguf_export(
                 recipe, catalog, run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
