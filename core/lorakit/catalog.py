@@ -7,7 +7,6 @@ called once with a ``register`` callback, and the results land in a :class:`Cata
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +15,7 @@ import attrs
 import pluggy
 
 from lorakit import hookspecs
-from lorakit.errors import PluginError
+from lorakit.errors import PluginError, closest
 
 # plugin kind -> the catalog hook that fills it
 KINDS: dict[str, str] = {
@@ -60,8 +59,8 @@ class Catalog:
 
     def suggest(self, kind: str, name: str) -> str:
         known = self.names(kind)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = closest(name, known)
+        hint = f"did you mean {close!r}? " if close else ""
         return f"{hint}installed {kind} plugins: {', '.join(known) or '(none)'}"
 
     def all(self) -> Iterable[Entry]:

@@ -19,9 +19,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from lorakit.catalog import default_catalog
+    from lorakit.console import say
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.recipe import load_recipe
-    from lorakit.runner import say
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from lorakit.catalog import default_catalog
+from lorakit.device import DTYPES
 from lorakit.errors import RunError
-from lorakit.export.merge import DTYPES, MERGE_BASES
+from lorakit.export.merge import MERGE_BASES
 
 GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.export.gguf_writer.GGUF_TYPES, without importing gguf
 
@@ -52,7 +52,6 @@ def add_parser(sub) -> None:
         action="store_true",
         help="replace a previous lorakit export in the target folder (swapped in once complete)",
     )
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 

@@ -9,7 +9,6 @@ adapter on top, and prompts are rendered by the run's formatter. MODEL_DIR is a 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +48,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 

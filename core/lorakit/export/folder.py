@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -30,16 +29,13 @@ import attrs
 
 from lorakit import __version__
 from lorakit.catalog import Catalog
+from lorakit.console import say as console_say
 from lorakit.errors import RunError
 from lorakit.export.adapter_io import META, read_meta
 from lorakit.rundir import RunDir, read_json, write_json
 
 MARKER = "lorakit_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def _say(msg: str) -> None:
-    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
 
 
 @attrs.frozen
@@ -120,7 +116,7 @@ def export_run(
     out: Path | None = None,
     overwrite: bool = False,
     gguf_types: Sequence[str] = (),
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = console_say,
 ) -> ExportResult:
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
     merged GGUF files); return the paths."""

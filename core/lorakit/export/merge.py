@@ -22,16 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorakit.device import torch_dtype
 from lorakit.errors import RunError
 
-DTYPES = ("fp32", "bf16", "fp16")
 MERGE_BASES = ("original", "dequantized")
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def check_finite(model: Any, stage: str) -> None:
