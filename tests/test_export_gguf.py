@@ -1,6 +1,6 @@
 """GGUF export: writer, tokenizer metadata, Modelfile templates, refusals, and round trips.
 
-The fast tests train the tiny Llama of conftest once per module and export it with
+The round-trip tests (slow) train the tiny Llama of ``helpers`` once per module and export it with
 ``--gguf --gguf-type f32 --gguf-type q8_0``; the files are read back independently here
 (``gguf.GGUFReader`` and transformers' ``gguf_file=`` loader). One slow test does the same on
 the embedded SmolLM2-135M-Instruct.
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CHATML, build_tiny_model, chat_records, tiny_recipe, write_jsonl
+from helpers import CHATML, build_tiny_model, chat_records, tiny_recipe, write_jsonl
 
 # --------------------------------------------------------------------------- helpers
 
@@ -64,6 +64,7 @@ def _copy_run(run: Path, dest: Path) -> Path:
 # --------------------------------------------------------------------------- tiny round trip
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_files_metadata_and_modelfile(tiny_export):
     from transformers import AutoTokenizer
 
@@ -102,6 +103,7 @@ def test_gguf_files_metadata_and_modelfile(tiny_export):
     assert json.loads((export / "lorakit_export.json").read_text())["gguf"] == ["f32", "q8_0"]
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_parity_numbers_per_type(tiny_export):
     _run, export = tiny_export
     parity = json.loads((export / "gguf" / "parity.json").read_text())
@@ -121,6 +123,7 @@ def test_gguf_parity_numbers_per_type(tiny_export):
     assert adapter["written"] and adapter["max_abs_delta_diff"] < 1e-6
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
     """Independently of the export's own check: transformers' GGUF model == merged safetensors."""
     import torch
@@ -140,6 +143,7 @@ def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
     assert float(diff) < 1e-5
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_chat_template_renders_every_training_example(tiny_export):
     from lorakit.catalog import default_catalog
     from lorakit.contracts import Example, Message
@@ -164,6 +168,7 @@ def test_gguf_chat_template_renders_every_training_example(tiny_export):
 # --------------------------------------------------------------------------- refusals
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_existing_export_is_refused_and_untouched(tiny_export, capsys):
     from lorakit.cli.main import main
 
@@ -175,6 +180,7 @@ def test_existing_export_is_refused_and_untouched(tiny_export, capsys):
     assert (export / "gguf" / "recipe-F32.gguf").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_unsupported_architecture_is_named_and_nothing_written(tiny_export, tmp_path, capsys):
     from lorakit.cli.main import main
 
@@ -192,6 +198,7 @@ def test_unsupported_architecture_is_named_and_nothing_written(tiny_export, tmp_
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_nan_adapter_is_refused_before_writing(tiny_export, tmp_path, capsys):
     import torch
     from lorakit.cli.main import main

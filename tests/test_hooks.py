@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import attrs
 import pytest
+from helpers import REPO
 from lorakit import hookimpl, hookspecs
 from lorakit.catalog import KINDS, build_catalog, make_manager
 from lorakit.errors import PluginError
 
-REPO = Path(__file__).resolve().parents[1]
 HOOKS = sorted(n for n, f in vars(hookspecs).items() if n.startswith("lorakit_") and callable(f))
 
 

@@ -9,7 +9,7 @@ AVX512-BF16 the conversion never happens in the first place.
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.slow
 
