@@ -125,3 +125,16 @@ def test_factory_without_options_is_rejected(catalog_with):
 def test_fresh_managers_do_not_leak(catalog_with):
     catalog_with(plugin_for("lorakit_register_sources", "leaky"))
     assert "leaky" not in catalog_with().names("source")
+
+
+def test_old_registry_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    from lorakit import catalog
+
+    sys.modules.pop("lorakit.plugins", None)
+    with pytest.warns(DeprecationWarning, match=r"lorakit\.catalog"):
+        alias = importlib.import_module("lorakit.plugins")
+    assert alias.default_catalog is catalog.default_catalog
+    assert alias.KINDS is catalog.KINDS
