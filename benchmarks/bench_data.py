@@ -64,7 +64,7 @@ def load_tokenizer():
 
         return AutoTokenizer.from_pretrained(str(folder)), "SmolLM2 (embedded cache)"
     sys.path.insert(0, str(REPO / "tests"))
-    from data_fixtures import build_tokenizer
+    from helpers import build_data_tokenizer as build_tokenizer
 
     return build_tokenizer(), "test BPE tokenizer"
 
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--format", default="chat_template")
     args = parser.parse_args()
 
+    from lorakit.catalog import default_catalog
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
-    from lorakit.plugins import default_catalog
     from lorakit.recipe import load_recipe
 
     tokenizer, tok_name = load_tokenizer()

@@ -100,7 +100,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def predict(recipe_path: Path, overrides: list[str]) -> dict:
-    from lorakit.plugins import default_catalog
+    from lorakit.catalog import default_catalog
     from lorakit.preflight import plan_recipe
     from lorakit.recipe import load_recipe
 

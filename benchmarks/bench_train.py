@@ -112,9 +112,9 @@ def write_recipe(folder: Path, name: str, data: Path, quant: str, steps: int) ->
 
 
 def _rows(recipe_path: Path) -> tuple[Any, list[Any], str]:
+    from lorakit.catalog import default_catalog
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
     from lorakit.modeling import load_tokenizer, resolve_model
-    from lorakit.plugins import default_catalog
     from lorakit.recipe import load_recipe
 
     catalog = default_catalog()

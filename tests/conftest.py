@@ -1,153 +1,43 @@
-"""Shared fixtures: a tiny real Llama + trained tokenizer, chat data, and recipe writers.
+"""Fixtures over the toolkit in ``helpers.py`` (import helpers from there, not from here).
 
-The tiny model is a real transformers LlamaForCausalLM built from a config with random weights,
-and its tokenizer is a real byte-level BPE trained on the test corpus, with a ChatML template.
-Training on it goes through real PEFT, TRL and (for QLoRA) bitsandbytes, just fast.
+Tests that train, load the embedded model or run ``lorakit run`` are marked ``slow``:
+``pytest -m "not slow"`` runs the rest in seconds.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-COLORS = ["red", "blue", "green", "black", "white", "yellow"]
-ITEMS = ["car", "cup", "shirt", "lamp", "chair", "book"]
-
-
-def chat_records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        c, it, q = rng.choice(COLORS), rng.choice(ITEMS), rng.randint(1, 9)
-        out.append(
-            {
-                "id": f"ex{i}",
-                "messages": [
-                    {"role": "user", "content": f"Extract: I bought {q} {c} {it}s."},
-                    {
-                        "role": "assistant",
-                        "content": json.dumps({"item": it, "color": c, "qty": q}),
-                    },
-                ],
-            }
-        )
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def build_tiny_model(folder: Path) -> Path:
-    """Save a tiny random Llama + trained BPE tokenizer with a ChatML template to ``folder``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [m["content"] for r in chat_records(300) for m in r["messages"]]
-    corpus += [
-        "user assistant system Extract: I bought",
-        "The quick brown fox jumps over the lazy dog.",
-    ]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",  # pad == eos on purpose, like SmolLM2
-    )
-    fast.chat_template = CHATML
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    fast.save_pretrained(str(folder))
-    return folder
+from helpers import build_data_tokenizer, build_tiny_model, chat_records, write_jsonl
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder with the tiny random Llama and its tokenizer (``helpers.build_tiny_model``)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer() -> Any:
+    """The data tests' tokenizer (``helpers.build_data_tokenizer``)."""
+    return build_data_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer_dir(data_tokenizer, tmp_path_factory) -> Path:
+    """``data_tokenizer`` saved to a folder (for ``LiteTokenizer`` and ``check --tokenizer``)."""
+    folder = tmp_path_factory.mktemp("data_tokenizer")
+    data_tokenizer.save_pretrained(str(folder))
+    return folder
 
 
 @pytest.fixture()
 def chat_file(tmp_path) -> Path:
+    """40 chat_jsonl records in ``tmp_path/chat.jsonl``."""
     return write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
-
-
-def tiny_recipe(
-    folder: Path, model_dir: Path, data: Path, *, quant: str = "none", extra: str = ""
-) -> Path:
-    """Write a recipe that trains the tiny model on ``data``; runs go to ``folder/runs``."""
-    text = f"""
-[model]
-plugin = "local"
-path = "{model_dir}"
-
-[quant]
-plugin = "{quant}"
-
-[peft]
-r = 4
-alpha = 8
-dropout = 0.1
-
-[train]
-max_steps = 4
-per_device_train_batch_size = 4
-learning_rate = 5e-3
-save_steps = 2
-max_length = 64
-seed = 7
-
-[[data.sources]]
-plugin = "chat_jsonl"
-path = "{data}"
-
-[output]
-dir = "{folder / "runs"}"
-{extra}
-"""
-    path = folder / "recipe.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture()
@@ -155,8 +45,11 @@ def cli(capsys):
     """Run the lorakit CLI in-process; returns (exit code, stdout, stderr)."""
     from lorakit.cli.main import main
 
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main([str(a) for a in args])
+    def run(*args: Any) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -167,8 +60,14 @@ def cli(capsys):
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
-    yield
 
 
-def python() -> str:
-    return sys.executable
+@pytest.fixture(autouse=True)
+def _training_tests_are_slow(request, monkeypatch):
+    """A test that trains in-process must be marked ``slow``, so ``-m "not slow"`` stays fast."""
+    if request.node.get_closest_marker("slow") is None:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            pytest.fail(f"{request.node.nodeid} trains: mark it @pytest.mark.slow", pytrace=False)
+
+        monkeypatch.setattr("lorakit.runner.run_recipe", refuse)

@@ -9,9 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from data_helpers import cli, write_recipe
-
-pytest_plugins = ["data_fixtures"]
+from helpers import write_recipe
 
 GOOD = {
     "id": "good",
@@ -166,7 +164,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_fails_with_file_line_and_exit_code_2(case, tmp_path):
+def test_bad_input_fails_with_file_line_and_exit_code_2(case, tmp_path, cli):
     make, message, where = CASES[case]
     recipe = write_recipe(tmp_path, [make(tmp_path)])
     code, out, err = cli("check", str(recipe))
@@ -186,7 +184,7 @@ SKIPPABLE = [
 
 
 @pytest.mark.parametrize("case", SKIPPABLE)
-def test_on_error_skip_counts_and_lists_each_skip(case, tmp_path):
+def test_on_error_skip_counts_and_lists_each_skip(case, tmp_path, cli):
     make, message, where = CASES[case]
     table = make(tmp_path)
     (tmp_path / "more.jsonl").write_bytes(
@@ -202,7 +200,7 @@ def test_on_error_skip_counts_and_lists_each_skip(case, tmp_path):
     assert message in out and where in out
 
 
-def test_skipping_an_empty_file_is_reported(tmp_path):
+def test_skipping_an_empty_file_is_reported(tmp_path, cli):
     (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
     (tmp_path / "good.jsonl").write_bytes(lines(GOOD))
     sources = [{"plugin": "chat_jsonl", "path": p} for p in ("empty.jsonl", "good.jsonl")]
@@ -211,7 +209,7 @@ def test_skipping_an_empty_file_is_reported(tmp_path):
     assert "file holds no records" in out
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(tmp_path, cli):
     recipe = write_recipe(tmp_path, [chat_file(b"")(tmp_path)])
     from lorakit.errors import DataError
 

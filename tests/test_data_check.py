@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import cli, write_jsonl, write_recipe
+from helpers import REPO, write_jsonl, write_recipe
 from lorakit.contracts import Example, Message
 from lorakit.data.lite_tokenizer import LiteTokenizer
 from lorakit.data.tokenize import tokenize_batch
 from lorakit_plugins.formatters.chat_template import ChatTemplateFormatter, ChatTemplateOptions
 
-pytest_plugins = ["data_fixtures"]
-REPO = Path(__file__).resolve().parents[1]
 OURS = ["markdown_lora", "report_json_lora", "instruction_lora", "mixed_sources"]
 
 
@@ -52,7 +50,7 @@ def test_check_reports_token_stats_without_importing_torch(tmp_path, data_tokeni
     assert "end-of-turn '<|im_end|>' supervised" in out
 
 
-def test_check_show_marks_supervised_text(tmp_path, data_tokenizer_dir):
+def test_check_show_marks_supervised_text(tmp_path, data_tokenizer_dir, cli):
     recipe = chat_recipe(tmp_path, format={"plugin": "chatml"})
     code, out, err = cli(
         "check", str(recipe), "--tokenizer", str(data_tokenizer_dir), "--show", "2"
@@ -62,7 +60,7 @@ def test_check_show_marks_supervised_text(tmp_path, data_tokenizer_dir):
     assert "[[question" not in out
 
 
-def test_check_reports_examples_without_supervised_tokens(tmp_path, data_tokenizer_dir):
+def test_check_reports_examples_without_supervised_tokens(tmp_path, data_tokenizer_dir, cli):
     write_jsonl(tmp_path / "t.jsonl", [{"instruction": "x", "output": "y"}])
     recipe = write_recipe(
         tmp_path,
@@ -75,7 +73,7 @@ def test_check_reports_examples_without_supervised_tokens(tmp_path, data_tokeniz
     assert "answer entirely beyond train.max_length=9" in out
 
 
-def test_check_without_tokenizer_says_why(tmp_path, monkeypatch):
+def test_check_without_tokenizer_says_why(tmp_path, monkeypatch, cli):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "nocache"))
     code, out, _ = cli("check", str(chat_recipe(tmp_path)))
     assert code == 0
@@ -83,7 +81,7 @@ def test_check_without_tokenizer_says_why(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", OURS)
-def test_shipped_recipes_check(name, data_tokenizer_dir):
+def test_shipped_recipes_check(name, data_tokenizer_dir, cli):
     code, out, err = cli(
         "check", str(REPO / "recipes" / f"{name}.toml"), "--tokenizer", str(data_tokenizer_dir)
     )

@@ -12,8 +12,6 @@ from lorakit.errors import DataError
 from lorakit_plugins.formatters.chatml import ChatmlFormatter, ChatmlOptions
 from lorakit_plugins.formatters.raw_text import RawTextFormatter, RawTextOptions
 
-pytest_plugins = ["data_fixtures"]
-
 SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

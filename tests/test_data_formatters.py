@@ -14,8 +14,6 @@ from lorakit_plugins.formatters.instruction import InstructionFormatter, Instruc
 from lorakit_plugins.formatters.mistral_inst import MistralInstFormatter, MistralInstOptions
 from lorakit_plugins.formatters.raw_text import RawTextFormatter, RawTextOptions
 
-pytest_plugins = ["data_fixtures"]
-
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

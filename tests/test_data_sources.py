@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import yaml
-from data_helpers import context, write_jsonl
+from helpers import read_context, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lorakit.contracts import Example, Message
@@ -44,7 +44,7 @@ def chat_examples(draw):
 
 
 def read(source, tmp_path):
-    return list(source.read(context(tmp_path)))
+    return list(source.read(read_context(tmp_path)))
 
 
 @SETTINGS
@@ -68,7 +68,7 @@ records = st.fixed_dictionaries(
 @given(recs=st.lists(records, max_size=8, min_size=1))
 def test_instruction_jsonl_maps_every_record_in_order(recs, tmp_path):
     write_jsonl(tmp_path / "i.jsonl", recs)
-    ctx = context(tmp_path, on_error="skip")
+    ctx = read_context(tmp_path, on_error="skip")
     got = list(InstructionJsonlSource(InstructionJsonlOptions(path="i.jsonl")).read(ctx))
     assert len(got) == len(recs) and not ctx.report.skipped
     for g, r in zip(got, recs, strict=True):
@@ -146,7 +146,8 @@ def test_markdown_yaml_front_matter_as_static_site_generators_write_it(tmp_path)
     }
     assert post.meta["tags"] == ["guide", "setup"]
     assert one.meta["tags"] == ["solo"]
-    json.dumps(post.to_json())
+    saved = json.loads(json.dumps(post.to_json()))  # the split files are JSON: must survive it
+    assert saved["meta"]["front_matter"] == post.meta["front_matter"]
 
 
 def test_markdown_include_exclude_and_front_matter_meta(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from data_helpers import cli, write_jsonl, write_recipe
+from helpers import write_jsonl, write_recipe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lorakit.contracts import Example, Message
@@ -56,7 +56,7 @@ def test_meta_split_wins_and_identical_content_shares_a_split(nums, seed, pinned
     assert content_key(examples[0]) == content_key(examples[-1])
 
 
-def test_prepare_writes_splits_without_claiming_the_run_folder(tmp_path):
+def test_prepare_writes_splits_without_claiming_the_run_folder(tmp_path, cli):
     records = [ex(i).to_json() for i in range(40)]
     write_jsonl(tmp_path / "c.jsonl", records)
     recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
@@ -81,7 +81,7 @@ def test_prepare_writes_splits_without_claiming_the_run_folder(tmp_path):
     assert {n: (folder / f"{n}.jsonl").read_bytes() for n in got} == first
 
 
-def test_an_empty_split_that_was_asked_for_is_reported(tmp_path):
+def test_an_empty_split_that_was_asked_for_is_reported(tmp_path, cli):
     """Hash splits can leave a small dataset's val split empty: prepare says so, with the fix."""
     examples = [ex(i) for i in range(6)]
     records = [e.to_json() for e in examples]

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import chat_records, write_jsonl
+from helpers import chat_records, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.embedded]
 

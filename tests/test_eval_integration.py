@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.slow
 

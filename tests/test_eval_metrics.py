@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from lorakit.plugins import build_catalog, make_manager
+from lorakit.catalog import build_catalog, make_manager
 
 
 @pytest.fixture(scope="module")

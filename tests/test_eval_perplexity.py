@@ -7,28 +7,18 @@ import math
 import random
 
 import pytest
+import torch
+from helpers import load_tiny_model
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.evaluation.scoring import loss_sums
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from lorakit.data.tokenize import IGNORE_INDEX, Tokenized  # noqa: E402
-from lorakit.evaluation.scoring import loss_sums  # noqa: E402
+VOCAB = 300  # token ids drawn below this
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    model.eval()
+def tiny_model(tiny_model_dir):
+    model = load_tiny_model(tiny_model_dir)
+    assert model.config.vocab_size >= VOCAB
     return model
 
 
@@ -37,7 +27,7 @@ def rows(n: int, seed: int = 1) -> list[Tokenized]:
     out = []
     for _ in range(n):
         length = rng.randint(4, 40)
-        ids = [rng.randrange(1, 300) for _ in range(length)]
+        ids = [rng.randrange(1, VOCAB) for _ in range(length)]
         prompt = rng.randint(1, length - 2)  # at least two supervised tokens
         labels = [IGNORE_INDEX] * prompt + ids[prompt:]
         out.append(Tokenized(ids, labels))

@@ -65,8 +65,8 @@ def test_valid_eval_section_and_metric_options(tmp_path):
     text = '[eval]\nmetrics = ["exact_match", "stops"]\n[eval.metric_options.exact_match]\nignore_case = true\n'
     path.write_text(BASE + text, encoding="utf-8")
     recipe = load_recipe(path)
+    from lorakit.catalog import default_catalog
     from lorakit.evaluation.config import build_metrics
-    from lorakit.plugins import default_catalog
 
     metrics = build_metrics(default_catalog(), recipe.eval)
     assert list(metrics) == ["exact_match", "stops"]

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from lorakit.catalog import default_catalog
+from lorakit.decoding import Generation
 from lorakit.evaluation.collect import collect_rows
 from lorakit.evaluation.config import build_metrics
 from lorakit.evaluation.plot import plot_losses
 from lorakit.evaluation.report import fmt, write_outputs
 from lorakit.evaluation.scoring import SplitResult
 from lorakit.evaluation.sets import EvalSet
-from lorakit.generation import Generation
-from lorakit.plugins import default_catalog
 from lorakit.sections import EvalSection
 
 

@@ -1,6 +1,6 @@
 """GGUF export: writer, tokenizer metadata, Modelfile templates, refusals, and round trips.
 
-The fast tests train the tiny Llama of conftest once per module and export it with
+The round-trip tests (slow) train the tiny Llama of ``helpers`` once per module and export it with
 ``--gguf --gguf-type f32 --gguf-type q8_0``; the files are read back independently here
 (``gguf.GGUFReader`` and transformers' ``gguf_file=`` loader). One slow test does the same on
 the embedded SmolLM2-135M-Instruct.
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CHATML, build_tiny_model, chat_records, tiny_recipe, write_jsonl
+from helpers import CHATML, build_tiny_model, chat_records, tiny_recipe, write_jsonl
 
 # --------------------------------------------------------------------------- helpers
 
@@ -64,6 +64,7 @@ def _copy_run(run: Path, dest: Path) -> Path:
 # --------------------------------------------------------------------------- tiny round trip
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_files_metadata_and_modelfile(tiny_export):
     from transformers import AutoTokenizer
 
@@ -102,6 +103,7 @@ def test_gguf_files_metadata_and_modelfile(tiny_export):
     assert json.loads((export / "lorakit_export.json").read_text())["gguf"] == ["f32", "q8_0"]
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_parity_numbers_per_type(tiny_export):
     _run, export = tiny_export
     parity = json.loads((export / "gguf" / "parity.json").read_text())
@@ -121,6 +123,7 @@ def test_gguf_parity_numbers_per_type(tiny_export):
     assert adapter["written"] and adapter["max_abs_delta_diff"] < 1e-6
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
     """Independently of the export's own check: transformers' GGUF model == merged safetensors."""
     import torch
@@ -140,10 +143,11 @@ def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
     assert float(diff) < 1e-5
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_chat_template_renders_every_training_example(tiny_export):
+    from lorakit.catalog import default_catalog
     from lorakit.contracts import Example, Message
-    from lorakit.inference import open_run, prepare_inference
-    from lorakit.plugins import default_catalog
+    from lorakit.load_run import open_run, prepare_inference
     from transformers import AutoTokenizer
 
     run, export = tiny_export
@@ -164,6 +168,7 @@ def test_gguf_chat_template_renders_every_training_example(tiny_export):
 # --------------------------------------------------------------------------- refusals
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_existing_export_is_refused_and_untouched(tiny_export, capsys):
     from lorakit.cli.main import main
 
@@ -175,6 +180,7 @@ def test_existing_export_is_refused_and_untouched(tiny_export, capsys):
     assert (export / "gguf" / "recipe-F32.gguf").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_unsupported_architecture_is_named_and_nothing_written(tiny_export, tmp_path, capsys):
     from lorakit.cli.main import main
 
@@ -192,6 +198,7 @@ def test_unsupported_architecture_is_named_and_nothing_written(tiny_export, tmp_
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_nan_adapter_is_refused_before_writing(tiny_export, tmp_path, capsys):
     import torch
     from lorakit.cli.main import main
@@ -213,8 +220,8 @@ def test_nan_adapter_is_refused_before_writing(tiny_export, tmp_path, capsys):
 def test_writer_refuses_nan_and_f16_overflow(tiny_model_dir, tmp_path):
     import torch
     from lorakit.errors import RunError
-    from lorakit.gguf_vocab import read_vocab
-    from lorakit.gguf_writer import write_gguf
+    from lorakit.export.gguf_vocab import read_vocab
+    from lorakit.export.gguf_writer import write_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
@@ -235,7 +242,7 @@ def test_writer_refuses_nan_and_f16_overflow(tiny_model_dir, tmp_path):
 
 def test_check_layout_names_what_it_cannot_represent():
     from lorakit.errors import ModelError
-    from lorakit.gguf_writer import check_layout
+    from lorakit.export.gguf_writer import check_layout
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     with pytest.raises(ModelError, match="'gpt2' architecture"):
@@ -253,7 +260,7 @@ def test_check_layout_names_what_it_cannot_represent():
 
 def test_rotary_reorder_is_undone_by_transformers_loader():
     import numpy as np
-    from lorakit.gguf_writer import rotary_to_interleaved
+    from lorakit.export.gguf_writer import rotary_to_interleaved
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     w = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)  # 4 heads of dim 8
@@ -268,7 +275,7 @@ def test_rotary_reorder_is_undone_by_transformers_loader():
 def test_tolerances_are_enforced():
     import torch
     from lorakit.errors import RunError
-    from lorakit.gguf_parity import check_tolerance
+    from lorakit.export.gguf_parity import check_tolerance
 
     reference = [torch.tensor([[10.0, -20.0], [1.0, 2.0]])]
     row = {"max_abs_logit_diff": 0.5, "ppl": 2.0}
@@ -295,7 +302,7 @@ def test_gguf_type_without_gguf_is_a_clear_error(tmp_path, capsys):
 
 def test_pre_tokenizer_names():
     from lorakit.errors import ModelError
-    from lorakit.gguf_vocab import pre_tokenizer_name
+    from lorakit.export.gguf_vocab import pre_tokenizer_name
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
@@ -336,7 +343,7 @@ LLAMA3_STYLE = (
 
 
 def test_modelfile_template_translation():
-    from lorakit.modelfile import translate
+    from lorakit.export.modelfile import translate
 
     chatml = translate(_jinja(CHATML), "<s>", "</s>", add_bos=False)
     assert (chatml.family, chatml.system) == ("chatml", None)
@@ -352,7 +359,7 @@ def test_modelfile_template_translation():
 
 
 def test_untranslatable_template_says_so_in_the_modelfile():
-    from lorakit.modelfile import render_modelfile, translate
+    from lorakit.export.modelfile import render_modelfile, translate
 
     text = render_modelfile(
         gguf_file="x-F16.gguf",
@@ -368,7 +375,7 @@ def test_untranslatable_template_says_so_in_the_modelfile():
 
 
 def test_adapter_gguf_refuses_what_llamacpp_cannot_hold():
-    from lorakit.gguf_adapter import lora_scale, unsupported_reason
+    from lorakit.export.gguf_adapter import lora_scale, unsupported_reason
 
     base = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "bias": "none"}
     assert unsupported_reason(base) is None

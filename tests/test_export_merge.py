@@ -15,29 +15,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import chat_records, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.embedded]
-
-COLORS = ["red", "blue", "green", "black"]
-ITEMS = ["cup", "lamp", "chair", "book"]
-
-
-def _records(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        c, it, q = COLORS[i % 4], ITEMS[(i // 4) % 4], 1 + i % 9
-        reply = json.dumps({"item": it, "color": c, "qty": q})
-        out.append(
-            {
-                "id": f"ex{i}",
-                "messages": [
-                    {"role": "user", "content": f"Extract: I bought {q} {c} {it}s."},
-                    {"role": "assistant", "content": reply},
-                ],
-            }
-        )
-    return out
-
 
 RECIPE = """
 [quant]
@@ -67,8 +47,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     from lorakit.cli.main import main
 
     root = tmp_path_factory.mktemp("export")
-    data = "".join(json.dumps(r) + "\n" for r in _records(24))
-    (root / "chat.jsonl").write_text(data, encoding="utf-8")
+    write_jsonl(root / "chat.jsonl", chat_records(24))
     (root / "tiny.toml").write_text(RECIPE, encoding="utf-8")
     runs = root / "runs"
     code = main(["run", str(root / "tiny.toml"), f"output.dir={runs}", "output.name=qlora"])
@@ -81,9 +60,9 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
 def _reference_logits(run: Path, ids: list[int]) -> dict:
     """Unquantized base + the unmerged adapter, in fp32 and fp64: what the merge must reproduce."""
     import torch
-    from lorakit.inference import open_run
+    from lorakit.catalog import default_catalog
+    from lorakit.load_run import open_run
     from lorakit.modeling import load_adapter, load_base_model
-    from lorakit.plugins import default_catalog
 
     catalog = default_catalog()
     recipe = open_run(run, catalog)
@@ -202,9 +181,9 @@ def test_dequantized_merge_reproduces_the_trained_quantized_model(exported, tmp_
 
 
 def test_exported_tokenizer_renders_exactly_like_training(exported):
+    from lorakit.catalog import default_catalog
     from lorakit.contracts import Example, Message
-    from lorakit.inference import open_run, prepare_inference
-    from lorakit.plugins import default_catalog
+    from lorakit.load_run import open_run, prepare_inference
     from transformers import AutoTokenizer
 
     run, export = exported

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from lorakit.cli.generate import read_prompts
 from lorakit.errors import DataError, RunError
-from lorakit.export import MARKER, check_out_dir
-from lorakit.model_card import render_card
+from lorakit.export.folder import MARKER, check_out_dir
+from lorakit.export.model_card import render_card
 
 
 def test_prompts_from_flags_text_and_jsonl(tmp_path):

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import attrs
 import pytest
+from helpers import REPO
 from lorakit import hookimpl, hookspecs
+from lorakit.catalog import KINDS, build_catalog, make_manager
 from lorakit.errors import PluginError
-from lorakit.plugins import KINDS, build_catalog, make_manager
 
-REPO = Path(__file__).resolve().parents[1]
 HOOKS = sorted(n for n, f in vars(hookspecs).items() if n.startswith("lorakit_") and callable(f))
 
 
@@ -152,3 +151,16 @@ def test_factory_without_options_is_rejected(catalog_with):
 def test_fresh_managers_do_not_leak(catalog_with):
     catalog_with(plugin_for("lorakit_register_sources", "leaky"))
     assert "leaky" not in catalog_with().names("source")
+
+
+def test_old_registry_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    from lorakit import catalog
+
+    sys.modules.pop("lorakit.plugins", None)
+    with pytest.warns(DeprecationWarning, match=r"lorakit\.catalog"):
+        alias = importlib.import_module("lorakit.plugins")
+    assert alias.default_catalog is catalog.default_catalog
+    assert alias.KINDS is catalog.KINDS

@@ -13,7 +13,7 @@ from lorakit.memory_plan import (
     weight_bytes,
 )
 
-from tests.conftest import tiny_recipe
+from helpers import tiny_recipe
 from tests.test_cli import run_probe
 
 # Mistral-7B-v0.1 / -Instruct-v0.2 config.json, the keys that decide the sizes

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, chat_records
+from helpers import REPO, chat_records
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -7,6 +7,7 @@ import itertools
 import json
 
 import pytest
+from helpers import chat_records, load_tiny_model, tiny_recipe, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lorakit.packing import IGNORE_INDEX, pack
@@ -59,14 +60,11 @@ def test_pack_refuses_empty_input():
 
 
 def _tiny_model(tiny_model_dir):
-    import torch
     from lorakit.attention import use_packed_attention
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model, reference = load_tiny_model(tiny_model_dir), load_tiny_model(tiny_model_dir)
     use_packed_attention(model, "cpu")
-    return model, reference.eval()
+    return model, reference
 
 
 ROWS = [
@@ -138,7 +136,6 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(tmp_path, tiny_model_d
     """One micro-batch of 4, or 2 of 2 with gradient accumulation, or 4 of 1: the same examples
     per optimizer step give the same adapter (loss = summed token NLL / tokens of the step)."""
     import torch
-    from conftest import chat_records, tiny_recipe, write_jsonl
 
     records = chat_records(40)
     for i, r in enumerate(records):  # uneven answer lengths, so per-micro-batch means would differ
@@ -209,7 +206,6 @@ def test_token_budget_order_changes_with_the_epoch():
 
 @pytest.mark.slow
 def test_packing_true_fills_micro_batches_by_tokens(tmp_path, tiny_model_dir, chat_file, cli):
-    from conftest import tiny_recipe
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
     for name, packing in (("rows", "false"), ("tokens", "true")):
@@ -240,7 +236,6 @@ def test_token_budget_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mo
     """packing = true keeps exact resume, also from a checkpoint inside the second epoch (about
     6 token-budget batches an epoch here): the batches after the checkpoint are the same ones."""
     import torch
-    from conftest import chat_records, tiny_recipe, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
@@ -272,7 +267,6 @@ def test_token_budget_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mo
 def test_token_budget_epochs_with_accumulation_see_every_example(tmp_path, tiny_model_dir, cli):
     """Three epochs with gradient accumulation 2: the Trainer takes every batch of every epoch
     (the batch count it planned with holds in each epoch), like row batches do."""
-    from conftest import chat_records, tiny_recipe, write_jsonl
 
     records = chat_records(60)
     for i, r in enumerate(records):  # mixed lengths, so each epoch packs differently

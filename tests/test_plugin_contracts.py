@@ -19,7 +19,7 @@ from lorakit.contracts import Example, Message
 from lorakit.data.pipeline import DataReport, read_examples
 from lorakit.data.validate import example_problem
 from lorakit.errors import PluginError
-from lorakit.plugins import build_catalog, make_manager
+from lorakit.catalog import build_catalog, make_manager
 from lorakit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -90,7 +89,6 @@ def test_entry_point_only_plugin_is_listed_and_usable(tmp_path):
     checked = run_cli(["check", "r.toml"], site, tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert "tsv_pairs" in checked.stdout and "train 3" in checked.stdout.replace(":", "")
-    json.dumps(checked.stdout)
 
 
 def test_plugins_lists_all_six_kinds(cli):

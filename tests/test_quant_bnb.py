@@ -9,7 +9,7 @@ AVX512-BF16 the conversion never happens in the first place.
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,8 @@ def _packed(layer) -> bool:
 
 
 def _load(tmp_path, tiny_model_dir, chat_file):
+    from lorakit.catalog import default_catalog
     from lorakit.modeling import load_base_model
-    from lorakit.plugins import default_catalog
     from lorakit.recipe import load_recipe
 
     catalog = default_catalog()

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from lorakit.catalog import default_catalog
 from lorakit.errors import RecipeError
-from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe, parse_override
-
-REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """
 [quant]

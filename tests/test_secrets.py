@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from helpers import tiny_recipe
 from lorakit.secrets import hub_token, redact
 
 
@@ -25,8 +27,8 @@ def test_redact():
     assert redact("nothing", None) == "nothing"
 
 
+@pytest.mark.slow
 def test_token_never_written_to_run_folder(tmp_path, monkeypatch, tiny_model_dir, chat_file, cli):
-    from conftest import tiny_recipe
 
     secret = "hf_SECRET_never_saved_123"
     monkeypatch.setenv("HF_TOKEN", secret)

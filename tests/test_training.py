@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe
+from helpers import chat_records, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,6 @@ def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, c
     inference on AVX512-BF16 CPUs (no backward after the first eval), and the eval dataloader
     drawing from the global RNG (different dropout masks afterwards).
     """
-    from conftest import chat_records, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant)
@@ -279,7 +278,6 @@ def test_safetensors_truncation_is_found_without_loading(tmp_path):
 
 
 def test_a_failed_start_writes_nothing_or_may_be_restarted(tmp_path, tiny_model_dir, cli):
-    from conftest import chat_records, write_jsonl
 
     data = tmp_path / "chat.jsonl"
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra='name = "first-try"')

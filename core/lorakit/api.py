@@ -136,7 +136,7 @@ def read_source(
     from lorakit.data.validate import checked_records
     from lorakit.errors import RecipeError
     from lorakit.options import structure
-    from lorakit.plugins import Entry
+    from lorakit.catalog import Entry
 
     opts, problems = structure(factory.Options, options, "[data.sources.0]")  # type: ignore[attr-defined]
     if problems:

@@ -46,12 +46,19 @@ def auto_compute_dtype(device: str) -> Any:
     return torch.float32
 
 
-def dtype_from_name(name: str, device: str) -> Any:
+DTYPES = ("fp32", "bf16", "fp16")  # the dtype names recipes and --dtype accept
+
+
+def torch_dtype(name: str) -> Any:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` -> the torch dtype."""
     import torch
 
-    if name == "auto":
-        return auto_compute_dtype(device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def dtype_from_name(name: str, device: str) -> Any:
+    """A dtype name or ``"auto"`` (the measured best compute dtype of ``device``)."""
+    return auto_compute_dtype(device) if name == "auto" else torch_dtype(name)
 
 
 def cpu_flags() -> set[str]:

@@ -6,7 +6,8 @@ Anything that is not a ``LorakitError`` is a bug in lorakit or a plugin and keep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 
 
 class LorakitError(Exception):
@@ -53,3 +54,9 @@ class ModelError(LorakitError):
 
 class RunError(LorakitError):
     """A run folder, checkpoint or adapter is missing, incomplete or would be overwritten."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a misspelled ``name`` (for "did you mean ...?"), or None."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return close[0] if close else None

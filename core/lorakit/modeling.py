@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorakit.catalog import Catalog
 from lorakit.contracts import ModelRef
 from lorakit.distributed import local_rank
 from lorakit.errors import ModelError, RunError
-from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
 from lorakit.secrets import hub_token
 

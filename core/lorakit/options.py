@@ -8,13 +8,14 @@ problems, each prefixed with its key path, so a recipe reports all mistakes at o
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 import attrs
+
+from lorakit.errors import closest
 
 _MISSING = object()
 
@@ -165,9 +166,9 @@ def structure(
 
 
 def _did_you_mean(key: str, known: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    close = closest(key, known)
     if close:
-        return f", did you mean {close[0]}?"
+        return f", did you mean {close}?"
     return f"; known keys: {', '.join(sorted(known))}" if known else "; this table takes no keys"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from lorakit.errors import ModelError
 from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
-from lorakit.plugins import Catalog
+from lorakit.catalog import Catalog
 from lorakit.recipe import Recipe
 
 

@@ -8,7 +8,6 @@ every problem (with its key path and a fix) and raises one :class:`RecipeError`.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -19,9 +18,9 @@ from typing import Any
 
 import attrs
 
-from lorakit.errors import RecipeError
+from lorakit.catalog import Catalog
+from lorakit.errors import RecipeError, closest
 from lorakit.options import structure, to_plain
-from lorakit.plugins import Catalog
 from lorakit.sections import (
     DataSection,
     EvalSection,
@@ -241,10 +240,8 @@ def validate(
     _find_secrets(data, "", problems)
     for key in data:
         if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = (
-                f", did you mean [{close[0]}]?" if close else f"; sections: {', '.join(SECTIONS)}"
-            )
+            close = closest(key, SECTIONS)
+            hint = f", did you mean [{close}]?" if close else f"; sections: {', '.join(SECTIONS)}"
             problems.append(f"[{key}]: unknown section{hint}")
 
     parts: dict[str, Any] = {}
@@ -306,7 +303,7 @@ def load_recipe(
     path: str | Path, overrides: Sequence[str] = (), catalog: Catalog | None = None
 ) -> Recipe:
     """Read, override and validate a recipe file."""
-    from lorakit.plugins import default_catalog
+    from lorakit.catalog import default_catalog
 
     path = Path(path)
     text, data = read_toml(path)

@@ -308,7 +308,7 @@ def _alive(pid: int) -> bool:
 
 
 def stack_versions() -> dict[str, str | None]:
-    from lorakit.plugins import installed_version
+    from lorakit.catalog import installed_version
 
     out: dict[str, str | None] = {"lorakit": __version__}
     out.update({name: installed_version(name) for name in STACK})

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.adapter_io import save_adapter
+from lorakit.catalog import Catalog
+from lorakit.console import say
 from lorakit.data.pipeline import (
     DataReport,
     load_splits,
@@ -17,13 +17,9 @@ from lorakit.data.pipeline import (
 )
 from lorakit.distributed import is_main
 from lorakit.errors import DataError
-from lorakit.plugins import Catalog
+from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
-
-
-def say(msg: str) -> None:
-    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
 
 
 def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> Path:

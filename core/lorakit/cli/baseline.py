@@ -18,10 +18,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from lorakit.catalog import default_catalog
+    from lorakit.console import say
     from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.plugins import default_catalog
     from lorakit.recipe import load_recipe
-    from lorakit.runner import say
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.data.pipeline import DataReport, load_splits
-from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe
 
 

@@ -13,4 +13,3 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override recipe keys by path, e.g. train.max_steps=5 peft.r=8",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -15,7 +15,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="table of every eval report under a runs folder")
     p.add_argument("runs_dir", nargs="?", default="runs", help="folder to search (default: runs)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of markdown")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=run)
 
 

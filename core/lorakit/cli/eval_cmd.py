@@ -20,16 +20,15 @@ def add_parser(sub) -> None:
         help="override eval keys, e.g. eval.max_examples=20 eval.splits='[\"test\"]'",
     )
     p.add_argument("--no-baseline", action="store_true", help="score only base + adapter")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from lorakit.catalog import default_catalog
+    from lorakit.console import say
     from lorakit.errors import RunError
     from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.inference import open_target
-    from lorakit.plugins import default_catalog
-    from lorakit.runner import say
+    from lorakit.load_run import open_target
 
     catalog = default_catalog()
     recipe, run_dir = open_target(args.target, catalog, tuple(args.overrides))

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from lorakit.catalog import default_catalog
+from lorakit.device import DTYPES
 from lorakit.errors import RunError
-from lorakit.merge import DTYPES, MERGE_BASES
-from lorakit.plugins import default_catalog
+from lorakit.export.merge import MERGE_BASES
 
-GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.gguf_writer.GGUF_TYPES, without importing gguf
+GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.export.gguf_writer.GGUF_TYPES, without importing gguf
 
 
 def add_parser(sub) -> None:
@@ -52,12 +52,11 @@ def add_parser(sub) -> None:
         action="store_true",
         help="replace a previous lorakit export in the target folder (swapped in once complete)",
     )
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from lorakit.export import export_run
+    from lorakit.export.folder import export_run
 
     if args.gguf_type and not args.gguf:
         raise RunError(

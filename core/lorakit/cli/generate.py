@@ -9,7 +9,6 @@ adapter on top, and prompts are rendered by the run's formatter. MODEL_DIR is a 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +48,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -121,9 +119,9 @@ class Target:
 
 class RunTarget(Target):
     def __init__(self, run_dir: Path):
-        from lorakit.inference import load_model, open_run, prepare_inference
+        from lorakit.catalog import default_catalog
+        from lorakit.load_run import load_model, open_run, prepare_inference
         from lorakit.modeling import check_adapter_dir
-        from lorakit.plugins import default_catalog
         from lorakit.rundir import RunDir
 
         catalog = default_catalog()
@@ -226,7 +224,7 @@ def open_generation_target(target: Path) -> Target:
 def run(args) -> int:
     import transformers
 
-    from lorakit.generation import generate
+    from lorakit.decoding import generate
 
     transformers.logging.set_verbosity_error()
     if (

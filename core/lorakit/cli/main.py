@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for _verb, module in _modules():
         module.add_parser(sub)
+    for verb_parser in sub.choices.values():
+        # Also accepted after the verb; SUPPRESS keeps `lorakit --debug VERB` from being reset.
+        verb_parser.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show full tracebacks on errors",
+        )
     return parser
 
 
@@ -64,12 +72,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("LORAKIT_DEBUG") == "1"
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    debug = args.debug or os.environ.get("LORAKIT_DEBUG") == "1"
     if not debug:
         _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if not args.verb:
         parser.print_help()
         return 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lorakit.cli.common import add_recipe_args
 from lorakit.errors import RecipeError
-from lorakit.plugins import default_catalog
+from lorakit.catalog import default_catalog
 from lorakit.recipe import load_recipe
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
+from lorakit.catalog import KINDS, default_catalog
 from lorakit.options import describe_options
-from lorakit.plugins import KINDS, default_catalog
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plugins", help="list installed plugins (all kinds)")
     p.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's options")
     p.add_argument("--kind", choices=list(KINDS), help="only this kind")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 

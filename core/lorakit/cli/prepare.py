@@ -7,9 +7,9 @@ run (no ``run.json``), so a later ``lorakit run`` can still claim it.
 
 from __future__ import annotations
 
+from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.data.pipeline import DataReport, load_splits, write_splits
-from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe
 from lorakit.rundir import RunDir
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.cli.plan import add_memory_arg, capacity
-from lorakit.plugins import default_catalog
 from lorakit.recipe import load_recipe
 
 

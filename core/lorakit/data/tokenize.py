@@ -73,7 +73,3 @@ def encode_with_offsets(texts: list[str], tokenizer: Any) -> tuple[list[list[int
         return [e.ids for e in encs], [e.offsets for e in encs]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], enc["offset_mapping"]
-
-
-def tokenize_one(rendered: Rendered, tokenizer: Any) -> Tokenized:
-    return tokenize_batch([rendered], tokenizer)[0]

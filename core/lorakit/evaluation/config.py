@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
+from lorakit.catalog import Catalog
+from lorakit.errors import closest
 from lorakit.options import structure
-from lorakit.plugins import Catalog
 from lorakit.sections import EvalSection
 
 
@@ -16,8 +16,8 @@ def check_eval(catalog: Catalog, section: EvalSection) -> list[str]:
     known = catalog.names("metric")
     for i, name in enumerate(section.metrics):
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(name, known)
+            hint = f"did you mean {close!r}? " if close else ""
             problems.append(
                 f'[eval].metrics[{i}]: unknown metric "{name}"; {hint}'
                 f"installed metrics: {', '.join(known) or '(none)'}"

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
+from lorakit.catalog import Catalog
 from lorakit.errors import RunError
-from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
 
@@ -95,7 +95,7 @@ def evaluate_run(
     from lorakit.evaluation.report import write_outputs
     from lorakit.evaluation.scoring import SplitResult, score_model
     from lorakit.evaluation.sets import prepare_set
-    from lorakit.inference import load_model, prepare_inference
+    from lorakit.load_run import load_model, prepare_inference
     from lorakit.modeling import load_adapter, resolve_model
 
     started = time.time()
@@ -186,8 +186,8 @@ def cached_results(
     report: dict[str, Any], rows: list[dict[str, Any]], sets: list[Any]
 ) -> list[Any]:
     """Rebuild the base model's results from a reusable baseline folder."""
+    from lorakit.decoding import Generation
     from lorakit.evaluation.scoring import SplitResult
-    from lorakit.generation import Generation
 
     out = []
     for s in sets:

@@ -8,8 +8,8 @@ from typing import Any
 import attrs
 
 from lorakit.data.tokenize import Tokenized
+from lorakit.decoding import Generation, generate
 from lorakit.evaluation.sets import EvalSet
-from lorakit.generation import Generation, generate
 
 
 @attrs.frozen

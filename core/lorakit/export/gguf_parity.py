@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from lorakit.errors import RunError
-from lorakit.parity import FP32_TOLERANCE, Probes
+from lorakit.export.parity import FP32_TOLERANCE, Probes
 
 
 @attrs.frozen

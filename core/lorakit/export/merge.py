@@ -22,16 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorakit.device import torch_dtype
 from lorakit.errors import RunError
 
-DTYPES = ("fp32", "bf16", "fp16")
 MERGE_BASES = ("original", "dequantized")
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def check_finite(model: Any, stage: str) -> None:
@@ -93,7 +87,7 @@ def cast_merged(model: Any, dtype_name: str) -> Any:
 
 def _check_tolerance(row: dict[str, Any], logits: list[Any], unmerged: list[Any]) -> None:
     """The merge must not change the function: compare with the same fp32 base, unmerged."""
-    from lorakit.parity import FP32_TOLERANCE, max_abs_diff
+    from lorakit.export.parity import FP32_TOLERANCE, max_abs_diff
 
     diff = max_abs_diff(unmerged, logits)
     if diff > FP32_TOLERANCE:
@@ -153,13 +147,13 @@ def merge_fp32(
     parity report against the reference, logits of the unmerged fp32 model)."""
     import torch
 
+    from lorakit.export.parity import ParityReport, probe_logits
     from lorakit.modeling import load_adapter, load_base_model
-    from lorakit.parity import ParityReport, probe_logits
 
     device = loaded.device
     if merge_base == "dequantized":
         # Reference: the model as trained, the quantized base with the adapter attached.
-        from lorakit.inference import load_model
+        from lorakit.load_run import load_model
 
         quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
         report = ParityReport(
@@ -197,7 +191,7 @@ def write_merged(
     """Merge, cast, save to ``folder``, measure parity; return the parity record."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.parity import build_probes, probe_logits
+    from lorakit.export.parity import build_probes, probe_logits
 
     device = loaded.device
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
@@ -232,7 +226,7 @@ def write_merged(
     gc.collect()
 
     if recipe.quant.build(catalog).quantizes and merge_base != "dequantized":
-        from lorakit.inference import load_model
+        from lorakit.load_run import load_model
 
         quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
         report.add(

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from lorakit.errors import ModelError, RunError
-from lorakit.gguf_vocab import Vocab, add_vocab
+from lorakit.export.gguf_vocab import Vocab, add_vocab
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 # transformers model_type -> llama.cpp architecture

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.gguf_vocab import Vocab, read_vocab
-from lorakit.gguf_writer import check_layout, write_gguf
+from lorakit.export.gguf_vocab import Vocab, read_vocab
+from lorakit.export.gguf_writer import check_layout, write_gguf
 
 
 def preflight(loaded: Any, base_path: str) -> Vocab:
@@ -39,7 +39,11 @@ def file_name(run_name: str, gguf_type: str) -> str:
 def _adapter_gguf(
     run: Any, config: Any, folder: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    from lorakit.gguf_adapter import check_adapter_gguf, unsupported_reason, write_adapter_gguf
+    from lorakit.export.gguf_adapter import (
+        check_adapter_gguf,
+        unsupported_reason,
+        write_adapter_gguf,
+    )
     from lorakit.rundir import read_json
 
     adapter_config = read_json(run.adapter / "adapter_config.json")
@@ -69,7 +73,7 @@ def write_gguf_export(
     import transformers
 
     from lorakit import __version__
-    from lorakit.gguf_parity import (
+    from lorakit.export.gguf_parity import (
         argmax_agreement,
         check_template,
         check_tokenizer,
@@ -77,9 +81,9 @@ def write_gguf_export(
         read_model,
         read_tokenizer,
     )
-    from lorakit.merge import _check_tolerance, merge_base_label, merge_fp32
-    from lorakit.modelfile import jinja_renderer, render_modelfile, translate
-    from lorakit.parity import ParityReport, build_probes, probe_logits, split_examples
+    from lorakit.export.merge import _check_tolerance, merge_base_label, merge_fp32
+    from lorakit.export.modelfile import jinja_renderer, render_modelfile, translate
+    from lorakit.export.parity import ParityReport, build_probes, probe_logits, split_examples
 
     folder.mkdir(parents=True, exist_ok=True)
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)

@@ -11,9 +11,9 @@ from typing import Any
 
 import attrs
 
-from lorakit.adapter_io import read_meta, stop_token_ids
+from lorakit.catalog import Catalog
 from lorakit.errors import RunError
-from lorakit.plugins import Catalog
+from lorakit.export.adapter_io import read_meta, stop_token_ids
 from lorakit.recipe import Recipe, load_recipe, read_toml, validate
 from lorakit.rundir import RunDir, read_json
 

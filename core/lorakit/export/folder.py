@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,17 +28,14 @@ from typing import Any
 import attrs
 
 from lorakit import __version__
-from lorakit.adapter_io import META, read_meta
+from lorakit.catalog import Catalog
+from lorakit.console import say as console_say
 from lorakit.errors import RunError
-from lorakit.plugins import Catalog
+from lorakit.export.adapter_io import META, read_meta
 from lorakit.rundir import RunDir, read_json, write_json
 
 MARKER = "lorakit_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def _say(msg: str) -> None:
-    print(f"[lorakit] {msg}", file=sys.stderr, flush=True)
 
 
 @attrs.frozen
@@ -120,14 +116,14 @@ def export_run(
     out: Path | None = None,
     overwrite: bool = False,
     gguf_types: Sequence[str] = (),
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = console_say,
 ) -> ExportResult:
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
     merged GGUF files); return the paths."""
     import transformers
 
-    from lorakit.inference import open_run, prepare_inference
-    from lorakit.model_card import render_card
+    from lorakit.export.model_card import render_card
+    from lorakit.load_run import open_run, prepare_inference
     from lorakit.modeling import check_adapter_dir, resolve_model
 
     transformers.logging.set_verbosity_error()
@@ -161,7 +157,7 @@ def export_run(
     vocab = None
     if gguf_types:
         # Refuse what a GGUF cannot hold (architecture, tokenizer) before loading any weights.
-        from lorakit.gguf_export import preflight
+        from lorakit.export.gguf_export import preflight
 
         vocab = preflight(loaded, base_path)
     card_inputs: dict[str, Any] = {
@@ -193,7 +189,7 @@ def export_run(
         parity = None
         merge_info = None
         if merge:
-            from lorakit.merge import merge_base_label, write_merged
+            from lorakit.export.merge import merge_base_label, write_merged
 
             merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
             parity = write_merged(
@@ -205,7 +201,7 @@ def export_run(
         # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
         gguf_parity = None
         if gguf_types and vocab is not None:
-            from lorakit.gguf_export import write_gguf_export
+            from lorakit.export.gguf_export import write_gguf_export
 
             gguf_parity = write_gguf_export(
                 recipe, catalog, run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import RunError
-from lorakit.gguf_writer import check_layout, rotary_to_interleaved
+from lorakit.export.gguf_writer import check_layout, rotary_to_interleaved
 
 PREFIX = "base_model.model."
 

@@ -1,0 +1,186 @@
+"""Plugin discovery and the catalog of registered factories.
+
+Built-in and third-party plugins are found the same way: every object in the ``lorakit``
+entry-point group is registered with a fresh ``pluggy.PluginManager``. Each catalog hook is then
+called once with a ``register`` callback, and the results land in a :class:`Catalog`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import pluggy
+
+from lorakit import hookspecs
+from lorakit.errors import PluginError, closest
+
+# plugin kind -> the catalog hook that fills it
+KINDS: dict[str, str] = {
+    "model": "lorakit_register_model_sources",
+    "source": "lorakit_register_sources",
+    "formatter": "lorakit_register_formatters",
+    "quant": "lorakit_register_quantizers",
+    "peft": "lorakit_register_peft_methods",
+    "metric": "lorakit_register_metrics",
+}
+
+
+@attrs.frozen
+class Entry:
+    kind: str
+    name: str
+    factory: Any
+    plugin: str  # the pluggy plugin (module) name that registered it
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def options_class(self) -> type | None:
+        return getattr(self.factory, "Options", None)
+
+
+@attrs.define
+class Catalog:
+    entries: dict[str, dict[str, Entry]] = attrs.field(factory=lambda: {k: {} for k in KINDS})
+
+    def get(self, kind: str, name: str, *, where: str | None = None) -> Entry:
+        try:
+            return self.entries[kind][name]
+        except KeyError:
+            raise PluginError(
+                f"unknown {kind} plugin {name!r}", where=where, fix=self.suggest(kind, name)
+            ) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.entries[kind])
+
+    def suggest(self, kind: str, name: str) -> str:
+        known = self.names(kind)
+        close = closest(name, known)
+        hint = f"did you mean {close!r}? " if close else ""
+        return f"{hint}installed {kind} plugins: {', '.join(known) or '(none)'}"
+
+    def all(self) -> Iterable[Entry]:
+        for kind in KINDS:
+            yield from (self.entries[kind][n] for n in self.names(kind))
+
+
+def make_manager(
+    extra_plugins: Iterable[Any] = (), *, entry_points: bool = True
+) -> pluggy.PluginManager:
+    """A fresh plugin manager with every entry-point plugin (and ``extra_plugins``) registered."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if entry_points:
+        try:
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except Exception as exc:  # a broken third-party package must not look like our bug
+            raise PluginError(
+                f"a plugin in the 'lorakit' entry-point group failed to load: {exc}",
+                fix="upgrade or uninstall the package that provides it (see `pip list`)",
+            ) from exc
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            str(exc), fix="hook implementations must be named after a hook in lorakit.hookspecs"
+        ) from exc
+    return pm
+
+
+def _distributions(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
+    out: dict[int, tuple[str, str]] = {}
+    for plugin, dist in pm.list_plugin_distinfo():
+        out[id(plugin)] = (dist.project_name, dist.version)
+    return out
+
+
+def build_catalog(pm: pluggy.PluginManager) -> Catalog:
+    """Call every catalog hook once and collect what plugins register."""
+    catalog = Catalog()
+    dists = _distributions(pm)
+    for kind, hook_name in KINDS.items():
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            plugin_name = impl.plugin_name
+            dist = dists.get(id(impl.plugin))
+
+            def register(name: str, factory: Any, *, _kind=kind, _plugin=plugin_name, _dist=dist):
+                _add(catalog, _kind, name, factory, _plugin, _dist)
+
+            impl.function(**{a: register for a in impl.argnames})
+    return catalog
+
+
+def _add(
+    catalog: Catalog, kind: str, name: str, factory: Any, plugin: str, dist: tuple[str, str] | None
+) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin {plugin} registered a {kind} with an invalid name {name!r}")
+    existing = catalog.entries[kind].get(name)
+    if existing is not None:
+        raise PluginError(
+            f"{kind} {name!r} is registered twice: by {existing.plugin} and by {plugin}",
+            fix="uninstall one of the two packages, or rename the plugin in one of them",
+        )
+    if not attrs.has(getattr(factory, "Options", None) or object):
+        raise PluginError(
+            f"{kind} {name!r} from {plugin} has no attrs Options class",
+            fix="give the factory an `Options` attrs class describing its recipe options",
+        )
+    missing = _class_attr_problem(kind, factory)
+    if missing:
+        attr, want = missing
+        raise PluginError(
+            f"{kind} {name!r} from {plugin} has {attr} = {getattr(factory, attr, None)!r}",
+            fix=f"give the class an attribute `{attr} = ...` set to {want} (see lorakit.api)",
+        )
+    catalog.entries[kind][name] = Entry(
+        kind=kind,
+        name=name,
+        factory=factory,
+        plugin=plugin,
+        distribution=dist[0] if dist else None,
+        version=dist[1] if dist else None,
+    )
+
+
+def _class_attr_problem(kind: str, factory: Any) -> tuple[str, str] | None:
+    """The class attribute (besides ``Options``) the core reads from ``factory`` that is missing
+    or wrong, with what it should be; None when all are right."""
+    if kind == "quant" and not isinstance(getattr(factory, "quantizes", None), bool):
+        return "quantizes", "True or False (does the backend load quantized weights?)"
+    if kind == "metric":
+        if getattr(factory, "kind", None) not in ("loss", "generation"):
+            return "kind", '"loss" or "generation"'
+        if not isinstance(getattr(factory, "higher_is_better", None), bool):
+            return "higher_is_better", "True or False"
+    return None
+
+
+_DEFAULT: Catalog | None = None
+
+
+def default_catalog() -> Catalog:
+    """The catalog of every installed plugin (built once per process)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = build_catalog(make_manager())
+    return _DEFAULT
+
+
+def reset_default_catalog() -> None:
+    global _DEFAULT
+    _DEFAULT = None
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,229 @@
+"""The test toolkit: tiny real models and tokenizers, chat data, recipe writers.
+
+Everything here is a plain function; ``conftest.py`` turns the expensive ones into fixtures
+(``tiny_model_dir``, ``data_tokenizer``, ``chat_file``, ``cli``...). Tests import from here
+(``from helpers import chat_records``), never from ``conftest``.
+
+- The tiny model is a real ``LlamaForCausalLM`` built from a config with random weights, saved
+  with a real byte-level BPE tokenizer trained on the test corpus and a ChatML template (pad ==
+  eos, like SmolLM2). Training on it goes through real PEFT, TRL and bitsandbytes, just fast.
+- The data tokenizer is a byte-level BPE with ``<s>``/``</s>`` whose post-processor adds BOS to
+  plain text (so formatters must write it exactly once), plus ``<|im_start|>``/``<|im_end|>``
+  and a ChatML template: what the data tests need, no model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+COLORS = ["red", "blue", "green", "black", "white", "yellow"]
+ITEMS = ["car", "cup", "shirt", "lamp", "chair", "book"]
+
+# text for the data tokenizer: every layout the formatters write
+DATA_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, this is a test.",
+    "### Instruction:\nTranslate to French\n\n### Response:\nBonjour\n\n",
+    "[INST] What is the capital of Japan? [/INST] Tokyo",
+    "# Heading\n\nA paragraph of markdown text. Another sentence!\n\n## Sub heading\n- item one\n",
+    "system user assistant answer question reply numbers 0123456789 abc xyz",
+]
+
+# --------------------------------------------------------------------------- data
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` chat_jsonl records: extract item, color and quantity from a sentence as JSON."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        c, it, q = rng.choice(COLORS), rng.choice(ITEMS), rng.randint(1, 9)
+        out.append(
+            {
+                "id": f"ex{i}",
+                "messages": [
+                    {"role": "user", "content": f"Extract: I bought {q} {c} {it}s."},
+                    {
+                        "role": "assistant",
+                        "content": json.dumps({"item": it, "color": c, "qty": q}),
+                    },
+                ],
+            }
+        )
+    return out
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    return path
+
+
+def read_context(recipe_dir: Path, on_error: str = "fail") -> Any:
+    """A data source's read context, with a fresh data report."""
+    from lorakit.data.pipeline import DataReport, ReadContext
+
+    return ReadContext(recipe_dir=recipe_dir, on_error=on_error, report=DataReport())
+
+
+# --------------------------------------------------------------------------- tokenizers, models
+
+
+def _train_bpe(corpus: list[str], specials: list[str], vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def build_data_tokenizer() -> Any:
+    """The data tests' tokenizer (see the module docstring); no model."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(DATA_CORPUS * 20, ["<s>", "</s>", "<|im_start|>", "<|im_end|>"], 600)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """Save a tiny random Llama + trained BPE tokenizer with a ChatML template to ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [m["content"] for r in chat_records(300) for m in r["messages"]]
+    corpus += [
+        "user assistant system Extract: I bought",
+        "The quick brown fox jumps over the lazy dog.",
+    ]
+    tok = _train_bpe(corpus, ["<unk>", "<|im_start|>", "<|im_end|>"], 400)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",  # pad == eos on purpose, like SmolLM2
+    )
+    fast.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def load_tiny_model(folder: Path) -> Any:
+    """The tiny model saved by :func:`build_tiny_model`, in fp32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def tiny_recipe(
+    folder: Path, model_dir: Path, data: Path, *, quant: str = "none", extra: str = ""
+) -> Path:
+    """Write a recipe that trains the tiny model on ``data``; runs go to ``folder/runs``."""
+    text = f"""
+[model]
+plugin = "local"
+path = "{model_dir}"
+
+[quant]
+plugin = "{quant}"
+
+[peft]
+r = 4
+alpha = 8
+dropout = 0.1
+
+[train]
+max_steps = 4
+per_device_train_batch_size = 4
+learning_rate = 5e-3
+save_steps = 2
+max_length = 64
+seed = 7
+
+[[data.sources]]
+plugin = "chat_jsonl"
+path = "{data}"
+
+[output]
+dir = "{folder / "runs"}"
+{extra}
+"""
+    path = folder / "recipe.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_recipe(folder: Path, sources: list[dict[str, Any]], **sections: dict[str, Any]) -> Path:
+    """A recipe in ``folder`` with ``sources`` and extra sections (written as TOML)."""
+
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    if "data" not in sections:
+        lines.append("[data]")
+    for src in sources:
+        lines.append("[[data.sources]]")
+        lines += [f"{k} = {value(v)}" for k, v in src.items()]
+    lines.append("[output]")
+    lines.append(f"dir = {value(str(folder / 'runs'))}")
+    path = folder / "recipe.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
