@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import tiny_recipe
 from lorakit.memory_plan import (
     PlanInputs,
     lora_params,
@@ -13,7 +14,6 @@ from lorakit.memory_plan import (
     weight_bytes,
 )
 
-from helpers import tiny_recipe
 from tests.test_cli import run_probe
 
 # Mistral-7B-v0.1 / -Instruct-v0.2 config.json, the keys that decide the sizes

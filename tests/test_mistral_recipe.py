@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, chat_records
 
 if sys.version_info >= (3, 11):

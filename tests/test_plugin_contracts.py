@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import attrs
 import pytest
 from lorakit import api
+from lorakit.catalog import build_catalog, make_manager
 from lorakit.contracts import Example, Message
 from lorakit.data.pipeline import DataReport, read_examples
 from lorakit.data.validate import example_problem
 from lorakit.errors import PluginError
-from lorakit.catalog import build_catalog, make_manager
 from lorakit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -59,6 +59,7 @@ from lorakit.hookspecs import (
     hookimpl,
 )
 from lorakit.options import option
+from lorakit.secrets import hub_token
 
 # ``Turn`` reads better in some plugins; it is the same record as ``Message``.
 Turn = Message
@@ -94,6 +95,7 @@ __all__ = [
     "example_problem",
     "expand_files",
     "hookimpl",
+    "hub_token",
     "iter_json_lines",
     "option",
     "parse_meta",
@@ -132,11 +134,11 @@ def read_source(
     checked against the ``Example`` contract (a ``PluginError`` names the broken one). Returns
     ``(examples, skipped)``, ``skipped`` holding ``(where, reason)`` when ``on_error="skip"``.
     """
+    from lorakit.catalog import Entry
     from lorakit.data.pipeline import DataReport, ReadContext
     from lorakit.data.validate import checked_records
     from lorakit.errors import RecipeError
     from lorakit.options import structure
-    from lorakit.catalog import Entry
 
     opts, problems = structure(factory.Options, options, "[data.sources.0]")  # type: ignore[attr-defined]
     if problems:

@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from lorakit.catalog import Catalog
 from lorakit.errors import ModelError
 from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
-from lorakit.catalog import Catalog
 from lorakit.recipe import Recipe
 
 

@@ -5,9 +5,9 @@ Config only (``config.json``, GGUF metadata, or config.json fetched from the Hub
 
 from __future__ import annotations
 
+from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.errors import RecipeError
-from lorakit.catalog import default_catalog
 from lorakit.recipe import load_recipe
 
 

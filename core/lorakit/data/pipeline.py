@@ -19,7 +19,7 @@ from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 from lorakit.data.validate import checked_records
-from lorakit.errors import DataError, PluginError
+from lorakit.errors import DataError
 from lorakit.recipe import Recipe
 
 

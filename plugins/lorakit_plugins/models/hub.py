@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import attrs
-from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, option
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, hub_token, option
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -62,7 +62,6 @@ class HubSource:
             return json.loads(Path(cached).read_text(encoding="utf-8"))
         offline = "no network access to the Hub"
         if os.environ.get("HF_HUB_OFFLINE") != "1":
-            from lorakit.secrets import hub_token
             from transformers import AutoConfig
 
             try:
