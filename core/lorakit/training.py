@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
-from lorakit.distributed import TIMEOUT_S, gather_to_main
+from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
 from lorakit.packing import RowDataset, pack
 from lorakit.recipe import Recipe
 from lorakit.rundir import COMPLETE
@@ -79,7 +79,7 @@ def training_args(
         remove_unused_columns=False,
         average_tokens_across_devices=True,
         # one process per device (torchrun); every LoRA weight takes part in every forward
-        ddp_backend="nccl" if device == "cuda" else "gloo",
+        ddp_backend=("nccl" if device == "cuda" else "gloo") if world_size() > 1 else None,
         ddp_find_unused_parameters=False,
         ddp_timeout=TIMEOUT_S,
         include_num_input_tokens_seen="all",  # rows are packed: every input token is real
