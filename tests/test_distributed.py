@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO, chat_records, tiny_recipe, write_jsonl
 
-pytestmark = pytest.mark.slow
-
 # dropout 0 and plain SGD at a constant rate: one step's update is lr x gradient, so comparing
 # weights after step 1 compares gradients (Adam's first step would hide their scale)
 COMMON = (
@@ -89,6 +87,7 @@ def two_ranks(tmp_path_factory, tiny_model_dir):
     }
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_run_folder_whose_adapter_loads_with_peft(two_ranks, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -122,6 +121,7 @@ def test_two_ranks_write_one_run_folder_whose_adapter_loads_with_peft(two_ranks,
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_replicas_end_with_identical_lora_weights(two_ranks):
     a = weights(two_ranks["trace"] / "rank0-final.safetensors")
     b = weights(two_ranks["trace"] / "rank1-final.safetensors")
@@ -132,6 +132,7 @@ def test_replicas_end_with_identical_lora_weights(two_ranks):
     assert sum(float(t.abs().sum()) for t in saved.values()) > 0
 
 
+@pytest.mark.slow
 def test_each_example_is_trained_by_exactly_one_rank_per_epoch(two_ranks):
     n_train = json.loads((two_ranks["run"] / "data_report.json").read_text())["counts"]["train"]
     seen = {
@@ -147,6 +148,7 @@ def test_each_example_is_trained_by_exactly_one_rank_per_epoch(two_ranks):
     assert len(set(seen[0]) & set(seen[1])) <= repeated
 
 
+@pytest.mark.slow
 def test_first_step_of_two_ranks_equals_one_rank_with_the_same_global_batch(
     two_ranks, tmp_path, cli, monkeypatch
 ):
@@ -177,6 +179,7 @@ def test_first_step_of_two_ranks_equals_one_rank_with_the_same_global_batch(
     assert any(float(t.abs().sum()) > 0 for k, t in single.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_a_start_refused_on_rank_0_stops_every_rank(two_ranks):
     """The run folder exists: rank 0 refuses, rank 1 stops too instead of waiting for it."""
     code, log = finish(lorakit(str(two_ranks["recipe"]), *COMMON, *EPOCH, "--nproc", "2"), 200)
@@ -186,6 +189,7 @@ def test_a_start_refused_on_rank_0_stops_every_rank(two_ranks):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_resume_under_two_ranks_and_a_changed_process_count(two_ranks, tmp_path, cli):
     runs = tmp_path / "runs"
     shutil.copytree(two_ranks["folder"] / "runs", runs)
@@ -209,6 +213,7 @@ def test_resume_under_two_ranks_and_a_changed_process_count(two_ranks, tmp_path,
     assert meta["global_step"] == 8
 
 
+@pytest.mark.slow
 def test_two_rank_qlora_4bit_completes(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant="bnb-4bit", extra='name = "q"')
@@ -220,6 +225,7 @@ def test_two_rank_qlora_4bit_completes(tmp_path, tiny_model_dir):
     assert (tmp_path / "runs" / "q" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_complete(tmp_path, tiny_model_dir):
     """Two launchers, node ranks 0 and 1, one process each, meeting at a localhost rendezvous."""
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
@@ -244,3 +250,65 @@ def test_two_nodes_on_localhost_complete(tmp_path, tiny_model_dir):
     info = json.loads((tmp_path / "runs" / "nodes" / "run.json").read_text())
     assert info["batch"]["world_size"] == 2
     assert (tmp_path / "runs" / "nodes" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_or_deepspeed_on_cpu_is_refused_not_replaced_by_ddp(monkeypatch):
+    from lorakit.distributed import check_engine
+    from lorakit.errors import RunError
+
+    check_engine("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_engine("cuda")
+    with pytest.raises(RunError, match="FSDP only on GPUs"):
+        check_engine("cpu")
+
+
+def test_batch_plan_counts_the_sampler_padding():
+    import attrs
+    from lorakit.distributed import batch_plan
+    from lorakit.sections import TrainSection
+
+    t = TrainSection(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    plan = batch_plan(t, 3, [10] * 30)  # 8 batches of 4 (the last of 2) over 3 ranks: 9 rounds
+    assert plan["global_batch_size"] == 24
+    assert plan["padding_examples_per_epoch"] == 3 * 3 * 4 - 30
+    assert batch_plan(t, 1, [10] * 30)["padding_examples_per_epoch"] == 0
+    packed = batch_plan(attrs.evolve(t, packing=True, max_length=20), 3, [10] * 30)
+    assert packed["tokens_per_device_batch"] == 80 and packed["global_batch_tokens"] == 480
+    assert packed["batches_per_epoch"] == 4 and packed["padding_batches_per_epoch"] == 2
+
+
+def test_launcher_passes_the_run_line_to_torchrun():
+    from argparse import Namespace
+
+    from lorakit.launch import torchrun_argv
+
+    args = Namespace(
+        recipe="r.toml",
+        overrides=["train.max_steps=2"],
+        resume_from_checkpoint="auto",
+        debug=False,
+        nproc=2,
+        nnodes=1,
+        node_rank=0,
+        master_addr="127.0.0.1",
+        master_port=None,
+    )
+    assert torchrun_argv(args)[:4] == ["--standalone", "--nnodes", "1", "--nproc-per-node"]
+    assert torchrun_argv(args)[-7:] == [
+        "-m",
+        "lorakit.cli.main",
+        "run",
+        "r.toml",
+        "train.max_steps=2",
+        "--resume-from-checkpoint",
+        "auto",
+    ]
+    two = Namespace(**{**vars(args), "nnodes": 2, "node_rank": 1, "master_port": 1234})
+    assert "--node-rank" in torchrun_argv(two) and "1234" in torchrun_argv(two)
+
+
+def test_nproc_under_a_launcher_is_a_clear_error(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, _, err = cli("run", tmp_path / "r.toml", "--nproc", "2")
+    assert code == 2 and "already runs under a launcher" in err

@@ -188,3 +188,23 @@ def describe(plan: dict[str, Any]) -> str:
     text = f"{n} process(es) x {b} examples x {a} accumulation = global batch {plan['global_batch_size']}"
     pad = plan["padding_examples_per_epoch"]
     return text + (f" ({pad} example(s) per epoch repeated to even out the ranks)" if pad else "")
+
+
+def check_engine(device: str) -> None:
+    """Refuse an engine that accelerate would silently replace.
+
+    ``accelerate launch`` with an FSDP or DeepSpeed config marks the workers
+    (``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED``), but accelerate enables either only on
+    GPUs: on CPU the Trainer trains plain DDP instead, with every rank holding the whole model,
+    which is not what the config promised.
+    """
+    if device != "cpu":
+        return
+    for env, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true":
+            raise RunError(
+                f"the launcher asked for {engine}, but accelerate runs {engine} only on GPUs: on "
+                "this CPU it would silently train plain DDP, every rank holding the whole model",
+                fix="on CPU launch without the FSDP/DeepSpeed config (lorakit run RECIPE --nproc N "
+                "uses DDP over gloo); see docs/distributed.md",
+            )

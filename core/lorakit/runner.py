@@ -47,6 +47,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     #    nccl on CUDA). Rank 0 alone reads and writes the run folder and decides; the others
     #    receive its decisions, and an error there stops them all (lorakit.distributed.on_main).
     device = resolve_device(t.device)
+    distributed.check_engine(device)
     distributed.init(device)
     main_process = is_main()
 
