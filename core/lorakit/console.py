@@ -5,8 +5,12 @@ Every phase reports through :func:`say`, so results on stdout stay machine-reada
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def say(msg: str) -> None:
+    """One progress line, from rank 0 only when several processes train (each does the same)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"[lorakit] {msg}", file=sys.stderr, flush=True)

@@ -1,13 +1,31 @@
-"""Which process this is under torchrun/accelerate (DDP, FSDP, DeepSpeed).
+"""Which process this is under torchrun/accelerate (DDP, FSDP, DeepSpeed), and how ranks agree.
 
-lorakit never runs its own distributed engine: the launcher starts one process per device and
-the Trainer does the rest. The core only needs to know the local device and to let rank 0
-alone write to the run folder.
+lorakit never runs its own distributed engine: torchrun (or ``accelerate launch``, which uses
+it) starts one process per device, every process joins one ``torch.distributed`` process group
+(gloo on CPU, nccl on CUDA), and the Trainer's accelerate backend does DDP. The core only needs
+to know the local device, to let rank 0 alone write the run folder, and to make every rank take
+the same decisions (which checkpoint, whether the run may start): rank 0 decides, the others
+receive its answer, and an error on rank 0 stops every rank with a message instead of leaving
+them waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from lorakit.errors import LorakitError, RunError
+
+T = TypeVar("T")
+
+# How long a rank waits for the others in a collective before it gives up with an error.
+TIMEOUT_S = int(os.environ.get("LORAKIT_DIST_TIMEOUT", "1800"))
+
+
+class RankStopped(LorakitError):
+    """Another rank failed; this one stops too (its own error was printed by that rank)."""
 
 
 def rank() -> int:
@@ -22,5 +40,171 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
 def is_main() -> bool:
     return rank() == 0
+
+
+def backend(device: str) -> str:
+    """nccl for GPU tensors (with gloo beside it for the small CPU messages ranks exchange),
+    gloo on CPU."""
+    return "cuda:nccl,cpu:gloo" if device == "cuda" else "gloo"
+
+
+def init(device: str) -> None:
+    """Join the process group torchrun described in the environment; nothing in one process.
+
+    The Trainer (through accelerate) finds the group initialised and uses it as it is. On CUDA
+    each rank is pinned to its ``LOCAL_RANK`` GPU first: one model replica per device.
+    """
+    if world_size() <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise RunError(
+                f"rank {rank()} has LOCAL_RANK {local_rank()} but this machine shows "
+                f"{torch.cuda.device_count()} GPU(s)",
+                fix="start at most one process per GPU (--nproc / --nproc-per-node)",
+            )
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend(device), timeout=timedelta(seconds=TIMEOUT_S))
+
+
+def active() -> bool:
+    if world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank.
+
+    If ``fn`` raises on rank 0, rank 0 raises it and every other rank raises ``RankStopped``:
+    all ranks leave together instead of waiting for a rank that will never come.
+    """
+    if not active():
+        return fn()
+    import torch.distributed as dist
+
+    result: Any = None
+    failure: str | None = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as exc:  # every rank must hear about it, whatever it is
+            error = exc
+            failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    box = [(result, failure)]
+    dist.broadcast_object_list(box, src=0, device=_object_device())
+    if error is not None:
+        raise error
+    result, failure = box[0]
+    if failure is not None:
+        raise RankStopped(
+            f"rank {rank()} stopped: rank 0 failed ({failure})", fix="see rank 0's error above"
+        )
+    return result
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere; ``[obj]`` in one process."""
+    if not active():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _object_device() -> Any:
+    import torch
+
+    # the cpu:gloo side of the group carries Python objects, also when the GPUs use nccl
+    return torch.device("cpu")
+
+
+def batch_plan(train: Any, world: int, lengths: list[int]) -> dict[str, Any]:
+    """How one optimizer step's batch is made up over ``world`` ranks, and the sampler padding.
+
+    Every rank trains on its own micro-batches (``accelerate`` hands batch i to rank i mod N).
+    When the batches of an epoch do not divide evenly among the ranks, the sampler completes the
+    last round with examples from the start of the epoch: those are trained twice in that epoch,
+    and counted here (``padding_examples_per_epoch``, or ``padding_batches_per_epoch`` for
+    token-budget batches, whose sizes vary).
+    """
+    import math
+
+    per_device = train.per_device_train_batch_size
+    accumulation = train.gradient_accumulation_steps
+    plan: dict[str, Any] = {
+        "world_size": world,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation,
+    }
+    if train.packing:
+        from lorakit.packing import TokenBudgetBatches
+
+        budget = per_device * train.max_length
+        batches = TokenBudgetBatches(lengths, budget, train.seed).count
+        plan["tokens_per_device_batch"] = budget
+        plan["global_batch_tokens"] = budget * accumulation * world
+        plan["padding_batches_per_epoch"] = (-batches) % world if world > 1 else 0
+    else:
+        batches = math.ceil(len(lengths) / per_device)
+        plan["global_batch_size"] = per_device * accumulation * world
+        padded = world * math.ceil(batches / world) * per_device - len(lengths)
+        plan["padding_examples_per_epoch"] = padded if world > 1 else 0
+    plan["batches_per_epoch"] = batches
+    return plan
+
+
+def describe(plan: dict[str, Any]) -> str:
+    n, b, a = (
+        plan["world_size"],
+        plan["per_device_train_batch_size"],
+        plan["gradient_accumulation_steps"],
+    )
+    if "global_batch_tokens" in plan:
+        text = (
+            f"{n} process(es) x {plan['tokens_per_device_batch']} tokens x {a} accumulation = "
+            f"{plan['global_batch_tokens']} tokens per optimizer step"
+        )
+        pad = plan["padding_batches_per_epoch"]
+        return text + (
+            f" ({pad} batch(es) per epoch repeated to even out the ranks)" if pad else ""
+        )
+    text = f"{n} process(es) x {b} examples x {a} accumulation = global batch {plan['global_batch_size']}"
+    pad = plan["padding_examples_per_epoch"]
+    return text + (f" ({pad} example(s) per epoch repeated to even out the ranks)" if pad else "")
+
+
+def check_engine(device: str) -> None:
+    """Refuse an engine that accelerate would silently replace.
+
+    ``accelerate launch`` with an FSDP or DeepSpeed config marks the workers
+    (``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED``), but accelerate enables either only on
+    GPUs: on CPU the Trainer trains plain DDP instead, with every rank holding the whole model,
+    which is not what the config promised.
+    """
+    if device != "cpu":
+        return
+    for env, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true":
+            raise RunError(
+                f"the launcher asked for {engine}, but accelerate runs {engine} only on GPUs: on "
+                "this CPU it would silently train plain DDP, every rank holding the whole model",
+                fix="on CPU launch without the FSDP/DeepSpeed config (lorakit run RECIPE --nproc N "
+                "uses DDP over gloo); see docs/distributed.md",
+            )

@@ -31,7 +31,7 @@ def shifted_targets(input_ids: Sequence[int], labels: Sequence[int]) -> list[int
     return [*labels[1:], IGNORE_INDEX]
 
 
-def pack(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+def pack(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate tokenized rows (``input_ids`` and unshifted ``labels``) into one packed row."""
     import torch
 
@@ -59,6 +59,8 @@ def pack(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
         "cu_seq_lens_k": cu,
         "max_length_q": longest,
         "max_length_k": longest,
+        # which rows of the dataset this batch holds (the model never sees it)
+        "row_index": torch.tensor([row.get("index", -1) for row in rows], dtype=torch.long),
     }
 
 
@@ -71,9 +73,9 @@ class RowDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, Sequence[int]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
-        return {"input_ids": row.input_ids, "labels": row.labels}
+        return {"input_ids": row.input_ids, "labels": row.labels, "index": i}
 
 
 class TokenBudgetBatches:

@@ -4,7 +4,8 @@ Layout::
 
     .lorakit-claim       created atomically (O_EXCL) by the run that owns the folder: its pid
     recipe.toml          the recipe exactly as given (never rewritten)
-    run.json             lorakit version, overrides, start/resume history, config hash
+    run.json             lorakit version, overrides, start/resume history, config hash, batch
+                         (processes, per-device batch, accumulation, global batch)
     resolved.json        every setting with defaults filled in
     versions.json        versions of the training stack
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
@@ -95,6 +96,7 @@ class RunDir:
         overrides: list[str],
         config_hash: str,
         recipe_path: Path,
+        batch: Mapping[str, Any] | None = None,
     ) -> bool:
         """Claim the folder for a new run, atomically; refuse if a run already lives there.
 
@@ -133,6 +135,8 @@ class RunDir:
                 "lorakit_version": __version__,
                 "config_hash": config_hash,
                 "recipe_path": str(recipe_path),
+                # processes, per-device batch, accumulation, global batch (distributed.batch_plan)
+                "batch": dict(batch or {}),
                 "history": [*history, event],
             },
         )
@@ -194,7 +198,11 @@ class RunDir:
         return changed
 
     def record_resume(
-        self, checkpoint: Path, overrides: list[str], changed: Mapping[str, Any] | None = None
+        self,
+        checkpoint: Path,
+        overrides: list[str],
+        changed: Mapping[str, Any] | None = None,
+        batch: Mapping[str, Any] | None = None,
     ) -> None:
         info = read_json(self.run_json)
         info["history"].append(
@@ -204,6 +212,7 @@ class RunDir:
                 "checkpoint": str(checkpoint),
                 "overrides": overrides,
                 "changed": dict(changed or {}),
+                "batch": dict(batch or {}),
             }
         )
         write_json(self.run_json, info)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit import __version__
+from lorakit import __version__, distributed
 from lorakit.catalog import Catalog
 from lorakit.console import say
 from lorakit.data.pipeline import (
@@ -15,8 +15,8 @@ from lorakit.data.pipeline import (
     tokenize_examples,
     write_splits,
 )
-from lorakit.distributed import is_main
-from lorakit.errors import DataError
+from lorakit.distributed import is_main, world_size
+from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
@@ -35,30 +35,28 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
+    t = recipe.train
+
+    # 0. Join the other ranks when torchrun/accelerate started several processes (gloo on CPU,
+    #    nccl on CUDA). Rank 0 alone reads and writes the run folder and decides; the others
+    #    receive its decisions, and an error there stops them all (lorakit.distributed.on_main).
+    device = resolve_device(t.device)
+    distributed.check_engine(device)
+    distributed.init(device)
+    main_process = is_main()
 
     # 1. Find the checkpoint to resume from (read only: nothing is written before the data and
     #    the tokenizer are known to be good, so a failed start never blocks the run name).
     checkpoint = None
-    # Under torchrun/accelerate only rank 0 writes to the run folder.
-    main_process = is_main()
     changed: dict[str, Any] = {}
     if resume:
-        checkpoint = run.resolve_checkpoint(
-            resume, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
-        )
-        changed = run.resume_changes(recipe.resolved())
+        checkpoint, changed = distributed.on_main(lambda: _find_checkpoint(run, resume, recipe))
 
-    # 2. Read the data and split it deterministically.
+    # 2. Read the data and split it deterministically (every rank: it is cheap and identical).
     report = DataReport()
     splits = load_splits(recipe, catalog, report)
-    if checkpoint is not None and run.data_report.is_file():
-        started_with = read_json(run.data_report).get("fingerprint")
-        if started_with and started_with != splits.fingerprint:
-            raise DataError(
-                f"the data changed since {run.path} started (fingerprint {started_with} -> "
-                f"{splits.fingerprint})",
-                fix="resume with the data the run was trained on, or start a new run",
-            )
+    if checkpoint is not None:
+        distributed.on_main(lambda: _same_data(run, splits.fingerprint))
 
     # 3. Resolve the base model and load its tokenizer.
     ref = resolve_model(recipe, catalog)
@@ -67,7 +65,6 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # 4. Format and tokenize with completion-only labels.
     formatter = recipe.format.build(catalog)
     eot = formatter.end_of_turn(tokenizer)
-    t = recipe.train
     train_rows = tokenize_examples(
         splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report
     )
@@ -78,11 +75,13 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
+    batch = distributed.batch_plan(t, world_size(), [len(r.input_ids) for r in train_rows])
 
-    # 5. Claim the run folder atomically (or record the resume), then write splits and report.
-    if main_process:
+    # 5. Claim the run folder atomically (or record the resume), then write splits and report:
+    #    rank 0 only; the other ranks wait for it and stop if it fails.
+    def claim() -> None:
         if checkpoint is not None:
-            run.record_resume(checkpoint, list(recipe.overrides), changed)
+            run.record_resume(checkpoint, list(recipe.overrides), changed, batch=batch)
             for key, (old, new) in changed.items():
                 say(f"resume changes {key}: {old!r} -> {new!r}")
             say(f"resuming {run.path} from {checkpoint.name}")
@@ -93,6 +92,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
                 list(recipe.overrides),
                 recipe.config_hash(),
                 recipe.path,
+                batch=batch,
             )
             say(
                 f"run folder {run.path}"
@@ -112,15 +112,18 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
                 "supervised_share": supervised_share(train_rows),
             },
         )
+
+    distributed.on_main(claim)
     for line in report.lines():
         say(line)
     say(f"train {len(train_rows)} / val {len(val_rows)} / test {len(splits.test)} examples")
+    say(distributed.describe(batch))
 
     # 6. Seed everything that draws random numbers (LoRA init, dropout, data order).
     transformers.set_seed(t.seed)
 
-    # 7. Load the base model, quantized by the recipe's backend.
-    device = resolve_device(t.device)
+    # 7. Load the base model, quantized by the recipe's backend (one replica per rank, on its
+    #    LOCAL_RANK device).
     threads = configure_threads(t.threads) if device == "cpu" else None
     backend = recipe.quant.build(catalog)
     compute_dtype = backend.compute_dtype(device)
@@ -187,3 +190,32 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
     evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
     return run.path
+
+
+def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
+    """Rank 0's choice of checkpoint, and the settings the resume changes (refusing the others,
+    and a different number of processes: it would change the global batch and the data order)."""
+    checkpoint = run.resolve_checkpoint(
+        spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
+    )
+    changed = run.resume_changes(recipe.resolved())
+    started = read_json(run.run_json).get("batch", {}).get("world_size", 1)
+    if started != world_size():
+        raise RunError(
+            f"{run.path} was trained by {started} process(es), this resume has {world_size()}",
+            fix=f"resume with the same number of processes (--nproc {started}); the global "
+            "batch and each rank's share of the data depend on it",
+        )
+    return checkpoint, changed
+
+
+def _same_data(run: RunDir, fingerprint: str) -> None:
+    if not run.data_report.is_file():
+        return
+    started_with = read_json(run.data_report).get("fingerprint")
+    if started_with and started_with != fingerprint:
+        raise DataError(
+            f"the data changed since {run.path} started (fingerprint {started_with} -> "
+            f"{fingerprint})",
+            fix="resume with the data the run was trained on, or start a new run",
+        )

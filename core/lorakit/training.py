@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
 from lorakit.packing import RowDataset, pack
 from lorakit.recipe import Recipe
 from lorakit.rundir import COMPLETE
@@ -77,6 +78,10 @@ def training_args(
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         average_tokens_across_devices=True,
+        # one process per device (torchrun); every LoRA weight takes part in every forward
+        ddp_backend=("nccl" if device == "cuda" else "gloo") if world_size() > 1 else None,
+        ddp_find_unused_parameters=False,
+        ddp_timeout=TIMEOUT_S,
         include_num_input_tokens_seen="all",  # rows are packed: every input token is real
         report_to="none",
         disable_tqdm=False,
@@ -134,8 +139,11 @@ def make_trainer_class() -> Any:
         # compute_loss divides by the supervised tokens of the whole optimizer step already
         loss_is_scaled_for_ga = True
 
-        def __init__(self, *args: Any, token_budget: int = 0, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, token_budget: int = 0, trace: Any = None, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
+            self._trace = trace  # lorakit.rank_trace.RankTrace when LORAKIT_TRACE_DIR is set
             # labels are shifted by the collator: count them as they are, over every
             # micro-batch of the step (and every rank), for ``num_items_in_batch``
             self._loss_shifts_labels = False
@@ -162,6 +170,8 @@ def make_trainer_class() -> Any:
             return self.accelerator.prepare(loader)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self._trace is not None:
+                self._trace.record(inputs["row_index"].tolist())
             nll, n = supervised_nll(model, inputs, self._head_kwarg)
             if not bool(nll.isfinite()):
                 raise diverged(self.state.global_step + 1, str(self.args.output_dir))
@@ -180,10 +190,21 @@ def make_trainer_class() -> Any:
             return (loss, None) if return_outputs else loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Token-weighted loss over the whole eval split (not a mean of batch means)."""
-            import torch
+            """Token-weighted loss over the whole eval split (not a mean of batch means).
 
-            loader = self.get_eval_dataloader(eval_dataset)
+            Under N processes rank r scores rows r, r+N, ... (no padding rows, so no example is
+            counted twice) and the sums are added up over ranks.
+            """
+            import torch
+            from torch.utils.data import DataLoader, Subset
+
+            rows: Any = self.eval_dataset if eval_dataset is None else eval_dataset
+            n, r = self.accelerator.num_processes, self.accelerator.process_index
+            loader = DataLoader(
+                Subset(rows, range(r, len(rows), n)),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self.data_collator,
+            )
             model: Any = self.model
             was_training = model.training
             model.eval()
@@ -204,6 +225,33 @@ def make_trainer_class() -> Any:
                 self.args, self.state, self.control, metrics
             )
             return metrics
+
+        def _save_rng_state(self, output_dir: str) -> None:
+            """Rank 0 writes every rank's RNG state (``rng_state_<rank>.pth``, the names the
+            Trainer reads on resume): the other ranks create no file in the run folder, and the
+            checkpoint is whole when rank 0 marks it complete."""
+            if self.args.world_size <= 1:
+                super()._save_rng_state(output_dir)
+                return
+            import os
+            import random
+
+            import numpy as np
+            import torch
+
+            state: dict[str, Any] = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cpu": torch.random.get_rng_state(),
+            }
+            if torch.cuda.is_available():
+                state["cuda"] = torch.cuda.random.get_rng_state_all()
+            states = gather_to_main(state)
+            if states is None:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            for i, s in enumerate(states):
+                torch.save(s, os.path.join(output_dir, f"rng_state_{i}.pth"))
 
     return LorakitTrainer
 
@@ -293,6 +341,9 @@ def build_trainer(
         # Without torchrun the Trainer would wrap the model in nn.DataParallel, which splits a
         # packed row (and its boundaries) across GPUs. One process per GPU is the way to use more.
         args._n_gpu = 1
+    from lorakit.rank_trace import RankTrace
+
+    trace = RankTrace.from_env()
     trainer_class = make_trainer_class()
     return trainer_class(
         model=model,
@@ -300,7 +351,8 @@ def build_trainer(
         train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(eval_rows) if eval_rows else None,
         data_collator=pack,
-        callbacks=make_callbacks(metrics_path),
+        callbacks=[*make_callbacks(metrics_path), *([trace] if trace else [])],
+        trace=trace,
         # packing = true: micro-batches by tokens, as many examples as fit in batch x max_length
         token_budget=recipe.train.per_device_train_batch_size * recipe.train.max_length
         if recipe.train.packing

@@ -73,7 +73,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if extra:
+        # KEY=VALUE overrides may also follow the options (run RECIPE --nproc 2 train.max_steps=5)
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("LORAKIT_DEBUG") == "1"
     if not debug:
         _quiet_libraries()

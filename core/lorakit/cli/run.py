@@ -1,13 +1,17 @@
-"""``lorakit run RECIPE [KEY=VALUE ...] [--resume-from-checkpoint PATH|auto]``."""
+"""``lorakit run RECIPE [KEY=VALUE ...] [--resume-from-checkpoint PATH|auto] [--nproc N ...]``."""
 
 from __future__ import annotations
 
-import sys
+import os
 
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.cli.plan import add_memory_arg, capacity
+from lorakit.console import say
 from lorakit.recipe import load_recipe
+
+# set by `lorakit run --nproc` for the processes it starts: the plan was checked once already
+PREFLIGHT_DONE = "LORAKIT_MEMORY_PLAN_CHECKED"
 
 
 def add_parser(sub) -> None:
@@ -24,6 +28,31 @@ def add_parser(sub) -> None:
         action="store_true",
         help="start even when `lorakit plan` predicts the run will not fit",
     )
+    g = p.add_argument_group(
+        "several processes (started through torchrun; docs/distributed.md)",
+    )
+    g.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="training processes on this machine: one per GPU; on CPU they share the cores",
+    )
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job")
+    g.add_argument(
+        "--node-rank", type=int, default=0, metavar="K", help="this machine's number, 0 to M-1"
+    )
+    g.add_argument(
+        "--master-addr",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the machine with node rank 0 (several machines)",
+    )
+    g.add_argument(
+        "--master-port",
+        type=int,
+        metavar="PORT",
+        help="free port on that machine (default: any free port on one machine, 29500 on several)",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,6 +63,10 @@ def memory_preflight(args, recipe, catalog) -> None:
     from lorakit.preflight import fixes, plan_recipe, summary
 
     device, where, size = capacity(args, recipe)
+    ranks = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device == "cpu" and size is not None and ranks > 1:
+        size //= ranks  # processes on one machine share its memory
+        where = f"{where} shared by {ranks} processes"
     try:
         # The upper bound (batch x max_length tokens, all supervised) needs no data; only when it
         # does not fit is the data read for the real micro-batch size.
@@ -41,9 +74,9 @@ def memory_preflight(args, recipe, catalog) -> None:
         if size is not None and plan.peak > size:
             plan, _note = plan_recipe(recipe, catalog, device)
     except (LorakitError, ValueError) as exc:
-        print(f"[lorakit] memory plan skipped: {exc}", file=sys.stderr, flush=True)
+        say(f"memory plan skipped: {exc}")
         return
-    print(f"[lorakit] {summary(plan, size, where)}", file=sys.stderr, flush=True)
+    say(summary(plan, size, where))
     if size is not None and plan.peak > size and not args.ignore_memory_plan:
         raise RunError(
             f"the memory plan predicts a peak of {gb(plan.peak)} (training {gb(plan.train_peak)},"
@@ -54,11 +87,24 @@ def memory_preflight(args, recipe, catalog) -> None:
 
 
 def run(args) -> int:
-    from lorakit.runner import run_recipe
+    from lorakit.launch import wants_launch
 
     catalog = default_catalog()
+    if wants_launch(args):
+        from lorakit.launch import launch
+
+        # Once, in the launcher, before any process starts; the workers skip it.
+        memory_preflight(args, load_recipe(args.recipe, args.overrides, catalog), catalog)
+        os.environ[PREFLIGHT_DONE] = "1"
+        return launch(args)
+
+    from lorakit.distributed import is_main
+    from lorakit.runner import run_recipe
+
     recipe = load_recipe(args.recipe, args.overrides, catalog)
-    memory_preflight(args, recipe, catalog)
+    if os.environ.get(PREFLIGHT_DONE) != "1":
+        memory_preflight(args, recipe, catalog)
     path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
-    print(f"done: {path}")
+    if is_main():
+        print(f"done: {path}")
     return 0

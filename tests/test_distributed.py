@@ -1,0 +1,314 @@
+"""Several processes on CPU with gloo, through torchrun (``lorakit run --nproc``/``--nnodes``).
+
+One 2-rank run (module fixture) serves most assertions; each rank records what it really
+trained on and its LoRA weights in ``LORAKIT_TRACE_DIR`` (lorakit.rank_trace), outside the run
+folder. Tiny model, one epoch of 31 examples, 4 optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import REPO, chat_records, tiny_recipe, write_jsonl
+
+# dropout 0 and plain SGD at a constant rate: one step's update is lr x gradient, so comparing
+# weights after step 1 compares gradients (Adam's first step would hide their scale)
+COMMON = (
+    "quant.dtype=fp32",
+    "peft.dropout=0.0",
+    "train.optim=sgd",
+    "train.lr_scheduler_type=constant",
+    "train.warmup_ratio=0",
+    "train.max_grad_norm=1e6",
+    'eval.metrics=["eval_loss"]',
+)
+EPOCH = ("train.max_steps=-1", "train.num_train_epochs=1", "train.eval_steps=2")
+
+
+def lorakit(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.Popen:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorakit.cli.main", "run", *args],
+        cwd=REPO,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def trace(folder: Path, rank: int) -> dict:
+    return json.loads((folder / f"rank{rank}.json").read_text())
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("dist")
+    data = write_jsonl(folder / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(folder, tiny_model_dir, data, extra='name = "ddp"')
+    traces = folder / "trace"
+    code, log = finish(
+        lorakit(
+            str(recipe), "--nproc", "2", *COMMON, *EPOCH, env={"LORAKIT_TRACE_DIR": str(traces)}
+        )
+    )
+    assert code == 0, log
+    return {
+        "folder": folder,
+        "recipe": recipe,
+        "run": folder / "runs" / "ddp",
+        "trace": traces,
+        "log": log,
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_run_folder_whose_adapter_loads_with_peft(two_ranks, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    runs = two_ranks["folder"] / "runs"
+    assert [p.name for p in runs.iterdir()] == ["ddp"]
+    run = two_ranks["run"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["batch"] == {
+        "world_size": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "global_batch_size": 8,
+        "padding_examples_per_epoch": 1,  # 31 examples in 8 batches of 4 over 2 ranks
+        "batches_per_epoch": 8,
+    }
+    log = two_ranks["log"]
+    assert log.count("global batch 8") == 1, "printed once, by rank 0"
+    assert log.count("done: ") == 1
+    # rank 0 wrote both ranks' RNG state; the checkpoint holds it before it is marked complete
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"checkpoint-{step}"
+        assert {"rng_state_0.pth", "rng_state_1.pth", "LORAKIT_COMPLETE"} <= {
+            p.name for p in ckpt.iterdir()
+        }
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4], "evaluated under 2 ranks"
+    assert len([m for m in metrics if "loss" in m]) == 4, "one log line per step, rank 0 only"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_replicas_end_with_identical_lora_weights(two_ranks):
+    a = weights(two_ranks["trace"] / "rank0-final.safetensors")
+    b = weights(two_ranks["trace"] / "rank1-final.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    saved = weights(two_ranks["run"] / "adapter" / "adapter_model.safetensors")
+    assert sum(float(t.abs().sum()) for t in saved.values()) > 0
+
+
+@pytest.mark.slow
+def test_each_example_is_trained_by_exactly_one_rank_per_epoch(two_ranks):
+    n_train = json.loads((two_ranks["run"] / "data_report.json").read_text())["counts"]["train"]
+    seen = {
+        r: [i for b in trace(two_ranks["trace"], r)["batches"] for i in b["rows"]] for r in (0, 1)
+    }
+    assert seen[0] and seen[1], "both ranks trained"
+    every = Counter(seen[0] + seen[1])
+    assert set(every) == set(range(n_train)), "every example of the epoch was trained"
+    repeated = sum(c - 1 for c in every.values())
+    padding = json.loads((two_ranks["run"] / "run.json").read_text())["batch"]
+    assert repeated == padding["padding_examples_per_epoch"] == 1, "only the sampler's padding"
+    # apart from the padding example, the ranks' shares are disjoint
+    assert len(set(seen[0]) & set(seen[1])) <= repeated
+
+
+@pytest.mark.slow
+def test_first_step_of_two_ranks_equals_one_rank_with_the_same_global_batch(
+    two_ranks, tmp_path, cli, monkeypatch
+):
+    """2 ranks x 4 examples, against 1 rank x 4 examples x 2 accumulation steps: the same 8
+    examples, the same token-weighted loss, so the same update up to fp32 summation order."""
+    import torch
+
+    one = tmp_path / "trace1"
+    monkeypatch.setenv("LORAKIT_TRACE_DIR", str(one))
+    code, _, err = cli(
+        "run",
+        two_ranks["recipe"],
+        *COMMON,
+        "train.max_steps=1",
+        "train.gradient_accumulation_steps=2",
+        f"output.dir={tmp_path}",
+    )
+    assert code == 0, err
+    two = two_ranks["trace"]
+    step1 = lambda t: sorted(i for b in t["batches"] if b["step"] == 1 for i in b["rows"])  # noqa: E731
+    assert step1(trace(one, 0)) == sorted(step1(trace(two, 0)) + step1(trace(two, 1)))
+    single = weights(one / "rank0-step1.safetensors")
+    for rank in (0, 1):
+        ddp = weights(two / f"rank{rank}-step1.safetensors")
+        for name in single:
+            # fp32, one SGD step of lr 5e-3: differences come only from summation order
+            torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-7)
+    assert any(float(t.abs().sum()) > 0 for k, t in single.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_a_start_refused_on_rank_0_stops_every_rank(two_ranks):
+    """The run folder exists: rank 0 refuses, rank 1 stops too instead of waiting for it."""
+    code, log = finish(lorakit(str(two_ranks["recipe"]), *COMMON, *EPOCH, "--nproc", "2"), 200)
+    assert code == 2, log
+    assert "already holds a run" in log
+    assert "rank 1 stopped: rank 0 failed" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_resume_under_two_ranks_and_a_changed_process_count(two_ranks, tmp_path, cli):
+    runs = tmp_path / "runs"
+    shutil.copytree(two_ranks["folder"] / "runs", runs)
+    more = (
+        *COMMON,
+        *EPOCH[:1],
+        "train.num_train_epochs=2",
+        "train.eval_steps=2",
+        f"output.dir={runs}",
+    )
+    code, _, err = cli("run", two_ranks["recipe"], *more, "--resume-from-checkpoint", "auto")
+    assert code == 2 and "trained by 2 process(es), this resume has 1" in err, err
+    code, log = finish(
+        lorakit(str(two_ranks["recipe"]), *more, "--nproc", "2", "--resume-from-checkpoint", "auto")
+    )
+    assert code == 0, log
+    info = json.loads((runs / "ddp" / "run.json").read_text())
+    assert info["history"][-1]["event"] == "resume"
+    assert info["history"][-1]["batch"]["world_size"] == 2
+    meta = json.loads((runs / "ddp" / "adapter" / "lorakit.json").read_text())
+    assert meta["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_two_rank_qlora_4bit_completes(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant="bnb-4bit", extra='name = "q"')
+    code, log = finish(
+        lorakit(str(recipe), "train.max_steps=2", 'eval.metrics=["eval_loss"]', "--nproc", "2")
+    )
+    assert code == 0, log
+    assert "quant bnb-4bit" in log
+    assert (tmp_path / "runs" / "q" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_complete(tmp_path, tiny_model_dir):
+    """Two launchers, node ranks 0 and 1, one process each, meeting at a localhost rendezvous."""
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra='name = "nodes"')
+    port = str(free_port())
+    nodes = [
+        lorakit(
+            str(recipe),
+            "train.max_steps=2",
+            'eval.metrics=["eval_loss"]',
+            "--nnodes=2",
+            f"--node-rank={k}",
+            "--nproc=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+        )
+        for k in (0, 1)
+    ]
+    results = [finish(p) for p in nodes]
+    for code, log in results:
+        assert code == 0, log
+    info = json.loads((tmp_path / "runs" / "nodes" / "run.json").read_text())
+    assert info["batch"]["world_size"] == 2
+    assert (tmp_path / "runs" / "nodes" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_or_deepspeed_on_cpu_is_refused_not_replaced_by_ddp(monkeypatch):
+    from lorakit.distributed import check_engine
+    from lorakit.errors import RunError
+
+    check_engine("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_engine("cuda")
+    with pytest.raises(RunError, match="FSDP only on GPUs"):
+        check_engine("cpu")
+
+
+def test_batch_plan_counts_the_sampler_padding():
+    import attrs
+    from lorakit.distributed import batch_plan
+    from lorakit.sections import TrainSection
+
+    t = TrainSection(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    plan = batch_plan(t, 3, [10] * 30)  # 8 batches of 4 (the last of 2) over 3 ranks: 9 rounds
+    assert plan["global_batch_size"] == 24
+    assert plan["padding_examples_per_epoch"] == 3 * 3 * 4 - 30
+    assert batch_plan(t, 1, [10] * 30)["padding_examples_per_epoch"] == 0
+    packed = batch_plan(attrs.evolve(t, packing=True, max_length=20), 3, [10] * 30)
+    assert packed["tokens_per_device_batch"] == 80 and packed["global_batch_tokens"] == 480
+    assert packed["batches_per_epoch"] == 4 and packed["padding_batches_per_epoch"] == 2
+
+
+def test_launcher_passes_the_run_line_to_torchrun():
+    from argparse import Namespace
+
+    from lorakit.launch import torchrun_argv
+
+    args = Namespace(
+        recipe="r.toml",
+        overrides=["train.max_steps=2"],
+        resume_from_checkpoint="auto",
+        debug=False,
+        nproc=2,
+        nnodes=1,
+        node_rank=0,
+        master_addr="127.0.0.1",
+        master_port=None,
+    )
+    assert torchrun_argv(args)[:4] == ["--standalone", "--nnodes", "1", "--nproc-per-node"]
+    assert torchrun_argv(args)[-7:] == [
+        "-m",
+        "lorakit.cli.main",
+        "run",
+        "r.toml",
+        "train.max_steps=2",
+        "--resume-from-checkpoint",
+        "auto",
+    ]
+    two = Namespace(**{**vars(args), "nnodes": 2, "node_rank": 1, "master_port": 1234})
+    assert "--node-rank" in torchrun_argv(two) and "1234" in torchrun_argv(two)
+
+
+def test_nproc_under_a_launcher_is_a_clear_error(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, _, err = cli("run", tmp_path / "r.toml", "--nproc", "2")
+    assert code == 2 and "already runs under a launcher" in err
