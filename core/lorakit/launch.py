@@ -51,7 +51,8 @@ def torchrun_argv(args: Any) -> list[str]:
     return [*head, "--nproc-per-node", str(nproc), "--max-restarts", "0", *worker_argv(args)]
 
 
-def _check(args: Any) -> None:
+def check_launch(args: Any) -> None:
+    """Refuse launcher options that cannot work here (already under a launcher, bad counts)."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         raise RunError(
             "--nproc/--nnodes start torchrun, but this process already runs under a launcher",
@@ -80,7 +81,7 @@ def launch(args: Any) -> int:
     from lorakit.catalog import default_catalog
     from lorakit.recipe import load_recipe
 
-    _check(args)
+    check_launch(args)
     load_recipe(args.recipe, args.overrides, default_catalog())  # a bad recipe fails once, here
     nproc = args.nproc or 1
     # torchrun would give each rank 1 thread; lorakit gives each its share of this machine

@@ -91,8 +91,9 @@ def run(args) -> int:
 
     catalog = default_catalog()
     if wants_launch(args):
-        from lorakit.launch import launch
+        from lorakit.launch import check_launch, launch
 
+        check_launch(args)
         # Once, in the launcher, before any process starts; the workers skip it.
         memory_preflight(args, load_recipe(args.recipe, args.overrides, catalog), catalog)
         os.environ[PREFLIGHT_DONE] = "1"
