@@ -16,7 +16,7 @@ import attrs
 from lorakit.contracts import Example
 from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
-from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.errors import DataError, PluginError
 from lorakit.plugins import Catalog
 from lorakit.recipe import Recipe
@@ -146,12 +146,17 @@ def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = No
 
 def _fits(formatter: Any, tokenizer: Any, max_length: int, template: Example) -> Any:
     def fits(text: str) -> bool:
-        row = tokenize_batch(
-            [formatter.render(attrs.evolve(template, text=text), tokenizer)], tokenizer
-        )
-        return len(row[0].input_ids) <= max_length
+        rendered = formatter.render(attrs.evolve(template, text=text), tokenizer)
+        ids, _ = encode_with_offsets([rendered.text], tokenizer)
+        return len(ids[0]) <= max_length
 
     return fits
+
+
+def _token_ends(text: str, tokenizer: Any) -> list[int]:
+    """Where ``text``'s tokens end (characters), tokenized once: the chunker's candidate cuts."""
+    _, offsets = encode_with_offsets([text], tokenizer)
+    return [e for _, e in offsets[0]]
 
 
 def chunk_long_documents(
@@ -175,7 +180,11 @@ def chunk_long_documents(
             out_rows.append(row)
             continue
         try:
-            pieces = chunk_text(ex.text, _fits(formatter, tokenizer, max_length, ex))
+            pieces = chunk_text(
+                ex.text,
+                _fits(formatter, tokenizer, max_length, ex),
+                _token_ends(ex.text, tokenizer),
+            )
         except ValueError as exc:
             raise DataError(
                 f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
