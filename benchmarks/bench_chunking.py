@@ -23,10 +23,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the model reads a document and learns how its sentences continue while the trainer "
-    "counts tokens per step so that every chunk fits the budget of one row"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "a",
+    "document",
+    "and",
+    "learns",
+    "how",
+    "its",
+    "sentences",
+    "continue",
+    "while",
+    "the",
+    "trainer",
+    "counts",
+    "tokens",
+    "per",
+    "step",
+    "so",
+    "that",
+    "every",
+    "chunk",
+    "fits",
+    "the",
+    "budget",
+    "of",
+    "one",
+    "row",
+]
 
 
 def markdown(rng: random.Random, size: int) -> str:

@@ -106,7 +106,8 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
         except TypeError as exc:
             raise PluginError(f"source {choice.name!r} read() did not return an iterator") from exc
         for ex in iterator:
-            where = str(ex.meta.get("source", ex.id))
+            # The record's own place (file:line) when meta.source holds a user's description.
+            where = str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
             if ex.id in seen:
                 ctx.reject(
                     f"duplicate id {ex.id!r} (first seen at {seen[ex.id]})",
@@ -304,13 +305,36 @@ def read_split_files(folder: Path) -> Splits | None:
 
 def write_splits(folder: Path, splits: Splits) -> None:
     """Write ``{train,val,test}.jsonl`` in the normalized contract (atomically, per file)."""
-    import json
     import os
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "val", "test"):
-        tmp = folder / f".{name}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
-            for ex in splits.get(name):
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-        os.replace(tmp, folder / f"{name}.jsonl")
+    from lorakit.diskfull import disk_full_is_an_error
+
+    kept = "no split file was left half-written (each is written whole, then renamed)"
+    with disk_full_is_an_error(folder, "the data splits", kept):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "val", "test"):
+            tmp = folder / f".{name}.jsonl.{os.getpid()}.tmp"
+            try:
+                with tmp.open("w", encoding="utf-8") as f:
+                    for ex in splits.get(name):
+                        f.write(_json_line(ex))
+                os.replace(tmp, folder / f"{name}.jsonl")
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def _json_line(ex: Example) -> str:
+    """One split-file line: strict JSON (no NaN/Infinity) that encodes as UTF-8."""
+    import json
+
+    try:
+        line = json.dumps(ex.to_json(), ensure_ascii=False, allow_nan=False) + "\n"
+        line.encode("utf-8")
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise DataError(
+            f"example {ex.id!r} cannot be saved as JSON: {exc}",
+            where=str(ex.meta.get("location") or ex.meta.get("source") or ex.id),
+            fix="data must be plain JSON values: no NaN/Infinity, no lone surrogates; fix the "
+            f"record or the {ex.meta.get('source_plugin', 'source')} plugin",
+        ) from None
+    return line

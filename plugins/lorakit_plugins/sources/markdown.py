@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 from lorakit import hookimpl
 from lorakit.contracts import Example, SourceContext
-from lorakit.data.paths import resolve
+from lorakit.data.paths import refuse_special, resolve
 from lorakit.data.textfile import read_text_file
 from lorakit.errors import DataError
 from lorakit.options import option
@@ -116,6 +116,7 @@ class MarkdownSource:
         root = resolve(recipe_dir, self.options.path)
         if root.is_file():
             return root.parent, [root]
+        refuse_special(root, "path")
         if not root.is_dir():
             raise DataError(
                 f"{root} does not exist",

@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 from lorakit import hookimpl
 from lorakit.contracts import Example, SourceContext
-from lorakit.data.jsonl import parse_meta
+from lorakit.data.jsonl import JsonRefused, loads_strict, parse_meta
 from lorakit.data.paths import expand_files, resolve
 from lorakit.data.textfile import read_text_file
 from lorakit.options import option
@@ -72,13 +72,16 @@ class ReportJsonSource:
             if text is None:
                 continue
             try:
-                data = json.loads(text)
+                data = loads_strict(text)
             except json.JSONDecodeError as exc:
                 ctx.reject(
                     f"malformed JSON: {exc.msg} (column {exc.colno})",
                     f"{file}:{exc.lineno}",
                     'fix the file, or set [data] on_error = "skip" to skip bad files',
                 )
+                continue
+            except JsonRefused as exc:
+                ctx.reject(f"refused JSON: {exc}", str(file), exc.fix)
                 continue
             default_id = file.relative_to(base).as_posix()
             if isinstance(data, list):
