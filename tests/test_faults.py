@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import tiny_recipe
@@ -41,7 +40,7 @@ def file_size_limit(limit: int):
     ids=["splits", "checkpoint", "adapter"],
 )
 def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
-    tmp_path, tiny_model_dir, chat_file, limit, steps, what, kept
+    tmp_path, tiny_model_dir, chat_file, cli, limit, steps, what, kept
 ):
     """Files in a tiny run: train.jsonl 9 kB, the adapter 36 kB, optimizer.pt 89 kB. The limit
     lets everything before the named write through and fails that one."""
@@ -51,8 +50,8 @@ def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
     if what == "the adapter":
         # the run trained and checkpointed; it was stopped while saving the adapter; the
         # resume only saves the adapter, and the disk fills up then
-        first = subprocess.run(lorakit(*args), env=ENV, capture_output=True, text=True)
-        assert first.returncode == 0, first.stderr
+        code, _, err = cli(*args)
+        assert code == 0, err
         import shutil
 
         shutil.rmtree(run / "adapter")

@@ -74,6 +74,31 @@ def test_a_claim_is_free_again_when_its_owner_dies(tmp_path):
         raise AssertionError("a live owner's folder was claimed")
     except RunError as exc:
         assert "in use" in str(exc)
+    import fcntl
+
+    with (run / ".lorakit-claim").open("rb") as f:  # the file on disk is the one locked
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the claim file is not locked by its owner")
+        except BlockingIOError:
+            pass
     p.kill()
     p.wait()
     assert RunDir(run).start("", {}, [], "h", Path("r.toml")) is True
+
+
+def test_a_finished_run_gives_its_claim_back(tmp_path):
+    """In one process (a notebook, the test suite) the claim lasts as long as the run: after
+    it, another process may resume the folder."""
+    from lorakit.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    run.start("", {}, [], "h", Path("r.toml"))
+    RunDir.release_all()
+    assert (run.path / ".lorakit-claim").read_text() == ""
+    code = (
+        "from pathlib import Path; from lorakit.rundir import RunDir\n"
+        f"RunDir(Path({str(run.path)!r})).record_resume(Path('c'), [])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

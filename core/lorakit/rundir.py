@@ -2,7 +2,7 @@
 
 Layout::
 
-    .lorakit-claim       the owner's pid; the owner holds an flock on it while it runs
+    .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
     recipe.toml          the recipe exactly as given (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash
     resolved.json        every setting with defaults filled in
@@ -33,7 +33,7 @@ from lorakit.checkpoints import checkpoint_problem
 from lorakit.errors import RunError
 
 COMPLETE = "LORAKIT_COMPLETE"
-# Claim files this process holds locked (path -> open descriptor), for the process's life.
+# Claim files this process holds locked (path -> open descriptor), while its run runs.
 _HELD: dict[str, int] = {}
 # Settings a resume may change (prefixes of resolved keys): how long to train, how often to
 # save, log and evaluate, and everything about evaluation and where runs live.
@@ -117,7 +117,7 @@ class RunDir:
         except BaseException:
             self._unlock(before)
             raise
-        _write_text(self.claim, f"{os.getpid()}\n")
+        self._write_pid()
         if restarted and self.metrics.is_file():  # the dead attempt's log stays, renamed
             os.replace(self.metrics, _free_name(self.metrics))
         self.recipe.write_text(recipe_text, encoding="utf-8")
@@ -147,8 +147,8 @@ class RunDir:
         return restarted
 
     def _lock(self) -> str | None:
-        """Take the claim: an exclusive ``flock`` on ``.lorakit-claim``, held until this process
-        ends (the kernel drops it when the process dies, however it dies). Of any number of
+        """Take the claim: an exclusive ``flock`` on ``.lorakit-claim``, held until the run ends
+        (``release_all``) or the process dies, however it dies (the kernel drops it then). Of any number of
         processes that try at once, one gets it; the others get "in use". Returns what the claim
         held before (the pid of an earlier owner, now gone), or None for a new claim."""
         import fcntl
@@ -169,6 +169,23 @@ class RunDir:
             self._refuse_in_use(owner)
         _HELD[key] = fd
         return before or None
+
+    def _write_pid(self) -> None:
+        """Write this process's pid into the claim it holds (in place: the lock is on this file)."""
+        fd = _HELD[str(self.claim.resolve())]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @staticmethod
+    def release_all() -> None:
+        """Give up the claims this process holds (its run ended): the claim is emptied, so no
+        pid names an owner, and the lock is dropped."""
+        while _HELD:
+            _, fd = _HELD.popitem()
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
 
     def _unlock(self, before: str | None) -> None:
         """Give back a claim this process took but did not use, as it was."""
@@ -228,7 +245,7 @@ class RunDir:
         self, checkpoint: Path, overrides: list[str], changed: Mapping[str, Any] | None = None
     ) -> None:
         self._lock()  # a resume holds the claim too: two resumes of one run never both train
-        _write_text(self.claim, f"{os.getpid()}\n")
+        self._write_pid()
         info = read_json(self.run_json)
         info["history"].append(
             {

@@ -19,10 +19,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from lorakit.rundir import RunDir
     from lorakit.runner import run_recipe
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
-    path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+    try:
+        path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+    finally:
+        RunDir.release_all()  # the run folder's claim lasts as long as the run
     print(f"done: {path}")
     return 0
