@@ -42,6 +42,13 @@ def big_line(folder: Path) -> dict:
     return {"plugin": "chat_jsonl", "path": "data.jsonl"}
 
 
+def report_nan(folder: Path) -> dict:
+    (folder / "r.json").write_text(
+        '{"id": "r", "sections": {"A": {"improved": "text"}}, "meta": {"score": Infinity}}'
+    )
+    return {"plugin": "report_json", "path": "r.json"}
+
+
 def empty_folder(folder: Path) -> dict:
     (folder / "chats").mkdir()
     return {"plugin": "chat_jsonl", "path": "chats"}
@@ -149,6 +156,34 @@ CASES = {
         "a.md:3",
     ),
     "report malformed json": (report_malformed, "malformed JSON", "r.json:3"),
+    "deeply nested json": (
+        chat_file(
+            lines(GOOD, b'{"id": "deep", "messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+        ),
+        "nested too deeply",
+        "data.jsonl:2",
+    ),
+    "5000-digit id": (
+        chat_file(lines(GOOD, b'{"id": ' + b"9" * 5000 + b', "messages": []}')),
+        "a number with 5000 digits",
+        "data.jsonl:2",
+    ),
+    "lone surrogate": (
+        chat_file(lines(GOOD, chat("s", ("user", "q\ud800"), ("assistant", "a")))),
+        "lone surrogate",
+        "data.jsonl:2",
+    ),
+    "NaN in meta": (
+        chat_file(lines(GOOD, b'{"id": "n", "meta": {"x": NaN}}')),
+        "NaN is not JSON",
+        "data.jsonl:2",
+    ),
+    "report NaN in meta": (report_nan, "Infinity is not JSON", "r.json"),
+    "duplicate id with meta.source": (
+        chat_file(lines(*[{**GOOD, "meta": {"source": "wiki"}}] * 2)),
+        "duplicate id 'good' (first seen at",
+        "data.jsonl:1",
+    ),
     "report missing field": (report_missing_field, "has no 'improved' field", "r.json"),
     "instruction missing output": (
         instruction_file({"instruction": "do it"}),
@@ -242,3 +277,74 @@ def test_chatml_needs_a_single_end_of_turn_token(tmp_path):
     plain = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t")
     with pytest.raises(DataError, match=r"is \d+ tokens for this tokenizer, not one"):
         ChatmlFormatter(ChatmlOptions()).end_of_turn(plain)
+
+
+def test_duplicate_ids_name_both_files_and_lines(tmp_path, cli):
+    """meta.source is a user's description: the message names where each record really is."""
+    record = {**GOOD, "meta": {"source": "wiki"}}
+    (tmp_path / "a.jsonl").write_bytes(lines(chat("x", ("user", "q"), ("assistant", "a")), record))
+    (tmp_path / "b.jsonl").write_bytes(lines(record))
+    sources = [{"plugin": "chat_jsonl", "path": p} for p in ("a.jsonl", "b.jsonl")]
+    code, _, err = cli("check", str(write_recipe(tmp_path, sources)))
+    assert code == 2 and "duplicate id 'good'" in err
+    assert "a.jsonl:2" in err and "b.jsonl:1" in err, err
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+@pytest.mark.parametrize("what", ["recipe", "chat_jsonl", "markdown"])
+def test_fifos_and_devices_are_refused_not_read(special, what, tmp_path, cli):
+    """A FIFO blocks and /dev/zero never ends: both are refused by name, at once."""
+    import os
+
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / ("r.toml" if what == "recipe" else "d.jsonl")
+        os.mkfifo(path)
+    if what == "recipe":
+        code, _, err = cli("check", str(path))
+    else:
+        code, _, err = cli(
+            "check", str(write_recipe(tmp_path, [{"plugin": what, "path": str(path)}]))
+        )
+    assert code == 2 and "not a regular file" in err and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_a_recipe_with_a_byte_order_mark_is_read(tmp_path, cli):
+    recipe = write_recipe(tmp_path, [chat_file(lines(GOOD))(tmp_path)])
+    recipe.write_bytes(b"\xef\xbb\xbf" + recipe.read_bytes())
+    code, out, err = cli("check", str(recipe))
+    assert code == 0, err
+    assert "splits: train" in out
+
+
+def test_check_show_escapes_terminal_control_sequences(tmp_path, data_tokenizer_dir, cli):
+    evil = "\x1b]0;owned\x07\x1b[2J\rhidden\u202e"
+    records = [chat(f"e{i}", ("user", f"hi {evil}"), ("assistant", f"yo {evil}")) for i in range(5)]
+    (tmp_path / "data.jsonl").write_bytes(lines(*records))
+    recipe = write_recipe(
+        tmp_path,
+        [{"plugin": "chat_jsonl", "path": "data.jsonl"}],
+        format={"plugin": "chatml"},
+        data={"val_fraction": 0.0, "test_fraction": 0.0},
+    )
+    code, out, err = cli(
+        "check", str(recipe), "--show", "2", "--tokenizer", str(data_tokenizer_dir)
+    )
+    assert code == 0, err
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert "\\x1b]0;owned\\x07" in out and "\\r" in out and "\\u202e" in out
+
+
+def test_split_files_hold_strict_json_only(tmp_path):
+    """A source that yields NaN or a lone surrogate gets a clear error, not a broken file."""
+    from lorakit.contracts import Example
+    from lorakit.data.pipeline import Splits, write_splits
+    from lorakit.errors import DataError
+
+    for bad in ({"score": float("nan")}, {"note": "\ud800"}):
+        ex = Example(id="x", text="t", meta={"source": "s.jsonl:3", **bad})
+        with pytest.raises(DataError, match="cannot be saved as JSON") as info:
+            write_splits(tmp_path / "splits", Splits(train=[ex], val=[], test=[]))
+        assert "s.jsonl:3" in str(info.value)
+        assert not any((tmp_path / "splits").iterdir()), "nothing half-written is left"

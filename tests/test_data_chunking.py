@@ -64,3 +64,44 @@ def test_without_chunkable_the_overlength_policy_applies(data_tokenizer):
     report = DataReport()
     assert tokenize_examples([doc], FORMATTERS[0], data_tokenizer, 16, "drop", report) == []
     assert report.dropped == {"longer than train.max_length=16": 1}
+
+
+def test_chunking_tokenizes_about_the_document_a_few_times_not_once_per_chunk(data_tokenizer):
+    """Linear time without a clock: count the characters ``fits`` is asked to tokenize.
+
+    Bisecting over the whole rest of the document costs about (chunks x length) characters;
+    the chunker must stay within a small multiple of the length, at any document size.
+    """
+    from lorakit.data.pipeline import _fits, _token_ends
+
+    para = "# Title\n\nThe quick brown fox jumps over the lazy dog. Hello world, a test!\n\n"
+    asked: dict[int, int] = {}
+    for copies in (100, 400):
+        text = para * copies
+        doc = Example(id="d", text=text, meta={"chunkable": True})
+        fits = _fits(FORMATTERS[0], data_tokenizer, 64, doc)
+        seen = [0]
+
+        def counting(piece: str, fits=fits, seen=seen) -> bool:
+            seen[0] += len(piece)
+            return fits(piece)
+
+        pieces = chunk_text(text, counting, _token_ends(text, data_tokenizer))
+        assert "".join(pieces) == text and len(pieces) >= copies // 2
+        asked[copies] = seen[0]
+        assert seen[0] < 20 * len(text), (copies, seen[0] / len(text))
+    # Four times the text asks about four times the characters (not sixteen).
+    assert asked[400] < 5 * asked[100]
+
+
+def test_token_ends_only_guide_the_search(data_tokenizer):
+    """With or without token ends (or with wrong ones) the cuts are the same."""
+    text = "# A\n\npara one is here.\n\npara two.\n# B\n\nmore text here. " * 20
+
+    def fits(s: str) -> bool:
+        return len(s) <= 40
+
+    plain = chunk_text(text, fits)
+    assert chunk_text(text, fits, list(range(3, len(text), 7))) == plain
+    assert chunk_text(text, fits, [len(text)]) == plain
+    assert "".join(plain) == text and all(len(p) <= 40 for p in plain)

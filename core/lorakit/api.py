@@ -43,8 +43,8 @@ from lorakit.contracts import (
     Segment,
     SourceContext,
 )
-from lorakit.data.jsonl import iter_json_lines, parse_meta
-from lorakit.data.paths import expand_files
+from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
+from lorakit.data.paths import expand_files, refuse_special
 from lorakit.data.paths import resolve as resolve_path
 from lorakit.data.textfile import read_text_file
 from lorakit.data.validate import example_problem
@@ -71,6 +71,7 @@ __all__ = [
     "DataSource",
     "Example",
     "Formatter",
+    "JsonRefused",
     "LorakitError",
     "Message",
     "Metric",
@@ -97,10 +98,12 @@ __all__ = [
     "hookimpl",
     "hub_token",
     "iter_json_lines",
+    "loads_strict",
     "option",
     "parse_meta",
     "read_source",
     "read_text_file",
+    "refuse_special",
     "resolve_path",
 ]
 

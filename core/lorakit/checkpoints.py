@@ -8,6 +8,7 @@ anything loads it.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,78 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is truncated or not a torch file ({exc})"
         if bad is not None:
             return f"{name}: {bad} fails its checksum"
+        foreign = pickle_problem(path)
+        if foreign is not None:
+            return f"{name} is refused: {foreign}"
+    return None
+
+
+# What a checkpoint's pickles may name: tensors, storages, numpy arrays (the RNG states) and
+# plain containers. Anything else (os.system, builtins.eval, ...) would run code when loaded.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Size"),
+    ("torch", "device"),
+}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"}
+_STRING_OPS |= {"SHORT_BINSTRING", "BINSTRING"}
+
+
+def _safe_global(module: str, name: str) -> bool:
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if module == "torch._utils" and name.startswith("_rebuild_"):
+        return True
+    if module == "numpy.dtypes" and name.endswith("DType"):
+        return True
+    if module == "torch":
+        return bool(re.fullmatch(r"[A-Za-z0-9]*Storage|u?int\d+|float\d+|bfloat16|bool", name))
+    return False
+
+
+def pickle_problem(path: Path) -> str | None:
+    """Names a global in a torch zip file's pickle that is not a tensor/array building block.
+
+    Read with :mod:`pickletools` (nothing is unpickled, torch is not imported): a checkpoint
+    that names e.g. ``os.system`` was not written by a training run.
+    """
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(".pkl")]
+            blobs = [z.read(n) for n in names]
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"unreadable ({exc})"
+    for blob in blobs:
+        strings: list[str] = []
+        memo: dict[int, str] = {}
+        try:
+            for op, arg, _ in pickletools.genops(blob):
+                if op.name in _STRING_OPS:
+                    strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg or 0)] = strings[-1]
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg or 0) in memo:
+                    strings.append(memo[int(arg or 0)])
+                elif op.name in ("GLOBAL", "INST"):
+                    module, _, name = str(arg).partition(" ")
+                    if not _safe_global(module, name):
+                        return f"its pickle names {module}.{name}, which runs code when loaded"
+                elif op.name == "STACK_GLOBAL":
+                    module, name = strings[-2:] if len(strings) >= 2 else ("?", "?")
+                    if not _safe_global(module, name):
+                        return f"its pickle names {module}.{name}, which runs code when loaded"
+        except (ValueError, IndexError) as exc:
+            return f"its pickle is malformed ({exc})"
     return None
 
 

@@ -7,7 +7,17 @@ Anything that is not a ``LorakitError`` is a bug in lorakit or a plugin and keep
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
+
+# Control characters (but newline and tab) and bidirectional overrides: a terminal would act on
+# them (escape sequences can retitle the window, move the cursor, hide text) instead of showing.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: control characters shown as escapes (``\\x1b``), not acted on."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 class LorakitError(Exception):

@@ -115,6 +115,10 @@ class Recipe:
 
 def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise RecipeError(
+                [f"{path}: not a regular file (a FIFO, socket or device); pass a .toml file"]
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(
@@ -128,6 +132,7 @@ def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
         raise RecipeError(
             [f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]
         ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -2,7 +2,7 @@
 
 Layout::
 
-    .lorakit-claim       created atomically (O_EXCL) by the run that owns the folder: its pid
+    .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
     recipe.toml          the recipe exactly as given (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash, batch
                          (processes, per-device batch, accumulation, global batch)
@@ -34,6 +34,8 @@ from lorakit.checkpoints import checkpoint_problem
 from lorakit.errors import RunError
 
 COMPLETE = "LORAKIT_COMPLETE"
+# Claim files this process holds locked (path -> open descriptor), while its run runs.
+_HELD: dict[str, int] = {}
 # Settings a resume may change (prefixes of resolved keys): how long to train, how often to
 # save, log and evaluate, and everything about evaluation and where runs live.
 RESUME_SAFE = (
@@ -100,20 +102,26 @@ class RunDir:
     ) -> bool:
         """Claim the folder for a new run, atomically; refuse if a run already lives there.
 
-        The claim is ``.lorakit-claim``, created with O_CREAT|O_EXCL: of two runs started
-        together exactly one gets it. A folder whose run left nothing to continue (no checkpoint,
+        The claim is an exclusive flock on ``.lorakit-claim``, held for the life of the process:
+        of any runs started together, or restarting the same abandoned folder together, exactly
+        one gets it. A folder whose run left nothing to continue (no checkpoint,
         no adapter: it failed before step 1, or was killed before its first checkpoint) may be
         started again once its owner process is gone, with this recipe or a corrected one;
         returns True then. run.json keeps the earlier attempt in its history and its
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        restarted = not self._claim()
-        if restarted:
-            self._check_restartable()
-            _write_text(self.claim, f"{os.getpid()}\n")
-            if self.metrics.is_file():  # the dead attempt's log stays, under another name
-                os.replace(self.metrics, _free_name(self.metrics))
+        before = self._lock()
+        restarted = before is not None or self.exists()
+        try:
+            if restarted:
+                self._check_restartable()
+        except BaseException:
+            self._unlock(before)
+            raise
+        self._write_pid()
+        if restarted and self.metrics.is_file():  # the dead attempt's log stays, renamed
+            os.replace(self.metrics, _free_name(self.metrics))
         self.recipe.write_text(recipe_text, encoding="utf-8")
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
@@ -142,16 +150,61 @@ class RunDir:
         )
         return restarted
 
-    def _claim(self) -> bool:
-        if self.exists() and not self.claim.exists():
-            return False  # a run folder from before claim files
+    def _lock(self) -> str | None:
+        """Take the claim: an exclusive ``flock`` on ``.lorakit-claim``, held until the run ends
+        (``release_all``) or the process dies, however it dies (the kernel drops it then). Of any number of
+        processes that try at once, one gets it; the others get "in use". Returns what the claim
+        held before (the pid of an earlier owner, now gone), or None for a new claim."""
+        import fcntl
+
+        key = str(self.claim.resolve())
+        if key in _HELD:  # this process took it before (an earlier attempt in-process)
+            return str(_claim_owner(self.claim) or "") or None
+        fd = os.open(self.claim, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(self.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return True
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._refuse_in_use(_claim_owner(self.claim))
+        before = os.read(fd, 64).decode("utf-8", "replace").strip()
+        owner = int(before) if before.isdigit() else None
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            os.close(fd)  # claimed by a lorakit from before claim locks, still running
+            self._refuse_in_use(owner)
+        _HELD[key] = fd
+        return before or None
+
+    def _write_pid(self) -> None:
+        """Write this process's pid into the claim it holds (in place: the lock is on this file)."""
+        fd = _HELD[str(self.claim.resolve())]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @staticmethod
+    def release_all() -> None:
+        """Give up the claims this process holds (its run ended): the claim is emptied, so no
+        pid names an owner, and the lock is dropped."""
+        while _HELD:
+            _, fd = _HELD.popitem()
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
+
+    def _unlock(self, before: str | None) -> None:
+        """Give back a claim this process took but did not use, as it was."""
+        fd = _HELD.pop(str(self.claim.resolve()), None)
+        if before is None:
+            self.claim.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
+
+    def _refuse_in_use(self, owner: int | None) -> None:
+        raise RunError(
+            f"run folder {self.path} is in use by another lorakit process"
+            + (f" (pid {owner})" if owner else ""),
+            fix="wait for it to finish, or choose another output.name",
+        )
 
     def nothing_to_continue(self) -> bool:
         """No checkpoint and no adapter: an attempt that left nothing a resume could use."""
@@ -159,12 +212,7 @@ class RunDir:
         return not (ckpts or self.adapter.exists())
 
     def _check_restartable(self) -> None:
-        owner = _claim_owner(self.claim)
-        if owner is not None and owner != os.getpid() and _alive(owner):
-            raise RunError(
-                f"run folder {self.path} is in use by another lorakit process (pid {owner})",
-                fix="wait for it to finish, or choose another output.name",
-            )
+        """Called holding the claim: may this folder's earlier attempt be started again?"""
         if not self.exists():
             return  # the last attempt died before it wrote run.json
         name = self.path.name
@@ -204,6 +252,8 @@ class RunDir:
         changed: Mapping[str, Any] | None = None,
         batch: Mapping[str, Any] | None = None,
     ) -> None:
+        self._lock()  # a resume holds the claim too: two resumes of one run never both train
+        self._write_pid()
         info = read_json(self.run_json)
         info["history"].append(
             {
@@ -279,8 +329,11 @@ class RunDir:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ from lorakit.data.pipeline import (
     tokenize_examples,
     write_splits,
 )
+from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter
@@ -167,7 +168,10 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         load_checkpoint_adapter(model, checkpoint)
         trainer.state.global_step = done
     else:
-        with packed_attention(model, device):
+        with (
+            disk_full_is_an_error(run.checkpoints, "a checkpoint", lambda: _kept(run)),
+            packed_attention(model, device),
+        ):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 11. Save the adapter with its tokenizer, chat template and stop tokens.
@@ -183,7 +187,10 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     }
     if not main_process:
         return run.path
-    save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
+    with disk_full_is_an_error(
+        run.adapter, "the adapter", lambda: "no adapter folder was written; " + _kept(run)
+    ):
+        save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
     say(f"adapter saved to {run.adapter}")
 
     # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
@@ -219,3 +226,14 @@ def _same_data(run: RunDir, fingerprint: str) -> None:
             f"{fingerprint})",
             fix="resume with the data the run was trained on, or start a new run",
         )
+
+
+def _kept(run: RunDir) -> str:
+    """What a run that stopped writing keeps: its newest complete checkpoint."""
+    done = run.complete_checkpoints()
+    if not done:
+        return "no checkpoint was completed (an unfinished one has no LORAKIT_COMPLETE marker)"
+    return (
+        f"the newest complete checkpoint is {done[-1].name} (a later one without its "
+        "LORAKIT_COMPLETE marker is unfinished, and resume skips it)"
+    )

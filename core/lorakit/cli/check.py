@@ -12,6 +12,7 @@ from pathlib import Path
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.data.pipeline import DataReport, load_splits
+from lorakit.errors import printable
 from lorakit.recipe import load_recipe
 
 
@@ -43,7 +44,7 @@ def run(args) -> int:
     report = DataReport()
     splits = load_splits(recipe, catalog, report)
     for line in report.lines():
-        print(line)
+        print(printable(line))
     print(
         f"splits: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}"
         f" (fingerprint {splits.fingerprint})"

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lorakit import __version__
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, printable
 
 # verb -> module under lorakit.cli, in the order --help lists them
 VERBS = {
@@ -90,10 +90,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorakitError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         if not exc.fix and not getattr(exc, "problems", None):
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        from lorakit.diskfull import is_disk_full
+
+        if debug or not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or "the run folder"
+        print(
+            f"error: the disk is full (or a file size limit was hit) while writing {where}: "
+            f"{printable(str(exc))}\n  fix: free some space and run the command again",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

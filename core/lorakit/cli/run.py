@@ -100,12 +100,16 @@ def run(args) -> int:
         return launch(args)
 
     from lorakit.distributed import is_main
+    from lorakit.rundir import RunDir
     from lorakit.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, catalog)
     if os.environ.get(PREFLIGHT_DONE) != "1":
         memory_preflight(args, recipe, catalog)
-    path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+    try:
+        path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+    finally:
+        RunDir.release_all()  # the run folder's claim lasts as long as the run
     if is_main():
         print(f"done: {path}")
     return 0

@@ -9,6 +9,7 @@ lives in its plugin; plugins reach these helpers through :mod:`lorakit.api`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,57 @@ def _check_file(path: Path, ctx: SourceContext) -> bool:
         )
         return False
     return True
+
+
+MAX_NUMBER_DIGITS = 100
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class JsonRefused(ValueError):
+    """Valid-looking JSON that lorakit does not accept; carries what to do about it."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+def _number(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise JsonRefused(
+            f"a number with {len(digits.lstrip('-'))} digits",
+            "write long ids and numbers as strings",
+        )
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonRefused(f"{name} is not JSON", "write null or a string instead of NaN/Infinity")
+
+
+def loads_strict(text: str, **kwargs: Any) -> Any:
+    """``json.loads`` for untrusted data: strict JSON only, as a ``ValueError`` when refused.
+
+    Refuses (``JsonRefused``, with a fix) NaN/Infinity, numbers over ``MAX_NUMBER_DIGITS``
+    digits, nesting too deep to parse, and lone UTF-16 surrogates (``"\\ud800"``, which no
+    file can store as UTF-8); malformed JSON raises ``json.JSONDecodeError`` as usual.
+    """
+    try:
+        value = json.loads(text, parse_int=_number, parse_constant=_no_constant, **kwargs)
+    except RecursionError:
+        raise JsonRefused(
+            "nested too deeply to read", "flatten the record (lists/objects inside each other)"
+        ) from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise JsonRefused(
+                f"a lone surrogate {exc.object[exc.start]!r} is not text",
+                "remove the broken \\ud800-\\udfff escape (half of a UTF-16 pair)",
+            ) from None
+        except RecursionError:
+            raise JsonRefused("nested too deeply to read", "flatten the record") from None
+    return value
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -76,13 +128,16 @@ def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]
                     fix="convert it: jq -c '.[]' file.json > file.jsonl",
                 )
             try:
-                record = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+                record = loads_strict(text, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as exc:
                 ctx.reject(
                     f"malformed JSON: {exc.msg} (column {exc.colno})",
                     where,
                     'fix the line, or set [data] on_error = "skip" to skip bad lines',
                 )
+                continue
+            except JsonRefused as exc:
+                ctx.reject(f"refused JSON: {exc}", where, exc.fix)
                 continue
             except ValueError as exc:
                 ctx.reject(f"malformed JSON: {exc}", where, "keep one value per key")
@@ -135,5 +190,8 @@ def parse_meta(record: Mapping[str, Any], where: str, ctx: SourceContext) -> dic
     if "source" in meta and not isinstance(meta["source"], str):
         ctx.reject("meta.source must be a string", where, "describe where the record came from")
         return None
-    meta.setdefault("source", where)
+    if "source" in meta:
+        meta["location"] = where  # the record's own file:line, for messages (duplicate ids)
+    else:
+        meta["source"] = where
     return meta

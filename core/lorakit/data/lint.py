@@ -16,6 +16,7 @@ import attrs
 from lorakit.contracts import Example
 from lorakit.data.pipeline import DataReport, apply_overlength, render_and_tokenize
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.errors import printable
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -129,7 +130,7 @@ def mark_supervised(
         if bool(flag) != inside:
             out.append(start_mark if flag else end_mark)
             inside = bool(flag)
-        out.append(ch)
+        out.append(printable(ch))  # the data's own escape sequences are shown, not run
     if inside:
         out.append(end_mark)
     return "".join(out)
@@ -145,6 +146,6 @@ def show(examples: Sequence[Example], formatter: Any, tokenizer: Any, color: boo
         enc = tokenizer([rendered.text], add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
         row = Tokenized(list(ids), labels_for(ids, offsets, _char_mask(rendered)))
-        head = f"--- {ex.id} ({len(ids)} tokens, {row.n_supervised} supervised)"
+        head = f"--- {printable(ex.id)} ({len(ids)} tokens, {row.n_supervised} supervised)"
         blocks.append(head + "\n" + mark_supervised(rendered.text, row, offsets, color))
     return blocks

@@ -19,6 +19,7 @@ def expand_files(
     root = resolve(recipe_dir, path)
     if root.is_file():
         return [root]
+    refuse_special(root, key)
     if not root.exists():
         raise DataError(
             f"{root} does not exist",
@@ -35,3 +36,13 @@ def expand_files(
             fix="point at the right folder, or set glob to the pattern your files follow",
         )
     return files
+
+
+def refuse_special(path: Path, key: str) -> None:
+    """A FIFO, socket or device (``/dev/zero``) would block or never end: refuse it by name."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise DataError(
+            f"{path} is not a regular file (a FIFO, socket or device)",
+            where=f"[data.sources].{key}",
+            fix="point at a data file or a folder of them",
+        )

@@ -17,7 +17,7 @@ from lorakit.catalog import Catalog
 from lorakit.contracts import Example
 from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
-from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
+from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.data.validate import checked_records
 from lorakit.errors import DataError
 from lorakit.recipe import Recipe
@@ -109,7 +109,8 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
         count = 0
         entry = catalog.get("source", choice.name)
         for ex in checked_records(source.read, ctx, entry, f"[data.sources.{i}]"):
-            where = str(ex.meta.get("source", ex.id))
+            # The record's own place (file:line) when meta.source holds a user's description.
+            where = str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
             if ex.id in seen:
                 ctx.reject(
                     f"duplicate id {ex.id!r} (first seen at {seen[ex.id]})",
@@ -149,12 +150,17 @@ def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = No
 
 def _fits(formatter: Any, tokenizer: Any, max_length: int, template: Example) -> Any:
     def fits(text: str) -> bool:
-        row = tokenize_batch(
-            [formatter.render(attrs.evolve(template, text=text), tokenizer)], tokenizer
-        )
-        return len(row[0].input_ids) <= max_length
+        rendered = formatter.render(attrs.evolve(template, text=text), tokenizer)
+        ids, _ = encode_with_offsets([rendered.text], tokenizer)
+        return len(ids[0]) <= max_length
 
     return fits
+
+
+def _token_ends(text: str, tokenizer: Any) -> list[int]:
+    """Where ``text``'s tokens end (characters), tokenized once: the chunker's candidate cuts."""
+    _, offsets = encode_with_offsets([text], tokenizer)
+    return [e for _, e in offsets[0]]
 
 
 def chunk_long_documents(
@@ -178,7 +184,11 @@ def chunk_long_documents(
             out_rows.append(row)
             continue
         try:
-            pieces = chunk_text(ex.text, _fits(formatter, tokenizer, max_length, ex))
+            pieces = chunk_text(
+                ex.text,
+                _fits(formatter, tokenizer, max_length, ex),
+                _token_ends(ex.text, tokenizer),
+            )
         except ValueError as exc:
             raise DataError(
                 f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
@@ -298,13 +308,36 @@ def read_split_files(folder: Path) -> Splits | None:
 
 def write_splits(folder: Path, splits: Splits) -> None:
     """Write ``{train,val,test}.jsonl`` in the normalized contract (atomically, per file)."""
-    import json
     import os
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "val", "test"):
-        tmp = folder / f".{name}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
-            for ex in splits.get(name):
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-        os.replace(tmp, folder / f"{name}.jsonl")
+    from lorakit.diskfull import disk_full_is_an_error
+
+    kept = "no split file was left half-written (each is written whole, then renamed)"
+    with disk_full_is_an_error(folder, "the data splits", kept):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "val", "test"):
+            tmp = folder / f".{name}.jsonl.{os.getpid()}.tmp"
+            try:
+                with tmp.open("w", encoding="utf-8") as f:
+                    for ex in splits.get(name):
+                        f.write(_json_line(ex))
+                os.replace(tmp, folder / f"{name}.jsonl")
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def _json_line(ex: Example) -> str:
+    """One split-file line: strict JSON (no NaN/Infinity) that encodes as UTF-8."""
+    import json
+
+    try:
+        line = json.dumps(ex.to_json(), ensure_ascii=False, allow_nan=False) + "\n"
+        line.encode("utf-8")
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise DataError(
+            f"example {ex.id!r} cannot be saved as JSON: {exc}",
+            where=str(ex.meta.get("location") or ex.meta.get("source") or ex.id),
+            fix="data must be plain JSON values: no NaN/Infinity, no lone surrogates; fix the "
+            f"record or the {ex.meta.get('source_plugin', 'source')} plugin",
+        ) from None
+    return line

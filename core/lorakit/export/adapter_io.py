@@ -34,10 +34,27 @@ def save_adapter(
     model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str
 ) -> None:
     """Write the adapter folder atomically and verify it is not empty."""
-    from safetensors import safe_open
-
     # a temp name of this process's own, so two writers never share one
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        _write_adapter(model, tokenizer, tmp, meta, end_of_turn)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter behind
+        raise
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def _write_adapter(
+    model: Any, tokenizer: Any, tmp: Path, meta: dict[str, Any], end_of_turn: str
+) -> None:
+    from safetensors import safe_open
+
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     gen = model.generation_config if hasattr(model, "generation_config") else None
@@ -53,13 +70,6 @@ def save_adapter(
             raise RunError(
                 f"saving the adapter produced an empty {weights.name}", fix="report this bug"
             )
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-        os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
 
 
 def read_meta(adapter_dir: Path) -> dict[str, Any]:

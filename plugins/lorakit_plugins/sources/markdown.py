@@ -39,6 +39,7 @@ from lorakit.api import (
     hookimpl,
     option,
     read_text_file,
+    refuse_special,
     resolve_path,
 )
 
@@ -120,6 +121,7 @@ class MarkdownSource:
         root = resolve_path(recipe_dir, self.options.path)
         if root.is_file():
             return root.parent, [root]
+        refuse_special(root, "path")
         if not root.is_dir():
             raise DataError(
                 f"{root} does not exist",

@@ -35,10 +35,12 @@ from typing import Any
 import attrs
 from lorakit.api import (
     Example,
+    JsonRefused,
     RegisterSource,
     SourceContext,
     expand_files,
     hookimpl,
+    loads_strict,
     option,
     parse_meta,
     read_text_file,
@@ -77,13 +79,16 @@ class ReportJsonSource:
             if text is None:
                 continue
             try:
-                data = json.loads(text)
+                data = loads_strict(text)
             except json.JSONDecodeError as exc:
                 ctx.reject(
                     f"malformed JSON: {exc.msg} (column {exc.colno})",
                     f"{file}:{exc.lineno}",
                     'fix the file, or set [data] on_error = "skip" to skip bad files',
                 )
+                continue
+            except JsonRefused as exc:
+                ctx.reject(f"refused JSON: {exc}", str(file), exc.fix)
                 continue
             default_id = file.relative_to(base).as_posix()
             if isinstance(data, list):

@@ -1,0 +1,166 @@
+"""Faults injected into real ``lorakit run`` processes: a disk that fills up (RLIMIT_FSIZE: a
+write past the limit fails with EFBIG, as ENOSPC would) and SIGKILL at chosen moments."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def lorakit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lorakit.cli.main", *args]
+
+
+def file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("limit", "steps", "what", "kept"),
+    [
+        (5_000, 1, "the data splits", "no split file was left half-written"),
+        (50_000, 1, "a checkpoint", "no checkpoint was completed"),
+        (20_000, 1, "the adapter", "no adapter folder was written; the newest complete"),
+    ],
+    ids=["splits", "checkpoint", "adapter"],
+)
+def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
+    tmp_path, tiny_model_dir, chat_file, cli, limit, steps, what, kept
+):
+    """Files in a tiny run: train.jsonl 9 kB, the adapter 36 kB, optimizer.pt 89 kB. The limit
+    lets everything before the named write through and fails that one."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "full"')
+    args = ["run", str(recipe), f"train.max_steps={steps}", "train.save_steps=1"]
+    run = tmp_path / "runs" / "full"
+    if what == "the adapter":
+        # the run trained and checkpointed; it was stopped while saving the adapter; the
+        # resume only saves the adapter, and the disk fills up then
+        code, _, err = cli(*args)
+        assert code == 0, err
+        import shutil
+
+        shutil.rmtree(run / "adapter")
+        args += ["--resume-from-checkpoint", "auto"]
+    done = subprocess.run(
+        lorakit(*args),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit(limit),
+        timeout=300,
+    )
+    err = done.stderr
+    assert done.returncode == 2, err
+    assert "Traceback" not in err
+    assert "the disk is full" in err and f"while writing {what}" in err and kept in err, err
+    assert not list(run.rglob("*.tmp")) and not list(run.glob(".adapter.tmp-*")), "temp files left"
+    assert not (run / "adapter").exists()
+    marked = sorted(p.parent.name for p in run.rglob("LORAKIT_COMPLETE"))
+    assert marked == (["checkpoint-1"] if what == "the adapter" else []), marked
+    if what == "the data splits":
+        assert not (run / "data" / "splits" / "train.jsonl").exists()
+
+
+def kill_when(cmd: list[str], ready, what: str) -> str:
+    """Start ``cmd``, SIGKILL it the moment ``ready()`` is true; returns what was seen then."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None:
+            seen = ready()
+            if seen:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return seen
+            time.sleep(0.001)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise AssertionError(f"the run ended before {what} (exit {proc.returncode}):\n{err}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigkill_while_checkpointing_and_while_saving_resumes_to_the_same_adapter(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """Kill a real run while it writes checkpoint-3 (or right after it), resume it and kill the
+    resume while it writes the final adapter, resume again: the adapter is bit-identical to an
+    uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    common = ["train.max_steps=4", "train.save_steps=1", 'eval.metrics=["eval_loss"]']
+    assert cli("run", str(recipe), "output.name=ref", *common)[0] == 0
+    run = tmp_path / "runs" / "killed"
+    args = ["run", str(recipe), "output.name=killed", *common]
+
+    def checkpoint_3() -> str:
+        ckpt = run / "checkpoints" / "checkpoint-3"
+        if not ckpt.is_dir():
+            return ""
+        return "complete" if (ckpt / "LORAKIT_COMPLETE").exists() else "being written"
+
+    moment = kill_when(lorakit(*args), checkpoint_3, "checkpoint-3")
+    resume = [*args, "--resume-from-checkpoint", "auto"]
+
+    def adapter_being_written() -> str:
+        return "adapter being written" if list(run.glob(".adapter.tmp-*")) else ""
+
+    kill_when(lorakit(*resume), adapter_being_written, "the adapter save")
+    assert not (run / "adapter").exists(), "a killed save must not leave an adapter folder"
+    code, _, err = cli(*resume)
+    assert code == 0, err
+    assert "not training" in err, "the last step was done: the resume only saves the adapter"
+    ref = load_file(str(tmp_path / "runs" / "ref" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys()
+    assert all(ref[k].equal(got[k]) for k in ref), f"adapter differs (killed: {moment})"
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_pickle_that_names_code_is_refused_before_loading(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """rng_state.pth replaced by a pickle that would run ``os.system``: an explicit resume is
+    refused naming the file (and never suggests loading it unsafely), ``auto`` skips it."""
+    import torch
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "evil"')
+    common = ("train.save_steps=1", 'eval.metrics=["eval_loss"]')
+    assert cli("run", str(recipe), "train.max_steps=2", *common)[0] == 0
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "runs" / "evil" / "checkpoints" / "checkpoint-2"
+    torch.save({"python": _RunsCode(str(marker))}, str(ckpt / "rng_state.pth"))
+    code, _, err = cli(
+        "run", str(recipe), "train.max_steps=3", *common, "--resume-from-checkpoint", str(ckpt)
+    )
+    assert code == 2 and "rng_state.pth" in err and "runs code when loaded" in err, err
+    assert "weights_only" not in err and "Traceback" not in err
+    code, _, err = cli(
+        "run", str(recipe), "train.max_steps=3", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    assert "skipping checkpoint-2: rng_state.pth" in err and "from checkpoint-1" in err
+    assert not marker.exists(), "the pickle's code ran"

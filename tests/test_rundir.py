@@ -1,0 +1,104 @@
+"""The run folder's claim, with real concurrent processes (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from lorakit.errors import RunError
+from lorakit.rundir import RunDir
+
+check = RunDir._check_restartable
+def widened(self):
+    check(self)
+    time.sleep(1.0)  # a slow file system: time between "the owner is gone" and the claim
+RunDir._check_restartable = widened
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.002)
+try:
+    RunDir(Path(sys.argv[1])).start("", {}, [], "h", Path("r.toml"))
+    print("claimed", flush=True)
+    time.sleep(1.5)  # still running while the other one tries
+except RunError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_two_restarts_of_an_abandoned_folder_at_once_one_claims_it(tmp_path):
+    """An attempt that died before its first checkpoint leaves a claim naming a dead pid; two
+    processes restarting it at the same instant must not both proceed. The window between
+    "the owner is gone" and taking the claim is widened to a second in both."""
+    run = tmp_path / "runs" / "abandoned"
+    run.mkdir(parents=True)
+    (run / ".lorakit-claim").write_text(f"{dead_pid()}\n")
+    (run / "run.json").write_text(json.dumps({"history": [{"event": "start"}]}))
+    (tmp_path / "child.py").write_text(CHILD)
+    go = tmp_path / "go"
+    cmd = [sys.executable, str(tmp_path / "child.py"), str(run), str(go)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sorted(o.split(":")[0].strip() for o in outs) == ["claimed", "refused"], outs
+    assert "in use by another lorakit process" in "".join(outs)
+    history = json.loads((run / "run.json").read_text())["history"]
+    assert [e["event"] for e in history] == ["start", "stopped before a checkpoint", "restart"]
+
+
+def test_a_claim_is_free_again_when_its_owner_dies(tmp_path):
+    """The lock goes with the process (here: killed), so the folder can be restarted."""
+    run = tmp_path / "r"
+    code = (
+        "import sys, time; from pathlib import Path; from lorakit.rundir import RunDir\n"
+        f"RunDir(Path({str(run)!r})).start('', {{}}, [], 'h', Path('r.toml'))\n"
+        "print('claimed', flush=True); time.sleep(60)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "claimed"
+    from lorakit.errors import RunError
+    from lorakit.rundir import RunDir
+
+    try:
+        RunDir(run).start("", {}, [], "h", Path("r.toml"))
+        raise AssertionError("a live owner's folder was claimed")
+    except RunError as exc:
+        assert "in use" in str(exc)
+    import fcntl
+
+    with (run / ".lorakit-claim").open("rb") as f:  # the file on disk is the one locked
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the claim file is not locked by its owner")
+        except BlockingIOError:
+            pass
+    p.kill()
+    p.wait()
+    assert RunDir(run).start("", {}, [], "h", Path("r.toml")) is True
+
+
+def test_a_finished_run_gives_its_claim_back(tmp_path):
+    """In one process (a notebook, the test suite) the claim lasts as long as the run: after
+    it, another process may resume the folder."""
+    from lorakit.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    run.start("", {}, [], "h", Path("r.toml"))
+    RunDir.release_all()
+    assert (run.path / ".lorakit-claim").read_text() == ""
+    code = (
+        "from pathlib import Path; from lorakit.rundir import RunDir\n"
+        f"RunDir(Path({str(run.path)!r})).record_resume(Path('c'), [])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
