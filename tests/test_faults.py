@@ -126,6 +126,7 @@ def test_sigkill_while_checkpointing_and_while_saving_resumes_to_the_same_adapte
     code, _, err = cli(*resume)
     assert code == 0, err
     assert "not training" in err, "the last step was done: the resume only saves the adapter"
+    assert not list(run.glob(".adapter.tmp-*")), "the killed save's half-written folder stays"
     ref = load_file(str(tmp_path / "runs" / "ref" / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert ref.keys() == got.keys()

@@ -33,7 +33,13 @@ def stop_token_ids(tokenizer: Any, end_of_turn: str) -> list[int]:
 def save_adapter(
     model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str
 ) -> None:
-    """Write the adapter folder atomically and verify it is not empty."""
+    """Write the adapter folder atomically and verify it is not empty.
+
+    Half-written folders a killed earlier save left behind (``.NAME.tmp-*``) are removed first:
+    the caller owns ``folder`` (a run holds its folder's claim), so no other writer uses them.
+    """
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     # a temp name of this process's own, so two writers never share one
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
