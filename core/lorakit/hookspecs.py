@@ -87,3 +87,14 @@ def lorakit_register_metrics(register: Register) -> None:
     :class:`lorakit.contracts.Metric`; it scores a split either from token losses or from
     generated text against references. Chosen by name in ``[eval] metrics``. Returns nothing.
     """
+
+
+@hookspec
+def lorakit_register_loggers(register: Register) -> None:
+    """Register experiment loggers (trackers such as TensorBoard or MLflow).
+
+    Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
+    :class:`lorakit.contracts.ExperimentLogger`; it receives the run's parameters, every
+    logged train/eval metric by step, the final evaluation and the run's output files, on rank 0
+    only and off the training thread. Chosen by name in ``[log] plugins``. Returns nothing.
+    """

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import RunError
+from lorakit.progress import enabled as progress_bars
 
 DTYPES = ("fp32", "bf16", "fp16")
 MERGE_BASES = ("original", "dequantized")
@@ -71,7 +72,7 @@ def _keep_tied_embeddings_honest(model: Any) -> None:
 def merge_adapter(peft_model: Any) -> Any:
     """``merge_and_unload(safe_merge=True)`` on an fp32 base; returns the plain model."""
     try:
-        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged = peft_model.merge_and_unload(safe_merge=True, progressbar=progress_bars())
     except ValueError as exc:
         raise RunError(
             f"merging the adapter produced broken weights: {exc}",

@@ -19,6 +19,7 @@ from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 from lorakit.errors import DataError, PluginError
 from lorakit.plugins import Catalog
+from lorakit.progress import bar
 from lorakit.recipe import Recipe
 
 
@@ -105,7 +106,7 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
             iterator = iter(source.read(ctx))
         except TypeError as exc:
             raise PluginError(f"source {choice.name!r} read() did not return an iterator") from exc
-        for ex in iterator:
+        for ex in bar(iterator, desc=f"reading {choice.name}", unit="ex"):
             where = str(ex.meta.get("source", ex.id))
             if ex.id in seen:
                 ctx.reject(
@@ -199,7 +200,9 @@ def render_and_tokenize(
     examples: Sequence[Example], formatter: Any, tokenizer: Any, max_length: int, report: DataReport
 ) -> tuple[list[Example], list[Tokenized]]:
     """Render and tokenize every example; chunk long chunkable documents. No policy applied."""
-    rendered = [formatter.render(ex, tokenizer) for ex in examples]
+    rendered = [
+        formatter.render(ex, tokenizer) for ex in bar(examples, desc="formatting", unit="ex")
+    ]
     rows = tokenize_batch(rendered, tokenizer)
     return chunk_long_documents(examples, rows, formatter, tokenizer, max_length, report)
 
