@@ -171,3 +171,19 @@ def test_broken_loggers_warn_once_and_the_run_completes(tmp_path, tiny_model_dir
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in rows) == 2
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    import io
+
+    from lorakit import progress
+
+    monkeypatch.delenv("LORAKIT_PROGRESS", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file: not a terminal
+    assert not progress.enabled()
+    assert list(progress.bar(range(3), desc="quiet")) == [0, 1, 2]
+    assert "\r" not in progress.sys.stderr.getvalue()
+    monkeypatch.setenv("LORAKIT_PROGRESS", "1")  # forced on
+    assert progress.enabled()
+    list(progress.bar(range(3), desc="loud"))
+    assert "loud" in progress.sys.stderr.getvalue()
