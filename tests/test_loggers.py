@@ -148,6 +148,10 @@ def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, ch
     assert {"adapter", "eval_report.json", "report.md", "loss.png"} <= stored
     adapter_files = {Path(a.path).name for a in client.list_artifacts(rid, "adapter")}
     assert "adapter_model.safetensors" in adapter_files
+    # the artifact store's copy of eval_report.json is not a second run for `compare`
+    code, out, err = cli("compare", tmp_path / "runs", "--json")
+    assert code == 0, err
+    assert [r["adapter"] is None for r in json.loads(out)] == [True, False]
 
 
 @pytest.mark.slow

@@ -241,5 +241,6 @@ class ExperimentLogger(Protocol):
         ...
 
     def finish(self, status: str) -> None:
-        """Close the record; ``status`` is ``"FINISHED"`` or ``"FAILED"``."""
+        """Close the record; ``status`` is ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``
+        (interrupted)."""
         ...

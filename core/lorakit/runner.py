@@ -32,6 +32,9 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     loggers = Loggers(say)  # opened once the run folder is claimed, on rank 0
     try:
         path = _run(recipe, catalog, resume, loggers)
+    except KeyboardInterrupt:
+        loggers.close("KILLED", timeout=5.0)  # Ctrl-C must not wait on a slow tracker
+        raise
     except BaseException:
         loggers.close("FAILED")
         raise
