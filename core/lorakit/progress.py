@@ -4,7 +4,8 @@ Every phase that can take more than a few seconds (reading data, formatting, con
 embedded model, loading weights, training, evaluation, generation, merge, GGUF export) shows a
 bar when stderr is a terminal. When it is not (a log file, CI, a captured subprocess), no bar
 is drawn at all, so captured output holds no carriage-return floods; the ``[lorakit]`` lines
-say what happens. ``LORAKIT_PROGRESS=1`` forces bars on, ``LORAKIT_PROGRESS=0`` off.
+say what happens. ``LORAKIT_PROGRESS=1`` forces bars on, ``LORAKIT_PROGRESS=0`` off. Under
+torchrun only rank 0 draws bars.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from typing import Any
 
 
 def enabled() -> bool:
-    """Whether progress bars are drawn in this process."""
+    """Whether progress bars are drawn in this process (never on ranks other than 0)."""
+    from lorakit.distributed import is_main
+
+    if not is_main():
+        return False
     forced = os.environ.get("LORAKIT_PROGRESS", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
