@@ -188,10 +188,12 @@ class Loggers:
         if present:
             self._all("log_artifacts", present)
 
-    def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Wait until every logger has handled what was sent (e.g. metrics.jsonl is complete)."""
+    def flush(self, name: str = ALWAYS_ON, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait until logger ``name`` has handled what was sent: metrics.jsonl is complete
+        before loss.png is drawn from it. Other trackers are not waited for here."""
         for w in self.workers:
-            w.wait(timeout)
+            if w.name == name:
+                w.wait(timeout)
 
     def close(self, status: str = "FINISHED", timeout: float = CLOSE_TIMEOUT_S) -> None:
         if self.closed:
