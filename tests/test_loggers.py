@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
+import attrs
 import pytest
 from conftest import tiny_recipe
 from lorakit.contracts import LogRun
@@ -41,6 +44,28 @@ def test_log_section_is_validated_with_suggestions(tmp_path):
     assert "[log.options.mlflow].tracking_url" in text and "tracking_uri" in text
     assert "[log.options.wandb]: 'wandb' is not in [log].plugins" in text
     assert "unknown section" in "\n".join(_problems(tmp_path, "[logs]\nplugins = []\n"))
+
+
+def test_a_logger_whose_package_is_missing_is_refused(tmp_path):
+    from lorakit import hookimpl
+    from lorakit.plugins import build_catalog, make_manager
+
+    class Needy:
+        Options = attrs.make_class("NeedyOptions", {})
+        requires: ClassVar[dict[str, str]] = {"no_such_module_xyz": "pip install needy"}
+
+    plugin = SimpleNamespace(
+        lorakit_register_loggers=hookimpl(lambda register: register("needy", Needy))
+    )
+    catalog = build_catalog(make_manager([plugin]))
+    path = tmp_path / "r.toml"
+    path.write_text(CHAT + '[log]\nplugins = ["needy"]\n', encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, catalog=catalog)
+    assert info.value.problems == [
+        "[log].plugins[0]: logger \"needy\" needs the Python package 'no_such_module_xyz', "
+        "which is not installed; pip install needy"
+    ]
 
 
 class _Record:

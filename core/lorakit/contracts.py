@@ -221,6 +221,10 @@ class ExperimentLogger(Protocol):
 
     Options: ClassVar[type]
 
+    # Optional: ``requires = {"module": "how to install it"}``: modules the logger imports;
+    # a recipe that picks it is refused, with that fix, when one is missing (checked with
+    # ``importlib.util.find_spec``, nothing is imported).
+
     def __init__(self, options: Any) -> None: ...
 
     def start(self, run: LogRun) -> None:

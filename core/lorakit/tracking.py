@@ -10,6 +10,7 @@ rank 0 logs.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import queue
 import threading
@@ -43,6 +44,14 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
                 f'[log].plugins[{i}]: unknown logger "{name}"; {hint}'
                 f"installed loggers: {', '.join(known) or '(none)'}"
             )
+    for i, name in enumerate(section.plugins):
+        needs = getattr(catalog.entries["logger"].get(name), "factory", None)
+        for module, fix in (getattr(needs, "requires", None) or {}).items():
+            if importlib.util.find_spec(module) is None:
+                problems.append(
+                    f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
+                    f"which is not installed; {fix}"
+                )
     if len(set(section.plugins)) != len(section.plugins):
         problems.append("[log].plugins: a logger is listed twice; list each once")
     chosen = set(section.plugins) | {ALWAYS_ON}

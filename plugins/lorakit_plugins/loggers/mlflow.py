@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from attrs import validators as v
@@ -60,6 +60,7 @@ def _number(value: Any) -> float | None:
 
 class MlflowLogger:
     Options = MlflowOptions
+    requires: ClassVar[dict[str, str]] = {"mlflow": "pip install 'lorakit[track]'"}
 
     def __init__(self, options: MlflowOptions):
         self.options = options
@@ -77,6 +78,13 @@ class MlflowLogger:
 
         uri, artifacts = self.options.tracking_uri, None
         if not uri:
+            import importlib.util
+
+            if importlib.util.find_spec("sqlalchemy") is None:
+                raise RuntimeError(
+                    "the local MLflow store needs sqlalchemy and alembic: "
+                    "pip install 'lorakit[track]', or set [log.options.mlflow] tracking_uri"
+                )
             store = (run.output_dir / "mlflow").resolve()
             store.mkdir(parents=True, exist_ok=True)
             uri, artifacts = f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from attrs import validators as v
@@ -36,6 +36,7 @@ def _number(value: Any) -> float | None:
 
 class TensorBoardLogger:
     Options = TensorBoardOptions
+    requires: ClassVar[dict[str, str]] = {"tensorboard": "pip install 'lorakit[track]'"}
 
     def __init__(self, options: TensorBoardOptions):
         self.options = options
