@@ -28,7 +28,7 @@ from lorakit.sections import LogSection
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
 
-ALWAYS_ON = "jsonl"  # metrics.jsonl: loss.png, export and `compare` read it
+ALWAYS_ON = "jsonl"  # metrics.jsonl: loss.png and `lorakit export` read it
 CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finish
 
 
