@@ -1,9 +1,10 @@
 """TOML recipes: parse, apply command-line overrides, validate every section at once.
 
 A recipe has the sections ``[model] [data] [format] [quant] [peft] [train] [eval] [output]``
-and ``[log]``. A section that chooses a plugin holds ``plugin = "<name>"`` next to that plugin's own options;
-data sources are a list of ``[[data.sources]]`` tables of the same shape. Validation collects
-every problem (with its key path and a fix) and raises one :class:`RecipeError`.
+and ``[log]``. A section that chooses a plugin holds ``plugin = "<name>"`` next to that
+plugin's own options; data sources are a list of ``[[data.sources]]`` tables of the same shape.
+Validation collects every problem (with its key path and a fix) and raises one
+:class:`RecipeError`.
 """
 
 from __future__ import annotations
