@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,9 @@ def test_compare_rows_dedupe_the_baseline(tmp_path, cli):
     _write(runs / "r1" / "baseline", "r1", None)
     _write(runs / "r1", "r1", "runs/r1/adapter")
     _write(runs / "r2", "r2", "runs/r2/adapter", key="k2")
+    # a tracker's artifact store under the same folder holds a copy of r2's report
+    (runs / "mlflow" / "artifacts" / "1").mkdir(parents=True)
+    shutil.copy(runs / "r2" / "eval_report.json", runs / "mlflow" / "artifacts" / "1")
     rows = collect_rows(runs)
     assert [(r["run"], r["adapter"]) for r in rows] == [
         ("r1", None),

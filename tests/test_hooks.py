@@ -123,6 +123,10 @@ def test_lorakit_register_metrics(catalog_with):
     _check_catalog_hook(catalog_with, "lorakit_register_metrics", "metric", "perplexity")
 
 
+def test_lorakit_register_loggers(catalog_with):
+    _check_catalog_hook(catalog_with, "lorakit_register_loggers", "logger", "jsonl")
+
+
 def test_duplicate_name_names_both_plugins(catalog_with):
     with pytest.raises(PluginError) as info:
         catalog_with(plugin_for("lorakit_register_sources", "chat_jsonl"))

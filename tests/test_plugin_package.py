@@ -91,9 +91,9 @@ def test_entry_point_only_plugin_is_listed_and_usable(tmp_path):
     assert "tsv_pairs" in checked.stdout and "train 3" in checked.stdout.replace(":", "")
 
 
-def test_plugins_lists_all_six_kinds(cli):
+def test_plugins_lists_all_seven_kinds(cli):
     code, out, _ = cli("plugins")
     assert code == 0
     kinds = {line.split()[0] for line in out.splitlines()[1:] if line.strip()}
-    assert kinds == {"model", "source", "formatter", "quant", "peft", "metric"}
+    assert kinds == {"model", "source", "formatter", "quant", "peft", "metric", "logger"}
     assert "lorakit 0.1.0" in out

@@ -32,7 +32,9 @@ from lorakit.contracts import (
     SPLITS,
     DataSource,
     Example,
+    ExperimentLogger,
     Formatter,
+    LogRun,
     Message,
     Metric,
     ModelRef,
@@ -51,6 +53,7 @@ from lorakit.data.validate import example_problem
 from lorakit.errors import DataError, LorakitError, ModelError, PluginError
 from lorakit.hookspecs import (
     RegisterFormatter,
+    RegisterLogger,
     RegisterMetric,
     RegisterModelSource,
     RegisterPeftMethod,
@@ -59,7 +62,9 @@ from lorakit.hookspecs import (
     hookimpl,
 )
 from lorakit.options import option
+from lorakit.rundir import RunDir
 from lorakit.secrets import hub_token
+from lorakit.tracking import flatten
 
 # ``Turn`` reads better in some plugins; it is the same record as ``Message``.
 Turn = Message
@@ -70,8 +75,10 @@ __all__ = [
     "DataError",
     "DataSource",
     "Example",
+    "ExperimentLogger",
     "Formatter",
     "JsonRefused",
+    "LogRun",
     "LorakitError",
     "Message",
     "Metric",
@@ -82,12 +89,14 @@ __all__ = [
     "PluginError",
     "QuantBackend",
     "RegisterFormatter",
+    "RegisterLogger",
     "RegisterMetric",
     "RegisterModelSource",
     "RegisterPeftMethod",
     "RegisterQuantizer",
     "RegisterSource",
     "Rendered",
+    "RunDir",
     "Segment",
     "SourceContext",
     "Turn",
@@ -95,6 +104,7 @@ __all__ = [
     "dtype_from_name",
     "example_problem",
     "expand_files",
+    "flatten",
     "hookimpl",
     "hub_token",
     "iter_json_lines",

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "quant": "lorakit_register_quantizers",
     "peft": "lorakit_register_peft_methods",
     "metric": "lorakit_register_metrics",
+    "logger": "lorakit_register_loggers",
 }
 
 

@@ -195,3 +195,60 @@ class Metric(Configured, Protocol):
     def score(self, *args: Any, **kwargs: Any) -> float:
         """Return the metric for one split (see the class docstring for the arguments)."""
         ...
+
+
+@attrs.frozen
+class LogRun:
+    """What an experiment logger is told when a run starts (see :class:`ExperimentLogger`).
+
+    ``params`` is the resolved recipe (every setting, defaults filled in, as in
+    ``resolved.json``); ``versions`` the training stack's package versions (``versions.json``).
+    ``resumed`` is true when the run continues from a checkpoint: a logger that can continue
+    its earlier record should.
+    """
+
+    name: str
+    run_dir: Path
+    output_dir: Path
+    params: Mapping[str, Any]
+    data_fingerprint: str
+    versions: Mapping[str, str | None]
+    config_hash: str
+    resumed: bool = False
+
+
+@runtime_checkable
+class ExperimentLogger(Configured, Protocol):
+    """Sends a run's parameters, metrics and files to an experiment tracker.
+
+    The core calls these methods on rank 0 only, from a thread of the logger's own (so a slow
+    tracker never slows training), in this order: ``start`` once, ``log_metrics`` per logged
+    step, ``log_final`` once after evaluation, ``log_artifacts`` once, ``finish`` once. Any
+    exception is caught by the core: it warns once and calls the logger no more.
+    """
+
+    # Optional: ``requires = {"module": "how to install it"}``: modules the logger imports;
+    # a recipe that picks it is refused, with that fix, when one is missing (checked with
+    # ``importlib.util.find_spec``, nothing is imported).
+
+    def start(self, run: LogRun) -> None:
+        """Open the record and log ``run.params``, the data fingerprint and versions."""
+        ...
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any], wall_time: float) -> None:
+        """One logged training step: the Trainer's record (loss, learning_rate, grad_norm,
+        eval_loss, epoch, peak_memory_gb...) at optimizer step ``step``; values may be None."""
+        ...
+
+    def log_final(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Final evaluation, keys ``final/<base|tuned>/<split>/<metric>``."""
+        ...
+
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
+        """Files and folders the run produced (adapter, reports, plot)."""
+        ...
+
+    def finish(self, status: str) -> None:
+        """Close the record; ``status`` is ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``
+        (interrupted)."""
+        ...

@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from lorakit.progress import bar
+
 
 @attrs.frozen
 class Generation:
@@ -44,7 +46,7 @@ def generate(
     stops = set(stop_ids)
     try:
         model.eval()
-        for start in range(0, len(prompts), batch_size):
+        for start in bar(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
             chunk = list(prompts[start : start + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
                 device

@@ -17,7 +17,15 @@ from typing import Any
 
 import pluggy
 
-from lorakit.contracts import DataSource, Formatter, Metric, ModelSource, PeftMethod, QuantBackend
+from lorakit.contracts import (
+    DataSource,
+    ExperimentLogger,
+    Formatter,
+    Metric,
+    ModelSource,
+    PeftMethod,
+    QuantBackend,
+)
 
 PROJECT = "lorakit"
 
@@ -33,6 +41,7 @@ RegisterFormatter = Callable[[str, type[Formatter]], None]
 RegisterQuantizer = Callable[[str, type[QuantBackend]], None]
 RegisterPeftMethod = Callable[[str, type[PeftMethod]], None]
 RegisterMetric = Callable[[str, type[Metric]], None]
+RegisterLogger = Callable[[str, type[ExperimentLogger]], None]
 
 
 @hookspec
@@ -96,4 +105,15 @@ def lorakit_register_metrics(register: RegisterMetric) -> None:
     Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
     :class:`lorakit.contracts.Metric`; it scores a split either from token losses or from
     generated text against references. Chosen by name in ``[eval] metrics``. Returns nothing.
+    """
+
+
+@hookspec
+def lorakit_register_loggers(register: RegisterLogger) -> None:
+    """Register experiment loggers (trackers such as TensorBoard or MLflow).
+
+    Called once when the catalog is built. ``register(name, factory)``: ``factory`` follows
+    :class:`lorakit.contracts.ExperimentLogger`; it receives the run's parameters, every
+    logged train/eval metric by step, the final evaluation and the run's output files, on rank 0
+    only and off the training thread. Chosen by name in ``[log] plugins``. Returns nothing.
     """

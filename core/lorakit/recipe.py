@@ -1,9 +1,10 @@
 """TOML recipes: parse, apply command-line overrides, validate every section at once.
 
-A recipe has the sections ``[model] [data] [format] [quant] [peft] [train] [eval] [output]``.
-A section that chooses a plugin holds ``plugin = "<name>"`` next to that plugin's own options;
-data sources are a list of ``[[data.sources]]`` tables of the same shape. Validation collects
-every problem (with its key path and a fix) and raises one :class:`RecipeError`.
+A recipe has the sections ``[model] [data] [format] [quant] [peft] [train] [eval] [output]``
+and ``[log]``. A section that chooses a plugin holds ``plugin = "<name>"`` next to that
+plugin's own options; data sources are a list of ``[[data.sources]]`` tables of the same shape.
+Validation collects every problem (with its key path and a fix) and raises one
+:class:`RecipeError`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lorakit.options import structure, to_plain
 from lorakit.sections import (
     DataSection,
     EvalSection,
+    LogSection,
     OutputSection,
     TrainSection,
 )
@@ -44,8 +46,9 @@ PLAIN_SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "eval": EvalSection,
     "output": OutputSection,
+    "log": LogSection,
 }
-SECTIONS = ("model", "data", "format", "quant", "peft", "train", "eval", "output")
+SECTIONS = ("model", "data", "format", "quant", "peft", "train", "eval", "output", "log")
 SECRET_KEYS = {"token", "hf_token", "hub_token", "use_auth_token", "api_key", "password", "secret"}
 
 
@@ -79,6 +82,7 @@ class Recipe:
     train: TrainSection
     eval: EvalSection
     output: OutputSection
+    log: LogSection = LogSection()
 
     @property
     def name(self) -> str:
@@ -103,10 +107,13 @@ class Recipe:
             "train": to_plain(self.train),
             "eval": to_plain(self.eval),
             "output": {**to_plain(self.output), "name": self.name},
+            "log": to_plain(self.log),
         }
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.resolved(), sort_keys=True).encode()
+        # where a run is logged does not change what it trains
+        settings = {k: v for k, v in self.resolved().items() if k != "log"}
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -267,6 +274,10 @@ def validate(
         from lorakit.evaluation.config import check_eval
 
         problems += check_eval(catalog, parts["eval"])
+    if parts.get("log") is not None:  # logger names and options come from plugins
+        from lorakit.tracking import check_log
+
+        problems += check_log(catalog, parts["log"])
 
     data_table = data.get("data")
     sources: list[PluginChoice] = []

@@ -50,6 +50,7 @@ RESUME_SAFE = (
     "train.threads",
     "eval.",
     "output.",
+    "log.",  # where metrics are sent, not what is trained
 )
 STACK = (
     "torch",

@@ -21,10 +21,25 @@ from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
+from lorakit.tracking import Loggers, build_loggers, log_outputs, run_info
 
 
 def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> Path:
     """Train an adapter for ``recipe``; return the run folder."""
+    loggers = Loggers(say)  # opened once the run folder is claimed, on rank 0
+    try:
+        path = _run(recipe, catalog, resume, loggers)
+    except KeyboardInterrupt:
+        loggers.close("KILLED", timeout=5.0)  # Ctrl-C must not wait on a slow tracker
+        raise
+    except BaseException:
+        loggers.close("FAILED")
+        raise
+    loggers.close("FINISHED")
+    return path
+
+
+def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers) -> Path:
     import transformers
 
     from lorakit.attention import packed_attention
@@ -113,6 +128,11 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
                 "supervised_share": supervised_share(train_rows),
             },
         )
+        # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
+        loggers.open(
+            build_loggers(catalog, recipe.log),
+            run_info(recipe, run, splits.fingerprint, resumed=checkpoint is not None),
+        )
 
     distributed.on_main(claim)
     for line in report.lines():
@@ -156,7 +176,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
         train_rows,
         val_rows,
         run.checkpoints,
-        run.metrics,
+        loggers,
         device,
         compute_dtype,
     )
@@ -195,7 +215,11 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
     #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
-    evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
+    loggers.flush()  # metrics.jsonl is complete before loss.png is drawn from it
+    eval_report = evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
+
+    # 13. Send the final metrics (base and tuned) and the run's files to the loggers.
+    log_outputs(loggers, run, eval_report, trainer.state.global_step)
     return run.path
 
 

@@ -1,4 +1,4 @@
-"""Option classes for the recipe sections the core owns: [data], [train], [eval], [output].
+"""Option classes for the recipe sections the core owns: [data], [train], [eval], [output], [log].
 
 Plugin sections ([model], [format], [quant], [peft], [[data.sources]]) are validated against the
 chosen plugin's own ``Options`` class instead.
@@ -163,4 +163,17 @@ class OutputSection:
         doc="run folder name, one path component of letters, digits, '.', '_' and '-' "
         "(default: the recipe file's stem)",
         validator=v.optional(_run_name),
+    )
+
+
+@attrs.frozen
+class LogSection:
+    plugins: list[str] = option(
+        factory=tuple,
+        doc='experiment loggers besides metrics.jsonl (always written), e.g. ["tensorboard", '
+        '"mlflow"] (lorakit plugins --kind logger)',
+    )
+    options: dict[str, dict] = option(
+        factory=dict,
+        doc='options per logger, e.g. [log.options.mlflow] tracking_uri = "http://host:5000"',
     )

@@ -23,8 +23,6 @@ trained on are exactly the ones ``lorakit check`` reports.
 from __future__ import annotations
 
 import inspect
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
 from lorakit.packing import RowDataset, pack
 from lorakit.recipe import Recipe
 from lorakit.rundir import COMPLETE
+from lorakit.tracking import Loggers
 
 PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -43,6 +42,8 @@ def training_args(
 ) -> Any:
     import torch
     from transformers import TrainingArguments
+
+    from lorakit.progress import enabled as progress_bars
 
     t = recipe.train
     eval_steps = t.eval_steps if (t.eval_steps and has_eval) else None
@@ -84,7 +85,7 @@ def training_args(
         ddp_timeout=TIMEOUT_S,
         include_num_input_tokens_seen="all",  # rows are packed: every input token is real
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=not progress_bars(),  # a bar on a terminal, none in logs
     )
 
 
@@ -256,26 +257,22 @@ def make_trainer_class() -> Any:
     return LorakitTrainer
 
 
-def make_callbacks(metrics_path: Path) -> list[Any]:
+def make_callbacks(loggers: Loggers) -> list[Any]:
     from transformers import TrainerCallback
 
     from lorakit.device import peak_memory_gb
 
     class MetricsLog(TrainerCallback):
-        """Append every log record to metrics.jsonl (one JSON object per line)."""
+        """Hand every log record to the experiment loggers (metrics.jsonl and the recipe's
+        [log] plugins); they write it on threads of their own."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            record = {
-                "step": state.global_step,
-                "epoch": state.epoch,
-                "time": round(time.time(), 3),
-                **logs,
-                "peak_memory_gb": round(peak_memory_gb(), 3),
-            }
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            loggers.log_metrics(
+                state.global_step,
+                {"epoch": state.epoch, **logs, "peak_memory_gb": round(peak_memory_gb(), 3)},
+            )
 
     class CompleteMarker(TrainerCallback):
         """Mark a checkpoint complete only after everything in it is written."""
@@ -332,7 +329,7 @@ def build_trainer(
     train_rows: Sequence[Tokenized],
     eval_rows: Sequence[Tokenized],
     output_dir: Path,
-    metrics_path: Path,
+    loggers: Loggers,
     device: str,
     compute_dtype: Any,
 ) -> Any:
@@ -351,7 +348,7 @@ def build_trainer(
         train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(eval_rows) if eval_rows else None,
         data_collator=pack,
-        callbacks=[*make_callbacks(metrics_path), *([trace] if trace else [])],
+        callbacks=[*make_callbacks(loggers), *([trace] if trace else [])],
         trace=trace,
         # packing = true: micro-batches by tokens, as many examples as fit in batch x max_length
         token_budget=recipe.train.per_device_train_batch_size * recipe.train.max_length

@@ -85,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
+    # progress bars on a terminal only: no carriage-return floods in logs and CI
+    from lorakit.progress import quiet_libraries
+
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except LorakitError as exc:

@@ -20,6 +20,7 @@ from lorakit.data.splits import assign_splits, fingerprint
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.data.validate import checked_records
 from lorakit.errors import DataError
+from lorakit.progress import bar
 from lorakit.recipe import Recipe
 
 
@@ -108,7 +109,11 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
         label = f"{i}:{choice.name}"
         count = 0
         entry = catalog.get("source", choice.name)
-        for ex in checked_records(source.read, ctx, entry, f"[data.sources.{i}]"):
+        for ex in bar(
+            checked_records(source.read, ctx, entry, f"[data.sources.{i}]"),
+            desc=f"reading {choice.name}",
+            unit="ex",
+        ):
             # The record's own place (file:line) when meta.source holds a user's description.
             where = str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
             if ex.id in seen:
@@ -212,7 +217,9 @@ def render_and_tokenize(
     examples: Sequence[Example], formatter: Any, tokenizer: Any, max_length: int, report: DataReport
 ) -> tuple[list[Example], list[Tokenized]]:
     """Render and tokenize every example; chunk long chunkable documents. No policy applied."""
-    rendered = [formatter.render(ex, tokenizer) for ex in examples]
+    rendered = [
+        formatter.render(ex, tokenizer) for ex in bar(examples, desc="formatting", unit="ex")
+    ]
     rows = tokenize_batch(rendered, tokenizer)
     return chunk_long_documents(examples, rows, formatter, tokenizer, max_length, report)
 

@@ -20,24 +20,39 @@ def find_reports(root: Path) -> list[Path]:
     )
 
 
+def _key(report: dict[str, Any], res: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        report.get("run"),
+        res.get("model"),
+        res.get("adapter"),
+        res.get("split"),
+        report.get("baseline_key")
+        if res.get("adapter") is None
+        else (report.get("created"), report.get("config_hash")),
+    )
+
+
 def collect_rows(root: Path) -> list[dict[str, Any]]:
-    """``{run, model, adapter, split, metrics}`` rows; a base result seen twice is listed once."""
-    rows: list[dict[str, Any]] = []
-    seen: set[tuple[Any, ...]] = set()
+    """``{run, model, adapter, split, metrics}`` rows; a base result seen twice is listed once,
+    and so is a copy of a report (an experiment tracker's artifact store under the same folder
+    holds one): a tuned result is identified by its adapter and the time it was evaluated, and
+    the copy nearest ``root`` is the one listed."""
+    reports: list[tuple[Path, dict[str, Any]]] = []
     for path in find_reports(root):
         try:
-            report = json.loads(path.read_text(encoding="utf-8"))
+            reports.append((path, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, json.JSONDecodeError):
             continue
+    owner: dict[tuple[Any, ...], Path] = {}
+    for path, report in sorted(reports, key=lambda pr: len(pr[0].parts)):
         for res in report.get("results", []):
-            key = (
-                report.get("run"),
-                res.get("model"),
-                res.get("adapter"),
-                res.get("split"),
-                report.get("baseline_key") if res.get("adapter") is None else path,
-            )
-            if key in seen:
+            owner.setdefault(_key(report, res), path)
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for path, report in reports:
+        for res in report.get("results", []):
+            key = _key(report, res)
+            if key in seen or owner[key] != path:
                 continue
             seen.add(key)
             rows.append(

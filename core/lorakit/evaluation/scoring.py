@@ -10,6 +10,7 @@ import attrs
 from lorakit.data.tokenize import Tokenized
 from lorakit.decoding import Generation, generate
 from lorakit.evaluation.sets import EvalSet
+from lorakit.progress import bar
 
 
 @attrs.frozen
@@ -40,7 +41,7 @@ def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[f
     count = 0
     model.eval()
     with torch.inference_mode(), packed_attention(model, device.type):
-        for start in range(0, len(rows), batch_size):
+        for start in bar(range(0, len(rows), batch_size), desc="eval loss", unit="batch"):
             batch = pack([attrs.asdict(r) for r in rows[start : start + batch_size]])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             total, n = supervised_nll(model, batch, head_kwarg)

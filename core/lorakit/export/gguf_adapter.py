@@ -17,6 +17,7 @@ from typing import Any
 
 from lorakit.errors import RunError
 from lorakit.export.gguf_writer import check_layout, rotary_to_interleaved
+from lorakit.progress import enabled as progress_bars
 
 PREFIX = "base_model.model."
 
@@ -95,7 +96,7 @@ def write_adapter_gguf(
             writer.add_tensor(f"{target}.weight.lora_b", b.contiguous().numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress_bars())
     finally:
         writer.close()
     return {"modules": len(pairs), "rank": r, "alpha": lora_scale(adapter_config) * r}

@@ -18,6 +18,7 @@ import attrs
 
 from lorakit.errors import ModelError, RunError
 from lorakit.export.gguf_vocab import Vocab, add_vocab
+from lorakit.progress import enabled as progress_bars
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 # transformers model_type -> llama.cpp architecture
@@ -186,7 +187,7 @@ def write_gguf(
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress_bars())
     finally:
         writer.close()
     return {

@@ -24,6 +24,7 @@ from typing import Any
 
 from lorakit.device import torch_dtype
 from lorakit.errors import RunError
+from lorakit.progress import enabled as progress_bars
 
 MERGE_BASES = ("original", "dequantized")
 
@@ -65,7 +66,7 @@ def _keep_tied_embeddings_honest(model: Any) -> None:
 def merge_adapter(peft_model: Any) -> Any:
     """``merge_and_unload(safe_merge=True)`` on an fp32 base; returns the plain model."""
     try:
-        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged = peft_model.merge_and_unload(safe_merge=True, progressbar=progress_bars())
     except ValueError as exc:
         raise RunError(
             f"merging the adapter produced broken weights: {exc}",

@@ -1,0 +1,241 @@
+"""Experiment loggers (``[log] plugins``): validation, and the fan-out the run talks to.
+
+``metrics.jsonl`` in the run folder is always written (the ``jsonl`` logger); a recipe adds
+others, e.g. ``[log] plugins = ["tensorboard", "mlflow"]``. Every logger runs on a thread of
+its own and is fed through a queue, so training never waits on a tracker. A logger that raises
+(server down, disk full, bad URI) is reported once and called no more; the run goes on. Only
+rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.catalog import Catalog
+from lorakit.contracts import LogRun
+from lorakit.errors import closest
+from lorakit.options import structure
+from lorakit.rundir import RunDir, read_json, stack_versions
+from lorakit.sections import LogSection
+
+if TYPE_CHECKING:
+    from lorakit.recipe import Recipe
+
+ALWAYS_ON = "jsonl"  # metrics.jsonl: loss.png and `lorakit export` read it
+CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finish
+
+
+def check_log(catalog: Catalog, section: LogSection) -> list[str]:
+    """Problems with ``[log].plugins`` and ``[log.options]``, each with a fix."""
+    problems: list[str] = []
+    known = catalog.names("logger")
+    for i, name in enumerate(section.plugins):
+        if name not in known:
+            close = closest(name, known)
+            hint = f"did you mean {close!r}? " if close else ""
+            problems.append(
+                f'[log].plugins[{i}]: unknown logger "{name}"; {hint}'
+                f"installed loggers: {', '.join(known) or '(none)'}"
+            )
+    for i, name in enumerate(section.plugins):
+        needs = getattr(catalog.entries["logger"].get(name), "factory", None)
+        for module, fix in (getattr(needs, "requires", None) or {}).items():
+            if importlib.util.find_spec(module) is None:
+                problems.append(
+                    f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
+                    f"which is not installed; {fix}"
+                )
+    if len(set(section.plugins)) != len(section.plugins):
+        problems.append("[log].plugins: a logger is listed twice; list each once")
+    chosen = set(section.plugins) | {ALWAYS_ON}
+    for name, table in section.options.items():
+        path = f"[log.options.{name}]"
+        if name not in chosen:
+            problems.append(
+                f"{path}: {name!r} is not in [log].plugins; add it there or remove this table"
+            )
+            continue
+        if name not in known:
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: expected a table of options")
+            continue
+        cls = catalog.get("logger", name).options_class
+        _, errs = structure(cls, table, path) if cls is not None else (None, [])
+        problems += errs
+    return problems
+
+
+def build_loggers(catalog: Catalog, section: LogSection) -> dict[str, Any]:
+    """name -> logger instance: ``jsonl`` first, then the recipe's (already validated)."""
+    out: dict[str, Any] = {}
+    for name in (ALWAYS_ON, *section.plugins):
+        if name in out:
+            continue
+        entry = catalog.get("logger", name, where="[log].plugins")
+        cls = entry.options_class
+        options, _ = structure(cls, section.options.get(name, {}), name) if cls else (None, [])
+        out[name] = entry.factory(options)
+    return out
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """A nested recipe as ``{"train.learning_rate": "0.0002", ...}`` (lists as JSON)."""
+    if isinstance(node, Mapping):
+        out: dict[str, str] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    text = node if isinstance(node, str) else json.dumps(node, default=str)
+    return {prefix[:-1]: text}
+
+
+def final_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """``eval_report.json`` as ``{"final/<base|tuned>/<split>/<metric>": value}``."""
+    out: dict[str, float] = {}
+    for result in report.get("results", []):
+        label = "base" if result.get("adapter") is None else "tuned"
+        for name, value in (result.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"final/{label}/{result['split']}/{name}"] = float(value)
+    return out
+
+
+class _Worker:
+    """One logger on its own thread; the first exception turns it off with one warning."""
+
+    def __init__(self, name: str, logger: Any, warn: Callable[[str], None]) -> None:
+        self.name = name
+        self.logger = logger
+        self.warn = warn
+        self.failed = False
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=f"lorakit-log-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, method: str, *args: Any) -> None:
+        if not self.failed:
+            self.queue.put((method, args))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            method, args = item
+            if method == "_barrier":
+                args[0].set()
+                continue
+            if self.failed:
+                continue
+            try:
+                getattr(self.logger, method)(*args)
+            except Exception as exc:  # a tracker's failure must never stop the run
+                self.failed = True
+                reason = (str(exc).splitlines() or ["no message"])[0]
+                if len(reason) > 160:
+                    reason = reason[:157] + "..."
+                self.warn(
+                    f"logger {self.name} failed in {method} ({type(exc).__name__}: {reason}); "
+                    "it is off for the rest of this run, training goes on"
+                )
+
+    def wait(self, timeout: float) -> bool:
+        """Block until everything submitted so far is handled (or ``timeout``)."""
+        done = threading.Event()
+        self.queue.put(("_barrier", (done,)))
+        return done.wait(timeout)
+
+    def stop(self, timeout: float) -> bool:
+        self.queue.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class Loggers:
+    """What the run and the training callback call; each call is queued to every logger.
+
+    Empty (every call a no-op) until :meth:`open`; ranks other than 0 never open it.
+    """
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.workers: list[_Worker] = []
+        self.say = say
+        self.closed = False
+
+    def open(self, loggers: Mapping[str, Any], run: LogRun) -> None:
+        self.workers = [_Worker(n, lg, self.say) for n, lg in loggers.items()]
+        self.start(run)
+
+    @property
+    def names(self) -> list[str]:
+        return [w.name for w in self.workers]
+
+    def _all(self, method: str, *args: Any) -> None:
+        for w in self.workers:
+            w.submit(method, *args)
+
+    def start(self, run: LogRun) -> None:
+        self._all("start", run)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._all("log_metrics", step, dict(metrics), time.time())
+
+    def log_final(self, step: int, metrics: Mapping[str, float]) -> None:
+        if metrics:
+            self._all("log_final", step, dict(metrics))
+
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
+        present = [p for p in paths if p.exists()]
+        if present:
+            self._all("log_artifacts", present)
+
+    def flush(self, name: str = ALWAYS_ON, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait until logger ``name`` has handled what was sent: metrics.jsonl is complete
+        before loss.png is drawn from it. Other trackers are not waited for here."""
+        for w in self.workers:
+            if w.name == name:
+                w.wait(timeout)
+
+    def close(self, status: str = "FINISHED", timeout: float = CLOSE_TIMEOUT_S) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._all("finish", status)
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            if not w.stop(max(deadline - time.monotonic(), 0.0)):
+                self.say(
+                    f"logger {w.name} did not finish within {timeout:.0f}s; its record may be incomplete"
+                )
+
+
+def run_info(recipe: Recipe, run: RunDir, data_fingerprint: str, resumed: bool) -> LogRun:
+    versions = read_json(run.versions) if run.versions.is_file() else stack_versions()
+    return LogRun(
+        name=recipe.name,
+        run_dir=run.path,
+        output_dir=Path(recipe.output.dir),
+        params=recipe.resolved(),
+        data_fingerprint=data_fingerprint,
+        versions=versions,
+        config_hash=recipe.config_hash(),
+        resumed=resumed,
+    )
+
+
+def log_outputs(loggers: Loggers, run: RunDir, report: Path | None, step: int) -> None:
+    """After evaluation: the final metrics (base and tuned) and the run's files."""
+    if report is not None:
+        loggers.log_final(step, final_metrics(read_json(report)))
+    files = ("eval_report.json", "report.md", "loss.png", "predictions.jsonl")
+    loggers.log_artifacts(
+        [run.adapter, *(run.path / f for f in files), run.data_report, run.resolved]
+    )

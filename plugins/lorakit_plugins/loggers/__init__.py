@@ -1,0 +1,1 @@
+"""Experiment loggers: metrics.jsonl (always on), TensorBoard, MLflow."""
