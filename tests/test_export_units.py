@@ -105,8 +105,14 @@ def test_model_card_handles_missing_and_present_reports():
     assert "No evaluation was recorded" in card and "Not measured" in card
     card = _card(last_eval={"eval_loss": 0.5, "step": 3})
     assert "validation loss" in card and "0.5" in card
-    card = _card(eval_report={"metrics": {"exact_match": 0.75, "loss": 0.4}})
-    assert "| exact_match | 0.75 |" in card
+    # the shape lorakit's evaluation writes: one result per (model, split)
+    results = [
+        {"split": "val", "adapter": None, "metrics": {"exact_match": 0.25, "eval_loss": 0.9}},
+        {"split": "val", "adapter": "runs/x/adapter", "metrics": {"exact_match": 0.75}},
+    ]
+    card = _card(eval_report={"results": results})
+    assert "| split | model | eval_loss | exact_match |" in card
+    assert "| val | base | 0.9 | 0.25 |" in card and "| val | fine-tuned | - | 0.75 |" in card, card
     parity = {
         "reference": "fp32 unquantized base + adapter (unmerged)",
         "reference_ppl": 2.5,

@@ -26,15 +26,20 @@ def _metrics_section(
     eval_report: Mapping[str, Any] | None, last_eval: Mapping[str, Any] | None
 ) -> list[str]:
     out = ["## Metrics", ""]
-    if eval_report:
-        metrics = eval_report.get("metrics", eval_report)
+    results = eval_report.get("results") if eval_report else None
+    if isinstance(results, list) and results:
+        # eval_report.json: one result per (model, split); the base model has no adapter
+        names = sorted({k for r in results for k in (r.get("metrics") or {})})
         out.append("From the run's `eval_report.json`:")
         out.append("")
-        out += ["| metric | value |", "|---|---|"]
-        if isinstance(metrics, Mapping):
-            out += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-        else:
-            out.append(f"| metrics | {_fmt(metrics)} |")
+        out += [f"| split | model | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+        for r in results:
+            model = "fine-tuned" if r.get("adapter") else "base"
+            got = r.get("metrics") or {}
+            values = [_fmt(got[k]) if k in got else "-" for k in names]
+            out.append(f"| {r.get('split', '?')} | {model} | {' | '.join(values)} |")
+    elif eval_report:
+        out.append("The run's `eval_report.json` holds no results (run `lorakit eval` on it).")
     elif last_eval:
         out.append("No `eval_report.json` in the run (run `lorakit eval` for task metrics); last")
         out.append(f"validation loss logged during training: {_fmt(last_eval.get('eval_loss'))}")
