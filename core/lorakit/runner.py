@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.catalog import Catalog
+from lorakit.components import Components
 from lorakit.console import say
 from lorakit.data.pipeline import (
     DataReport,
@@ -22,8 +22,9 @@ from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
 
 
-def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> Path:
-    """Train an adapter for ``recipe``; return the run folder."""
+def run_recipe(recipe: Recipe, components: Components, resume: str | None = None) -> Path:
+    """Train an adapter for ``recipe`` with its plugins, built once (``build_components``);
+    return the run folder."""
     import transformers
 
     from lorakit.attention import packed_attention
@@ -50,7 +51,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     # 2. Read the data and split it deterministically.
     report = DataReport()
-    splits = load_splits(recipe, catalog, report)
+    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     if checkpoint is not None and run.data_report.is_file():
         started_with = read_json(run.data_report).get("fingerprint")
         if started_with and started_with != splits.fingerprint:
@@ -61,11 +62,11 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
             )
 
     # 3. Resolve the base model and load its tokenizer.
-    ref = resolve_model(recipe, catalog)
-    tokenizer = load_tokenizer(recipe, catalog, ref)
+    ref = resolve_model(components.model_source, recipe.model.name)
+    tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
 
     # 4. Format and tokenize with completion-only labels.
-    formatter = recipe.format.build(catalog)
+    formatter = components.formatter
     eot = formatter.end_of_turn(tokenizer)
     t = recipe.train
     train_rows = tokenize_examples(
@@ -122,19 +123,19 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # 7. Load the base model, quantized by the recipe's backend.
     device = resolve_device(t.device)
     threads = configure_threads(t.threads) if device == "cpu" else None
-    backend = recipe.quant.build(catalog)
+    backend = components.quant
     compute_dtype = backend.compute_dtype(device)
     say(
         f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute "
         f"{compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    model = load_base_model(recipe, catalog, device, ref=ref)
+    model = load_base_model(ref, backend, device, recipe_dir=recipe.recipe_dir)
 
     # 8. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
     model = backend.prepare_for_training(model, t.gradient_checkpointing)
 
     # 9. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
-    model = attach_new_adapter(model, recipe, catalog, t.seed)
+    model = attach_new_adapter(model, components.peft, t.seed)
     if device == "cpu":
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost
         from lorakit.fast_dropout import use_fast_dropout
@@ -185,5 +186,5 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
     #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
-    evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
+    evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=ref)
     return run.path

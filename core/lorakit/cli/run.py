@@ -7,6 +7,7 @@ import sys
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.cli.plan import add_memory_arg, capacity
+from lorakit.components import build_components
 from lorakit.recipe import load_recipe
 
 
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def memory_preflight(args, recipe, catalog) -> None:
+def memory_preflight(args, recipe, components) -> None:
     """Print the plan's one-line summary; refuse to start when it predicts no fit."""
     from lorakit.errors import LorakitError, RunError
     from lorakit.memory_plan import gb
@@ -37,9 +38,9 @@ def memory_preflight(args, recipe, catalog) -> None:
     try:
         # The upper bound (batch x max_length tokens, all supervised) needs no data; only when it
         # does not fit is the data read for the real micro-batch size.
-        plan, _note = plan_recipe(recipe, catalog, device, read_data=False)
+        plan, _note = plan_recipe(recipe, components, device, read_data=False)
         if size is not None and plan.peak > size:
-            plan, _note = plan_recipe(recipe, catalog, device)
+            plan, _note = plan_recipe(recipe, components, device)
     except (LorakitError, ValueError) as exc:
         print(f"[lorakit] memory plan skipped: {exc}", file=sys.stderr, flush=True)
         return
@@ -58,7 +59,8 @@ def run(args) -> int:
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
-    memory_preflight(args, recipe, catalog)
-    path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+    components = build_components(recipe, catalog)
+    memory_preflight(args, recipe, components)
+    path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
     print(f"done: {path}")
     return 0
