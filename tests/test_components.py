@@ -9,7 +9,7 @@ import attrs
 import pytest
 from helpers import chat_records, write_jsonl
 from lorakit import api
-from lorakit.catalog import build_catalog, make_manager
+from lorakit.catalog import Entry, build_catalog, make_manager
 from lorakit.components import build_components
 from lorakit.contracts import ModelRef
 from lorakit.data.pipeline import DataReport, load_splits
@@ -76,8 +76,8 @@ def test_load_splits_takes_sources_built_without_a_recipe(tmp_path):
 
     write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
     source = ChatJsonlSource(ChatJsonlOptions(path="chat.jsonl"))
-    entry = SimpleNamespace(kind="source", name="chat_jsonl", plugin="by hand", distribution=None)
-    part = SourceComponent(key="[data.sources.0]", name="chat_jsonl", source=source, entry=entry)  # type: ignore[arg-type]
+    entry = Entry(kind="source", name="chat_jsonl", factory=ChatJsonlSource, plugin="by hand")
+    part = SourceComponent(key="[data.sources.0]", name="chat_jsonl", source=source, entry=entry)
     report = DataReport()
     splits = load_splits([part], DataSection(val_fraction=0.25), tmp_path, report)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 12
