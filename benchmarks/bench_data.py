@@ -76,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
     from lorakit.recipe import load_recipe
 
@@ -90,11 +91,12 @@ def main() -> None:
         )
         catalog = default_catalog()
         recipe = load_recipe(recipe_path, (), catalog)
-        formatter = recipe.format.build(catalog)
+        components = build_components(recipe, catalog)
+        formatter = components.formatter
 
         t0 = time.perf_counter()
         report = DataReport()
-        splits = load_splits(recipe, catalog, report)
+        splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
         t1 = time.perf_counter()
         rows = []
         for name in ("train", "val", "test"):

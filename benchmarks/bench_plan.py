@@ -101,12 +101,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 def predict(recipe_path: Path, overrides: list[str]) -> dict:
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.preflight import plan_recipe
     from lorakit.recipe import load_recipe
 
     catalog = default_catalog()
     recipe = load_recipe(recipe_path, overrides, catalog)
-    plan, note = plan_recipe(recipe, catalog, "cpu")
+    plan, note = plan_recipe(recipe, build_components(recipe, catalog), "cpu")
     return {"peak": plan.peak / 2**30, "train": plan.train_peak / 2**30, "note": note}
 
 

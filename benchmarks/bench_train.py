@@ -113,16 +113,18 @@ def write_recipe(folder: Path, name: str, data: Path, quant: str, steps: int) ->
 
 def _rows(recipe_path: Path) -> tuple[Any, list[Any], str]:
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
     from lorakit.modeling import load_tokenizer, resolve_model
     from lorakit.recipe import load_recipe
 
     catalog = default_catalog()
     recipe = load_recipe(recipe_path, catalog=catalog)
-    ref = resolve_model(recipe, catalog)
-    tok = load_tokenizer(recipe, catalog, ref)
-    splits = load_splits(recipe, catalog, DataReport())
-    formatter = recipe.format.build(catalog)
+    components = build_components(recipe, catalog)
+    ref = resolve_model(components.model_source)
+    tok = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
+    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
+    formatter = components.formatter
     rows = tokenize_examples(splits.train, formatter, tok, MAX_LENGTH, "drop", DataReport())
     return tok, rows, ref.path
 

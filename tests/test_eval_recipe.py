@@ -66,7 +66,7 @@ def test_valid_eval_section_and_metric_options(tmp_path):
     path.write_text(BASE + text, encoding="utf-8")
     recipe = load_recipe(path)
     from lorakit.catalog import default_catalog
-    from lorakit.evaluation.config import build_metrics
+    from lorakit.components import build_metrics
 
     metrics = build_metrics(default_catalog(), recipe.eval)
     assert list(metrics) == ["exact_match", "stops"]

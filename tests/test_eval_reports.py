@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from lorakit.catalog import default_catalog
+from lorakit.components import build_metrics
 from lorakit.decoding import Generation
 from lorakit.evaluation.collect import collect_rows
-from lorakit.evaluation.config import build_metrics
 from lorakit.evaluation.plot import plot_losses
 from lorakit.evaluation.report import fmt, write_outputs
 from lorakit.evaluation.scoring import SplitResult

@@ -146,13 +146,15 @@ def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
 @pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_chat_template_renders_every_training_example(tiny_export):
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.contracts import Example, Message
     from lorakit.load_run import open_run, prepare_inference
     from transformers import AutoTokenizer
 
     run, export = tiny_export
     catalog = default_catalog()
-    loaded = prepare_inference(open_run(run, catalog), catalog, run / "adapter")
+    recipe = open_run(run, catalog)
+    loaded = prepare_inference(recipe, build_components(recipe, catalog), run / "adapter")
     gguf_tok = AutoTokenizer.from_pretrained(str(export / "gguf"), gguf_file="recipe-Q8_0.gguf")
     lines = (run / "data" / "splits" / "train.jsonl").read_text().splitlines()
     assert len(lines) > 20

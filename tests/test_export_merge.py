@@ -61,12 +61,14 @@ def _reference_logits(run: Path, ids: list[int]) -> dict:
     """Unquantized base + the unmerged adapter, in fp32 and fp64: what the merge must reproduce."""
     import torch
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.load_run import open_run
-    from lorakit.modeling import load_adapter, load_base_model
+    from lorakit.modeling import load_adapter, load_base_model, resolve_model
 
     catalog = default_catalog()
-    recipe = open_run(run, catalog)
-    base = load_base_model(recipe, catalog, "cpu", quantized=False, dtype=torch.float32)
+    parts = build_components(open_run(run, catalog), catalog)
+    ref = resolve_model(parts.model_source)
+    base = load_base_model(ref, parts.quant, "cpu", quantized=False, dtype=torch.float32)
     model = load_adapter(base, run / "adapter").eval()
     out = {}
     with torch.inference_mode():
@@ -182,13 +184,15 @@ def test_dequantized_merge_reproduces_the_trained_quantized_model(exported, tmp_
 
 def test_exported_tokenizer_renders_exactly_like_training(exported):
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.contracts import Example, Message
     from lorakit.load_run import open_run, prepare_inference
     from transformers import AutoTokenizer
 
     run, export = exported
     catalog = default_catalog()
-    loaded = prepare_inference(open_run(run, catalog), catalog, run / "adapter")
+    recipe = open_run(run, catalog)
+    loaded = prepare_inference(recipe, build_components(recipe, catalog), run / "adapter")
     lines = (run / "data" / "splits" / "train.jsonl").read_text().splitlines()
     assert lines
     for folder in (export / "adapter", export / "merged"):

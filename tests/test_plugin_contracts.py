@@ -16,6 +16,7 @@ import attrs
 import pytest
 from lorakit import api
 from lorakit.catalog import build_catalog, make_manager
+from lorakit.components import build_components
 from lorakit.contracts import Example, Message
 from lorakit.data.pipeline import DataReport, read_examples
 from lorakit.data.validate import example_problem
@@ -92,7 +93,8 @@ def _read(tmp_path, records):
     recipe_file = tmp_path / "r.toml"
     recipe_file.write_text('[[data.sources]]\nplugin = "throwaway"\n', encoding="utf-8")
     recipe = load_recipe(recipe_file, catalog=catalog)
-    return read_examples(recipe, catalog, DataReport())
+    sources = build_components(recipe, catalog).sources
+    return read_examples(sources, recipe.data, recipe.recipe_dir, DataReport())
 
 
 def test_a_record_that_breaks_the_contract_names_the_plugin_and_the_record(tmp_path):

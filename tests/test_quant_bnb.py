@@ -26,18 +26,19 @@ def _packed(layer) -> bool:
 
 def _load(tmp_path, tiny_model_dir, chat_file):
     from lorakit.catalog import default_catalog
-    from lorakit.modeling import load_base_model
+    from lorakit.components import build_components
+    from lorakit.modeling import load_base_model, resolve_model
     from lorakit.recipe import load_recipe
 
-    catalog = default_catalog()
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit"))
-    return recipe, catalog, load_base_model(recipe, catalog, "cpu")
+    parts = build_components(recipe, default_catalog())
+    return parts, load_base_model(resolve_model(parts.model_source), parts.quant, "cpu")
 
 
 def test_eval_forward_keeps_4bit_layers_trainable(tmp_path, tiny_model_dir, chat_file):
     import torch
 
-    _, _, model = _load(tmp_path, tiny_model_dir, chat_file)
+    _, model = _load(tmp_path, tiny_model_dir, chat_file)
     layers = _four_bit_layers(model)
     assert layers, "the recipe must load a 4-bit model"
     model.eval()
@@ -60,10 +61,10 @@ def test_training_refuses_an_already_repacked_model(tmp_path, tiny_model_dir, ch
     convert = getattr(functional, "_convert_weight_packed_for_cpu", None)
     if convert is None:
         pytest.skip("this bitsandbytes has no CPU inference repacking")
-    recipe, catalog, model = _load(tmp_path, tiny_model_dir, chat_file)
+    parts, model = _load(tmp_path, tiny_model_dir, chat_file)
     layer = _four_bit_layers(model)[0]
     layer.weight.data, layer.weight.quant_state = convert(
         layer.weight.data, layer.weight.quant_state
     )
     with pytest.raises(RuntimeError, match="load the model again"):
-        recipe.quant.build(catalog).prepare_for_training(model, gradient_checkpointing=False)
+        parts.quant.prepare_for_training(model, gradient_checkpointing=False)

@@ -1,5 +1,8 @@
 """Open a finished run (or a recipe) for inference: recipe, tokenizer, formatter, models.
 
+The caller builds the recipe's components once (:func:`lorakit.components.build_components`);
+:func:`prepare_inference` resolves the model once and keeps everything in one :class:`Loaded`.
+
 ``eval``, ``baseline``, ``export`` and ``generate`` all start here, so they load the base and
 the adapter exactly the way training did.
 """
@@ -12,6 +15,8 @@ from typing import Any
 import attrs
 
 from lorakit.catalog import Catalog
+from lorakit.components import Components
+from lorakit.contracts import ModelRef
 from lorakit.errors import RunError
 from lorakit.export.adapter_io import read_meta, stop_token_ids
 from lorakit.recipe import Recipe, load_recipe, read_toml, validate
@@ -50,49 +55,73 @@ def open_target(
 
 @attrs.define
 class Loaded:
+    """A recipe's components ready for inference: tokenizer, formatter, stop tokens, device."""
+
     recipe: Recipe
+    components: Components
     tokenizer: Any
     formatter: Any
     end_of_turn: str
     stop_ids: list[int]
     device: str
+    _ref: ModelRef | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        """The base model, resolved on first use and once (a source may check or convert)."""
+        if self._ref is None:
+            from lorakit.modeling import resolve_model
+
+            self._ref = resolve_model(self.components.model_source, self.recipe.model.name)
+        return self._ref
 
 
-def prepare_inference(recipe: Recipe, catalog: Catalog, adapter_dir: Path | None = None) -> Loaded:
+def prepare_inference(
+    recipe: Recipe,
+    components: Components,
+    adapter_dir: Path | None = None,
+    *,
+    ref: ModelRef | None = None,
+) -> Loaded:
+    """Load the tokenizer (the adapter's own copy when it has one, else the base model's) and
+    pick the stop tokens. ``ref``: the base model when the caller resolved it already."""
     from lorakit.device import resolve_device
-    from lorakit.modeling import load_tokenizer
+    from lorakit.modeling import load_tokenizer, resolve_model
 
     if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     else:
-        tokenizer = load_tokenizer(recipe, catalog)
-    formatter = recipe.format.build(catalog)
+        ref = ref or resolve_model(components.model_source, recipe.model.name)
+        tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
+    formatter = components.formatter
     eot = read_meta(adapter_dir).get("end_of_turn") if adapter_dir else None
     eot = eot or formatter.end_of_turn(tokenizer)
     return Loaded(
         recipe=recipe,
+        components=components,
         tokenizer=tokenizer,
         formatter=formatter,
         end_of_turn=eot,
         stop_ids=stop_token_ids(tokenizer, eot),
         device=resolve_device(recipe.train.device),
+        ref=ref,
     )
 
 
-def load_model(
-    recipe: Recipe,
-    catalog: Catalog,
-    device: str,
-    adapter_dir: Path | None,
-    *,
-    quantized: bool = True,
-) -> Any:
-    """The base model (quantized as in training unless ``quantized=False``), plus the adapter."""
+def load_model(loaded: Loaded, adapter_dir: Path | None, *, quantized: bool = True) -> Any:
+    """The base model (quantized as in training unless ``quantized=False``), plus the adapter,
+    on ``loaded.device``."""
     from lorakit.modeling import load_adapter, load_base_model
 
-    model = load_base_model(recipe, catalog, device, quantized=quantized)
+    model = load_base_model(
+        loaded.ref,
+        loaded.components.quant,
+        loaded.device,
+        quantized=quantized,
+        recipe_dir=loaded.recipe.recipe_dir,
+    )
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir, trainable=False)
     model.eval()

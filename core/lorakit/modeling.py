@@ -1,4 +1,7 @@
-"""Load the tokenizer and base model a recipe names, quantize it, attach or load an adapter.
+"""Load a model's tokenizer and base model, quantize it, attach or load an adapter.
+
+Every function takes the objects it uses (a ``ModelRef``, a quant backend, a PEFT method), built
+once per run by :func:`lorakit.components.build_components`.
 
 Only safetensors weights are loaded, and ``trust_remote_code`` stays off unless the model
 source turns it on. Network failures become a ``ModelError`` that says how to work offline.
@@ -9,27 +12,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.catalog import Catalog
-from lorakit.contracts import ModelRef
+from lorakit.contracts import ModelRef, ModelSource, PeftMethod, QuantBackend
 from lorakit.distributed import local_rank
 from lorakit.errors import ModelError, RunError
-from lorakit.recipe import Recipe
 from lorakit.secrets import hub_token
 
 
-def resolve_model(recipe: Recipe, catalog: Catalog) -> ModelRef:
-    ref = recipe.model.build(catalog).resolve()
+def resolve_model(source: ModelSource, name: str = "") -> ModelRef:
+    """Ask the model source (``components.model_source``; ``name``: its plugin name, for
+    messages) where the model is. Sources may convert or check files here: resolve once."""
+    ref = source.resolve()
     if not isinstance(ref, ModelRef):
-        raise ModelError(f"model plugin {recipe.model.name!r} returned {ref!r}, not a ModelRef")
+        label = name or type(source).__name__
+        raise ModelError(f"model plugin {label!r} returned {ref!r}, not a ModelRef")
     return ref
 
 
-def _common_kwargs(ref: ModelRef, recipe: Recipe) -> dict[str, Any]:
+def _common_kwargs(ref: ModelRef, recipe_dir: Path | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
     if ref.revision:
         kwargs["revision"] = ref.revision
     if not Path(ref.path).exists():
-        token = hub_token((Path.cwd(), recipe.recipe_dir))
+        token = hub_token((Path.cwd(), recipe_dir) if recipe_dir else (Path.cwd(),))
         if token:
             kwargs["token"] = token
     return kwargs
@@ -54,12 +58,13 @@ def _load_error(exc: Exception, ref: ModelRef, what: str) -> ModelError:
     )
 
 
-def load_tokenizer(recipe: Recipe, catalog: Catalog, ref: ModelRef | None = None) -> Any:
+def load_tokenizer(ref: ModelRef, *, recipe_dir: Path | None = None) -> Any:
+    """The model's tokenizer (pad token set). ``recipe_dir``: where else to look for a ``.env``
+    holding the Hub token, besides the working directory."""
     from transformers import AutoTokenizer
 
-    ref = ref or resolve_model(recipe, catalog)
     try:
-        tok = AutoTokenizer.from_pretrained(ref.path, **_common_kwargs(ref, recipe))
+        tok = AutoTokenizer.from_pretrained(ref.path, **_common_kwargs(ref, recipe_dir))
     except (OSError, ValueError) as exc:
         raise _load_error(exc, ref, "tokenizer") from exc
     if tok.pad_token is None:
@@ -69,23 +74,22 @@ def load_tokenizer(recipe: Recipe, catalog: Catalog, ref: ModelRef | None = None
 
 
 def load_base_model(
-    recipe: Recipe,
-    catalog: Catalog,
+    ref: ModelRef,
+    backend: QuantBackend,
     device: str,
     *,
     quantized: bool = True,
     dtype: Any = None,
-    ref: ModelRef | None = None,
+    recipe_dir: Path | None = None,
 ) -> Any:
-    """The base model on ``device``, quantized by the recipe's backend unless ``quantized=False``.
+    """The base model on ``device``, quantized by ``backend`` unless ``quantized=False``.
 
-    ``dtype`` overrides the compute dtype (export merges in fp32).
+    ``dtype`` overrides the compute dtype (export merges in fp32); ``recipe_dir`` as in
+    :func:`load_tokenizer`.
     """
     from transformers import AutoModelForCausalLM
 
-    ref = ref or resolve_model(recipe, catalog)
-    kwargs = _common_kwargs(ref, recipe)
-    backend = recipe.quant.build(catalog)
+    kwargs = _common_kwargs(ref, recipe_dir)
     if quantized:
         kwargs.update(backend.load_kwargs(device))
     else:
@@ -107,12 +111,13 @@ def load_base_model(
     return model
 
 
-def attach_new_adapter(model: Any, recipe: Recipe, catalog: Catalog, seed: int) -> Any:
-    """Wrap ``model`` with a freshly initialised adapter (seeded, so init is reproducible)."""
+def attach_new_adapter(model: Any, peft_method: PeftMethod, seed: int) -> Any:
+    """Wrap ``model`` with a freshly initialised adapter of ``peft_method`` (seeded, so init is
+    reproducible)."""
     import torch
     from peft import get_peft_model
 
-    config = recipe.peft.build(catalog).peft_config()
+    config = peft_method.peft_config()
     torch.manual_seed(seed)
     try:
         return get_peft_model(model, config)

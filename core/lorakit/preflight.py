@@ -15,34 +15,32 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from lorakit.catalog import Catalog
+from lorakit.components import Components
 from lorakit.errors import ModelError
 from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
 from lorakit.recipe import Recipe
 
 
-def model_config(recipe: Recipe, catalog: Catalog) -> dict[str, Any]:
-    source = recipe.model.build(catalog)
+def model_config(source: Any, name: str) -> dict[str, Any]:
+    """The config.json of the model ``source`` (plugin ``name``), read without loading it."""
     read = getattr(source, "model_config", None)
     if read is None:
         raise ModelError(
-            f"model plugin {recipe.model.name!r} cannot give its config without loading the model",
+            f"model plugin {name!r} cannot give its config without loading the model",
             where="[model]",
             fix="add a model_config() method to the plugin (see contracts.ModelSource)",
         )
     config = read()
     if not isinstance(config, dict):
-        raise ModelError(f"model plugin {recipe.model.name!r}: model_config() returned {config!r}")
+        raise ModelError(f"model plugin {name!r}: model_config() returned {config!r}")
     return config
 
 
-def _spec(recipe: Recipe, catalog: Catalog, section: str) -> dict[str, Any]:
-    choice = getattr(recipe, section)
-    plugin = choice.build(catalog)
+def _spec(plugin: Any, section: str, name: str) -> dict[str, Any]:
     spec = getattr(plugin, "memory_spec", None)
     if spec is None:
         raise ModelError(
-            f"[{section}] plugin {choice.name!r} does not describe its memory (no memory_spec())",
+            f"[{section}] plugin {name!r} does not describe its memory (no memory_spec())",
             where=f"[{section}]",
             fix="lorakit plan cannot predict this recipe; run it and read peak_memory_gb",
         )
@@ -96,7 +94,7 @@ def _auto_dtype(device: str) -> str:
     return "bf16" if rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"] else "fp32"
 
 
-def data_tokens(recipe: Recipe, catalog: Catalog) -> tuple[int, int, str]:
+def data_tokens(recipe: Recipe, components: Components) -> tuple[int, int, str]:
     """Tokens and supervised positions of the largest micro-batch, and where they came from.
 
     With the model's tokenizer on disk the data is read and tokenized (torch-free); otherwise the
@@ -109,13 +107,13 @@ def data_tokens(recipe: Recipe, catalog: Catalog) -> tuple[int, int, str]:
         from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
         from lorakit.data.pipeline import DataReport, load_splits
 
-        folder, note = find_tokenizer_folder(recipe, catalog)
+        folder, note = find_tokenizer_folder(components.model_source, recipe.model.name)
         if folder is None:
             return budget, budget, f"upper bound, no data read ({note})"
-        splits = load_splits(recipe, catalog, DataReport())
+        splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
         stats = lint(
             splits.train,
-            recipe.format.build(catalog),
+            components.formatter,
             LiteTokenizer(folder),
             t.max_length,
             recipe.data.overlength,
@@ -130,15 +128,17 @@ def data_tokens(recipe: Recipe, catalog: Catalog) -> tuple[int, int, str]:
     return tokens, round(tokens * share), f"from the data: {share:.0%} of tokens supervised"
 
 
-def plan_recipe(recipe: Recipe, catalog: Catalog, device: str, read_data: bool = True) -> Any:
-    """The :class:`Plan` for ``recipe`` on ``device`` and a note on the micro-batch size."""
-    shape = shape_from_config(model_config(recipe, catalog))
-    quant, peft = _spec(recipe, catalog, "quant"), _spec(recipe, catalog, "peft")
+def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: bool = True) -> Any:
+    """The :class:`Plan` for ``recipe`` (its built ``components``) on ``device`` and a note on
+    the micro-batch size."""
+    shape = shape_from_config(model_config(components.model_source, recipe.model.name))
+    quant = _spec(components.quant, "quant", recipe.quant.name)
+    peft = _spec(components.peft, "peft", recipe.peft.name)
     dtype = quant.get("dtype", "auto")
     if dtype == "auto":
         dtype = _auto_dtype(device)
     if read_data:
-        tokens, supervised, note = data_tokens(recipe, catalog)
+        tokens, supervised, note = data_tokens(recipe, components)
     else:
         tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
         supervised, note = tokens, "upper bound"

@@ -60,10 +60,6 @@ class PluginChoice:
     name: str
     options: Any
 
-    def build(self, catalog: Catalog) -> Any:
-        """Instantiate the plugin's factory with its options."""
-        return catalog.get(self.kind, self.name).factory(self.options)
-
     def to_plain(self) -> dict[str, Any]:
         return {"plugin": self.name, **to_plain(self.options)}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__, distributed
-from lorakit.catalog import Catalog
+from lorakit.components import Components
 from lorakit.console import say
 from lorakit.data.pipeline import (
     DataReport,
@@ -21,14 +21,15 @@ from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
-from lorakit.tracking import Loggers, build_loggers, log_outputs, run_info
+from lorakit.tracking import Loggers, log_outputs, run_info
 
 
-def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> Path:
-    """Train an adapter for ``recipe``; return the run folder."""
+def run_recipe(recipe: Recipe, components: Components, resume: str | None = None) -> Path:
+    """Train an adapter for ``recipe`` with its plugins, built once (``build_components``);
+    return the run folder."""
     loggers = Loggers(say)  # opened once the run folder is claimed, on rank 0
     try:
-        path = _run(recipe, catalog, resume, loggers)
+        path = _run(recipe, components, resume, loggers)
     except KeyboardInterrupt:
         loggers.close("KILLED", timeout=5.0)  # Ctrl-C must not wait on a slow tracker
         raise
@@ -39,7 +40,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     return path
 
 
-def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers) -> Path:
+def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Loggers) -> Path:
     import transformers
 
     from lorakit.attention import packed_attention
@@ -70,16 +71,16 @@ def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers)
 
     # 2. Read the data and split it deterministically (every rank: it is cheap and identical).
     report = DataReport()
-    splits = load_splits(recipe, catalog, report)
+    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     if checkpoint is not None:
         distributed.on_main(lambda: _same_data(run, splits.fingerprint))
 
     # 3. Resolve the base model and load its tokenizer.
-    ref = resolve_model(recipe, catalog)
-    tokenizer = load_tokenizer(recipe, catalog, ref)
+    ref = resolve_model(components.model_source, recipe.model.name)
+    tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
 
     # 4. Format and tokenize with completion-only labels.
-    formatter = recipe.format.build(catalog)
+    formatter = components.formatter
     eot = formatter.end_of_turn(tokenizer)
     train_rows = tokenize_examples(
         splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report
@@ -130,7 +131,7 @@ def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers)
         )
         # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
         loggers.open(
-            build_loggers(catalog, recipe.log),
+            dict(components.loggers),
             run_info(recipe, run, splits.fingerprint, resumed=checkpoint is not None),
         )
 
@@ -146,19 +147,19 @@ def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers)
     # 7. Load the base model, quantized by the recipe's backend (one replica per rank, on its
     #    LOCAL_RANK device).
     threads = configure_threads(t.threads) if device == "cpu" else None
-    backend = recipe.quant.build(catalog)
+    backend = components.quant
     compute_dtype = backend.compute_dtype(device)
     say(
         f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute "
         f"{compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    model = load_base_model(recipe, catalog, device, ref=ref)
+    model = load_base_model(ref, backend, device, recipe_dir=recipe.recipe_dir)
 
     # 8. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
     model = backend.prepare_for_training(model, t.gradient_checkpointing)
 
     # 9. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
-    model = attach_new_adapter(model, recipe, catalog, t.seed)
+    model = attach_new_adapter(model, components.peft, t.seed)
     if device == "cpu":
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost
         from lorakit.fast_dropout import use_fast_dropout
@@ -216,7 +217,7 @@ def _run(recipe: Recipe, catalog: Catalog, resume: str | None, loggers: Loggers)
     # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
     #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
     loggers.flush()  # metrics.jsonl is complete before loss.png is drawn from it
-    eval_report = evaluate_run(recipe, catalog, run.path, adapter=True, say=say)
+    eval_report = evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=ref)
 
     # 13. Send the final metrics (base and tuned) and the run's files to the loggers.
     log_outputs(loggers, run, eval_report, trainer.state.global_step)

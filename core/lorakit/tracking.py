@@ -73,19 +73,6 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
     return problems
 
 
-def build_loggers(catalog: Catalog, section: LogSection) -> dict[str, Any]:
-    """name -> logger instance: ``jsonl`` first, then the recipe's (already validated)."""
-    out: dict[str, Any] = {}
-    for name in (ALWAYS_ON, *section.plugins):
-        if name in out:
-            continue
-        entry = catalog.get("logger", name, where="[log].plugins")
-        cls = entry.options_class
-        options, _ = structure(cls, section.options.get(name, {}), name) if cls else (None, [])
-        out[name] = entry.factory(options)
-    return out
-
-
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     """A nested recipe as ``{"train.learning_rate": "0.0002", ...}`` (lists as JSON)."""
     if isinstance(node, Mapping):

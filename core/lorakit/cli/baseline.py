@@ -19,13 +19,15 @@ def run(args) -> int:
     from pathlib import Path
 
     from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
     from lorakit.console import say
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.recipe import load_recipe
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
-    report = evaluate_run(recipe, catalog, Path(recipe.run_dir), adapter=False, say=say)
+    components = build_components(recipe, catalog)
+    report = evaluate_run(recipe, components, Path(recipe.run_dir), adapter=False, say=say)
     if report is not None:
         print(f"done: {report}")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
+from lorakit.components import build_components
 from lorakit.data.pipeline import DataReport, load_splits
 from lorakit.errors import printable
 from lorakit.recipe import load_recipe
@@ -40,9 +41,10 @@ def run(args) -> int:
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
+    components = build_components(recipe, catalog)
     print(f"recipe {args.recipe}: ok (run folder {recipe.run_dir})")
     report = DataReport()
-    splits = load_splits(recipe, catalog, report)
+    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
         print(printable(line))
     print(
@@ -53,12 +55,12 @@ def run(args) -> int:
     if args.tokenizer:
         folder, note = Path(args.tokenizer), ""
     else:
-        folder, note = find_tokenizer_folder(recipe, catalog)
+        folder, note = find_tokenizer_folder(components.model_source, recipe.model.name)
     if folder is None:
         print(f"token statistics skipped: {note} (or pass --tokenizer FOLDER)")
         return 0
     tokenizer = LiteTokenizer(folder)
-    formatter = recipe.format.build(catalog)
+    formatter = components.formatter
     examples = [*splits.train, *splits.val, *splits.test]
     stats = lint(examples, formatter, tokenizer, recipe.train.max_length, recipe.data.overlength)
     print(f"format {recipe.format.name}, tokenizer {folder}:")

@@ -120,17 +120,19 @@ class Target:
 class RunTarget(Target):
     def __init__(self, run_dir: Path):
         from lorakit.catalog import default_catalog
+        from lorakit.components import build_components
         from lorakit.load_run import load_model, open_run, prepare_inference
         from lorakit.modeling import check_adapter_dir
         from lorakit.rundir import RunDir
 
         catalog = default_catalog()
         recipe = open_run(run_dir, catalog)
+        components = build_components(recipe, catalog)
         adapter = RunDir(run_dir).adapter
         check_adapter_dir(adapter)  # before the (slow) base load
-        loaded = prepare_inference(recipe, catalog, adapter)
+        loaded = prepare_inference(recipe, components, adapter)
         self.tokenizer, self.stop_ids = loaded.tokenizer, loaded.stop_ids
-        self.model = load_model(recipe, catalog, loaded.device, adapter)
+        self.model = load_model(loaded, adapter)
         self.render = lambda msgs: loaded.formatter.render_prompt(msgs, loaded.tokenizer)
         self.label = f"{run_dir} (base + adapter, quant {recipe.quant.name})"
 

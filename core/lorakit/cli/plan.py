@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
+from lorakit.components import build_components
 from lorakit.errors import RecipeError
 from lorakit.recipe import load_recipe
 
@@ -52,8 +53,9 @@ def run(args) -> int:
 
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
+    components = build_components(recipe, catalog)
     device, where, size = capacity(args, recipe)
-    plan, note = plan_recipe(recipe, catalog, device, read_data=not args.no_data)
+    plan, note = plan_recipe(recipe, components, device, read_data=not args.no_data)
     i, s = plan.inputs, plan.inputs.shape
     print(
         f"model: {s.model_type or 'decoder'} {s.layers} layers, hidden {s.hidden}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
+from lorakit.components import build_components
 from lorakit.data.pipeline import DataReport, load_splits, write_splits
 from lorakit.recipe import load_recipe
 from lorakit.rundir import RunDir
@@ -23,8 +24,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
+    components = build_components(recipe, catalog)
     report = DataReport()
-    splits = load_splits(recipe, catalog, report)
+    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
         print(line)
     folder = RunDir(recipe.run_dir).splits

@@ -7,6 +7,7 @@ import os
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.cli.plan import add_memory_arg, capacity
+from lorakit.components import build_components
 from lorakit.console import say
 from lorakit.recipe import load_recipe
 
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def memory_preflight(args, recipe, catalog) -> None:
+def memory_preflight(args, recipe, components) -> None:
     """Print the plan's one-line summary; refuse to start when it predicts no fit."""
     from lorakit.errors import LorakitError, RunError
     from lorakit.memory_plan import gb
@@ -70,9 +71,9 @@ def memory_preflight(args, recipe, catalog) -> None:
     try:
         # The upper bound (batch x max_length tokens, all supervised) needs no data; only when it
         # does not fit is the data read for the real micro-batch size.
-        plan, _note = plan_recipe(recipe, catalog, device, read_data=False)
+        plan, _note = plan_recipe(recipe, components, device, read_data=False)
         if size is not None and plan.peak > size:
-            plan, _note = plan_recipe(recipe, catalog, device)
+            plan, _note = plan_recipe(recipe, components, device)
     except (LorakitError, ValueError) as exc:
         say(f"memory plan skipped: {exc}")
         return
@@ -95,7 +96,8 @@ def run(args) -> int:
 
         check_launch(args)
         # Once, in the launcher, before any process starts; the workers skip it.
-        memory_preflight(args, load_recipe(args.recipe, args.overrides, catalog), catalog)
+        recipe = load_recipe(args.recipe, args.overrides, catalog)
+        memory_preflight(args, recipe, build_components(recipe, catalog))
         os.environ[PREFLIGHT_DONE] = "1"
         return launch(args)
 
@@ -104,10 +106,11 @@ def run(args) -> int:
     from lorakit.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, catalog)
+    components = build_components(recipe, catalog)
     if os.environ.get(PREFLIGHT_DONE) != "1":
-        memory_preflight(args, recipe, catalog)
+        memory_preflight(args, recipe, components)
     try:
-        path = run_recipe(recipe, catalog, resume=args.resume_from_checkpoint)
+        path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
     finally:
         RunDir.release_all()  # the run folder's claim lasts as long as the run
     if is_main():

@@ -125,17 +125,18 @@ def chat_environment() -> Any:
     return env
 
 
-def find_tokenizer_folder(recipe: Any, catalog: Any) -> tuple[Path | None, str]:
-    """A local folder holding the recipe's tokenizer, found without loading a model.
+def find_tokenizer_folder(source: Any, name: str = "") -> tuple[Path | None, str]:
+    """A local folder holding the tokenizer of the model ``source`` (``components.model_source``;
+    ``name``: its plugin name, for the note), found without loading a model.
 
     Returns ``(folder or None, note)``. Asks the model plugin's optional
     ``tokenizer_folder()`` (see :class:`lorakit.contracts.ModelSource`), which must be cheap and
     must not download or convert anything.
     """
-    source = recipe.model.build(catalog)
     finder = getattr(source, "tokenizer_folder", None)
     if not callable(finder):
-        return None, f"model plugin {recipe.model.name!r} offers no local tokenizer folder"
+        label = name or type(source).__name__
+        return None, f"model plugin {label!r} offers no local tokenizer folder"
     folder, note = finder()
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
         return Path(folder), ""

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lorakit.catalog import Catalog
 from lorakit.contracts import Example
 from lorakit.data.chunking import chunk_text
 from lorakit.data.splits import assign_splits, fingerprint
@@ -21,7 +20,10 @@ from lorakit.data.tokenize import IGNORE_INDEX, Tokenized, encode_with_offsets, 
 from lorakit.data.validate import checked_records
 from lorakit.errors import DataError
 from lorakit.progress import bar
-from lorakit.recipe import Recipe
+from lorakit.sections import DataSection
+
+if TYPE_CHECKING:
+    from lorakit.components import SourceComponent
 
 
 @attrs.define
@@ -94,24 +96,26 @@ class Splits:
         return fingerprint([*self.train, *self.val, *self.test])
 
 
-def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[Example]:
-    """Read every ``[[data.sources]]`` table, in order. Duplicate ids are an error (or a skip).
+def read_examples(
+    sources: Sequence[SourceComponent], data: DataSection, recipe_dir: Path, report: DataReport
+) -> list[Example]:
+    """Read every built ``[[data.sources]]`` table (``components.sources``), in order, with
+    relative paths under ``recipe_dir``. Duplicate ids are an error (or a skip, per
+    ``data.on_error``).
 
     Every record a source yields is checked against the ``Example`` contract
     (:mod:`lorakit.data.validate`); a record that breaks it, or a source that fails with
     anything but a lorakit error, is a ``PluginError`` naming the plugin and the record.
     """
-    ctx = ReadContext(recipe_dir=recipe.recipe_dir, on_error=recipe.data.on_error, report=report)
+    ctx = ReadContext(recipe_dir=recipe_dir, on_error=data.on_error, report=report)
     examples: list[Example] = []
     seen: dict[str, str] = {}
-    for i, choice in enumerate(recipe.sources):
-        source = choice.build(catalog)
-        label = f"{i}:{choice.name}"
+    for i, part in enumerate(sources):
+        label = f"{i}:{part.name}"
         count = 0
-        entry = catalog.get("source", choice.name)
         for ex in bar(
-            checked_records(source.read, ctx, entry, f"[data.sources.{i}]"),
-            desc=f"reading {choice.name}",
+            checked_records(part.source.read, ctx, part.entry, part.key),
+            desc=f"reading {part.name}",
             unit="ex",
         ):
             # The record's own place (file:line) when meta.source holds a user's description.
@@ -124,7 +128,7 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
                 )
                 continue
             seen[ex.id] = where
-            examples.append(attrs.evolve(ex, meta={**ex.meta, "source_plugin": choice.name}))
+            examples.append(attrs.evolve(ex, meta={**ex.meta, "source_plugin": part.name}))
             count += 1
         report.per_source[label] = count
     if not examples:
@@ -136,10 +140,15 @@ def read_examples(recipe: Recipe, catalog: Catalog, report: DataReport) -> list[
     return examples
 
 
-def load_splits(recipe: Recipe, catalog: Catalog, report: DataReport | None = None) -> Splits:
+def load_splits(
+    sources: Sequence[SourceComponent],
+    data: DataSection,
+    recipe_dir: Path,
+    report: DataReport | None = None,
+) -> Splits:
+    """Read the sources and split the examples deterministically (``data``'s fractions, seed)."""
     report = report if report is not None else DataReport()
-    examples = read_examples(recipe, catalog, report)
-    data = recipe.data
+    examples = read_examples(sources, data, recipe_dir, report)
     parts = assign_splits(examples, data.split_seed, data.val_fraction, data.test_fraction)
     for name, fraction in (("val", data.val_fraction), ("test", data.test_fraction)):
         if fraction > 0 and not parts[name]:

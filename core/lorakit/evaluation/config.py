@@ -1,4 +1,7 @@
-"""The metrics a recipe's ``[eval]`` section picks: validation (no torch) and construction."""
+"""The metrics a recipe's ``[eval]`` section picks: validation (no torch).
+
+They are built with the rest of the run's plugins, by :mod:`lorakit.components`.
+"""
 
 from __future__ import annotations
 
@@ -40,19 +43,6 @@ def check_eval(catalog: Catalog, section: EvalSection) -> list[str]:
         _, errs = structure(cls, table, path) if cls is not None else (None, [])
         problems += errs
     return problems
-
-
-def build_metrics(catalog: Catalog, section: EvalSection) -> dict[str, Any]:
-    """name -> metric instance, in the recipe's order (the recipe was validated already)."""
-    out: dict[str, Any] = {}
-    for name in section.metrics:
-        entry = catalog.get("metric", name, where="[eval].metrics")
-        cls = entry.options_class
-        options, _ = (
-            structure(cls, section.metric_options.get(name, {}), name) if cls else (None, [])
-        )
-        out[name] = entry.factory(options)
-    return out
 
 
 def needs_generation(metrics: dict[str, Any]) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.catalog import Catalog
+from lorakit.components import Components
+from lorakit.contracts import ModelRef
 from lorakit.errors import RunError
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
@@ -54,7 +55,7 @@ def _cached_baseline(folder: Path, key: str) -> tuple[dict[str, Any], list[dict[
 
 
 def _splits_to_score(
-    recipe: Recipe, catalog: Catalog, run: RunDir, say: Callable[[str], None]
+    recipe: Recipe, components: Components, run: RunDir, say: Callable[[str], None]
 ) -> Any:
     """A run's own saved splits when it has them (what it was trained on), else the sources'.
 
@@ -64,11 +65,14 @@ def _splits_to_score(
     from lorakit.data.pipeline import load_splits, read_split_files
     from lorakit.errors import LorakitError
 
+    def read() -> Any:
+        return load_splits(components.sources, recipe.data, recipe.recipe_dir)
+
     saved = read_split_files(run.splits)
     if saved is None:
-        return load_splits(recipe, catalog)
+        return read()
     try:
-        now = load_splits(recipe, catalog).fingerprint
+        now = read().fingerprint
     except LorakitError as exc:
         say(f"the data sources cannot be read now ({exc}); scoring the run's saved splits")
         return saved
@@ -82,21 +86,25 @@ def _splits_to_score(
 
 def evaluate_run(
     recipe: Recipe,
-    catalog: Catalog,
+    components: Components,
     run_dir: Path,
     *,
     adapter: bool = True,
     baseline: bool | None = None,
     say: Callable[[str], None] = print,
+    ref: ModelRef | None = None,
 ) -> Path | None:
-    """Score and write reports; return the report path (None when there is nothing to score)."""
-    from lorakit.evaluation.config import build_metrics, needs_generation
+    """Score and write reports; return the report path (None when there is nothing to score).
+
+    ``ref``: the base model when the caller resolved it already (the runner), else resolved here.
+    """
+    from lorakit.evaluation.config import needs_generation
     from lorakit.evaluation.plot import plot_losses
     from lorakit.evaluation.report import write_outputs
     from lorakit.evaluation.scoring import SplitResult, score_model
     from lorakit.evaluation.sets import prepare_set
     from lorakit.load_run import load_model, prepare_inference
-    from lorakit.modeling import load_adapter, resolve_model
+    from lorakit.modeling import load_adapter
 
     started = time.time()
     ev = recipe.eval
@@ -110,9 +118,9 @@ def evaluate_run(
     out_dir = run.path if adapter else run.path / BASELINE_DIR
 
     # Prepare each split once; the base and tuned model see the same rows and prompts.
-    loaded = prepare_inference(recipe, catalog, adapter_dir)
-    splits = _splits_to_score(recipe, catalog, run, say)
-    metrics = build_metrics(catalog, ev)
+    loaded = prepare_inference(recipe, components, adapter_dir, ref=ref)
+    splits = _splits_to_score(recipe, components, run, say)
+    metrics = components.metrics
     sets = [
         prepare_set(
             name,
@@ -130,7 +138,6 @@ def evaluate_run(
     if not sets:
         say(f"nothing to evaluate: splits {', '.join(ev.splits)} are empty")
         return None
-    ref = resolve_model(recipe, catalog)
     key = baseline_key(recipe, splits.fingerprint)
 
     def score(model: Any) -> list[SplitResult]:
@@ -151,7 +158,7 @@ def evaluate_run(
     if cached is not None:
         say(f"reusing the baseline in {run.path / BASELINE_DIR} (same model, data and [eval])")
         base = cached_results(cached[0], cached[1], sets)
-    model = load_model(recipe, catalog, loaded.device, None)
+    model = load_model(loaded, None)
     if with_base and base is None:
         say(f"scoring the base model on {sizes} examples")
         base = score(model)
@@ -166,7 +173,7 @@ def evaluate_run(
         "lorakit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": recipe.name,
-        "model": ref.label or ref.path,
+        "model": loaded.ref.label or loaded.ref.path,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
         "config_hash": recipe.config_hash(),
         "data_fingerprint": splits.fingerprint,

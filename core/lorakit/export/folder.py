@@ -122,13 +122,15 @@ def export_run(
     merged GGUF files); return the paths."""
     import transformers
 
+    from lorakit.components import build_components
     from lorakit.export.model_card import render_card
     from lorakit.load_run import open_run, prepare_inference
-    from lorakit.modeling import check_adapter_dir, resolve_model
+    from lorakit.modeling import check_adapter_dir
 
     transformers.logging.set_verbosity_error()
     run_dir = Path(run_dir)
     recipe = open_run(run_dir, catalog)
+    components = build_components(recipe, catalog)
     run = RunDir(run_dir)
 
     # 1. The adapter must be complete and finite before anything is written.
@@ -137,7 +139,7 @@ def export_run(
     check_out_dir(out, overwrite)
 
     # 2. The tokenizer, formatter and stop tokens exactly as training saved them.
-    loaded = prepare_inference(recipe, catalog, run.adapter)
+    loaded = prepare_inference(recipe, components, run.adapter)
     tok = loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         say(
@@ -147,12 +149,12 @@ def export_run(
         **read_meta(run.adapter),
         "end_of_turn": loaded.end_of_turn,
         # the backend says whether it quantizes (the model card tags qlora); never its name
-        "quantized": recipe.quant.build(catalog).quantizes,
+        "quantized": components.quant.quantizes,
     }
     system_prompt = getattr(loaded.formatter.options, "system_prompt", None)
     if system_prompt is not None:
         meta["system_prompt"] = system_prompt
-    base_path = meta.get("base_model_path") or resolve_model(recipe, catalog).path
+    base_path = meta.get("base_model_path") or loaded.ref.path
     meta.setdefault("base_model_path", base_path)
     vocab = None
     if gguf_types:
@@ -192,9 +194,7 @@ def export_run(
             from lorakit.export.merge import merge_base_label, write_merged
 
             merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
-            parity = write_merged(
-                recipe, catalog, run, loaded, tmp / "merged", dtype, gen, say, merge_base
-            )
+            parity = write_merged(run, loaded, tmp / "merged", dtype, gen, say, merge_base)
             write_json(tmp / "merged" / META, {**meta, **merge_info})
             write_json(tmp / "parity.json", parity)
 
@@ -204,7 +204,7 @@ def export_run(
             from lorakit.export.gguf_export import write_gguf_export
 
             gguf_parity = write_gguf_export(
-                recipe, catalog, run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
+                run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
             )
             write_json(tmp / "gguf" / "parity.json", gguf_parity)
             (tmp / "gguf" / "README.md").write_text(

@@ -59,8 +59,6 @@ def _adapter_gguf(
 
 
 def write_gguf_export(
-    recipe: Any,
-    catalog: Any,
     run: Any,
     loaded: Any,
     folder: Path,
@@ -87,7 +85,7 @@ def write_gguf_export(
 
     folder.mkdir(parents=True, exist_ok=True)
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-    merged, first, unmerged = merge_fp32(recipe, catalog, run, loaded, probes, say, merge_base)
+    merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
     reference = probe_logits(merged, probes)
     report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
     row = report.add(
@@ -161,7 +159,7 @@ def write_gguf_export(
         say(line)
     return {
         **report.to_json(),
-        "merge_base": merge_base_label(merge_base, recipe),
+        "merge_base": merge_base_label(merge_base, loaded.recipe),
         "reader": f"transformers {transformers.__version__} (gguf_file= loader)",
         "files": files,
         "tokenizer": tokenizer_check,

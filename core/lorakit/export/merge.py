@@ -105,20 +105,23 @@ def merge_base_label(merge_base: str, recipe: Any) -> str:
     return "unquantized fp32"
 
 
-def _dequantized_base(recipe: Any, catalog: Any, device: str, say: Callable[[str], None]) -> Any:
+def _dequantized_base(loaded: Any, say: Callable[[str], None]) -> Any:
     """The base quantized as in training, then dequantized to plain fp32 ``nn.Linear`` layers."""
     import torch
 
     from lorakit.modeling import load_base_model
 
-    if not recipe.quant.build(catalog).quantizes:
+    recipe = loaded.recipe
+    if not loaded.components.quant.quantizes:
         raise RunError(
             "--merge-base dequantized needs a run trained on a quantized base, and this run's "
             f"[quant].plugin {recipe.quant.name!r} does not quantize",
             fix="drop --merge-base (the original base is exactly the one this run trained on)",
         )
     say(f"loading the base as trained ({recipe.quant.name}), then dequantizing it to fp32")
-    base = load_base_model(recipe, catalog, device)
+    base = load_base_model(
+        loaded.ref, loaded.components.quant, loaded.device, recipe_dir=recipe.recipe_dir
+    )
     if getattr(base, "hf_quantizer", None) is None:
         raise RunError(
             f"the {recipe.quant.name} backend did not load a transformers-quantized model, so "
@@ -136,8 +139,6 @@ def _dequantized_base(recipe: Any, catalog: Any, device: str, say: Callable[[str
 
 
 def merge_fp32(
-    recipe: Any,
-    catalog: Any,
     run: Any,
     loaded: Any,
     probes: Any,
@@ -149,20 +150,19 @@ def merge_fp32(
     import torch
 
     from lorakit.export.parity import ParityReport, probe_logits
+    from lorakit.load_run import load_model
     from lorakit.modeling import load_adapter, load_base_model
 
-    device = loaded.device
+    recipe = loaded.recipe
     if merge_base == "dequantized":
         # Reference: the model as trained, the quantized base with the adapter attached.
-        from lorakit.load_run import load_model
-
-        quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
+        quant = load_model(loaded, run.adapter, quantized=True)
         report = ParityReport(
             probes, probe_logits(quant, probes), f"{recipe.quant.name} base + adapter (as trained)"
         )
         del quant
         gc.collect()
-        base = _dequantized_base(recipe, catalog, device, say)
+        base = _dequantized_base(loaded, say)
         model = load_adapter(base, run.adapter, trainable=False)
         model.eval()
         unmerged = probe_logits(model, probes)
@@ -170,7 +170,14 @@ def merge_fp32(
     else:
         # Reference: the unquantized fp32 base with the adapter attached, unmerged.
         say("loading the base unquantized in fp32 for the merge")
-        base = load_base_model(recipe, catalog, device, quantized=False, dtype=torch.float32)
+        base = load_base_model(
+            loaded.ref,
+            loaded.components.quant,
+            loaded.device,
+            quantized=False,
+            dtype=torch.float32,
+            recipe_dir=recipe.recipe_dir,
+        )
         model = load_adapter(base, run.adapter, trainable=False)
         model.eval()
         unmerged = probe_logits(model, probes)
@@ -179,8 +186,6 @@ def merge_fp32(
 
 
 def write_merged(
-    recipe: Any,
-    catalog: Any,
     run: Any,
     loaded: Any,
     folder: Path,
@@ -196,7 +201,7 @@ def write_merged(
 
     device = loaded.device
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-    merged, report, unmerged = merge_fp32(recipe, catalog, run, loaded, probes, say, merge_base)
+    merged, report, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
     if dtype_name != "fp32":
         # Check the merge itself before the cast blurs it; for fp32 the reload below does.
         logits = probe_logits(merged, probes)
@@ -226,13 +231,13 @@ def write_merged(
     del reloaded
     gc.collect()
 
-    if recipe.quant.build(catalog).quantizes and merge_base != "dequantized":
+    if loaded.components.quant.quantizes and merge_base != "dequantized":
         from lorakit.load_run import load_model
 
-        quant = load_model(recipe, catalog, device, run.adapter, quantized=True)
+        quant = load_model(loaded, run.adapter, quantized=True)
         report.add(
             "quantized",
-            f"{recipe.quant.name} base + adapter (as trained)",
+            f"{loaded.recipe.quant.name} base + adapter (as trained)",
             probe_logits(quant, probes),
         )
         del quant
@@ -242,6 +247,6 @@ def write_merged(
         say(line)
     return {
         **report.to_json(),
-        "merge_base": merge_base_label(merge_base, recipe),
+        "merge_base": merge_base_label(merge_base, loaded.recipe),
         "dtype": dtype_name,
     }

@@ -1,0 +1,148 @@
+"""A recipe's plugins are built once (``build_components``), and the functions below the runner
+take those objects, so each works with a plugin object built by hand: no Recipe, no Catalog."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import attrs
+import pytest
+from helpers import chat_records, write_jsonl
+from lorakit import api
+from lorakit.catalog import Entry, build_catalog, make_manager
+from lorakit.components import build_components
+from lorakit.contracts import ModelRef
+from lorakit.data.pipeline import DataReport, load_splits
+from lorakit.errors import PluginError, RecipeError
+from lorakit.recipe import load_recipe
+from lorakit_plugins.peft.lora import Lora, LoraOptions
+from lorakit_plugins.sources.chat_jsonl import ChatJsonlOptions, ChatJsonlSource
+
+
+class Float64Backend:
+    """A quant backend built by hand: loads the weights in float64, records finish_loading."""
+
+    quantizes = False
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    def load_kwargs(self, device: str) -> dict:
+        import torch
+
+        return {"dtype": torch.float64}
+
+    def compute_dtype(self, device: str):
+        import torch
+
+        return torch.float64
+
+    def prepare_for_training(self, model, gradient_checkpointing: bool):
+        return model
+
+    def finish_loading(self, model, device: str):
+        self.finished.append(device)
+        return model
+
+
+def test_model_functions_take_plugin_objects_built_without_a_recipe(tiny_model_dir):
+    import torch
+    from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer
+
+    ref = ModelRef(path=str(tiny_model_dir))
+    backend = Float64Backend()
+    model = load_base_model(ref, backend, "cpu")
+    assert next(model.parameters()).dtype == torch.float64, "the backend's load_kwargs decide"
+    assert backend.finished == ["cpu"]
+
+    plain = load_base_model(ref, backend, "cpu", quantized=False, dtype=torch.float32)
+    assert next(plain.parameters()).dtype == torch.float32
+    assert backend.finished == ["cpu"], "finish_loading is only for models loaded quantized"
+
+    peft_method = Lora(LoraOptions(r=2, alpha=4, target_modules=["q_proj"]))
+    tuned = attach_new_adapter(plain, peft_method, seed=0)
+    adapted = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for n, _ in tuned.named_parameters()
+        if ".lora_A" in n
+    }
+    assert adapted == {"q_proj"}, "the PEFT method object decides what is adapted"
+    assert load_tokenizer(ref).pad_token is not None
+
+
+def test_load_splits_takes_sources_built_without_a_recipe(tmp_path):
+    from lorakit.components import SourceComponent
+    from lorakit.sections import DataSection
+
+    write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
+    source = ChatJsonlSource(ChatJsonlOptions(path="chat.jsonl"))
+    entry = Entry(kind="source", name="chat_jsonl", factory=ChatJsonlSource, plugin="by hand")
+    part = SourceComponent(key="[data.sources.0]", name="chat_jsonl", source=source, entry=entry)
+    report = DataReport()
+    splits = load_splits([part], DataSection(val_fraction=0.25), tmp_path, report)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 12
+    assert report.per_source == {"0:chat_jsonl": 12}
+
+
+@attrs.frozen
+class _Opts:
+    level: int = api.option(1, doc="must not be 13")
+
+
+def _picky(kind: str, **class_attrs):
+    """A throwaway plugin class whose constructor rejects ``level = 13`` (and crashes on 99)."""
+
+    def __init__(self, options):
+        if options.level == 99:
+            raise KeyError("a bug")
+        if options.level == 13:
+            raise ValueError(f"{kind} cannot run at level 13; use another level")
+        self.options = options
+
+    return type(f"Picky{kind}", (), {"Options": _Opts, "__init__": __init__, **class_attrs})
+
+
+def _catalog():
+    quant = _picky("quant", quantizes=False)
+    peft = _picky("peft")
+    plugin = SimpleNamespace(
+        lorakit_register_quantizers=api.hookimpl(lambda register: register("picky", quant)),
+        lorakit_register_peft_methods=api.hookimpl(lambda register: register("picky", peft)),
+    )
+    return build_catalog(make_manager([plugin]))
+
+
+def _recipe(tmp_path, catalog, quant_level: int, peft_level: int):
+    write_jsonl(tmp_path / "chat.jsonl", chat_records(4))
+    path = tmp_path / "r.toml"
+    path.write_text(
+        f'[quant]\nplugin = "picky"\nlevel = {quant_level}\n'
+        f'[peft]\nplugin = "picky"\nlevel = {peft_level}\n'
+        '[[data.sources]]\nplugin = "chat_jsonl"\npath = "chat.jsonl"\n',
+        encoding="utf-8",
+    )
+    return load_recipe(path, catalog=catalog)
+
+
+def test_build_components_reports_every_rejected_option_at_once(tmp_path):
+    catalog = _catalog()
+    recipe = _recipe(tmp_path, catalog, 13, 13)  # the options validate; the factories refuse
+    with pytest.raises(RecipeError) as info:
+        build_components(recipe, catalog)
+    problems = info.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("[quant]: quant plugin 'picky'") and "level 13" in problems[0]
+    assert problems[1].startswith("[peft]: peft plugin 'picky'") and "level 13" in problems[1]
+
+    good = build_components(_recipe(tmp_path, catalog, 1, 2), catalog)
+    assert (good.quant.options.level, good.peft.options.level) == (1, 2)
+    assert [s.name for s in good.sources] == ["chat_jsonl"]
+
+
+def test_build_components_names_a_plugin_that_crashes(tmp_path):
+    catalog = _catalog()
+    with pytest.raises(
+        PluginError, match=r"(?s)\[quant\]: quant plugin 'picky'.*KeyError.*level 13"
+    ) as info:
+        build_components(_recipe(tmp_path, catalog, 99, 13), catalog)
+    assert isinstance(info.value.__cause__, KeyError), "--debug shows the plugin's traceback"
