@@ -28,7 +28,7 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
 
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
-    from lorakit.device import configure_threads, resolve_device
+    from lorakit.device import configure_threads, resolve_device, return_freed_memory
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.training import build_trainer, planned_steps
@@ -122,6 +122,8 @@ def run_recipe(recipe: Recipe, catalog: Catalog, resume: str | None = None) -> P
     # 7. Load the base model, quantized by the recipe's backend.
     device = resolve_device(t.device)
     threads = configure_threads(t.threads) if device == "cpu" else None
+    if device == "cpu":
+        return_freed_memory()  # peak RSS = live tensors, not glibc's kept heap (see device.py)
     backend = recipe.quant.build(catalog)
     compute_dtype = backend.compute_dtype(device)
     say(

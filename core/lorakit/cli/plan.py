@@ -109,6 +109,8 @@ def run(args) -> int:
         ("logits", plan.logits, "supervised positions only"),
         ("eval KV cache", plan.kv_cache, f"batch {i.eval_batch} x {i.eval_length} tokens"),
     ]
+    if plan.dequant:
+        rows.append(("dequant scratch", plan.dequant, "largest linear weight, one at a time"))
     if plan.runtime:
         rows.append(("runtime", plan.runtime, "Python + torch + libraries (CPU peak RSS)"))
     print("memory:")
