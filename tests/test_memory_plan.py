@@ -168,6 +168,9 @@ def test_freed_tensor_memory_goes_back_to_the_os():
 def test_user_malloc_settings_are_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert return_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("LORAKIT_MALLOC", "glibc")
+    assert return_freed_memory() is False
 
 
 @pytest.mark.parametrize(

@@ -177,9 +177,10 @@ def return_freed_memory() -> bool:
     adjustment off: each tensor of 128 KiB or more is its own mapping, unmapped when freed, and
     peak RSS follows the live tensors (what ``lorakit plan`` counts). The cost is a page fault
     per fresh page instead of reused heap. Left alone when the user set one of glibc's
-    ``MALLOC_*`` variables or the C library is not glibc.
+    ``MALLOC_*`` variables or ``LORAKIT_MALLOC=glibc`` (glibc's own default, e.g. to time both),
+    or the C library is not glibc.
     """
-    if any(name in os.environ for name in _MALLOC_ENV):
+    if os.environ.get("LORAKIT_MALLOC") == "glibc" or any(n in os.environ for n in _MALLOC_ENV):
         return False
     import ctypes
 
