@@ -10,7 +10,9 @@ as a constant that this script measures again). The first step sets the peak (th
 threshold that `lorakit run` fixes on CPU keeps later steps from growing it), so one step is
 enough; the longer-example configurations pack as many tokens as the short ones (2 x 768 =
 8 x 192) so that only the example length changes. ``benchmarks/memory_stages.py`` breaks one
-configuration down stage by stage. The prediction comes from the same code as
+configuration down stage by stage. The last configuration is the control: the same run with
+``LORAKIT_MALLOC=glibc`` (glibc's dynamic mmap threshold, freed memory kept in the heap), which
+the plan does not model. The prediction comes from the same code as
 `lorakit plan` with the same overrides, before the run. Memory only: no timing, safe on a busy
 machine. Prints a markdown table (docs/plan.md holds one) and writes it to benchmarks/results/.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -93,7 +96,13 @@ CONFIGS = {
             "train.gradient_checkpointing=true",
         ],
     ),
+    # the control: glibc's own malloc settings, as before lorakit fixed the mmap threshold
+    "LoRA fp32, batch 8 x 192, glibc default malloc": (
+        "none",
+        ['quant.dtype="fp32"', "train.per_device_train_batch_size=8", "train.max_length=192"],
+    ),
 }
+ENV = {"LoRA fp32, batch 8 x 192, glibc default malloc": {"LORAKIT_MALLOC": "glibc"}}
 RUNTIME_PROBE = """
 import resource
 from lorakit.cli.main import _quiet_libraries
@@ -114,10 +123,12 @@ def predict(recipe_path: Path, overrides: list[str]) -> dict:
     return {"peak": plan.peak / 2**30, "train": plan.train_peak / 2**30, "note": note}
 
 
-def measure(recipe_path: Path, overrides: list[str], workdir: Path, name: str) -> float:
+def measure(
+    recipe_path: Path, overrides: list[str], workdir: Path, name: str, env: dict[str, str]
+) -> float:
     cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe_path), *overrides]
     cmd += [f"output.name={name}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if res.returncode != 0:
         raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
     peaks = [
@@ -131,7 +142,7 @@ def measure(recipe_path: Path, overrides: list[str], workdir: Path, name: str) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-3)")
+    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-4)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/alpaca_seed_chat.jsonl"))
     args = parser.parse_args()
     data = Path(args.data).resolve()
@@ -152,7 +163,7 @@ def main() -> None:
                 encoding="utf-8",
             )
             want = predict(recipe, overrides)
-            got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}")
+            got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}", ENV.get(label, {}))
             err = (want["peak"] - got) / got
             rows.append(
                 {

@@ -32,9 +32,14 @@ going back to the OS (2.0 GB free-but-kept after one forward pass of 1458 tokens
 live tensors peaked at 3.6 GB. ``lorakit run`` therefore fixes glibc's mmap threshold on CPU
 (``lorakit.device.return_freed_memory``): every tensor of 128 KiB or more is unmapped when
 freed, and peak RSS follows the live tensors counted here. The saved-tensor fit matches the
-count within 2% there (2387 MiB counted, 2353 predicted). The weights are memory-mapped from the
+count within 2% there (2387 MiB counted, 2353 predicted). Unquantized weights are memory-mapped from the
 safetensors file: they join RSS as the first forward pass touches them, not at load, and loading
-(the cached folder, no conversion) never sets the peak. A run with one of glibc's ``MALLOC_*``
+(the cached folder, no conversion) never sets the peak. A 4/8-bit model reads the whole file
+while quantizing; its unquantized tensors would stay views of the mapping and keep those pages
+(405 MiB of SmolLM2's 513 MiB) in RSS all run, so ``lorakit.modeling.release_weights_file``
+copies them out and the file's pages leave. Attention adds no ``L x L`` term: on CPU, SDPA
+(``is_causal``, grouped KV heads included) runs PyTorch's flash kernel, which saves queries,
+keys, values, output and a log-sum-exp per row, linear in the example length. A run with one of glibc's ``MALLOC_*``
 variables set keeps its own allocator settings and is not covered by this model.
 """
 
