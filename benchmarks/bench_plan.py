@@ -1,12 +1,18 @@
 """`lorakit plan` against measured peaks: predicted vs peak RSS (CPU) / CUDA max allocated.
 
-    .venv/bin/python benchmarks/bench_plan.py [--steps 4] [--data ../shared/data/alpaca_seed_chat.jsonl]
+    .venv/bin/python benchmarks/bench_plan.py [--steps 1] [--only 0,2] [--data FILE.jsonl]
 
 Each configuration trains the embedded SmolLM2-135M-Instruct for a few steps with `lorakit run`
 in its own process (packing on, so every micro-batch holds batch x max_length tokens, as the
 plan assumes); the measured peak is the largest ``peak_memory_gb`` in its metrics.jsonl (the
 process's peak RSS on CPU: it includes Python, torch and the libraries, which the plan counts
-as a constant that this script measures again). The prediction comes from the same code as
+as a constant that this script measures again). The first step sets the peak (the mmap
+threshold that `lorakit run` fixes on CPU keeps later steps from growing it), so one step is
+enough; the longer-example configurations pack as many tokens as the short ones (2 x 768 =
+8 x 192) so that only the example length changes. ``benchmarks/memory_stages.py`` breaks one
+configuration down stage by stage. The last configuration is the control: the same run with
+``LORAKIT_MALLOC=glibc`` (glibc's dynamic mmap threshold, freed memory kept in the heap), which
+the plan does not model. The prediction comes from the same code as
 `lorakit plan` with the same overrides, before the run. Memory only: no timing, safe on a busy
 machine. Prints a markdown table (docs/plan.md holds one) and writes it to benchmarks/results/.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,24 +79,30 @@ CONFIGS = {
             "train.max_length=192",
         ],
     ),
-    "QLoRA NF4, batch 4 x 768": (
+    "QLoRA NF4, batch 2 x 768": (
         "bnb-4bit",
         [
             'quant.compute_dtype="fp32"',
-            "train.per_device_train_batch_size=4",
+            "train.per_device_train_batch_size=2",
             "train.max_length=768",
         ],
     ),
-    "QLoRA NF4, batch 4 x 768, checkpointing": (
+    "QLoRA NF4, batch 2 x 768, checkpointing": (
         "bnb-4bit",
         [
             'quant.compute_dtype="fp32"',
-            "train.per_device_train_batch_size=4",
+            "train.per_device_train_batch_size=2",
             "train.max_length=768",
             "train.gradient_checkpointing=true",
         ],
     ),
+    # the control: glibc's own malloc settings, as before lorakit fixed the mmap threshold
+    "LoRA fp32, batch 8 x 192, glibc default malloc": (
+        "none",
+        ['quant.dtype="fp32"', "train.per_device_train_batch_size=8", "train.max_length=192"],
+    ),
 }
+ENV = {"LoRA fp32, batch 8 x 192, glibc default malloc": {"LORAKIT_MALLOC": "glibc"}}
 RUNTIME_PROBE = """
 import resource
 from lorakit.cli.main import _quiet_libraries
@@ -111,10 +124,12 @@ def predict(recipe_path: Path, overrides: list[str]) -> dict:
     return {"peak": plan.peak / 2**30, "train": plan.train_peak / 2**30, "note": note}
 
 
-def measure(recipe_path: Path, overrides: list[str], workdir: Path, name: str) -> float:
+def measure(
+    recipe_path: Path, overrides: list[str], workdir: Path, name: str, env: dict[str, str]
+) -> float:
     cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe_path), *overrides]
     cmd += [f"output.name={name}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if res.returncode != 0:
         raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
     peaks = [
@@ -127,7 +142,8 @@ def measure(recipe_path: Path, overrides: list[str], workdir: Path, name: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-4)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/alpaca_seed_chat.jsonl"))
     args = parser.parse_args()
     data = Path(args.data).resolve()
@@ -138,14 +154,17 @@ def main() -> None:
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
+        only = {int(n) for n in args.only.split(",") if n.strip()}
         for i, (label, (quant, overrides)) in enumerate(CONFIGS.items()):
+            if only and i not in only:
+                continue
             recipe = Path(tmp) / f"c{i}.toml"
             recipe.write_text(
                 BASE.format(data=data, quant=quant, steps=args.steps, out=Path(tmp) / "runs"),
                 encoding="utf-8",
             )
             want = predict(recipe, overrides)
-            got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}")
+            got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}", ENV.get(label, {}))
             err = (want["peak"] - got) / got
             rows.append(
                 {

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 from helpers import tiny_recipe
+from lorakit.device import return_freed_memory
 from lorakit.memory_plan import (
     PlanInputs,
+    dequant_bytes,
     lora_params,
     make_plan,
     parse_size,
@@ -95,6 +101,76 @@ def test_plan_terms_and_checkpointing():
     eight_bit = make_plan(PlanInputs(**{**base, "optim": "paged_adamw_8bit"}))
     assert eight_bit.optimizer == 2 * plan.trainable
     assert plan.peak > eight_bit.peak
+
+
+def test_dequant_scratch_is_the_largest_linear_weight_for_kbit_only():
+    shape = shape_from_config(MISTRAL_7B)
+    assert dequant_bytes(shape, "nf4", 2) == 4096 * 14336 * 2  # the MLP projections
+    assert dequant_bytes(shape, "int8", 4) == 4096 * 14336 * 4
+    assert dequant_bytes(shape, "none", 4) == 0
+    base = dict(
+        shape=shape,
+        r=16,
+        targets="all-linear",
+        dora=False,
+        double_quant=True,
+        dtype="bf16",
+        optim="adamw_torch",
+        checkpointing=True,
+        tokens=2048,
+        supervised=1024,
+        eval_batch=1,
+        eval_length=2048,
+        cpu=False,
+    )
+    nf4 = make_plan(PlanInputs(scheme="nf4", **base))
+    assert nf4.dequant == 4096 * 14336 * 2
+    assert nf4.train_peak - nf4.dequant == (
+        nf4.weights + nf4.lora + nf4.optimizer + nf4.grads + nf4.activations + nf4.logits
+    )
+    assert make_plan(PlanInputs(scheme="none", **base)).dequant == 0
+
+
+FREE_PROBE = """
+import re, sys
+from lorakit.device import return_freed_memory
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+if sys.argv[1] == "fixed":
+    assert return_freed_memory()
+block = bytearray(b"1") * (16 << 20)
+del block  # default glibc: the mmap threshold rises to 16 MiB, 8 MiB blocks come from the heap
+freed, kept = [], []
+for _ in range(24):  # freed blocks between kept ones: holes in the heap
+    freed.append(bytearray(b"1") * (8 << 20))
+    kept.append(bytearray(b"1") * (8 << 20))
+before = rss()
+del freed
+print((before - rss()) / (24 * (8 << 20)))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_tensor_memory_goes_back_to_the_os():
+    """The reason ``lorakit run`` fixes glibc's mmap threshold on CPU: by default memory freed
+    between live blocks stays in the process (and in its peak RSS); fixed, it is returned."""
+
+    def returned(mode: str) -> float:
+        res = subprocess.run(
+            [sys.executable, "-c", FREE_PROBE, mode], capture_output=True, text=True, check=True
+        )
+        return float(res.stdout.split()[-1])
+
+    assert returned("fixed") > 0.9
+    assert returned("default") < 0.5
+
+
+def test_user_malloc_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("LORAKIT_MALLOC", "glibc")
+    assert return_freed_memory() is False
 
 
 @pytest.mark.parametrize(

@@ -68,3 +68,20 @@ def test_training_refuses_an_already_repacked_model(tmp_path, tiny_model_dir, ch
     )
     with pytest.raises(RuntimeError, match="load the model again"):
         parts.quant.prepare_for_training(model, gradient_checkpointing=False)
+
+
+def test_4bit_model_on_cpu_lets_go_of_the_weights_file(tmp_path, tiny_model_dir, chat_file):
+    """Unquantized tensors left as views of the mapped checkpoint would keep every page read
+    while quantizing in the run's RSS (``lorakit.modeling.release_weights_file``)."""
+    from lorakit.modeling import _file_mappings
+
+    _, model = _load(tmp_path, tiny_model_dir, chat_file)
+    assert _four_bit_layers(model)
+    mapped = _file_mappings()
+    in_file = [
+        name
+        for name, p in model.named_parameters()
+        if any(a <= p.untyped_storage().data_ptr() < b for a, b in mapped)
+    ]
+    assert in_file == []
+    assert model.get_input_embeddings().weight.is_floating_point()

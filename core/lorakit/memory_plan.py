@@ -19,6 +19,28 @@ Where the numbers come from:
   plus one layer recomputed during backward.
 - logits: only at supervised positions (``logits_to_keep``): the fp32 log-softmax kept for
   backward, its gradient and the gradient of the logits.
+- k-bit dequantization scratch: a 4/8-bit layer dequantizes its weight to the compute dtype for
+  each matmul (forward and backward) and frees it after, so one copy of the largest linear
+  weight is live at a time (235 MB in fp32 for Mistral-7B's MLP, 3.5 MB for SmolLM2-135M).
+- runtime (CPU only): Python, torch and the libraries, measured.
+
+What a CPU run's peak RSS holds besides tensors, measured stage by stage with
+``benchmarks/memory_stages.py`` (VmHWM reset per stage, glibc ``mallinfo2``, saved-tensor bytes):
+with glibc's default malloc, freed activations and temporaries are kept in the heap instead of
+going back to the OS (2.0 GB free-but-kept after one forward pass of 1458 tokens on SmolLM2-135M,
+4.3 GB after backward, against 2.3 GB of saved activations), so peak RSS was 5.6 GB where the
+live tensors peaked at 3.6 GB. ``lorakit run`` therefore fixes glibc's mmap threshold on CPU
+(``lorakit.device.return_freed_memory``): every tensor of 128 KiB or more is unmapped when
+freed, and peak RSS follows the live tensors counted here. The saved-tensor fit matches the
+count within 2% there (2387 MiB counted, 2353 predicted). Unquantized weights are memory-mapped from the
+safetensors file: they join RSS as the first forward pass touches them, not at load, and loading
+(the cached folder, no conversion) never sets the peak. A 4/8-bit model reads the whole file
+while quantizing; its unquantized tensors would stay views of the mapping and keep those pages
+(405 MiB of SmolLM2's 513 MiB) in RSS all run, so ``lorakit.modeling.release_weights_file``
+copies them out and the file's pages leave. Attention adds no ``L x L`` term: on CPU, SDPA
+(``is_causal``, grouped KV heads included) runs PyTorch's flash kernel, which saves queries,
+keys, values, output and a log-sum-exp per row, linear in the example length. A run with one of glibc's ``MALLOC_*``
+variables set keeps its own allocator settings and is not covered by this model.
 """
 
 from __future__ import annotations
@@ -214,6 +236,14 @@ def logits_bytes(shape: ModelShape, supervised: int, elem: int) -> int:
     return int(supervised * shape.vocab * (4 + 4 + 4 + (elem if elem != 4 else 0)))
 
 
+def dequant_bytes(shape: ModelShape, scheme: str, elem: int) -> int:
+    """The largest linear weight dequantized to the compute dtype (k-bit layers only): live
+    during one matmul at a time, forward or backward."""
+    if scheme not in ("nf4", "fp4", "int8"):
+        return 0
+    return max(a * b for _, a, b in shape.linears()) * elem
+
+
 def kv_cache_bytes(shape: ModelShape, batch: int, length: int, elem: int) -> int:
     """Keys and values of every layer for ``batch`` sequences of ``length`` tokens."""
     return 2 * shape.layers * shape.kv_width * elem * batch * length
@@ -266,6 +296,7 @@ class Plan:
     activations_other: int  # with the other gradient-checkpointing setting
     logits: int
     kv_cache: int
+    dequant: int
     runtime: int
     train_peak: int
     eval_peak: int
@@ -286,8 +317,9 @@ def make_plan(i: PlanInputs) -> Plan:
     other = activation_bytes(s, i.tokens, elem, not i.checkpointing)
     logits = logits_bytes(s, i.supervised, elem)
     kv = kv_cache_bytes(s, i.eval_batch, i.eval_length, elem)
+    dequant = dequant_bytes(s, i.scheme, elem)
     runtime = CPU_RUNTIME_BYTES if i.cpu else 0
-    resident = weights + lora + optimizer + runtime
+    resident = weights + lora + optimizer + runtime + dequant
     train_peak = resident + grads + act + logits
     # generation: the KV cache and one step's fp32 logits for the batch
     eval_peak = resident + kv + i.eval_batch * s.vocab * 4 * 2
@@ -305,6 +337,7 @@ def make_plan(i: PlanInputs) -> Plan:
         activations_other=other,
         logits=logits,
         kv_cache=kv,
+        dequant=dequant,
         runtime=runtime,
         train_peak=train_peak,
         eval_peak=eval_peak,

@@ -45,7 +45,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
 
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
-    from lorakit.device import configure_threads, resolve_device
+    from lorakit.device import configure_threads, resolve_device, return_freed_memory
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.training import build_trainer, planned_steps
@@ -147,6 +147,8 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     # 7. Load the base model, quantized by the recipe's backend (one replica per rank, on its
     #    LOCAL_RANK device).
     threads = configure_threads(t.threads) if device == "cpu" else None
+    if device == "cpu":
+        return_freed_memory()  # peak RSS = live tensors, not glibc's kept heap (see device.py)
     backend = components.quant
     compute_dtype = backend.compute_dtype(device)
     say(

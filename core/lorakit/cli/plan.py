@@ -111,6 +111,8 @@ def run(args) -> int:
         ("logits", plan.logits, "supervised positions only"),
         ("eval KV cache", plan.kv_cache, f"batch {i.eval_batch} x {i.eval_length} tokens"),
     ]
+    if plan.dequant:
+        rows.append(("dequant scratch", plan.dequant, "largest linear weight, one at a time"))
     if plan.runtime:
         rows.append(("runtime", plan.runtime, "Python + torch + libraries (CPU peak RSS)"))
     print("memory:")
@@ -118,6 +120,12 @@ def run(args) -> int:
         print(f"  {name:<18} {gb(n):>12}  {why}")
     print(f"  {'peak (training)':<18} {gb(plan.train_peak):>12}")
     print(f"  {'peak (generation)':<18} {gb(plan.eval_peak):>12}")
+    if plan.runtime:
+        print(
+            "  (CPU: `lorakit run` returns freed tensor memory to the OS, so peak RSS follows "
+            "these terms; with LORAKIT_MALLOC=glibc, glibc keeps it and the peak is much "
+            "higher: see docs/plan.md)"
+        )
     print(summary(plan, size, where))
     if size is not None and plan.peak > size:
         print(f"to fit: {fixes(plan)}")
