@@ -11,6 +11,8 @@ tokens and the same supervised positions for all of them). Contenders:
     lorakit_lora     `lorakit run` (packed rows, supervised-only head), compute dtype auto
                      (the fastest this machine has: fp32 on CPUs without fast bf16)
     lorakit_qlora    `lorakit run` with the base in 4-bit NF4 (+ double quant)
+    lorakit_glibc    `lorakit run` with LORAKIT_MALLOC=glibc: glibc's default malloc instead of
+                     returning freed tensor memory to the OS (what that setting costs in speed)
     trl              TRL SFTTrainer, bf16 off, gradient checkpointing off (rows padded per batch)
     trl_packing      the same with TRL's packing (BFD, padding-free), 1 row of 1024 tokens a step
     pad512           transformers Trainer, every row padded (or cut) to 512: what most
@@ -43,7 +45,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_chat.jsonl"
-CONTENDERS = ("lorakit_lora", "lorakit_qlora", "trl", "trl_packing", "pad512", "hand_loop")
+CONTENDERS = (
+    "lorakit_lora",
+    "lorakit_qlora",
+    "lorakit_glibc",
+    "trl",
+    "trl_packing",
+    "pad512",
+    "hand_loop",
+)
 SEED, BATCH, LR, RANK, ALPHA, DROPOUT = 42, 4, 2e-4, 16, 32, 0.05
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_LENGTH = 2048
@@ -307,6 +317,8 @@ def lorakit_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def run_contender(name: str, folder: Path, data: Path, steps: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if name == "lorakit_glibc":
+        env["LORAKIT_MALLOC"] = "glibc"
     quant = "bnb-4bit" if name == "lorakit_qlora" else "none"
     tag = f"{name}-{time.time_ns()}"
     recipe = write_recipe(folder, tag, data, quant, steps)
