@@ -6,13 +6,14 @@ Each configuration trains the embedded SmolLM2-135M-Instruct for a few steps wit
 in its own process (packing on, so every micro-batch holds batch x max_length tokens, as the
 plan assumes); the measured peak is the largest ``peak_memory_gb`` in its metrics.jsonl (the
 process's peak RSS on CPU: it includes Python, torch and the libraries, which the plan counts
-as a constant that this script measures again). The first step sets the peak (the mmap
-threshold that `lorakit run` fixes on CPU keeps later steps from growing it), so one step is
-enough; the longer-example configurations pack as many tokens as the short ones (2 x 768 =
+as a constant that this script measures again). With ``LORAKIT_MALLOC=return`` the first step
+sets the peak (the fixed mmap threshold keeps later steps from growing it), so one step is
+enough for that column; the longer-example configurations pack as many tokens as the short ones (2 x 768 =
 8 x 192) so that only the example length changes. ``benchmarks/memory_stages.py`` breaks one
-configuration down stage by stage. The last configuration is the control: the same run with
-``LORAKIT_MALLOC=glibc`` (glibc's dynamic mmap threshold, freed memory kept in the heap), which
-the plan does not model. The prediction comes from the same code as
+configuration down stage by stage. Each configuration runs twice: with ``LORAKIT_MALLOC=return``
+(freed tensor memory goes back to the OS, so peak RSS follows the live tensors the plan counts)
+and with glibc's default allocator (lorakit's default: faster steps, but freed memory stays in
+the heap, which the plan does not model). The prediction comes from the same code as
 `lorakit plan` with the same overrides, before the run. Memory only: no timing, safe on a busy
 machine. Prints a markdown table (docs/plan.md holds one) and writes it to benchmarks/results/.
 """
@@ -96,13 +97,8 @@ CONFIGS = {
             "train.gradient_checkpointing=true",
         ],
     ),
-    # the control: glibc's own malloc settings, as before lorakit fixed the mmap threshold
-    "LoRA fp32, batch 8 x 192, glibc default malloc": (
-        "none",
-        ['quant.dtype="fp32"', "train.per_device_train_batch_size=8", "train.max_length=192"],
-    ),
 }
-ENV = {"LoRA fp32, batch 8 x 192, glibc default malloc": {"LORAKIT_MALLOC": "glibc"}}
+MODES = {"return": {"LORAKIT_MALLOC": "return"}, "glibc": {"LORAKIT_MALLOC": ""}}
 RUNTIME_PROBE = """
 import resource
 from lorakit.cli.main import _quiet_libraries
@@ -143,7 +139,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-4)")
+    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-3)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/alpaca_seed_chat.jsonl"))
     args = parser.parse_args()
     data = Path(args.data).resolve()
@@ -164,29 +160,29 @@ def main() -> None:
                 encoding="utf-8",
             )
             want = predict(recipe, overrides)
-            got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}", ENV.get(label, {}))
-            err = (want["peak"] - got) / got
-            rows.append(
-                {
-                    "config": label,
-                    "predicted_gb": want["peak"],
-                    "measured_gb": got,
-                    "error": err,
-                    "note": want["note"],
-                }
-            )
+            row = {"config": label, "predicted_gb": want["peak"], "note": want["note"]}
+            for mode, env in MODES.items():
+                got = measure(recipe, overrides, Path(tmp) / "runs", f"c{i}-{mode}", env)
+                row[f"measured_{mode}_gb"] = got
+                row[f"error_{mode}"] = (want["peak"] - got) / got
+            rows.append(row)
             print(
-                f"{label}: predicted {want['peak']:.3f} GB, measured {got:.3f} GB ({err:+.1%})",
+                f"{label}: predicted {want['peak']:.3f} GB, measured "
+                f"{row['measured_return_gb']:.3f} GB with LORAKIT_MALLOC=return "
+                f"({row['error_return']:+.1%}), {row['measured_glibc_gb']:.3f} GB with glibc's "
+                f"default ({row['error_glibc']:+.1%})",
                 flush=True,
             )
     lines = [
         f"runtime baseline (Python + torch + libraries, peak RSS): {runtime:.3f} GB",
         "",
-        "| configuration | predicted peak | measured peak | error |",
-        "| --- | ---: | ---: | ---: |",
+        "| configuration | predicted peak | measured, `LORAKIT_MALLOC=return` | error |"
+        " measured, glibc default | error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
         *(
-            f"| {r['config']} | {r['predicted_gb']:.2f} GB | {r['measured_gb']:.2f} GB"
-            f" | {r['error']:+.1%} |"
+            f"| {r['config']} | {r['predicted_gb']:.2f} GB | {r['measured_return_gb']:.2f} GB"
+            f" | {r['error_return']:+.1%} | {r['measured_glibc_gb']:.2f} GB"
+            f" | {r['error_glibc']:+.1%} |"
             for r in rows
         ),
     ]

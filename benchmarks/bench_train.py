@@ -11,8 +11,8 @@ tokens and the same supervised positions for all of them). Contenders:
     lorakit_lora     `lorakit run` (packed rows, supervised-only head), compute dtype auto
                      (the fastest this machine has: fp32 on CPUs without fast bf16)
     lorakit_qlora    `lorakit run` with the base in 4-bit NF4 (+ double quant)
-    lorakit_glibc    `lorakit run` with LORAKIT_MALLOC=glibc: glibc's default malloc instead of
-                     returning freed tensor memory to the OS (what that setting costs in speed)
+    lorakit_return   `lorakit run` with LORAKIT_MALLOC=return: freed tensor memory goes back to
+                     the OS at once (lower peak RSS on CPU); what that costs in step time
     trl              TRL SFTTrainer, bf16 off, gradient checkpointing off (rows padded per batch)
     trl_packing      the same with TRL's packing (BFD, padding-free), 1 row of 1024 tokens a step
     pad512           transformers Trainer, every row padded (or cut) to 512: what most
@@ -48,7 +48,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_chat.jsonl"
 CONTENDERS = (
     "lorakit_lora",
     "lorakit_qlora",
-    "lorakit_glibc",
+    "lorakit_return",
     "trl",
     "trl_packing",
     "pad512",
@@ -317,8 +317,8 @@ def lorakit_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def run_contender(name: str, folder: Path, data: Path, steps: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if name == "lorakit_glibc":
-        env["LORAKIT_MALLOC"] = "glibc"
+    if name == "lorakit_return":
+        env["LORAKIT_MALLOC"] = "return"
     quant = "bnb-4bit" if name == "lorakit_qlora" else "none"
     tag = f"{name}-{time.time_ns()}"
     recipe = write_recipe(folder, tag, data, quant, steps)

@@ -137,6 +137,8 @@ from lorakit.device import return_freed_memory
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 if sys.argv[1] == "fixed":
+    import os
+    os.environ["LORAKIT_MALLOC"] = "return"
     assert return_freed_memory()
 block = bytearray(b"1") * (16 << 20)
 del block  # default glibc: the mmap threshold rises to 16 MiB, 8 MiB blocks come from the heap
@@ -152,8 +154,8 @@ print((before - rss()) / (24 * (8 << 20)))
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_tensor_memory_goes_back_to_the_os():
-    """The reason ``lorakit run`` fixes glibc's mmap threshold on CPU: by default memory freed
-    between live blocks stays in the process (and in its peak RSS); fixed, it is returned."""
+    """What ``LORAKIT_MALLOC=return`` does on CPU: by default memory freed between live blocks
+    stays in the process (and in its peak RSS); with the threshold fixed, it is returned."""
 
     def returned(mode: str) -> float:
         res = subprocess.run(
@@ -165,11 +167,11 @@ def test_freed_tensor_memory_goes_back_to_the_os():
     assert returned("default") < 0.5
 
 
-def test_user_malloc_settings_are_left_alone(monkeypatch):
+def test_glibc_is_left_alone_unless_asked_and_user_settings_win(monkeypatch):
+    monkeypatch.delenv("LORAKIT_MALLOC", raising=False)
+    assert return_freed_memory() is False  # the default: glibc's own (faster steps)
+    monkeypatch.setenv("LORAKIT_MALLOC", "return")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert return_freed_memory() is False
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.setenv("LORAKIT_MALLOC", "glibc")
     assert return_freed_memory() is False
 
 

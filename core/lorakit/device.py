@@ -176,11 +176,12 @@ def return_freed_memory() -> bool:
     RSS was 5.6 GB where the tensors never needed more than 3.6 GB. A fixed threshold turns the
     adjustment off: each tensor of 128 KiB or more is its own mapping, unmapped when freed, and
     peak RSS follows the live tensors (what ``lorakit plan`` counts). The cost is a page fault
-    per fresh page instead of reused heap. Left alone when the user set one of glibc's
-    ``MALLOC_*`` variables or ``LORAKIT_MALLOC=glibc`` (glibc's own default, e.g. to time both),
-    or the C library is not glibc.
+    per fresh page instead of reused heap, and it is large: a training step took 1.6-1.7x as long
+    (``benchmarks/bench_train.py``, contender ``lorakit_return``). So it is opt-in, for a CPU
+    run that must fit in less RAM: ``LORAKIT_MALLOC=return``. Also left alone when the user set
+    one of glibc's ``MALLOC_*`` variables, or the C library is not glibc.
     """
-    if os.environ.get("LORAKIT_MALLOC") == "glibc" or any(n in os.environ for n in _MALLOC_ENV):
+    if os.environ.get("LORAKIT_MALLOC") != "return" or any(n in os.environ for n in _MALLOC_ENV):
         return False
     import ctypes
 

@@ -29,9 +29,10 @@ What a CPU run's peak RSS holds besides tensors, measured stage by stage with
 with glibc's default malloc, freed activations and temporaries are kept in the heap instead of
 going back to the OS (2.0 GB free-but-kept after one forward pass of 1458 tokens on SmolLM2-135M,
 4.3 GB after backward, against 2.3 GB of saved activations), so peak RSS was 5.6 GB where the
-live tensors peaked at 3.6 GB. ``lorakit run`` therefore fixes glibc's mmap threshold on CPU
-(``lorakit.device.return_freed_memory``): every tensor of 128 KiB or more is unmapped when
-freed, and peak RSS follows the live tensors counted here. The saved-tensor fit matches the
+live tensors peaked at 3.6 GB. With ``LORAKIT_MALLOC=return``, ``lorakit run`` fixes glibc's
+mmap threshold on CPU (``lorakit.device.return_freed_memory``): every tensor of 128 KiB or more
+is unmapped when freed, and peak RSS follows the live tensors counted here. It is opt-in because
+the page faults slow a step down; with glibc's default the peak RSS is not modelled here. The saved-tensor fit matches the
 count within 2% there (2387 MiB counted, 2353 predicted). Unquantized weights are memory-mapped from the
 safetensors file: they join RSS as the first forward pass touches them, not at load, and loading
 (the cached folder, no conversion) never sets the peak. A 4/8-bit model reads the whole file

@@ -148,7 +148,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     #    LOCAL_RANK device).
     threads = configure_threads(t.threads) if device == "cpu" else None
     if device == "cpu":
-        return_freed_memory()  # peak RSS = live tensors, not glibc's kept heap (see device.py)
+        return_freed_memory()  # LORAKIT_MALLOC=return: less RSS, slower steps (device.py)
     backend = components.quant
     compute_dtype = backend.compute_dtype(device)
     say(
