@@ -15,7 +15,10 @@ Everything here is a plain function; ``conftest.py`` turns the expensive ones in
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +230,29 @@ def write_recipe(folder: Path, sources: list[dict[str, Any]], **sections: dict[s
     path = folder / "recipe.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# Runs the CLI, then reports which heavy libraries it imported, also when argparse exits
+# (--help, --version).
+PROBE = """
+import sys
+from lorakit.cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+finally:
+    heavy = [m for m in ("torch", "transformers", "peft", "trl", "datasets") if m in sys.modules]
+    print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_probe(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )

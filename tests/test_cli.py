@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_probe
 from lorakit.errors import RecipeError
 
 BAD = """
@@ -21,31 +22,6 @@ lerning_rate = 1e-4
 plugin = "chat_jsonl"
 path = "chat.jsonl"
 """
-
-# Runs the CLI, then reports which heavy libraries it imported, also when argparse exits
-# (--help, --version).
-PROBE = """
-import sys
-from lorakit.cli.main import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code
-finally:
-    heavy = [m for m in ("torch", "transformers", "peft", "trl", "datasets") if m in sys.modules]
-    print("HEAVY:" + ",".join(heavy), file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def run_probe(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-c", PROBE, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
 
 
 def test_check_reports_all_problems_without_torch(tmp_path):

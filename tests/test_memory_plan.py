@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import tiny_recipe
+from helpers import run_probe, tiny_recipe
 from lorakit.device import return_freed_memory
 from lorakit.memory_plan import (
     PlanInputs,
@@ -19,8 +19,6 @@ from lorakit.memory_plan import (
     shape_from_config,
     weight_bytes,
 )
-
-from tests.test_cli import run_probe
 
 # Mistral-7B-v0.1 / -Instruct-v0.2 config.json, the keys that decide the sizes
 MISTRAL_7B = {
