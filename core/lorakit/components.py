@@ -54,6 +54,9 @@ class Components:
     loggers: dict[str, ExperimentLogger]  # jsonl, then [log].plugins; opened by the runner
 
 
+_FAILED = object()  # a plugin whose options were refused (the problem is recorded)
+
+
 class _Builder:
     """Calls factories, collecting every failure instead of stopping at the first."""
 
@@ -87,44 +90,41 @@ class _Builder:
     def choice(self, key: str, choice: PluginChoice) -> Any:
         return self.make(key, choice.kind, choice.name, choice.options)
 
-    def metrics(self, section: EvalSection) -> dict[str, Any]:
+    def named(self, key: str, kind: str, name: str, table: dict[str, Any], path: str) -> Any:
+        """A plugin chosen by name whose options sit in a table of their own (``path``):
+        metrics, loggers. Returns ``_FAILED`` when the options are wrong (already reported)."""
         from lorakit.options import structure
 
+        entry = self.catalog.entries[kind].get(name)
+        cls = entry.options_class if entry is not None else None
+        options = None
+        if cls is not None:
+            options, errs = structure(cls, table, path)
+            self.problems += errs
+            if errs:
+                return _FAILED
+        return self.make(key, kind, name, options)
+
+    def metrics(self, section: EvalSection) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for i, name in enumerate(section.metrics):
-            key = f"[eval].metrics[{i}]"
-            entry = self.catalog.entries["metric"].get(name)
-            cls = entry.options_class if entry is not None else None
-            options = None
-            if cls is not None:
-                options, errs = structure(
-                    cls, section.metric_options.get(name, {}), f"[eval.metric_options.{name}]"
-                )
-                self.problems += errs
-                if errs:
-                    continue
-            out[name] = self.make(key, "metric", name, options)
+            table = section.metric_options.get(name, {})
+            got = self.named(
+                f"[eval].metrics[{i}]", "metric", name, table, f"[eval.metric_options.{name}]"
+            )
+            if got is not _FAILED:
+                out[name] = got
         return out
 
     def loggers(self, section: LogSection) -> dict[str, Any]:
-        from lorakit.options import structure
         from lorakit.tracking import ALWAYS_ON
 
         out: dict[str, Any] = {}
-        for name in (ALWAYS_ON, *section.plugins):
-            if name in out:
-                continue
-            entry = self.catalog.entries["logger"].get(name)
-            cls = entry.options_class if entry is not None else None
-            options = None
-            if cls is not None:
-                options, errs = structure(
-                    cls, section.options.get(name, {}), f"[log.options.{name}]"
-                )
-                self.problems += errs
-                if errs:
-                    continue
-            out[name] = self.make("[log].plugins", "logger", name, options)
+        for name in dict.fromkeys((ALWAYS_ON, *section.plugins)):
+            table = section.options.get(name, {})
+            got = self.named("[log].plugins", "logger", name, table, f"[log.options.{name}]")
+            if got is not _FAILED:
+                out[name] = got
         return out
 
     def check(self, source: str | None) -> None:
