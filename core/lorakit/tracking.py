@@ -18,10 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.catalog import Catalog
+from lorakit.catalog import Catalog, check_named_plugins
 from lorakit.contracts import LogRun
-from lorakit.errors import closest
-from lorakit.options import structure
 from lorakit.rundir import RunDir, read_json, stack_versions
 from lorakit.sections import LogSection
 
@@ -34,16 +32,15 @@ CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finis
 
 def check_log(catalog: Catalog, section: LogSection) -> list[str]:
     """Problems with ``[log].plugins`` and ``[log.options]``, each with a fix."""
-    problems: list[str] = []
-    known = catalog.names("logger")
-    for i, name in enumerate(section.plugins):
-        if name not in known:
-            close = closest(name, known)
-            hint = f"did you mean {close!r}? " if close else ""
-            problems.append(
-                f'[log].plugins[{i}]: unknown logger "{name}"; {hint}'
-                f"installed loggers: {', '.join(known) or '(none)'}"
-            )
+    problems = check_named_plugins(
+        catalog,
+        "logger",
+        section.plugins,
+        section.options,
+        "[log].plugins",
+        "log.options",
+        always=(ALWAYS_ON,),
+    )
     for i, name in enumerate(section.plugins):
         needs = getattr(catalog.entries["logger"].get(name), "factory", None)
         for module, fix in (getattr(needs, "requires", None) or {}).items():
@@ -52,24 +49,6 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
                     f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
                     f"which is not installed; {fix}"
                 )
-    if len(set(section.plugins)) != len(section.plugins):
-        problems.append("[log].plugins: a logger is listed twice; list each once")
-    chosen = set(section.plugins) | {ALWAYS_ON}
-    for name, table in section.options.items():
-        path = f"[log.options.{name}]"
-        if name not in chosen:
-            problems.append(
-                f"{path}: {name!r} is not in [log].plugins; add it there or remove this table"
-            )
-            continue
-        if name not in known:
-            continue
-        if not isinstance(table, dict):
-            problems.append(f"{path}: expected a table of options")
-            continue
-        cls = catalog.get("logger", name).options_class
-        _, errs = structure(cls, table, path) if cls is not None else (None, [])
-        problems += errs
     return problems
 
 
