@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/bench_train.py [--steps 8] [--warmup 2] [--reps 2]
         [--data ../shared/data/alpaca_seed_chat.jsonl] [--only lorakit_lora,trl]
+        [--model-path DIR]
 
-Every contender trains the embedded SmolLM2-135M-Instruct with LoRA r=16 (alpha 32, dropout
+Every contender trains the embedded SmolLM2-135M-Instruct (or the local model folder
+``--model-path``) with LoRA r=16 (alpha 32, dropout
 0.05) on q/k/v/o, micro-batch 4, AdamW lr 2e-4 (linear), seed 42, on the same tokenized rows:
 lorakit's chat-template rendering with completion-only labels (so "same data" means the same
 tokens and the same supervised positions for all of them). Contenders:
@@ -13,7 +15,8 @@ tokens and the same supervised positions for all of them). Contenders:
     lorakit_qlora    `lorakit run` with the base in 4-bit NF4 (+ double quant)
     lorakit_return   `lorakit run` with LORAKIT_MALLOC=return: freed tensor memory goes back to
                      the OS at once (lower peak RSS on CPU); what that costs in step time
-    trl              TRL SFTTrainer, bf16 off, gradient checkpointing off (rows padded per batch)
+    trl              TRL SFTTrainer, gradient checkpointing off (rows padded per batch); bf16 off
+                     on CPU, on a GPU the base in bf16 with bf16=True (what TRL's docs use)
     trl_packing      the same with TRL's packing (BFD, padding-free), 1 row of 1024 tokens a step
     pad512           transformers Trainer, every row padded (or cut) to 512: what most
                      hand-written fine-tuning scripts do
@@ -23,8 +26,10 @@ Each contender runs in its own process, one after the other (never two at once: 
 trainers slow each other ~8x), interleaved round-robin for ``--reps`` rounds. A contender's speed
 is useful (non-padding) tokens per second over the steps after ``--warmup``; peak memory is the
 contender process's own peak RSS on CPU, CUDA max allocated on a GPU. The matmul FLOP/s
-of fp32 and bf16 are measured in the same run; the ceiling is the fastest dtype's FLOP/s divided
-by the FLOPs of one LoRA training token (4 x parameters: forward, and backward to the inputs).
+of fp32 and bf16 are measured in the same run (on the GPU when there is one); the ceiling is the
+fastest dtype's FLOP/s divided by the FLOPs of one LoRA training token (4 x parameters:
+forward, and backward to the inputs). On a GPU every contender computes in bf16 (the base
+weights in bf16, as lorakit's ``auto`` does there).
 
 Prints a table and writes it, with the raw numbers, to benchmarks/results/bench_train-<time>.md
 and .json. Run it on a quiet machine.
@@ -60,7 +65,7 @@ MAX_LENGTH = 2048
 
 RECIPE = """
 [model]
-plugin = "smollm2-135m-instruct"
+{model}
 [[data.sources]]
 plugin = "chat_jsonl"
 path = "{data}"
@@ -93,10 +98,19 @@ name = "{name}"
 """
 
 
+MODEL_PATH: Path | None = None  # --model-path: a local model folder instead of the embedded one
+
+
 def write_recipe(folder: Path, name: str, data: Path, quant: str, steps: int) -> Path:
     path = folder / f"{name}.toml"
+    model = (
+        f'plugin = "local"\npath = "{MODEL_PATH}"'
+        if MODEL_PATH
+        else 'plugin = "smollm2-135m-instruct"'
+    )
     path.write_text(
         RECIPE.format(
+            model=model,
             data=data,
             quant=quant,
             rank=RANK,
@@ -144,7 +158,12 @@ def _peft_model(path: str) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map="cuda" if cuda else None,
+    )
     torch.manual_seed(SEED)
     config = LoraConfig(
         r=RANK,
@@ -193,7 +212,7 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> list[dict[str, A
         save_strategy="no",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=torch.cuda.is_available(),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
@@ -265,6 +284,7 @@ def worker_hand_loop(recipe_path: Path, steps: int) -> list[dict[str, Any]]:
 
     tok, rows, path = _rows(recipe_path)
     model = _peft_model(path).train()
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
@@ -283,6 +303,7 @@ def worker_hand_loop(recipe_path: Path, steps: int) -> list[dict[str, Any]]:
             ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
             labels[i, : len(r.labels)] = torch.tensor(r.labels)
             mask[i, : len(r.input_ids)] = 1
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -327,6 +348,8 @@ def run_contender(name: str, folder: Path, data: Path, steps: int) -> dict[str, 
     else:
         cmd = [sys.executable, __file__, "--worker", name, "--recipe", str(recipe)]
         cmd += ["--steps", str(steps)]
+        if MODEL_PATH:
+            cmd += ["--model-path", str(MODEL_PATH)]
     started = time.time()
     log_out, log_err = folder / f"{tag}.out", folder / f"{tag}.err"
     with log_out.open("w") as o, log_err.open("w") as e:
@@ -359,9 +382,27 @@ def throughput(records: list[dict[str, Any]], warmup: int) -> float:
     return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
+def cuda_matmul_flops(dtype: Any, size: int = 8192, reps: int = 10) -> float:
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
 def measure_flops() -> dict[str, float]:
     import torch
     from lorakit.device import configure_threads, matmul_flops
+
+    if torch.cuda.is_available():
+        return {"fp32": cuda_matmul_flops(torch.float32), "bf16": cuda_matmul_flops(torch.bfloat16)}
 
     configure_threads()
     fp32 = max(matmul_flops(torch.float32, size=n, seconds=1.0) for n in (1024, 2048))
@@ -377,7 +418,7 @@ def model_params() -> int:
     from safetensors import safe_open
 
     total = 0
-    folder = ensure_cached()
+    folder = MODEL_PATH or ensure_cached()
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():  # noqa: SIM118
@@ -423,7 +464,10 @@ def main() -> None:
     p.add_argument("--only", help="comma-separated contenders (default: all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model-path", type=Path, help="a local model folder (default: embedded)")
     args = p.parse_args()
+    global MODEL_PATH
+    MODEL_PATH = args.model_path
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be at least 1 and below --steps")
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+# under FSDP with FULL_STATE_DICT accelerate writes the gathered optimizer state here instead
+FSDP_OPTIMIZER = "optimizer.bin"
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -32,6 +34,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{weights.name}: {problem}"
     for name in CHECKPOINT_PICKLES:
         path = folder / name
+        if name == "optimizer.pt" and not path.is_file() and (folder / FSDP_OPTIMIZER).is_file():
+            name, path = FSDP_OPTIMIZER, folder / FSDP_OPTIMIZER
         if not path.is_file():
             if name == "rng_state.pth":
                 continue  # torch writes it per process; a missing one only loses the RNG

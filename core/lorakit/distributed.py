@@ -128,6 +128,28 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
+def gathered_trainable_state(model: Any) -> dict[str, Any] | None:
+    """The trainable weights as whole CPU tensors when FSDP2 has sharded them, else None.
+
+    FSDP2 (``fully_shard``) keeps each parameter as a ``DTensor`` holding this rank's shard, so
+    a state dict read on rank 0 alone would hold shards (and ``full_tensor`` on one rank would
+    wait forever for the others). Every rank must call this: each parameter is all-gathered in
+    the same order on all of them. Only the trainable (LoRA) weights travel, never the frozen
+    base, which is what the adapter needs.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support shards nothing
+        return None
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not any(isinstance(p, DTensor) for _, p in params):
+        return None
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        for name, p in params
+    }
+
+
 def _object_device() -> Any:
     import torch
 

@@ -48,7 +48,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     from lorakit.device import configure_threads, resolve_device, return_freed_memory
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
-    from lorakit.training import build_trainer, planned_steps
+    from lorakit.training import adapter_state, build_trainer, engine, planned_steps
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
@@ -183,6 +183,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         device,
         compute_dtype,
     )
+    say(f"engine: {engine(trainer)} ({trainer.accelerator.num_processes} process(es))")
     done = checkpoint_step(checkpoint) if checkpoint else 0
     if checkpoint and done >= planned_steps(trainer):
         # The run was stopped after its last step (while saving the adapter or evaluating):
@@ -208,12 +209,13 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         "data_fingerprint": splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
+    state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights
     if not main_process:
         return run.path
     with disk_full_is_an_error(
         run.adapter, "the adapter", lambda: "no adapter folder was written; " + _kept(run)
     ):
-        save_adapter(trainer.model, tokenizer, run.adapter, meta, eot)
+        save_adapter(trainer.model, tokenizer, run.adapter, meta, eot, state_dict=state)
     say(f"adapter saved to {run.adapter}")
 
     # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval

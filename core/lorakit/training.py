@@ -196,26 +196,33 @@ def make_trainer_class() -> Any:
             Under N processes rank r scores rows r, r+N, ... (no padding rows, so no example is
             counted twice) and the sums are added up over ranks.
             """
+            import math
+
             import torch
-            from torch.utils.data import DataLoader, Subset
 
             rows: Any = self.eval_dataset if eval_dataset is None else eval_dataset
             n, r = self.accelerator.num_processes, self.accelerator.process_index
-            loader = DataLoader(
-                Subset(rows, range(r, len(rows), n)),
-                batch_size=self.args.per_device_eval_batch_size,
-                collate_fn=self.data_collator,
-            )
+            size = self.args.per_device_eval_batch_size
+            mine = list(range(r, len(rows), n))
+            batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+            if self.is_fsdp_enabled and n > 1:
+                # every forward of a sharded model gathers weights from all ranks: each rank
+                # must run as many as the others, so the short ones repeat a row, counted 0
+                most = math.ceil(math.ceil(len(rows) / n) / size)
+                batches += [[] for _ in range(most - len(batches))]
             model: Any = self.model
             was_training = model.training
             model.eval()
             total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
             with torch.no_grad():
-                for batch in loader:
-                    batch = self._prepare_inputs(batch)
-                    nll, n = supervised_nll(model, batch, self._head_kwarg)
-                    total[0] += nll.double()
-                    total[1] += n
+                for indices in batches:
+                    batch = self._prepare_inputs(
+                        self.data_collator([rows[i] for i in indices or [0]])
+                    )
+                    nll, count = supervised_nll(model, batch, self._head_kwarg)
+                    if indices:
+                        total[0] += nll.double()
+                        total[1] += count
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(total, reduction="sum")
             if was_training:
@@ -355,6 +362,28 @@ def build_trainer(
         if recipe.train.packing
         else 0,
     )
+
+
+def adapter_state(trainer: Any) -> dict[str, Any] | None:
+    """The whole adapter weights when FSDP shards them (every rank must call this), else None.
+
+    FSDP2 keeps each weight as a sharded ``DTensor``: the LoRA weights are all-gathered. FSDP1
+    flattens them, so accelerate gathers the model's state dict (with ``FULL_STATE_DICT``).
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    from lorakit.distributed import gathered_trainable_state
+
+    state = gathered_trainable_state(trainer.model)
+    if state is None:
+        state = trainer.accelerator.get_state_dict(trainer.model)
+    return state
+
+
+def engine(trainer: Any) -> str:
+    """What accelerate actually runs (``FSDP``, ``MULTI_GPU`` = DDP, ``MULTI_CPU``, ``NO``)."""
+    kind = trainer.accelerator.distributed_type
+    return str(getattr(kind, "value", kind))
 
 
 def planned_steps(trainer: Any) -> int:

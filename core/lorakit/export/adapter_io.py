@@ -31,9 +31,17 @@ def stop_token_ids(tokenizer: Any, end_of_turn: str) -> list[int]:
 
 
 def save_adapter(
-    model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any], end_of_turn: str
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    meta: dict[str, Any],
+    end_of_turn: str,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write the adapter folder atomically and verify it is not empty.
+
+    ``state_dict``: the model's weights gathered whole, when a sharding engine (FSDP) holds only
+    a shard of each in this process; PEFT keeps the adapter's entries of it.
 
     Half-written folders a killed earlier save left behind (``.NAME.tmp-*``) are removed first:
     the caller owns ``folder`` (a run holds its folder's claim), so no other writer uses them.
@@ -43,7 +51,7 @@ def save_adapter(
     # a temp name of this process's own, so two writers never share one
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        _write_adapter(model, tokenizer, tmp, meta, end_of_turn)
+        _write_adapter(model, tokenizer, tmp, meta, end_of_turn, state_dict)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter behind
         raise
@@ -57,11 +65,17 @@ def save_adapter(
 
 
 def _write_adapter(
-    model: Any, tokenizer: Any, tmp: Path, meta: dict[str, Any], end_of_turn: str
+    model: Any,
+    tokenizer: Any,
+    tmp: Path,
+    meta: dict[str, Any],
+    end_of_turn: str,
+    state_dict: dict[str, Any] | None,
 ) -> None:
     from safetensors import safe_open
 
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(str(tmp), safe_serialization=True, **extra)
     tokenizer.save_pretrained(str(tmp))
     gen = model.generation_config if hasattr(model, "generation_config") else None
     if gen is not None:
