@@ -41,7 +41,13 @@ DISTRIBUTED_TYPES = (
     "MULTI_NEURON",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
-SHARDING_STRATEGY = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
+SHARDING_STRATEGY = (
+    "FULL_SHARD",
+    "SHARD_GRAD_OP",
+    "NO_SHARD",
+    "HYBRID_SHARD",
+    "HYBRID_SHARD_ZERO2",
+)
 AUTO_WRAP_POLICY = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
 STATE_DICT_TYPE = ("FULL_STATE_DICT", "LOCAL_STATE_DICT", "SHARDED_STATE_DICT")
@@ -81,8 +87,10 @@ def choice(names: Iterable[str], *, numbered: bool = False) -> Checker:
 
 def exact(*names: str) -> Checker:
     def check(value: Any) -> str | None:
-        return None if str(value) in names and not isinstance(value, bool) else (
-            "expected one of " + ", ".join(names)
+        return (
+            None
+            if str(value) in names and not isinstance(value, bool)
+            else ("expected one of " + ", ".join(names))
         )
 
     return check

@@ -11,7 +11,6 @@ the machine the job will run on) are printed as notes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ import yaml
 
 from lorakit import accelerate_keys as keys
 from lorakit.errors import LorakitError, closest
+from lorakit.launch_recipe import check_against_recipe, check_gpu_engine
 
 SUFFIXES = (".yaml", ".yml", ".json")
 GPU_ONLY = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
 CPU_FIX = (
-    "train on GPUs ([train].device = \"auto\" or \"cuda\"); on CPU launch without this config: "
+    'train on GPUs ([train].device = "auto" or "cuda"); on CPU launch without this config: '
     "lorakit run RECIPE --nproc N (DDP over gloo), see docs/distributed.md"
 )
 
@@ -72,14 +72,13 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LorakitError(
-            f"cannot read the launch config: {exc}", where=str(path), fix="give an accelerate "
-            "config file (accelerate config writes one; configs/ has an FSDP example)"
+            f"cannot read the launch config: {exc}",
+            where=str(path),
+            fix="give an accelerate "
+            "config file (accelerate config writes one; configs/ has an FSDP example)",
         ) from None
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         lines = _lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except json.JSONDecodeError as exc:
         raise LaunchConfigError(
@@ -91,14 +90,18 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         what = getattr(exc, "problem", None) or str(exc)
         raise LaunchConfigError(
-            [f"{at}: not valid YAML: {what}\n    fix: correct that line (indentation, a "
-             "missing ':' or an unclosed quote)"],
+            [
+                f"{at}: not valid YAML: {what}\n    fix: correct that line (indentation, a "
+                "missing ':' or an unclosed quote)"
+            ],
             source=str(path),
         ) from None
     if not isinstance(data, dict):
         raise LaunchConfigError(
-            [f"{path}: expected a table of keys (distributed_type: ..., num_processes: ...), "
-             f"got {type(data).__name__}"],
+            [
+                f"{path}: expected a table of keys (distributed_type: ..., num_processes: ...), "
+                f"got {type(data).__name__}"
+            ],
             source=str(path),
         )
     return data, lines
@@ -139,13 +142,16 @@ def check_launch_config(
         return f"launch config {path}: ok (SageMaker, not checked further)", report.notes
     _check_table(report, data, keys.TOP, "")
     fsdp = _prefixed(data.get("fsdp_config"), "fsdp_")
-    deepspeed = data.get("deepspeed_config") if isinstance(data.get("deepspeed_config"), dict) else {}
+    deepspeed = (
+        data.get("deepspeed_config") if isinstance(data.get("deepspeed_config"), dict) else {}
+    )
     _check_table(report, fsdp, keys.FSDP, "fsdp_config.")
     _check_table(report, deepspeed or {}, keys.DEEPSPEED, "deepspeed_config.")
     engine = str(data.get("distributed_type", ""))
     if "distributed_type" not in data:
         report.problem(
-            "distributed_type", "missing (accelerate refuses a config without it)",
+            "distributed_type",
+            "missing (accelerate refuses a config without it)",
             "add distributed_type: FSDP (or MULTI_GPU for DDP, DEEPSPEED, NO)",
         )
     _check_processes(report, data)
@@ -156,10 +162,8 @@ def check_launch_config(
     if engine != "DEEPSPEED" and deepspeed:
         report.note(f"deepspeed_config is not used: distributed_type is {engine or 'missing'}")
     if engine in GPU_ONLY:
-        _check_gpu_engine(report, data, GPU_ONLY[engine], recipe)
+        check_gpu_engine(report, data, GPU_ONLY[engine], recipe)
     if recipe is not None:
-        from lorakit.launch_recipe import check_against_recipe
-
         check_against_recipe(report, data, fsdp, deepspeed or {}, recipe, components)
     if report.problems:
         raise LaunchConfigError(report.problems, source=str(path))
@@ -185,9 +189,7 @@ def _check_table(report: _Report, table: dict[str, Any], known: dict, prefix: st
                 f"use {hint}" if hint else "remove it; see accelerate launch --help for the keys",
             )
         elif key == "mixed_precision" and value is False:
-            report.problem(
-                key, "YAML reads an unquoted no as false", "write mixed_precision: 'no'"
-            )
+            report.problem(key, "YAML reads an unquoted no as false", "write mixed_precision: 'no'")
         elif (what := check(value)) is not None:
             report.problem(f"{prefix}{key}", f"{what}, got {value!r}")
 
@@ -196,7 +198,8 @@ def _check_processes(report: _Report, data: dict[str, Any]) -> None:
     machines, rank = data.get("num_machines", 1), data.get("machine_rank", 0)
     if isinstance(machines, int) and isinstance(rank, int) and machines >= 1 and rank >= machines:
         report.problem(
-            "machine_rank", f"{rank} is not below num_machines ({machines})",
+            "machine_rank",
+            f"{rank} is not below num_machines ({machines})",
             f"give each machine a rank from 0 to {machines - 1}",
         )
     if data.get("num_processes", -1) == -1 and data.get("distributed_type", "NO") != "NO":
@@ -214,21 +217,31 @@ def _check_fsdp(report: _Report, fsdp: dict[str, Any]) -> None:
     if "fsdp_reshard_after_forward" in fsdp:
         value = fsdp["fsdp_reshard_after_forward"]
         if version == "2" and keys.flag(value):
-            report.problem(key, f"FSDP2 takes true or false, got {value!r}",
-                           "true: full sharding (least memory), false: like SHARD_GRAD_OP")
+            report.problem(
+                key,
+                f"FSDP2 takes true or false, got {value!r}",
+                "true: full sharding (least memory), false: like SHARD_GRAD_OP",
+            )
         if version == "1" and (what := keys.choice(keys.SHARDING_STRATEGY, numbered=True)(value)):
             report.problem(key, f"FSDP1 takes a sharding strategy: {what}, got {value!r}")
     state = str(fsdp.get("fsdp_state_dict_type", "")).upper()
     if version == "2" and state in ("LOCAL_STATE_DICT", "2"):
-        report.problem("fsdp_config.fsdp_state_dict_type", "FSDP2 has no LOCAL_STATE_DICT",
-                       "use FULL_STATE_DICT")
+        report.problem(
+            "fsdp_config.fsdp_state_dict_type",
+            "FSDP2 has no LOCAL_STATE_DICT",
+            "use FULL_STATE_DICT",
+        )
     offload = keys.truth(fsdp.get("fsdp_activation_checkpointing_offload", False))
     if offload and not keys.truth(fsdp.get("fsdp_activation_checkpointing", False)):
-        report.problem("fsdp_config.fsdp_activation_checkpointing_offload",
-                       "needs fsdp_activation_checkpointing: true (accelerate refuses it alone)")
+        report.problem(
+            "fsdp_config.fsdp_activation_checkpointing_offload",
+            "needs fsdp_activation_checkpointing: true (accelerate refuses it alone)",
+        )
     if offload and version != "2":
-        report.problem("fsdp_config.fsdp_activation_checkpointing_offload",
-                       "needs fsdp_version: 2 (accelerate refuses it with FSDP1)")
+        report.problem(
+            "fsdp_config.fsdp_activation_checkpointing_offload",
+            "needs fsdp_version: 2 (accelerate refuses it with FSDP1)",
+        )
     efficient = keys.truth(fsdp.get("fsdp_cpu_ram_efficient_loading", True))
     if efficient and keys.truth(fsdp.get("fsdp_sync_module_states", True)) is False:
         report.problem(
@@ -243,34 +256,13 @@ def _check_fsdp(report: _Report, fsdp: dict[str, Any]) -> None:
                 report.note(f"fsdp_config.{name} has no effect with fsdp_version 2")
 
 
-def _check_gpu_engine(report: _Report, data: dict, engine: str, recipe: Any) -> None:
-    why = (f"accelerate enables {engine} only on GPUs: on CPU the ranks would train plain DDP, "
-           "every rank holding the whole model")
-    if data.get("use_cpu") is True:
-        report.problem("use_cpu", f"true with distributed_type {data['distributed_type']}: {why}",
-                       "set use_cpu: false, or " + CPU_FIX)
-    device = recipe.train.device if recipe is not None else "auto"
-    if device in ("cpu", "mps"):
-        report.problem("distributed_type", f"{engine} with [train].device = \"{device}\" in "
-                       f"the recipe: {why} (lorakit refuses it when the run starts)", CPU_FIX)
-    elif device == "auto":
-        said = "[train].device is \"auto\": " if recipe is not None else ""
-        report.note(f"{said}{engine} runs only on a machine with GPUs; on one without, lorakit "
-                    "stops at start instead of training plain DDP")
-    if engine == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
-        report.problem(
-            "distributed_type", "DEEPSPEED, but the deepspeed package is not installed here "
-            "(accelerate would fail in every rank at start)",
-            "pip install deepspeed on the GPU machines (it builds CUDA kernels) and run this check "
-            "there, or use FSDP: configs/accelerate_fsdp_lora.yaml",
-        )
-
-
 def _summary(data: dict[str, Any], fsdp: dict[str, Any]) -> str:
     engine = str(data.get("distributed_type", "?"))
     if engine == "FSDP":
         engine += str(fsdp.get("fsdp_version", "1"))
     procs = data.get("num_processes", -1)
     procs_text = "--num_processes" if procs == -1 else str(procs)
-    return (f"{engine}, {procs_text} processes on {data.get('num_machines', 1)} machine(s), "
-            f"mixed_precision {data.get('mixed_precision', 'no')}")
+    return (
+        f"{engine}, {procs_text} processes on {data.get('num_machines', 1)} machine(s), "
+        f"mixed_precision {data.get('mixed_precision', 'no')}"
+    )

@@ -1,8 +1,10 @@
 """An accelerate launch config against a recipe: what matters for LoRA/QLoRA under FSDP/DeepSpeed.
 
-Called by :func:`lorakit.launch_config.check_launch_config` with a recipe. Each rule below comes
+Called by :func:`lorakit.launch_config.check_launch_config`. Each rule below comes
 from what the installed libraries do, named in the message:
 
+* accelerate turns FSDP and DeepSpeed on only for GPU-type distributed modes: on CPU the ranks
+  would train plain DDP (:func:`lorakit.distributed.check_engine` refuses that at start);
 * the bnb-4bit plugin stores 4-bit weights in the compute dtype on CUDA
   (``bnb_4bit_quant_storage``) so that FSDP can shard them; FSDP's mixed precision casts every
   floating-point parameter to its ``param_dtype`` (bf16 for mixed_precision bf16 and fp8, fp16
@@ -17,9 +19,15 @@ from what the installed libraries do, named in the message:
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from lorakit import accelerate_keys as keys
+
+CPU_FIX = (
+    'train on GPUs ([train].device = "auto" or "cuda"); on CPU launch without this config: '
+    "lorakit run RECIPE --nproc N (DDP over gloo), see docs/distributed.md"
+)
 
 PARAM_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}  # accelerate's FSDP mapping
 
@@ -41,9 +49,44 @@ def check_against_recipe(
         _deepspeed(report, deepspeed, recipe)
 
 
+def check_gpu_engine(report: Any, data: dict, engine: str, recipe: Any) -> None:
+    why = (
+        f"accelerate enables {engine} only on GPUs: on CPU the ranks would train plain DDP, "
+        "every rank holding the whole model"
+    )
+    if data.get("use_cpu") is True:
+        report.problem(
+            "use_cpu",
+            f"true with distributed_type {data['distributed_type']}: {why}",
+            "set use_cpu: false, or " + CPU_FIX,
+        )
+    device = recipe.train.device if recipe is not None else "auto"
+    if device in ("cpu", "mps"):
+        report.problem(
+            "distributed_type",
+            f'{engine} with [train].device = "{device}" in '
+            f"the recipe: {why} (lorakit refuses it when the run starts)",
+            CPU_FIX,
+        )
+    elif device == "auto":
+        said = '[train].device is "auto": ' if recipe is not None else ""
+        report.note(
+            f"{said}{engine} runs only on a machine with GPUs; on one without, lorakit "
+            "stops at start instead of training plain DDP"
+        )
+    if engine == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        report.problem(
+            "distributed_type",
+            "DEEPSPEED, but the deepspeed package is not installed here "
+            "(accelerate would fail in every rank at start)",
+            "pip install deepspeed on the GPU machines (it builds CUDA kernels) and run this check "
+            "there, or use FSDP: configs/accelerate_fsdp_lora.yaml",
+        )
+
+
 def _base(recipe: Any, components: Any) -> tuple[str, str, str]:
     """How the base weights are stored ("nf4", "int8", "none", ...), their dtype and its key."""
-    quant = components.quant if components is not None else None
+    quant: Any = components.quant if components is not None else None
     spec = quant.memory_spec() if hasattr(quant, "memory_spec") else {}
     weights = spec.get("weights") or ("?" if getattr(quant, "quantizes", False) else "none")
     for field in ("compute_dtype", "dtype"):
@@ -72,7 +115,7 @@ def _mixed_precision(
         return
     elif dtype == "auto" and param == "bf16":
         report.note(
-            f"mixed_precision {mp} with {dtype_key} = \"auto\": auto is bf16 on GPUs that "
+            f'mixed_precision {mp} with {dtype_key} = "auto": auto is bf16 on GPUs that '
             "have it; on older GPUs lorakit trains fp16 and that wins over this setting"
         )
     elif sharded_4bit:
@@ -83,11 +126,11 @@ def _mixed_precision(
             f"the 4-bit weights as {shown} bytes ({dtype_key}, bnb_4bit_quant_storage): the cast "
             "would turn them into garbage",
             f"set mixed_precision: 'no' (lorakit already computes in {dtype_key}), or make "
-            f"{dtype_key} = \"{param}\"",
+            f'{dtype_key} = "{param}"',
         )
     elif dtype == "fp16":
         report.note(
-            f"mixed_precision {mp} is ignored: with {dtype_key} = \"fp16\" lorakit trains with "
+            f'mixed_precision {mp} is ignored: with {dtype_key} = "fp16" lorakit trains with '
             "fp16 mixed precision, which wins over the config"
         )
     else:
@@ -101,13 +144,13 @@ def _fsdp(report: Any, fsdp: dict[str, Any], recipe: Any, weights: str) -> None:
     if weights == "int8":
         report.problem(
             "distributed_type",
-            f"FSDP with [quant].plugin = \"{recipe.quant.name}\": 8-bit bitsandbytes weights "
+            f'FSDP with [quant].plugin = "{recipe.quant.name}": 8-bit bitsandbytes weights '
             "have no floating-point storage FSDP can shard (4-bit has bnb_4bit_quant_storage)",
-            "use [quant].plugin = \"bnb-4bit\" (QLoRA) or DDP: lorakit run RECIPE --nproc N",
+            'use [quant].plugin = "bnb-4bit" (QLoRA) or DDP: lorakit run RECIPE --nproc N',
         )
     elif weights not in ("none", "nf4", "fp4"):
         report.note(
-            f"[quant].plugin \"{recipe.quant.name}\": FSDP shards floating-point weights only; "
+            f'[quant].plugin "{recipe.quant.name}": FSDP shards floating-point weights only; '
             "make sure this plugin stores its quantized weights in a float dtype"
         )
     version = str(fsdp.get("fsdp_version", "1"))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_recipe_args(
-    parser: argparse.ArgumentParser, help: str = "path to a TOML recipe"
-) -> None:
+def add_recipe_args(parser: argparse.ArgumentParser, help: str = "path to a TOML recipe") -> None:
     parser.add_argument("recipe", help=help)
     parser.add_argument(
         "overrides",
