@@ -100,7 +100,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise LaunchConfigError(
             [
                 f"{path}: expected a table of keys (distributed_type: ..., num_processes: ...), "
-                f"got {type(data).__name__}"
+                + ("the file is empty" if data is None else f"got {type(data).__name__}")
             ],
             source=str(path),
         )
