@@ -1,5 +1,8 @@
 """``lorakit check RECIPE``: validate the recipe, read the data, lint it; no model, no torch.
 
+``--launch-config FILE`` also checks an accelerate launch config (FSDP, DeepSpeed) against the
+recipe, and ``lorakit check FILE.yaml`` checks one alone (:mod:`lorakit.launch_config`).
+
 Token statistics need the model's tokenizer: it is read from a local folder with the
 ``tokenizers`` library (:mod:`lorakit.data.lite_tokenizer`), never through transformers.
 """
@@ -13,13 +16,19 @@ from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.components import build_components
 from lorakit.data.pipeline import DataReport, load_splits
-from lorakit.errors import printable
+from lorakit.errors import LorakitError, printable
+from lorakit.launch_config import check_launch_config, is_launch_config
 from lorakit.recipe import load_recipe
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="validate a recipe and its data without loading a model")
-    add_recipe_args(p)
+    add_recipe_args(p, "path to a TOML recipe, or an accelerate config (.yaml/.json) alone")
+    p.add_argument(
+        "--launch-config",
+        metavar="FILE",
+        help="also check this accelerate launch config (FSDP/DeepSpeed YAML) against the recipe",
+    )
     p.add_argument(
         "--show",
         type=int,
@@ -39,10 +48,20 @@ def run(args) -> int:
     from lorakit.data.lint import lint, show
     from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
 
+    if is_launch_config(args.recipe) and not args.launch_config:
+        if args.overrides:
+            raise LorakitError(
+                "KEY=VALUE overrides are recipe keys, but no recipe was given",
+                fix="lorakit check RECIPE KEY=VALUE --launch-config " + args.recipe,
+            )
+        _print_launch(check_launch_config(args.recipe))
+        return 0
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
     components = build_components(recipe, catalog)
     print(f"recipe {args.recipe}: ok (run folder {recipe.run_dir})")
+    if args.launch_config:
+        _print_launch(check_launch_config(args.launch_config, recipe, components))
     report = DataReport()
     splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
@@ -75,3 +94,10 @@ def run(args) -> int:
         for block in show(splits.train[: args.show], formatter, tokenizer, color):
             print(block)
     return 0
+
+
+def _print_launch(result: tuple[str, list[str]]) -> None:
+    summary, notes = result
+    print(printable(summary))
+    for note in notes:
+        print(printable(f"  note: {note}"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="path to a TOML recipe")
+def add_recipe_args(parser: argparse.ArgumentParser, help: str = "path to a TOML recipe") -> None:
+    parser.add_argument("recipe", help=help)
     parser.add_argument(
         "overrides",
         nargs="*",
