@@ -344,7 +344,7 @@ def run_contender(name: str, folder: Path, data: Path, steps: int) -> dict[str, 
     tag = f"{name}-{time.time_ns()}"
     recipe = write_recipe(folder, tag, data, quant, steps)
     if name.startswith("lorakit"):
-        cmd = [str(Path(sys.executable).parent / "lorakit"), "run", str(recipe)]
+        cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe)]
     else:
         cmd = [sys.executable, __file__, "--worker", name, "--recipe", str(recipe)]
         cmd += ["--steps", str(steps)]

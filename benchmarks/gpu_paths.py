@@ -27,6 +27,7 @@ benchmarks/results/gpu_paths-<time>.md and .json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -125,20 +126,39 @@ def command(path: str, recipe: Path, nproc: int) -> list[str]:
 
 
 def run_logged(cmd: list[str], log: Path, kill_when: Path | None = None) -> tuple[int, float]:
-    """Run ``cmd`` in its own process group; SIGKILL the whole group once ``kill_when`` exists."""
+    """Run ``cmd``; SIGKILL it and everything it started once ``kill_when`` exists."""
     started = time.time()
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if kill_when is not None and kill_when.exists():
-                os.killpg(proc.pid, signal.SIGKILL)
+                # the launcher and every process under it (torchrun's workers run in sessions
+                # of their own): what a scheduler does when a job's node fails
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 proc.wait()
                 out.write(f"[gpu_paths] SIGKILLed the job once {kill_when} existed\n")
                 break
             time.sleep(0.05)
     return proc.returncode, time.time() - started
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def metrics(run_dir: Path, warmup: int) -> dict[str, Any]:

@@ -96,6 +96,83 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
             assert torch.allclose(together[a:b], alone, atol=1e-5), "an example saw another"
 
 
+def _per_example_attention(query, key, value, bounds):
+    """The reference: each example through SDPA on its own (what the CPU path does)."""
+    import torch
+    import torch.nn.functional as F
+
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, enable_gqa=True
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2)
+
+
+def _packed_qkv(device, dtype, bounds, heads=6, kv_heads=2, dim=16):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    total = bounds[-1]
+    return [
+        torch.randn(1, h, total, dim, generator=generator).to(device, dtype).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    ]
+
+
+def _attention_grads(out, tensors):
+    import torch
+
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
+    return torch.autograd.grad((out.float() * weights).sum(), tensors)
+
+
+def test_one_call_packed_attention_equals_the_per_example_loop():
+    """The GPU fallback (one SDPA call, block-diagonal causal mask, grouped KV heads expanded)
+    gives the per-example loop's output and gradients; run here on CPU in fp32."""
+    import torch
+    from lorakit.attention import _packed_one_call
+
+    bounds = [0, 5, 17, 18, 40]
+    q, k, v = _packed_qkv("cpu", torch.float32, bounds)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    one, _ = _packed_one_call(q, k, v, cu, 0.0, None, None, max(17 - 5, 22))
+    ref = _per_example_attention(q, k, v, bounds)
+    assert torch.allclose(one, ref, atol=1e-6)
+    for a, b in zip(
+        _attention_grads(one, [q, k, v]), _attention_grads(ref, [q, k, v]), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(RuntimeError, match="sliding window"):
+        _packed_one_call(q, k, v, cu, 0.0, None, 8, 22)
+
+
+def test_cuda_packed_attention_matches_the_per_example_loop():
+    """On a GPU, lorakit_varlen makes one kernel call per layer (PyTorch's flash varlen kernel
+    where it exists): same output and gradients as each example alone, to bf16 precision."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from lorakit.attention import varlen_kernel, varlen_sdpa
+
+    class Module(torch.nn.Module):
+        pass
+
+    bounds = [0, 37, 150, 151, 400]
+    q, k, v = _packed_qkv("cuda", torch.bfloat16, bounds, heads=9, kv_heads=3, dim=64)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    out, _ = varlen_sdpa(Module().eval(), q, k, v, None, cu_seq_lens_q=cu, max_length_q=249)
+    ref = _per_example_attention(q, k, v, bounds)
+    print("varlen kernel:", varlen_kernel())
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    for a, b in zip(
+        _attention_grads(out, [q, k, v]), _attention_grads(ref, [q, k, v]), strict=True
+    ):
+        assert (a.float() - b.float()).abs().max() < 5e-2 * max(1.0, b.float().abs().max())
+
+
 @pytest.mark.slow
 def test_packed_loss_and_gradients_equal_a_padded_batch(tiny_model_dir):
     """The packed, supervised-only loss is the padded batch's token-weighted loss, and its

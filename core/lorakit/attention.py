@@ -58,17 +58,28 @@ def varlen_sdpa(
         unsupported.append("softcap")
     if unsupported:
         raise RuntimeError(f"{NAME} attention does not implement {', '.join(unsupported)}")
+    if query.is_cuda:
+        # one kernel call per layer, not one per example: the per-example loop below is what
+        # makes sense on a CPU, but on a GPU its launches (and the sync of reading the
+        # boundaries) cost far more than the attention itself
+        return _packed_one_call(
+            query,
+            key,
+            value,
+            cu_seq_lens_q,
+            p_drop(module, dropout),
+            scaling,
+            sliding_window,
+            kwargs.get("max_length_q"),
+        )
     bounds = cu_seq_lens_q.tolist()
     if (
         sliding_window is not None
         and max(b - a for a, b in itertools.pairwise(bounds)) > sliding_window
     ):
-        raise RuntimeError(
-            f"{NAME} attention has no sliding window; an example is longer than the model's "
-            f"window of {sliding_window} tokens (lower train.max_length)"
-        )
+        raise _window_error(sliding_window)
     gqa = key.shape[1] != query.shape[1]
-    p = dropout if module.training else 0.0
+    p = p_drop(module, dropout)
     pieces = [
         F.scaled_dot_product_attention(
             query[:, :, a:b],
@@ -83,6 +94,87 @@ def varlen_sdpa(
     ]
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def p_drop(module: Any, dropout: float) -> float:
+    return dropout if module.training else 0.0
+
+
+def _window_error(sliding_window: int) -> RuntimeError:
+    return RuntimeError(
+        f"{NAME} attention has no sliding window; an example is longer than the model's "
+        f"window of {sliding_window} tokens (lower train.max_length)"
+    )
+
+
+def _packed_one_call(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu: Any,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+    longest: Any,
+) -> tuple[Any, None]:
+    """Packed attention on a GPU: PyTorch's flash varlen kernel where it applies, else one SDPA
+    call with a block-diagonal causal mask (built on the GPU, no host sync)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(longest, int):
+        longest = int((cu[1:] - cu[:-1]).max())
+    if sliding_window is not None and longest > sliding_window:
+        raise _window_error(sliding_window)
+    gqa = key.shape[1] != query.shape[1]
+    kernel = varlen_kernel()
+    if kernel is not None and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
+        attend, causal = kernel
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+        if gqa:
+            group = query.shape[1] // key.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        cu32 = cu.to(torch.int32)
+        try:
+            out = attend(q, k, v, cu32, cu32, longest, longest, scale=scaling, **causal)
+            return out.unsqueeze(0), None
+        except (TypeError, NotImplementedError):  # another signature in this PyTorch: the mask
+            global _KERNEL
+            _KERNEL = None
+    total = query.shape[2]
+    positions = torch.arange(total, device=query.device)
+    example = torch.searchsorted(cu[1:].to(positions.dtype), positions, right=True)
+    mask = (example[:, None] == example[None, :]) & (positions[:, None] >= positions[None, :])
+    if gqa:
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_KERNEL: Any = False  # not looked up yet
+
+
+def varlen_kernel() -> tuple[Any, dict[str, Any]] | None:
+    """``torch.nn.attention.varlen.varlen_attn`` (flash attention over cumulative lengths, in
+    PyTorch since 2.10) and the keyword that makes it causal in this PyTorch, or None."""
+    global _KERNEL
+    if _KERNEL is False:
+        _KERNEL = None
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+        params = inspect.signature(varlen_attn).parameters
+        if "window_size" in params:
+            _KERNEL = (varlen_attn, {"window_size": (-1, 0)})
+        elif "is_causal" in params:
+            _KERNEL = (varlen_attn, {"is_causal": True})
+    return _KERNEL
 
 
 def register() -> None:
