@@ -469,3 +469,67 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
     assert not differ, f"{len(differ)} tensors differ (checkpoint-4 was {second['seen']})"
     info = json.loads((run / "run.json").read_text())
     assert [h["event"] for h in info["history"]] == ["start", "resume", "resume"]
+
+
+def test_the_launcher_names_the_rank_that_was_killed_not_the_one_that_followed(tmp_path):
+    """Rank 0 noticed the lost peer and exited (RankStopped's code) in the same second torchrun
+    saw rank 1 killed: torchrun's own pick (earliest, ties to the lowest rank) would be rank 0."""
+    from argparse import Namespace
+
+    from lorakit.distributed import RankStopped
+    from lorakit.launch import _failure
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    none = str(tmp_path / "no-error-file")
+    failures = {
+        0: ProcessFailure(local_rank=0, pid=100, exitcode=RankStopped.exit_code, error_file=none),
+        1: ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=none),
+    }
+    failures[0].timestamp = failures[1].timestamp
+    assert ChildFailedError("lorakit", failures).get_first_failure()[0] == 0
+    args = Namespace(
+        recipe="my recipe.toml",
+        overrides=["train.max_steps=9", 'eval.metrics=["eval_loss"]'],
+        nproc=2,
+        nnodes=1,
+    )
+    error = _failure(ChildFailedError("lorakit", failures), args)
+    assert error.message == (
+        "rank 1 (pid 101) was killed by SIGKILL; the other 1 rank(s) on this machine stopped with it"
+    )
+    assert error.fix is not None
+    assert "lorakit run 'my recipe.toml' train.max_steps=9 'eval.metrics=[\"eval_loss\"]' " in (
+        error.fix
+    )
+    assert "--nproc 2 --resume-from-checkpoint auto" in error.fix
+    # every rank followed another (a timeout everywhere): the earliest is named
+    failures[1] = ProcessFailure(local_rank=1, pid=101, exitcode=3, error_file=none)
+    failures[1].timestamp = failures[0].timestamp - 1
+    assert _failure(ChildFailedError("lorakit", failures), args).message.startswith("rank 1 ")
+
+
+def test_a_lost_peer_is_one_line_and_other_errors_stay_what_they_are(monkeypatch):
+    import torch.distributed as dist
+    from lorakit.distributed import RankStopped, lost_peer
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:14252: Connection reset by peer. This is typically caused by ..."
+    )
+    assert lost_peer(gloo) is None, "one process: no peer to lose"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    stopped = lost_peer(gloo)
+    assert isinstance(stopped, RankStopped) and stopped.exit_code == 3
+    assert stopped.message == (
+        "rank 1 stopped: it lost contact with the other processes (Connection reset by peer)"
+    )
+    try:
+        try:
+            raise dist.DistBackendError("[c10d] barrier: store went away")
+        except dist.DistBackendError as inner:
+            raise RuntimeError("checkpoint save failed") from inner
+    except RuntimeError as outer:
+        found = lost_peer(outer)
+    assert found is not None and "([c10d] barrier: store went away)" in found.message
+    assert lost_peer(ValueError("a bug in a plugin")) is None
