@@ -312,3 +312,224 @@ def test_nproc_under_a_launcher_is_a_clear_error(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("LOCAL_RANK", "0")
     code, _, err = cli("run", tmp_path / "r.toml", "--nproc", "2")
     assert code == 2 and "already runs under a launcher" in err
+
+
+# ----------------------------------------------------------------------------- killed ranks
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started in the ``launcher`` process (from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if ppid == launcher else []
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(proc.name)
+    return found
+
+
+def kill_rank(line: list[str], rank: int, ready, env: dict) -> dict:
+    """Start ``lorakit`` with ``line`` (a 2-rank run), SIGKILL rank ``rank``'s process the
+    moment ``ready()`` says something, and wait for the launcher (60 s at most: no collective
+    may keep the other rank waiting for LORAKIT_DIST_TIMEOUT)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit.cli.main", *line],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its workers too can be stopped if it hangs
+    )
+    seen, pid, killed_at = "", 0, 0.0
+    try:
+        while proc.poll() is None and not seen:
+            seen = ready()
+            if seen:
+                pid = rank_pids(proc.pid)[rank]
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+            time.sleep(0.001)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert seen, f"the run ended before the kill (exit {proc.returncode}):\n{err}"
+    return {
+        "code": proc.returncode,
+        "err": err,
+        "out": out,
+        "pid": pid,
+        "seen": seen,
+        "stop_s": time.monotonic() - killed_at,
+    }
+
+
+def stopped_clearly(result: dict, rank: int) -> list[str]:
+    """The job stopped soon, in one line naming the killed rank, without a traceback; returns
+    the resume command that line gives (without the leading ``lorakit``)."""
+    import shlex
+
+    err = result["err"]
+    assert result["code"] == 2, err
+    assert result["stop_s"] < 30, f"the job took {result['stop_s']:.0f} s to stop after the kill"
+    assert "Traceback" not in err + result["out"], err
+    report = [line for line in err.splitlines() if line.startswith("error: rank ")][-1]
+    assert report.startswith(f"error: rank {rank} (pid {result['pid']}) was killed by SIGKILL"), err
+    # the surviving rank, if it noticed before torchrun stopped it, says so in one line
+    other = [line for line in err.splitlines() if line.startswith(f"error: rank {1 - rank} ")]
+    assert all("stopped: it lost contact with the other processes" in o for o in other), err
+    fix = err.split("continue from the last complete checkpoint: ", 1)[1].split(" (or start")[0]
+    line = shlex.split(fix)
+    assert line[:2] == ["lorakit", "run"] and line[-4:] == [
+        "--nproc",
+        "2",
+        "--resume-from-checkpoint",
+        "auto",
+    ], fix
+    return line[1:]
+
+
+def marked_checkpoints(run: Path) -> list[str]:
+    """Every checkpoint with a LORAKIT_COMPLETE marker reads back; returns the marked ones."""
+    from lorakit.checkpoints import checkpoint_problem
+
+    marked = sorted(p.parent for p in (run / "checkpoints").glob("*/LORAKIT_COMPLETE"))
+    for ckpt in marked:
+        assert checkpoint_problem(ckpt) is None, ckpt
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    return [c.name for c in marked]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_does(
+    two_ranks, tmp_path
+):
+    """Rank 1 killed after checkpoint-2, the resume's rank 0 killed as it writes checkpoint-4,
+    resumed again, each time with the command the report gave: each kill stops the job in one
+    line naming the rank, each resume continues from the newest complete checkpoint on both
+    ranks, and the adapter is bit-identical to the uninterrupted 2-rank run of the same recipe
+    (``two_ranks``: dropout 0, SGD, a seeded data order)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "runs" / "ddp"
+    ckpts = run / "checkpoints"
+    traces = {"LORAKIT_TRACE_DIR": str(tmp_path / "trace")}
+
+    def checkpoint_2() -> str:
+        return "complete" if (ckpts / "checkpoint-2" / "LORAKIT_COMPLETE").exists() else ""
+
+    def checkpoint_4() -> str:
+        ckpt = ckpts / "checkpoint-4"
+        if not ckpt.is_dir():
+            return ""
+        return "complete" if (ckpt / "LORAKIT_COMPLETE").exists() else "being written"
+
+    # 1. rank 1 dies in step 3 or 4, once checkpoint-2 is complete
+    args = [str(two_ranks["recipe"]), *COMMON, *EPOCH, f"output.dir={tmp_path / 'runs'}"]
+    first = kill_rank(["run", *args, "--nproc", "2"], 1, checkpoint_2, {})
+    resume = stopped_clearly(first, 1)
+    assert resume[1 : 1 + len(args)] == args, "the report's command keeps the overrides"
+    assert marked_checkpoints(run) == ["checkpoint-2"]
+
+    # 2. its resume; rank 0 dies as soon as it starts writing checkpoint-4
+    second = kill_rank(resume, 0, checkpoint_4, traces)
+    assert f"resuming {run} from checkpoint-2" in second["err"], second["err"]
+    assert stopped_clearly(second, 0) == resume
+    marked = marked_checkpoints(run)
+    assert marked in (["checkpoint-2"], ["checkpoint-2", "checkpoint-4"]), marked
+
+    # 3. resume again: from checkpoint-2 when checkpoint-4 was cut short, else only finish
+    code, log = finish(lorakit(*resume[1:], env=traces), 200)
+    assert code == 0, log
+    assert "Traceback" not in log
+    if marked == ["checkpoint-2"]:
+        assert "skipping checkpoint-4: no LORAKIT_COMPLETE marker" in log, log
+        assert f"resuming {run} from checkpoint-2" in log, log
+        # both ranks trained steps 3 and 4 on the rows the uninterrupted run gave them
+        for r in (0, 1):
+            rows = lambda t: [(b["step"], b["rows"]) for b in t["batches"] if b["step"] > 2]  # noqa: E731
+            assert rows(trace(tmp_path / "trace", r)) == rows(trace(two_ranks["trace"], r)), r
+    else:
+        assert "checkpoint-4 is the last step (4): not training" in log, log
+    ref = load_file(str(two_ranks["run"] / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys() and ref
+    differ = [k for k in ref if not ref[k].equal(got[k])]
+    assert not differ, f"{len(differ)} tensors differ (checkpoint-4 was {second['seen']})"
+    info = json.loads((run / "run.json").read_text())
+    assert [h["event"] for h in info["history"]] == ["start", "resume", "resume"]
+
+
+def test_the_launcher_names_the_rank_that_was_killed_not_the_one_that_followed(tmp_path):
+    """Rank 0 noticed the lost peer and exited (RankStopped's code) in the same second torchrun
+    saw rank 1 killed: torchrun's own pick (earliest, ties to the lowest rank) would be rank 0."""
+    from argparse import Namespace
+
+    from lorakit.distributed import RankStopped
+    from lorakit.launch import _failure
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    none = str(tmp_path / "no-error-file")
+    failures = {
+        0: ProcessFailure(local_rank=0, pid=100, exitcode=RankStopped.exit_code, error_file=none),
+        1: ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=none),
+    }
+    failures[0].timestamp = failures[1].timestamp
+    assert ChildFailedError("lorakit", failures).get_first_failure()[0] == 0
+    args = Namespace(
+        recipe="my recipe.toml",
+        overrides=["train.max_steps=9", 'eval.metrics=["eval_loss"]'],
+        nproc=2,
+        nnodes=1,
+    )
+    error = _failure(ChildFailedError("lorakit", failures), args)
+    assert error.message == (
+        "rank 1 (pid 101) was killed by SIGKILL; the other 1 rank(s) on this machine stopped with it"
+    )
+    assert error.fix is not None
+    assert "lorakit run 'my recipe.toml' train.max_steps=9 'eval.metrics=[\"eval_loss\"]' " in (
+        error.fix
+    )
+    assert "--nproc 2 --resume-from-checkpoint auto" in error.fix
+    # every rank followed another (a timeout everywhere): the earliest is named
+    failures[1] = ProcessFailure(local_rank=1, pid=101, exitcode=3, error_file=none)
+    failures[1].timestamp = failures[0].timestamp - 1
+    assert _failure(ChildFailedError("lorakit", failures), args).message.startswith("rank 1 ")
+
+
+def test_a_lost_peer_is_one_line_and_other_errors_stay_what_they_are(monkeypatch):
+    import torch.distributed as dist
+    from lorakit.distributed import RankStopped, lost_peer
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:14252: Connection reset by peer. This is typically caused by ..."
+    )
+    assert lost_peer(gloo) is None, "one process: no peer to lose"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    stopped = lost_peer(gloo)
+    assert isinstance(stopped, RankStopped) and stopped.exit_code == 3
+    assert stopped.message == (
+        "rank 1 stopped: it lost contact with the other processes (Connection reset by peer)"
+    )
+    try:
+        try:
+            raise dist.DistBackendError("[c10d] barrier: store went away")
+        except dist.DistBackendError as inner:
+            raise RuntimeError("checkpoint save failed") from inner
+    except RuntimeError as outer:
+        found = lost_peer(outer)
+    assert found is not None and "([c10d] barrier: store went away)" in found.message
+    assert lost_peer(ValueError("a bug in a plugin")) is None

@@ -122,7 +122,10 @@ def test_auto_resume_ignores_incomplete_checkpoint(tmp_path, tiny_model_dir, cha
     partial = run.checkpoints / "checkpoint-9"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"half a file")
-    assert run.resolve_checkpoint("auto").name == "checkpoint-2"
+    skipped: list = []
+    chosen = run.resolve_checkpoint("auto", on_skip=lambda c, why: skipped.append((c.name, why)))
+    assert chosen.name == "checkpoint-2"
+    assert skipped == [("checkpoint-9", "no LORAKIT_COMPLETE marker (its save was interrupted)")]
     code, _, err = cli("run", recipe, "--resume-from-checkpoint", str(partial))
     assert code == 2 and "incomplete" in err
 

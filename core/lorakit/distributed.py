@@ -12,6 +12,7 @@ them waiting in a collective.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -25,7 +26,23 @@ TIMEOUT_S = int(os.environ.get("LORAKIT_DIST_TIMEOUT", "1800"))
 
 
 class RankStopped(LorakitError):
-    """Another rank failed; this one stops too (its own error was printed by that rank)."""
+    """Another rank failed; this one stops too (its own error was printed by that rank).
+
+    Its exit code (3) tells the launcher this rank followed another one's failure, so the
+    launcher's report names the rank that failed first (lorakit.launch).
+    """
+
+    exit_code = 3
+
+
+# What the transports say when the process at the other end of a collective is gone (killed,
+# crashed) or never answers: gloo (TCP), NCCL, and the TCP store the launcher keeps.
+_PEER_GONE = re.compile(
+    r"Connection (?:reset|closed) by peer|Broken pipe|Socket Timeout"
+    r"|Timed out waiting \d+ms|remote process exited|NCCL communicator was aborted"
+    r"|Watchdog caught collective operation timeout",
+    re.IGNORECASE,
+)
 
 
 def rank() -> int:
@@ -115,6 +132,32 @@ def on_main(fn: Callable[[], T]) -> T:
             f"rank {rank()} stopped: rank 0 failed ({failure})", fix="see rank 0's error above"
         )
     return result
+
+
+def lost_peer(exc: BaseException) -> RankStopped | None:
+    """``exc`` as a one-line ``RankStopped`` when it says another rank is gone, else None.
+
+    When a rank is killed, the others fail in their next collective with a transport error
+    (gloo: "Connection reset by peer"), raised from inside DDP's backward or a checkpoint's
+    gather with a long traceback. The launcher's report names the rank that failed and how;
+    this rank only says, in one line, that it stopped because of it.
+    """
+    if world_size() <= 1:
+        return None
+    import torch.distributed as dist
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _PEER_GONE.search(str(seen))
+        if found or isinstance(seen, dist.DistError):
+            reason = found.group(0) if found else (str(seen).splitlines() or ["?"])[0][:200]
+            return RankStopped(
+                f"rank {rank()} stopped: it lost contact with the other processes ({reason})",
+                fix="another rank ended first: its error, or the launcher's report, says which "
+                "and why; continue with --resume-from-checkpoint auto",
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

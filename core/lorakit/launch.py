@@ -97,8 +97,29 @@ def launch(args: Any) -> int:
     return 0
 
 
+def first_failure(failures: dict[int, Any]) -> int:
+    """The rank whose failure stopped the job.
+
+    A rank that stopped because another one failed exits with ``RankStopped``'s code; it may
+    end before torchrun notices the rank that was killed, and torchrun's own pick (the earliest
+    failure, to the second) would then name it. Ranks that followed come last; then the earliest.
+    """
+    from lorakit.distributed import RankStopped
+
+    order = list(failures)  # torchrun records failures as it sees them
+    return min(
+        order,
+        key=lambda r: (
+            failures[r].exitcode == RankStopped.exit_code,
+            failures[r].timestamp,
+            order.index(r),
+        ),
+    )
+
+
 def _failure(exc: Any, args: Any) -> RunError:
-    rank, failure = exc.get_first_failure()
+    rank = first_failure(exc.failures)
+    failure = exc.failures[rank]
     if failure.exitcode < 0:
         how = f"was killed by {failure.signal_name()}"
     else:
@@ -106,11 +127,21 @@ def _failure(exc: Any, args: Any) -> RunError:
         if failure.exitcode == 2:
             how += " (its error is printed above)"
     others = len(exc.failures) - 1
-    stopped = f"; torchrun stopped the other {others} rank(s) on this machine" if others else ""
-    flags = f"--nproc {args.nproc or 1}" + (f" --nnodes {args.nnodes}" if args.nnodes > 1 else "")
+    stopped = f"; the other {others} rank(s) on this machine stopped with it" if others else ""
     return RunError(
         f"rank {rank} (pid {failure.pid}) {how}{stopped}",
-        fix=f"fix the cause, then continue from the last complete checkpoint: lorakit run "
-        f"{args.recipe} {flags} --resume-from-checkpoint auto (or start it again if no checkpoint "
-        "was written)",
+        fix=f"fix the cause, then continue from the last complete checkpoint: {resume_line(args)}"
+        " (or start it again if no checkpoint was written)",
     )
+
+
+def resume_line(args: Any) -> str:
+    """The command that continues this launch (same recipe, overrides and processes), quoted
+    for a POSIX shell."""
+    import shlex
+
+    line = ["lorakit", "run", str(args.recipe), *args.overrides, "--nproc", str(args.nproc or 1)]
+    if args.nnodes > 1:
+        line += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
+        line += ["--master-addr", args.master_addr, "--master-port", str(args.master_port or 29500)]
+    return shlex.join([*line, "--resume-from-checkpoint", "auto"])

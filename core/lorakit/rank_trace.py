@@ -58,6 +58,9 @@ class RankTrace(TrainerCallback):
 
         save_file(lora_weights(model), str(self.folder / f"rank{self.rank}-{tag}.safetensors"))
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step  # a resumed run's next batch belongs to the step after
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch += 1
 

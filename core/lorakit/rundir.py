@@ -279,6 +279,17 @@ class RunDir:
                 found.append((int(m.group(1)), d))
         return [d for _, d in sorted(found)]
 
+    def _unfinished_after(self, newest: Path | None) -> list[Path]:
+        """Checkpoint folders newer than ``newest`` (all, when None) without a marker, newest
+        first: saves that a kill or a crash interrupted."""
+        after = int(newest.name.rpartition("-")[2]) if newest is not None else -1
+        found = []
+        for d in self.checkpoints.iterdir() if self.checkpoints.is_dir() else ():
+            m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+            if m and int(m.group(1)) > after and not (d / COMPLETE).is_file():
+                found.append((int(m.group(1)), d))
+        return [d for _, d in sorted(found, reverse=True)]
+
     def resolve_checkpoint(
         self, spec: str, on_skip: Callable[[Path, str], None] | None = None
     ) -> Path:
@@ -291,6 +302,9 @@ class RunDir:
                     fix="start the run without --resume-from-checkpoint",
                 )
             done = self.complete_checkpoints()
+            if on_skip is not None:
+                for unfinished in self._unfinished_after(done[-1] if done else None):
+                    on_skip(unfinished, f"no {COMPLETE} marker (its save was interrupted)")
             for candidate in reversed(done):
                 problem = checkpoint_problem(candidate)
                 if problem is None:

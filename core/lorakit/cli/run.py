@@ -101,7 +101,7 @@ def run(args) -> int:
         os.environ[PREFLIGHT_DONE] = "1"
         return launch(args)
 
-    from lorakit.distributed import is_main
+    from lorakit.distributed import is_main, lost_peer
     from lorakit.rundir import RunDir
     from lorakit.runner import run_recipe
 
@@ -111,6 +111,12 @@ def run(args) -> int:
         memory_preflight(args, recipe, components)
     try:
         path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
+    except Exception as exc:
+        # another rank was killed or crashed: one line here, the launcher names that rank
+        stopped = lost_peer(exc)
+        if stopped is None:
+            raise
+        raise stopped from exc
     finally:
         RunDir.release_all()  # the run folder's claim lasts as long as the run
     if is_main():
