@@ -397,6 +397,16 @@ def cuda_matmul_flops(dtype: Any, size: int = 8192, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from lorakit.device import _cpu_model, usable_cores
+
+    return f"{_cpu_model()} ({usable_cores()} cores)"
+
+
 def measure_flops() -> dict[str, float]:
     import torch
     from lorakit.device import configure_threads, matmul_flops
@@ -485,6 +495,7 @@ def main() -> None:
         print(json.dumps(records))
         return
 
+    args.data = args.data.resolve()  # the recipes are written in a temporary folder
     if not args.data.is_file():
         raise SystemExit(f"no data at {args.data}; pass --data")
     names = args.only.split(",") if args.only else list(CONTENDERS)
@@ -539,7 +550,8 @@ def main() -> None:
         )
         extra.append(f"QLoRA NF4 step / LoRA step: {lo / q:.2f}x")
     header = (
-        f"bench_train: {args.steps} steps x {args.reps} rounds, warmup {args.warmup}, batch "
+        f"bench_train on {device_name()}: {args.steps} steps x {args.reps} rounds, warmup "
+        f"{args.warmup}, batch "
         f"{BATCH}, LoRA r={RANK} on q/k/v/o, data {args.data.name}; matmul fp32 "
         f"{flops['fp32'] / 1e9:.1f} / bf16 {flops['bf16'] / 1e9:.1f} GFLOP/s, ceiling ({best}) "
         f"{ceiling:.0f} tokens/s"

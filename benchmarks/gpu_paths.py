@@ -16,8 +16,9 @@ on the model folder ``--model-path`` (anything ``save_pretrained`` wrote). Paths
     fsdp_resume  an FSDP run SIGKILLed once its first checkpoint is complete, then
                  --resume-from-checkpoint auto
 
-For each path: exit status, the engine the run reports (accelerate's distributed type), seconds
-per optimizer step and supervised-or-not tokens per second after the warm-up steps, peak GPU
+For each path: exit status, the engine the run reports (accelerate's distributed type), the
+median seconds per optimizer step and tokens per second after the warm-up steps (a step that
+also evaluated or wrote a checkpoint is not a training step's speed), peak GPU
 memory (torch max allocated, rank 0) against `lorakit plan`'s prediction for the training step,
 final train loss and val loss, and whether stock PEFT loads the saved adapter on the GPU and
 generates with it. Prints a table and writes it, with the raw numbers, to
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -170,13 +173,19 @@ def metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
         "eval_loss": evals[-1] if evals else None,
         "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in rows),
     }
-    timed = [r for r in train if r["step"] > warmup]
-    if len(timed) >= 2:
-        first, last = timed[0], timed[-1]
-        steps = last["step"] - first["step"]
-        out["s_per_step"] = (last["time"] - first["time"]) / steps
-        tokens = last.get("num_input_tokens_seen", 0) - first.get("num_input_tokens_seen", 0)
-        out["tokens_per_s"] = tokens / (last["time"] - first["time"])
+    timed = [r for r in train if r["step"] >= warmup]
+    # the median step: steps that also evaluated or wrote a checkpoint are not training speed
+    steps = [
+        (
+            b["time"] - a["time"],
+            b.get("num_input_tokens_seen", 0) - a.get("num_input_tokens_seen", 0),
+        )
+        for a, b in itertools.pairwise(timed)
+        if b["step"] == a["step"] + 1
+    ]
+    if steps:
+        out["s_per_step"] = statistics.median(dt for dt, _ in steps)
+        out["tokens_per_s"] = statistics.median(n / dt for dt, n in steps if dt > 0)
     return out
 
 

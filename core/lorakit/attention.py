@@ -4,10 +4,15 @@ transformers lets a model's attention be swapped by name (``AttentionInterface``
 registers ``lorakit_varlen``: the packed row is cut at the example boundaries that the packing
 collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
 ``scaled_dot_product_attention`` with ``is_causal=True``. Compared with one block-diagonal mask
-over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask;
-on GPUs SDPA picks its flash or memory-efficient kernel for each piece. With the ``flash_attn``
-package on CUDA, :func:`choose` prefers transformers' own ``flash_attention_2``, which reads the
-same ``cu_seq_lens_*`` arguments.
+over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask.
+That loop is for CPUs. On a GPU a call per example and layer costs more in launches and host
+syncs than the attention itself (SmolLM2-135M on an H100, separate runs of
+``benchmarks/gpu_paths.py``: ~0.9 s a step with the loop, 0.33 s with one call per layer), so
+there each layer makes one call: PyTorch's flash varlen kernel
+(``torch.nn.attention.varlen``, bf16/fp16, no attention dropout), else one SDPA call with a
+block-diagonal causal mask built on the GPU. With the ``flash_attn`` package on CUDA,
+:func:`choose` prefers transformers' own ``flash_attention_2``, which reads the same
+``cu_seq_lens_*`` arguments.
 
 No mask function is registered for the name, so transformers builds no mask at all; the function
 refuses what it cannot do right (no boundaries, a KV cache, soft-capping, a sliding window
