@@ -23,6 +23,7 @@ trained on are exactly the ones ``lorakit check`` reports.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,22 @@ def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     return nll, int(keep.numel())
 
 
+def eval_batches(total: int, world: int, rank: int, size: int, same_count: bool) -> list[list[int]]:
+    """The eval rows rank ``rank`` scores (r, r+N, ...), in batches of ``size``.
+
+    ``same_count``: every rank gets as many batches as the busiest one, the missing ones empty
+    (scored on a stand-in row and counted 0). A sharded model (FSDP) gathers its weights from
+    all ranks in every forward, so a rank that stopped one batch early would leave the others
+    waiting forever.
+    """
+    mine = list(range(rank, total, world))
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    if same_count and world > 1:
+        most = math.ceil(math.ceil(total / world) / size)
+        batches += [[] for _ in range(most - len(batches))]
+    return batches
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -196,20 +213,16 @@ def make_trainer_class() -> Any:
             Under N processes rank r scores rows r, r+N, ... (no padding rows, so no example is
             counted twice) and the sums are added up over ranks.
             """
-            import math
-
             import torch
 
             rows: Any = self.eval_dataset if eval_dataset is None else eval_dataset
-            n, r = self.accelerator.num_processes, self.accelerator.process_index
-            size = self.args.per_device_eval_batch_size
-            mine = list(range(r, len(rows), n))
-            batches = [mine[i : i + size] for i in range(0, len(mine), size)]
-            if self.is_fsdp_enabled and n > 1:
-                # every forward of a sharded model gathers weights from all ranks: each rank
-                # must run as many as the others, so the short ones repeat a row, counted 0
-                most = math.ceil(math.ceil(len(rows) / n) / size)
-                batches += [[] for _ in range(most - len(batches))]
+            batches = eval_batches(
+                len(rows),
+                self.accelerator.num_processes,
+                self.accelerator.process_index,
+                self.args.per_device_eval_batch_size,
+                same_count=self.is_fsdp_enabled,
+            )
             model: Any = self.model
             was_training = model.training
             model.eval()
