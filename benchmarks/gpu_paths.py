@@ -248,7 +248,7 @@ def run_path(path: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
     result.update(exit=code, seconds=round(seconds, 1))
     result["engine"] = next(
         (line.split("engine:", 1)[1].strip() for line in text.splitlines() if "engine:" in line),
-        "?",
+        "one process",
     )
     if path == "fsdp_resume":
         result["resumed"] = "resuming" in text

@@ -106,7 +106,7 @@ def test_an_fsdp2_sharded_adapter_is_gathered_whole_and_loads_with_stock_peft(
     same=st.booleans(),
 )
 def test_eval_batches_cover_each_row_once_and_keep_sharded_ranks_in_step(total, world, size, same):
-    from lorakit.training import eval_batches
+    from lorakit.loss import eval_batches
 
     plans = [eval_batches(total, world, r, size, same_count=same) for r in range(world)]
     rows = sorted(i for plan in plans for batch in plan for i in batch)

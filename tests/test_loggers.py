@@ -4,6 +4,7 @@ read back with TensorBoard's event reader and the MLflow client."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,9 +133,13 @@ def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, ch
         chat_file,
         extra='name = "tracked"\n[log]\nplugins = ["tensorboard", "mlflow"]\n',
     )
-    code, _out, err = cli("run", recipe, "train.eval_steps=2")
+    code, out, err = cli("run", recipe, "train.eval_steps=2")
     assert code == 0, err
     assert "\r" not in err, "progress bars must stay out of captured output"
+    # one readable line per logged step instead of transformers' dict of strings
+    assert "{'loss'" not in out + err
+    assert re.search(r"\[lorakit\] step 2/\d+: loss \d+\.\d{4}, lr [\d.e-]+, grad_norm", err), err
+    assert re.search(r"\[lorakit\] step 2/\d+: eval_loss \d+\.\d{4}", err), err
     run = tmp_path / "runs" / "tracked"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]

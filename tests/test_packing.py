@@ -178,7 +178,7 @@ def test_packed_loss_and_gradients_equal_a_padded_batch(tiny_model_dir):
     """The packed, supervised-only loss is the padded batch's token-weighted loss, and its
     gradients are the same (the head only skips positions with no target)."""
     import torch
-    from lorakit.training import supervised_nll
+    from lorakit.loss import supervised_nll
 
     model, reference = _tiny_model(tiny_model_dir)
     model.train()

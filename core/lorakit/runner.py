@@ -183,7 +183,9 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         device,
         compute_dtype,
     )
-    say(f"engine: {engine(trainer)} ({trainer.accelerator.num_processes} process(es))")
+    running = engine(trainer)
+    if running:  # what accelerate really runs: FSDP asked for on a CPU would say DDP here
+        say(f"engine: {running}")
     done = checkpoint_step(checkpoint) if checkpoint else 0
     if checkpoint and done >= planned_steps(trainer):
         # The run was stopped after its last step (while saving the adapter or evaluating):

@@ -22,20 +22,17 @@ trained on are exactly the ones ``lorakit check`` reports.
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
+from lorakit.callbacks import make_callbacks, step_line
+from lorakit.data.tokenize import Tokenized
 from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
+from lorakit.loss import accepts_logits_to_keep, diverged, eval_batches, supervised_nll
 from lorakit.packing import RowDataset, pack
 from lorakit.recipe import Recipe
-from lorakit.rundir import COMPLETE
 from lorakit.tracking import Loggers
-
-PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def training_args(
@@ -87,64 +84,6 @@ def training_args(
         include_num_input_tokens_seen="all",  # rows are packed: every input token is real
         report_to="none",
         disable_tqdm=not progress_bars(),  # a bar on a terminal, none in logs
-    )
-
-
-def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:
-    """Summed next-token NLL over the supervised positions of a packed batch, and their count.
-
-    ``batch["labels"]`` holds shifted targets (see ``lorakit.packing``). The model computes
-    logits only where a target exists (``logits_to_keep``); models whose forward has no such
-    argument compute all logits and are indexed afterwards.
-    """
-    import torch.nn.functional as F
-
-    targets = batch["labels"].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
-    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
-    if head_kwarg:
-        extra["logits_to_keep"] = keep
-    out = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
-    )
-    logits = out.logits.reshape(-1, out.logits.shape[-1])
-    if not head_kwarg:
-        logits = logits[keep]
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return nll, int(keep.numel())
-
-
-def eval_batches(total: int, world: int, rank: int, size: int, same_count: bool) -> list[list[int]]:
-    """The eval rows rank ``rank`` scores (r, r+N, ...), in batches of ``size``.
-
-    ``same_count``: every rank gets as many batches as the busiest one, the missing ones empty
-    (scored on a stand-in row and counted 0). A sharded model (FSDP) gathers its weights from
-    all ranks in every forward, so a rank that stopped one batch early would leave the others
-    waiting forever.
-    """
-    mine = list(range(rank, total, world))
-    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
-    if same_count and world > 1:
-        most = math.ceil(math.ceil(total / world) / size)
-        batches += [[] for _ in range(most - len(batches))]
-    return batches
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def diverged(step: int, checkpoints: str) -> Exception:
-    """The error for a loss that is NaN/Inf: training stops before the optimizer applies it, no
-    adapter is saved from it, and the checkpoints written so far stay."""
-    from lorakit.errors import RunError
-
-    done = sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    last = f"; the last checkpoint is {done[-1].name}" if done else ""
-    return RunError(
-        f"the training loss became NaN or Inf at step {step}{last}",
-        fix="lower train.learning_rate (or raise warmup_ratio); check the data for broken rows",
     )
 
 
@@ -277,72 +216,6 @@ def make_trainer_class() -> Any:
     return LorakitTrainer
 
 
-def make_callbacks(loggers: Loggers) -> list[Any]:
-    from transformers import TrainerCallback
-
-    from lorakit.device import peak_memory_gb
-
-    class MetricsLog(TrainerCallback):
-        """Hand every log record to the experiment loggers (metrics.jsonl and the recipe's
-        [log] plugins); they write it on threads of their own."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            loggers.log_metrics(
-                state.global_step,
-                {"epoch": state.epoch, **logs, "peak_memory_gb": round(peak_memory_gb(), 3)},
-            )
-
-    class CompleteMarker(TrainerCallback):
-        """Mark a checkpoint complete only after everything in it is written."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                (ckpt / COMPLETE).write_text(f"step {state.global_step}\n")
-
-    class KeepTrainingRng(TrainerCallback):
-        """Evaluation leaves the training random stream untouched.
-
-        Building the eval dataloader may draw from torch's global generator, so without this a
-        mid-training evaluation could shift the dropout masks of all later steps: adding
-        ``eval_steps`` would change the trained adapter. The state is taken when the trainer
-        decides to evaluate and put back once evaluation is done (checkpoints are saved after).
-        """
-
-        def __init__(self) -> None:
-            self.saved: tuple[Any, Any] | None = None
-
-        def _take(self, control: Any) -> None:
-            import torch
-
-            if control.should_evaluate:
-                cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-                self.saved = (torch.get_rng_state(), cuda)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self._take(control)
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            self._take(control)
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            import torch
-
-            if self.saved is None:
-                return
-            cpu, cuda = self.saved
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-            self.saved = None
-
-    return [MetricsLog(), CompleteMarker(), KeepTrainingRng()]
-
-
 def build_trainer(
     recipe: Recipe,
     model: Any,
@@ -362,7 +235,7 @@ def build_trainer(
 
     trace = RankTrace.from_env()
     trainer_class = make_trainer_class()
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=RowDataset(train_rows),
@@ -375,6 +248,12 @@ def build_trainer(
         if recipe.train.packing
         else 0,
     )
+    if args.disable_tqdm:  # no bar (logs, CI): a readable line instead of a dict per step
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(step_line())
+    return trainer
 
 
 def adapter_state(trainer: Any) -> dict[str, Any] | None:
@@ -393,10 +272,15 @@ def adapter_state(trainer: Any) -> dict[str, Any] | None:
     return state
 
 
-def engine(trainer: Any) -> str:
-    """What accelerate actually runs (``FSDP``, ``MULTI_GPU`` = DDP, ``MULTI_CPU``, ``NO``)."""
+def engine(trainer: Any) -> str | None:
+    """What accelerate actually runs, for the start line; None in one plain process."""
     kind = trainer.accelerator.distributed_type
-    return str(getattr(kind, "value", kind))
+    name = str(getattr(kind, "value", kind))
+    if name == "NO":
+        return None
+    label = {"MULTI_GPU": "DDP", "MULTI_CPU": "DDP", "DEEPSPEED": "DeepSpeed"}.get(name, name)
+    kind_text = label if label == name else f"{label} ({name} in accelerate)"
+    return f"{kind_text}, {trainer.accelerator.num_processes} process(es)"
 
 
 def planned_steps(trainer: Any) -> int:

@@ -24,7 +24,7 @@ class SplitResult:
 def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[float, int]:
     """Summed NLL of every supervised token and their count, over all ``rows``.
 
-    The same computation as the training step (``lorakit.training.supervised_nll``): rows are
+    The same computation as the training step (``lorakit.loss.supervised_nll``): rows are
     packed ``batch_size`` at a time without padding, and logits are computed only where a token
     is supervised. Sums are accumulated in float64, so the result does not depend on
     ``batch_size``.
@@ -32,8 +32,8 @@ def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[f
     import torch
 
     from lorakit.attention import packed_attention
+    from lorakit.loss import accepts_logits_to_keep, supervised_nll
     from lorakit.packing import pack
-    from lorakit.training import accepts_logits_to_keep, supervised_nll
 
     device = next(model.parameters()).device
     head_kwarg = accepts_logits_to_keep(model)

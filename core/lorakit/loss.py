@@ -1,0 +1,75 @@
+"""The loss over packed rows, shared by the training step and evaluation.
+
+``batch["labels"]`` holds shifted targets (``lorakit.packing``); the model computes logits only
+where a target exists and the cross-entropy is summed over them. Also: the eval rows each rank
+scores, and the error a diverged loss becomes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+from lorakit.data.tokenize import IGNORE_INDEX
+
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:
+    """Summed next-token NLL over the supervised positions of a packed batch, and their count.
+
+    ``batch["labels"]`` holds shifted targets (see ``lorakit.packing``). The model computes
+    logits only where a target exists (``logits_to_keep``); models whose forward has no such
+    argument compute all logits and are indexed afterwards.
+    """
+    import torch.nn.functional as F
+
+    targets = batch["labels"].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
+    if head_kwarg:
+        extra["logits_to_keep"] = keep
+    out = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    if not head_kwarg:
+        logits = logits[keep]
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return nll, int(keep.numel())
+
+
+def eval_batches(total: int, world: int, rank: int, size: int, same_count: bool) -> list[list[int]]:
+    """The eval rows rank ``rank`` scores (r, r+N, ...), in batches of ``size``.
+
+    ``same_count``: every rank gets as many batches as the busiest one, the missing ones empty
+    (scored on a stand-in row and counted 0). A sharded model (FSDP) gathers its weights from
+    all ranks in every forward, so a rank that stopped one batch early would leave the others
+    waiting forever.
+    """
+    mine = list(range(rank, total, world))
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    if same_count and world > 1:
+        most = math.ceil(math.ceil(total / world) / size)
+        batches += [[] for _ in range(most - len(batches))]
+    return batches
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def diverged(step: int, checkpoints: str) -> Exception:
+    """The error for a loss that is NaN/Inf: training stops before the optimizer applies it, no
+    adapter is saved from it, and the checkpoints written so far stay."""
+    from lorakit.errors import RunError
+
+    done = sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = f"; the last checkpoint is {done[-1].name}" if done else ""
+    return RunError(
+        f"the training loss became NaN or Inf at step {step}{last}",
+        fix="lower train.learning_rate (or raise warmup_ratio); check the data for broken rows",
+    )
