@@ -263,6 +263,27 @@ def test_fsdp_or_deepspeed_on_cpu_is_refused_not_replaced_by_ddp(monkeypatch):
         check_engine("cpu")
 
 
+def test_engines_that_would_save_a_wrong_adapter_are_refused_on_gpus_too(monkeypatch):
+    """FSDP's activation-checkpoint wrapper renames the layers (PEFT's save would drop their
+    LoRA weights); ZeRO-3 partitions weights lorakit does not gather. Both stop at start."""
+    from lorakit.distributed import check_engine
+    from lorakit.errors import RunError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(RunError, match="fsdp_activation_checkpointing"):
+        check_engine("cuda")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    check_engine("cuda")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(RunError, match="ZeRO-3"):
+        check_engine("cuda")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_engine("cuda")
+
+
 def test_batch_plan_counts_the_sampler_padding():
     import attrs
     from lorakit.distributed import batch_plan
@@ -526,10 +547,14 @@ def test_a_lost_peer_is_one_line_and_other_errors_stay_what_they_are(monkeypatch
     )
     try:
         try:
-            raise dist.DistBackendError("[c10d] barrier: store went away")
-        except dist.DistBackendError as inner:
+            raise dist.DistStoreError("[c10d] barrier: store went away")
+        except dist.DistStoreError as inner:
             raise RuntimeError("checkpoint save failed") from inner
     except RuntimeError as outer:
         found = lost_peer(outer)
     assert found is not None and "([c10d] barrier: store went away)" in found.message
     assert lost_peer(ValueError("a bug in a plugin")) is None
+    # a rank's own backend failure (out of memory in a collective, say) stays its own error
+    assert (
+        lost_peer(dist.DistBackendError("NCCL error: unhandled cuda error (out of memory)")) is None
+    )

@@ -153,7 +153,7 @@ def test_deepspeed_needs_the_deepspeed_package(tmp_path, cli):
     cfg = tmp_path / "ds.yaml"
     cfg.write_text(
         "distributed_type: DEEPSPEED\nnum_processes: 2\nmixed_precision: 'no'\n"
-        "deepspeed_config:\n  zero_stage: 3\n  gradient_accumulation_steps: 4\n"
+        "deepspeed_config:\n  zero_stage: 2\n  gradient_accumulation_steps: 4\n"
     )
     code, _, err = cli("check", FSDP_RECIPE, "--launch-config", cfg)
     installed = importlib.util.find_spec("deepspeed") is not None
@@ -163,6 +163,14 @@ def test_deepspeed_needs_the_deepspeed_package(tmp_path, cli):
     # an accumulation that differs from the recipe's is refused by transformers: here first
     err = refused(cli, FSDP_RECIPE, "train.gradient_accumulation_steps=2", "--launch-config", cfg)
     assert "deepspeed_config.gradient_accumulation_steps: 4 but the recipe's" in err
+    # ZeRO-3 partitions the weights, which the adapter save does not gather
+    zero3 = tmp_path / "ds3.yaml"
+    zero3.write_text(cfg.read_text().replace("zero_stage: 2", "zero_stage: 3"))
+    err = refused(cli, FSDP_RECIPE, "--launch-config", zero3)
+    assert (
+        "deepspeed_config.zero_stage: 3 partitions the weights" in err
+        and "fix: use zero_stage 2" in err
+    )
 
 
 def test_qlora_storage_and_mixed_precision_must_agree(tmp_path, cli, chat_file):
@@ -193,9 +201,9 @@ def test_saving_and_checkpointing_rules_against_the_recipe(tmp_path, cli):
     assert "2 problems in launch config" in err
     assert "fsdp_state_dict_type: SHARDED_STATE_DICT: lorakit's checkpoints and adapter" in err
     assert "fix: set fsdp_state_dict_type: FULL_STATE_DICT" in err
-    assert "[train].gradient_checkpointing = true: layers would be checkpointed twice" in err
+    assert "fsdp_activation_checkpointing: true: FSDP's checkpoint wrapper renames" in err
     err = refused(cli, FSDP_RECIPE, "train.gradient_checkpointing=false", "--launch-config", cfg)
-    assert "checkpointed twice" not in err and "1 problem in launch config" in err
+    assert "checkpoint wrapper renames" in err and "2 problems in launch config" in err
     # unset, FSDP2 saves SHARDED_STATE_DICT: said so
     unset = variant(tmp_path, ("  fsdp_state_dict_type: FULL_STATE_DICT", ""), name="u.yaml")
     assert "(not set: FSDP2's default)" in refused(cli, FSDP_RECIPE, "--launch-config", unset)

@@ -137,14 +137,16 @@ def test_one_call_packed_attention_equals_the_per_example_loop():
     bounds = [0, 5, 17, 18, 40]
     q, k, v = _packed_qkv("cpu", torch.float32, bounds)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    one, _ = _packed_one_call(q, k, v, cu, 0.0, None, None, max(17 - 5, 22))
+    one, _ = _packed_one_call(q, k, v, cu, 0.0, None, None, 22)
     ref = _per_example_attention(q, k, v, bounds)
     assert torch.allclose(one, ref, atol=1e-6)
     for a, b in zip(
         _attention_grads(one, [q, k, v]), _attention_grads(ref, [q, k, v]), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-5)
-    with pytest.raises(RuntimeError, match="sliding window"):
+    from lorakit.errors import RunError
+
+    with pytest.raises(RunError, match="sliding attention window of 8 tokens"):
         _packed_one_call(q, k, v, cu, 0.0, None, 8, 22)
 
 
@@ -165,7 +167,9 @@ def test_cuda_packed_attention_matches_the_per_example_loop():
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
     out, _ = varlen_sdpa(Module().eval(), q, k, v, None, cu_seq_lens_q=cu, max_length_q=249)
     ref = _per_example_attention(q, k, v, bounds)
-    print("varlen kernel:", varlen_kernel())
+    if hasattr(torch.nn.attention, "varlen") and torch.cuda.get_device_capability() >= (8, 0):
+        # the flash kernel ran (a signature it could not call would have switched it off)
+        assert varlen_kernel() is not None
     assert (out.float() - ref.float()).abs().max() < 2e-2
     for a, b in zip(
         _attention_grads(out, [q, k, v]), _attention_grads(ref, [q, k, v]), strict=True

@@ -7,10 +7,10 @@ collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
 over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask.
 That loop is for CPUs. On a GPU a call per example and layer costs more in launches and host
 syncs than the attention itself (SmolLM2-135M on an H100, separate runs of
-``benchmarks/gpu_paths.py``: ~0.9 s a step with the loop, 0.33 s with one call per layer), so
-there each layer makes one call: PyTorch's flash varlen kernel
-(``torch.nn.attention.varlen``, bf16/fp16, no attention dropout), else one SDPA call with a
-block-diagonal causal mask built on the GPU. With the ``flash_attn`` package on CUDA,
+``benchmarks/gpu_paths.py``, same recipe and window: 1.10 s a step with the loop, 0.36 s with one
+call per layer), so there each layer makes one call: PyTorch's flash varlen kernel
+(``torch.nn.attention.varlen``: bf16/fp16, no attention dropout, Ampere or newer, head size up
+to 256), else one SDPA call with a block-diagonal causal mask built on the GPU. With the ``flash_attn`` package on CUDA,
 :func:`choose` prefers transformers' own ``flash_attention_2``, which reads the same
 ``cu_seq_lens_*`` arguments.
 
@@ -105,10 +105,14 @@ def p_drop(module: Any, dropout: float) -> float:
     return dropout if module.training else 0.0
 
 
-def _window_error(sliding_window: int) -> RuntimeError:
-    return RuntimeError(
-        f"{NAME} attention has no sliding window; an example is longer than the model's "
-        f"window of {sliding_window} tokens (lower train.max_length)"
+def _window_error(sliding_window: int) -> Exception:
+    from lorakit.errors import RunError
+
+    return RunError(
+        f"an example is longer than the model's sliding attention window of {sliding_window} "
+        f"tokens, and lorakit's packed attention ({NAME}) has no sliding window",
+        where="[train].max_length",
+        fix=f"set train.max_length to at most {sliding_window}",
     )
 
 
@@ -133,7 +137,14 @@ def _packed_one_call(
         raise _window_error(sliding_window)
     gqa = key.shape[1] != query.shape[1]
     kernel = varlen_kernel()
-    if kernel is not None and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
+    if (
+        kernel is not None
+        and dropout == 0.0
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] <= 256
+        and query.shape[-1] % 8 == 0
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)  # flash: Ampere or newer
+    ):
         attend, causal = kernel
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
         if gqa:

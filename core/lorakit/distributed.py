@@ -38,7 +38,7 @@ class RankStopped(LorakitError):
 # What the transports say when the process at the other end of a collective is gone (killed,
 # crashed) or never answers: gloo (TCP), NCCL, and the TCP store the launcher keeps.
 _PEER_GONE = re.compile(
-    r"Connection (?:reset|closed) by peer|Broken pipe|Socket Timeout"
+    r"Connection (?:reset|closed) by peer|Socket Timeout"
     r"|Timed out waiting \d+ms|remote process exited|NCCL communicator was aborted"
     r"|Watchdog caught collective operation timeout",
     re.IGNORECASE,
@@ -149,7 +149,7 @@ def lost_peer(exc: BaseException) -> RankStopped | None:
     seen: BaseException | None = exc
     while seen is not None:
         found = _PEER_GONE.search(str(seen))
-        if found or isinstance(seen, dist.DistError):
+        if found or isinstance(seen, (dist.DistNetworkError, dist.DistStoreError)):
             reason = found.group(0) if found else (str(seen).splitlines() or ["?"])[0][:200]
             return RankStopped(
                 f"rank {rank()} stopped: it lost contact with the other processes ({reason})",
@@ -171,26 +171,21 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
-def gathered_trainable_state(model: Any) -> dict[str, Any] | None:
-    """The trainable weights as whole CPU tensors when FSDP2 has sharded them, else None.
+def gathered_trainable_state(model: Any) -> dict[str, Any]:
+    """The trainable weights as whole CPU tensors, gathered from however FSDP sharded them.
 
-    FSDP2 (``fully_shard``) keeps each parameter as a ``DTensor`` holding this rank's shard, so
-    a state dict read on rank 0 alone would hold shards (and ``full_tensor`` on one rank would
-    wait forever for the others). Every rank must call this: each parameter is all-gathered in
-    the same order on all of them. Only the trainable (LoRA) weights travel, never the frozen
-    base, which is what the adapter needs.
+    FSDP2 (``fully_shard``) keeps each parameter as a ``DTensor`` holding this rank's shard,
+    FSDP1 flattens them, and FSDP's activation checkpointing adds ``_checkpoint_wrapped_module``
+    to the parameter names: a state dict read on rank 0 alone would hold shards under names
+    PEFT does not know (and a gather on one rank would wait forever for the others). torch's
+    ``get_model_state_dict`` undoes all three. Every rank must call this (each all-gathers in
+    the same order); rank 0 receives the whole dict, with only the trainable (LoRA) weights,
+    never the frozen base, which is all the adapter needs.
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support shards nothing
-        return None
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not any(isinstance(p, DTensor) for _, p in params):
-        return None
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-        for name, p in params
-    }
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def _object_device() -> Any:
@@ -261,8 +256,29 @@ def check_engine(device: str) -> None:
     ``accelerate launch`` with an FSDP or DeepSpeed config marks the workers
     (``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED``), but accelerate enables either only on
     GPUs: on CPU the Trainer trains plain DDP instead, with every rank holding the whole model,
-    which is not what the config promised.
+    which is not what the config promised. Also refuses what would save a wrong adapter on any
+    device: FSDP's own activation checkpointing (its wrapper renames the layers' parameters,
+    and PEFT picks the adapter's weights by module name) and DeepSpeed ZeRO-3 (partitioned
+    weights, which lorakit's adapter save and evaluation do not gather).
     """
+    flag = os.environ.get
+    if flag("ACCELERATE_USE_FSDP", "").lower() == "true" and (
+        flag("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    ):
+        raise RunError(
+            "the launch config turns on fsdp_activation_checkpointing: its wrapper renames every "
+            "layer's parameters, and the saved adapter would miss their LoRA weights",
+            fix="set fsdp_activation_checkpointing: false and train.gradient_checkpointing=true "
+            "(lorakit check RECIPE --launch-config FILE checks the pair)",
+        )
+    if flag("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (
+        flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    ):
+        raise RunError(
+            "DeepSpeed ZeRO-3 partitions the weights, and lorakit's adapter save and evaluation "
+            "during training do not gather them",
+            fix="use ZeRO stage 2, or FSDP (configs/accelerate_fsdp_lora.yaml) to shard the base",
+        )
     if device != "cpu":
         return
     for env, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):

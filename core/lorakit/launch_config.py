@@ -23,10 +23,6 @@ from lorakit.launch_recipe import check_against_recipe, check_gpu_engine
 
 SUFFIXES = (".yaml", ".yml", ".json")
 GPU_ONLY = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
-CPU_FIX = (
-    'train on GPUs ([train].device = "auto" or "cuda"); on CPU launch without this config: '
-    "lorakit run RECIPE --nproc N (DDP over gloo), see docs/distributed.md"
-)
 
 
 class LaunchConfigError(LorakitError):

@@ -168,19 +168,26 @@ def _fsdp(report: Any, fsdp: dict[str, Any], recipe: Any, weights: str) -> None:
             "only with FULL_STATE_DICT; other types write per-rank shards instead",
             "set fsdp_state_dict_type: FULL_STATE_DICT (the LoRA weights are small)",
         )
-    if keys.truth(fsdp.get("fsdp_activation_checkpointing", False)) and (
-        recipe.train.gradient_checkpointing
-    ):
+    if keys.truth(fsdp.get("fsdp_activation_checkpointing", False)):
         report.problem(
             "fsdp_config.fsdp_activation_checkpointing",
-            "true while the recipe sets [train].gradient_checkpointing = true: layers would be "
-            "checkpointed twice, and transformers refuses the pair only after loading the base",
-            "keep one: fsdp_activation_checkpointing: false (lorakit's non-reentrant "
-            "checkpointing, what it tests), or train.gradient_checkpointing=false",
+            "true: FSDP's checkpoint wrapper renames every layer's parameters "
+            "(_checkpoint_wrapped_module), and PEFT, which picks the adapter's weights by "
+            "module name, would save an adapter without them",
+            "set fsdp_activation_checkpointing: false and use the recipe's "
+            "[train].gradient_checkpointing = true (non-reentrant, works under FSDP)",
         )
 
 
 def _deepspeed(report: Any, deepspeed: dict[str, Any], recipe: Any) -> None:
+    if str(deepspeed.get("zero_stage", "")) == "3":
+        report.problem(
+            "deepspeed_config.zero_stage",
+            "3 partitions the weights over the ranks, and lorakit's adapter save and "
+            "evaluation during training are written for whole (DDP) or FSDP-sharded weights",
+            "use zero_stage 2 (LoRA's optimizer state is small anyway), or FSDP "
+            "(configs/accelerate_fsdp_lora.yaml) to shard the base",
+        )
     pairs = (
         ("gradient_accumulation_steps", "gradient_accumulation_steps"),
         ("gradient_clipping", "max_grad_norm"),

@@ -257,19 +257,12 @@ def build_trainer(
 
 
 def adapter_state(trainer: Any) -> dict[str, Any] | None:
-    """The whole adapter weights when FSDP shards them (every rank must call this), else None.
-
-    FSDP2 keeps each weight as a sharded ``DTensor``: the LoRA weights are all-gathered. FSDP1
-    flattens them, so accelerate gathers the model's state dict (with ``FULL_STATE_DICT``).
-    """
+    """The whole adapter weights when FSDP shards them (every rank must call this), else None."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
     from lorakit.distributed import gathered_trainable_state
 
-    state = gathered_trainable_state(trainer.model)
-    if state is None:
-        state = trainer.accelerator.get_state_dict(trainer.model)
-    return state
+    return gathered_trainable_state(trainer.model)
 
 
 def engine(trainer: Any) -> str | None:

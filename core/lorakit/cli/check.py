@@ -52,6 +52,7 @@ def run(args) -> int:
         if args.overrides:
             raise LorakitError(
                 "KEY=VALUE overrides are recipe keys, but no recipe was given",
+                where=str(args.recipe),
                 fix="lorakit check RECIPE KEY=VALUE --launch-config " + args.recipe,
             )
         _print_launch(check_launch_config(args.recipe))
