@@ -228,8 +228,8 @@ class RunDir:
         """Settings that differ from the run's ``resolved.json``: those safe to change on resume
         (how long to train, how often to save, log and evaluate, what to evaluate) are returned as
         ``{key: [old, new]}``; any other change makes the resumed result meaningless and raises."""
-        before = _flatten(read_json(self.resolved)) if self.resolved.is_file() else {}
-        after = _flatten(resolved)
+        before = flatten_keys(read_json(self.resolved)) if self.resolved.is_file() else {}
+        after = flatten_keys(resolved)
         changed = {
             k: [before.get(k), after.get(k)]
             for k in sorted(set(before) | set(after))
@@ -351,11 +351,12 @@ def _write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested table as ``{"train.learning_rate": 0.0002, ...}`` (lists are leaves)."""
     if isinstance(node, Mapping):
         out: dict[str, Any] = {}
         for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorakit.catalog import Catalog, check_named_plugins
 from lorakit.contracts import LogRun
-from lorakit.rundir import RunDir, read_json, stack_versions
+from lorakit.rundir import RunDir, flatten_keys, read_json, stack_versions
 from lorakit.sections import LogSection
 
 if TYPE_CHECKING:
@@ -52,15 +52,12 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
     return problems
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+def flatten(node: Any) -> dict[str, str]:
     """A nested recipe as ``{"train.learning_rate": "0.0002", ...}`` (lists as JSON)."""
-    if isinstance(node, Mapping):
-        out: dict[str, str] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    text = node if isinstance(node, str) else json.dumps(node, default=str)
-    return {prefix[:-1]: text}
+    return {
+        key: value if isinstance(value, str) else json.dumps(value, default=str)
+        for key, value in flatten_keys(node).items()
+    }
 
 
 def final_metrics(report: Mapping[str, Any]) -> dict[str, float]:
