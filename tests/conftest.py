@@ -34,6 +34,17 @@ def data_tokenizer_dir(data_tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(params=["fp32", "bf16"])
+def compute_dtype(request) -> str:
+    """Each compute dtype lorakit trains in on a CPU, whatever this CPU's ``auto`` picks.
+
+    ``auto`` is bf16 on CPUs with AVX512-BF16 or AMX and fp32 elsewhere, so a guarantee that
+    held only in one of them would pass or fail with the machine. Forced bf16 runs everywhere
+    (emulated, slowly, where the CPU lacks it; the tiny model keeps that cheap).
+    """
+    return request.param
+
+
 @pytest.fixture()
 def chat_file(tmp_path) -> Path:
     """40 chat_jsonl records in ``tmp_path/chat.jsonl``."""

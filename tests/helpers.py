@@ -172,10 +172,25 @@ def load_tiny_model(folder: Path) -> Any:
 # --------------------------------------------------------------------------- recipes
 
 
+# The recipe key that sets each quant backend's compute dtype.
+DTYPE_KEY = {"none": "dtype", "bnb-4bit": "compute_dtype", "bnb-8bit": "compute_dtype"}
+
+
 def tiny_recipe(
-    folder: Path, model_dir: Path, data: Path, *, quant: str = "none", extra: str = ""
+    folder: Path,
+    model_dir: Path,
+    data: Path,
+    *,
+    quant: str = "none",
+    extra: str = "",
+    dtype: str = "fp32",
 ) -> Path:
-    """Write a recipe that trains the tiny model on ``data``; runs go to ``folder/runs``."""
+    """Write a recipe that trains the tiny model on ``data``; runs go to ``folder/runs``.
+
+    ``dtype`` is the compute dtype, pinned (fp32 by default) so that a test means the same on
+    every CPU: ``auto`` is bf16 on CPUs with fast bf16 and fp32 elsewhere. Tests of guarantees
+    that must hold in both take the ``compute_dtype`` fixture, which runs them under each.
+    """
     text = f"""
 [model]
 plugin = "local"
@@ -183,6 +198,7 @@ path = "{model_dir}"
 
 [quant]
 plugin = "{quant}"
+{DTYPE_KEY[quant]} = "{dtype}"
 
 [peft]
 r = 4

@@ -24,23 +24,33 @@ def _packed(layer) -> bool:
     return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
-def _load(tmp_path, tiny_model_dir, chat_file):
+def _load(tmp_path, tiny_model_dir, chat_file, dtype="fp32"):
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components
     from lorakit.modeling import load_base_model, resolve_model
     from lorakit.recipe import load_recipe
 
-    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit"))
+    recipe = load_recipe(
+        tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit", dtype=dtype)
+    )
     parts = build_components(recipe, default_catalog())
     return parts, load_base_model(resolve_model(parts.model_source), parts.quant, "cpu")
 
 
-def test_eval_forward_keeps_4bit_layers_trainable(tmp_path, tiny_model_dir, chat_file):
+def test_eval_forward_keeps_4bit_layers_trainable(
+    tmp_path, tiny_model_dir, chat_file, compute_dtype
+):
+    """In every compute dtype: bitsandbytes repacks only where bf16 is the compute dtype on an
+    AVX512-BF16 CPU, so the bf16 case is the one that matters on such machines."""
     import torch
 
-    _, model = _load(tmp_path, tiny_model_dir, chat_file)
+    _, model = _load(tmp_path, tiny_model_dir, chat_file, compute_dtype)
     layers = _four_bit_layers(model)
     assert layers, "the recipe must load a 4-bit model"
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    assert {m.compute_dtype for m in layers} == {expected}
+    # what bitsandbytes leaves unquantized is fp32, as peft's k-bit preparation trains it
+    assert model.get_input_embeddings().weight.dtype == torch.float32
     model.eval()
     with torch.no_grad():
         before = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits

@@ -59,8 +59,10 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, c
     assert all((run / "checkpoints" / c / "LORAKIT_COMPLETE").is_file() for c in ckpts)
 
 
-def test_same_seed_gives_identical_adapters(tmp_path, tiny_model_dir, chat_file, cli):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+def test_same_seed_gives_identical_adapters(
+    tmp_path, tiny_model_dir, chat_file, cli, compute_dtype
+):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, dtype=compute_dtype)
     for name in ("a", "b"):
         code, _, err = cli("run", recipe, f"output.name={name}")
         assert code == 0, err
@@ -72,12 +74,8 @@ def test_same_seed_gives_identical_adapters(tmp_path, tiny_model_dir, chat_file,
     assert any(not a[k].equal(c[k]) for k in a), "a different seed must change the adapter"
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli):
-    recipe = tiny_recipe(
-        tmp_path,
-        tiny_model_dir,
-        chat_file,
-    )
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli, compute_dtype):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, dtype=compute_dtype)
     common = ['train.lr_scheduler_type="constant"', "train.save_steps=2"]
     code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
     assert code == 0, err
@@ -136,12 +134,23 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_model_dir, chat_fi
     assert code == 2 and "nothing to resume" in err
 
 
-def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_model_dir, chat_file, cli):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit", extra='name = "q"')
+def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_model_dir, chat_file, cli, compute_dtype):
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        quant="bnb-4bit",
+        extra='name = "q"',
+        dtype=compute_dtype,
+    )
     code, _, err = cli("run", recipe)
     assert code == 0, err
-    assert "quant bnb-4bit" in err and "compute torch.float32" in err
+    expected = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[compute_dtype]
+    assert "quant bnb-4bit" in err and f"compute {expected}" in err
+    meta = json.loads((tmp_path / "runs/q/adapter/lorakit.json").read_text())
+    assert meta["compute_dtype"] == compute_dtype, "eval/export load the run in this dtype"
     tensors = load_adapter_tensors(tmp_path / "runs" / "q")
+    # the adapter and its optimizer state stay fp32 whatever the base computes in
     assert all(str(t.dtype) == "torch.float32" for t in tensors.values()), "fp32 adapter on CPU"
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
     steps = losses(tmp_path / "runs" / "q")
@@ -166,8 +175,10 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, chat_file, cli, monkeypatc
     assert code == 2 and "someorg/not-a-model" in err and "HF_HUB_OFFLINE" in err
 
 
-@pytest.mark.parametrize("quant", ["bnb-4bit", "bnb-8bit"])
-def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, cli, quant):
+@pytest.mark.parametrize("quant", ["bnb-4bit", "bnb-8bit", "none"])
+def test_mid_training_eval_leaves_training_unchanged(
+    tmp_path, tiny_model_dir, cli, quant, compute_dtype
+):
     """Evaluating every 2 steps gives the same adapter as not evaluating (QLoRA, dropout on).
 
     Guards two ways evaluation leaked into training: bitsandbytes repacking 4-bit layers for
@@ -176,7 +187,7 @@ def test_mid_training_eval_leaves_training_unchanged(tmp_path, tiny_model_dir, c
     """
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant, dtype=compute_dtype)
     common = (
         "train.max_steps=6",
         "train.save_steps=6",

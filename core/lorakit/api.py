@@ -30,7 +30,9 @@ from typing import Any
 from lorakit.contracts import (
     ROLES,
     SPLITS,
+    ComputeDtypeSwitch,
     DataSource,
+    DtypeName,
     Example,
     ExperimentLogger,
     Formatter,
@@ -72,8 +74,10 @@ Turn = Message
 __all__ = [
     "ROLES",
     "SPLITS",
+    "ComputeDtypeSwitch",
     "DataError",
     "DataSource",
+    "DtypeName",
     "Example",
     "ExperimentLogger",
     "Formatter",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -159,6 +159,23 @@ class QuantBackend(Configured, Protocol):
     # touches it. For fixes a quantization library needs after ``from_pretrained``.
     # Optional: ``memory_spec() -> dict`` for `lorakit plan`: ``weights`` ("nf4", "fp4", "int8"
     # or "none"), ``double_quant`` (bool) and ``dtype`` ("auto", "fp32", "bf16", "fp16").
+
+
+DtypeName = Literal["fp32", "bf16", "fp16"]  # the dtypes recipes name (besides "auto")
+
+
+@runtime_checkable
+class ComputeDtypeSwitch(Protocol):
+    """Optional for a quant backend: the same backend computing in another dtype.
+
+    A run records the compute dtype it trained in (``auto`` is bf16 on one CPU, fp32 on
+    another); ``eval``, ``generate`` and ``export`` use this to load the model exactly as it
+    was trained, and export's parity check to evaluate the trained weights in fp32 arithmetic.
+    """
+
+    def with_compute_dtype(self, name: DtypeName) -> QuantBackend:
+        """This backend with its compute dtype set to ``name``."""
+        ...
 
 
 @runtime_checkable

@@ -56,6 +56,13 @@ def torch_dtype(name: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def dtype_name(dtype: Any) -> str:
+    """The torch dtype -> ``"fp32"``, ``"bf16"`` or ``"fp16"`` (the names recipes use)."""
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def dtype_from_name(name: str, device: str) -> Any:
     """A dtype name or ``"auto"`` (the measured best compute dtype of ``device``)."""
     return auto_compute_dtype(device) if name == "auto" else torch_dtype(name)

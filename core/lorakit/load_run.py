@@ -96,11 +96,11 @@ def prepare_inference(
         ref = ref or resolve_model(components.model_source, recipe.model.name)
         tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
-    eot = read_meta(adapter_dir).get("end_of_turn") if adapter_dir else None
-    eot = eot or formatter.end_of_turn(tokenizer)
+    meta = read_meta(adapter_dir) if adapter_dir else {}
+    eot = meta.get("end_of_turn") or formatter.end_of_turn(tokenizer)
     return Loaded(
         recipe=recipe,
-        components=components,
+        components=as_trained(components, meta.get("compute_dtype")),
         tokenizer=tokenizer,
         formatter=formatter,
         end_of_turn=eot,
@@ -108,6 +108,25 @@ def prepare_inference(
         device=resolve_device(recipe.train.device),
         ref=ref,
     )
+
+
+def as_trained(components: Components, trained_dtype: str | None) -> Components:
+    """``components`` with the quant backend computing in the dtype the adapter was trained in.
+
+    A recipe's ``auto`` compute dtype is bf16 on CPUs with fast bf16 and fp32 elsewhere, so a
+    run trained on one machine and evaluated or exported on another would otherwise be scored
+    in another dtype than it was trained in.
+    """
+    from typing import cast
+
+    from lorakit.contracts import ComputeDtypeSwitch, DtypeName
+    from lorakit.device import DTYPES
+
+    quant = components.quant
+    if trained_dtype in DTYPES and isinstance(quant, ComputeDtypeSwitch):
+        name = cast(DtypeName, trained_dtype)
+        return attrs.evolve(components, quant=quant.with_compute_dtype(name))
+    return components
 
 
 def load_model(loaded: Loaded, adapter_dir: Path | None, *, quantized: bool = True) -> Any:

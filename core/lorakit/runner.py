@@ -45,7 +45,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
 
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
-    from lorakit.device import configure_threads, resolve_device, return_freed_memory
+    from lorakit.device import configure_threads, dtype_name, resolve_device, return_freed_memory
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.training import adapter_state, build_trainer, engine, planned_steps
@@ -206,6 +206,8 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         "base_model": ref.label or ref.path,
         "base_model_path": ref.path,
         "quant": recipe.quant.to_plain(),
+        # what `auto` resolved to here: eval, generate and export load the model in it
+        "compute_dtype": dtype_name(compute_dtype),
         "format": recipe.format.name,
         "config_hash": recipe.config_hash(),
         "data_fingerprint": splits.fingerprint,

@@ -12,9 +12,10 @@ in place and for good, to a packed inference layout the first time it runs in ev
 gradients. From then on that layer computes in bf16 (absmax rounded to bf16) whatever the compute
 dtype, and its matmul has no autograd formula: gradients no longer flow back through it. Left
 alone, one mid-training evaluation (``eval_steps``) silently spoils the rest of a QLoRA run, and a
-baseline scored in bf16 is compared with a tuned model scored in fp32. ``_pin_4bit_layers`` turns
-that conversion off: always for training, and for inference unless bf16 is the compute dtype
-anyway.
+model scored, merged or exported after training is not quite the function that was trained.
+``_pin_4bit_layers`` turns that conversion off in every load path (:meth:`Bnb4bit.finish_loading`
+runs for every quantized load: training, evaluation, generation, export), whatever the compute
+dtype, so every 4-bit model lorakit holds computes the function it trains.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-from lorakit.api import RegisterQuantizer, dtype_from_name, hookimpl, option
+from lorakit.api import DtypeName, RegisterQuantizer, dtype_from_name, hookimpl, option
 
 
 def _pin_4bit_layers(model: Any) -> None:
@@ -41,6 +42,19 @@ def _pin_4bit_layers(model: Any) -> None:
             )
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def _unquantized_dtype() -> Any:
+    """The dtype of the weights bitsandbytes leaves unquantized (embeddings, norms, the head).
+
+    fp32, in every load: peft's ``prepare_model_for_kbit_training`` casts them to fp32 for
+    training, so a model loaded with them in bf16 for evaluation, generation or export would be
+    another function than the one trained (the head's logits rounded to bf16 among others).
+    Only the quantized layers' matmuls run in the compute dtype.
+    """
+    import torch
+
+    return torch.float32
 
 
 def _prepare(model: Any, gradient_checkpointing: bool) -> Any:
@@ -89,7 +103,10 @@ class Bnb4bit:
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if device == "cuda" else None,
         )
-        return {"quantization_config": config, "dtype": dtype}
+        return {"quantization_config": config, "dtype": _unquantized_dtype()}
+
+    def with_compute_dtype(self, name: DtypeName) -> Bnb4bit:
+        return Bnb4bit(attrs.evolve(self.options, compute_dtype=name))
 
     def memory_spec(self) -> dict[str, Any]:
         """For ``lorakit plan``: how the base weights are stored, without loading anything."""
@@ -97,10 +114,8 @@ class Bnb4bit:
         return {"weights": o.quant_type, "double_quant": o.double_quant, "dtype": o.compute_dtype}
 
     def finish_loading(self, model: Any, device: str) -> Any:
-        import torch
-
-        if device == "cpu" and self.compute_dtype(device) != torch.bfloat16:
-            _pin_4bit_layers(model)
+        # every load: a repacked layer would make eval, generate and export score another model
+        _pin_4bit_layers(model)
         return model
 
     def prepare_for_training(self, model: Any, gradient_checkpointing: bool) -> Any:
@@ -132,7 +147,10 @@ class Bnb8bit:
         from transformers import BitsAndBytesConfig
 
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.options.threshold)
-        return {"quantization_config": config, "dtype": self.compute_dtype(device)}
+        return {"quantization_config": config, "dtype": _unquantized_dtype()}
+
+    def with_compute_dtype(self, name: DtypeName) -> Bnb8bit:
+        return Bnb8bit(attrs.evolve(self.options, compute_dtype=name))
 
     def memory_spec(self) -> dict[str, Any]:
         """For ``lorakit plan``: int8 linear weights, the rest in the compute dtype."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-from lorakit.api import RegisterQuantizer, dtype_from_name, hookimpl, option
+from lorakit.api import DtypeName, RegisterQuantizer, dtype_from_name, hookimpl, option
 
 
 @attrs.frozen
@@ -26,6 +26,9 @@ class NoQuant:
 
     def compute_dtype(self, device: str) -> Any:
         return dtype_from_name(self.options.dtype, device)
+
+    def with_compute_dtype(self, name: DtypeName) -> NoQuant:
+        return NoQuant(attrs.evolve(self.options, dtype=name))
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         return {"dtype": self.compute_dtype(device)}
