@@ -248,6 +248,22 @@ def write_recipe(folder: Path, sources: list[dict[str, Any]], **sections: dict[s
     return path
 
 
+# --------------------------------------------------------------------------- export parity
+
+
+def assert_reproduces_bf16_training(rows: dict) -> None:
+    """A run trained in bf16 compute: the merge equals the trained weights evaluated in fp32
+    arithmetic to fp32 noise, and differs from the bf16 model as trained by no more than the
+    trained weights themselves do between bf16 and fp32 arithmetic (bf16's own rounding)."""
+    import math
+
+    exact = rows["as_trained_fp32"]
+    bf16_noise = exact["max_abs_logit_diff"]  # same weights, fp32 vs bf16 arithmetic
+    assert rows["unmerged"]["max_abs_logit_diff"] <= bf16_noise + 5e-4, rows
+    assert rows["merged"]["max_abs_logit_diff"] <= bf16_noise + 5e-4, rows
+    assert math.isclose(rows["merged"]["ppl"], exact["ppl"], rel_tol=1e-4), rows
+
+
 # Runs the CLI, then reports which heavy libraries it imported, also when argparse exits
 # (--help, --version).
 PROBE = """

@@ -9,7 +9,7 @@ AVX512-BF16 the conversion never happens in the first place.
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_recipe
+from helpers import assert_reproduces_bf16_training, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +95,25 @@ def test_4bit_model_on_cpu_lets_go_of_the_weights_file(tmp_path, tiny_model_dir,
     ]
     assert in_file == []
     assert model.get_input_embeddings().weight.is_floating_point()
+
+
+def test_dequantized_merge_reproduces_the_trained_model_in_each_dtype(
+    tmp_path, tiny_model_dir, chat_file, cli, compute_dtype
+):
+    """``export --merge --merge-base dequantized`` of a QLoRA run trained in fp32 or bf16
+    compute: the merge equals the trained weights (fp32 noise), in whichever dtype it trained."""
+    import json
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit", dtype=compute_dtype)
+    assert cli("run", recipe, "train.max_steps=2", "output.name=q")[0] == 0
+    run = tmp_path / "runs" / "q"
+    code, _, err = cli("export", run, "--merge", "--merge-base", "dequantized")
+    assert code == 0, err
+    parity = json.loads((run / "export" / "parity.json").read_text())
+    rows = parity["comparisons"]
+    assert parity["reference"] == "bnb-4bit base + adapter (as trained)"
+    if compute_dtype == "fp32":
+        assert "as_trained_fp32" not in rows
+        assert rows["merged"]["max_abs_logit_diff"] < 5e-4, rows
+    else:
+        assert_reproduces_bf16_training(rows)
