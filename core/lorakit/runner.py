@@ -163,10 +163,13 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     # 9. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
     model = attach_new_adapter(model, components.peft, t.seed)
     if device == "cpu":
-        # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost
+        # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost;
+        # and each LoRA layer's step as one autograd node in the compute dtype (fused_lora.py)
         from lorakit.fast_dropout import use_fast_dropout
+        from lorakit.fused_lora import use_fused_lora
 
         use_fast_dropout(model)
+        use_fused_lora(model)
     trainable, total = model.get_nb_trainable_parameters()
     say(
         f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
