@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train
 import ceiling
 import model_sizes
+import train_workers
 
 EMBEDDED_135M = {  # the shape keys of the converted SmolLM2-135M-Instruct config.json
     "hidden_size": 576,
@@ -80,7 +81,7 @@ def test_combined_rate_is_total_flops_over_total_time():
     ],
 )
 def test_dtype_label(args, label):
-    assert bench_train.dtype_label(*args) == label
+    assert train_workers.dtype_label(*args) == label
 
 
 def test_lorakit_compute_reads_the_start_line():
