@@ -58,8 +58,9 @@ the FLOP/s of fp32 and bf16 measured in the same run (on the GPU when there is o
 Each has its share-of-ceiling column; the header says which dtype is fastest for each.
 
 Prints a table per model and writes it, with the raw numbers, to
-benchmarks/results/bench_train-<size>-<time>.md and .json. Run it on a quiet machine; a cheap
-check of the script: ``--steps 2 --warmup 1 --reps 1 --only trl_bf16``.
+benchmarks/results/bench_train-<size>-<time>.md and .json (<size>: the --model-path folder's
+name for a local model). Run it on a quiet machine; a cheap check that the script works:
+``--steps 2 --warmup 1 --reps 1 --only trl_bf16 --model-size 135m``.
 """
 
 from __future__ import annotations
