@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -108,7 +109,8 @@ class RunDir:
         one gets it. A folder whose run left nothing to continue (no checkpoint,
         no adapter: it failed before step 1, or was killed before its first checkpoint) may be
         started again once its owner process is gone, with this recipe or a corrected one;
-        returns True then. run.json keeps the earlier attempt in its history and its
+        returns True then. A checkpoint folder without its marker counts as nothing (the save
+        was cut short); it is removed. run.json keeps the earlier attempt in its history and its
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.path.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,9 @@ class RunDir:
         self._write_pid()
         if restarted and self.metrics.is_file():  # the dead attempt's log stays, renamed
             os.replace(self.metrics, _free_name(self.metrics))
+        if restarted:  # saves the dead attempt left unfinished: never complete, never resumed
+            for unfinished in self._unfinished_after(None):
+                shutil.rmtree(unfinished)
         self.recipe.write_text(recipe_text, encoding="utf-8")
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
@@ -167,11 +172,9 @@ class RunDir:
         except OSError:
             os.close(fd)
             self._refuse_in_use(_claim_owner(self.claim))
+        # The lock is the answer: no live lorakit holds this folder. The pid left in the file is
+        # only a hint of who had it last, and may by now belong to an unrelated process.
         before = os.read(fd, 64).decode("utf-8", "replace").strip()
-        owner = int(before) if before.isdigit() else None
-        if owner is not None and owner != os.getpid() and _alive(owner):
-            os.close(fd)  # claimed by a lorakit from before claim locks, still running
-            self._refuse_in_use(owner)
         _HELD[key] = fd
         return before or None
 
@@ -208,9 +211,9 @@ class RunDir:
         )
 
     def nothing_to_continue(self) -> bool:
-        """No checkpoint and no adapter: an attempt that left nothing a resume could use."""
-        ckpts = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
-        return not (ckpts or self.adapter.exists())
+        """No complete checkpoint and no adapter: an attempt that left nothing a resume could
+        use (a checkpoint without its marker is a save that was cut short)."""
+        return not (self.complete_checkpoints() or self.adapter.exists())
 
     def _check_restartable(self) -> None:
         """Called holding the claim: may this folder's earlier attempt be started again?"""
@@ -373,16 +376,6 @@ def _claim_owner(claim: Path) -> int | None:
         return int(claim.read_text(encoding="utf-8").strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stack_versions() -> dict[str, str | None]:

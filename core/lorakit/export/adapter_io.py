@@ -90,6 +90,15 @@ def _write_adapter(
             raise RunError(
                 f"saving the adapter produced an empty {weights.name}", fix="report this bug"
             )
+        broken = [k for k in f.keys() if not bool(f.get_tensor(k).isfinite().all())]
+    if broken:  # what would be written is checked, however the weights got there
+        raise RunError(
+            f"the adapter holds NaN or Inf weights ({broken[0]}"
+            + (f" and {len(broken) - 1} more" if len(broken) > 1 else "")
+            + "); it was not saved",
+            fix="the training diverged or a checkpoint is damaged: resume from an earlier "
+            "checkpoint-N, or lower train.learning_rate",
+        )
 
 
 def read_meta(adapter_dir: Path) -> dict[str, Any]:
