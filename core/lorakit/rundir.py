@@ -231,7 +231,54 @@ class RunDir:
         """Settings that differ from the run's ``resolved.json``: those safe to change on resume
         (how long to train, how often to save, log and evaluate, what to evaluate) are returned as
         ``{key: [old, new]}``; any other change makes the resumed result meaningless and raises."""
+        changed = self.changes(
+            resolved,
+            doing=f"resuming {self.path}",
+            fix="resume with the settings the run started with (see its resolved.json); "
+            "only how long to train and how often to save, log and evaluate may change; "
+            "for anything else start a new run under another output.name",
+        )
+        self._check_new_length(changed, resolved)
+        return changed
+
+    def _check_new_length(self, changed: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+        """A new length under a schedule that depends on it is refused. With a linear (cosine,
+        polynomial...) decay, or a warmup given as a ratio, the learning rate of every step
+        already trained was set by the old length, so no resume can equal a run of the new
+        length; continuing the old schedule would train the new steps at the rate it ended
+        on (0). A constant schedule does not depend on the length and may be extended."""
+        train = resolved.get("train", {})
+        steps = changed.get("train.max_steps")
+        epochs = changed.get("train.num_train_epochs")
+        if steps is not None:
+            key, (old, new) = "train.max_steps", steps
+        elif epochs is not None and train.get("max_steps", -1) == -1:
+            key, (old, new) = "train.num_train_epochs", epochs
+        else:
+            return
+        schedule = train.get("lr_scheduler_type")
+        warmup = train.get("warmup_ratio") or 0
+        if schedule == "constant" or (schedule == "constant_with_warmup" and warmup == 0):
+            return
+        shape = f"the {schedule} learning-rate schedule" + (
+            f" with warmup_ratio {warmup}" if warmup and schedule != "constant" else ""
+        )
+        raise RunError(
+            f"resuming {self.path} with {key} {old!r} -> {new!r} under {shape}: the learning "
+            f"rate of the steps already trained was set for {key} = {old!r}, so the result "
+            f"could not equal a run of {new!r}",
+            fix=f"keep {key} = {old!r}, or train {key} = {new!r} from the start under another "
+            f"output.name (e.g. output.name={self.path.name}-2); only a constant schedule "
+            '(train.lr_scheduler_type = "constant") can be extended',
+        )
+
+    def changes(self, resolved: Mapping[str, Any], doing: str, fix: str) -> dict[str, Any]:
+        """``{key: [old, new]}`` for settings that differ from ``resolved.json`` (the settings of
+        the attempt that trained) and may differ (RESUME_SAFE); any other difference raises a
+        RunError that starts with ``doing``."""
         before = flatten_keys(read_json(self.resolved)) if self.resolved.is_file() else {}
+        if not before:
+            return {}
         after = flatten_keys(resolved)
         changed = {
             k: [before.get(k), after.get(k)]
@@ -241,12 +288,7 @@ class RunDir:
         refused = [k for k in changed if not k.startswith(RESUME_SAFE)]
         if refused:
             shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
-            raise RunError(
-                f"resuming {self.path} with changed settings: {shown}",
-                fix="resume with the settings the run started with (see its resolved.json); "
-                "only how long to train and how often to save, log and evaluate may change; "
-                "for anything else start a new run under another output.name",
-            )
+            raise RunError(f"{doing} with changed settings: {shown}", fix=fix)
         return changed
 
     def record_resume(
