@@ -3,7 +3,7 @@
 Layout::
 
     .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
-    recipe.toml          the recipe exactly as given (never rewritten)
+    recipe.toml          the recipe as given, credentials in values masked (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash, batch
                          (processes, per-device batch, accumulation, global batch)
     resolved.json        every setting with defaults filled in
@@ -33,6 +33,7 @@ from typing import Any
 from lorakit import __version__
 from lorakit.checkpoints import checkpoint_problem
 from lorakit.errors import RunError
+from lorakit.secrets import mask
 
 COMPLETE = "LORAKIT_COMPLETE"
 # Claim files this process holds locked (path -> open descriptor), while its run runs.
@@ -67,8 +68,10 @@ STACK = (
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a killed process never leaves half a file)."""
-    _write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write JSON atomically (a killed process never leaves half a file), secrets masked
+    (``lorakit.secrets.mask``: overrides and settings may carry URL credentials)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    _write_text(path, mask(text) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -128,7 +131,7 @@ class RunDir:
         if restarted:  # saves the dead attempt left unfinished: never complete, never resumed
             for unfinished in self._unfinished_after(None):
                 shutil.rmtree(unfinished)
-        self.recipe.write_text(recipe_text, encoding="utf-8")
+        self.recipe.write_text(mask(recipe_text), encoding="utf-8")  # no secret on disk
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
         event = {
