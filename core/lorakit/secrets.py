@@ -58,13 +58,17 @@ def redact(text: str, token: str | None) -> str:
 
 MASK = "***"
 # scheme://user:password@ or scheme://token@ (the userinfo of a URL)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/?#@:'\"]*)(?::(?P<pw>[^\s/?#'\"]*))?@")
+_USERINFO = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/?#@:'\"]*)(?::(?P<pw>[^\s/?#'\"]*))?@"
+)
 # ?token=..., &password=... in a query string
 _QUERY = re.compile(
     r"(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|passwd|secret|sig)=)[^&#\s'\"]+",
     re.IGNORECASE,
 )
-_SECRET_ENV = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+_SECRET_ENV = re.compile(
+    r"TOKEN|PASSWORD|PASSWD|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE
+)
 
 
 def _userinfo(m: re.Match[str]) -> str:
