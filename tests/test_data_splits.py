@@ -125,3 +125,24 @@ def test_prepare_never_replaces_a_runs_splits(tmp_path, cli):
     assert {p.name: p.read_bytes() for p in run.splits.iterdir()} == before
     code, _, err = cli("prepare", str(recipe), "output.name=recipe-2")
     assert code == 0, err
+
+
+def test_runs_stay_inside_output_dir_and_home_is_expanded(tmp_path, cli, monkeypatch):
+    """An output.name that is a symbolic link is refused (it would write elsewhere);
+    output.dir=~/x means the home folder, not a folder named '~'."""
+    write_jsonl(tmp_path / "c.jsonl", [ex(i).to_json() for i in range(20)])
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "evil").symlink_to(outside)
+    code, _, err = cli("prepare", str(recipe), "output.name=evil")
+    assert code == 2 and "symbolic link" in err and "Traceback" not in err, err
+    assert list(outside.iterdir()) == []
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("prepare", str(recipe), "output.dir=~/x")
+    assert code == 0, err
+    assert (home / "x" / "recipe" / "data" / "splits" / "train.jsonl").is_file()
+    assert not (tmp_path / "~").exists()

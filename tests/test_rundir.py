@@ -141,3 +141,25 @@ def test_a_checkpoint_cut_short_leaves_a_folder_that_starts_again(tmp_path):
         assert not partial.exists()
     finally:
         RunDir.release_all()
+
+
+def test_a_planted_claim_link_is_never_written_through(tmp_path):
+    """`.lorakit-claim` planted as a symbolic link to another file: the claim is refused and
+    the file it points to keeps its bytes (the pid is written in place, truncating)."""
+    from lorakit.errors import RunError
+    from lorakit.rundir import RunDir
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / ".lorakit-claim").symlink_to(victim)
+    try:
+        RunDir(run).start("", {}, [], "h", Path("r.toml"))
+        raise AssertionError("a claim was taken through a symbolic link")
+    except RunError as exc:
+        assert "symbolic link" in str(exc) and "remove it" in str(exc)
+    finally:
+        RunDir.release_all()
+    assert victim.read_text() == "keep me\n"
+    assert not (run / "run.json").exists()

@@ -89,8 +89,13 @@ class Recipe:
         return self.path.parent
 
     @property
+    def output_dir(self) -> Path:
+        """``output.dir`` with ``~`` expanded (a folder literally named ``~`` is never meant)."""
+        return Path(self.output.dir).expanduser()
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir) / self.name
+        return self.output_dir / self.name
 
     def resolved(self) -> dict[str, Any]:
         """Every setting, defaults filled in: what ``resolved.json`` stores and loggers get.

@@ -116,6 +116,7 @@ class RunDir:
         was cut short); it is removed. run.json keeps the earlier attempt in its history and its
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
+        self.refuse_a_link()
         self.path.mkdir(parents=True, exist_ok=True)
         before = self._lock()
         restarted = before is not None or self.exists()
@@ -165,11 +166,19 @@ class RunDir:
         processes that try at once, one gets it; the others get "in use". Returns what the claim
         held before (the pid of an earlier owner, now gone), or None for a new claim."""
         import fcntl
+        import stat
 
+        self.refuse_a_link()
         key = str(self.claim.resolve())
         if key in _HELD:  # this process took it before (an earlier attempt in-process)
             return str(_claim_owner(self.claim) or "") or None
-        fd = os.open(self.claim, os.O_CREAT | os.O_RDWR, 0o644)
+        try:  # never through a planted link: the pid is written in place, truncating the file
+            fd = os.open(self.claim, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise self._foreign_claim("a symbolic link") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._foreign_claim("not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -205,6 +214,21 @@ class RunDir:
             self.claim.unlink(missing_ok=True)
         if fd is not None:
             os.close(fd)
+
+    def refuse_a_link(self) -> None:
+        """A run folder that is a symbolic link would put the run outside ``output.dir``."""
+        if self.path.is_symlink():
+            raise RunError(
+                f"run folder {self.path} is a symbolic link (to {os.readlink(self.path)}); "
+                "lorakit writes runs only inside output.dir",
+                fix="remove the link, or choose another output.name",
+            )
+
+    def _foreign_claim(self, what: str) -> RunError:
+        return RunError(
+            f"{self.claim} is {what}, not a claim lorakit wrote; nothing was written through it",
+            fix="remove it (it is not lorakit's), or choose another output.name",
+        )
 
     def _refuse_in_use(self, owner: int | None) -> None:
         raise RunError(

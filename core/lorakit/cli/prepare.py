@@ -29,6 +29,7 @@ def run(args) -> int:
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
     run = RunDir(recipe.run_dir)
+    run.refuse_a_link()
     if run.exists():
         raise RunError(
             f"{run.path} holds a run: its data/splits/ are what it was trained on and are "
