@@ -150,7 +150,11 @@ def test_a_checkpoint_pickle_that_names_code_is_refused_before_loading(
     import torch
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "evil"')
-    common = ("train.save_steps=1", 'eval.metrics=["eval_loss"]')
+    common = (
+        "train.save_steps=1",
+        'eval.metrics=["eval_loss"]',
+        'train.lr_scheduler_type="constant"',  # resumed to a new max_steps
+    )
     assert cli("run", str(recipe), "train.max_steps=2", *common)[0] == 0
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "runs" / "evil" / "checkpoints" / "checkpoint-2"

@@ -188,14 +188,13 @@ def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, ch
 
 @pytest.mark.slow
 def test_broken_loggers_warn_once_and_the_run_completes(tmp_path, tiny_model_dir, chat_file, cli):
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the event folder should go")
+    # data_report.json is written before the loggers start: a file where the event folder goes
     recipe = tiny_recipe(
         tmp_path,
         tiny_model_dir,
         chat_file,
         extra='name = "broken"\n[log]\nplugins = ["tensorboard", "mlflow"]\n'
-        f'[log.options.tensorboard]\ndir = "{blocker / "tb"}"\n'
+        '[log.options.tensorboard]\ndir = "data_report.json/tb"\n'
         '[log.options.mlflow]\ntracking_uri = "http://127.0.0.1:9"\ntimeout_s = 2\n',
     )
     code, _out, err = cli("run", recipe, "train.max_steps=2", "eval.baseline=false")

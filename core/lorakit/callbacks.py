@@ -52,19 +52,20 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
 
         The loss can stay finite while the gradients overflow (damaged weights resumed), and
         clipping then hides it (an infinite norm scales every gradient to 0, an Inf entry to
-        NaN), so the squared gradient norm is summed as each gradient is accumulated, before
-        clipping; no device sync until the optimizer step.
+        NaN), so each gradient's norm is taken as it is accumulated, before clipping (one
+        kernel per weight); they are combined and synced once, before the optimizer step.
         """
 
         def __init__(self) -> None:
             self.handles: list[Any] = []
-            self.squares: Any = None
+            self.norms: list[Any] = []
 
         def _seen(self, param: Any) -> None:
+            import torch
+
             grad = param.grad.detach()
             grad = grad.to_local() if hasattr(grad, "to_local") else grad
-            sq = grad.float().pow(2).sum()
-            self.squares = sq if self.squares is None else self.squares + sq.to(self.squares)
+            self.norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             for p in model.parameters() if model is not None else ():
@@ -74,8 +75,12 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             import torch
 
-            seen, self.squares = self.squares, None
-            bad = seen is not None and not bool(torch.isfinite(seen))
+            norms, self.norms = self.norms, []
+            bad = False
+            if norms:  # their combined norm overflows too when the total does
+                total = torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))
+                bad = not bool(torch.isfinite(total))
+            # after clipping, for weights whose hook a sharding engine bypassed
             bad = bad or (model is not None and non_finite(model, grads=True))
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
