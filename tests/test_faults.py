@@ -188,6 +188,8 @@ def test_a_run_killed_while_writing_its_first_checkpoint_starts_again(
         return ""
 
     kill_when(lorakit(*args), being_written, "checkpoint-1 is written")
+    code, _, err = cli(*args, "--resume-from-checkpoint", "auto")  # nothing to resume: says so
+    assert code == 2 and "run it again without --resume-from-checkpoint" in err, err
     code, _, err = cli(*args)
     assert code == 0 and "started again" in err, err
     assert (ckpt.parent / "checkpoint-2" / "LORAKIT_COMPLETE").is_file()

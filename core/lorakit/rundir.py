@@ -383,10 +383,14 @@ class RunDir:
                     return candidate
                 if on_skip is not None:
                     on_skip(candidate, problem)
-            raise RunError(
-                f"{self.checkpoints} holds no complete, readable checkpoint",
-                fix="checkpoints are written every train.save_steps steps; start a new run",
-            )
+            if self.nothing_to_continue():
+                fix = (
+                    "run it again without --resume-from-checkpoint: a run folder with no "
+                    "complete checkpoint starts again"
+                )
+            else:
+                fix = f"start a new run under another name, e.g. output.name={self.path.name}-2"
+            raise RunError(f"{self.checkpoints} holds no complete, readable checkpoint", fix=fix)
         path = Path(spec)
         if not path.is_dir():
             raise RunError(
