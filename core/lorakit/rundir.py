@@ -294,8 +294,8 @@ class RunDir:
             f"resuming {self.path} with {key} {old!r} -> {new!r} under {shape}: the learning "
             f"rate of the steps already trained was set for {key} = {old!r}, so the result "
             f"could not equal a run of {new!r}",
-            fix=f"keep {key} = {old!r}, or train {key} = {new!r} from the start under another "
-            f"output.name (e.g. output.name={self.path.name}-2); only a constant schedule "
+            fix=f"keep {key}={old!r}, or start a new run with {key}={new!r} under another "
+            f"name (e.g. output.name={self.path.name}-2); only a constant schedule "
             '(train.lr_scheduler_type = "constant") can be extended',
         )
 
