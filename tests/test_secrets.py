@@ -80,3 +80,18 @@ def test_url_credentials_never_reach_a_file_or_a_log(
 
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == in_override
+
+
+def test_check_says_where_url_credentials_belong_and_never_prints_them(tmp_path, cli):
+    from helpers import chat_records, write_jsonl, write_recipe
+
+    pytest.importorskip("mlflow")
+    write_jsonl(tmp_path / "c.jsonl", chat_records(10))
+    recipe = write_recipe(
+        tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}], log={"plugins": ["mlflow"]}
+    )
+    uri = "log.options.mlflow.tracking_uri=https://bob:HushHush99@mlflow.example.invalid"
+    code, out, err = cli("check", recipe, uri)
+    assert "HushHush99" not in out + err
+    assert code == 0, err
+    assert "log.options.mlflow.tracking_uri" in out and "MLFLOW_TRACKING_PASSWORD" in out, out
