@@ -102,3 +102,47 @@ def test_an_empty_split_that_was_asked_for_is_reported(tmp_path, cli):
         assert ("data.val_fraction = 0.2 put none of the 6 examples in val" in text) is warned
         assert ("data.split_seed" in text) is warned
         assert "data.test_fraction" not in text, "a split nobody asked for is not a problem"
+
+
+def test_prepare_never_replaces_a_runs_splits(tmp_path, cli):
+    """`prepare` after editing the data, with the name of an existing run (the default: the
+    recipe's stem): the run's splits stay what it was trained on; prepare says how to go on."""
+    from lorakit.rundir import RunDir
+
+    write_jsonl(tmp_path / "c.jsonl", [ex(i).to_json() for i in range(40)])
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
+    assert cli("prepare", str(recipe))[0] == 0
+    run = RunDir(tmp_path / "runs" / "recipe")
+    try:
+        run.start("", {}, [], "h", recipe)  # a run claimed the folder and trained on them
+    finally:
+        RunDir.release_all()
+    before = {p.name: p.read_bytes() for p in run.splits.iterdir()}
+    write_jsonl(tmp_path / "c.jsonl", [ex(i).to_json() for i in range(40, 60)])  # data edited
+    code, _, err = cli("prepare", str(recipe))
+    assert code == 2 and "Traceback" not in err
+    assert "holds a run" in err and "output.name=recipe-2" in err, err
+    assert {p.name: p.read_bytes() for p in run.splits.iterdir()} == before
+    code, _, err = cli("prepare", str(recipe), "output.name=recipe-2")
+    assert code == 0, err
+
+
+def test_runs_stay_inside_output_dir_and_home_is_expanded(tmp_path, cli, monkeypatch):
+    """An output.name that is a symbolic link is refused (it would write elsewhere);
+    output.dir=~/x means the home folder, not a folder named '~'."""
+    write_jsonl(tmp_path / "c.jsonl", [ex(i).to_json() for i in range(20)])
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "evil").symlink_to(outside)
+    code, _, err = cli("prepare", str(recipe), "output.name=evil")
+    assert code == 2 and "symbolic link" in err and "Traceback" not in err, err
+    assert list(outside.iterdir()) == []
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("prepare", str(recipe), "output.dir=~/x")
+    assert code == 0, err
+    assert (home / "x" / "recipe" / "data" / "splits" / "train.jsonl").is_file()
+    assert not (tmp_path / "~").exists()

@@ -91,3 +91,35 @@ def test_eval_scores_the_runs_saved_splits_when_sources_change(
     assert "sources changed" in err
     after = json.loads((run / "eval_report.json").read_text())["results"][0]["counts"]
     assert after["examples"] == before["examples"] == len(saved.val)
+
+
+def test_downstream_uses_the_settings_the_adapter_was_trained_with(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """An attempt that stopped during start-up with format.plugin=instruction, then a restart
+    without it that trains: eval (and export, generate: open_run) use the restart's settings,
+    so a re-eval scores exactly what the run scored. An edited recipe is refused by name."""
+    from lorakit.catalog import default_catalog
+    from lorakit.load_run import open_run
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "twice"')
+    run = tmp_path / "runs" / "twice"
+    metrics = 'eval.metrics=["eval_loss"]'
+    code, _, err = cli(
+        "run", recipe, "format.plugin=instruction", 'peft.target_modules=["nope"]', metrics
+    )
+    assert code == 2 and (run / "run.json").is_file(), err  # claimed, stopped before step 1
+    code, _, err = cli("run", recipe, "train.max_steps=2", metrics)
+    assert code == 0 and "started again" in err, err
+    assert open_run(run, default_catalog()).format.name == "chat_template"
+    scored = json.loads((run / "eval_report.json").read_text())["results"]
+    code, _, err = cli("eval", run, "--no-baseline", metrics)
+    assert code == 0, err
+    again = json.loads((run / "eval_report.json").read_text())["results"]
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in scored if r["adapter"]]
+    # the recipe edited after training: eval says so and scores nothing
+    recipe.write_text(recipe.read_text() + '\n[format]\nplugin = "instruction"\n')
+    code, _, err = cli("eval", recipe, "--no-baseline")
+    assert code == 2 and "Traceback" not in err, err
+    assert "format.plugin ('chat_template' -> 'instruction')" in err, err
+    assert json.loads((run / "eval_report.json").read_text())["results"] == again

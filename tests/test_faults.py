@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import tiny_recipe
@@ -149,7 +150,11 @@ def test_a_checkpoint_pickle_that_names_code_is_refused_before_loading(
     import torch
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "evil"')
-    common = ("train.save_steps=1", 'eval.metrics=["eval_loss"]')
+    common = (
+        "train.save_steps=1",
+        'eval.metrics=["eval_loss"]',
+        'train.lr_scheduler_type="constant"',  # resumed to a new max_steps
+    )
     assert cli("run", str(recipe), "train.max_steps=2", *common)[0] == 0
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "runs" / "evil" / "checkpoints" / "checkpoint-2"
@@ -165,3 +170,111 @@ def test_a_checkpoint_pickle_that_names_code_is_refused_before_loading(
     assert code == 0, err
     assert "skipping checkpoint-2: rng_state.pth" in err and "from checkpoint-1" in err
     assert not marker.exists(), "the pickle's code ran"
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_starts_again(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """SIGKILL while checkpoint-1 is written (no marker yet): the folder holds no complete
+    checkpoint, so `lorakit run` starts it again instead of sending the user to a resume that
+    has nothing to resume."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "cut"')
+    args = ["run", str(recipe), "train.max_steps=2", "train.save_steps=1"]
+    ckpt = tmp_path / "runs" / "cut" / "checkpoints" / "checkpoint-1"
+
+    def being_written() -> str:
+        if ckpt.is_dir() and not (ckpt / "LORAKIT_COMPLETE").exists():
+            return "being written"
+        return ""
+
+    kill_when(lorakit(*args), being_written, "checkpoint-1 is written")
+    code, _, err = cli(*args, "--resume-from-checkpoint", "auto")  # nothing to resume: says so
+    assert code == 2 and "run it again without --resume-from-checkpoint" in err, err
+    code, _, err = cli(*args)
+    assert code == 0 and "started again" in err, err
+    assert (ckpt.parent / "checkpoint-2" / "LORAKIT_COMPLETE").is_file()
+
+
+def test_rotation_never_deletes_the_last_complete_checkpoint(
+    tmp_path, tiny_model_dir, chat_file, cli, monkeypatch
+):
+    """With save_total_limit = 1, every deletion of a checkpoint happens while a newer complete
+    one exists: a kill between rotation and the new marker cannot leave none."""
+    import shutil
+
+    ckpts = tmp_path / "runs" / "rot" / "checkpoints"
+    unsafe: list[str] = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if path.parent == ckpts and (path / "LORAKIT_COMPLETE").is_file():
+            step = int(path.name.split("-")[1])
+            newer = [
+                p.name
+                for p in ckpts.glob("checkpoint-*")
+                if int(p.name.split("-")[1]) > step and (p / "LORAKIT_COMPLETE").is_file()
+            ]
+            if not newer:
+                unsafe.append(path.name)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "rot"')
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=3", "train.save_steps=1", "train.save_total_limit=1"
+    )
+    assert code == 0, err
+    assert unsafe == [], f"deleted while no newer checkpoint was complete: {unsafe}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-3"]
+
+
+def _damage(checkpoint: Path, name: str, value: float) -> None:
+    """Overwrite one adapter tensor of a checkpoint with garbage (a bit flip, a bad disk)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if name in k)
+    noise = torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
+    tensors[key] = noise * value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_resuming_garbage_weights_stops_on_non_finite_gradients(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A checkpoint whose q_proj lora_B holds huge finite values: the loss stays finite, the
+    gradients do not. The resume stops at that step (exit 2) and saves no adapter."""
+    import shutil
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "junk"')
+    args = ["run", str(recipe), "train.max_steps=4", "train.save_steps=1"]
+    assert cli(*args)[0] == 0
+    run = tmp_path / "runs" / "junk"
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")  # as if killed after checkpoint-3
+    shutil.rmtree(run / "adapter")
+    _damage(run / "checkpoints" / "checkpoint-3", "layers.0.self_attn.q_proj.lora_B", 1e30)
+    code, _, err = cli(*args, "--resume-from-checkpoint", "auto")
+    assert code == 2, err
+    assert "gradients became NaN or Inf at step 4" in err and "Traceback" not in err, err
+    assert not (run / "adapter").exists()
+    assert not (run / "checkpoints" / "checkpoint-4").exists()
+
+
+def test_a_non_finite_adapter_is_never_saved(tmp_path, tiny_model_dir, chat_file, cli):
+    """A finished run whose last checkpoint holds NaN weights (stopped while saving the
+    adapter): finishing it refuses to write the NaN adapter."""
+    import shutil
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "nan"')
+    args = ["run", str(recipe), "train.max_steps=2", "train.save_steps=2"]
+    assert cli(*args)[0] == 0
+    run = tmp_path / "runs" / "nan"
+    shutil.rmtree(run / "adapter")
+    _damage(run / "checkpoints" / "checkpoint-2", "lora_B", float("nan"))
+    code, _, err = cli(*args, "--resume-from-checkpoint", "auto")
+    assert not (run / "adapter").exists() and not list(run.glob(".adapter.tmp-*"))
+    assert code == 2, err
+    assert "NaN or Inf weights" in err and "Traceback" not in err, err

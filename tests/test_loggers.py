@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import attrs
 import pytest
-from helpers import tiny_recipe
+from helpers import chat_records, tiny_recipe, write_jsonl, write_recipe
 from lorakit.contracts import LogRun
 from lorakit.errors import RecipeError
 from lorakit.recipe import load_recipe
@@ -188,14 +188,13 @@ def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, ch
 
 @pytest.mark.slow
 def test_broken_loggers_warn_once_and_the_run_completes(tmp_path, tiny_model_dir, chat_file, cli):
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the event folder should go")
+    # data_report.json is written before the loggers start: a file where the event folder goes
     recipe = tiny_recipe(
         tmp_path,
         tiny_model_dir,
         chat_file,
         extra='name = "broken"\n[log]\nplugins = ["tensorboard", "mlflow"]\n'
-        f'[log.options.tensorboard]\ndir = "{blocker / "tb"}"\n'
+        '[log.options.tensorboard]\ndir = "data_report.json/tb"\n'
         '[log.options.mlflow]\ntracking_uri = "http://127.0.0.1:9"\ntimeout_s = 2\n',
     )
     code, _out, err = cli("run", recipe, "train.max_steps=2", "eval.baseline=false")
@@ -223,3 +222,17 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
     assert progress.enabled()
     list(progress.bar(range(3), desc="loud"))
     assert "loud" in progress.sys.stderr.getvalue()
+
+
+def test_the_tensorboard_folder_stays_inside_the_run(tmp_path, cli):
+    """log.options.tensorboard.dir may not climb out of the run folder."""
+    pytest.importorskip("tensorboard")
+    write_jsonl(tmp_path / "c.jsonl", chat_records(10))
+    recipe = write_recipe(
+        tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}], log={"plugins": ["tensorboard"]}
+    )
+    for bad in ("../../x", "/tmp/x", "~/x"):
+        code, _, err = cli("check", recipe, f'log.options.tensorboard.dir="{bad}"')
+        assert code == 2 and "[log.options.tensorboard].dir" in err and "inside the run" in err, err
+    code, _, err = cli("check", recipe, 'log.options.tensorboard.dir="tb/here"')
+    assert code == 0, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,63 @@ def test_a_finished_run_gives_its_claim_back(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_claim_whose_pid_now_belongs_to_another_process_is_free(tmp_path):
+    """An abandoned claim names a pid that the system has since given to an unrelated process:
+    the flock answers who holds the folder (nobody), not the pid."""
+    from lorakit.rundir import RunDir
+
+    run = tmp_path / "runs" / "abandoned"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"history": [{"event": "start"}]}))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lorakit-claim").write_text(f"{other.pid}\n")
+        assert RunDir(run).start("", {}, [], "h", Path("r.toml")) is True
+        assert (run / ".lorakit-claim").read_text().strip() == str(os.getpid())
+    finally:
+        RunDir.release_all()
+        other.kill()
+        other.wait()
+
+
+def test_a_checkpoint_cut_short_leaves_a_folder_that_starts_again(tmp_path):
+    """A run killed while it wrote checkpoint-1 has no complete checkpoint: resume has nothing
+    to continue, so `run` starts it again (and removes the unfinished save)."""
+    from lorakit.rundir import RunDir
+
+    run = RunDir(tmp_path / "runs" / "cut")
+    run.path.mkdir(parents=True)
+    (run.path / "run.json").write_text(json.dumps({"history": [{"event": "start"}]}))
+    partial = run.checkpoints / "checkpoint-1"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"half a file")
+    try:
+        assert run.nothing_to_continue()
+        assert run.start("", {}, [], "h", Path("r.toml")) is True
+        assert not partial.exists()
+    finally:
+        RunDir.release_all()
+
+
+def test_a_planted_claim_link_is_never_written_through(tmp_path):
+    """`.lorakit-claim` planted as a symbolic link to another file: the claim is refused and
+    the file it points to keeps its bytes (the pid is written in place, truncating)."""
+    from lorakit.errors import RunError
+    from lorakit.rundir import RunDir
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / ".lorakit-claim").symlink_to(victim)
+    try:
+        RunDir(run).start("", {}, [], "h", Path("r.toml"))
+        raise AssertionError("a claim was taken through a symbolic link")
+    except RunError as exc:
+        assert "symbolic link" in str(exc) and "remove it" in str(exc)
+    finally:
+        RunDir.release_all()
+    assert victim.read_text() == "keep me\n"
+    assert not (run / "run.json").exists()

@@ -39,3 +39,59 @@ def test_token_never_written_to_run_folder(tmp_path, monkeypatch, tiny_model_dir
     for path in (tmp_path / "runs" / "s").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_url_credentials_never_reach_a_file_or_a_log(
+    tmp_path, monkeypatch, tiny_model_dir, chat_file, cli
+):
+    """A tracking_uri with user:password@, in the recipe and as an override: recipe.toml,
+    resolved.json, run.json, the TensorBoard events and stderr show it masked and say where
+    credentials go; the MLflow logger still gets them, through MLflow's environment variables."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    in_file, in_override = "PwInTheRecipe4242", "PwOnTheCommandLine77"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test
+    log = (
+        '\n[log]\nplugins = ["tensorboard", "mlflow"]\n[log.options.mlflow]\n'
+        f'tracking_uri = "http://alice:{in_file}@127.0.0.1:9"\ntimeout_s = 1\n'
+    )
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "cred"\n' + log)
+    code, out, err = cli(
+        "run",
+        recipe,
+        "train.max_steps=1",
+        'eval.metrics=["eval_loss"]',
+        f"log.options.mlflow.tracking_uri=http://alice:{in_override}@127.0.0.1:9",
+    )
+    assert code == 0, err
+    run = tmp_path / "runs" / "cred"
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert any("events.out.tfevents" in p.name for p in written)
+    for secret in (in_file, in_override):
+        assert secret not in out + err
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), path
+    assert "http://alice:***@127.0.0.1:9" in (run / "resolved.json").read_text()
+    assert "http://alice:***@127.0.0.1:9" in (run / "recipe.toml").read_text()
+    assert "log.options.mlflow.tracking_uri" in err and "MLFLOW_TRACKING_PASSWORD" in err, err
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == in_override
+
+
+def test_check_says_where_url_credentials_belong_and_never_prints_them(tmp_path, cli):
+    from helpers import chat_records, write_jsonl, write_recipe
+
+    pytest.importorskip("mlflow")
+    write_jsonl(tmp_path / "c.jsonl", chat_records(10))
+    recipe = write_recipe(
+        tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}], log={"plugins": ["mlflow"]}
+    )
+    uri = "log.options.mlflow.tracking_uri=https://bob:HushHush99@mlflow.example.invalid"
+    code, out, err = cli("check", recipe, uri)
+    assert "HushHush99" not in out + err
+    assert code == 0, err
+    assert "log.options.mlflow.tracking_uri" in out and "MLFLOW_TRACKING_PASSWORD" in out, out

@@ -210,7 +210,12 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, tiny_model_dir, chat_f
     """A run stopped after its last step (while saving the adapter or evaluating) resumes by
     finishing what is missing: no step past max_steps, the adapter of the last checkpoint."""
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "done"')
-    common = ("train.max_steps=2", "train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    common = (
+        "train.max_steps=2",
+        "train.save_steps=2",
+        'eval.metrics=["eval_loss"]',
+        'train.lr_scheduler_type="constant"',  # a schedule that may be extended
+    )
     assert cli("run", recipe, *common)[0] == 0
     run = tmp_path / "runs" / "done"
     first = load_adapter_tensors(run)
@@ -254,7 +259,11 @@ def test_auto_resume_skips_a_damaged_checkpoint_and_says_why(
     tmp_path, tiny_model_dir, chat_file, cli
 ):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "hurt"')
-    common = ("train.save_steps=1", 'eval.metrics=["eval_loss"]')
+    common = (
+        "train.save_steps=1",
+        'eval.metrics=["eval_loss"]',
+        'train.lr_scheduler_type="constant"',
+    )
     assert cli("run", recipe, "train.max_steps=3", *common)[0] == 0
     ckpts = tmp_path / "runs" / "hurt" / "checkpoints"
     optimizer = ckpts / "checkpoint-3" / "optimizer.pt"
@@ -339,7 +348,11 @@ def test_resume_refuses_changed_settings_and_records_safe_ones(
     tmp_path, tiny_model_dir, chat_file, cli
 ):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "same"')
-    common = ("train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    common = (
+        "train.save_steps=2",
+        'eval.metrics=["eval_loss"]',
+        'train.lr_scheduler_type="constant"',
+    )
     assert cli("run", recipe, "train.max_steps=2", *common)[0] == 0
     for change, key in (("train.learning_rate=0.1", "train.learning_rate"), ("peft.r=8", "peft.r")):
         code, _, err = cli(
@@ -359,6 +372,29 @@ def test_resume_refuses_changed_settings_and_records_safe_ones(
     assert code == 0, err
     last = json.loads((tmp_path / "runs" / "same" / "run.json").read_text())["history"][-1]
     assert last["event"] == "resume" and last["changed"] == {"train.max_steps": [2, 4]}
+
+
+def test_extending_a_decaying_schedule_is_refused_with_the_reason(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """Under a linear decay the learning rate of the steps already trained was set for the old
+    max_steps: a resume to a new max_steps can not equal an uninterrupted run of that length
+    (and would train the new steps at the rate the schedule ended on), so it is refused with
+    the reason and the fix. A constant schedule is extended (test_resume_equals_uninterrupted)."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "decay"')
+    common = ("train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    assert cli("run", recipe, "train.max_steps=2", *common)[0] == 0
+    run = tmp_path / "runs" / "decay"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert "train.max_steps 2 -> 4 under the linear learning-rate schedule" in err, err
+    assert "output.name=decay-2" in err and "constant" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    events = [e["event"] for e in json.loads((run / "run.json").read_text())["history"]]
+    assert events == ["start"]
 
 
 def test_resuming_another_runs_checkpoint_says_how(tmp_path, tiny_model_dir, chat_file, cli):

@@ -1,8 +1,11 @@
-"""The Trainer callbacks lorakit adds: metrics to the loggers, complete-checkpoint markers,
-an untouched training RNG across evaluations, and one readable line per logged step."""
+"""The Trainer callbacks lorakit adds: metrics to the loggers, complete-checkpoint markers
+(and checkpoint rotation after them), non-finite gradients and weights stopped, an untouched
+training RNG across evaluations, and one readable line per logged step."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +13,14 @@ from lorakit.rundir import COMPLETE
 from lorakit.tracking import Loggers
 
 
-def make_callbacks(loggers: Loggers) -> list[Any]:
+def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
+    """``keep``: how many complete checkpoints to keep (``train.save_total_limit``; None: all).
+    The Trainer's own rotation must be off (``save_total_limit=None`` in its arguments): it
+    deletes old checkpoints before the new one's marker is written."""
     from transformers import TrainerCallback
 
     from lorakit.device import peak_memory_gb
+    from lorakit.loss import diverged, non_finite
 
     class MetricsLog(TrainerCallback):
         """Hand every log record to the experiment loggers (metrics.jsonl and the recipe's
@@ -28,7 +35,8 @@ def make_callbacks(loggers: Loggers) -> list[Any]:
             )
 
     class CompleteMarker(TrainerCallback):
-        """Mark a checkpoint complete only after everything in it is written."""
+        """Mark a checkpoint complete only after everything in it is written; only then delete
+        the checkpoints past ``keep``, so a kill at any moment leaves a complete one."""
 
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
@@ -36,6 +44,60 @@ def make_callbacks(loggers: Loggers) -> list[Any]:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 (ckpt / COMPLETE).write_text(f"step {state.global_step}\n")
+                rotate(Path(args.output_dir), state.global_step, keep)
+
+    class StopNonFinite(TrainerCallback):
+        """NaN/Inf gradients stop the run before the optimizer applies them, and NaN/Inf
+        weights stop it before a checkpoint is written: no checkpoint or adapter holds them.
+
+        The loss can stay finite while the gradients overflow (damaged weights resumed), and
+        clipping then hides it (an infinite norm scales every gradient to 0, an Inf entry to
+        NaN), so each gradient's norm is taken as it is accumulated, before clipping (one
+        kernel per weight); they are combined and synced once, before the optimizer step.
+        """
+
+        def __init__(self) -> None:
+            self.handles: list[Any] = []
+            self.norms: list[Any] = []
+
+        def _seen(self, param: Any) -> None:
+            import torch
+
+            grad = param.grad.detach()
+            grad = grad.to_local() if hasattr(grad, "to_local") else grad
+            self.norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for p in model.parameters() if model is not None else ():
+                if p.requires_grad:
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._seen))
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            norms, self.norms = self.norms, []
+            bad = False
+            if norms:  # their combined norm overflows too when the total does
+                total = torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))
+                bad = not bool(torch.isfinite(total))
+            # after clipping, for weights whose hook a sharding engine bypassed
+            bad = bad or (model is not None and non_finite(model, grads=True))
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # every rank stops together (one rank's local gradients may be the bad ones)
+                flag = torch.tensor(float(bad), device=next(model.parameters()).device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = bool(flag)
+            if bad:
+                raise diverged(state.global_step + 1, args.output_dir, what="gradients")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None and non_finite(model):
+                raise diverged(state.global_step, args.output_dir, what="adapter weights")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            while self.handles:
+                self.handles.pop().remove()
 
     class KeepTrainingRng(TrainerCallback):
         """Evaluation leaves the training random stream untouched.
@@ -73,7 +135,23 @@ def make_callbacks(loggers: Loggers) -> list[Any]:
                 torch.cuda.set_rng_state_all(cuda)
             self.saved = None
 
-    return [MetricsLog(), CompleteMarker(), KeepTrainingRng()]
+    return [MetricsLog(), StopNonFinite(), CompleteMarker(), KeepTrainingRng()]
+
+
+def rotate(folder: Path, newest: int, keep: int | None) -> None:
+    """After ``checkpoint-<newest>`` is marked complete: delete unfinished checkpoints older
+    than it (saves a kill interrupted) and complete ones beyond the newest ``keep``, by step."""
+    found = []
+    for d in folder.iterdir() if folder.is_dir() else ():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and int(m.group(1)) <= newest:
+            found.append((int(m.group(1)), d))
+    complete = [d for _, d in sorted(found) if (d / COMPLETE).is_file()]
+    doomed = [d for _, d in found if not (d / COMPLETE).is_file()]
+    if keep is not None and keep > 0:
+        doomed += complete[:-keep]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def step_line() -> Any:

@@ -24,7 +24,11 @@ from lorakit.rundir import RunDir, read_json
 
 
 def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -> Recipe:
-    """Rebuild the recipe of a run from its folder (the copy it saved, plus its overrides)."""
+    """Rebuild the recipe of a run from its folder: the copy the attempt that trained saved,
+    plus that attempt's overrides and its resumes' (an earlier attempt that stopped before a
+    checkpoint trained nothing, so its overrides do not count). The result is checked against
+    the run's ``resolved.json``: only what may change on resume (how long, how often, [eval],
+    [output], [log]) may differ, also with ``overrides``."""
     run = RunDir(run_dir)
     if not run.exists():
         raise RunError(
@@ -35,22 +39,43 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
     from lorakit.recipe import apply_overrides
 
     text, data = read_toml(run.recipe)
-    saved = [o for event in info.get("history", []) for o in event.get("overrides", [])]
+    history = info.get("history", [])
+    starts = [i for i, e in enumerate(history) if e.get("event") in ("start", "restart")]
+    trained = history[starts[-1] :] if starts else history
+    saved = [o for event in trained for o in event.get("overrides", [])]
     apply_overrides(data, [*saved, *overrides])
     original = Path(info.get("recipe_path") or run.recipe)
-    return validate(data, catalog, path=original, text=text, overrides=(*saved, *overrides))
+    recipe = validate(data, catalog, path=original, text=text, overrides=(*saved, *overrides))
+    same_training(run, recipe, f"opening {run.path}")
+    return recipe
+
+
+def same_training(run: RunDir, recipe: Recipe, doing: str) -> None:
+    """Refuse settings the run's adapter was not trained with (its ``resolved.json``)."""
+    run.changes(
+        recipe.resolved(),
+        doing=doing,
+        fix=f"an adapter is scored, exported and used with the settings it was trained with: "
+        f"pass the run folder ({run.path}) and only [eval] overrides, or train the changed "
+        "recipe under another output.name",
+    )
 
 
 def open_target(
     target: str, catalog: Catalog, overrides: tuple[str, ...] = ()
 ) -> tuple[Recipe, Path | None]:
-    """A recipe file or a run folder -> (recipe, run folder or None)."""
+    """A recipe file or a run folder -> (recipe, run folder or None). A recipe whose run
+    exists must still describe that run's training (an edited format or model is refused,
+    naming the keys): only [eval], [output], [log] and how long/often may differ."""
     path = Path(target)
     if path.is_dir():
         return open_run(path, catalog, overrides), path
     recipe = load_recipe(path, overrides, catalog)
     run = RunDir(recipe.run_dir)
-    return recipe, (run.path if run.exists() else None)
+    if not run.exists():
+        return recipe, None
+    same_training(run, recipe, f"{target} describes {run.path}")
+    return recipe, run.path
 
 
 @attrs.define

@@ -62,14 +62,42 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def diverged(step: int, checkpoints: str) -> Exception:
-    """The error for a loss that is NaN/Inf: training stops before the optimizer applies it, no
-    adapter is saved from it, and the checkpoints written so far stay."""
+def diverged(step: int, checkpoints: str, what: str = "training loss") -> Exception:
+    """The error for a loss (or gradients, or weights) that is NaN/Inf: training stops before
+    the optimizer applies it, no adapter is saved from it, and the checkpoints written so far
+    stay."""
     from lorakit.errors import RunError
+    from lorakit.rundir import COMPLETE
 
-    done = sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    done = sorted(
+        (p for p in Path(checkpoints).glob("checkpoint-*") if (p / COMPLETE).is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     last = f"; the last checkpoint is {done[-1].name}" if done else ""
     return RunError(
-        f"the training loss became NaN or Inf at step {step}{last}",
-        fix="lower train.learning_rate (or raise warmup_ratio); check the data for broken rows",
+        f"the {what} became NaN or Inf at step {step}{last}",
+        fix="lower train.learning_rate (or raise warmup_ratio); check the data for broken rows; "
+        "a resumed checkpoint may hold damaged weights: resume from an earlier checkpoint-N",
     )
+
+
+def non_finite(model: Any, grads: bool = False) -> bool:
+    """Does a trainable weight hold NaN or Inf, or (``grads``) is the gradient not finite: a
+    NaN/Inf entry, or a norm past the float range (clipping would then zero or NaN it)? One
+    device sync for all of them."""
+    import torch
+
+    tensors = [
+        (p.grad if grads else p).detach()
+        for p in model.parameters()
+        if p.requires_grad and (p.grad is not None or not grads)
+    ]
+    # a sharded (FSDP) weight is checked on this rank's shard
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t.numel()]
+    if not tensors:
+        return False
+    device = tensors[0].device
+    if grads:
+        norms = torch.stack([torch.linalg.vector_norm(t.float()).to(device) for t in tensors])
+        return not bool(torch.linalg.vector_norm(norms).isfinite())
+    return not bool(torch.stack([t.isfinite().all().to(device) for t in tensors]).all())

@@ -89,11 +89,24 @@ class Recipe:
         return self.path.parent
 
     @property
+    def output_dir(self) -> Path:
+        """``output.dir`` with ``~`` expanded (a folder literally named ``~`` is never meant)."""
+        return Path(self.output.dir).expanduser()
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir) / self.name
+        return self.output_dir / self.name
 
     def resolved(self) -> dict[str, Any]:
-        """Every setting, defaults filled in: what ``resolved.json`` stores."""
+        """Every setting, defaults filled in: what ``resolved.json`` stores and loggers get.
+        Credentials inside values (``http://user:PASSWORD@host``) are masked
+        (``lorakit.secrets.mask``); the plugins themselves keep the real options."""
+        from lorakit.secrets import mask_tree
+
+        return mask_tree(self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, defaults filled in, secrets unmasked: never write this anywhere."""
         return {
             "model": self.model.to_plain(),
             "data": {**to_plain(self.data), "sources": [s.to_plain() for s in self.sources]},

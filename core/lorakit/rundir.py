@@ -3,7 +3,7 @@
 Layout::
 
     .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
-    recipe.toml          the recipe exactly as given (never rewritten)
+    recipe.toml          the recipe as given, credentials in values masked (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash, batch
                          (processes, per-device batch, accumulation, global batch)
     resolved.json        every setting with defaults filled in
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 from lorakit import __version__
 from lorakit.checkpoints import checkpoint_problem
 from lorakit.errors import RunError
+from lorakit.secrets import mask
 
 COMPLETE = "LORAKIT_COMPLETE"
 # Claim files this process holds locked (path -> open descriptor), while its run runs.
@@ -66,8 +68,10 @@ STACK = (
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a killed process never leaves half a file)."""
-    _write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write JSON atomically (a killed process never leaves half a file), secrets masked
+    (``lorakit.secrets.mask``: overrides and settings may carry URL credentials)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    _write_text(path, mask(text) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -108,9 +112,11 @@ class RunDir:
         one gets it. A folder whose run left nothing to continue (no checkpoint,
         no adapter: it failed before step 1, or was killed before its first checkpoint) may be
         started again once its owner process is gone, with this recipe or a corrected one;
-        returns True then. run.json keeps the earlier attempt in its history and its
+        returns True then. A checkpoint folder without its marker counts as nothing (the save
+        was cut short); it is removed. run.json keeps the earlier attempt in its history and its
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
+        self.refuse_a_link()
         self.path.mkdir(parents=True, exist_ok=True)
         before = self._lock()
         restarted = before is not None or self.exists()
@@ -123,7 +129,10 @@ class RunDir:
         self._write_pid()
         if restarted and self.metrics.is_file():  # the dead attempt's log stays, renamed
             os.replace(self.metrics, _free_name(self.metrics))
-        self.recipe.write_text(recipe_text, encoding="utf-8")
+        if restarted:  # saves the dead attempt left unfinished: never complete, never resumed
+            for unfinished in self._unfinished_after(None):
+                shutil.rmtree(unfinished)
+        self.recipe.write_text(mask(recipe_text), encoding="utf-8")  # no secret on disk
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
         event = {
@@ -157,21 +166,27 @@ class RunDir:
         processes that try at once, one gets it; the others get "in use". Returns what the claim
         held before (the pid of an earlier owner, now gone), or None for a new claim."""
         import fcntl
+        import stat
 
+        self.refuse_a_link()
         key = str(self.claim.resolve())
         if key in _HELD:  # this process took it before (an earlier attempt in-process)
             return str(_claim_owner(self.claim) or "") or None
-        fd = os.open(self.claim, os.O_CREAT | os.O_RDWR, 0o644)
+        try:  # never through a planted link: the pid is written in place, truncating the file
+            fd = os.open(self.claim, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise self._foreign_claim("a symbolic link") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._foreign_claim("not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             self._refuse_in_use(_claim_owner(self.claim))
+        # The lock is the answer: no live lorakit holds this folder. The pid left in the file is
+        # only a hint of who had it last, and may by now belong to an unrelated process.
         before = os.read(fd, 64).decode("utf-8", "replace").strip()
-        owner = int(before) if before.isdigit() else None
-        if owner is not None and owner != os.getpid() and _alive(owner):
-            os.close(fd)  # claimed by a lorakit from before claim locks, still running
-            self._refuse_in_use(owner)
         _HELD[key] = fd
         return before or None
 
@@ -200,6 +215,21 @@ class RunDir:
         if fd is not None:
             os.close(fd)
 
+    def refuse_a_link(self) -> None:
+        """A run folder that is a symbolic link would put the run outside ``output.dir``."""
+        if self.path.is_symlink():
+            raise RunError(
+                f"run folder {self.path} is a symbolic link (to {os.readlink(self.path)}); "
+                "lorakit writes runs only inside output.dir",
+                fix="remove the link, or choose another output.name",
+            )
+
+    def _foreign_claim(self, what: str) -> RunError:
+        return RunError(
+            f"{self.claim} is {what}, not a claim lorakit wrote; nothing was written through it",
+            fix="remove it (it is not lorakit's), or choose another output.name",
+        )
+
     def _refuse_in_use(self, owner: int | None) -> None:
         raise RunError(
             f"run folder {self.path} is in use by another lorakit process"
@@ -208,9 +238,9 @@ class RunDir:
         )
 
     def nothing_to_continue(self) -> bool:
-        """No checkpoint and no adapter: an attempt that left nothing a resume could use."""
-        ckpts = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
-        return not (ckpts or self.adapter.exists())
+        """No complete checkpoint and no adapter: an attempt that left nothing a resume could
+        use (a checkpoint without its marker is a save that was cut short)."""
+        return not (self.complete_checkpoints() or self.adapter.exists())
 
     def _check_restartable(self) -> None:
         """Called holding the claim: may this folder's earlier attempt be started again?"""
@@ -228,7 +258,54 @@ class RunDir:
         """Settings that differ from the run's ``resolved.json``: those safe to change on resume
         (how long to train, how often to save, log and evaluate, what to evaluate) are returned as
         ``{key: [old, new]}``; any other change makes the resumed result meaningless and raises."""
+        changed = self.changes(
+            resolved,
+            doing=f"resuming {self.path}",
+            fix="resume with the settings the run started with (see its resolved.json); "
+            "only how long to train and how often to save, log and evaluate may change; "
+            "for anything else start a new run under another output.name",
+        )
+        self._check_new_length(changed, resolved)
+        return changed
+
+    def _check_new_length(self, changed: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+        """A new length under a schedule that depends on it is refused. With a linear (cosine,
+        polynomial...) decay, or a warmup given as a ratio, the learning rate of every step
+        already trained was set by the old length, so no resume can equal a run of the new
+        length; continuing the old schedule would train the new steps at the rate it ended
+        on (0). A constant schedule does not depend on the length and may be extended."""
+        train = resolved.get("train", {})
+        steps = changed.get("train.max_steps")
+        epochs = changed.get("train.num_train_epochs")
+        if steps is not None:
+            key, (old, new) = "train.max_steps", steps
+        elif epochs is not None and train.get("max_steps", -1) == -1:
+            key, (old, new) = "train.num_train_epochs", epochs
+        else:
+            return
+        schedule = train.get("lr_scheduler_type")
+        warmup = train.get("warmup_ratio") or 0
+        if schedule == "constant" or (schedule == "constant_with_warmup" and warmup == 0):
+            return
+        shape = f"the {schedule} learning-rate schedule" + (
+            f" with warmup_ratio {warmup}" if warmup and schedule != "constant" else ""
+        )
+        raise RunError(
+            f"resuming {self.path} with {key} {old!r} -> {new!r} under {shape}: the learning "
+            f"rate of the steps already trained was set for {key} = {old!r}, so the result "
+            f"could not equal a run of {new!r}",
+            fix=f"keep {key}={old!r}, or start a new run with {key}={new!r} under another "
+            f"name (e.g. output.name={self.path.name}-2); only a constant schedule "
+            '(train.lr_scheduler_type = "constant") can be extended',
+        )
+
+    def changes(self, resolved: Mapping[str, Any], doing: str, fix: str) -> dict[str, Any]:
+        """``{key: [old, new]}`` for settings that differ from ``resolved.json`` (the settings of
+        the attempt that trained) and may differ (RESUME_SAFE); any other difference raises a
+        RunError that starts with ``doing``."""
         before = flatten_keys(read_json(self.resolved)) if self.resolved.is_file() else {}
+        if not before:
+            return {}
         after = flatten_keys(resolved)
         changed = {
             k: [before.get(k), after.get(k)]
@@ -238,12 +315,7 @@ class RunDir:
         refused = [k for k in changed if not k.startswith(RESUME_SAFE)]
         if refused:
             shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
-            raise RunError(
-                f"resuming {self.path} with changed settings: {shown}",
-                fix="resume with the settings the run started with (see its resolved.json); "
-                "only how long to train and how often to save, log and evaluate may change; "
-                "for anything else start a new run under another output.name",
-            )
+            raise RunError(f"{doing} with changed settings: {shown}", fix=fix)
         return changed
 
     def record_resume(
@@ -311,10 +383,14 @@ class RunDir:
                     return candidate
                 if on_skip is not None:
                     on_skip(candidate, problem)
-            raise RunError(
-                f"{self.checkpoints} holds no complete, readable checkpoint",
-                fix="checkpoints are written every train.save_steps steps; start a new run",
-            )
+            if self.nothing_to_continue():
+                fix = (
+                    "run it again without --resume-from-checkpoint: a run folder with no "
+                    "complete checkpoint starts again"
+                )
+            else:
+                fix = f"start a new run under another name, e.g. output.name={self.path.name}-2"
+            raise RunError(f"{self.checkpoints} holds no complete, readable checkpoint", fix=fix)
         path = Path(spec)
         if not path.is_dir():
             raise RunError(
@@ -373,16 +449,6 @@ def _claim_owner(claim: Path) -> int | None:
         return int(claim.read_text(encoding="utf-8").strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stack_versions() -> dict[str, str | None]:

@@ -21,6 +21,7 @@ from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
+from lorakit.secrets import credentials_warning, masked_keys
 from lorakit.tracking import Loggers, log_outputs, run_info
 
 
@@ -115,6 +116,9 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
                 f"run folder {run.path}"
                 + (" (started again: the earlier attempt left no checkpoint)" if restarted else "")
             )
+        secret = masked_keys(recipe.settings())  # overrides included
+        if secret:  # masked in what is written; say where such a secret belongs
+            say(credentials_warning(secret))
         write_splits(run.splits, splits)
         write_json(
             run.data_report,

@@ -1,12 +1,24 @@
-"""The Hugging Face Hub token: from the environment or a ``.env`` file, never from a recipe.
+"""Secrets: the Hugging Face Hub token, and masking for everything lorakit writes or prints.
 
-The token is handed straight to ``from_pretrained`` and never logged, printed or saved.
+The Hub token comes from the environment or a ``.env`` file, never from a recipe; it is handed
+straight to ``from_pretrained`` and never logged, printed or saved.
+
+Credentials can still arrive inside values: a tracker URL with ``user:password@``, a
+``?token=`` query, an override on the command line. :func:`mask` replaces them (and the value
+of any secret-named environment variable) with ``***``; the run folder's writers
+(``recipe.toml``, every JSON file, the resolved settings handed to loggers) and the console
+(``say``, the CLI's error line) all go through it, so a secret never reaches a file or a log
+whichever option carried it. The real value stays in memory for the plugin that needs it (the
+MLflow logger hands URL credentials to MLflow through its environment variables).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 ENV_NAMES = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -42,3 +54,69 @@ def hub_token(search_dirs: tuple[Path, ...] = (Path.cwd(),)) -> str | None:
 def redact(text: str, token: str | None) -> str:
     """Remove ``token`` from text that is about to be shown or written."""
     return text.replace(token, "<HF_TOKEN>") if token else text
+
+
+MASK = "***"
+# scheme://user:password@ or scheme://token@ (the userinfo of a URL)
+_USERINFO = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/?#@:'\"]*)(?::(?P<pw>[^\s/?#'\"]*))?@"
+)
+# ?token=..., &password=... in a query string
+_QUERY = re.compile(
+    r"(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|passwd|secret|sig)=)[^&#\s'\"]+",
+    re.IGNORECASE,
+)
+_SECRET_ENV = re.compile(
+    r"TOKEN|PASSWORD|PASSWD|SECRET|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE
+)
+
+
+def _userinfo(m: re.Match[str]) -> str:
+    if m.group("pw") is None:  # a lone user part is often a token (https://TOKEN@host)
+        return f"{m.group('head')}{MASK}@"
+    return f"{m.group('head')}{m.group('user')}:{MASK}@"
+
+
+def mask(text: str) -> str:
+    """``text`` with URL credentials, secret query values and the values of secret-named
+    environment variables (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, ...) replaced by ``***``."""
+    if "://" in text:
+        text = _USERINFO.sub(_userinfo, text)
+    if "=" in text:
+        text = _QUERY.sub(lambda m: m.group("key") + MASK, text)
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_ENV.search(name) and value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+def mask_tree(node: Any) -> Any:
+    """:func:`mask` applied to every string in nested mappings and lists (keys too)."""
+    if isinstance(node, str):
+        return mask(node)
+    if isinstance(node, Mapping):
+        return {mask_tree(k): mask_tree(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [mask_tree(v) for v in node]
+    return node
+
+
+def masked_keys(node: Any, prefix: str = "") -> list[str]:
+    """Key paths of the strings in ``node`` that :func:`mask` would change (for the warning
+    that says where such a secret belongs instead)."""
+    if isinstance(node, str):
+        return [prefix[:-1]] if mask(node) != node else []
+    if isinstance(node, Mapping):
+        return [k for key, v in node.items() for k in masked_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, (list, tuple)):
+        return [k for i, v in enumerate(node) for k in masked_keys(v, f"{prefix}{i}.")]
+    return []
+
+
+def credentials_warning(keys: list[str]) -> str:
+    return (
+        f"{', '.join(keys)}: credentials in a URL or option are masked ({MASK}) in every file "
+        "and log lorakit writes; put them in the tool's own environment variables instead "
+        "(MLflow: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+        "MLFLOW_TRACKING_TOKEN; the Hub: HF_TOKEN)"
+    )

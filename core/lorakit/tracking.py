@@ -185,7 +185,7 @@ def run_info(recipe: Recipe, run: RunDir, data_fingerprint: str, resumed: bool) 
     return LogRun(
         name=recipe.name,
         run_dir=run.path,
-        output_dir=Path(recipe.output.dir),
+        output_dir=recipe.output_dir,
         params=recipe.resolved(),
         data_fingerprint=data_fingerprint,
         versions=versions,

@@ -64,7 +64,7 @@ def training_args(
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # callbacks.CompleteMarker rotates, after the new marker
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         # The base weights are already in the compute dtype; mixed-precision autocast on top
@@ -241,7 +241,10 @@ def build_trainer(
         train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(eval_rows) if eval_rows else None,
         data_collator=pack,
-        callbacks=[*make_callbacks(loggers), *([trace] if trace else [])],
+        callbacks=[
+            *make_callbacks(loggers, keep=recipe.train.save_total_limit),
+            *([trace] if trace else []),
+        ],
         trace=trace,
         # packing = true: micro-batches by tokens, as many examples as fit in batch x max_length
         token_budget=recipe.train.per_device_train_batch_size * recipe.train.max_length

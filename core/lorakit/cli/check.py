@@ -19,6 +19,7 @@ from lorakit.data.pipeline import DataReport, load_splits
 from lorakit.errors import LorakitError, printable
 from lorakit.launch_config import check_launch_config, is_launch_config
 from lorakit.recipe import load_recipe
+from lorakit.secrets import credentials_warning, masked_keys
 
 
 def add_parser(sub) -> None:
@@ -61,6 +62,9 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides, catalog)
     components = build_components(recipe, catalog)
     print(f"recipe {args.recipe}: ok (run folder {recipe.run_dir})")
+    secret = masked_keys(recipe.settings())
+    if secret:  # accepted, masked in everything written; say where credentials belong
+        print(f"note: {credentials_warning(secret)}")
     if args.launch_config:
         _print_launch(check_launch_config(args.launch_config, recipe, components))
     report = DataReport()

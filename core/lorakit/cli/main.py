@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from lorakit import __version__
 from lorakit.errors import LorakitError, printable
+from lorakit.secrets import mask
 
 # verb -> module under lorakit.cli, in the order --help lists them
 VERBS = {
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorakitError as exc:
         if debug:
             raise
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        print(f"error: {mask(printable(str(exc)))}", file=sys.stderr)
         if not exc.fix and not getattr(exc, "problems", None):
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = getattr(exc, "filename", None) or "the run folder"
         print(
             f"error: the disk is full (or a file size limit was hit) while writing {where}: "
-            f"{printable(str(exc))}\n  fix: free some space and run the command again",
+            f"{mask(printable(str(exc)))}\n  fix: free some space and run the command again",
             file=sys.stderr,
         )
         return 2

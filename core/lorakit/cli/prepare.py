@@ -3,6 +3,9 @@
 Writes ``<run folder>/data/splits/{train,val,test}.jsonl`` (the same files ``lorakit run``
 writes) and nothing else: the raw data is never modified, and the run folder is not marked as a
 run (no ``run.json``), so a later ``lorakit run`` can still claim it.
+
+A folder that already holds a run (``run.json``) is refused: its splits are the data that run
+was trained on, written once by the run itself, and ``eval`` scores them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.components import build_components
 from lorakit.data.pipeline import DataReport, load_splits, write_splits
+from lorakit.errors import RunError
 from lorakit.recipe import load_recipe
 from lorakit.rundir import RunDir
 
@@ -24,12 +28,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     catalog = default_catalog()
     recipe = load_recipe(args.recipe, args.overrides, catalog)
+    run = RunDir(recipe.run_dir)
+    run.refuse_a_link()
+    if run.exists():
+        raise RunError(
+            f"{run.path} holds a run: its data/splits/ are what it was trained on and are "
+            "never replaced",
+            fix=f"prepare the data for a new run under another name, e.g. "
+            f"output.name={recipe.name}-2",
+        )
     components = build_components(recipe, catalog)
     report = DataReport()
     splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
         print(line)
-    folder = RunDir(recipe.run_dir).splits
+    folder = run.splits
     write_splits(folder, splits)
     for name in ("train", "val", "test"):
         print(f"{name}: {len(splits.get(name))} examples -> {folder / (name + '.jsonl')}")

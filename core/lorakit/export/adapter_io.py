@@ -86,10 +86,20 @@ def _write_adapter(
     write_json(tmp / META, {**meta, "end_of_turn": end_of_turn})
     weights = tmp / "adapter_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
-        if not list(f.keys()):
+        names = list(f.keys())
+        if not names:
             raise RunError(
                 f"saving the adapter produced an empty {weights.name}", fix="report this bug"
             )
+        broken = [k for k in names if not bool(f.get_tensor(k).isfinite().all())]
+    if broken:  # what would be written is checked, however the weights got there
+        raise RunError(
+            f"the adapter holds NaN or Inf weights ({broken[0]}"
+            + (f" and {len(broken) - 1} more" if len(broken) > 1 else "")
+            + "); it was not saved",
+            fix="the training diverged or a checkpoint is damaged: resume from an earlier "
+            "checkpoint-N, or lower train.learning_rate",
+        )
 
 
 def read_meta(adapter_dir: Path) -> dict[str, Any]:

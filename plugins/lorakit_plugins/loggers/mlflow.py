@@ -35,7 +35,8 @@ class MlflowOptions:
     tracking_uri: str = option(
         "",
         doc="tracking server or store (http://host:5000, sqlite:///path.db, databricks); "
-        "empty: SQLite in <output.dir>/mlflow/",
+        "empty: SQLite in <output.dir>/mlflow/. Credentials go in MLFLOW_TRACKING_USERNAME/"
+        "_PASSWORD (user:password@ in the URI is masked in every file and passed on as those)",
     )
     experiment: str = option("lorakit", doc="MLflow experiment the runs are filed under")
     log_adapter: bool = option(
@@ -47,6 +48,24 @@ class MlflowOptions:
         "and _MAX_RETRIES, when set, win)",
         validator=v.ge(1),
     )
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``http://user:password@host`` -> ``http://host``, the user and password handed to MLflow
+    through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (read at each request), so the
+    URI MLflow keeps, logs or shows in an error holds no secret. lorakit masks the URI in
+    every file it writes; the environment variables are where credentials belong anyway."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    elif parts.username:  # https://TOKEN@host
+        os.environ["MLFLOW_TRACKING_TOKEN"] = unquote(parts.username)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _number(value: Any) -> float | None:
@@ -85,6 +104,7 @@ class MlflowLogger:
             store = (run.output_dir / "mlflow").resolve()
             store.mkdir(parents=True, exist_ok=True)
             uri, artifacts = f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
+        uri = _credentials_to_env(uri)
         self.client = client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(self.options.experiment)
         exp_id = (

@@ -18,9 +18,22 @@ from attrs import validators as v
 from lorakit.api import LogRun, RegisterLogger, hookimpl, option
 
 
+def _inside_the_run(_inst, attribute, value):
+    parts = Path(value).parts
+    if not value or Path(value).is_absolute() or value.startswith("~") or ".." in parts:
+        raise ValueError(
+            f"{value!r} must be a folder inside the run folder: a relative path without '..' "
+            '(e.g. "tensorboard")'
+        )
+
+
 @attrs.frozen
 class TensorBoardOptions:
-    dir: str = option("tensorboard", doc="folder for the event files, relative to the run folder")
+    dir: str = option(
+        "tensorboard",
+        doc="folder for the event files, inside the run folder (relative, no '..')",
+        validator=_inside_the_run,
+    )
     flush_secs: int = option(
         10, doc="write pending events to disk at least this often (seconds)", validator=v.ge(1)
     )
