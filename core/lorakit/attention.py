@@ -52,7 +52,6 @@ def varlen_sdpa(
     sliding window shorter than an example.
     """
     import torch
-    import torch.nn.functional as F
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise RuntimeError(f"{NAME} attention needs one packed row with cu_seq_lens_q")
@@ -87,20 +86,11 @@ def varlen_sdpa(
         raise _window_error(sliding_window)
     gqa = key.shape[1] != query.shape[1]
     p = p_drop(module, dropout)
-    dtype = query.dtype
-    if dtype == torch.bfloat16:
-        # PyTorch's CPU flash kernel is slower in bf16 than in fp32 at chat lengths (forward
-        # and backward of a 133-token example, 9 heads of 64: 4.3 ms against 1.9 ms on one
-        # AMX core; equal at 300 tokens, bf16 12% faster at 600), and fp32 keeps the softmax
-        # and its sums in fp32
-        query, key, value = query.float(), key.float(), value.float()
     # split, not slices: the backward of a split is one concatenation, while each slice's
     # backward writes its piece into a zero tensor of the whole row and adds those up
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
     pieces = [
-        F.scaled_dot_product_attention(
-            q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
-        )
+        _causal_sdpa(q, k, v, p, scaling, gqa)
         for q, k, v in zip(
             query.split(lengths, dim=2),
             key.split(lengths, dim=2),
@@ -109,7 +99,27 @@ def varlen_sdpa(
         )
     ]
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    return out.transpose(1, 2).to(dtype).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
+
+
+# PyTorch's CPU flash kernel is slower in bf16 than in fp32 for short sequences: forward and
+# backward of one example, 9 heads of 64, on 2 AMX cores: 3.1 ms in bf16 against 1.4 ms in
+# fp32 at 133 tokens, about equal at 300, 12.1 against 15.0 ms at 600. So a bf16 run's examples
+# up to this length attend in fp32 (which also keeps the softmax and its sums in fp32).
+FP32_ATTENTION_MAX = 384
+
+
+def _causal_sdpa(q: Any, k: Any, v: Any, p: float, scaling: float | None, gqa: bool) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and q.shape[2] <= FP32_ATTENTION_MAX:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
+    )
+    return out.to(dtype)
 
 
 def p_drop(module: Any, dropout: float) -> float:

@@ -38,7 +38,7 @@ class LoraDelta(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, drop: Any
     ) -> torch.Tensor:
         dtype = x.dtype
@@ -58,7 +58,7 @@ class LoraDelta(torch.autograd.Function):
         return out.view(*x.shape[:-1], b.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
         flat, h, a_c, b_c, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
         g_h = torch.mm(g, b_c).mul_(ctx.scale)  # [tokens, r]
@@ -118,13 +118,12 @@ def use_fused_lora(model: Any) -> int:
     for module in model.modules():
         if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
             continue
-        if not isinstance(module.get_base_layer(), torch.nn.Module):
-            continue
         if type(module).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
             continue  # embeddings, convolutions: PEFT's own
-        if "_lorakit_peft_forward" in vars(module):
+        layer: Any = module
+        if "_lorakit_peft_forward" in vars(layer):
             continue
-        module._lorakit_peft_forward = module.forward
-        module.forward = types.MethodType(_fused_forward, module)
+        layer._lorakit_peft_forward = layer.forward
+        layer.forward = types.MethodType(_fused_forward, layer)
         fused += 1
     return fused
