@@ -238,18 +238,24 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(
         assert code == 0, err
     a, b, c = (_adapter(tmp_path / "runs" / n) for n in ("b4", "b2", "b1"))
     if compute_dtype == "fp32":
-        weights_atol, loss_rel = 1e-6, 1e-6  # summation order only
+        for k in a:  # summation order only
+            assert torch.allclose(a[k], b[k], atol=1e-6), k
+            assert torch.allclose(a[k], c[k], atol=1e-6), k
+        loss_rel = 1e-6
     else:
         # Grouping changes which examples share a packed row, so bf16 matmuls see other shapes
-        # and may round their outputs differently (half a bf16 ulp, 2^-9 relative, per op).
-        # Adam moves a weight by about lr per step in a direction computed from those
-        # activations: a few bf16 ulps (2^-7 each) of an lr-sized step per step, 4x for margin,
-        # still ~30x below what the 3 steps move the weights (3 x lr). The losses are fp32
-        # sums of per-token NLLs of bf16 logits: within a quarter of a bf16 ulp.
-        weights_atol, loss_rel = 4 * 3 * 5e-3 * 2**-7, 2**-8 / 4
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=weights_atol), k
-        assert torch.allclose(a[k], c[k], atol=weights_atol), k
+        # and round differently (half a bf16 ulp, 2^-9 relative, per op), and the gradients
+        # differ by bf16 noise. Adam divides each gradient element by its own magnitude, so
+        # an element whose gradient is near 0 can move by up to 2 x lr per step either way:
+        # elementwise bounds mean nothing here. What must agree is the update as a whole:
+        # lora_B starts at 0, so it *is* the update; its difference must stay a small part
+        # of it (measured ~3% at most), and the losses (fp32 sums of per-token NLLs of bf16
+        # logits, where a grouping bug such as a mean of micro-batch means shows at step 1)
+        # within a quarter of a bf16 ulp.
+        for k in (k for k in a if "lora_B" in k):
+            for other in (b, c):
+                assert (a[k] - other[k]).norm() <= 0.1 * a[k].norm(), k
+        loss_rel = 2**-8 / 4
     logged = [
         [
             json.loads(x)["loss"]
