@@ -23,6 +23,19 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_LENGTH = 2048
 
 
+def lora_config() -> Any:
+    """The LoRA settings every contender trains with (as lorakit's recipe sets them)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=DROPOUT,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+    )
+
+
 def short_dtype(dtype: Any) -> str:
     """``torch.bfloat16`` (or its str) -> ``"bf16"``; unknown names are returned as they are."""
     name = str(dtype).removeprefix("torch.")
@@ -68,7 +81,7 @@ def load_rows(recipe_path: Path) -> tuple[Any, list[Any], str]:
 
 def _peft_model(path: str) -> Any:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
@@ -78,14 +91,7 @@ def _peft_model(path: str) -> Any:
         device_map="cuda" if cuda else None,
     )
     torch.manual_seed(SEED)
-    config = LoraConfig(
-        r=RANK,
-        lora_alpha=ALPHA,
-        lora_dropout=DROPOUT,
-        target_modules=TARGETS,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config())
 
 
 def _step_recorder(records: list[dict[str, Any]]) -> Any:
@@ -180,15 +186,7 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> tuple[list[dict[
             # "bf16" -> the model's forward wrapped in torch.autocast(<device>, bfloat16), on
             # CPU too; the fp32 weights, LoRA weights and optimizer state stay fp32
             common["bf16"] = True
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                r=RANK,
-                lora_alpha=ALPHA,
-                lora_dropout=DROPOUT,
-                target_modules=TARGETS,
-                task_type="CAUSAL_LM",
-            )
+            peft_config = lora_config()
         args = SFTConfig(
             **common,
             gradient_checkpointing=False,
