@@ -3,6 +3,17 @@
 Built-in and third-party plugins are found the same way: every object in the ``lorakit``
 entry-point group is registered with a fresh ``pluggy.PluginManager``. Each catalog hook is then
 called once with a ``register`` callback, and the results land in a :class:`Catalog`.
+
+Which entry points load (in the manner of simonw/llm's ``LLM_LOAD_PLUGINS``), by entry-point
+name (``source_csv``) or distribution name (``lorakit-csv``), comma-separated:
+
+- ``LORAKIT_PLUGINS``: load only these third-party plugins (lorakit's own always load);
+  set but empty, no third-party plugin loads;
+- ``LORAKIT_DISABLE_PLUGINS``: never load these (built-in ones included).
+
+An entry point that fails to import does not stop anything: it is skipped, listed with its
+error by ``lorakit plugins`` (:attr:`Catalog.broken`), reported once per command, and named
+in the error of a recipe that asks for a plugin it would have provided.
 """
 
 from __future__ import annotations
@@ -43,9 +54,29 @@ class Entry:
         return getattr(self.factory, "Options", None)
 
 
+@attrs.frozen
+class Skipped:
+    """An entry point that was not loaded: it failed to import (``error``) or was switched off
+    by ``LORAKIT_PLUGINS`` / ``LORAKIT_DISABLE_PLUGINS`` (``error`` None)."""
+
+    name: str  # the entry point's name
+    distribution: str  # "package version", or "?" when unknown
+    error: str | None = None
+
+    def line(self) -> str:
+        why = f"failed to load: {self.error}" if self.error else "switched off"
+        return f"plugin {self.name} ({self.distribution}) {why}"
+
+
 @attrs.define
 class Catalog:
     entries: dict[str, dict[str, Entry]] = attrs.field(factory=lambda: {k: {} for k in KINDS})
+    skipped: list[Skipped] = attrs.field(factory=list)
+
+    @property
+    def broken(self) -> list[Skipped]:
+        """Entry points that failed to load."""
+        return [s for s in self.skipped if s.error]
 
     def get(self, kind: str, name: str, *, where: str | None = None) -> Entry:
         try:
@@ -62,27 +93,74 @@ class Catalog:
         known = self.names(kind)
         close = closest(name, known)
         hint = f"did you mean {close!r}? " if close else ""
-        return f"{hint}installed {kind} plugins: {', '.join(known) or '(none)'}"
+        text = f"{hint}installed {kind} plugins: {', '.join(known) or '(none)'}"
+        if self.skipped:
+            text += "; not loaded: " + "; ".join(s.line() for s in self.skipped)
+        return text
 
     def all(self) -> Iterable[Entry]:
         for kind in KINDS:
             yield from (self.entries[kind][n] for n in self.names(kind))
 
 
+def _names(variable: str) -> set[str] | None:
+    """The names an environment variable lists (normalized), or None when it is not set."""
+    import os
+
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return {_norm(n) for n in value.split(",") if n.strip()}
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _wanted(ep_name: str, dist: str, *, builtin: bool) -> bool:
+    names = {_norm(ep_name), _norm(dist)}
+    disabled = _names("LORAKIT_DISABLE_PLUGINS")
+    if disabled and names & disabled:
+        return False
+    only = _names("LORAKIT_PLUGINS")
+    return builtin or only is None or bool(names & only)
+
+
+def load_entry_points(pm: pluggy.PluginManager) -> list[Skipped]:
+    """Register every wanted plugin of the ``lorakit`` entry-point group; return the ones
+    skipped (switched off, or failing to import: a broken package stops nothing else)."""
+    skipped: list[Skipped] = []
+    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+        dist = ep.dist
+        dist_name = dist.metadata["Name"] if dist is not None else "?"
+        label = f"{dist_name} {dist.version}" if dist is not None else "?"
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        if not _wanted(ep.name, dist_name, builtin=dist_name == "lorakit"):
+            skipped.append(Skipped(ep.name, label))
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party package must not look like our bug
+            first = (str(exc).strip().splitlines() or [""])[0]
+            skipped.append(Skipped(ep.name, label, f"{type(exc).__name__}: {first}"))
+            continue
+        pm.register(plugin, name=ep.name)
+        if dist is not None:
+            pm.lorakit_dists[id(plugin)] = (dist_name, dist.version)  # type: ignore[attr-defined]
+    return skipped
+
+
 def make_manager(
     extra_plugins: Iterable[Any] = (), *, entry_points: bool = True
 ) -> pluggy.PluginManager:
-    """A fresh plugin manager with every entry-point plugin (and ``extra_plugins``) registered."""
+    """A fresh plugin manager with every entry-point plugin (and ``extra_plugins``) registered.
+    Entry points that were skipped are in ``pm.lorakit_skipped`` (see :func:`load_entry_points`)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    if entry_points:
-        try:
-            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        except Exception as exc:  # a broken third-party package must not look like our bug
-            raise PluginError(
-                f"a plugin in the 'lorakit' entry-point group failed to load: {exc}",
-                fix="upgrade or uninstall the package that provides it (see `pip list`)",
-            ) from exc
+    pm.lorakit_dists = {}  # type: ignore[attr-defined]
+    skipped = load_entry_points(pm) if entry_points else []
+    pm.lorakit_skipped = skipped  # type: ignore[attr-defined]
     for plugin in extra_plugins:
         pm.register(plugin)
     try:
@@ -95,7 +173,7 @@ def make_manager(
 
 
 def _distributions(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
-    out: dict[int, tuple[str, str]] = {}
+    out: dict[int, tuple[str, str]] = dict(getattr(pm, "lorakit_dists", {}))
     for plugin, dist in pm.list_plugin_distinfo():
         out[id(plugin)] = (dist.project_name, dist.version)
     return out
@@ -103,7 +181,7 @@ def _distributions(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
 
 def build_catalog(pm: pluggy.PluginManager) -> Catalog:
     """Call every catalog hook once and collect what plugins register."""
-    catalog = Catalog()
+    catalog = Catalog(skipped=list(getattr(pm, "lorakit_skipped", [])))
     dists = _distributions(pm)
     for kind, hook_name in KINDS.items():
         hook = getattr(pm.hook, hook_name)
@@ -125,9 +203,12 @@ def _add(
         raise PluginError(f"plugin {plugin} registered a {kind} with an invalid name {name!r}")
     existing = catalog.entries[kind].get(name)
     if existing is not None:
+        first = _package(existing.plugin, existing.distribution, existing.version)
+        second = _package(plugin, *(dist or (None, None)))
         raise PluginError(
-            f"{kind} {name!r} is registered twice: by {existing.plugin} and by {plugin}",
-            fix="uninstall one of the two packages, or rename the plugin in one of them",
+            f"{kind} {name!r} is registered twice: by {first} and by {second}",
+            fix="uninstall one of the two packages (`pip uninstall NAME`), or switch one "
+            "plugin off with LORAKIT_DISABLE_PLUGINS=<plugin or package>",
         )
     if not attrs.has(getattr(factory, "Options", None) or object):
         raise PluginError(
@@ -151,6 +232,13 @@ def _add(
     )
 
 
+def _package(plugin: str, distribution: str | None, version: str | None) -> str:
+    """``plugin`` with the package that installed it (what a user uninstalls)."""
+    if distribution is None:
+        return f"{plugin} (not from an installed package)"
+    return f"{plugin} (package {distribution} {version})"
+
+
 def _class_attr_problem(kind: str, factory: Any) -> tuple[str, str] | None:
     """The class attribute (besides ``Options``) the core reads from ``factory`` that is missing
     or wrong, with what it should be; None when all are right."""
@@ -172,6 +260,13 @@ def default_catalog() -> Catalog:
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = build_catalog(make_manager())
+        from lorakit.console import say
+
+        for broken in _DEFAULT.broken:  # once per process, on stderr
+            say(
+                f"{broken.line()}; skipped (upgrade or uninstall its package, or set "
+                f"LORAKIT_DISABLE_PLUGINS={broken.name})"
+            )
     return _DEFAULT
 
 

@@ -1,4 +1,5 @@
-"""``lorakit plugins``: every installed plugin with its kind, name and distribution."""
+"""``lorakit plugins``: every installed plugin with its kind, name and distribution, then the
+entry points that were not loaded (failed to import, or switched off) with the reason."""
 
 from __future__ import annotations
 
@@ -24,4 +25,8 @@ def run(args) -> int:
         if args.verbose and e.options_class is not None:
             for name, typ, default, doc in describe_options(e.options_class):
                 print(f"{'':<10}   {name} = {default}  ({typ}) {doc}")
+    if catalog.skipped:
+        print("\nnot loaded (LORAKIT_PLUGINS / LORAKIT_DISABLE_PLUGINS choose what loads):")
+        for skipped in catalog.skipped:
+            print(f"  {skipped.line()}")
     return 0

@@ -1,0 +1,132 @@
+"""Entry points that fail to load stop nothing; LORAKIT_PLUGINS / LORAKIT_DISABLE_PLUGINS choose
+what loads; a name registered twice names the packages to uninstall.
+
+Each test installs a real distribution for ``importlib.metadata`` to find: a ``.dist-info``
+folder with an ``entry_points.txt`` on ``sys.path``, as pip would leave it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from helpers import write_recipe
+
+
+def _install(root, dist: str, entry_points: dict[str, str], modules: dict[str, str] = {}):  # noqa: B006
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[lorakit]\n{lines}")
+    for name, code in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(code))
+
+
+@pytest.fixture()
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path for fake installed packages, and a fresh default catalog."""
+    from lorakit.catalog import reset_default_catalog
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delenv("LORAKIT_PLUGINS", raising=False)
+    monkeypatch.delenv("LORAKIT_DISABLE_PLUGINS", raising=False)
+    reset_default_catalog()
+    yield folder
+    reset_default_catalog()
+
+
+def _recipe(tmp_path, source: str):
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "hello"}]}\n'
+    )
+    return write_recipe(tmp_path, [{"plugin": source, "path": str(data)}])
+
+
+def test_a_broken_plugin_is_listed_and_stops_nothing(site, tmp_path, cli, monkeypatch):
+    _install(site, "lorakit-broken", {"source_broken": "no_such_module_for_lorakit"})
+    code, out, err = cli("plugins")
+    assert code == 0, err
+    assert "source_broken (lorakit-broken 0.1) failed to load: ModuleNotFoundError" in out
+    assert "chat_jsonl" in out  # everything else still loads
+    assert "LORAKIT_DISABLE_PLUGINS=source_broken" in err  # said once, with the way out
+
+    code, _, err = cli("check", _recipe(tmp_path, "chat_jsonl"))
+    assert code == 0, err
+    code, _, err = cli("check", _recipe(tmp_path, "broken"))
+    assert code == 2 and "Traceback" not in err
+    assert 'unknown source plugin "broken"' in err
+    assert "not loaded: plugin source_broken (lorakit-broken 0.1) failed to load" in err
+
+    from lorakit.catalog import reset_default_catalog
+
+    monkeypatch.setenv("LORAKIT_DISABLE_PLUGINS", "lorakit-broken")
+    reset_default_catalog()
+    code, out, err = cli("plugins")
+    assert code == 0 and "source_broken (lorakit-broken 0.1) switched off" in out
+    assert "failed to load" not in out + err
+
+
+def test_lorakit_plugins_limits_third_party_plugins(site, cli, monkeypatch):
+    _install(
+        site,
+        "lorakit-extra",
+        {"metric_extra": "lorakit_extra_metric"},
+        {
+            "lorakit_extra_metric": """
+            import attrs
+            from lorakit.api import hookimpl
+
+            class Extra:
+                Options = attrs.make_class("ExtraOptions", {})
+                kind = "loss"
+                higher_is_better = False
+
+                def __init__(self, options):
+                    pass
+
+                def score(self, nll, n):
+                    return 0.0
+
+            @hookimpl
+            def lorakit_register_metrics(register):
+                register("extra", Extra)
+            """
+        },
+    )
+    from lorakit.catalog import default_catalog, reset_default_catalog
+
+    assert "extra" in default_catalog().names("metric")
+    monkeypatch.setenv("LORAKIT_PLUGINS", "")  # no third-party plugin; built-ins still load
+    reset_default_catalog()
+    catalog = default_catalog()
+    assert "extra" not in catalog.names("metric") and "json_match" in catalog.names("metric")
+    monkeypatch.setenv("LORAKIT_PLUGINS", "metric_extra")
+    reset_default_catalog()
+    assert "extra" in default_catalog().names("metric")
+
+
+def test_a_name_registered_twice_names_both_packages(site, cli):
+    _install(
+        site,
+        "lorakit-dup",
+        {"source_dup": "lorakit_dup_source"},
+        {
+            "lorakit_dup_source": """
+            from lorakit.api import hookimpl
+            from lorakit_plugins.sources.chat_jsonl import ChatJsonlSource
+
+            @hookimpl
+            def lorakit_register_sources(register):
+                register("chat_jsonl", ChatJsonlSource)
+            """
+        },
+    )
+    code, _, err = cli("plugins")
+    assert code == 2 and "Traceback" not in err
+    assert "registered twice" in err and "package lorakit 0.1.0" in err
+    assert "package lorakit-dup 0.1" in err and "pip uninstall" in err
