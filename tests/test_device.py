@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from lorakit import device
 
@@ -45,8 +46,14 @@ def test_bf16_flags_but_slow_bf16_stays_fp32(monkeypatch, tmp_path):
     assert device.auto_compute_dtype("cpu") == torch.float32
 
 
-def test_matmul_flops_measures_something():
-    assert device.matmul_flops(torch.float32, size=64, seconds=0.05) > 1e6
+def test_matmul_flops_counts_two_n_cubed_per_product(monkeypatch):
+    """FLOP/s = 2 * size^3 per product over the elapsed time, on a fake clock (no test times a
+    real operation): every reading advances it 0.01 s, so 0.05 s take 5 products."""
+    ticks = iter(i * 0.01 for i in range(1000))
+    monkeypatch.setattr(device.time, "perf_counter", lambda: next(ticks))
+    assert device.matmul_flops(torch.float32, size=8, seconds=0.05) == pytest.approx(
+        2 * 8**3 * 5 / 0.05
+    )
 
 
 def test_threads_follow_request_env_and_ranks_per_node(monkeypatch):

@@ -7,7 +7,8 @@ registered twice is an error naming both plugins. Hooks are called with keyword 
 implementation may accept only ``register``.
 
 Every hook here must be documented in ``docs/hooks.md`` and exercised by a test of its own;
-``tests/test_hookspecs.py`` fails otherwise.
+``tests/test_hooks.py`` fails otherwise (the section heading is the hook's call, built from
+this module's signatures).
 """
 
 from __future__ import annotations
