@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CHILD = """
@@ -19,13 +20,16 @@ def widened(self):
     check(self)
     time.sleep(1.0)  # a slow file system: time between "the owner is gone" and the claim
 RunDir._check_restartable = widened
-go = Path(sys.argv[2])
+go, ready = Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()  # imports done: the parent starts both at once only after both are here
 while not go.exists():
     time.sleep(0.002)
 try:
     RunDir(Path(sys.argv[1])).start("", {}, [], "h", Path("r.toml"))
     print("claimed", flush=True)
-    time.sleep(1.5)  # still running while the other one tries
+    release = go.with_name("release")
+    while not release.exists():  # hold the claim until the parent has both answers
+        time.sleep(0.01)
 except RunError as exc:
     print("refused:", exc, flush=True)
 """
@@ -47,10 +51,24 @@ def test_two_restarts_of_an_abandoned_folder_at_once_one_claims_it(tmp_path):
     (run / "run.json").write_text(json.dumps({"history": [{"event": "start"}]}))
     (tmp_path / "child.py").write_text(CHILD)
     go = tmp_path / "go"
-    cmd = [sys.executable, str(tmp_path / "child.py"), str(run), str(go)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "child.py"), str(run), str(go), str(r)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
+    ]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready):  # both children waiting at the barrier
+        assert time.monotonic() < deadline, "the children did not start"
+        time.sleep(0.01)
     go.touch()
-    outs = [p.communicate(timeout=60)[0] for p in procs]
+    outs = [p.stdout.readline() for p in procs if p.stdout]  # the claimer still holds it
+    (tmp_path / "release").touch()
+    for p in procs:
+        p.communicate(timeout=60)
     assert sorted(o.split(":")[0].strip() for o in outs) == ["claimed", "refused"], outs
     assert "in use by another lorakit process" in "".join(outs)
     history = json.loads((run / "run.json").read_text())["history"]
