@@ -69,6 +69,7 @@ GATHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real FSDP2 process: loads torch.distributed and the model in a child
 def test_an_fsdp2_sharded_adapter_is_gathered_whole_and_loads_with_stock_peft(
     tmp_path, tiny_model_dir
 ):
