@@ -1,0 +1,135 @@
+"""Where a training step's time goes: lorakit's step on real data, timed and profiled.
+
+    .venv/bin/python benchmarks/profile_step.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
+        [--steps 10] [--profile] [--shapes] [--data ../shared/data/alpaca_seed_chat.jsonl]
+
+Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
+recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
+packed attention), then runs the step by hand: packed micro-batches of 4 examples in a seeded
+order, the supervised-only loss, backward, clipping, AdamW. No Trainer, so what it times is the
+model's forward and backward and the optimizer, not logging or checkpoints.
+
+Prints the seconds and tokens of each step and the tokens/s after the first two; with
+``--profile`` the last step runs under torch.profiler and the table of operators by self CPU
+time follows (``--shapes``: grouped by input shape, to tell a [T, 576] x [576, 1536] matmul
+from a rank-16 one). Run it on a quiet machine, and compare two versions interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_chat.jsonl"
+DTYPE_KEY = {"none": "dtype", "bnb-4bit": "compute_dtype", "bnb-8bit": "compute_dtype"}
+
+RECIPE = """
+[model]
+plugin = "smollm2-135m-instruct"
+[[data.sources]]
+plugin = "chat_jsonl"
+path = "{data}"
+[data]
+val_fraction = 0.0
+test_fraction = 0.0
+[quant]
+plugin = "{quant}"
+{dtype_key} = "{dtype}"
+[peft]
+plugin = "lora"
+r = 16
+alpha = 32
+dropout = 0.05
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[train]
+max_length = 2048
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--quant", default="none", choices=list(DTYPE_KEY))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--shapes", action="store_true")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = p.parse_args()
+
+    import torch
+    from lorakit.attention import packed_attention
+    from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
+    from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
+    from lorakit.device import configure_threads
+    from lorakit.fast_dropout import use_fast_dropout
+    from lorakit.fused_lora import use_fused_lora
+    from lorakit.loss import supervised_nll
+    from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
+    from lorakit.packing import pack
+    from lorakit.recipe import load_recipe
+
+    recipe_path = Path(tempfile.mkdtemp()) / "profile.toml"
+    recipe_path.write_text(
+        RECIPE.format(
+            data=args.data.resolve(),
+            quant=args.quant,
+            dtype_key=DTYPE_KEY[args.quant],
+            dtype=args.dtype,
+        )
+    )
+    threads = configure_threads()
+    catalog = default_catalog()
+    recipe = load_recipe(recipe_path, catalog=catalog)
+    parts = build_components(recipe, catalog)
+    ref = resolve_model(parts.model_source)
+    tok = load_tokenizer(ref)
+    splits = load_splits(parts.sources, recipe.data, recipe.recipe_dir, DataReport())
+    rows = tokenize_examples(splits.train, parts.formatter, tok, 2048, "drop", DataReport())
+    model = parts.quant.prepare_for_training(load_base_model(ref, parts.quant, "cpu"), False)
+    model = attach_new_adapter(model, parts.peft, 42)
+    use_fast_dropout(model)
+    use_fused_lora(model)
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+
+    times, tokens = [], []
+    profiler = None
+    with packed_attention(model, "cpu"):
+        for step in range(args.steps):
+            chosen = [rows[i] for i in order[step * 4 : (step + 1) * 4]]
+            batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chosen])
+            if args.profile and step == args.steps - 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes)
+                profiler.__enter__()
+            started = time.perf_counter()
+            nll, n = supervised_nll(model, batch)
+            (nll / max(n, 1)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+            tokens.append(sum(len(r.input_ids) for r in chosen))
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+    print(f"{args.quant}, compute {args.dtype}, {threads} threads")
+    print("step s:", " ".join(f"{t:.3f}" for t in times))
+    print("tokens:", " ".join(str(t) for t in tokens))
+    if len(times) > 2:
+        print(f"tokens/s after 2 steps: {sum(tokens[2:]) / sum(times[2:]):.1f}")
+    if profiler is not None:
+        table = profiler.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40
+        )
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
