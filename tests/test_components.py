@@ -146,3 +146,18 @@ def test_build_components_names_a_plugin_that_crashes(tmp_path):
     ) as info:
         build_components(_recipe(tmp_path, catalog, 99, 13), catalog)
     assert isinstance(info.value.__cause__, KeyError), "--debug shows the plugin's traceback"
+
+
+def test_a_target_module_that_matches_nothing_is_refused_before_training(tiny_model_dir):
+    import torch
+    from lorakit.errors import ModelError
+    from lorakit.modeling import attach_new_adapter, load_base_model
+
+    ref = ModelRef(path=str(tiny_model_dir))
+    plain = load_base_model(ref, Float64Backend(), "cpu", quantized=False, dtype=torch.float32)
+    lora = Lora(LoraOptions(r=2, alpha=4, target_modules=["q_proj", "bogus"]))
+    with pytest.raises(ModelError) as info:
+        attach_new_adapter(plain, lora, seed=0)
+    text = str(info.value) + str(info.value.fix)
+    assert "'bogus'" in text and "q_proj" in text and "v_proj" in text
+    assert "'q_proj'" not in str(info.value), "only the unmatched names are named"
