@@ -11,6 +11,7 @@ from lorakit.console import say
 from lorakit.data.pipeline import (
     DataReport,
     load_splits,
+    require_training_examples,
     supervised_share,
     tokenize_examples,
     write_splits,
@@ -73,6 +74,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     # 2. Read the data and split it deterministically (every rank: it is cheap and identical).
     report = DataReport()
     splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
+    require_training_examples(splits, recipe.data)
     if checkpoint is not None:
         distributed.on_main(lambda: _same_data(run, splits.fingerprint))
 
