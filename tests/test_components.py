@@ -199,3 +199,25 @@ def test_the_adapters_tokenizer_loads_with_the_runs_trust_remote_code(tmp_path, 
     recipe = load_recipe(path, (), catalog)
     loaded = prepare_inference(recipe, build_components(recipe, catalog), adapter)
     assert type(loaded.tokenizer).__name__ == "RemoteTokenizer"
+
+
+def test_an_adapter_from_another_lorakit_version_is_noted_once(tmp_path, tiny_model_dir, capsys):
+    import json
+    import shutil
+
+    from helpers import tiny_recipe
+    from lorakit.catalog import default_catalog
+    from lorakit.export.adapter_io import META
+    from lorakit.load_run import prepare_inference
+    from lorakit.recipe import load_recipe
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir, adapter, ignore=shutil.ignore_patterns("*.safetensors"))
+    (adapter / META).write_text(json.dumps({"lorakit_version": "0.0.1"}), encoding="utf-8")
+    catalog = default_catalog()
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, tmp_path / "d.jsonl"), (), catalog)
+    parts = build_components(recipe, catalog)
+    prepare_inference(recipe, parts, adapter)
+    prepare_inference(recipe, parts, adapter)
+    err = capsys.readouterr().err
+    assert err.count("made by lorakit 0.0.1") == 1, err

@@ -125,6 +125,10 @@ def prepare_inference(
         tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
     meta = read_meta(adapter_dir) if adapter_dir else {}
+    if adapter_dir is not None:
+        from lorakit.console import note_other_version
+
+        note_other_version(meta.get("lorakit_version"), f"the adapter in {adapter_dir}")
     eot = meta.get("end_of_turn") or formatter.end_of_turn(tokenizer)
     return Loaded(
         recipe=recipe,

@@ -7,7 +7,7 @@ from typing import Any
 
 from lorakit import __version__, distributed
 from lorakit.components import Components
-from lorakit.console import say
+from lorakit.console import note_other_version, say
 from lorakit.data.pipeline import (
     DataReport,
     load_splits,
@@ -248,7 +248,9 @@ def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
     changed = run.resume_changes(recipe.resolved())
-    started = read_json(run.run_json).get("batch", {}).get("world_size", 1)
+    started_by = read_json(run.run_json)
+    note_other_version(started_by.get("lorakit_version"), str(run.path))
+    started = started_by.get("batch", {}).get("world_size", 1)
     if started != world_size():
         raise RunError(
             f"{run.path} was trained by {started} process(es), this resume has {world_size()}",
