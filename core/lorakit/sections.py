@@ -67,8 +67,7 @@ def _seed(_inst, attribute, value):
 def _not_negative_count(_inst, attribute, value):
     if value < 0:
         raise ValueError(
-            f"must be 0 or more, got {value}; leave it unset to score every example "
-            "(0 scores none)"
+            f"must be 0 or more, got {value}; leave it unset to score every example (0 scores none)"
         )
 
 
