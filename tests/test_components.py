@@ -146,3 +146,78 @@ def test_build_components_names_a_plugin_that_crashes(tmp_path):
     ) as info:
         build_components(_recipe(tmp_path, catalog, 99, 13), catalog)
     assert isinstance(info.value.__cause__, KeyError), "--debug shows the plugin's traceback"
+
+
+def test_a_target_module_that_matches_nothing_is_refused_before_training(tiny_model_dir):
+    import torch
+    from lorakit.errors import ModelError
+    from lorakit.modeling import attach_new_adapter, load_base_model
+
+    ref = ModelRef(path=str(tiny_model_dir))
+    plain = load_base_model(ref, Float64Backend(), "cpu", quantized=False, dtype=torch.float32)
+    lora = Lora(LoraOptions(r=2, alpha=4, target_modules=["q_proj", "bogus"]))
+    with pytest.raises(ModelError) as info:
+        attach_new_adapter(plain, lora, seed=0)
+    text = str(info.value) + str(info.value.fix)
+    assert "'bogus'" in text and "q_proj" in text and "v_proj" in text
+    assert "'q_proj'" not in str(info.value), "only the unmatched names are named"
+
+
+REMOTE_TOKENIZER = """
+from transformers import PreTrainedTokenizerFast
+
+
+class RemoteTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def test_the_adapters_tokenizer_loads_with_the_runs_trust_remote_code(tmp_path, tiny_model_dir):
+    """A run of a model with trust_remote_code = true keeps a tokenizer that needs it: eval,
+    export and generate (prepare_inference) load it with the same trust, not without."""
+    import json
+    import shutil
+
+    from helpers import tiny_recipe
+    from lorakit.catalog import default_catalog
+    from lorakit.load_run import prepare_inference
+    from lorakit.recipe import load_recipe
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir, adapter, ignore=shutil.ignore_patterns("*.safetensors"))
+    (adapter / "remote_tok.py").write_text(REMOTE_TOKENIZER, encoding="utf-8")
+    config = json.loads((adapter / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "remote_tok.RemoteTokenizer"]}
+    config["tokenizer_class"] = "RemoteTokenizer"
+    (adapter / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(4))
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    path.write_text(
+        path.read_text().replace('plugin = "local"', 'plugin = "local"\ntrust_remote_code = true')
+    )
+    catalog = default_catalog()
+    recipe = load_recipe(path, (), catalog)
+    loaded = prepare_inference(recipe, build_components(recipe, catalog), adapter)
+    assert type(loaded.tokenizer).__name__ == "RemoteTokenizer"
+
+
+def test_an_adapter_from_another_lorakit_version_is_noted_once(tmp_path, tiny_model_dir, capsys):
+    import json
+    import shutil
+
+    from helpers import tiny_recipe
+    from lorakit.catalog import default_catalog
+    from lorakit.export.adapter_io import META
+    from lorakit.load_run import prepare_inference
+    from lorakit.recipe import load_recipe
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir, adapter, ignore=shutil.ignore_patterns("*.safetensors"))
+    (adapter / META).write_text(json.dumps({"lorakit_version": "0.0.1"}), encoding="utf-8")
+    catalog = default_catalog()
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, tmp_path / "d.jsonl"), (), catalog)
+    parts = build_components(recipe, catalog)
+    prepare_inference(recipe, parts, adapter)
+    prepare_inference(recipe, parts, adapter)
+    err = capsys.readouterr().err
+    assert err.count("made by lorakit 0.0.1") == 1, err

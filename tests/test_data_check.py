@@ -41,7 +41,9 @@ def test_check_reports_token_stats_without_importing_torch(tmp_path, data_tokeni
         "assert 'transformers' not in sys.modules, 'transformers imported'; sys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    # every example is over 16 tokens: the statistics say why, then check stops as run would
+    assert proc.returncode == 2, proc.stderr
+    assert "no training example is left" in proc.stderr and "Traceback" not in proc.stderr
     out = proc.stdout
     assert "source 0:chat_jsonl: 20 examples" in out
     assert "tokens per example: min" in out and "p95" in out
@@ -69,7 +71,7 @@ def test_check_reports_examples_without_supervised_tokens(tmp_path, data_tokeniz
         data={"overlength": "truncate"},
     )
     code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
-    assert code == 0, err
+    assert code == 2 and "Traceback" not in err, err  # the one example is dropped: nothing to train
     assert "answer entirely beyond train.max_length=9" in out
 
 
@@ -106,3 +108,35 @@ def test_lite_tokenizer_matches_transformers(data_tokenizer, data_tokenizer_dir)
     fmt = ChatTemplateFormatter(ChatTemplateOptions())
     rows = [tokenize_batch([fmt.render(ex, t)], t)[0] for t in (data_tokenizer, lite)]
     assert rows[0] == rows[1]
+
+
+def one_val_example(tmp_path: Path) -> Path:
+    write_jsonl(
+        tmp_path / "one.jsonl",
+        [{"id": "only", "meta": {"split": "val"},
+          "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+    )  # fmt: skip
+    return write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "one.jsonl"}])
+
+
+def test_check_refuses_an_empty_train_split(tmp_path, data_tokenizer_dir, cli):
+    code, _, err = cli("check", one_val_example(tmp_path), "--tokenizer", data_tokenizer_dir)
+    assert code == 2 and "Traceback" not in err, err
+    assert "train split is empty" in err and "val_fraction" in err, err
+
+
+@pytest.mark.slow  # run_recipe itself (it stops at the data, before the model loads)
+def test_run_refuses_an_empty_train_split_before_writing(tmp_path, cli):
+    code, _, err = cli("run", one_val_example(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    assert "train split is empty" in err and "val_fraction" in err, err
+    assert not (tmp_path / "runs").exists(), "run wrote nothing"
+
+
+def test_check_says_when_no_training_example_is_left(tmp_path, data_tokenizer_dir, cli):
+    recipe = chat_recipe(tmp_path, format={"plugin": "chatml"}, train={"max_length": 8})
+    code, out, err = cli("check", recipe, "--tokenizer", data_tokenizer_dir, "--show", "1")
+    assert code == 2 and "Traceback" not in err, err
+    assert "longer than 8 tokens: dropped" in out
+    assert "no training example is left" in err and "lorakit run` would stop" in err, err
+    assert "max_length" in err

@@ -165,3 +165,14 @@ def test_export_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a run folder nor a model folder" in capsys.readouterr().err
     assert not list(Path(tmp_path).iterdir())
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-0.5"),
+     ("--top-p", "nan"), ("--top-p", "0"), ("--top-p", "1.5")],
+)  # fmt: skip
+def test_generate_refuses_non_finite_or_negative_sampling_settings(tmp_path, cli, flag, value):
+    code, _, err = cli("generate", tmp_path, "--prompt", "hi", flag, value)
+    assert code == 2
+    assert flag in err and repr(value) in err and "Traceback" not in err

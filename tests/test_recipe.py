@@ -174,3 +174,37 @@ def test_run_name_cannot_escape_the_output_folder(tmp_path, name):
 def test_ordinary_run_names_are_accepted(tmp_path):
     for name in ("run1", "smollm2_qlora-v2.1", "A"):
         assert load_recipe(write(tmp_path, GOOD), [f'output.name="{name}"']).name == name
+
+
+def test_an_unknown_optimizer_is_a_recipe_error_naming_the_allowed_ones(tmp_path):
+    found = problems(tmp_path, GOOD, 'train.optim="bogus"')
+    assert len(found) == 1 and found[0].startswith("[train].optim"), found
+    assert "'bogus'" in found[0] and "adamw_torch" in found[0] and "paged_adamw_8bit" in found[0]
+
+
+def test_the_optimizer_table_matches_transformers():
+    from lorakit.sections import OPTIMIZERS
+    from transformers.training_args import OptimizerNames
+
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+def test_a_seed_past_32_bits_is_a_recipe_error(tmp_path):
+    found = problems(tmp_path, GOOD, "train.seed=4294967296")
+    assert len(found) == 1 and found[0].startswith("[train].seed"), found
+    assert "2**32-1" in found[0]
+    assert load_recipe(write(tmp_path, GOOD), ["train.seed=4294967295"]).train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("epochs", ["nan", "inf", "-inf", "-1.0"])
+def test_epochs_must_be_a_finite_positive_number(tmp_path, epochs):
+    found = problems(tmp_path, GOOD, "train.max_steps=-1", f"train.num_train_epochs={epochs}")
+    assert len(found) == 1 and "num_train_epochs" in found[0], found
+    assert found[0].startswith("[train]"), found
+
+
+def test_a_negative_eval_max_examples_is_a_recipe_error(tmp_path):
+    found = problems(tmp_path, GOOD, "eval.max_examples=-1")
+    assert len(found) == 1 and found[0].startswith("[eval].max_examples"), found
+    assert "0 or more" in found[0]
+    assert load_recipe(write(tmp_path, GOOD), ["eval.max_examples=0"]).eval.max_examples == 0

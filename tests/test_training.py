@@ -406,3 +406,18 @@ def test_resuming_another_runs_checkpoint_says_how(tmp_path, tiny_model_dir, cha
     )
     assert code == 2 and "belongs to the run in" in err and "output.name='origin'" in err
     assert "Traceback" not in err and not (tmp_path / "runs" / "elsewhere").exists()
+
+
+def test_resuming_a_run_of_another_lorakit_version_says_so_once(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "old"')
+    common = ("train.max_steps=2", "train.save_steps=2", 'eval.metrics=["eval_loss"]')
+    assert cli("run", recipe, *common)[0] == 0
+    run = tmp_path / "runs" / "old"
+    state = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**state, "lorakit_version": "0.0.1"}))
+    (run / "adapter" / "adapter_model.safetensors").unlink()  # as if killed while saving
+    code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
+    assert code == 0, err
+    assert err.count("made by lorakit 0.0.1") == 1, err

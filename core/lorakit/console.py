@@ -17,3 +17,17 @@ def say(msg: str) -> None:
     from lorakit.secrets import mask
 
     print(f"[lorakit] {mask(msg)}", file=sys.stderr, flush=True)
+
+
+_noted_versions: set[str] = set()
+
+
+def note_other_version(made_by: object, what: str) -> None:
+    """Say once per ``what`` that it was made by another lorakit version (not refused: the
+    formats are meant to carry over, but a difference in results may come from it)."""
+    from lorakit import __version__
+
+    if not isinstance(made_by, str) or made_by == __version__ or what in _noted_versions:
+        return
+    _noted_versions.add(what)
+    say(f"note: {what} was made by lorakit {made_by}; this is lorakit {__version__}")

@@ -113,15 +113,22 @@ def prepare_inference(
     from lorakit.device import resolve_device
     from lorakit.modeling import load_tokenizer, resolve_model
 
+    ref = ref or resolve_model(components.model_source, recipe.model.name)
     if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        # the adapter's copy of the tokenizer needs the same trust as the model it came from
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(adapter_dir), trust_remote_code=ref.trust_remote_code
+        )
     else:
-        ref = ref or resolve_model(components.model_source, recipe.model.name)
         tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
     meta = read_meta(adapter_dir) if adapter_dir else {}
+    if adapter_dir is not None:
+        from lorakit.console import note_other_version
+
+        note_other_version(meta.get("lorakit_version"), f"the adapter in {adapter_dir}")
     eot = meta.get("end_of_turn") or formatter.end_of_turn(tokenizer)
     return Loaded(
         recipe=recipe,

@@ -157,30 +157,48 @@ def release_weights_file(model: Any) -> int:
     return copied
 
 
+def _linear_names(model: Any) -> list[str]:
+    import torch
+
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def _check_target_modules(model: Any, targets: Any) -> None:
+    """Every name in a list of ``target_modules`` matches a module (as PEFT matches: the full
+    name or its last dotted parts); PEFT itself only fails when none matches."""
+    if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT's rules
+        return
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ModelError(
+            f"{', '.join(map(repr, sorted(unmatched)))} in target_modules matches no module "
+            "of this model",
+            where="[peft].target_modules",
+            fix=f'use "all-linear" or some of: {", ".join(_linear_names(model))}',
+        )
+
+
 def attach_new_adapter(model: Any, peft_method: PeftMethod, seed: int) -> Any:
     """Wrap ``model`` with a freshly initialised adapter of ``peft_method`` (seeded, so init is
-    reproducible)."""
+    reproducible). Each name in a ``target_modules`` list must match a module of ``model``."""
     import torch
     from peft import get_peft_model
 
     config = peft_method.peft_config()
+    _check_target_modules(model, getattr(config, "target_modules", None))
     torch.manual_seed(seed)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
         if "target modules" not in str(exc).lower():
             raise
-        names = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear)
-            }
-        )
         raise ModelError(
             f"[peft].target_modules names no module of this model ({exc})",
             where="[peft].target_modules",
-            fix=f'use "all-linear" or some of: {", ".join(names)}',
+            fix=f'use "all-linear" or some of: {", ".join(_linear_names(model))}',
         ) from exc
 
 

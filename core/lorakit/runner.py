@@ -7,10 +7,11 @@ from typing import Any
 
 from lorakit import __version__, distributed
 from lorakit.components import Components
-from lorakit.console import say
+from lorakit.console import note_other_version, say
 from lorakit.data.pipeline import (
     DataReport,
     load_splits,
+    require_training_examples,
     supervised_share,
     tokenize_examples,
     write_splits,
@@ -73,6 +74,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     # 2. Read the data and split it deterministically (every rank: it is cheap and identical).
     report = DataReport()
     splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
+    require_training_examples(splits, recipe.data)
     if checkpoint is not None:
         distributed.on_main(lambda: _same_data(run, splits.fingerprint))
 
@@ -246,7 +248,9 @@ def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
     changed = run.resume_changes(recipe.resolved())
-    started = read_json(run.run_json).get("batch", {}).get("world_size", 1)
+    started_by = read_json(run.run_json)
+    note_other_version(started_by.get("lorakit_version"), str(run.path))
+    started = started_by.get("batch", {}).get("world_size", 1)
     if started != world_size():
         raise RunError(
             f"{run.path} was trained by {started} process(es), this resume has {world_size()}",

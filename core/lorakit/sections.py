@@ -33,6 +33,44 @@ def _run_name(_inst, attribute, value):
         )
 
 
+# transformers' ``OptimizerNames`` values, kept here so that ``lorakit check`` validates
+# ``train.optim`` without importing transformers; a test compares this with transformers.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit",
+    "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+    "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+    "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+    "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw",
+    "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw",
+)  # fmt: skip
+
+# numpy and torch seeds must fit an unsigned 32-bit integer.
+MAX_SEED = 2**32 - 1
+
+
+def _optimizer(_inst, attribute, value):
+    if value not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {value!r}; use one of transformers' optimizers: "
+            + ", ".join(OPTIMIZERS)
+        )
+
+
+def _seed(_inst, attribute, value):
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be between 0 and 2**32-1 ({MAX_SEED}), got {value}")
+
+
+def _not_negative_count(_inst, attribute, value):
+    if value < 0:
+        raise ValueError(
+            f"must be 0 or more, got {value}; leave it unset to score every example (0 scores none)"
+        )
+
+
 def _fraction(_inst, attribute, value):
     if not 0.0 <= value < 1.0:
         raise ValueError(f"must be at least 0 and below 1, got {value}")
@@ -67,10 +105,12 @@ class DataSection:
 
 @attrs.frozen
 class TrainSection:
-    seed: int = option(42, doc="seeds LoRA init, dropout and data order", validator=v.ge(0))
+    seed: int = option(
+        42, doc="seeds LoRA init, dropout and data order (0 to 2**32-1)", validator=_seed
+    )
     max_steps: int = option(-1, doc="optimizer steps to run; -1 means use num_train_epochs")
     num_train_epochs: float = option(
-        1.0, doc="passes over the training split (when max_steps is -1)"
+        1.0, doc="passes over the training split (when max_steps is -1)", validator=_finite
     )
     per_device_train_batch_size: int = option(
         4, doc="micro-batch size per device", validator=v.ge(1)
@@ -93,6 +133,7 @@ class TrainSection:
     optim: str = option(
         "adamw_torch",
         doc="optimizer name understood by transformers (e.g. paged_adamw_8bit on GPU)",
+        validator=_optimizer,
     )
     logging_steps: int = option(1, doc="log loss every N steps", validator=v.ge(1))
     save_steps: int = option(50, doc="write a checkpoint every N steps", validator=v.ge(1))
@@ -126,7 +167,10 @@ class TrainSection:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be a positive number of steps, or -1 for epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+            raise ValueError(
+                f"num_train_epochs must be above 0 when max_steps is -1, got "
+                f"{self.num_train_epochs}; set num_train_epochs > 0 or max_steps > 0"
+            )
 
 
 @attrs.frozen
@@ -141,7 +185,9 @@ class EvalSection:
     )
     batch_size: int = option(8, doc="batch size for generation", validator=v.ge(1))
     max_examples: int | None = option(
-        None, doc="evaluate at most N examples per split (unset: all)"
+        None,
+        doc="evaluate at most N examples per split (unset: all; 0: score no example)",
+        validator=v.optional(_not_negative_count),
     )
     baseline: bool = option(True, doc="also score the base model without the adapter")
     metric_options: dict[str, dict] = option(

@@ -15,8 +15,13 @@ from pathlib import Path
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
 from lorakit.components import build_components
-from lorakit.data.pipeline import DataReport, load_splits
-from lorakit.errors import LorakitError, printable
+from lorakit.data.pipeline import (
+    DataReport,
+    load_splits,
+    require_training_examples,
+    tokenize_examples,
+)
+from lorakit.errors import DataError, LorakitError, printable
 from lorakit.launch_config import check_launch_config, is_launch_config
 from lorakit.recipe import load_recipe
 from lorakit.secrets import credentials_warning, masked_keys
@@ -75,6 +80,7 @@ def run(args) -> int:
         f"splits: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}"
         f" (fingerprint {splits.fingerprint})"
     )
+    require_training_examples(splits, recipe.data)
     folder: Path | None
     if args.tokenizer:
         folder, note = Path(args.tokenizer), ""
@@ -98,7 +104,21 @@ def run(args) -> int:
         )
         for block in show(splits.train[: args.show], formatter, tokenizer, color):
             print(block)
+    if stats.report.dropped and not _kept_training_rows(splits.train, formatter, tokenizer, recipe):
+        raise DataError(
+            "no training example is left after formatting: `lorakit run` would stop",
+            where="[data]",
+            fix="every training example is dropped (reasons above): raise train.max_length, "
+            "shorten the examples, or add examples that fit",
+        )
     return 0
+
+
+def _kept_training_rows(train, formatter, tokenizer, recipe) -> int:
+    """How many training examples survive formatting, as ``run`` counts them (only computed
+    when the lint dropped some)."""
+    t = recipe.train
+    return len(tokenize_examples(train, formatter, tokenizer, t.max_length, "drop", DataReport()))
 
 
 def _print_launch(result: tuple[str, list[str]]) -> None:

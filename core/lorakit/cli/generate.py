@@ -9,13 +9,31 @@ adapter on top, and prompts are rendered by the run's formatter. MODEL_DIR is a 
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lorakit.contracts import Message
 from lorakit.errors import DataError, RunError
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a temperature: use 0 (greedy) or a finite number above 0 (sample)"
+        )
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a top-p: use a number in (0, 1]")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -40,10 +58,10 @@ def add_parser(sub) -> None:
         "--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)"
     )
     p.add_argument(
-        "--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample"
+        "--temperature", type=_temperature, default=0.0, help="0 (default): greedy; above 0: sample"
     )
     p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling"
+        "--top-p", type=_top_p, default=1.0, help="nucleus sampling threshold when sampling"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")

@@ -140,6 +140,20 @@ def read_examples(
     return examples
 
 
+def require_training_examples(splits: Splits, data: DataSection) -> None:
+    """Stop before anything is written when the train split is empty (``check`` and ``run``)."""
+    if splits.train:
+        return
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    raise DataError(
+        f"the train split is empty: the {total} examples read went to val "
+        f"({len(splits.val)}) and test ({len(splits.test)})",
+        where="[data]",
+        fix=f"add more examples, or lower data.val_fraction ({data.val_fraction:g}) and "
+        f"data.test_fraction ({data.test_fraction:g}), e.g. to 0 for a tiny data set",
+    )
+
+
 def load_splits(
     sources: Sequence[SourceComponent],
     data: DataSection,
