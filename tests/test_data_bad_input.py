@@ -228,7 +228,9 @@ def test_on_error_skip_counts_and_lists_each_skip(case, tmp_path, cli):
         else lines(chat("other", ("user", "q"), ("assistant", "a")))
     )
     extra = {"plugin": table["plugin"], "path": "more.jsonl"}
-    recipe = write_recipe(tmp_path, [table, extra], data={"on_error": "skip"})
+    # one good record left: it must stay in train, or check stops on an empty train split
+    data = {"on_error": "skip", "val_fraction": 0.0, "test_fraction": 0.0}
+    recipe = write_recipe(tmp_path, [table, extra], data=data)
     code, out, err = cli("check", str(recipe))
     assert code == 0, err
     assert "skipped 1 bad records" in out
