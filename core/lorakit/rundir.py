@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -141,8 +142,10 @@ class RunDir:
             "overrides": overrides,
         }
         history = []
+        run_id = uuid.uuid4().hex  # named in each checkpoint's marker: a copied one is foreign
         if restarted and self.exists():
             before = read_json(self.run_json)
+            run_id = before.get("run_id") or run_id
             history = [
                 *before["history"],
                 {"event": "stopped before a checkpoint", "config_hash": before.get("config_hash")},
@@ -151,6 +154,7 @@ class RunDir:
             self.run_json,
             {
                 "lorakit_version": __version__,
+                "run_id": run_id,
                 "config_hash": config_hash,
                 "recipe_path": str(recipe_path),
                 # processes, per-device batch, accumulation, global batch (distributed.batch_plan)
@@ -340,6 +344,11 @@ class RunDir:
         )
         write_json(self.run_json, info)
 
+    def run_id(self) -> str | None:
+        """The id each of this run's checkpoint markers names (None for runs older than it)."""
+        value = read_json(self.run_json).get("run_id") if self.exists() else None
+        return value if isinstance(value, str) else None
+
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints with a completeness marker, oldest first."""
         if not self.checkpoints.is_dir():
@@ -378,7 +387,7 @@ class RunDir:
                 for unfinished in self._unfinished_after(done[-1] if done else None):
                     on_skip(unfinished, f"no {COMPLETE} marker (its save was interrupted)")
             for candidate in reversed(done):
-                problem = checkpoint_problem(candidate)
+                problem = checkpoint_problem(candidate, self.run_id())
                 if problem is None:
                     return candidate
                 if on_skip is not None:
@@ -409,7 +418,7 @@ class RunDir:
                 f"checkpoint {path} is incomplete (no {COMPLETE} marker)",
                 fix="the process was probably killed while saving; resume from an earlier checkpoint",
             )
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, self.run_id())
         if problem is not None:
             raise RunError(
                 f"checkpoint {path} is damaged: {problem}",
