@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
@@ -76,7 +77,7 @@ def test_a_safetensors_header_that_lies_is_refused_and_skipped(
     # two neighbours of one size, the second not the last: pointing it at the first one's
     # bytes keeps every size and the file's length right
     (a, _), (_, second) = next(
-        (x, y) for x, y in zip(spans, spans[1:-1]) if x[0][1] - x[0][0] == y[0][1] - y[0][0]
+        (x, y) for x, y in itertools.pairwise(spans[:-1]) if x[0][1] - x[0][0] == y[0][1] - y[0][0]
     )
     with_header(weights, list(head.values()), original)
     refused(cli, recipe, ckpt, "adapter_model.safetensors", "not an object")

@@ -4,9 +4,9 @@ training RNG across evaluations, and one readable line per logged step."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-import json
 from pathlib import Path
 from typing import Any
 

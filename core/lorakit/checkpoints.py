@@ -19,7 +19,7 @@ __all__ = ["checkpoint_problem", "checkpoint_step", "pickle_problem", "safetenso
 CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
 # under FSDP with FULL_STATE_DICT accelerate writes the gathered optimizer state here instead
 FSDP_OPTIMIZER = "optimizer.bin"
-MARKER = "LORAKIT_COMPLETE"  # written last; names the step and the run (rundir.COMPLETE)
+MARKER = "LORAKIT_COMPLETE"  # written last; names the step and the run
 
 
 def checkpoint_problem(folder: Path, run_id: str | None = None) -> str | None:

@@ -11,7 +11,7 @@ Layout::
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
     data/splits/         train/val/test.jsonl (lorakit prepare, and every run)
     metrics.jsonl        one JSON object per logged step (loss, lr, grad norm, eval loss)
-    checkpoints/checkpoint-N/   trainer checkpoints; LORAKIT_COMPLETE is written last
+    checkpoints/checkpoint-N/   trainer checkpoints; LORAKIT_COMPLETE (step, run id) written last
     adapter/             the final adapter + tokenizer (+ chat template)
 
 A run folder that holds ``run.json`` belongs to a run: it is never overwritten. Resume it
@@ -25,18 +25,18 @@ import json
 import os
 import re
 import shutil
-import uuid
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.checkpoints import checkpoint_problem
+from lorakit.checkpoints import MARKER, checkpoint_problem
 from lorakit.errors import RunError
 from lorakit.secrets import mask
 
-COMPLETE = "LORAKIT_COMPLETE"
+COMPLETE = MARKER  # written last in each checkpoint: "step N" and "run <run_id>"
 # Claim files this process holds locked (path -> open descriptor), while its run runs.
 _HELD: dict[str, int] = {}
 # Settings a resume may change (prefixes of resolved keys): how long to train, how often to
