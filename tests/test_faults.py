@@ -263,10 +263,13 @@ def test_resuming_garbage_weights_stops_on_non_finite_gradients(
     assert not (run / "checkpoints" / "checkpoint-4").exists()
 
 
-def test_a_non_finite_adapter_is_never_saved(tmp_path, tiny_model_dir, chat_file, cli):
+def test_a_non_finite_adapter_is_never_saved(tmp_path, tiny_model_dir, chat_file, cli, monkeypatch):
     """A finished run whose last checkpoint holds NaN weights (stopped while saving the
-    adapter): finishing it refuses to write the NaN adapter."""
+    adapter): resume skips that checkpoint, and past that check, finishing it refuses to write
+    the NaN adapter."""
     import shutil
+
+    import lorakit.rundir
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "nan"')
     args = ["run", str(recipe), "train.max_steps=2", "train.save_steps=2"]
@@ -274,6 +277,11 @@ def test_a_non_finite_adapter_is_never_saved(tmp_path, tiny_model_dir, chat_file
     run = tmp_path / "runs" / "nan"
     shutil.rmtree(run / "adapter")
     _damage(run / "checkpoints" / "checkpoint-2", "lora_B", float("nan"))
+    code, _, err = cli(*args, "--resume-from-checkpoint", "auto")
+    assert code == 2 and "skipping checkpoint-2: adapter_model.safetensors" in err, err
+    assert "NaN or Inf values" in err and not (run / "adapter").exists()
+    # the checkpoint check aside, the save itself refuses the weights
+    monkeypatch.setattr(lorakit.rundir, "checkpoint_problem", lambda *a, **k: None)
     code, _, err = cli(*args, "--resume-from-checkpoint", "auto")
     assert not (run / "adapter").exists() and not list(run.glob(".adapter.tmp-*"))
     assert code == 2, err

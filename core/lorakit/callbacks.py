@@ -4,6 +4,7 @@ training RNG across evaluations, and one readable line per logged step."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -43,7 +44,12 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
                 return
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                (ckpt / COMPLETE).write_text(f"step {state.global_step}\n")
+                run_json = Path(args.output_dir).parent / "run.json"
+                run_id = (
+                    json.loads(run_json.read_text()).get("run_id") if run_json.is_file() else None
+                )
+                owner = f"run {run_id}\n" if run_id else ""  # resume checks it (rundir.run_id)
+                (ckpt / COMPLETE).write_text(f"step {state.global_step}\n{owner}")
                 rotate(Path(args.output_dir), state.global_step, keep)
 
     class StopNonFinite(TrainerCallback):

@@ -1,35 +1,41 @@
-"""Checkpoint folders: are they whole, which step they hold, and loading one's adapter.
+"""Checkpoint folders: are they whole, which step and run they hold, and loading one's adapter.
 
-``checkpoint_problem`` reads only JSON, safetensors headers and zip checksums: no torch import
-and nothing unpickled, so ``--resume-from-checkpoint auto`` can skip a damaged checkpoint before
-anything loads it.
+``checkpoint_problem`` reads JSON, the adapter's safetensors (header and float bits), zip
+checksums and pickles through an unpickler that calls nothing: no torch import, so
+``--resume-from-checkpoint auto`` can skip a damaged checkpoint before anything loads it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from lorakit.checkpoint_files import pickle_problem, safetensors_problem
+
+__all__ = ["checkpoint_problem", "checkpoint_step", "pickle_problem", "safetensors_problem"]
+
 CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
 # under FSDP with FULL_STATE_DICT accelerate writes the gathered optimizer state here instead
 FSDP_OPTIMIZER = "optimizer.bin"
+MARKER = "LORAKIT_COMPLETE"  # written last; names the step and the run
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (truncated or unreadable files), or None.
-
-    Reads only headers, JSON and zip checksums: no torch import, no unpickling.
+def checkpoint_problem(folder: Path, run_id: str | None = None) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: unreadable or truncated files, a step
+    that is not its folder's, NaN/Inf adapter weights, a pickle that names code, or (given the
+    run's ``run_id``) a marker written by another run.
     """
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"trainer_state.json is unreadable ({type(exc).__name__})"
+    problem = _state_problem(folder)
+    if problem:
+        return problem
+    if run_id is not None:
+        owner = marker_run_id(folder)
+        if owner != run_id:
+            return f"it was written by another run ({owner or 'no run id in its marker'})"
     weights = folder / "adapter_model.safetensors"
-    problem = safetensors_problem(weights)
+    problem = safetensors_problem(weights, check_values=True)
     if problem:
         return f"{weights.name}: {problem}"
     for name in CHECKPOINT_PICKLES:
@@ -53,97 +59,33 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-# What a checkpoint's pickles may name: tensors, storages, numpy arrays (the RNG states) and
-# plain containers. Anything else (os.system, builtins.eval, ...) would run code when loaded.
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch", "Size"),
-    ("torch", "device"),
-}
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"}
-_STRING_OPS |= {"SHORT_BINSTRING", "BINSTRING"}
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
-def _safe_global(module: str, name: str) -> bool:
-    if (module, name) in _SAFE_GLOBALS:
-        return True
-    if module == "torch._utils" and name.startswith("_rebuild_"):
-        return True
-    if module == "numpy.dtypes" and name.endswith("DType"):
-        return True
-    if module == "torch":
-        return bool(re.fullmatch(r"[A-Za-z0-9]*Storage|u?int\d+|float\d+|bfloat16|bool", name))
-    return False
-
-
-def pickle_problem(path: Path) -> str | None:
-    """Names a global in a torch zip file's pickle that is not a tensor/array building block.
-
-    Read with :mod:`pickletools` (nothing is unpickled, torch is not imported): a checkpoint
-    that names e.g. ``os.system`` was not written by a training run.
-    """
-    import pickletools
-
+def _state_problem(folder: Path) -> str | None:
+    """trainer_state.json parses (strict JSON) and its global_step is the folder's N."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(".pkl")]
-            blobs = [z.read(n) for n in names]
-    except (OSError, zipfile.BadZipFile) as exc:
-        return f"unreadable ({exc})"
-    for blob in blobs:
-        strings: list[str] = []
-        memo: dict[int, str] = {}
-        try:
-            for op, arg, _ in pickletools.genops(blob):
-                if op.name in _STRING_OPS:
-                    strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
-                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                    memo[int(arg or 0)] = strings[-1]
-                elif op.name == "MEMOIZE" and strings:
-                    memo[len(memo)] = strings[-1]
-                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg or 0) in memo:
-                    strings.append(memo[int(arg or 0)])
-                elif op.name in ("GLOBAL", "INST"):
-                    module, _, name = str(arg).partition(" ")
-                    if not _safe_global(module, name):
-                        return f"its pickle names {module}.{name}, which runs code when loaded"
-                elif op.name == "STACK_GLOBAL":
-                    module, name = strings[-2:] if len(strings) >= 2 else ("?", "?")
-                    if not _safe_global(module, name):
-                        return f"its pickle names {module}.{name}, which runs code when loaded"
-        except (ValueError, IndexError) as exc:
-            return f"its pickle is malformed ({exc})"
+        text = (folder / "trainer_state.json").read_text(encoding="utf-8")
+        state = json.loads(text, parse_constant=_refuse_constant)
+        step = state["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"trainer_state.json is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"trainer_state.json: global_step {step!r} is not a step number"
+    named = folder.name.rpartition("-")[2]
+    if named.isdigit() and int(named) != step:
+        return f"trainer_state.json: global_step {step} is not the folder's step {named}"
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is whole when its header parses and the data ends where it says."""
+def marker_run_id(folder: Path) -> str | None:
+    """The run id a checkpoint's completeness marker names (``run <id>``), or None."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                return "missing or truncated header"
-            n = int.from_bytes(raw, "little")
-            if n > 100_000_000:
-                return "header too large"
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing"
-    except (OSError, ValueError) as exc:
-        return f"unreadable header ({type(exc).__name__})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if not ends:
-        return "holds no tensors"
-    if size != 8 + n + max(ends):
-        return f"truncated ({size} bytes, the header describes {8 + n + max(ends)})"
-    return None
+        lines = (folder / MARKER).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((ln.split(None, 1)[1] for ln in lines if ln.startswith("run ")), None)
 
 
 def checkpoint_step(checkpoint: Path) -> int:

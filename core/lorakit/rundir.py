@@ -11,7 +11,7 @@ Layout::
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
     data/splits/         train/val/test.jsonl (lorakit prepare, and every run)
     metrics.jsonl        one JSON object per logged step (loss, lr, grad norm, eval loss)
-    checkpoints/checkpoint-N/   trainer checkpoints; LORAKIT_COMPLETE is written last
+    checkpoints/checkpoint-N/   trainer checkpoints; LORAKIT_COMPLETE (step, run id) written last
     adapter/             the final adapter + tokenizer (+ chat template)
 
 A run folder that holds ``run.json`` belongs to a run: it is never overwritten. Resume it
@@ -26,16 +26,17 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.checkpoints import checkpoint_problem
+from lorakit.checkpoints import MARKER, checkpoint_problem
 from lorakit.errors import RunError
 from lorakit.secrets import mask
 
-COMPLETE = "LORAKIT_COMPLETE"
+COMPLETE = MARKER  # written last in each checkpoint: "step N" and "run <run_id>"
 # Claim files this process holds locked (path -> open descriptor), while its run runs.
 _HELD: dict[str, int] = {}
 # Settings a resume may change (prefixes of resolved keys): how long to train, how often to
@@ -141,8 +142,10 @@ class RunDir:
             "overrides": overrides,
         }
         history = []
+        run_id = uuid.uuid4().hex  # named in each checkpoint's marker: a copied one is foreign
         if restarted and self.exists():
             before = read_json(self.run_json)
+            run_id = before.get("run_id") or run_id
             history = [
                 *before["history"],
                 {"event": "stopped before a checkpoint", "config_hash": before.get("config_hash")},
@@ -151,6 +154,7 @@ class RunDir:
             self.run_json,
             {
                 "lorakit_version": __version__,
+                "run_id": run_id,
                 "config_hash": config_hash,
                 "recipe_path": str(recipe_path),
                 # processes, per-device batch, accumulation, global batch (distributed.batch_plan)
@@ -340,6 +344,11 @@ class RunDir:
         )
         write_json(self.run_json, info)
 
+    def run_id(self) -> str | None:
+        """The id each of this run's checkpoint markers names (None for runs older than it)."""
+        value = read_json(self.run_json).get("run_id") if self.exists() else None
+        return value if isinstance(value, str) else None
+
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints with a completeness marker, oldest first."""
         if not self.checkpoints.is_dir():
@@ -378,7 +387,7 @@ class RunDir:
                 for unfinished in self._unfinished_after(done[-1] if done else None):
                     on_skip(unfinished, f"no {COMPLETE} marker (its save was interrupted)")
             for candidate in reversed(done):
-                problem = checkpoint_problem(candidate)
+                problem = checkpoint_problem(candidate, self.run_id())
                 if problem is None:
                     return candidate
                 if on_skip is not None:
@@ -409,7 +418,7 @@ class RunDir:
                 f"checkpoint {path} is incomplete (no {COMPLETE} marker)",
                 fix="the process was probably killed while saving; resume from an earlier checkpoint",
             )
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, self.run_id())
         if problem is not None:
             raise RunError(
                 f"checkpoint {path} is damaged: {problem}",
