@@ -30,3 +30,17 @@ def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
     with pytest.raises(DataError, match=expected) as info:
         read_prompts([], path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[1, 2]", '{"results": 3}', '{"results": [1]}', '{"results": [{"metrics": []}]}'],
+)
+def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):
+    report = tmp_path / "runs" / "r1" / "eval_report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(content)
+    code, out, err = cli("compare", str(tmp_path / "runs"))
+    assert code == 2, (out, err)
+    assert str(report) in err and "fix:" in err
+    assert "Traceback" not in err
