@@ -44,3 +44,31 @@ def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):
     assert code == 2, (out, err)
     assert str(report) in err and "fix:" in err
     assert "Traceback" not in err
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n"
+    for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_a_yaml_alias_bomb_in_markdown_front_matter_is_refused(tmp_path):
+    front, message = BOMB, "uses a YAML alias"
+    import subprocess
+    import sys
+
+    from helpers import write_recipe
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(f"---\n{front}---\n# A\n\nSome text.\n")
+    recipe = write_recipe(tmp_path, [{"plugin": "markdown", "path": "docs"}])
+    main = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", main, "check", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=120,  # the 400-byte alias bomb expanded for minutes, then ran out of memory
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "a.md" in proc.stderr
+    assert "Traceback" not in proc.stderr
