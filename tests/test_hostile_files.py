@@ -72,3 +72,36 @@ def test_a_yaml_alias_bomb_in_markdown_front_matter_is_refused(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "a.md" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 32 levels deep"),
+        (BOMB, "a YAML alias"),
+    ],
+    ids=["nested 5000 deep", "alias bomb"],
+)
+def test_a_hostile_launch_config_is_refused(content, message, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import write_recipe
+
+    (tmp_path / "data.jsonl").write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"},'
+        ' {"role": "assistant", "content": "yo"}]}\n'
+    )
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "data.jsonl"}])
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(content)
+    main = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", main, "check", str(recipe), "--launch-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "accelerate.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
