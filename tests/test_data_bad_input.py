@@ -350,3 +350,11 @@ def test_split_files_hold_strict_json_only(tmp_path):
             write_splits(tmp_path / "splits", Splits(train=[ex], val=[], test=[]))
         assert "s.jsonl:3" in str(info.value)
         assert not any((tmp_path / "splits").iterdir()), "nothing half-written is left"
+
+
+def test_a_data_file_with_a_byte_order_mark_is_read(tmp_path, cli):
+    """Editors that write a BOM in recipes write one in data files too; both are read."""
+    recipe = write_recipe(tmp_path, [chat_file(b"\xef\xbb\xbf" + lines(GOOD))(tmp_path)])
+    code, out, err = cli("check", str(recipe))
+    assert code == 0, err
+    assert "splits: train" in out

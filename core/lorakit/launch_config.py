@@ -62,6 +62,29 @@ def is_launch_config(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
+MAX_DEPTH = 32  # accelerate configs nest two levels (fsdp_config: ...)
+
+
+def _refuse_aliases_and_depth(path: Path, text: str) -> None:
+    """Walk the YAML events (JSON is YAML) before building anything: nothing is expanded, nothing
+    recurses. An alias can turn a few hundred bytes into billions of items, and nesting
+    thousands deep exhausts the recursion limit; an accelerate config needs neither."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        at = f"{path}:{event.start_mark.line + 1}" if event.start_mark is not None else str(path)
+        problem = None
+        if isinstance(event, yaml.AliasEvent):
+            problem = "a YAML alias (*name)\n    fix: write the value out instead"
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                problem = f"nested more than {MAX_DEPTH} levels deep\n    fix: flatten it"
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if problem:
+            raise LaunchConfigError([f"{at}: {problem}"], source=str(path))
+
+
 def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The config as accelerate reads it, and the line of every key (``fsdp_config.x``)."""
     try:
@@ -74,6 +97,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
             "config file (accelerate config writes one; configs/ has an FSDP example)",
         ) from None
     try:
+        _refuse_aliases_and_depth(path, text)
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         lines = _lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except json.JSONDecodeError as exc:

@@ -29,6 +29,7 @@ from lorakit.sections import (
     OutputSection,
     TrainSection,
 )
+from lorakit.toml_limits import limit_problems, parse_failure, scan_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,6 +150,8 @@ def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
             [f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]
         ) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+    if reason := scan_problem(text):
+        raise RecipeError([f"{path}: {reason}"])
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -158,6 +161,10 @@ def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
             (m.group(1), f"{path}:{m.group(2)}:{m.group(3)}") if m else (str(exc), str(path))
         )
         raise RecipeError([f"{where}: invalid TOML: {msg}"]) from None
+    except (RecursionError, ValueError) as exc:
+        if (reason := parse_failure(exc)) is None:
+            raise
+        raise RecipeError([f"{path}: {reason}"]) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -168,10 +175,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k.strip() for k in key.strip().split(".")]
     if not all(keys):
         raise RecipeError([f"override {item!r}: empty key in {key!r}"])
+    if reason := scan_problem(value):
+        raise RecipeError([f"override {key.strip()!r}: {reason}"])
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
+    except (RecursionError, ValueError) as exc:
+        if (reason := parse_failure(exc)) is None:
+            raise
+        raise RecipeError([f"override {key.strip()!r}: {reason}"]) from None
     return keys, parsed
 
 
@@ -257,7 +270,9 @@ def validate(
     data: dict[str, Any], catalog: Catalog, *, path: Path, text: str, overrides: Sequence[str] = ()
 ) -> Recipe:
     """Turn parsed TOML into a :class:`Recipe` or raise one RecipeError listing every problem."""
-    problems: list[str] = []
+    # Bounded first: every walk below (and the secret scan) recurses into the recipe.
+    if problems := limit_problems(data):
+        raise RecipeError(problems, source=str(path))
     _find_secrets(data, "", problems)
     for key in data:
         if key not in SECTIONS:

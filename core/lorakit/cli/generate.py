@@ -95,14 +95,34 @@ def _conversation(record: Any, where: str) -> list[Message]:
     return out
 
 
+MAX_PROMPT_FILE = 64 * 2**20  # prompts, not a data set: `lorakit eval` scores files that size
+
+
+def _prompt_lines(file: Path) -> list[str]:
+    """The lines of ``--file``; a FIFO or device (``/dev/zero``) is refused without being read."""
+    fix = "pass a regular text or .jsonl file to --file"
+    if not file.exists():
+        raise DataError(f"prompt file {file} does not exist", fix=fix)
+    if not file.is_file():
+        kind = "a directory" if file.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"prompt file {file} is {kind}", fix=fix)
+    if file.stat().st_size > MAX_PROMPT_FILE:
+        raise DataError(
+            f"prompt file {file} is over {MAX_PROMPT_FILE // 2**20} MiB",
+            fix="generate for fewer prompts at a time, or score a data set with lorakit eval",
+        )
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"prompt file {file} is not UTF-8 (byte {exc.start})", fix="save it as UTF-8"
+        ) from None
+
+
 def read_prompts(prompts: list[str], file: Path | None) -> list[list[Message]]:
     out = [[Message("user", p)] for p in prompts]
     if file is not None:
-        if not file.is_file():
-            raise DataError(
-                f"prompt file {file} does not exist", fix="pass an existing file to --file"
-            )
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = _prompt_lines(file)
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue

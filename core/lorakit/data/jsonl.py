@@ -119,6 +119,8 @@ def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]
                     "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
                 )
                 continue
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark, as recipes accept
             if not text.strip():
                 continue
             if lineno == 1 and text.lstrip().startswith("["):

@@ -106,10 +106,17 @@ class LiteTokenizer:
         )
 
 
+# A chat template runs in a sandbox with a budget: nested ``range`` loops cannot run for hours and
+# ``"x" * n`` cannot build gigabytes. Real templates loop over the messages and stay far below.
+TEMPLATE_LOOP_BUDGET = 1_000_000  # range() items per render, all loops together
+TEMPLATE_MAX_SIZE = 10_000_000  # characters (or items) one * or + may produce
+
+
 def chat_environment() -> Any:
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -117,9 +124,46 @@ def chat_environment() -> Any:
     def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, **kw: Any) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
-    env = ImmutableSandboxedEnvironment(
+    def size(x: Any) -> int:
+        return len(x) if isinstance(x, (str, bytes, list, tuple)) else 0
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+"})
+        budget = TEMPLATE_LOOP_BUDGET
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                n = right if isinstance(right, int) else left if isinstance(left, int) else 1
+                produced = max(size(left), size(right)) * n
+            else:
+                produced = size(left) + size(right)
+            if produced > TEMPLATE_MAX_SIZE:
+                raise SecurityError(
+                    f"the chat template builds a value of {produced:,} items"
+                    f" (lorakit's sandbox allows {TEMPLATE_MAX_SIZE:,})"
+                )
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args: int) -> Any:
+        for item in safe_range(*args):
+            env.budget -= 1
+            if env.budget < 0:
+                raise SecurityError(
+                    f"the chat template loops over more than {TEMPLATE_LOOP_BUDGET:,} range()"
+                    " items in one render (lorakit's sandbox limit)"
+                )
+            yield item
+
+    class BoundedTemplate(jinja2.Template):
+        def render(self, *args: Any, **kwargs: Any) -> str:
+            env.budget = TEMPLATE_LOOP_BUDGET
+            return super().render(*args, **kwargs)
+
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.globals["range"] = bounded_range
+    env.template_class = BoundedTemplate
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env

@@ -20,6 +20,27 @@ def find_reports(root: Path) -> list[Path]:
     )
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """An eval report, or a RunError naming the file when it is not one (no traceback later)."""
+    from lorakit.errors import RunError
+
+    fix = f"remove {path} or evaluate again (lorakit eval RUN_DIR) to rewrite it"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RunError(f"{path}: not a readable eval report ({exc})", fix=fix) from None
+    results = report.get("results", []) if isinstance(report, dict) else None
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("metrics", {}), dict) for r in results
+    ):
+        raise RunError(
+            f"{path}: not an eval report (expected an object whose results are objects"
+            " with a metrics table)",
+            fix=fix,
+        )
+    return report
+
+
 def _key(report: dict[str, Any], res: dict[str, Any]) -> tuple[Any, ...]:
     return (
         report.get("run"),
@@ -39,10 +60,7 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
     the copy nearest ``root`` is the one listed."""
     reports: list[tuple[Path, dict[str, Any]]] = []
     for path in find_reports(root):
-        try:
-            reports.append((path, json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, json.JSONDecodeError):
-            continue
+        reports.append((path, read_report(path)))
     owner: dict[tuple[Any, ...], Path] = {}
     for path, report in sorted(reports, key=lambda pr: len(pr[0].parts)):
         for res in report.get("results", []):

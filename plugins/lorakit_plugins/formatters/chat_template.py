@@ -79,7 +79,12 @@ class ChatTemplateFormatter:
         key = id(tokenizer)
         if key not in self._eot:
             self._check(tokenizer)
-            self._eot[key] = template_end_of_turn(tokenizer)
+            try:
+                if key not in self._fast:  # the bounded probe runs before transformers' render
+                    self._fast[key] = _compile_if_equivalent(tokenizer)
+                self._eot[key] = template_end_of_turn(tokenizer)
+            except _template_errors() as exc:
+                raise _template_failed(exc, tokenizer, "a probe conversation") from None
         return self._eot[key]
 
     def _apply(self, tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
@@ -104,11 +109,20 @@ class ChatTemplateFormatter:
 
     def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
         self._check(tokenizer)
-        return tokenizer.apply_chat_template(
-            self._with_system(messages), tokenize=False, add_generation_prompt=True
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                self._with_system(messages), tokenize=False, add_generation_prompt=True
+            )
+        except _template_errors() as exc:
+            raise _template_failed(exc, tokenizer, "the prompt") from None
 
     def render(self, example: Example, tokenizer: Any) -> Rendered:
+        try:
+            return self._render(example, tokenizer)
+        except _template_errors() as exc:
+            raise _template_failed(exc, tokenizer, f"example {example.id}") from None
+
+    def _render(self, example: Example, tokenizer: Any) -> Rendered:
         eot = self.end_of_turn(tokenizer)
         if example.messages is None:
             # Raw text: learn all of it, and to stop after it. BOS only where the tokenizer
@@ -158,6 +172,27 @@ class ChatTemplateFormatter:
         return Rendered(tuple(s for s in segments if s.text))
 
 
+def _template_errors() -> tuple[type[Exception], ...]:
+    """What a broken chat template raises: jinja's errors (syntax, undefined, sandbox, lorakit's
+    sandbox budget, ``raise_exception``) and the Python errors of its expressions."""
+    import jinja2
+
+    return (jinja2.TemplateError, TypeError, ValueError, ZeroDivisionError, OverflowError)
+
+
+def _template_failed(exc: Exception, tokenizer: Any, what: str) -> DataError:
+    line = getattr(exc, "lineno", None)
+    name = getattr(tokenizer, "name_or_path", "") or getattr(tokenizer, "folder", "")
+    source = f"{name or 'the tokenizer'}'s chat_template"
+    where = f"{source}{f' line {line}' if line else ''}, rendering {what}"
+    return DataError(
+        f"the chat template failed: {type(exc).__name__}: {exc}",
+        where=where,
+        fix='fix the template (tokenizer_config.json or chat_template.jinja), or use plugin = "chatml"'
+        " (or another fixed formatter) instead of the model's template",
+    )
+
+
 _PROBE = [
     {"role": "system", "content": "S1"},
     {"role": "user", "content": "U1 x"},
@@ -171,7 +206,7 @@ def _compile_if_equivalent(tokenizer: Any) -> Any:
     """A ``render(messages, add_generation_prompt)`` function using a compiled template, or None
     when it does not reproduce ``tokenizer.apply_chat_template`` exactly (then that is used)."""
     template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or "generation" in template:
+    if not isinstance(template, str):
         return None
     try:
         from lorakit.api import chat_environment
@@ -187,13 +222,22 @@ def _compile_if_equivalent(tokenizer: Any) -> Any:
 
         for n in range(1, len(_PROBE) + 1):
             for gen in (False, True):
+                # Rendered in lorakit's bounded sandbox first: transformers' own would run a
+                # template of nested range() loops for hours, or build "x" * 4e9 in memory.
+                got = render(_PROBE[:n], gen)
+                if "generation" in template:
+                    continue
                 want = tokenizer.apply_chat_template(
                     _PROBE[:n], tokenize=False, add_generation_prompt=gen
                 )
-                if render(_PROBE[:n], gen) != want:
+                if got != want:
                     return None
-        return render
-    except Exception:  # any template the fast path cannot handle goes through transformers
+        return None if "generation" in template else render
+    except Exception as exc:  # any template the fast path cannot handle goes through transformers
+        from jinja2.exceptions import SecurityError
+
+        if isinstance(exc, SecurityError):  # unsafe or over lorakit's budget: refused
+            raise
         return None
 
 

@@ -1,0 +1,107 @@
+"""Files that are not what a verb expects get a message naming the file, not a wrong one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "missing", "latin-1"])
+def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
+    from lorakit.cli.generate import read_prompts
+    from lorakit.errors import DataError
+
+    path = {"device": Path("/dev/zero")}.get(kind, tmp_path / "prompts.txt")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "latin-1":
+        path.write_bytes(b"caf\xe9\n")
+    expected = {
+        "device": "not a regular file",
+        "fifo": "not a regular file",
+        "directory": "is a directory",
+        "missing": "does not exist",
+        "latin-1": "not UTF-8",
+    }[kind]
+    with pytest.raises(DataError, match=expected) as info:
+        read_prompts([], path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[1, 2]", '{"results": 3}', '{"results": [1]}', '{"results": [{"metrics": []}]}'],
+)
+def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):
+    report = tmp_path / "runs" / "r1" / "eval_report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(content)
+    code, out, err = cli("compare", str(tmp_path / "runs"))
+    assert code == 2, (out, err)
+    assert str(report) in err and "fix:" in err
+    assert "Traceback" not in err
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n"
+    for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_a_yaml_alias_bomb_in_markdown_front_matter_is_refused(tmp_path):
+    front, message = BOMB, "uses a YAML alias"
+    import subprocess
+    import sys
+
+    from helpers import write_recipe
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(f"---\n{front}---\n# A\n\nSome text.\n")
+    recipe = write_recipe(tmp_path, [{"plugin": "markdown", "path": "docs"}])
+    main = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", main, "check", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=120,  # the 400-byte alias bomb expanded for minutes, then ran out of memory
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "a.md" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 32 levels deep"),
+        (BOMB, "a YAML alias"),
+    ],
+    ids=["nested 5000 deep", "alias bomb"],
+)
+def test_a_hostile_launch_config_is_refused(content, message, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import write_recipe
+
+    (tmp_path / "data.jsonl").write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"},'
+        ' {"role": "assistant", "content": "yo"}]}\n'
+    )
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "data.jsonl"}])
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(content)
+    main = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", main, "check", str(recipe), "--launch-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "accelerate.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
