@@ -286,3 +286,38 @@ def test_a_non_finite_adapter_is_never_saved(tmp_path, tiny_model_dir, chat_file
     assert not (run / "adapter").exists() and not list(run.glob(".adapter.tmp-*"))
     assert code == 2, err
     assert "NaN or Inf weights" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(tmp_path, tiny_model_dir, chat_file):
+    """``kill`` (SIGTERM) a real run once it has a complete checkpoint: it stops like Ctrl-C
+    (exit 130, the MLflow run closed as KILLED, not left RUNNING; no traceback), names what was
+    kept and the command that continues it."""
+    from mlflow.tracking import MlflowClient
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='[log]\nplugins = ["mlflow"]\n')
+    run = tmp_path / "runs" / "termed"
+    args = ["run", str(recipe), "output.name=termed", "train.max_steps=400", "train.save_steps=2"]
+    args += ['train.lr_scheduler_type="constant"']
+    proc = subprocess.Popen(lorakit(*args), env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "checkpoint-2" / "LORAKIT_COMPLETE").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "stopped;" in err and "(its newest complete checkpoint)" in err
+    line = err.split("continue with: ", 1)[1].splitlines()[0]
+    assert line.endswith("--resume-from-checkpoint auto") and "output.name=termed" in line
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
+    (found,) = client.search_runs(
+        [client.get_experiment_by_name("lorakit").experiment_id], "attributes.run_name = 'termed'"
+    )
+    assert found.info.status == "KILLED"

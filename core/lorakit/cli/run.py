@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
@@ -110,7 +113,12 @@ def run(args) -> int:
     if os.environ.get(PREFLIGHT_DONE) != "1":
         memory_preflight(args, recipe, components)
     try:
-        path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
+        with terminate_like_ctrl_c():
+            path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
+    except KeyboardInterrupt:
+        if is_main():
+            _say_what_was_kept(RunDir(recipe.run_dir), args)
+        raise
     except Exception as exc:
         # another rank was killed or crashed: one line here, the launcher names that rank
         stopped = lost_peer(exc)
@@ -122,3 +130,39 @@ def run(args) -> int:
     if is_main():
         print(f"done: {path}")
     return 0
+
+
+@contextlib.contextmanager
+def terminate_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) ends the run the way Ctrl-C does: loggers closed
+    as KILLED, what was kept and how to resume said, exit 130. Without this, Python's default
+    SIGTERM ends the process at once, silently, with trackers left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or "LOCAL_RANK" in os.environ:
+        yield  # under torchrun the launcher stops the ranks and reports (lorakit.launch)
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _say_what_was_kept(run: Any, args: Any) -> None:
+    import shlex
+
+    done = run.complete_checkpoints() if run.exists() else []
+    if not done:
+        say(f"stopped before the first checkpoint: {run.path} will start again from step 0")
+        return
+    line = shlex.join(["lorakit", "run", str(args.recipe), *args.overrides])
+    say(
+        f"stopped; {run.path} keeps {done[-1].name} (its newest complete checkpoint); "
+        f"continue with: {line} --resume-from-checkpoint auto"
+    )
