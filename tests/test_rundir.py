@@ -181,3 +181,17 @@ def test_a_planted_claim_link_is_never_written_through(tmp_path):
         RunDir.release_all()
     assert victim.read_text() == "keep me\n"
     assert not (run / "run.json").exists()
+
+
+def test_a_run_json_that_is_not_an_object_is_a_clear_error(tmp_path, cli):
+    """A damaged or hand-edited run.json (a list, or not JSON) is named with a fix by every
+    command that reads it, never a traceback (``rundir.read_json``)."""
+    run = tmp_path / "runs" / "damaged"
+    run.mkdir(parents=True)
+    for text, what in (("[1, 2]", "holds a JSON list, not an object"), ("{oops", "not valid JSON")):
+        (run / "run.json").write_text(text)
+        for verb in (("eval", str(run)), ("export", str(run))):
+            code, out, err = cli(*verb)
+            assert code == 2, (verb, err)
+            assert f"{run / 'run.json'}" in err and what in err, err
+            assert "Traceback" not in out + err

@@ -75,8 +75,23 @@ def write_json(path: Path, data: Any) -> None:
     _write_text(path, mask(text) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object lorakit wrote into a run folder (run.json, resolved.json, reports, an
+    adapter's lorakit.json). One that is not valid JSON, or not an object (edited by hand, or
+    damaged), is a ``RunError`` naming the file, not a traceback wherever it is read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        problem = f"is not valid JSON ({exc})"
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"holds a JSON {type(data).__name__}, not an object"
+    raise RunError(
+        f"{path} {problem}",
+        fix="lorakit writes this file itself: restore it from a copy, or delete the run folder "
+        "and train again",
+    )
 
 
 class RunDir:
@@ -144,11 +159,11 @@ class RunDir:
         history = []
         run_id = uuid.uuid4().hex  # named in each checkpoint's marker: a copied one is foreign
         if restarted and self.exists():
-            before = read_json(self.run_json)
-            run_id = before.get("run_id") or run_id
+            earlier = read_json(self.run_json)
+            run_id = earlier.get("run_id") or run_id
             history = [
-                *before["history"],
-                {"event": "stopped before a checkpoint", "config_hash": before.get("config_hash")},
+                *earlier["history"],
+                {"event": "stopped before a checkpoint", "config_hash": earlier.get("config_hash")},
             ]
         write_json(
             self.run_json,
