@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from profile_step import DTYPE_KEY  # the recipe key of each quant backend's dtype
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("json_match", "json_field_accuracy", "json_valid", "eval_loss")
-DTYPE_KEY = {"bnb-4bit": "compute_dtype", "bnb-8bit": "compute_dtype", "none": "dtype"}
 
 
 def quant_plugin(recipe: Path) -> str:
