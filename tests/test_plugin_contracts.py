@@ -217,3 +217,100 @@ def test_core_never_compares_with_a_built_in_plugin_name():
             if names and any("name" in t or "plugin" in t for t in map(ast.unparse, sides)):
                 found.append(f"{f.relative_to(REPO)}:{node.lineno} tests {names[0]!r}")
     assert not found, "\n".join(found)
+
+
+def _built(kind: str, name: str):
+    from lorakit.catalog import default_catalog
+
+    entry = default_catalog().get(kind, name)
+    required = {("model", "local"): {"path": "."}, ("model", "hub"): {"id": "org/model"}}
+    cls = entry.options_class
+    return entry.factory(cls(**required.get((kind, name), {})) if cls is not None else None)
+
+
+# plugin kind, name -> the optional capabilities the core asks it for
+CAPABILITIES = {
+    ("quant", "bnb-4bit"): {"FinishesLoading", "DescribesMemory", "ComputeDtypeSwitch"},
+    ("quant", "bnb-8bit"): {"DescribesMemory", "ComputeDtypeSwitch"},
+    ("quant", "none"): {"DescribesMemory", "ComputeDtypeSwitch"},
+    ("peft", "lora"): {"DescribesMemory"},
+    ("model", "smollm2-135m-instruct"): {"FindsTokenizer", "ReadsModelConfig"},
+    ("model", "local"): {"FindsTokenizer", "ReadsModelConfig"},
+    ("model", "hub"): {"FindsTokenizer", "ReadsModelConfig"},
+    ("formatter", "chatml"): {"HasSystemPrompt"},
+    ("formatter", "chat_template"): {"HasSystemPrompt"},
+    ("formatter", "instruction"): {"HasSystemPrompt"},
+    ("formatter", "mistral_inst"): {"HasSystemPrompt"},
+}
+OPTIONAL = [
+    "FinishesLoading",
+    "DescribesMemory",
+    "ComputeDtypeSwitch",
+    "FindsTokenizer",
+    "ReadsModelConfig",
+    "HasSystemPrompt",
+]
+
+
+@pytest.mark.parametrize(("kind", "name"), sorted(CAPABILITIES))
+def test_built_in_plugins_have_exactly_their_capabilities(kind, name):
+    """The core finds optional methods with ``isinstance(plugin, Capability)``: a built-in
+    plugin has the ones it implements and no other (a misspelt method would drop out here)."""
+    plugin = _built(kind, name)
+    has = {cap for cap in OPTIONAL if isinstance(plugin, getattr(api, cap))}
+    assert has == CAPABILITIES[(kind, name)]
+
+
+def test_capabilities_return_what_the_core_reads():
+    quant = _built("quant", "bnb-4bit")
+    assert quant.dtype_setting == ("compute_dtype", "auto")
+    assert _built("quant", "none").dtype_setting == ("dtype", "auto")
+    switched = quant.with_compute_dtype("fp32")
+    assert switched.dtype_setting == ("compute_dtype", "fp32")
+    assert set(quant.memory_spec()) == {"weights", "double_quant", "dtype"}
+    assert set(_built("peft", "lora").memory_spec()) >= {"r", "targets", "dora"}
+    assert _built("formatter", "chatml").system_prompt is None
+
+
+def test_metrics_are_one_of_two_kinds():
+    from lorakit.catalog import default_catalog
+
+    for entry in default_catalog().entries["metric"].values():
+        metric = entry.factory(entry.options_class() if entry.options_class else None)
+        assert metric.kind in ("loss", "generation"), entry.name
+        kind = api.LossMetric if metric.kind == "loss" else api.GenerationMetric
+        assert isinstance(metric, kind), entry.name
+
+
+def test_core_finds_optional_methods_by_type_not_by_name():
+    """No ``getattr``/``hasattr`` of a plugin method or option in the core: optional methods
+    are capabilities (``isinstance``), options the core needs are part of one. The catalog
+    alone reads the class attributes every plugin of a kind must have, to refuse a plugin
+    without them when it registers."""
+    watched = {
+        "finish_loading",
+        "memory_spec",
+        "tokenizer_folder",
+        "model_config",
+        "system_prompt",
+        "requires",
+        "compute_dtype",
+        "dtype",
+        "dtype_setting",
+        "quantizes",
+        "kind",
+        "higher_is_better",
+        "with_compute_dtype",
+    }
+    found = []
+    core = REPO / "core" / "lorakit"
+    for f in sorted(set(core.rglob("*.py")) - {core / "catalog.py"}):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            if node.func.id not in ("getattr", "hasattr") or len(node.args) < 2:
+                continue
+            attr = node.args[1]
+            if isinstance(attr, ast.Constant) and attr.value in watched:
+                found.append(f"{f.relative_to(REPO)}:{node.lineno} {node.func.id} {attr.value!r}")
+    assert not found, "\n".join(found)

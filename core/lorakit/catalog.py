@@ -26,6 +26,7 @@ import attrs
 import pluggy
 
 from lorakit import hookspecs
+from lorakit.contracts import METRIC_KINDS
 from lorakit.errors import PluginError, closest
 
 # plugin kind -> the catalog hook that fills it
@@ -245,7 +246,7 @@ def _class_attr_problem(kind: str, factory: Any) -> tuple[str, str] | None:
     if kind == "quant" and not isinstance(getattr(factory, "quantizes", None), bool):
         return "quantizes", "True or False (does the backend load quantized weights?)"
     if kind == "metric":
-        if getattr(factory, "kind", None) not in ("loss", "generation"):
+        if getattr(factory, "kind", None) not in METRIC_KINDS:
             return "kind", '"loss" or "generation"'
         if not isinstance(getattr(factory, "higher_is_better", None), bool):
             return "higher_is_better", "True or False"

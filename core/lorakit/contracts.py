@@ -125,12 +125,7 @@ class ModelSource(Configured, Protocol):
         """Return a loadable reference; raise ``ModelError`` with a fix when that is impossible."""
         ...
 
-    # Optional: ``tokenizer_folder() -> (Path | None, note)``: a local folder with the model's
-    # tokenizer.json, found cheaply (no download, no conversion), for torch-free `lorakit check`;
-    # ``note`` says why there is none yet.
-    # Optional: ``model_config() -> dict``: the model's config.json as a dict (or the same keys
-    # from GGUF metadata), without loading weights, for `lorakit plan`; raise ModelError when
-    # even the config cannot be had (no Hub, not cached).
+    # Optional capabilities: :class:`FindsTokenizer`, :class:`ReadsModelConfig`.
 
 
 @runtime_checkable
@@ -154,28 +149,96 @@ class QuantBackend(Configured, Protocol):
         """Prepare a freshly loaded base model for adapter training; return it."""
         ...
 
-    # Optional: ``finish_loading(model, device) -> model``: called on every model loaded with
-    # this backend's ``load_kwargs`` (training, baseline, eval, generate), before anything else
-    # touches it. For fixes a quantization library needs after ``from_pretrained``.
-    # Optional: ``memory_spec() -> dict`` for `lorakit plan`: ``weights`` ("nf4", "fp4", "int8"
-    # or "none"), ``double_quant`` (bool) and ``dtype`` ("auto", "fp32", "bf16", "fp16").
+    # Optional capabilities: :class:`FinishesLoading`, :class:`DescribesMemory`,
+    # :class:`ComputeDtypeSwitch`.
 
 
 DtypeName = Literal["fp32", "bf16", "fp16"]  # the dtypes recipes name (besides "auto")
 
 
+# Optional capabilities. A plugin has one by defining its methods (no base class to inherit);
+# the core asks with ``isinstance(plugin, Capability)``, and mypy checks a plugin written
+# against them (``x: FinishesLoading = MyBackend(...)``). ``tests/test_plugin_contracts.py``
+# checks the built-in plugins against each.
+
+
+@runtime_checkable
+class FinishesLoading(Protocol):
+    """Optional for a quant backend: fix a model after ``from_pretrained``.
+
+    Called on every model loaded with the backend's ``load_kwargs`` (training, baseline, eval,
+    generate, export), before anything else touches it; for what a quantization library needs
+    done after loading.
+    """
+
+    def finish_loading(self, model: Any, device: str) -> Any:
+        """Return the model, finished (usually the same object)."""
+        ...
+
+
+@runtime_checkable
+class DescribesMemory(Protocol):
+    """Optional for a quant backend or a PEFT method: what `lorakit plan` needs to predict
+    memory without loading anything. Without it, ``plan`` says the plugin cannot be planned.
+
+    * quant backend: ``weights`` ("nf4", "fp4", "int8" or "none"), ``double_quant`` (bool) and
+      ``dtype`` ("auto", "fp32", "bf16", "fp16");
+    * PEFT method: ``r`` (int), ``targets`` ("all-linear" or a list of module names) and
+      ``dora`` (bool).
+    """
+
+    def memory_spec(self) -> dict[str, Any]: ...
+
+
 @runtime_checkable
 class ComputeDtypeSwitch(Protocol):
-    """Optional for a quant backend: the same backend computing in another dtype.
+    """Optional for a quant backend: the recipe's compute dtype setting, and the same backend
+    computing in another dtype.
 
     A run records the compute dtype it trained in (``auto`` is bf16 on one CPU, fp32 on
     another); ``eval``, ``generate`` and ``export`` use this to load the model exactly as it
     was trained, and export's parity check to evaluate the trained weights in fp32 arithmetic.
+    ``lorakit launch-check`` compares the setting with accelerate's mixed precision.
     """
+
+    @property
+    def dtype_setting(self) -> tuple[str, str]:
+        """``(key, value)``: the backend's option that sets the compute dtype (its name under
+        ``[quant]``) and its value ("auto", "fp32", "bf16" or "fp16")."""
+        ...
 
     def with_compute_dtype(self, name: DtypeName) -> QuantBackend:
         """This backend with its compute dtype set to ``name``."""
         ...
+
+
+@runtime_checkable
+class FindsTokenizer(Protocol):
+    """Optional for a model source: a local folder with the model's ``tokenizer.json``, found
+    cheaply (no download, no conversion), so ``lorakit check`` counts tokens without torch."""
+
+    def tokenizer_folder(self) -> tuple[Path | None, str]:
+        """``(folder or None, note)``; the note says why there is no folder yet."""
+        ...
+
+
+@runtime_checkable
+class ReadsModelConfig(Protocol):
+    """Optional for a model source: the model's config.json as a dict (or the same keys from
+    GGUF metadata), without loading weights, for `lorakit plan`."""
+
+    def model_config(self) -> dict[str, Any]:
+        """Raise ``ModelError`` when even the config cannot be had (no Hub, not cached)."""
+        ...
+
+
+@runtime_checkable
+class HasSystemPrompt(Protocol):
+    """Optional for a formatter: the system prompt it inserts into a conversation without
+    one (None: none). An export records it, so the exported model is prompted as trained."""
+
+    @property
+    def system_prompt(self) -> str | None: ...
 
 
 @runtime_checkable
@@ -184,20 +247,15 @@ class PeftMethod(Configured, Protocol):
         """Return a ``peft.PeftConfig`` for ``get_peft_model``."""
         ...
 
-    # Optional: ``memory_spec() -> dict`` for `lorakit plan`: ``r``, ``targets`` ("all-linear"
-    # or module names) and ``dora`` (bool).
+    # Optional capability: :class:`DescribesMemory`.
 
 
 @runtime_checkable
 class Metric(Configured, Protocol):
-    """Scores one split. ``kind`` says which inputs ``score`` takes.
-
-    * ``kind = "loss"``: ``score(nll_sum, n_tokens) -> float`` gets the summed negative
-      log-likelihood of every supervised token of the split and their count (token-weighted, so
-      the result does not depend on the eval batch size).
-    * ``kind = "generation"``: ``score(predictions, references, stopped) -> float`` gets the
-      greedy completion of every prompt, the reference answer (the last assistant turn) and
-      whether each completion ended with the template's end-of-turn.
+    """Scores one split. A metric is one of two kinds, and ``kind`` says which: a
+    :class:`LossMetric` (``kind = "loss"``) or a :class:`GenerationMetric`
+    (``kind = "generation"``); each has its own ``score`` signature, and the core calls the one
+    ``kind`` names.
 
     ``higher_is_better`` lets reports mark which direction is an improvement. Generation metrics
     return a fraction in [0, 1]; reports show them as points (x 100).
@@ -209,9 +267,32 @@ class Metric(Configured, Protocol):
     @property
     def higher_is_better(self) -> bool: ...
 
-    def score(self, *args: Any, **kwargs: Any) -> float:
-        """Return the metric for one split (see the class docstring for the arguments)."""
+
+@runtime_checkable
+class LossMetric(Metric, Protocol):
+    """``kind = "loss"``: a function of the split's token losses."""
+
+    def score(self, nll_sum: float, n_tokens: int) -> float:
+        """``nll_sum``: the summed negative log-likelihood of every supervised token of the
+        split; ``n_tokens``: their count (token-weighted, so the result does not depend on the
+        eval batch size)."""
         ...
+
+
+@runtime_checkable
+class GenerationMetric(Metric, Protocol):
+    """``kind = "generation"``: scores greedy completions against reference answers."""
+
+    def score(
+        self, predictions: Sequence[str], references: Sequence[str], stopped: Sequence[bool]
+    ) -> float:
+        """``predictions``: the greedy completion of every prompt; ``references``: the
+        reference answers (the last assistant turn); ``stopped``: whether each completion ended
+        with the template's end-of-turn."""
+        ...
+
+
+METRIC_KINDS = {"loss": LossMetric, "generation": GenerationMetric}
 
 
 @attrs.frozen
@@ -244,9 +325,7 @@ class ExperimentLogger(Configured, Protocol):
     exception is caught by the core: it warns once and calls the logger no more.
     """
 
-    # Optional: ``requires = {"module": "how to install it"}``: modules the logger imports;
-    # a recipe that picks it is refused, with that fix, when one is missing (checked with
-    # ``importlib.util.find_spec``, nothing is imported).
+    # Optional capability: :class:`RequiresModules`.
 
     def start(self, run: LogRun) -> None:
         """Open the record and log ``run.params``, the data fingerprint and versions."""
@@ -269,3 +348,13 @@ class ExperimentLogger(Configured, Protocol):
         """Close the record; ``status`` is ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``
         (interrupted)."""
         ...
+
+
+@runtime_checkable
+class RequiresModules(Protocol):
+    """Optional for an experiment logger: the modules it imports, each with how to install
+    it. A recipe that picks the logger is refused, with that fix, when one is missing (checked
+    with ``importlib.util.find_spec``: nothing is imported)."""
+
+    @property
+    def requires(self) -> Mapping[str, str]: ...

@@ -86,12 +86,14 @@ def check_gpu_engine(report: Any, data: dict, engine: str, recipe: Any) -> None:
 
 def _base(recipe: Any, components: Any) -> tuple[str, str, str]:
     """How the base weights are stored ("nf4", "int8", "none", ...), their dtype and its key."""
+    from lorakit.contracts import ComputeDtypeSwitch, DescribesMemory
+
     quant: Any = components.quant if components is not None else None
-    spec = quant.memory_spec() if hasattr(quant, "memory_spec") else {}
-    weights = spec.get("weights") or ("?" if getattr(quant, "quantizes", False) else "none")
-    for field in ("compute_dtype", "dtype"):
-        if hasattr(recipe.quant.options, field):
-            return weights, str(getattr(recipe.quant.options, field)), f"[quant].{field}"
+    spec = quant.memory_spec() if isinstance(quant, DescribesMemory) else {}
+    weights = spec.get("weights") or ("?" if quant is not None and quant.quantizes else "none")
+    if isinstance(quant, ComputeDtypeSwitch):
+        key, value = quant.dtype_setting
+        return weights, value, f"[quant].{key}"
     return weights, str(spec.get("dtype", "auto")), "[quant]"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.contracts import ModelRef, ModelSource, PeftMethod, QuantBackend
+from lorakit.contracts import FinishesLoading, ModelRef, ModelSource, PeftMethod, QuantBackend
 from lorakit.distributed import local_rank
 from lorakit.errors import ModelError, RunError
 from lorakit.secrets import hub_token
@@ -105,10 +105,9 @@ def load_base_model(
         raise _load_error(exc, ref, "model") from exc
     if "device_map" not in kwargs:
         model.to(f"cuda:{local_rank()}" if device == "cuda" else device)  # type: ignore[arg-type]
-    finish = getattr(backend, "finish_loading", None) if quantized else None
-    if finish is not None:
-        model = finish(model, device)
-    if device == "cpu" and quantized and getattr(backend, "quantizes", False):
+    if quantized and isinstance(backend, FinishesLoading):
+        model = backend.finish_loading(model, device)
+    if device == "cpu" and quantized and backend.quantizes:
         release_weights_file(model)
     return model
 

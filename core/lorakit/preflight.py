@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.components import Components
+from lorakit.contracts import DescribesMemory, ReadsModelConfig
 from lorakit.errors import ModelError
 from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
 from lorakit.recipe import Recipe
@@ -23,28 +24,26 @@ from lorakit.recipe import Recipe
 
 def model_config(source: Any, name: str) -> dict[str, Any]:
     """The config.json of the model ``source`` (plugin ``name``), read without loading it."""
-    read = getattr(source, "model_config", None)
-    if read is None:
+    if not isinstance(source, ReadsModelConfig):
         raise ModelError(
             f"model plugin {name!r} cannot give its config without loading the model",
             where="[model]",
-            fix="add a model_config() method to the plugin (see contracts.ModelSource)",
+            fix="add a model_config() method to the plugin (see contracts.ReadsModelConfig)",
         )
-    config = read()
+    config = source.model_config()
     if not isinstance(config, dict):
         raise ModelError(f"model plugin {name!r}: model_config() returned {config!r}")
     return config
 
 
 def _spec(plugin: Any, section: str, name: str) -> dict[str, Any]:
-    spec = getattr(plugin, "memory_spec", None)
-    if spec is None:
+    if not isinstance(plugin, DescribesMemory):
         raise ModelError(
             f"[{section}] plugin {name!r} does not describe its memory (no memory_spec())",
             where=f"[{section}]",
             fix="lorakit plan cannot predict this recipe; run it and read peak_memory_gb",
         )
-    return dict(spec())
+    return dict(plugin.memory_spec())
 
 
 def detect_device(recipe: Recipe) -> tuple[str, str, int | None]:

@@ -1,25 +1,35 @@
-"""Run a recipe, phase by phase. Each phase is one call; read this file top to bottom."""
+"""Run a recipe, phase by phase.
+
+:func:`_run` is the whole run in a dozen lines: each phase is a function that takes what the
+earlier ones returned and returns its own object (the data, the model, the trainer, the
+adapter, the evaluation), in the order they run. Read this file top to bottom.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from lorakit import __version__, distributed
 from lorakit.components import Components
 from lorakit.console import note_other_version, say
+from lorakit.contracts import ModelRef
 from lorakit.data.pipeline import (
     DataReport,
+    Splits,
     load_splits,
     require_training_examples,
     supervised_share,
     tokenize_examples,
     write_splits,
 )
+from lorakit.data.tokenize import Tokenized
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
-from lorakit.export.adapter_io import save_adapter
+from lorakit.export.adapter_io import save_adapter, stop_token_ids
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
 from lorakit.secrets import credentials_warning, masked_keys
@@ -43,68 +53,143 @@ def run_recipe(recipe: Recipe, components: Components, resume: str | None = None
 
 
 def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Loggers) -> Path:
+    """The run, phase by phase; each phase returns what the next ones use."""
     import transformers
-
-    from lorakit.attention import packed_attention
-    from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
-    from lorakit.device import configure_threads, dtype_name, resolve_device, return_freed_memory
-    from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
-    from lorakit.training import adapter_state, build_trainer, engine, planned_steps
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
-    t = recipe.train
+    device = join_processes(recipe)
+    start = find_start(run, recipe, resume)
+    data = prepare_data(recipe, components, run, start)
+    claim_run(run, recipe, components, data, start, loggers)
+    transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it
+    base = load_for_training(recipe, components, data, device)
+    trainer = train(recipe, base, data, run, loggers, start)
+    adapter = save_trained_adapter(recipe, trainer, base, data, run)
+    if adapter is None:  # another rank: rank 0 evaluates and reports
+        return run.path
+    report = evaluate_trained(recipe, components, run, data, release_trainer(trainer), loggers)
+    log_outputs(loggers, run, report, adapter.global_step)
+    return run.path
 
-    # 0. Join the other ranks when torchrun/accelerate started several processes (gloo on CPU,
-    #    nccl on CUDA). Rank 0 alone reads and writes the run folder and decides; the others
-    #    receive its decisions, and an error there stops them all (lorakit.distributed.on_main).
-    device = resolve_device(t.device)
+
+@attrs.frozen
+class Start:
+    """Where the run starts: a checkpoint to resume (and the settings the resume changes), or
+    nothing (a new run)."""
+
+    checkpoint: Path | None = None
+    changed: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RunData:
+    """The run's data, split, formatted and tokenized, with the tokenizer it was made with."""
+
+    splits: Splits
+    report: DataReport
+    ref: ModelRef
+    tokenizer: Any
+    end_of_turn: str
+    train_rows: list[Tokenized]
+    val_rows: list[Tokenized]
+    batch: dict[str, Any]  # distributed.batch_plan
+
+
+@attrs.frozen
+class TrainingModel:
+    """The base model, prepared for training, with a freshly initialised adapter."""
+
+    model: Any
+    device: str
+    compute_dtype: Any
+
+
+@attrs.frozen
+class SavedAdapter:
+    path: Path
+    global_step: int
+
+
+def join_processes(recipe: Recipe) -> str:
+    """Phase 0: the device, and the other ranks when torchrun/accelerate started several
+    processes (gloo on CPU, nccl on CUDA). Rank 0 alone reads and writes the run folder and
+    decides; the others receive its decisions, and an error there stops them all
+    (:func:`lorakit.distributed.on_main`)."""
+    from lorakit.device import resolve_device
+
+    device = resolve_device(recipe.train.device)
     distributed.check_engine(device)
     distributed.init(device)
-    main_process = is_main()
+    return device
 
-    # 1. Find the checkpoint to resume from (read only: nothing is written before the data and
-    #    the tokenizer are known to be good, so a failed start never blocks the run name).
-    checkpoint = None
-    changed: dict[str, Any] = {}
-    if resume:
-        checkpoint, changed = distributed.on_main(lambda: _find_checkpoint(run, resume, recipe))
 
-    # 2. Read the data and split it deterministically (every rank: it is cheap and identical).
+def find_start(run: RunDir, recipe: Recipe, resume: str | None) -> Start:
+    """Phase 1: the checkpoint to resume from, read only: nothing is written before the data
+    and the tokenizer are known to be good, so a failed start never blocks the run name."""
+    if not resume:
+        return Start()
+    checkpoint, changed = distributed.on_main(lambda: _find_checkpoint(run, resume, recipe))
+    return Start(checkpoint, changed)
+
+
+def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Start) -> RunData:
+    """Phase 2: read the data and split it deterministically (every rank: it is cheap and
+    identical), load the tokenizer, format and tokenize with completion-only labels."""
+    from lorakit.modeling import load_tokenizer, resolve_model
+
+    t = recipe.train
     report = DataReport()
     splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
     require_training_examples(splits, recipe.data)
-    if checkpoint is not None:
+    if start.checkpoint is not None:
         distributed.on_main(lambda: _same_data(run, splits.fingerprint))
-
-    # 3. Resolve the base model and load its tokenizer.
     ref = resolve_model(components.model_source, recipe.model.name)
     tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
-
-    # 4. Format and tokenize with completion-only labels.
     formatter = components.formatter
-    eot = formatter.end_of_turn(tokenizer)
+    overlength = recipe.data.overlength
     train_rows = tokenize_examples(
-        splits.train, formatter, tokenizer, t.max_length, recipe.data.overlength, report
+        splits.train, formatter, tokenizer, t.max_length, overlength, report
     )
     val_rows = tokenize_examples(
-        splits.val, formatter, tokenizer, t.max_length, recipe.data.overlength, DataReport()
+        splits.val, formatter, tokenizer, t.max_length, overlength, DataReport()
     )
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
-    batch = distributed.batch_plan(t, world_size(), [len(r.input_ids) for r in train_rows])
+    return RunData(
+        splits=splits,
+        report=report,
+        ref=ref,
+        tokenizer=tokenizer,
+        end_of_turn=formatter.end_of_turn(tokenizer),
+        train_rows=train_rows,
+        val_rows=val_rows,
+        batch=distributed.batch_plan(t, world_size(), [len(r.input_ids) for r in train_rows]),
+    )
 
-    # 5. Claim the run folder atomically (or record the resume), then write splits and report:
-    #    rank 0 only; the other ranks wait for it and stop if it fails.
+
+def claim_run(
+    run: RunDir,
+    recipe: Recipe,
+    components: Components,
+    data: RunData,
+    start: Start,
+    loggers: Loggers,
+) -> None:
+    """Phase 3: claim the run folder atomically (or record the resume), then write the splits,
+    the data report and open the loggers: rank 0 only; the other ranks wait for it and stop if
+    it fails."""
+
     def claim() -> None:
-        if checkpoint is not None:
-            run.record_resume(checkpoint, list(recipe.overrides), changed, batch=batch)
-            for key, (old, new) in changed.items():
+        if start.checkpoint is not None:
+            run.record_resume(
+                start.checkpoint, list(recipe.overrides), start.changed, batch=data.batch
+            )
+            for key, (old, new) in start.changed.items():
                 say(f"resume changes {key}: {old!r} -> {new!r}")
-            say(f"resuming {run.path} from {checkpoint.name}")
+            say(f"resuming {run.path} from {start.checkpoint.name}")
         else:
             restarted = run.start(
                 recipe.text,
@@ -112,7 +197,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
                 list(recipe.overrides),
                 recipe.config_hash(),
                 recipe.path,
-                batch=batch,
+                batch=data.batch,
             )
             say(
                 f"run folder {run.path}"
@@ -121,56 +206,60 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         secret = masked_keys(recipe.settings())  # overrides included
         if secret:  # masked in what is written; say where such a secret belongs
             say(credentials_warning(secret))
-        write_splits(run.splits, splits)
+        write_splits(run.splits, data.splits)
         write_json(
             run.data_report,
             {
-                **report.to_json(),
-                "fingerprint": splits.fingerprint,
+                **data.report.to_json(),
+                "fingerprint": data.splits.fingerprint,
                 "counts": {
-                    "train": len(train_rows),
-                    "val": len(val_rows),
-                    "test": len(splits.test),
+                    "train": len(data.train_rows),
+                    "val": len(data.val_rows),
+                    "test": len(data.splits.test),
                 },
-                "supervised_share": supervised_share(train_rows),
+                "supervised_share": supervised_share(data.train_rows),
             },
         )
         # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
         loggers.open(
             dict(components.loggers),
-            run_info(recipe, run, splits.fingerprint, resumed=checkpoint is not None),
+            run_info(recipe, run, data.splits.fingerprint, resumed=start.checkpoint is not None),
         )
 
     distributed.on_main(claim)
-    for line in report.lines():
+    for line in data.report.lines():
         say(line)
-    say(f"train {len(train_rows)} / val {len(val_rows)} / test {len(splits.test)} examples")
-    say(distributed.describe(batch))
+    n_test = len(data.splits.test)
+    say(f"train {len(data.train_rows)} / val {len(data.val_rows)} / test {n_test} examples")
+    say(distributed.describe(data.batch))
 
-    # 6. Seed everything that draws random numbers (LoRA init, dropout, data order).
-    transformers.set_seed(t.seed)
 
-    # 7. Load the base model, quantized by the recipe's backend (one replica per rank, on its
-    #    LOCAL_RANK device).
-    threads = configure_threads(t.threads) if device == "cpu" else None
-    if device == "cpu":
+def load_for_training(
+    recipe: Recipe, components: Components, data: RunData, device: str
+) -> TrainingModel:
+    """Phase 4: the base model, quantized by the recipe's backend (one replica per rank, on its
+    LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
+    then given a freshly initialised adapter (a resumed run's weights load in ``train``)."""
+    from lorakit.device import configure_threads, return_freed_memory
+    from lorakit.modeling import attach_new_adapter, load_base_model
+
+    cpu = device == "cpu"
+    threads = configure_threads(recipe.train.threads) if cpu else None
+    if cpu:
         return_freed_memory()  # LORAKIT_MALLOC=return: less RSS, slower steps (device.py)
     backend = components.quant
     compute_dtype = backend.compute_dtype(device)
     say(
-        f"loading {ref.label or ref.path} on {device} (quant {recipe.quant.name}, compute "
-        f"{compute_dtype}{f', {threads} threads' if threads else ''})"
+        f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
+        f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    model = load_base_model(ref, backend, device, recipe_dir=recipe.recipe_dir)
-
-    # 8. Prepare it for training (k-bit preparation, gradient checkpointing) before the adapter.
-    model = backend.prepare_for_training(model, t.gradient_checkpointing)
-
-    # 9. Attach a freshly initialised adapter (a resumed run's weights load in trainer.train).
-    model = attach_new_adapter(model, components.peft, t.seed)
-    if device == "cpu":
+    model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
+    model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
+    model = attach_new_adapter(model, components.peft, recipe.train.seed)
+    if cpu:
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost;
-        # and each LoRA layer's step as one autograd node in the compute dtype (fused_lora.py)
+        # and each LoRA layer's step as one autograd node in the compute dtype (fused_lora.py).
+        # Both step aside in eval mode: evaluation runs PEFT's own forward.
         from lorakit.fast_dropout import use_fast_dropout
         from lorakit.fused_lora import use_fused_lora
 
@@ -178,67 +267,145 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
         use_fused_lora(model)
     trainable, total = model.get_nb_trainable_parameters()
     say(
-        f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+        f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} "
+        f"({100 * trainable / total:.2f}%)"
     )
+    return TrainingModel(model=model, device=device, compute_dtype=compute_dtype)
 
-    # 10. Train: packed padding-free micro-batches, loss only at supervised positions.
+
+def train(
+    recipe: Recipe,
+    tm: TrainingModel,
+    data: RunData,
+    run: RunDir,
+    loggers: Loggers,
+    start: Start,
+) -> Any:
+    """Phase 5: train with packed padding-free micro-batches, loss only at supervised
+    positions; return the trainer, its model trained."""
+    from lorakit.attention import packed_attention
+    from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
+    from lorakit.training import build_trainer, engine, planned_steps
+
     trainer = build_trainer(
         recipe,
-        model,
-        train_rows,
-        val_rows,
+        tm.model,
+        data.train_rows,
+        data.val_rows,
         run.checkpoints,
         loggers,
-        device,
-        compute_dtype,
+        tm.device,
+        tm.compute_dtype,
     )
     running = engine(trainer)
     if running:  # what accelerate really runs: FSDP asked for on a CPU would say DDP here
         say(f"engine: {running}")
+    checkpoint = start.checkpoint
     done = checkpoint_step(checkpoint) if checkpoint else 0
     if checkpoint and done >= planned_steps(trainer):
         # The run was stopped after its last step (while saving the adapter or evaluating):
         # finish what is missing, train nothing more.
         say(f"{checkpoint.name} is the last step ({done}): not training, finishing the run")
-        load_checkpoint_adapter(model, checkpoint)
+        load_checkpoint_adapter(tm.model, checkpoint)
         trainer.state.global_step = done
     else:
         with (
             disk_full_is_an_error(run.checkpoints, "a checkpoint", lambda: _kept(run)),
-            packed_attention(model, device),
+            packed_attention(tm.model, tm.device),
         ):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer
 
-    # 11. Save the adapter with its tokenizer, chat template and stop tokens.
+
+def save_trained_adapter(
+    recipe: Recipe, trainer: Any, tm: TrainingModel, data: RunData, run: RunDir
+) -> SavedAdapter | None:
+    """Phase 6: save the adapter with its tokenizer, chat template and stop tokens (rank 0;
+    every rank takes part in gathering FSDP's shards). None on the other ranks."""
+    from lorakit.device import dtype_name
+    from lorakit.training import adapter_state
+
     meta: dict[str, Any] = {
         "lorakit_version": __version__,
-        "base_model": ref.label or ref.path,
-        "base_model_path": ref.path,
+        "base_model": data.ref.label or data.ref.path,
+        "base_model_path": data.ref.path,
         "quant": recipe.quant.to_plain(),
         # what `auto` resolved to here: eval, generate and export load the model in it
-        "compute_dtype": dtype_name(compute_dtype),
+        "compute_dtype": dtype_name(tm.compute_dtype),
         "format": recipe.format.name,
         "config_hash": recipe.config_hash(),
-        "data_fingerprint": splits.fingerprint,
+        "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
     state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights
-    if not main_process:
-        return run.path
+    if not is_main():
+        return None
     with disk_full_is_an_error(
         run.adapter, "the adapter", lambda: "no adapter folder was written; " + _kept(run)
     ):
-        save_adapter(trainer.model, tokenizer, run.adapter, meta, eot, state_dict=state)
+        save_adapter(
+            trainer.model, data.tokenizer, run.adapter, meta, data.end_of_turn, state_dict=state
+        )
     say(f"adapter saved to {run.adapter}")
+    return SavedAdapter(path=run.adapter, global_step=trainer.state.global_step)
 
-    # 12. Evaluate the saved adapter (and the base model, when [eval].baseline) on the eval
-    #     splits: eval_report.json, predictions.jsonl, loss.png and report.md in the run folder.
+
+def release_trainer(trainer: Any) -> Any | None:
+    """The trained model, with everything else the trainer holds let go (the optimizer's
+    state, the data loaders, accelerate's wrappers, the adapter's gradients), so evaluation
+    runs with the model alone in memory. None when the engine shards the model's weights over
+    the ranks (FSDP, DeepSpeed): one process cannot evaluate that, and the saved adapter is
+    loaded again instead."""
+    import gc
+
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(
+        trainer, "is_deepspeed_enabled", False
+    )
+    model = None if sharded else trainer.model
+    if model is not None:
+        for param in model.parameters():
+            param.grad = None
+    trainer.accelerator.free_memory()
+    handler = trainer.callback_handler
+    handler.model = handler.optimizer = handler.lr_scheduler = None
+    handler.train_dataloader = handler.eval_dataloader = None
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    return model
+
+
+def evaluate_trained(
+    recipe: Recipe,
+    components: Components,
+    run: RunDir,
+    data: RunData,
+    model: Any | None,
+    loggers: Loggers,
+) -> Path | None:
+    """Phase 7: score the trained model in memory (and its base, with the adapter switched
+    off, when [eval].baseline) on the eval splits: eval_report.json, predictions.jsonl,
+    loss.png and report.md in the run folder. A model sharded by the engine (``None``) is
+    loaded again from the saved adapter instead."""
+    from lorakit.evaluation.evaluate import evaluate, evaluate_run, plan_eval
+
     loggers.flush()  # metrics.jsonl is complete before loss.png is drawn from it
-    eval_report = evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=ref)
-
-    # 13. Send the final metrics (base and tuned) and the run's files to the loggers.
-    log_outputs(loggers, run, eval_report, trainer.state.global_step)
-    return run.path
+    if model is None:
+        return evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=data.ref)
+    plan = plan_eval(
+        recipe,
+        components.metrics,
+        data.splits,
+        components.formatter,
+        data.tokenizer,
+        stop_token_ids(data.tokenizer, data.end_of_turn),
+        data.ref.label or data.ref.path,
+        say,
+    )
+    if plan is None:
+        return None
+    return evaluate(
+        model, plan, run.path, adapter_dir=run.adapter, with_base=recipe.eval.baseline, say=say
+    )
 
 
 def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict[str, Any]]:

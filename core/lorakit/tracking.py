@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.catalog import Catalog, check_named_plugins
-from lorakit.contracts import LogRun
+from lorakit.contracts import LogRun, RequiresModules
 from lorakit.rundir import RunDir, flatten_keys, read_json, stack_versions
 from lorakit.sections import LogSection
 
@@ -42,8 +42,9 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
         always=(ALWAYS_ON,),
     )
     for i, name in enumerate(section.plugins):
-        needs = getattr(catalog.entries["logger"].get(name), "factory", None)
-        for module, fix in (getattr(needs, "requires", None) or {}).items():
+        entry = catalog.entries["logger"].get(name)
+        needs = entry.factory if entry is not None else None
+        for module, fix in (needs.requires if isinstance(needs, RequiresModules) else {}).items():
             if importlib.util.find_spec(module) is None:
                 problems.append(
                     f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '

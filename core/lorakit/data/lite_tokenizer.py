@@ -177,11 +177,12 @@ def find_tokenizer_folder(source: Any, name: str = "") -> tuple[Path | None, str
     ``tokenizer_folder()`` (see :class:`lorakit.contracts.ModelSource`), which must be cheap and
     must not download or convert anything.
     """
-    finder = getattr(source, "tokenizer_folder", None)
-    if not callable(finder):
+    from lorakit.contracts import FindsTokenizer
+
+    if not isinstance(source, FindsTokenizer):
         label = name or type(source).__name__
         return None, f"model plugin {label!r} offers no local tokenizer folder"
-    folder, note = finder()
+    folder, note = source.tokenizer_folder()
     if folder is not None and (Path(folder) / "tokenizer.json").is_file():
         return Path(folder), ""
     return None, note or f"no tokenizer.json in {folder}"

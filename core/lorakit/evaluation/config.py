@@ -24,4 +24,4 @@ def check_eval(catalog: Catalog, section: EvalSection) -> list[str]:
 
 
 def needs_generation(metrics: dict[str, Any]) -> bool:
-    return any(getattr(m, "kind", "") == "generation" for m in metrics.values())
+    return any(m.kind == "generation" for m in metrics.values())

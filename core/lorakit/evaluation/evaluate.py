@@ -1,10 +1,15 @@
-"""The evaluation phase: base model and/or adapter on the recipe's eval splits, then reports.
+"""The evaluation phase: the base model and/or the adapter on the recipe's eval splits, then
+reports.
 
-``lorakit run`` calls :func:`evaluate_run` after saving the adapter; ``lorakit eval`` calls it on
-a finished run; ``lorakit baseline`` calls it with ``adapter=False``. The base model is loaded
-once (quantized exactly as in training); the adapter is then loaded onto it from the saved
-folder, so what is scored is what was shipped. A baseline already written to
-``<run>/baseline/`` with the same model, data and eval settings is reused, not recomputed.
+:func:`evaluate` scores a model that is already in memory on an :class:`EvalPlan` (the eval
+sets, prepared once by :func:`plan_eval`). ``lorakit run`` hands it the model it has just
+trained, with the trainer released, so a run never holds two base models; ``lorakit eval``
+and ``lorakit baseline`` go through :func:`evaluate_run`, which loads the base model (quantized
+and in the dtype it was trained in) and the saved adapter first. Either way the base model is
+the adapter's own base with the adapter switched off, and the adapter is scored exactly as
+saved (the run's test checks that both paths write the same report). A baseline already
+written to ``<run>/baseline/`` with the same model, data and eval settings is reused, not
+recomputed.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from lorakit import __version__
 from lorakit.components import Components
 from lorakit.contracts import ModelRef
+from lorakit.data.pipeline import Splits
 from lorakit.errors import RunError
+from lorakit.evaluation.sets import EvalSet
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
 
@@ -84,49 +93,45 @@ def _splits_to_score(
     return saved
 
 
-def evaluate_run(
+@attrs.frozen
+class EvalPlan:
+    """What an evaluation scores, prepared once: the eval sets (the same rows and prompts for
+    the base and the tuned model), the metrics, and what the reports record."""
+
+    recipe: Recipe
+    metrics: dict[str, Any]
+    tokenizer: Any
+    stop_ids: list[int]
+    sets: list[EvalSet]
+    data_fingerprint: str
+    model_label: str
+
+    @property
+    def baseline_key(self) -> str:
+        return baseline_key(self.recipe, self.data_fingerprint)
+
+
+def plan_eval(
     recipe: Recipe,
-    components: Components,
-    run_dir: Path,
-    *,
-    adapter: bool = True,
-    baseline: bool | None = None,
+    metrics: dict[str, Any],
+    splits: Splits,
+    formatter: Any,
+    tokenizer: Any,
+    stop_ids: list[int],
+    model_label: str,
     say: Callable[[str], None] = print,
-    ref: ModelRef | None = None,
-) -> Path | None:
-    """Score and write reports; return the report path (None when there is nothing to score).
-
-    ``ref``: the base model when the caller resolved it already (the runner), else resolved here.
-    """
+) -> EvalPlan | None:
+    """Format and tokenize the recipe's eval splits; None (said) when they are all empty."""
     from lorakit.evaluation.config import needs_generation
-    from lorakit.evaluation.plot import plot_losses
-    from lorakit.evaluation.report import write_outputs
-    from lorakit.evaluation.scoring import SplitResult, score_model
     from lorakit.evaluation.sets import prepare_set
-    from lorakit.load_run import load_model, prepare_inference
-    from lorakit.modeling import load_adapter
 
-    started = time.time()
     ev = recipe.eval
-    run = RunDir(run_dir)
-    adapter_dir = run.adapter if adapter else None
-    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-        raise RunError(
-            f"{run_dir} has no trained adapter", fix="train it first with `lorakit run RECIPE`"
-        )
-    with_base = (ev.baseline if baseline is None else baseline) or not adapter
-    out_dir = run.path if adapter else run.path / BASELINE_DIR
-
-    # Prepare each split once; the base and tuned model see the same rows and prompts.
-    loaded = prepare_inference(recipe, components, adapter_dir, ref=ref)
-    splits = _splits_to_score(recipe, components, run, say)
-    metrics = components.metrics
     sets = [
         prepare_set(
             name,
             splits.get(name),
-            loaded.formatter,
-            loaded.tokenizer,
+            formatter,
+            tokenizer,
             max_length=recipe.train.max_length,
             overlength=recipe.data.overlength,
             max_examples=ev.max_examples,
@@ -138,55 +143,139 @@ def evaluate_run(
     if not sets:
         say(f"nothing to evaluate: splits {', '.join(ev.splits)} are empty")
         return None
-    key = baseline_key(recipe, splits.fingerprint)
+    return EvalPlan(
+        recipe=recipe,
+        metrics=metrics,
+        tokenizer=tokenizer,
+        stop_ids=list(stop_ids),
+        sets=sets,
+        data_fingerprint=splits.fingerprint,
+        model_label=model_label,
+    )
 
-    def score(model: Any) -> list[SplitResult]:
+
+def evaluate(
+    model: Any,
+    plan: EvalPlan,
+    run_dir: Path,
+    *,
+    adapter_dir: Path | None,
+    with_base: bool,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Score ``model`` on ``plan``'s sets and write the reports; return the report's path.
+
+    ``model`` is the one in memory, however it got there: the runner passes the model it just
+    trained, ``lorakit eval`` one loaded from the run folder. With ``adapter_dir`` (the adapter
+    ``model`` carries, as saved) it is a PEFT model scored as base + adapter, and its base is
+    scored with the adapter switched off (``with_base``), so one model in memory serves both;
+    without, ``model`` is the base model alone and the reports go to ``<run>/baseline/``.
+    A baseline already written there with the same model, data and [eval] is reused.
+    """
+    from lorakit.evaluation.plot import plot_losses
+    from lorakit.evaluation.report import write_outputs
+    from lorakit.evaluation.scoring import SplitResult, score_model
+
+    started = time.time()
+    recipe, ev = plan.recipe, plan.recipe.eval
+    run = RunDir(run_dir)
+    tuned_too = adapter_dir is not None
+    out_dir = run.path if tuned_too else run.path / BASELINE_DIR
+    key = plan.baseline_key
+    model.eval()
+
+    def score() -> list[SplitResult]:
         return score_model(
             model,
-            loaded.tokenizer,
-            sets,
-            metrics,
-            stop_ids=loaded.stop_ids,
+            plan.tokenizer,
+            plan.sets,
+            plan.metrics,
+            stop_ids=plan.stop_ids,
             max_new_tokens=ev.max_new_tokens,
             gen_batch_size=ev.batch_size,
             loss_batch_size=recipe.train.per_device_eval_batch_size,
         )
 
-    sizes = ", ".join(f"{s.split} {s.n_examples}" for s in sets)
+    sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
     base: list[SplitResult] | None = None
-    cached = _cached_baseline(run.path / BASELINE_DIR, key) if adapter and with_base else None
+    cached = _cached_baseline(run.path / BASELINE_DIR, key) if tuned_too and with_base else None
     if cached is not None:
         say(f"reusing the baseline in {run.path / BASELINE_DIR} (same model, data and [eval])")
-        base = cached_results(cached[0], cached[1], sets)
-    model = load_model(loaded, None)
+        base = cached_results(cached[0], cached[1], plan.sets)
     if with_base and base is None:
         say(f"scoring the base model on {sizes} examples")
-        base = score(model)
+        if tuned_too:
+            with model.disable_adapter():  # the frozen base, exactly: PEFT skips the LoRA path
+                base = score()
+        else:
+            base = score()
     tuned: list[SplitResult] | None = None
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, trainable=False)
-        model.eval()
+    if tuned_too:
         say(f"scoring base + adapter on {sizes} examples")
-        tuned = score(model)
+        tuned = score()
 
     info = {
         "lorakit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": recipe.name,
-        "model": loaded.ref.label or loaded.ref.path,
+        "model": plan.model_label,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
         "config_hash": recipe.config_hash(),
-        "data_fingerprint": splits.fingerprint,
+        "data_fingerprint": plan.data_fingerprint,
         "baseline_key": key,
         "eval": recipe.resolved()["eval"],
     }
-    report = write_outputs(out_dir, info, sets, metrics, base, tuned, time.time() - started)
-    if adapter and run.metrics.is_file():
+    report = write_outputs(
+        out_dir, info, plan.sets, plan.metrics, base, tuned, time.time() - started
+    )
+    if tuned_too and run.metrics.is_file():
         plot_losses(run.metrics, out_dir / "loss.png")
-    for line in summary_lines(metrics, base, tuned):
+    for line in summary_lines(plan.metrics, base, tuned):
         say(line)
     say(f"report: {out_dir / 'report.md'}")
     return report
+
+
+def evaluate_run(
+    recipe: Recipe,
+    components: Components,
+    run_dir: Path,
+    *,
+    adapter: bool = True,
+    baseline: bool | None = None,
+    say: Callable[[str], None] = print,
+    ref: ModelRef | None = None,
+) -> Path | None:
+    """``lorakit eval`` and ``lorakit baseline``: load the base model (quantized and in the
+    dtype it was trained in) and, with ``adapter``, the run's saved adapter onto it, then
+    :func:`evaluate`. Return the report path (None when there is nothing to score).
+
+    ``ref``: the base model when the caller resolved it already.
+    """
+    from lorakit.load_run import load_model, prepare_inference
+
+    run = RunDir(run_dir)
+    adapter_dir = run.adapter if adapter else None
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise RunError(
+            f"{run_dir} has no trained adapter", fix="train it first with `lorakit run RECIPE`"
+        )
+    with_base = (recipe.eval.baseline if baseline is None else baseline) or not adapter
+    loaded = prepare_inference(recipe, components, adapter_dir, ref=ref)
+    plan = plan_eval(
+        recipe,
+        components.metrics,
+        _splits_to_score(recipe, components, run, say),
+        loaded.formatter,
+        loaded.tokenizer,
+        loaded.stop_ids,
+        loaded.ref.label or loaded.ref.path,
+        say,
+    )
+    if plan is None:
+        return None
+    model = load_model(loaded, adapter_dir)
+    return evaluate(model, plan, run.path, adapter_dir=adapter_dir, with_base=with_base, say=say)
 
 
 def cached_results(

@@ -50,7 +50,7 @@ def write_outputs(
                 }
             )
     kinds = {name: m.kind for name, m in metrics.items()}
-    higher = {name: bool(getattr(m, "higher_is_better", True)) for name, m in metrics.items()}
+    higher = {name: bool(m.higher_is_better) for name, m in metrics.items()}
     report = {
         **info,
         "metric_kinds": kinds,

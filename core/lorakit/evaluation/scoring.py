@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
+from lorakit.contracts import GenerationMetric, LossMetric, Metric
 from lorakit.data.tokenize import Tokenized
 from lorakit.decoding import Generation, generate
 from lorakit.evaluation.sets import EvalSet
@@ -54,7 +55,7 @@ def score_model(
     model: Any,
     tokenizer: Any,
     sets: Sequence[EvalSet],
-    metrics: dict[str, Any],
+    metrics: dict[str, Metric],
     *,
     stop_ids: Sequence[int],
     max_new_tokens: int,
@@ -62,8 +63,11 @@ def score_model(
     loss_batch_size: int,
 ) -> list[SplitResult]:
     """Every metric on every split for one model (base, or base + adapter)."""
-    loss_metrics = {k: m for k, m in metrics.items() if m.kind == "loss"}
-    gen_metrics = {k: m for k, m in metrics.items() if m.kind == "generation"}
+    # ``kind`` says which of the two score signatures a metric has (lorakit.contracts)
+    loss_metrics = {k: cast(LossMetric, m) for k, m in metrics.items() if m.kind == "loss"}
+    gen_metrics = {
+        k: cast(GenerationMetric, m) for k, m in metrics.items() if m.kind == "generation"
+    }
     results = []
     for s in sets:
         values: dict[str, float] = {}

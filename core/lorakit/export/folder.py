@@ -30,6 +30,7 @@ import attrs
 from lorakit import __version__
 from lorakit.catalog import Catalog
 from lorakit.console import say as console_say
+from lorakit.contracts import HasSystemPrompt
 from lorakit.errors import RunError
 from lorakit.export.adapter_io import META, read_meta
 from lorakit.rundir import RunDir, read_json, write_json
@@ -151,9 +152,9 @@ def export_run(
         # the backend says whether it quantizes (the model card tags qlora); never its name
         "quantized": components.quant.quantizes,
     }
-    system_prompt = getattr(loaded.formatter.options, "system_prompt", None)
-    if system_prompt is not None:
-        meta["system_prompt"] = system_prompt
+    formatter = loaded.formatter
+    if isinstance(formatter, HasSystemPrompt) and formatter.system_prompt is not None:
+        meta["system_prompt"] = formatter.system_prompt
     base_path = meta.get("base_model_path") or loaded.ref.path
     meta.setdefault("base_model_path", base_path)
     vocab = None

@@ -122,6 +122,10 @@ class EosTurnFormatter:
         self.options = options
         self.turns = TurnRenderer(self.layout, options.system_prompt)
 
+    @property
+    def system_prompt(self) -> str | None:
+        return self.options.system_prompt
+
     def end_of_turn(self, tokenizer: Any) -> str:
         eos = getattr(tokenizer, "eos_token", None)
         if not eos:

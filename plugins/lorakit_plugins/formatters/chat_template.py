@@ -67,6 +67,10 @@ class ChatTemplateFormatter:
         self._eot: dict[int, str] = {}
         self._fast: dict[int, Any] = {}  # tokenizer id -> compiled template, or None
 
+    @property
+    def system_prompt(self) -> str | None:
+        return self.options.system_prompt
+
     def _check(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(

@@ -46,6 +46,10 @@ class ChatmlFormatter:
         self.turns = TurnRenderer(LAYOUT, options.system_prompt)
         self._checked: set[int] = set()
 
+    @property
+    def system_prompt(self) -> str | None:
+        return self.options.system_prompt
+
     def end_of_turn(self, tokenizer: Any) -> str:
         if id(tokenizer) not in self._checked:
             require_single_token(tokenizer, EOT, "chatml")

@@ -105,6 +105,10 @@ class Bnb4bit:
         )
         return {"quantization_config": config, "dtype": _unquantized_dtype()}
 
+    @property
+    def dtype_setting(self) -> tuple[str, str]:
+        return "compute_dtype", self.options.compute_dtype
+
     def with_compute_dtype(self, name: DtypeName) -> Bnb4bit:
         return Bnb4bit(attrs.evolve(self.options, compute_dtype=name))
 
@@ -148,6 +152,10 @@ class Bnb8bit:
 
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.options.threshold)
         return {"quantization_config": config, "dtype": _unquantized_dtype()}
+
+    @property
+    def dtype_setting(self) -> tuple[str, str]:
+        return "compute_dtype", self.options.compute_dtype
 
     def with_compute_dtype(self, name: DtypeName) -> Bnb8bit:
         return Bnb8bit(attrs.evolve(self.options, compute_dtype=name))

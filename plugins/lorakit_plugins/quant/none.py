@@ -27,6 +27,10 @@ class NoQuant:
     def compute_dtype(self, device: str) -> Any:
         return dtype_from_name(self.options.dtype, device)
 
+    @property
+    def dtype_setting(self) -> tuple[str, str]:
+        return "dtype", self.options.dtype
+
     def with_compute_dtype(self, name: DtypeName) -> NoQuant:
         return NoQuant(attrs.evolve(self.options, dtype=name))
 
