@@ -127,7 +127,7 @@ def test_lorakit_register_metrics(catalog_with):
 
 
 def test_lorakit_register_loggers(catalog_with):
-    _check_catalog_hook(catalog_with, "lorakit_register_loggers", "logger", "jsonl")
+    _check_catalog_hook(catalog_with, "lorakit_register_loggers", "logger", "tensorboard")
 
 
 def test_duplicate_name_names_both_plugins(catalog_with):

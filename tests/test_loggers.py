@@ -122,6 +122,41 @@ def test_a_failing_logger_warns_once_and_a_stuck_one_blocks_nothing(tmp_path):
     stuck.release.set()
 
 
+def test_the_core_writes_metrics_jsonl_itself_and_loggers_mirror_it(tmp_path):
+    """metrics.jsonl is the core's (loss.png, export and compare read it): written with no
+    logger at all, complete the moment log_metrics returns; a logger gets the same records."""
+    said: list[str] = []
+    loggers = Loggers(said.append)
+    loggers.open({}, LogRun("r", tmp_path, tmp_path, {}, "fp", {}, "hash"))
+    loggers.log_metrics(1, {"loss": 2.5, "epoch": 0.5})
+    loggers.log_metrics(2, {"eval_loss": 2.0})
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows] == [
+        (1, 2.5, None),
+        (2, None, 2.0),
+    ]
+    assert list(rows[0]) == ["step", "epoch", "time", "loss"]
+
+    mirror = _Record()
+    with_logger = Loggers(said.append)
+    (tmp_path / "b").mkdir()
+    with_logger.open({"m": mirror}, LogRun("r", tmp_path / "b", tmp_path, {}, "fp", {}, "h"))
+    with_logger.log_metrics(3, {"loss": 1.0})
+    with_logger.close("FINISHED", timeout=5)
+    assert mirror.calls == ["start", "metrics 3", "FINISHED"]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_metrics_file_that_cannot_be_written_is_said_once_and_training_goes_on(tmp_path):
+    said: list[str] = []
+    loggers = Loggers(said.append)
+    (tmp_path / "metrics.jsonl").mkdir()  # open("a") fails: IsADirectoryError
+    loggers.open({}, LogRun("r", tmp_path, tmp_path, {}, "fp", {}, "hash"))
+    for step in range(3):
+        loggers.log_metrics(step, {"loss": 1.0})
+    assert len(said) == 1 and "cannot write" in said[0] and "training goes on" in said[0]
+
+
 @pytest.mark.slow
 def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, chat_file, cli):
     from mlflow.tracking import MlflowClient

@@ -51,7 +51,7 @@ class Components:
     quant: QuantBackend  # [quant]
     peft: PeftMethod  # [peft]
     metrics: dict[str, Metric]  # [eval].metrics, name -> metric, in the recipe's order
-    loggers: dict[str, ExperimentLogger]  # jsonl, then [log].plugins; opened by the runner
+    loggers: dict[str, ExperimentLogger]  # [log].plugins (metrics.jsonl is the core's own)
 
 
 _FAILED = object()  # a plugin whose options were refused (the problem is recorded)
@@ -117,10 +117,8 @@ class _Builder:
         return out
 
     def loggers(self, section: LogSection) -> dict[str, Any]:
-        from lorakit.tracking import ALWAYS_ON
-
         out: dict[str, Any] = {}
-        for name in dict.fromkeys((ALWAYS_ON, *section.plugins)):
+        for name in dict.fromkeys(section.plugins):
             table = section.options.get(name, {})
             got = self.named("[log].plugins", "logger", name, table, f"[log.options.{name}]")
             if got is not _FAILED:

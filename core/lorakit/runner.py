@@ -388,7 +388,6 @@ def evaluate_trained(
     loaded again from the saved adapter instead."""
     from lorakit.evaluation.evaluate import evaluate, evaluate_run, plan_eval
 
-    loggers.flush()  # metrics.jsonl is complete before loss.png is drawn from it
     if model is None:
         return evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=data.ref)
     plan = plan_eval(

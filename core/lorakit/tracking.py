@@ -1,10 +1,11 @@
 """Experiment loggers (``[log] plugins``): validation, and the fan-out the run talks to.
 
-``metrics.jsonl`` in the run folder is always written (the ``jsonl`` logger); a recipe adds
-others, e.g. ``[log] plugins = ["tensorboard", "mlflow"]``. Every logger runs on a thread of
-its own and is fed through a queue, so training never waits on a tracker. A logger that raises
-(server down, disk full, bad URI) is reported once and called no more; the run goes on. Only
-rank 0 logs.
+The core writes ``metrics.jsonl`` in the run folder itself, one JSON object per logged step:
+``loss.png``, ``lorakit export`` and ``lorakit compare`` read it, so no plugin owns it. The
+recipe's ``[log] plugins`` (e.g. ``["tensorboard", "mlflow"]``) mirror the same records to
+trackers. Every logger runs on a thread of its own and is fed through a queue, so training never
+waits on a tracker. A logger that raises (server down, disk full, bad URI) is reported once and
+called no more; the run goes on. Only rank 0 logs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from lorakit.sections import LogSection
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
 
-ALWAYS_ON = "jsonl"  # metrics.jsonl: loss.png and `lorakit export` read it
 CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finish
 
 
@@ -39,7 +39,6 @@ def check_log(catalog: Catalog, section: LogSection) -> list[str]:
         section.options,
         "[log].plugins",
         "log.options",
-        always=(ALWAYS_ON,),
     )
     for i, name in enumerate(section.plugins):
         entry = catalog.entries["logger"].get(name)
@@ -133,8 +132,10 @@ class Loggers:
         self.workers: list[_Worker] = []
         self.say = say
         self.closed = False
+        self.metrics_file: Path | None = None  # the run's metrics.jsonl, once open
 
     def open(self, loggers: Mapping[str, Any], run: LogRun) -> None:
+        self.metrics_file = RunDir(run.run_dir).metrics  # created by the first record
         self.workers = [_Worker(n, lg, self.say) for n, lg in loggers.items()]
         self.start(run)
 
@@ -150,7 +151,20 @@ class Loggers:
         self._all("start", run)
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        self._all("log_metrics", step, dict(metrics), time.time())
+        """One logged step: appended to metrics.jsonl here and now (complete whenever the run
+        reads it), then queued to every logger."""
+        wall_time = time.time()
+        if self.metrics_file is not None:
+            try:
+                with self.metrics_file.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics_record(step, metrics, wall_time)) + "\n")
+            except OSError as exc:
+                self.say(
+                    f"cannot write {self.metrics_file} ({exc.strerror or exc}): loss.png and "
+                    "compare will lack the steps from here; training goes on"
+                )
+                self.metrics_file = None
+        self._all("log_metrics", step, dict(metrics), wall_time)
 
     def log_final(self, step: int, metrics: Mapping[str, float]) -> None:
         if metrics:
@@ -161,9 +175,9 @@ class Loggers:
         if present:
             self._all("log_artifacts", present)
 
-    def flush(self, name: str = ALWAYS_ON, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Wait until logger ``name`` has handled what was sent: metrics.jsonl is complete
-        before loss.png is drawn from it. Other trackers are not waited for here."""
+    def flush(self, name: str, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait until logger ``name`` has handled what was sent (the others are not waited
+        for)."""
         for w in self.workers:
             if w.name == name:
                 w.wait(timeout)
@@ -179,6 +193,16 @@ class Loggers:
                 self.say(
                     f"logger {w.name} did not finish within {timeout:.0f}s; its record may be incomplete"
                 )
+
+
+def metrics_record(step: int, metrics: Mapping[str, Any], wall_time: float) -> dict[str, Any]:
+    """One line of metrics.jsonl: step, epoch, time, then the Trainer's values."""
+    record: dict[str, Any] = {"step": step}
+    if "epoch" in metrics:
+        record["epoch"] = metrics["epoch"]
+    record["time"] = round(wall_time, 3)
+    record.update((k, v) for k, v in metrics.items() if k != "epoch")
+    return record
 
 
 def run_info(recipe: Recipe, run: RunDir, data_fingerprint: str, resumed: bool) -> LogRun:

@@ -1,1 +1,1 @@
-"""Experiment loggers: metrics.jsonl (always on), TensorBoard, MLflow."""
+"""Experiment loggers: TensorBoard, MLflow (the core writes metrics.jsonl itself)."""
