@@ -174,3 +174,33 @@ def test_prepare_never_writes_splits_through_a_planted_folder_link(tmp_path, tin
     assert "Traceback" not in done.stderr
     assert "data/splits -> " in done.stderr and "fix:" in done.stderr, done.stderr
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.slow  # trains the tiny model once
+def test_commands_on_a_run_refuse_links_planted_in_it(tmp_path, tiny_model_dir, cli):
+    """A trained run with its test split or its eval report replaced by a link to a file
+    elsewhere: eval, export, generate and a resume name the link and read or write nothing
+    through it (eval rewrote report.md and read the linked split)."""
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    code, _, err = cli("run", recipe, "train.max_steps=2", 'eval.metrics=["eval_loss"]')
+    assert code == 0, err
+    run = tmp_path / "runs" / "recipe"
+    victim = tmp_path / "precious.jsonl"
+    for planted in ("data/splits/test.jsonl", "report.md"):
+        victim.write_text("keep me\n")
+        (run / planted).unlink()
+        (run / planted).symlink_to(victim)
+        for args in (
+            ["eval", run],
+            ["export", run],
+            ["generate", run, "--prompt", "hi"],
+            ["run", recipe, "train.max_steps=3", "--resume-from-checkpoint", "auto"],
+        ):
+            code, _, err = cli(*args)
+            assert code == 2, (args, err)
+            assert f"{planted} -> {victim}" in err and "fix:" in err, (args, err)
+            assert "Traceback" not in err
+        assert victim.read_text() == "keep me\n"
+        (run / planted).unlink()
+        (run / planted).write_text("")
+    assert not (run / "export").exists()
