@@ -114,6 +114,8 @@ def test_compare_rows_dedupe_the_baseline(tmp_path, cli):
     data = json.loads(out)
     assert data[1] == {
         "run": "r1",
+        "run_name": "r1",
+        "examples": 2,
         "model": "tiny",
         "adapter": "runs/r1/adapter",
         "split": "val",
@@ -121,8 +123,29 @@ def test_compare_rows_dedupe_the_baseline(tmp_path, cli):
     }
     code, out, _ = cli("compare", runs)
     assert code == 0
-    assert "| run | model | adapter | split | eval_loss | json_match | stops |" in out
-    assert "| r2 | tiny | tuned | val | 1.0000 | 100.0 | 100.0 |" in out
+    assert "| run | model | adapter | split | examples | eval_loss | json_match | stops |" in out
+    assert "| r2 | tiny | tuned | val | 2 | 1.0000 | 100.0 | 100.0 |" in out
+
+
+def test_compare_names_rows_by_their_folder_and_counts_examples(tmp_path, cli):
+    """A run folder copied and evaluated again holds a report whose stored run name is the
+    original's: its rows are named by the folder they came from, never twice "r1", and say how
+    many examples each score is over; same-named folders in two places get their paths."""
+    runs = tmp_path / "runs"
+    _write(runs / "r1", "r1", "runs/r1/adapter")
+    _write(runs / "r1-copy", "r1", "runs/r1-copy/adapter")
+    _write(runs / "a" / "r2", "r2", "runs/a/r2/adapter", key="k2")
+    _write(runs / "b" / "r2", "r2", "runs/b/r2/adapter", key="k3")
+    code, out, err = cli("compare", runs, "--json")
+    assert code == 0, err
+    tuned = [(r["run"], r["run_name"], r["examples"]) for r in json.loads(out) if r["adapter"]]
+    assert tuned == [("a/r2", "r2", 2), ("b/r2", "r2", 2), ("r1", "r1", 2), ("r1-copy", "r1", 2)]
+    code, out, err = cli("compare", runs)
+    assert code == 0, err
+    assert "| run | model | adapter | split | examples | eval_loss |" in out, out
+    assert "| r1-copy (run r1) | tiny | tuned | val | 2 | 1.0000 |" in out, out
+    assert "| r1 | tiny | tuned | val | 2 | 1.0000 |" in out, out
+    assert "| a/r2 | tiny | tuned | val | 2 |" in out, out
 
 
 def test_compare_without_reports_is_an_error(tmp_path, cli):

@@ -77,6 +77,34 @@ def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
         assert not (run / "data" / "splits" / "train.jsonl").exists()
 
 
+def test_a_gguf_export_onto_a_full_disk_is_a_clear_error_and_leaves_no_file(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """The GGUF writer's short write is an OSError with no errno ("N requested and M
+    written"), which the disk-full handler missed: a traceback, exit 1. The tiny model's f16
+    GGUF is about 250 kB; the adapter export's files are under 100 kB, so the limit fails the
+    GGUF alone."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "gguf"')
+    code, _, err = cli("run", str(recipe), "train.max_steps=1", 'eval.metrics=["eval_loss"]')
+    assert code == 0, err
+    run = tmp_path / "runs" / "gguf"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    done = subprocess.run(
+        lorakit("export", str(run), "--gguf"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit(100_000),
+        timeout=300,
+    )
+    err = done.stderr
+    assert done.returncode == 2, err
+    assert "Traceback" not in err
+    assert "the disk is full" in err and "the GGUF export" in err, err
+    assert "nothing was exported" in err and "--out" in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "files left behind"
+
+
 def kill_when(cmd: list[str], ready, what: str) -> str:
     """Start ``cmd``, SIGKILL it the moment ``ready()`` is true; returns what was seen then."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

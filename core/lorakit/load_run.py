@@ -21,6 +21,7 @@ from lorakit.errors import RunError
 from lorakit.export.adapter_io import read_meta, stop_token_ids
 from lorakit.recipe import Recipe, load_recipe, read_toml, validate
 from lorakit.rundir import RunDir, read_json
+from lorakit.safe_files import refuse_links
 
 
 def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -> Recipe:
@@ -35,6 +36,7 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
             f"{run_dir} is not a lorakit run folder (no run.json)",
             fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",
         )
+    refuse_links(run.path)  # nothing read from, or written through, a link planted in the run
     info = read_json(run.run_json)
     from lorakit.recipe import apply_overrides
 
@@ -74,6 +76,7 @@ def open_target(
     run = RunDir(recipe.run_dir)
     if not run.exists():
         return recipe, None
+    refuse_links(run.path)
     same_training(run, recipe, f"{target} describes {run.path}")
     return recipe, run.path
 

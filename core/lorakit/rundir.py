@@ -21,6 +21,7 @@ to continue (no checkpoint, no adapter) may be started again (docs/reliability.m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from typing import Any
 from lorakit import __version__
 from lorakit.checkpoints import MARKER, checkpoint_problem
 from lorakit.errors import RunError
+from lorakit.safe_files import make_folder, not_writable, refuse_links, write_text
 from lorakit.secrets import mask
 
 COMPLETE = MARKER  # written last in each checkpoint: "step N" and "run <run_id>"
@@ -72,7 +74,7 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a killed process never leaves half a file), secrets masked
     (``lorakit.secrets.mask``: overrides and settings may carry URL credentials)."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    _write_text(path, mask(text) + "\n")
+    write_text(path, mask(text) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -133,10 +135,11 @@ class RunDir:
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.refuse_a_link()
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
         before = self._lock()
         restarted = before is not None or self.exists()
         try:
+            refuse_links(self.path)  # a folder started again: nothing planted to write through
             if restarted:
                 self._check_restartable()
         except BaseException:
@@ -148,7 +151,7 @@ class RunDir:
         if restarted:  # saves the dead attempt left unfinished: never complete, never resumed
             for unfinished in self._unfinished_after(None):
                 shutil.rmtree(unfinished)
-        self.recipe.write_text(mask(recipe_text), encoding="utf-8")  # no secret on disk
+        write_text(self.recipe, mask(recipe_text))  # no secret on disk, never through a link
         write_json(self.resolved, resolved)
         write_json(self.versions, stack_versions())
         event = {
@@ -194,6 +197,11 @@ class RunDir:
         try:  # never through a planted link: the pid is written in place, truncating the file
             fd = os.open(self.claim, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a link
+                refused = not_writable(exc, self.path)
+                if refused is None:
+                    raise
+                raise refused from None
             raise self._foreign_claim("a symbolic link") from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -390,7 +398,9 @@ class RunDir:
         self, spec: str, on_skip: Callable[[Path, str], None] | None = None
     ) -> Path:
         """``auto`` -> the newest complete checkpoint of this run whose files read back (a
-        damaged one is skipped, and ``on_skip`` told why); else an explicit folder, verified."""
+        damaged one is skipped, and ``on_skip`` told why); else an explicit folder, verified.
+        A run folder holding planted links is refused before anything in it is read."""
+        refuse_links(self.path)
         if spec == "auto":
             if not self.exists():
                 raise RunError(
@@ -440,15 +450,6 @@ class RunDir:
                 fix="resume from an earlier checkpoint, or use --resume-from-checkpoint auto",
             )
         return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """``lorakit compare [RUNS_DIR] [--json]``: one table of every eval report under a folder.
 
-Rows are (run, model, adapter, split) with each metric as a column; a base-model row appears
-once even when both a baseline report and a run report hold it. ``--json`` prints a list of
-``{run, model, adapter (null for the base model), split, metrics}``.
+Rows are (run, model, adapter, split, examples) with each metric as a column. ``run`` is the
+folder the report came from (its path under RUNS_DIR when two folders share a name; the name
+stored in the report follows in brackets when it differs, as in a copied run), ``examples`` the
+number of examples scored. A base-model row appears once even when both a baseline report and a
+run report hold it. ``--json`` prints a list of ``{run, run_name (stored in the report),
+examples, model, adapter (null for the base model), split, metrics}``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def run(args) -> int:
         raise RunError(f"{root} is not a folder", fix="pass the folder that holds your run folders")
     rows = collect_rows(root)
     if args.json:
-        keep = ("run", "model", "adapter", "split", "metrics")
+        keep = ("run", "run_name", "examples", "model", "adapter", "split", "metrics")
         print(json.dumps([{k: r[k] for k in keep} for r in rows], indent=2))
         return 0
     if not rows:

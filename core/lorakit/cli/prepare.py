@@ -17,6 +17,7 @@ from lorakit.data.pipeline import DataReport, load_splits, write_splits
 from lorakit.errors import RunError
 from lorakit.recipe import load_recipe
 from lorakit.rundir import RunDir
+from lorakit.safe_files import make_folder, refuse_links
 
 
 def add_parser(sub) -> None:
@@ -43,6 +44,8 @@ def run(args) -> int:
     for line in report.lines():
         print(line)
     folder = run.splits
+    make_folder(folder)
+    refuse_links(run.path)  # splits are never written through a link planted in the folder
     write_splits(folder, splits)
     for name in ("train", "val", "test"):
         print(f"{name}: {len(splits.get(name))} examples -> {folder / (name + '.jsonl')}")

@@ -154,13 +154,32 @@ def chat_environment() -> Any:
                 )
             yield item
 
+    class GenerationBlocks(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's
+        text for ``return_assistant_tokens_mask``) renders as its body, as in transformers when
+        no mask is asked for. Knowing the tag lets such a template render here, under the
+        budget, before transformers' unbounded sandbox renders it."""
+
+        tags = {"generation"}  # noqa: RUF012 (jinja2.ext.Extension declares a set)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_body")
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
     class BoundedTemplate(jinja2.Template):
         def render(self, *args: Any, **kwargs: Any) -> str:
             env.budget = TEMPLATE_LOOP_BUDGET
             return super().render(*args, **kwargs)
 
     env = BoundedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, GenerationBlocks],
     )
     env.globals["range"] = bounded_range
     env.template_class = BoundedTemplate

@@ -8,11 +8,13 @@ with a ``KeyError`` or writing a split file that cannot be read back.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lorakit.contracts import ROLES, SPLITS, Example, Message
+from lorakit.data.paths import reporting_skips
 from lorakit.errors import LorakitError, PluginError
 
 # Meta values are JSON (and TOML) data: a recipe's split files and reports hold them as strict
@@ -161,15 +163,26 @@ def checked_records(
     plugin = plugin_label(entry)
     fix = "this is a bug in the plugin: report it to its author with this message"
     last = "before its first record"
+    # A FIFO, device or dangling link that expand_files skips in a data folder is a line in the
+    # data report (ReadContext.report), not a silent omission.
+    warnings = getattr(getattr(ctx, "report", None), "warnings", None)
+
+    def skips() -> contextlib.AbstractContextManager[None]:
+        if isinstance(warnings, list):
+            return reporting_skips(warnings.append)
+        return contextlib.nullcontext()
+
     try:
-        iterator = iter(read(ctx))
+        with skips():
+            iterator = iter(read(ctx))
     except TypeError as exc:
         raise PluginError(
             f"{plugin}: read() did not return an iterator", where=key, fix=fix
         ) from exc
     while True:
         try:
-            ex = next(iterator)
+            with skips():
+                ex = next(iterator)
         except StopIteration:
             return
         except LorakitError:

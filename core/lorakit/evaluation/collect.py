@@ -53,11 +53,34 @@ def _key(report: dict[str, Any], res: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def _run_folder(report: Path) -> Path:
+    return report.parent.parent if report.parent.name == "baseline" else report.parent
+
+
+def _labels(root: Path, folders: list[Path]) -> dict[Path, str]:
+    """Each run folder's name in the table: its own name, or its path under ``root`` when two
+    folders share a name (the run name stored inside a report is the one it was trained under,
+    so a copied run would otherwise show twice under one name)."""
+    names: dict[str, set[Path]] = {}
+    for folder in folders:
+        names.setdefault(folder.name, set()).add(folder)
+    out = {}
+    for folder in folders:
+        relative = folder.relative_to(root).as_posix()
+        if relative == ".":
+            out[folder] = root.resolve().name
+        else:
+            out[folder] = folder.name if len(names[folder.name]) == 1 else relative
+    return out
+
+
 def collect_rows(root: Path) -> list[dict[str, Any]]:
-    """``{run, model, adapter, split, metrics}`` rows; a base result seen twice is listed once,
-    and so is a copy of a report (an experiment tracker's artifact store under the same folder
-    holds one): a tuned result is identified by its adapter and the time it was evaluated, and
-    the copy nearest ``root`` is the one listed."""
+    """``{run, run_name, examples, model, adapter, split, metrics}`` rows. ``run`` is the folder
+    the report came from (a copied run is told apart from its original), ``run_name`` the name
+    stored in the report, ``examples`` how many examples the scores are over. A base result
+    seen twice is listed once, and so is a copy of a report (an experiment tracker's artifact
+    store under the same folder holds one): a tuned result is identified by its adapter and the
+    time it was evaluated, and the copy nearest ``root`` is the one listed."""
     reports: list[tuple[Path, dict[str, Any]]] = []
     for path in find_reports(root):
         reports.append((path, read_report(path)))
@@ -65,6 +88,7 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
     for path, report in sorted(reports, key=lambda pr: len(pr[0].parts)):
         for res in report.get("results", []):
             owner.setdefault(_key(report, res), path)
+    labels = _labels(root, [_run_folder(path) for path, _ in reports])
     rows: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
     for path, report in reports:
@@ -75,7 +99,9 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
             seen.add(key)
             rows.append(
                 {
-                    "run": report.get("run"),
+                    "run": labels[_run_folder(path)],
+                    "run_name": report.get("run"),
+                    "examples": _examples(res),
                     "model": res.get("model"),
                     "adapter": res.get("adapter"),
                     "split": res.get("split"),
@@ -87,6 +113,12 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _examples(result: dict[str, Any]) -> int | None:
+    counts = result.get("counts")
+    n = counts.get("examples") if isinstance(counts, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     names: list[str] = []
     kinds: dict[str, str] = {}
@@ -95,14 +127,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             if name not in names:
                 names.append(name)
         kinds.update(r.get("kinds", {}))
-    head = ["run", "model", "adapter", "split", *names]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * len(names)]
+    head = ["run", "model", "adapter", "split", "examples", *names]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (1 + len(names))]
     for r in rows:
+        stored = r.get("run_name")
         cells = [
-            r["run"] or "?",
+            r["run"]
+            if stored in (None, r["run"].rpartition("/")[2])
+            else f"{r['run']} (run {stored})",
             r["model"] or "?",
             "(base)" if r["adapter"] is None else "tuned",
             r["split"] or "?",
+            "?" if r.get("examples") is None else str(r["examples"]),
         ]
         for name in names:
             v = r["metrics"].get(name)

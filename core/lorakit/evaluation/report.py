@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from lorakit.evaluation.scoring import SplitResult
 from lorakit.evaluation.sets import EvalSet
 from lorakit.rundir import write_json
+from lorakit.safe_files import write_text
 
 SAMPLES_IN_REPORT = 5
 
@@ -61,7 +61,7 @@ def write_outputs(
     path = out_dir / "eval_report.json"
     write_json(path, report)
     _write_predictions(out_dir / "predictions.jsonl", sets, base, tuned)
-    (out_dir / "report.md").write_text(render_markdown(report, sets, base, tuned), encoding="utf-8")
+    write_text(out_dir / "report.md", render_markdown(report, sets, base, tuned))
     return path
 
 
@@ -71,24 +71,23 @@ def _write_predictions(
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
 ) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i, s in enumerate(sets):
-            b = base[i].generations if base else []
-            t = tuned[i].generations if tuned else []
-            for j, ex_id in enumerate(s.ids):
-                row: dict[str, Any] = {
-                    "split": s.split,
-                    "id": ex_id,
-                    "prompt": s.prompts[j],
-                    "reference": s.references[j],
-                }
-                if j < len(b):
-                    row.update(base=b[j].text, base_stopped=b[j].stopped)
-                if j < len(t):
-                    row.update(tuned=t[j].text, tuned_stopped=t[j].stopped)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    lines: list[str] = []
+    for i, s in enumerate(sets):
+        b = base[i].generations if base else []
+        t = tuned[i].generations if tuned else []
+        for j, ex_id in enumerate(s.ids):
+            row: dict[str, Any] = {
+                "split": s.split,
+                "id": ex_id,
+                "prompt": s.prompts[j],
+                "reference": s.references[j],
+            }
+            if j < len(b):
+                row.update(base=b[j].text, base_stopped=b[j].stopped)
+            if j < len(t):
+                row.update(tuned=t[j].text, tuned_stopped=t[j].stopped)
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text(path, "".join(lines))  # atomic, never through a link planted at the path
 
 
 def _cell(text: str, limit: int = 160) -> str:

@@ -31,6 +31,7 @@ from lorakit import __version__
 from lorakit.catalog import Catalog
 from lorakit.console import say as console_say
 from lorakit.contracts import HasSystemPrompt
+from lorakit.diskfull import disk_full_is_an_error
 from lorakit.errors import RunError
 from lorakit.export.adapter_io import META, read_meta
 from lorakit.rundir import RunDir, read_json, write_json
@@ -174,71 +175,84 @@ def export_run(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # 3. The adapter export: byte copies of the checked weights, tokenizer, stop tokens.
-        adapter_out = tmp / "adapter"
-        adapter_out.mkdir()
-        for name in ADAPTER_FILES:
-            shutil.copy2(run.adapter / name, adapter_out / name)
-        tok.save_pretrained(str(adapter_out))
-        gen = _generation_config([run.adapter, Path(base_path)], loaded.stop_ids, tok.pad_token_id)
-        gen.save_pretrained(str(adapter_out))
-        write_json(adapter_out / META, meta)
-        say(f"adapter export written ({', '.join(ADAPTER_FILES)} + tokenizer + generation_config)")
-
-        # 4. The merged model, merged in fp32 (on the original or the dequantized base), with
-        #    parity numbers.
-        parity = None
-        merge_info = None
-        if merge:
-            from lorakit.export.merge import merge_base_label, write_merged
-
-            merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
-            parity = write_merged(run, loaded, tmp / "merged", dtype, gen, say, merge_base)
-            write_json(tmp / "merged" / META, {**meta, **merge_info})
-            write_json(tmp / "parity.json", parity)
-
-        # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
-        gguf_parity = None
-        if gguf_types and vocab is not None:
-            from lorakit.export.gguf_export import write_gguf_export
-
-            gguf_parity = write_gguf_export(
-                run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
+    had_export = out.exists()
+    with disk_full_is_an_error(
+        out,
+        "the GGUF export" if gguf_types else "the export",
+        "nothing was exported: the unfinished export folder was removed"
+        + (f" and the earlier export in {out} is unchanged" if had_export else "")
+        + "; the run folder is unchanged",
+        fix="free some space (or export elsewhere with --out DIR) and run the same command again",
+    ):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            # 3. The adapter export: byte copies of the checked weights, tokenizer, stop tokens.
+            adapter_out = tmp / "adapter"
+            adapter_out.mkdir()
+            for name in ADAPTER_FILES:
+                shutil.copy2(run.adapter / name, adapter_out / name)
+            tok.save_pretrained(str(adapter_out))
+            gen = _generation_config(
+                [run.adapter, Path(base_path)], loaded.stop_ids, tok.pad_token_id
             )
-            write_json(tmp / "gguf" / "parity.json", gguf_parity)
-            (tmp / "gguf" / "README.md").write_text(
-                render_card(kind="gguf", parity=gguf_parity, merge_info=None, **card_inputs),
+            gen.save_pretrained(str(adapter_out))
+            write_json(adapter_out / META, meta)
+            say(
+                f"adapter export written ({', '.join(ADAPTER_FILES)} + tokenizer + generation_config)"
+            )
+
+            # 4. The merged model, merged in fp32 (on the original or the dequantized base), with
+            #    parity numbers.
+            parity = None
+            merge_info = None
+            if merge:
+                from lorakit.export.merge import merge_base_label, write_merged
+
+                merge_info = {"merge_base": merge_base_label(merge_base, recipe), "dtype": dtype}
+                parity = write_merged(run, loaded, tmp / "merged", dtype, gen, say, merge_base)
+                write_json(tmp / "merged" / META, {**meta, **merge_info})
+                write_json(tmp / "parity.json", parity)
+
+            # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
+            gguf_parity = None
+            if gguf_types and vocab is not None:
+                from lorakit.export.gguf_export import write_gguf_export
+
+                gguf_parity = write_gguf_export(
+                    run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
+                )
+                write_json(tmp / "gguf" / "parity.json", gguf_parity)
+                (tmp / "gguf" / "README.md").write_text(
+                    render_card(kind="gguf", parity=gguf_parity, merge_info=None, **card_inputs),
+                    encoding="utf-8",
+                )
+
+            # 6. Model cards and the export marker, then move the finished export into place.
+            (adapter_out / "README.md").write_text(
+                render_card(kind="adapter", parity=parity, merge_info=None, **card_inputs),
                 encoding="utf-8",
             )
-
-        # 6. Model cards and the export marker, then move the finished export into place.
-        (adapter_out / "README.md").write_text(
-            render_card(kind="adapter", parity=parity, merge_info=None, **card_inputs),
-            encoding="utf-8",
-        )
-        if merge:
-            (tmp / "merged" / "README.md").write_text(
-                render_card(kind="merged", parity=parity, merge_info=merge_info, **card_inputs),
-                encoding="utf-8",
+            if merge:
+                (tmp / "merged" / "README.md").write_text(
+                    render_card(kind="merged", parity=parity, merge_info=merge_info, **card_inputs),
+                    encoding="utf-8",
+                )
+            write_json(
+                tmp / MARKER,
+                {
+                    "lorakit_version": __version__,
+                    "run": str(run_dir.resolve()),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "merged": merge,
+                    "dtype": dtype if merge else None,
+                    "gguf": list(gguf_types),
+                },
             )
-        write_json(
-            tmp / MARKER,
-            {
-                "lorakit_version": __version__,
-                "run": str(run_dir.resolve()),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "merged": merge,
-                "dtype": dtype if merge else None,
-                "gguf": list(gguf_types),
-            },
-        )
-        _publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        gc.collect()
+            _publish(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            gc.collect()
     return ExportResult(
         out=out,
         adapter=out / "adapter",

@@ -11,6 +11,7 @@ biases kept in f32; a matrix whose rows are not a multiple of 32 values stays f1
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ def write_gguf(
     layout = check_layout(model.config)
     tensors = _tensors(model, layout)
     writer = gguf.GGUFWriter(str(path), layout.arch)
+    complete = False
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
@@ -188,8 +190,13 @@ def write_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress_bars())
-    finally:
         writer.close()
+        complete = True
+    finally:
+        if not complete:  # a file cut short (disk full, an error) is never left to look whole
+            with contextlib.suppress(OSError):  # closing flushes the rest: it may fail too
+                writer.close()
+            path.unlink(missing_ok=True)
     return {
         "architecture": layout.arch,
         "type": gguf_type,
