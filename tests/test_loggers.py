@@ -147,14 +147,23 @@ def test_the_core_writes_metrics_jsonl_itself_and_loggers_mirror_it(tmp_path):
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_metrics_file_that_cannot_be_written_is_said_once_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("planted", ["folder", "link"])
+def test_a_metrics_file_that_cannot_be_written_is_said_once_and_training_goes_on(tmp_path, planted):
     said: list[str] = []
     loggers = Loggers(said.append)
-    (tmp_path / "metrics.jsonl").mkdir()  # open("a") fails: IsADirectoryError
-    loggers.open({}, LogRun("r", tmp_path, tmp_path, {}, "fp", {}, "hash"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    if planted == "folder":
+        (run / "metrics.jsonl").mkdir()  # open fails: IsADirectoryError
+    else:
+        (run / "metrics.jsonl").symlink_to(outside)  # never appended through: O_NOFOLLOW
+    loggers.open({}, LogRun("r", run, tmp_path, {}, "fp", {}, "hash"))
     for step in range(3):
         loggers.log_metrics(step, {"loss": 1.0})
     assert len(said) == 1 and "cannot write" in said[0] and "training goes on" in said[0]
+    assert outside.read_text() == "mine\n"
 
 
 @pytest.mark.slow

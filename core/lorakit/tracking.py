@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import queue
 import threading
 import time
@@ -155,9 +156,13 @@ class Loggers:
         reads it), then queued to every logger."""
         wall_time = time.time()
         if self.metrics_file is not None:
+            line = json.dumps(metrics_record(step, metrics, wall_time)) + "\n"
             try:
-                with self.metrics_file.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(metrics_record(step, metrics, wall_time)) + "\n")
+                # never appended through a link planted in the run folder (O_NOFOLLOW)
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(self.metrics_file, flags, 0o644)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
+                    f.write(line)
             except OSError as exc:
                 self.say(
                     f"cannot write {self.metrics_file} ({exc.strerror or exc}): loss.png and "
