@@ -93,10 +93,11 @@ class _SeenIds:
         self.example_at = example_at
         self.by_hash: dict[int, int] = {}
         self.collided: dict[str, int] = {}  # ids whose hash an earlier, different id has
+        self.hash = hash
 
     def first(self, rid: str) -> Example | None:
         """The earlier example with id ``rid``, or None."""
-        j = self.by_hash.get(hash(rid))
+        j = self.by_hash.get(self.hash(rid))
         if j is None:
             return None
         first = self.example_at(j)
@@ -106,7 +107,7 @@ class _SeenIds:
         return None if k is None else self.example_at(k)
 
     def add(self, rid: str, index: int) -> None:
-        if self.by_hash.setdefault(hash(rid), index) != index:
+        if self.by_hash.setdefault(self.hash(rid), index) != index:
             self.collided.setdefault(rid, index)
 
 
