@@ -51,8 +51,8 @@ def measure(*args: str) -> float:
 
 def test_check_and_prepare_memory_does_not_grow_with_the_data(tmp_path, data_tokenizer_dir):
     """6x the data, the same peak memory. Before issue 21 the examples were held as objects
-    and every token as a Python int: `check` grew by about 50 bytes per byte of data (+150 MB
-    here: 1 MB took 181 MB and 4 MB 618 MB) and `prepare` by about 2."""
+    and every token as a Python int: `check` grew by about 150 bytes per byte of this data
+    (1 MB took 181 MB, 4 MB 618 MB) and `prepare` by about 2."""
     peaks: dict[str, list[float]] = {"check": [], "prepare": []}
     for mb in (0.5, 3.0):
         folder = tmp_path / f"d{mb}"
