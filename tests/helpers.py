@@ -75,6 +75,26 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
     return path
 
 
+def write_big_chat(path: Path, n_bytes: int, seed: int = 0) -> int:
+    """About ``n_bytes`` of distinct chat_jsonl records (random words); returns how many."""
+    rng = random.Random(seed)
+    words = [f"{a}{b}" for a in "bcdfghklmnprst" for b in ("a", "e", "i", "o", "u", "ou")]
+    written = n = 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < n_bytes:
+            q = " ".join(rng.choices(words, k=rng.randint(5, 60)))
+            a = " ".join(rng.choices(words, k=rng.randint(5, 120)))
+            rec = {
+                "id": f"b{n}",
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            }
+            line = json.dumps(rec) + "\n"
+            f.write(line)
+            written += len(line)
+            n += 1
+    return n
+
+
 def read_context(recipe_dir: Path, on_error: str = "fail") -> Any:
     """A data source's read context, with a fresh data report."""
     from lorakit.data.pipeline import DataReport, ReadContext

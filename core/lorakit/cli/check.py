@@ -9,6 +9,7 @@ Token statistics need the model's tokenizer: it is read from a local folder with
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from lorakit.cli.common import add_recipe_args
 from lorakit.components import build_components
 from lorakit.data.pipeline import (
     DataReport,
+    apply_overlength,
+    iter_tokenized,
     load_splits,
     require_training_examples,
-    tokenize_examples,
 )
 from lorakit.errors import DataError, LorakitError, printable
 from lorakit.launch_config import check_launch_config, is_launch_config
@@ -91,7 +93,7 @@ def run(args) -> int:
         return 0
     tokenizer = LiteTokenizer(folder)
     formatter = components.formatter
-    examples = [*splits.train, *splits.val, *splits.test]
+    examples = itertools.chain(splits.train, splits.val, splits.test)  # streamed
     stats = lint(examples, formatter, tokenizer, recipe.train.max_length, recipe.data.overlength)
     print(f"format {recipe.format.name}, tokenizer {folder}:")
     for line in stats.lines(recipe.train.max_length, recipe.data.overlength):
@@ -117,8 +119,11 @@ def run(args) -> int:
 def _kept_training_rows(train, formatter, tokenizer, recipe) -> int:
     """How many training examples survive formatting, as ``run`` counts them (only computed
     when the lint dropped some)."""
-    t = recipe.train
-    return len(tokenize_examples(train, formatter, tokenizer, t.max_length, "drop", DataReport()))
+    t, report = recipe.train, DataReport()
+    return sum(
+        len(apply_overlength(pieces, rows, t.max_length, "drop", report))
+        for pieces, rows in iter_tokenized(train, formatter, tokenizer, t.max_length, report)
+    )
 
 
 def _print_launch(result: tuple[str, list[str]]) -> None:

@@ -2,19 +2,22 @@
 
 Works with any tokenizer that the formatters accept, including the torch-free
 :class:`lorakit.data.lite_tokenizer.LiteTokenizer`, and goes through the same functions as
-``lorakit run`` (:func:`render_and_tokenize`, :func:`apply_overlength`), so what it reports is
-what training sees.
+``lorakit run`` (:func:`iter_tokenized`, :func:`apply_overlength`), so what it reports is
+what training sees. Rows are counted a batch at a time and not kept: memory holds four bytes a
+row (its length), whatever the data set's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 
 from lorakit.contracts import Example
-from lorakit.data.pipeline import DataReport, apply_overlength, render_and_tokenize
+from lorakit.data.report import DataReport
+from lorakit.data.rows import apply_overlength, iter_tokenized
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
 from lorakit.errors import printable
 
@@ -25,9 +28,10 @@ OPEN, CLOSE = "[[", "]]"
 @attrs.define
 class LintStats:
     examples: int = 0
-    lengths: list[int] = attrs.field(factory=list)
+    lengths: array = attrs.field(factory=lambda: array("i"))
     over_length: int = 0
-    no_supervised: list[str] = attrs.field(factory=list)  # example ids
+    no_supervised: list[str] = attrs.field(factory=list)  # the first few example ids
+    no_supervised_count: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
     eot: str = ""
@@ -68,11 +72,11 @@ class LintStats:
         out.append(
             f"supervised tokens: {self.supervised_tokens} of {self.total_tokens} ({100 * share:.1f}%)"
         )
-        if self.no_supervised:
+        if self.no_supervised_count:
             ids = ", ".join(self.no_supervised[:5]) + (
-                " ..." if len(self.no_supervised) > 5 else ""
+                " ..." if self.no_supervised_count > 5 else ""
             )
-            out.append(f"{len(self.no_supervised)} examples have no supervised token: {ids}")
+            out.append(f"{self.no_supervised_count} examples have no supervised token: {ids}")
         if self.eot_tokens != 1:
             out.append(f"end-of-turn {self.eot!r} is {self.eot_tokens} tokens (expected 1)")
         else:
@@ -85,7 +89,7 @@ class LintStats:
 
 
 def lint(
-    examples: Sequence[Example],
+    examples: Iterable[Example],
     formatter: Any,
     tokenizer: Any,
     max_length: int,
@@ -95,23 +99,28 @@ def lint(
     stats.eot = formatter.end_of_turn(tokenizer)
     eot_ids = tokenizer(stats.eot, add_special_tokens=False)["input_ids"]
     stats.eot_tokens = len(eot_ids)
-    pieces, rows = render_and_tokenize(examples, formatter, tokenizer, max_length, stats.report)
-    stats.examples = len(rows)
-    for ex, row in zip(pieces, rows, strict=True):
-        n = len(row.input_ids)
-        stats.lengths.append(n)
-        stats.total_tokens += n
-        sup = row.n_supervised
-        stats.supervised_tokens += sup
-        if sup == 0:
-            stats.no_supervised.append(ex.id)
-        if n > max_length:
-            stats.over_length += 1
-        stats.turns += 1 if ex.messages is None else sum(m.role == "assistant" for m in ex.messages)
-        if len(eot_ids) == 1:
-            stats.eot_supervised += sum(1 for t in row.labels if t == eot_ids[0])
     policy = "drop" if overlength == "error" else overlength
-    apply_overlength(pieces, rows, max_length, policy, stats.report)
+    for pieces, rows in iter_tokenized(examples, formatter, tokenizer, max_length, stats.report):
+        for ex, row in zip(pieces, rows, strict=True):
+            n = len(row.input_ids)
+            stats.lengths.append(n)
+            stats.total_tokens += n
+            sup = row.n_supervised
+            stats.supervised_tokens += sup
+            if sup == 0:
+                stats.no_supervised_count += 1
+                if len(stats.no_supervised) < 6:
+                    stats.no_supervised.append(ex.id)
+            if n > max_length:
+                stats.over_length += 1
+            if ex.messages is None:
+                stats.turns += 1
+            else:
+                stats.turns += sum(m.role == "assistant" for m in ex.messages)
+            if len(eot_ids) == 1:
+                stats.eot_supervised += row.labels.count(eot_ids[0])
+        apply_overlength(pieces, rows, max_length, policy, stats.report)
+    stats.examples = len(stats.lengths)
     return stats
 
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from lorakit.contracts import SPLITS, Example
 from lorakit.errors import DataError
 
-__all__ = ["SPLITS", "assign_splits", "content_key", "fingerprint", "hashed_split"]
+__all__ = [
+    "SPLITS",
+    "SplitAssigner",
+    "assign_splits",
+    "content_key",
+    "fingerprint",
+    "hashed_split",
+]
 
 
 def content_key(example: Example) -> str:
@@ -66,6 +73,66 @@ def assign_splits(
         )
         out[split].append(ex)
     return out
+
+
+class SplitAssigner:
+    """:func:`assign_splits` one example at a time, for data sets that do not fit in memory.
+
+    ``add`` returns the example's split as far as is known then (its ``meta.split``, else its
+    hashed split); ``finish`` returns the examples whose split changed because an identical
+    example later pinned their content with ``meta.split`` (index -> split), and raises the
+    error ``assign_splits`` raises when identical examples are pinned to different splits.
+    The result is the same as ``assign_splits`` on the whole list. Memory: 16 bytes of content
+    key per example, plus a table entry per pinned content.
+    """
+
+    def __init__(self, seed: int, val_fraction: float, test_fraction: float) -> None:
+        self.seed, self.val_fraction, self.test_fraction = seed, val_fraction, test_fraction
+        self.keys = bytearray()  # the first 16 bytes of each example's content key
+        self.pinned_any = bytearray()  # 1 where the example has its own meta.split
+        self.pinned: dict[bytes, tuple[str, int]] = {}  # key -> (split, last example pinning it)
+        self.conflict: tuple[int, int, str, str] | None = None  # (earlier, later, their splits)
+
+    def add(self, example: Example) -> str:
+        key = content_key(example)
+        short = bytes.fromhex(key[:32])
+        index = len(self.pinned_any)
+        self.keys += short
+        want = example.meta.get("split")
+        self.pinned_any.append(want is not None)
+        if want is None:
+            return hashed_split(key, self.seed, self.val_fraction, self.test_fraction)
+        earlier = self.pinned.get(short)
+        if earlier is not None and earlier[0] != want and self.conflict is None:
+            self.conflict = (earlier[1], index, earlier[0], want)
+        self.pinned[short] = (want, index)
+        return str(want)
+
+    def finish(
+        self, provisional: Callable[[int], str], example_at: Callable[[int], Example]
+    ) -> dict[int, str]:
+        """``provisional(i)``: what ``add`` returned for example ``i``; ``example_at(i)``
+        reads example ``i`` back (only for the error message)."""
+        if self.conflict is not None:
+            first, later, was, want = self.conflict
+            a, b = example_at(first), example_at(later)
+            raise DataError(
+                f"examples {a.id} and {b.id} are identical but meta.split puts them in "
+                f"{was} and {want}",
+                where=str(b.meta.get("source", b.id)),
+                fix="drop the duplicate or give both the same split (identical data in train and "
+                "eval inflates scores)",
+            )
+        moved: dict[int, str] = {}
+        if not self.pinned:
+            return moved
+        for i, own in enumerate(self.pinned_any):
+            if own:
+                continue
+            pin = self.pinned.get(bytes(self.keys[16 * i : 16 * i + 16]))
+            if pin is not None and pin[0] != provisional(i):
+                moved[i] = pin[0]
+        return moved
 
 
 def fingerprint(examples: Iterable[Example]) -> str:

@@ -79,8 +79,8 @@ def build_probes(run_dir: Path | None, formatter: Any, tokenizer: Any) -> Probes
     if val:
         source += f" + {len(val)} examples of the run's val split"
     return Probes(
-        input_ids=[r.input_ids[:MAX_TOKENS] for r in rows],
-        labels=[r.labels[:MAX_TOKENS] for r in rows],
+        input_ids=[list(r.input_ids[:MAX_TOKENS]) for r in rows],
+        labels=[list(r.labels[:MAX_TOKENS]) for r in rows],
         source=source,
     )
 

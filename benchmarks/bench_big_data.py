@@ -1,0 +1,263 @@
+"""Benchmark big data sets: peak memory and time of ``lorakit check`` and ``prepare``.
+
+    .venv/bin/python benchmarks/bench_big_data.py [--mb 5,20,50] [--markdown-mb 10] [--out FILE]
+
+Writes N MB of chat JSONL (``chat_jsonl`` records: an optional system turn, one or two
+user/assistant exchanges of varying length, unique ids) into a temporary folder, with a recipe
+for the embedded SmolLM2 (its chat template and tokenizer, so ``check`` computes token
+statistics), and runs ``lorakit check`` and ``lorakit prepare`` on it, each in a subprocess of
+its own. For each size it prints the peak RSS (``wait4``'s ``ru_maxrss`` of that process alone)
+and the seconds, then the ratio time(2N)/time(N) for each pair of sizes where one is twice the
+other (about 2 means linear time). ``--markdown-mb`` times ``check`` on a folder of markdown of
+that size (long documents chunked to ``train.max_length``).
+
+The token statistics need the embedded model's converted cache (~/.cache/lorakit; run any
+recipe once); without it ``check`` skips them and the output says so. Timings are only
+comparable within one run of this script on one machine; memory numbers are steadier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+WORDS = [
+    "the",
+    "a",
+    "report",
+    "model",
+    "data",
+    "train",
+    "answer",
+    "question",
+    "value",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "customer",
+    "order",
+    "shipping",
+    "price",
+    "size",
+    "small",
+    "large",
+    "medium",
+    "return",
+    "policy",
+    "week",
+    "month",
+    "please",
+    "thanks",
+    "because",
+    "while",
+    "after",
+    "before",
+    "every",
+    "some",
+    "many",
+    "few",
+    "table",
+    "chair",
+    "lamp",
+    "shirt",
+    "jacket",
+    "shoe",
+    "boot",
+    "sock",
+    "hat",
+    "scarf",
+    "glove",
+    "budget",
+    "under",
+    "over",
+    "about",
+    "near",
+    "far",
+]
+
+
+def _sentences(rng: random.Random, n: int) -> list[str]:
+    return [
+        " ".join(rng.choices(WORDS, k=rng.randint(4, 30))).capitalize()
+        + rng.choice([".", "?", "!"])
+        for _ in range(n)
+    ]
+
+
+def write_chat(path: Path, mb: float, seed: int = 0) -> int:
+    """About ``mb`` MB of chat JSONL; returns the number of records. Each turn is a few
+    sentences from a pool plus a random number, so conversations are (almost all) distinct."""
+    rng = random.Random(seed)
+    pool = _sentences(rng, 5000)
+    target = int(mb * 1e6)
+    written = n = 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < target:
+            msgs = []
+            if n % 3 == 0:
+                msgs.append({"role": "system", "content": "You are a concise assistant."})
+            for _ in range(1 + (n % 4 == 0)):
+                q = " ".join(rng.choices(pool, k=rng.randint(1, 3)))
+                a = " ".join(rng.choices(pool, k=rng.randint(1, 6)))
+                msgs.append({"role": "user", "content": f"{q} #{rng.randrange(10**6)}"})
+                msgs.append({"role": "assistant", "content": a})
+            meta = {"tags": ["bench"]} if n % 5 == 0 else {}
+            line = json.dumps({"id": f"r{n}", "messages": msgs, "meta": meta}) + "\n"
+            f.write(line)
+            written += len(line)
+            n += 1
+    return n
+
+
+def write_markdown(folder: Path, mb: float, seed: int = 0) -> None:
+    """``mb`` MB of markdown in 1 MB documents of headings and paragraphs."""
+    rng = random.Random(seed)
+    pool = _sentences(rng, 2000)
+    folder.mkdir()
+    files = max(1, round(mb))
+    for i in range(files):
+        parts, size = [], 0
+        while size < mb * 1e6 / files:
+            block = f"{'#' * rng.randint(1, 3)} {rng.choice(pool)}\n\n"
+            block += "\n\n".join(
+                " ".join(rng.choices(pool, k=rng.randint(2, 6))) for _ in range(rng.randint(1, 4))
+            )
+            block += "\n\n"
+            parts.append(block)
+            size += len(block)
+        (folder / f"doc{i:03d}.md").write_text("".join(parts), encoding="utf-8")
+
+
+def recipe(folder: Path, source: str, fmt: str, max_length: int, fractions: str) -> Path:
+    path = folder / "bench.toml"
+    path.write_text(
+        '[model]\nplugin = "smollm2-135m-instruct"\n'
+        f"[data]\n{fractions}\n"
+        f"[[data.sources]]\n{source}\n"
+        f'[format]\nplugin = "{fmt}"\n'
+        f"[train]\nmax_length = {max_length}\n"
+        f'[output]\ndir = "{folder / "runs"}"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(peak RSS in MB, seconds, output) of one ``lorakit ...`` process (this checkout's code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"lorakit {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}")
+    return usage.ru_maxrss / 1024, elapsed, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mb", default="5,20,50", help="comma-separated chat JSONL sizes (MB)")
+    parser.add_argument("--markdown-mb", type=float, default=10.0, help="0: skip markdown")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--out", help="also write the results as JSON to this file")
+    args = parser.parse_args()
+    sizes = [float(s) for s in args.mb.split(",") if s]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "core"), str(REPO / "plugins"), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TQDM_DISABLE"] = "1"
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPUs, load {load:.1f}; python {sys.version.split()[0]}; {REPO}")
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lorakit-bigdata-") as tmp_name:
+        tmp = Path(tmp_name)
+        for mb in sizes:
+            folder = tmp / f"chat{mb:g}"
+            folder.mkdir()
+            n = write_chat(folder / "chat.jsonl", mb)
+            size = (folder / "chat.jsonl").stat().st_size / 1e6
+            path = recipe(
+                folder,
+                'plugin = "chat_jsonl"\npath = "chat.jsonl"',
+                "chat_template",
+                args.max_length,
+                "val_fraction = 0.05\ntest_fraction = 0.05",
+            )
+            row: dict = {"kind": "chat_jsonl", "mb": round(size, 1), "records": n}
+            for verb in ("check", "prepare"):
+                rss, secs, out = measure([verb, str(path)], env)
+                row[verb] = {"peak_rss_mb": round(rss), "seconds": round(secs, 2)}
+                if verb == "check" and "token statistics skipped" in out:
+                    row["note"] = "no tokenizer cache: check skipped token statistics"
+                print(
+                    f"chat_jsonl {size:7.1f} MB ({n:>8} records) {verb:8s} peak RSS "
+                    f"{rss:7.0f} MB ({rss / size:5.1f}x file)  {secs:7.1f} s",
+                    flush=True,
+                )
+            results.append(row)
+            for p in folder.glob("chat.jsonl"):
+                p.unlink()  # keep the temporary disk use to about the largest size
+            subprocess.run(["rm", "-rf", str(folder / "runs")], check=False)
+        by_mb = {r["mb"]: r for r in results}
+        for r in results:
+            double = next((d for m, d in by_mb.items() if abs(m - 2 * r["mb"]) < 0.05 * m), None)
+            if double is None:
+                continue
+            for verb in ("check", "prepare"):
+                ratio = double[verb]["seconds"] / r[verb]["seconds"]
+                mem = double[verb]["peak_rss_mb"] / r[verb]["peak_rss_mb"]
+                print(
+                    f"{verb}: time({double['mb']:g} MB)/time({r['mb']:g} MB) = {ratio:.2f}, "
+                    f"peak RSS ratio {mem:.2f} (2.00: linear time; memory should stay flat)"
+                )
+        if args.markdown_mb:
+            folder = tmp / "markdown"
+            folder.mkdir()
+            write_markdown(folder / "docs", args.markdown_mb)
+            path = recipe(
+                folder,
+                'plugin = "markdown"\npath = "docs"',
+                "raw_text",
+                256,
+                "val_fraction = 0.0\ntest_fraction = 0.0",
+            )
+            rss, secs, out = measure(["check", str(path)], env)
+            chunked = next((ln.strip() for ln in out.splitlines() if "chunk" in ln), "")
+            print(
+                f"markdown {args.markdown_mb:g} MB check: peak RSS {rss:.0f} MB, {secs:.1f} s"
+                f" ({chunked})"
+            )
+            results.append(
+                {
+                    "kind": "markdown",
+                    "mb": args.markdown_mb,
+                    "check": {"peak_rss_mb": round(rss), "seconds": round(secs, 2)},
+                }
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The data report (what was read, skipped, dropped, truncated, chunked) and the read context
+the core hands to data sources."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lorakit.errors import DataError
+
+
+@attrs.define
+class DataReport:
+    """Counts of what happened to the data; printed by check/prepare/run and saved in the run."""
+
+    per_source: dict[str, int] = attrs.field(factory=dict)
+    skipped: list[tuple[str, str]] = attrs.field(factory=list)  # (where, reason)
+    dropped: Counter = attrs.field(factory=Counter)  # reason -> count
+    truncated: int = 0
+    chunked: dict[str, int] = attrs.field(factory=dict)  # document id -> number of chunks
+    warnings: list[str] = attrs.field(factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} bad records:")
+            out += [f"  {where}: {reason}" for where, reason in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                out.append(f"  ... and {len(self.skipped) - 20} more")
+        for reason, n in sorted(self.dropped.items()):
+            out.append(f"dropped {n} examples: {reason}")
+        if self.truncated:
+            out.append(f"truncated {self.truncated} examples to train.max_length")
+        if self.chunked:
+            out.append(
+                f"split {len(self.chunked)} long documents into {sum(self.chunked.values())} "
+                "chunks that fit train.max_length"
+            )
+        out += [f"warning: {w}" for w in self.warnings]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "per_source": self.per_source,
+            "skipped": [{"where": w, "reason": r} for w, r in self.skipped],
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+            "chunked": dict(self.chunked),
+            "warnings": list(self.warnings),
+        }
+
+
+@attrs.define
+class ReadContext:
+    """The :class:`lorakit.contracts.SourceContext` the core hands to data sources."""
+
+    recipe_dir: Path
+    on_error: str
+    report: DataReport
+
+    def reject(self, reason: str, where: str, fix: str) -> None:
+        if self.on_error == "skip":
+            self.report.skipped.append((where, reason))
+            return
+        raise DataError(reason, where=where, fix=fix)

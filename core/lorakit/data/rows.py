@@ -1,0 +1,162 @@
+"""Examples -> tokenized rows: render, tokenize, chunk long documents, apply the overlength
+policy, counting every drop in the data report."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import Any
+
+import attrs
+
+from lorakit.contracts import Example
+from lorakit.data.chunking import chunk_text
+from lorakit.data.report import DataReport
+from lorakit.data.tokenize import Tokenized, encode_with_offsets, tokenize_batch
+from lorakit.errors import DataError
+from lorakit.progress import bar
+
+BATCH = 1024  # examples rendered and tokenized per call: large enough to batch, small to hold
+
+
+def _fits(formatter: Any, tokenizer: Any, max_length: int, template: Example) -> Any:
+    def fits(text: str) -> bool:
+        rendered = formatter.render(attrs.evolve(template, text=text), tokenizer)
+        ids, _ = encode_with_offsets([rendered.text], tokenizer)
+        return len(ids[0]) <= max_length
+
+    return fits
+
+
+def _token_ends(text: str, tokenizer: Any) -> list[int]:
+    """Where ``text``'s tokens end (characters), tokenized once: the chunker's candidate cuts."""
+    _, offsets = encode_with_offsets([text], tokenizer)
+    return [e for _, e in offsets[0]]
+
+
+def chunk_long_documents(
+    examples: Sequence[Example],
+    rows: Sequence[Tokenized],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    report: DataReport,
+) -> tuple[list[Example], list[Tokenized]]:
+    """Replace over-long ``meta.chunkable`` raw-text examples by chunks that fit max_length.
+
+    Chunk ``k`` of example ``x`` gets id ``x#k`` and ``meta.chunk = [k, total]``; the chunks
+    concatenate back into the original text.
+    """
+    out_ex: list[Example] = []
+    out_rows: list[Tokenized] = []
+    for ex, row in zip(examples, rows, strict=True):
+        if len(row.input_ids) <= max_length or ex.text is None or not ex.meta.get("chunkable"):
+            out_ex.append(ex)
+            out_rows.append(row)
+            continue
+        try:
+            pieces = chunk_text(
+                ex.text,
+                _fits(formatter, tokenizer, max_length, ex),
+                _token_ends(ex.text, tokenizer),
+            )
+        except ValueError as exc:
+            raise DataError(
+                f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
+                "room after the format's own tokens)",
+                where=str(ex.meta.get("source", ex.id)),
+                fix="raise [train].max_length",
+            ) from None
+        chunks = [
+            attrs.evolve(
+                ex, id=f"{ex.id}#{k}", text=piece, meta={**ex.meta, "chunk": [k, len(pieces)]}
+            )
+            for k, piece in enumerate(pieces)
+        ]
+        report.chunked[ex.id] = len(chunks)
+        out_ex += chunks
+        out_rows += tokenize_batch([formatter.render(c, tokenizer) for c in chunks], tokenizer)
+    return out_ex, out_rows
+
+
+def render_and_tokenize(
+    examples: Sequence[Example], formatter: Any, tokenizer: Any, max_length: int, report: DataReport
+) -> tuple[list[Example], list[Tokenized]]:
+    """Render and tokenize every example; chunk long chunkable documents. No policy applied."""
+    rendered = [formatter.render(ex, tokenizer) for ex in examples]
+    rows = tokenize_batch(rendered, tokenizer)
+    return chunk_long_documents(examples, rows, formatter, tokenizer, max_length, report)
+
+
+def iter_tokenized(
+    examples: Iterable[Example],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    report: DataReport,
+    batch: int = BATCH,
+) -> Iterator[tuple[list[Example], list[Tokenized]]]:
+    """:func:`render_and_tokenize` over ``batch`` examples at a time (same rows, in order), so
+    nothing but the rows a caller keeps grows with the data set."""
+    total = len(examples) if isinstance(examples, Sized) else None
+    it = iter(bar(examples, desc="formatting", unit="ex", total=total))
+    while chunk := list(itertools.islice(it, batch)):
+        yield render_and_tokenize(chunk, formatter, tokenizer, max_length, report)
+
+
+def apply_overlength(
+    examples: Sequence[Example],
+    rows: Sequence[Tokenized],
+    max_length: int,
+    overlength: str,
+    report: DataReport,
+) -> list[Tokenized]:
+    """Apply the overlength policy and drop rows with nothing to learn, counting each drop."""
+    kept: list[Tokenized] = []
+    for ex, row in zip(examples, rows, strict=True):
+        if row.n_supervised == 0:
+            report.dropped["no supervised token (nothing to learn)"] += 1
+            continue
+        if len(row.input_ids) > max_length:
+            if overlength == "error":
+                raise DataError(
+                    f"example is {len(row.input_ids)} tokens, over train.max_length={max_length}",
+                    where=str(ex.meta.get("source", ex.id)),
+                    fix='raise [train].max_length, shorten the example, or set [data] overlength = "drop"',
+                )
+            if overlength == "drop":
+                report.dropped[f"longer than train.max_length={max_length}"] += 1
+                continue
+            cut = Tokenized(row.input_ids[:max_length], row.labels[:max_length])
+            if cut.n_supervised == 0:
+                report.dropped[f"answer entirely beyond train.max_length={max_length}"] += 1
+                continue
+            report.truncated += 1
+            row = cut
+        kept.append(row)
+    return kept
+
+
+def tokenize_examples(
+    examples: Iterable[Example],
+    formatter: Any,
+    tokenizer: Any,
+    max_length: int,
+    overlength: str,
+    report: DataReport,
+) -> list[Tokenized]:
+    """Render and tokenize; chunk long documents; apply the overlength policy; drop rows with
+    nothing to learn.
+
+    Every drop is counted in ``report`` with its reason; nothing disappears silently. Examples
+    are streamed (``examples`` may be a spooled split) and the rows kept are compact arrays.
+    """
+    kept: list[Tokenized] = []
+    for pieces, rows in iter_tokenized(examples, formatter, tokenizer, max_length, report):
+        kept += apply_overlength(pieces, rows, max_length, overlength, report)
+    return kept
+
+
+def supervised_share(rows: Sequence[Tokenized]) -> float:
+    total = sum(len(r.labels) for r in rows)
+    return sum(r.n_supervised for r in rows) / total if total else 0.0
