@@ -8,7 +8,8 @@ import pytest
 from helpers import REPO
 from lorakit.catalog import default_catalog
 from lorakit.errors import RecipeError
-from lorakit.recipe import load_recipe, parse_override
+from lorakit.recipe import load_recipe
+from lorakit.recipe_toml import parse_override
 
 GOOD = """
 [quant]
@@ -208,3 +209,43 @@ def test_a_negative_eval_max_examples_is_a_recipe_error(tmp_path):
     assert len(found) == 1 and found[0].startswith("[eval].max_examples"), found
     assert "0 or more" in found[0]
     assert load_recipe(write(tmp_path, GOOD), ["eval.max_examples=0"]).eval.max_examples == 0
+
+
+def _imported_lorakit_modules(module: str) -> set[str]:
+    """``module`` and every lorakit module it reaches through imports, at module level or
+    inside functions (a lazy import is still a dependency)."""
+    import ast
+
+    core = REPO / "core"
+
+    def file_of(name: str) -> Path | None:
+        base = core.joinpath(*name.split("."))
+        for f in (base.with_suffix(".py"), base / "__init__.py"):
+            if f.is_file():
+                return f
+        return None
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or (f := file_of(name)) is None:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("lorakit")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorakit"):
+                todo.append(str(node.module))
+                todo += [f"{node.module}.{a.name}" for a in node.names]  # a submodule
+    return seen
+
+
+def test_recipe_validation_imports_nothing_above_it():
+    """lorakit.recipe validates every section, [eval] and [log] included, without importing the
+    modules that use a recipe (issue 20: recipe -> tracking / evaluation was an import cycle)."""
+    reached = _imported_lorakit_modules("lorakit.recipe")
+    assert {"lorakit.recipe", "lorakit.sections", "lorakit.catalog"} <= reached
+    above = ("tracking", "evaluation", "components", "runner", "load_run", "session", "cli")
+    bad = sorted(m for m in reached if m.split(".")[1:2] and m.split(".")[1] in above)
+    assert not bad, f"lorakit.recipe imports (directly or not) {bad}"

@@ -212,6 +212,11 @@ class OutputSection:
     )
 
 
+# the logger that is on in every run, whatever [log].plugins lists: metrics.jsonl, which
+# loss.png, `lorakit export` and `lorakit compare` read; its [log.options] table is allowed
+ALWAYS_ON_LOGGER = "jsonl"
+
+
 @attrs.frozen
 class LogSection:
     plugins: list[str] = option(

@@ -1,4 +1,5 @@
-"""Experiment loggers (``[log] plugins``): validation, and the fan-out the run talks to.
+"""Experiment loggers (``[log] plugins``): the fan-out the run talks to (:mod:`lorakit.recipe`
+validates ``[log]``).
 
 ``metrics.jsonl`` in the run folder is always written (the ``jsonl`` logger); a recipe adds
 others, e.g. ``[log] plugins = ["tensorboard", "mlflow"]``. Every logger runs on a thread of
@@ -9,7 +10,6 @@ rank 0 logs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import queue
 import threading
@@ -18,38 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.catalog import Catalog, check_named_plugins
 from lorakit.contracts import LogRun
 from lorakit.rundir import RunDir, flatten_keys, read_json, stack_versions
-from lorakit.sections import LogSection
+from lorakit.sections import ALWAYS_ON_LOGGER
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
 
-ALWAYS_ON = "jsonl"  # metrics.jsonl: loss.png and `lorakit export` read it
+ALWAYS_ON = ALWAYS_ON_LOGGER  # metrics.jsonl: loss.png and `lorakit export` read it
 CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finish
-
-
-def check_log(catalog: Catalog, section: LogSection) -> list[str]:
-    """Problems with ``[log].plugins`` and ``[log.options]``, each with a fix."""
-    problems = check_named_plugins(
-        catalog,
-        "logger",
-        section.plugins,
-        section.options,
-        "[log].plugins",
-        "log.options",
-        always=(ALWAYS_ON,),
-    )
-    for i, name in enumerate(section.plugins):
-        needs = getattr(catalog.entries["logger"].get(name), "factory", None)
-        for module, fix in (getattr(needs, "requires", None) or {}).items():
-            if importlib.util.find_spec(module) is None:
-                problems.append(
-                    f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
-                    f"which is not installed; {fix}"
-                )
-    return problems
 
 
 def flatten(node: Any) -> dict[str, str]:
