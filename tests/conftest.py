@@ -1,12 +1,16 @@
 """Fixtures over the toolkit in ``helpers.py`` (import helpers from there, not from here).
 
 Tests that train, load the embedded model or run ``lorakit run`` are marked ``slow``:
-``pytest -m "not slow"`` runs the rest in seconds.
+``pytest -m "not slow"`` runs the rest in seconds. Two guards keep it so: an unmarked test that
+trains in-process fails (``run_recipe`` refuses), and so does one whose subprocesses (``lorakit
+run``, torchrun and its ranks, a child that imports the training stack) use more than
+``CHILD_CPU_LIMIT_S`` seconds of CPU, its fixtures' included.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +86,40 @@ def _training_tests_are_slow(request, monkeypatch):
             pytest.fail(f"{request.node.nodeid} trains: mark it @pytest.mark.slow", pytrace=False)
 
         monkeypatch.setattr("lorakit.runner.run_recipe", refuse)
+
+
+# CPU seconds an unmarked test's finished subprocesses may use. Measured on a 2-core dev box:
+# the unmarked tests' children (``lorakit check``/``plan``, ``import lorakit.api``) use under
+# 1 s; a child that imports torch + transformers uses about 6 s before it trains a step.
+# CPU time, not wall time: it does not grow when the machine is busy with other work.
+CHILD_CPU_LIMIT_S = 3.0
+_CHILD_CPU_AT_START = pytest.StashKey[float]()
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) children, and theirs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_CHILD_CPU_AT_START] = children_cpu_s()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """After an unmarked test's teardown: fail it when its subprocesses did a slow test's work."""
+    outcome = yield
+    start = item.stash.get(_CHILD_CPU_AT_START, None)
+    if call.when != "teardown" or start is None or item.get_closest_marker("slow") is not None:
+        return
+    spent = children_cpu_s() - start
+    report = outcome.get_result()
+    if spent > CHILD_CPU_LIMIT_S and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid}: its subprocesses used {spent:.1f} s of CPU (more than "
+            f"{CHILD_CPU_LIMIT_S:.0f} s: they train, start ranks or load the training stack); "
+            "mark it @pytest.mark.slow"
+        )

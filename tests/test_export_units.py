@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from lorakit.cli.generate import read_prompts
 from lorakit.errors import DataError, RunError
 from lorakit.export.folder import MARKER, check_out_dir
 from lorakit.export.model_card import render_card
+from lorakit.generation import read_prompts
 
 
 def test_prompts_from_flags_text_and_jsonl(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "missing", "latin-1"])
 def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
-    from lorakit.cli.generate import read_prompts
     from lorakit.errors import DataError
+    from lorakit.generation import read_prompts
 
     path = {"device": Path("/dev/zero")}.get(kind, tmp_path / "prompts.txt")
     if kind == "fifo":

@@ -8,7 +8,8 @@ import pytest
 from helpers import REPO
 from lorakit.catalog import default_catalog
 from lorakit.errors import RecipeError
-from lorakit.recipe import load_recipe, parse_override
+from lorakit.recipe import load_recipe
+from lorakit.recipe_toml import parse_override
 
 GOOD = """
 [quant]

@@ -19,7 +19,7 @@ in the error of a recipe that asks for a plugin it would have provided.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -281,49 +281,3 @@ def installed_version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def check_named_plugins(
-    catalog: Catalog,
-    kind: str,
-    names: Sequence[str],
-    tables: Mapping[str, Any],
-    list_key: str,
-    table_key: str,
-    always: tuple[str, ...] = (),
-) -> list[str]:
-    """Problems with plugins chosen by name in a list (``list_key``, e.g. ``[eval].metrics``)
-    whose options sit in tables of their own (``table_key.NAME``): unknown names (did you mean),
-    names listed twice, tables for a plugin not chosen, options the plugin refuses. ``always``:
-    plugins on without being listed, whose tables are allowed."""
-    from lorakit.options import structure
-
-    problems: list[str] = []
-    known = catalog.names(kind)
-    for i, name in enumerate(names):
-        if name not in known:
-            close = closest(name, known)
-            hint = f"did you mean {close!r}? " if close else ""
-            problems.append(
-                f'{list_key}[{i}]: unknown {kind} "{name}"; {hint}'
-                f"installed {kind}s: {', '.join(known) or '(none)'}"
-            )
-    if len(set(names)) != len(names):
-        problems.append(f"{list_key}: a {kind} is listed twice; list each once")
-    chosen = set(names) | set(always)
-    for name, table in tables.items():
-        path = f"[{table_key}.{name}]"
-        if name not in chosen:
-            problems.append(
-                f"{path}: {name!r} is not in {list_key}; add it there or remove this table"
-            )
-            continue
-        if name not in known:
-            continue
-        if not isinstance(table, dict):
-            problems.append(f"{path}: expected a table of options")
-            continue
-        cls = catalog.get(kind, name).options_class
-        _, errs = structure(cls, table, path) if cls is not None else (None, [])
-        problems += errs
-    return problems

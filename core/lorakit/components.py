@@ -1,8 +1,8 @@
 """The plugin objects a run uses, built once from a validated recipe.
 
-Validation (:mod:`lorakit.recipe`) checks every option; :func:`build_components` then calls
-each chosen plugin's factory once and hands back one frozen :class:`Components`. The runner and
-the CLI verbs pass these objects down (``load_base_model(ref, components.quant, device)``), so
+Validation (:mod:`lorakit.recipe`) checks every option, once; :func:`build_components` then
+calls each chosen plugin's factory once with those options and hands back one frozen
+:class:`Components`. The runner and the CLI verbs pass these objects down (``load_base_model(ref, components.quant, device)``), so
 nothing below them needs a recipe and a catalog to rebuild a plugin, and a test can hand a
 function one plugin object. Nothing here imports torch: ``lorakit check`` builds them too.
 
@@ -27,8 +27,8 @@ from lorakit.contracts import (
     QuantBackend,
 )
 from lorakit.errors import LorakitError, PluginError, RecipeError
-from lorakit.recipe import PluginChoice, Recipe
-from lorakit.sections import EvalSection, LogSection
+from lorakit.recipe import PluginChoice, Recipe, metric_choices
+from lorakit.sections import EvalSection
 
 
 @attrs.frozen
@@ -52,9 +52,6 @@ class Components:
     peft: PeftMethod  # [peft]
     metrics: dict[str, Metric]  # [eval].metrics, name -> metric, in the recipe's order
     loggers: dict[str, ExperimentLogger]  # [log].plugins (metrics.jsonl is the core's own)
-
-
-_FAILED = object()  # a plugin whose options were refused (the problem is recorded)
 
 
 class _Builder:
@@ -90,40 +87,11 @@ class _Builder:
     def choice(self, key: str, choice: PluginChoice) -> Any:
         return self.make(key, choice.kind, choice.name, choice.options)
 
-    def named(self, key: str, kind: str, name: str, table: dict[str, Any], path: str) -> Any:
-        """A plugin chosen by name whose options sit in a table of their own (``path``):
-        metrics, loggers. Returns ``_FAILED`` when the options are wrong (already reported)."""
-        from lorakit.options import structure
+    def metrics(self, choices: tuple[PluginChoice, ...]) -> dict[str, Any]:
+        return {c.name: self.choice(f"[eval].metrics[{i}]", c) for i, c in enumerate(choices)}
 
-        entry = self.catalog.entries[kind].get(name)
-        cls = entry.options_class if entry is not None else None
-        options = None
-        if cls is not None:
-            options, errs = structure(cls, table, path)
-            self.problems += errs
-            if errs:
-                return _FAILED
-        return self.make(key, kind, name, options)
-
-    def metrics(self, section: EvalSection) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for i, name in enumerate(section.metrics):
-            table = section.metric_options.get(name, {})
-            got = self.named(
-                f"[eval].metrics[{i}]", "metric", name, table, f"[eval.metric_options.{name}]"
-            )
-            if got is not _FAILED:
-                out[name] = got
-        return out
-
-    def loggers(self, section: LogSection) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in dict.fromkeys(section.plugins):
-            table = section.options.get(name, {})
-            got = self.named("[log].plugins", "logger", name, table, f"[log.options.{name}]")
-            if got is not _FAILED:
-                out[name] = got
-        return out
+    def loggers(self, choices: tuple[PluginChoice, ...]) -> dict[str, Any]:
+        return {c.name: self.choice("[log].plugins", c) for c in choices}
 
     def check(self, source: str | None) -> None:
         """Raise one error listing every problem: a ``PluginError`` when a plugin broke (a bug,
@@ -158,16 +126,20 @@ def build_components(recipe: Recipe, catalog: Catalog) -> Components:
         formatter=b.choice("[format]", recipe.format),
         quant=b.choice("[quant]", recipe.quant),
         peft=b.choice("[peft]", recipe.peft),
-        metrics=b.metrics(recipe.eval),
-        loggers=b.loggers(recipe.log),
+        metrics=b.metrics(recipe.metrics),
+        loggers=b.loggers(recipe.loggers),
     )
     b.check(str(recipe.path))
     return parts
 
 
 def build_metrics(catalog: Catalog, section: EvalSection) -> dict[str, Metric]:
-    """name -> metric instance for an ``[eval]`` section alone (reports, tests)."""
+    """name -> metric instance for an ``[eval]`` section alone (reports, tests): validated as a
+    recipe validates it, then built."""
+    choices, problems = metric_choices(catalog, section)
+    if problems:
+        raise RecipeError(problems)
     b = _Builder(catalog)
-    metrics = b.metrics(section)
+    metrics = b.metrics(choices)
     b.check(None)
     return metrics

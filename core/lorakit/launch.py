@@ -77,12 +77,9 @@ def threads_per_rank(nproc: int) -> int:
 
 
 def launch(args: Any) -> int:
-    """Run the recipe in ``--nproc`` processes (on ``--nnodes`` machines); return the exit code."""
-    from lorakit.catalog import default_catalog
-    from lorakit.recipe import load_recipe
-
-    check_launch(args)
-    load_recipe(args.recipe, args.overrides, default_catalog())  # a bad recipe fails once, here
+    """Run the recipe in ``--nproc`` processes (on ``--nnodes`` machines); return the exit code.
+    The caller (``lorakit run``) has checked ``args`` (:func:`check_launch`) and the recipe
+    once, here in the launcher, before any process starts."""
     nproc = args.nproc or 1
     # torchrun would give each rank 1 thread; lorakit gives each its share of this machine
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))

@@ -19,7 +19,8 @@ from lorakit.components import Components
 from lorakit.contracts import ModelRef
 from lorakit.errors import RunError
 from lorakit.export.adapter_io import read_meta, stop_token_ids
-from lorakit.recipe import Recipe, load_recipe, read_toml, validate
+from lorakit.recipe import Recipe, load_recipe, validate
+from lorakit.recipe_toml import apply_overrides, read_toml
 from lorakit.rundir import RunDir, read_json
 from lorakit.safe_files import refuse_links
 
@@ -38,8 +39,6 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
         )
     refuse_links(run.path)  # nothing read from, or written through, a link planted in the run
     info = read_json(run.run_json)
-    from lorakit.recipe import apply_overrides
-
     text, data = read_toml(run.recipe)
     history = info.get("history", [])
     starts = [i for i, e in enumerate(history) if e.get("event") in ("start", "restart")]

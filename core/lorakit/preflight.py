@@ -3,7 +3,7 @@
 Nothing is downloaded or loaded: the model source's ``model_config()`` reads ``config.json`` (or
 GGUF metadata), the quant and PEFT plugins describe themselves through ``memory_spec()``, and the
 data is read the way ``lorakit check`` reads it (torch-free) when the model's tokenizer is local.
-Used by ``lorakit plan`` and at the start of ``lorakit run``.
+Used by ``lorakit plan`` and at the start of ``lorakit run`` (:func:`check_memory`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.components import Components
+from lorakit.console import say
 from lorakit.contracts import DescribesMemory, ReadsModelConfig
-from lorakit.errors import ModelError
-from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, shape_from_config
+from lorakit.errors import LorakitError, ModelError, RecipeError, RunError
+from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, parse_size, shape_from_config
 from lorakit.recipe import Recipe
+
+# set by `lorakit run --nproc` for the processes it starts: the plan was checked once already
+PREFLIGHT_DONE = "LORAKIT_MEMORY_PLAN_CHECKED"
 
 
 def model_config(source: Any, name: str) -> dict[str, Any]:
@@ -71,6 +75,19 @@ def detect_device(recipe: Recipe) -> tuple[str, str, int | None]:
     except OSError:
         pass
     return "cpu", "CPU RAM (size unknown)", None
+
+
+def capacity(recipe: Recipe, device_memory: str | None) -> tuple[str, str, int | None]:
+    """(device, description, bytes) from ``--device-memory`` (e.g. "24GB") or the detected
+    device."""
+    device, where, size = detect_device(recipe)
+    if device_memory:
+        try:
+            size = parse_size(device_memory)
+        except ValueError as exc:
+            raise RecipeError([f"--device-memory: {exc}"]) from None
+        where = "--device-memory"
+    return device, where, size
 
 
 def _auto_dtype(device: str) -> str:
@@ -192,3 +209,40 @@ def fixes(plan: Plan) -> str:
     if plan.eval_peak > plan.train_peak:
         out.append("a smaller [eval].batch_size")
     return "; ".join(out)
+
+
+def check_memory(
+    recipe: Recipe,
+    components: Components,
+    *,
+    device_memory: str | None,
+    processes: int | None,
+    ignore: bool,
+    recipe_arg: str,
+) -> None:
+    """At the start of ``lorakit run``: say the plan's one-line summary; refuse to start (a
+    ``RunError``) when it predicts no fit, unless ``ignore``. ``processes``: ranks on this
+    machine (``--nproc``; else ``LOCAL_WORLD_SIZE``); on CPU they share its memory.
+    ``recipe_arg``: the recipe as the user named it, for the fix."""
+    device, where, size = capacity(recipe, device_memory)
+    ranks = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device == "cpu" and size is not None and ranks > 1:
+        size //= ranks  # processes on one machine share its memory
+        where = f"{where} shared by {ranks} processes"
+    try:
+        # The upper bound (batch x max_length tokens, all supervised) needs no data; only when it
+        # does not fit is the data read for the real micro-batch size.
+        plan, _note = plan_recipe(recipe, components, device, read_data=False)
+        if size is not None and plan.peak > size:
+            plan, _note = plan_recipe(recipe, components, device)
+    except (LorakitError, ValueError) as exc:
+        say(f"memory plan skipped: {exc}")
+        return
+    say(summary(plan, size, where))
+    if size is not None and plan.peak > size and not ignore:
+        raise RunError(
+            f"the memory plan predicts a peak of {gb(plan.peak)} (training {gb(plan.train_peak)},"
+            f" generation {gb(plan.eval_peak)}) but {where} offers {gb(size)}",
+            fix=f"try {fixes(plan)}; see `lorakit plan {recipe_arg}`, or pass "
+            "--ignore-memory-plan to start anyway",
+        )

@@ -1,18 +1,24 @@
-"""TOML recipes: parse, apply command-line overrides, validate every section at once.
+"""Recipes: the one place a recipe is validated, every section at once, into a :class:`Recipe`.
 
 A recipe has the sections ``[model] [data] [format] [quant] [peft] [train] [eval] [output]``
 and ``[log]``. A section that chooses a plugin holds ``plugin = "<name>"`` next to that
 plugin's own options; data sources are a list of ``[[data.sources]]`` tables of the same shape.
-Validation collects every problem (with its key path and a fix) and raises one
+``[eval].metrics`` and ``[log].plugins`` choose plugins by name, their options in tables of their
+own (``[eval.metric_options.NAME]``, ``[log.options.NAME]``). Every plugin's options are checked
+here, once, against its ``Options`` class; :func:`lorakit.components.build_components` only
+calls factories. Validation collects every problem (with its key path and a fix) and raises one
 :class:`RecipeError`.
+
+This module sits below the plugins' users: it imports the catalog, the option checker and the
+section schemas (:mod:`lorakit.sections`), never the run, evaluation or tracking (a test checks
+it). Reading the TOML and applying overrides is :mod:`lorakit.recipe_toml`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
-import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,10 @@ from typing import Any
 import attrs
 
 from lorakit.catalog import Catalog
+from lorakit.contracts import RequiresModules
 from lorakit.errors import RecipeError, closest
 from lorakit.options import structure, to_plain
+from lorakit.recipe_toml import apply_overrides, read_toml
 from lorakit.sections import (
     DataSection,
     EvalSection,
@@ -29,12 +37,7 @@ from lorakit.sections import (
     OutputSection,
     TrainSection,
 )
-from lorakit.toml_limits import limit_problems, parse_failure, scan_problem
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from lorakit.toml_limits import limit_problems
 
 # section -> (plugin kind, default plugin name); sections that choose one plugin
 PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
@@ -79,7 +82,9 @@ class Recipe:
     train: TrainSection
     eval: EvalSection
     output: OutputSection
-    log: LogSection = LogSection()
+    log: LogSection
+    metrics: tuple[PluginChoice, ...]  # [eval].metrics with their validated options, in order
+    loggers: tuple[PluginChoice, ...]  # the always-on logger, then [log].plugins, validated
 
     @property
     def name(self) -> str:
@@ -127,105 +132,6 @@ class Recipe:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- parsing
-
-
-def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
-    try:
-        if path.exists() and not path.is_dir() and not path.is_file():
-            raise RecipeError(
-                [f"{path}: not a regular file (a FIFO, socket or device); pass a .toml file"]
-            )
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise RecipeError(
-            [f"{path}: no such recipe file; check the path (recipes live in recipes/)"]
-        ) from None
-    except IsADirectoryError:
-        raise RecipeError([f"{path}: is a directory; pass a .toml recipe file"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(
-            [f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"]
-        ) from None
-    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-    if reason := scan_problem(text):
-        raise RecipeError([f"{path}: {reason}"])
-    try:
-        return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # Python < 3.14 only puts the position in the message: "... (at line 2, column 8)".
-        m = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(exc))
-        msg, where = (
-            (m.group(1), f"{path}:{m.group(2)}:{m.group(3)}") if m else (str(exc), str(path))
-        )
-        raise RecipeError([f"{where}: invalid TOML: {msg}"]) from None
-    except (RecursionError, ValueError) as exc:
-        if (reason := parse_failure(exc)) is None:
-            raise
-        raise RecipeError([f"{path}: {reason}"]) from None
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``train.max_steps=5`` -> (["train", "max_steps"], 5). Values are TOML; else a string."""
-    if "=" not in item:
-        raise RecipeError([f"override {item!r}: expected KEY.PATH=VALUE, e.g. train.max_steps=5"])
-    key, _, value = item.partition("=")
-    keys = [k.strip() for k in key.strip().split(".")]
-    if not all(keys):
-        raise RecipeError([f"override {item!r}: empty key in {key!r}"])
-    if reason := scan_problem(value):
-        raise RecipeError([f"override {key.strip()!r}: {reason}"])
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    except (RecursionError, ValueError) as exc:
-        if (reason := parse_failure(exc)) is None:
-            raise
-        raise RecipeError([f"override {key.strip()!r}: {reason}"]) from None
-    return keys, parsed
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
-    problems: list[str] = []
-    for item in overrides:
-        try:
-            keys, value = parse_override(item)
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-            continue
-        node: Any = data
-        for i, key in enumerate(keys[:-1]):
-            nxt = _child(node, key)
-            if nxt is None:
-                nxt = {}
-                if isinstance(node, dict):
-                    node[key] = nxt
-                else:
-                    problems.append(f"override {item!r}: cannot index {'.'.join(keys[: i + 1])}")
-                    break
-            node = nxt
-        else:
-            last = keys[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = value
-            elif isinstance(node, dict):
-                node[last] = value
-            else:
-                problems.append(f"override {item!r}: {'.'.join(keys[:-1])} is not a table")
-    return problems
-
-
-def _child(node: Any, key: str) -> Any:
-    if isinstance(node, list):
-        return node[int(key)] if key.isdigit() and int(key) < len(node) else None
-    if isinstance(node, dict):
-        return node.get(key)
-    return None
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -266,6 +172,94 @@ def _plugin_choice(
     return PluginChoice(kind=kind, name=name, options=options), []
 
 
+def _named_choices(
+    catalog: Catalog,
+    kind: str,
+    names: Sequence[str],
+    tables: Mapping[str, Any],
+    list_key: str,
+    table_key: str,
+) -> tuple[tuple[PluginChoice, ...], list[str]]:
+    """Plugins chosen by name in a list (``list_key``, e.g. ``[eval].metrics``) whose options
+    sit in tables of their own (``table_key.NAME``). Returns the choices with their options validated, and the
+    problems: unknown names (did you mean), names listed twice, tables for a plugin not chosen,
+    options the plugin refuses."""
+    problems: list[str] = []
+    known = catalog.names(kind)
+    for i, name in enumerate(names):
+        if name not in known:
+            close = closest(name, known)
+            hint = f"did you mean {close!r}? " if close else ""
+            problems.append(
+                f'{list_key}[{i}]: unknown {kind} "{name}"; {hint}'
+                f"installed {kind}s: {', '.join(known) or '(none)'}"
+            )
+    if len(set(names)) != len(names):
+        problems.append(f"{list_key}: a {kind} is listed twice; list each once")
+    chosen = dict.fromkeys(names)
+    options: dict[str, Any] = {}
+    for name, table in [*tables.items(), *((n, {}) for n in chosen if n not in tables)]:
+        path = f"[{table_key}.{name}]"
+        if name not in chosen:
+            problems.append(
+                f"{path}: {name!r} is not in {list_key}; add it there or remove this table"
+            )
+        elif not isinstance(table, Mapping):
+            problems.append(f"{path}: expected a table of options")
+        elif name in known:
+            cls = catalog.get(kind, name).options_class
+            validated, errs = structure(cls, table, path) if cls else (None, [])
+            problems += errs
+            if not errs:
+                options[name] = validated
+    choices = tuple(
+        PluginChoice(kind=kind, name=name, options=options[name])
+        for name in chosen
+        if name in options
+    )
+    return choices, problems
+
+
+def metric_choices(
+    catalog: Catalog, section: EvalSection
+) -> tuple[tuple[PluginChoice, ...], list[str]]:
+    """``[eval].metrics`` with their ``[eval.metric_options]``, validated."""
+    return _named_choices(
+        catalog,
+        "metric",
+        section.metrics,
+        section.metric_options,
+        "[eval].metrics",
+        "eval.metric_options",
+    )
+
+
+def logger_choices(
+    catalog: Catalog, section: LogSection
+) -> tuple[tuple[PluginChoice, ...], list[str]]:
+    """``[log].plugins`` with their ``[log.options]``, validated (metrics.jsonl is the core's
+    own, not a logger); a logger whose Python package is missing is a problem with the install
+    line to fix it."""
+    choices, problems = _named_choices(
+        catalog,
+        "logger",
+        section.plugins,
+        section.options,
+        "[log].plugins",
+        "log.options",
+    )
+    for i, name in enumerate(section.plugins):
+        entry = catalog.entries["logger"].get(name)
+        needs = entry.factory if entry is not None else None
+        for module, fix in (needs.requires if isinstance(needs, RequiresModules) else {}).items():
+            if importlib.util.find_spec(module) is None:
+                problems.append(
+                    f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
+                    f"which is not installed; {fix}"
+                )
+    return choices, problems
+
+
 def validate(
     data: dict[str, Any], catalog: Catalog, *, path: Path, text: str, overrides: Sequence[str] = ()
 ) -> Recipe:
@@ -295,13 +289,11 @@ def validate(
         parts[section] = obj
 
     if parts.get("eval") is not None:  # metric names and options come from plugins
-        from lorakit.evaluation.config import check_eval
-
-        problems += check_eval(catalog, parts["eval"])
+        parts["metrics"], errs = metric_choices(catalog, parts["eval"])
+        problems += errs
     if parts.get("log") is not None:  # logger names and options come from plugins
-        from lorakit.tracking import check_log
-
-        problems += check_log(catalog, parts["log"])
+        parts["loggers"], errs = logger_choices(catalog, parts["log"])
+        problems += errs
 
     data_table = data.get("data")
     sources: list[PluginChoice] = []

@@ -1,4 +1,5 @@
-"""Experiment loggers (``[log] plugins``): validation, and the fan-out the run talks to.
+"""Experiment loggers (``[log] plugins``): the fan-out the run talks to (:mod:`lorakit.recipe`
+validates ``[log]``).
 
 The core writes ``metrics.jsonl`` in the run folder itself, one JSON object per logged step:
 ``loss.png``, ``lorakit export`` and ``lorakit compare`` read it, so no plugin owns it. The
@@ -10,7 +11,6 @@ called no more; the run goes on. Only rank 0 logs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -20,37 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.catalog import Catalog, check_named_plugins
-from lorakit.contracts import LogRun, RequiresModules
+from lorakit.contracts import LogRun
 from lorakit.rundir import RunDir, flatten_keys, read_json, stack_versions
-from lorakit.sections import LogSection
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
 
 CLOSE_TIMEOUT_S = 120.0  # the most a run waits at its end for a logger to finish
-
-
-def check_log(catalog: Catalog, section: LogSection) -> list[str]:
-    """Problems with ``[log].plugins`` and ``[log.options]``, each with a fix."""
-    problems = check_named_plugins(
-        catalog,
-        "logger",
-        section.plugins,
-        section.options,
-        "[log].plugins",
-        "log.options",
-    )
-    for i, name in enumerate(section.plugins):
-        entry = catalog.entries["logger"].get(name)
-        needs = entry.factory if entry is not None else None
-        for module, fix in (needs.requires if isinstance(needs, RequiresModules) else {}).items():
-            if importlib.util.find_spec(module) is None:
-                problems.append(
-                    f'[log].plugins[{i}]: logger "{name}" needs the Python package {module!r}, '
-                    f"which is not installed; {fix}"
-                )
-    return problems
 
 
 def flatten(node: Any) -> dict[str, str]:

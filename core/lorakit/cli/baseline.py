@@ -18,16 +18,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from lorakit.catalog import default_catalog
-    from lorakit.components import build_components
     from lorakit.console import say
     from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.recipe import load_recipe
+    from lorakit.session import open_session
 
-    catalog = default_catalog()
-    recipe = load_recipe(args.recipe, args.overrides, catalog)
-    components = build_components(recipe, catalog)
-    report = evaluate_run(recipe, components, Path(recipe.run_dir), adapter=False, say=say)
+    session = open_session(args.recipe, args.overrides)
+    recipe = session.recipe
+    report = evaluate_run(recipe, session.components, Path(recipe.run_dir), adapter=False, say=say)
     if report is not None:
         print(f"done: {report}")
     return 0

@@ -13,9 +13,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
-from lorakit.components import build_components
 from lorakit.data.pipeline import (
     DataReport,
     apply_overlength,
@@ -25,8 +23,8 @@ from lorakit.data.pipeline import (
 )
 from lorakit.errors import DataError, LorakitError, printable
 from lorakit.launch_config import check_launch_config, is_launch_config
-from lorakit.recipe import load_recipe
 from lorakit.secrets import credentials_warning, masked_keys
+from lorakit.session import open_session
 
 
 def add_parser(sub) -> None:
@@ -65,9 +63,8 @@ def run(args) -> int:
             )
         _print_launch(check_launch_config(args.recipe))
         return 0
-    catalog = default_catalog()
-    recipe = load_recipe(args.recipe, args.overrides, catalog)
-    components = build_components(recipe, catalog)
+    session = open_session(args.recipe, args.overrides)
+    recipe, components = session.recipe, session.components
     print(f"recipe {args.recipe}: ok (run folder {recipe.run_dir})")
     secret = masked_keys(recipe.settings())
     if secret:  # accepted, masked in everything written; say where credentials belong

@@ -24,23 +24,22 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lorakit.catalog import default_catalog
-    from lorakit.components import build_components
     from lorakit.console import say
     from lorakit.errors import RunError
     from lorakit.evaluation.evaluate import evaluate_run
-    from lorakit.load_run import open_target
+    from lorakit.session import open_session
 
-    catalog = default_catalog()
-    recipe, run_dir = open_target(args.target, catalog, tuple(args.overrides))
-    components = build_components(recipe, catalog)
+    session = open_session(args.target, args.overrides, runs=True)
+    recipe, run_dir = session.recipe, session.run_dir
     if run_dir is None:
         raise RunError(
             f"{recipe.run_dir} holds no run of {args.target}",
             fix=f"train it first: lorakit run {args.target}",
         )
     baseline = False if args.no_baseline else None
-    report = evaluate_run(recipe, components, run_dir, adapter=True, baseline=baseline, say=say)
+    report = evaluate_run(
+        recipe, session.components, run_dir, adapter=True, baseline=baseline, say=say
+    )
     if report is not None:
         print(f"done: {report}")
     return 0

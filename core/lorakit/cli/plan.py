@@ -5,11 +5,8 @@ Config only (``config.json``, GGUF metadata, or config.json fetched from the Hub
 
 from __future__ import annotations
 
-from lorakit.catalog import default_catalog
-from lorakit.cli.common import add_recipe_args
-from lorakit.components import build_components
-from lorakit.errors import RecipeError
-from lorakit.recipe import load_recipe
+from lorakit.cli.common import add_memory_arg, add_recipe_args
+from lorakit.session import open_session
 
 
 def add_parser(sub) -> None:
@@ -24,37 +21,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def add_memory_arg(p) -> None:
-    p.add_argument(
-        "--device-memory",
-        metavar="SIZE",
-        help="judge the fit against SIZE (e.g. 24GB) instead of the detected device",
-    )
-
-
-def capacity(args, recipe) -> tuple[str, str, int | None]:
-    """(device, description, bytes) from --device-memory or the detected device."""
-    from lorakit.memory_plan import parse_size
-    from lorakit.preflight import detect_device
-
-    device, where, size = detect_device(recipe)
-    if args.device_memory:
-        try:
-            size = parse_size(args.device_memory)
-        except ValueError as exc:
-            raise RecipeError([f"--device-memory: {exc}"]) from None
-        where = "--device-memory"
-    return device, where, size
-
-
 def run(args) -> int:
     from lorakit.memory_plan import gb, quantized_bytes, weight_bytes
-    from lorakit.preflight import fixes, plan_recipe, summary
+    from lorakit.preflight import capacity, fixes, plan_recipe, summary
 
-    catalog = default_catalog()
-    recipe = load_recipe(args.recipe, args.overrides, catalog)
-    components = build_components(recipe, catalog)
-    device, where, size = capacity(args, recipe)
+    session = open_session(args.recipe, args.overrides)
+    recipe, components = session.recipe, session.components
+    device, where, size = capacity(recipe, args.device_memory)
     plan, note = plan_recipe(recipe, components, device, read_data=not args.no_data)
     i, s = plan.inputs, plan.inputs.shape
     print(

@@ -10,14 +10,12 @@ was trained on, written once by the run itself, and ``eval`` scores them.
 
 from __future__ import annotations
 
-from lorakit.catalog import default_catalog
 from lorakit.cli.common import add_recipe_args
-from lorakit.components import build_components
 from lorakit.data.pipeline import DataReport, load_splits, write_splits
 from lorakit.errors import RunError
-from lorakit.recipe import load_recipe
 from lorakit.rundir import RunDir
 from lorakit.safe_files import make_folder, refuse_links
+from lorakit.session import open_session
 
 
 def add_parser(sub) -> None:
@@ -27,8 +25,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    catalog = default_catalog()
-    recipe = load_recipe(args.recipe, args.overrides, catalog)
+    session = open_session(args.recipe, args.overrides)
+    recipe = session.recipe
     run = RunDir(recipe.run_dir)
     run.refuse_a_link()
     if run.exists():
@@ -38,9 +36,8 @@ def run(args) -> int:
             fix=f"prepare the data for a new run under another name, e.g. "
             f"output.name={recipe.name}-2",
         )
-    components = build_components(recipe, catalog)
     report = DataReport()
-    splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, report)
+    splits = load_splits(session.components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
         print(line)
     folder = run.splits

@@ -7,15 +7,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lorakit.catalog import default_catalog
-from lorakit.cli.common import add_recipe_args
-from lorakit.cli.plan import add_memory_arg, capacity
-from lorakit.components import build_components
+from lorakit.cli.common import add_memory_arg, add_recipe_args
 from lorakit.console import say
-from lorakit.recipe import load_recipe
-
-# set by `lorakit run --nproc` for the processes it starts: the plan was checked once already
-PREFLIGHT_DONE = "LORAKIT_MEMORY_PLAN_CHECKED"
 
 
 def add_parser(sub) -> None:
@@ -60,47 +53,29 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def memory_preflight(args, recipe, components) -> None:
-    """Print the plan's one-line summary; refuse to start when it predicts no fit."""
-    from lorakit.errors import LorakitError, RunError
-    from lorakit.memory_plan import gb
-    from lorakit.preflight import fixes, plan_recipe, summary
-
-    device, where, size = capacity(args, recipe)
-    ranks = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device == "cpu" and size is not None and ranks > 1:
-        size //= ranks  # processes on one machine share its memory
-        where = f"{where} shared by {ranks} processes"
-    try:
-        # The upper bound (batch x max_length tokens, all supervised) needs no data; only when it
-        # does not fit is the data read for the real micro-batch size.
-        plan, _note = plan_recipe(recipe, components, device, read_data=False)
-        if size is not None and plan.peak > size:
-            plan, _note = plan_recipe(recipe, components, device)
-    except (LorakitError, ValueError) as exc:
-        say(f"memory plan skipped: {exc}")
-        return
-    say(summary(plan, size, where))
-    if size is not None and plan.peak > size and not args.ignore_memory_plan:
-        raise RunError(
-            f"the memory plan predicts a peak of {gb(plan.peak)} (training {gb(plan.train_peak)},"
-            f" generation {gb(plan.eval_peak)}) but {where} offers {gb(size)}",
-            fix=f"try {fixes(plan)}; see `lorakit plan {args.recipe}`, or pass "
-            "--ignore-memory-plan to start anyway",
-        )
-
-
 def run(args) -> int:
     from lorakit.launch import wants_launch
+    from lorakit.preflight import PREFLIGHT_DONE, check_memory
+    from lorakit.session import open_session
 
-    catalog = default_catalog()
-    if wants_launch(args):
+    launcher = wants_launch(args)
+    if launcher:
         from lorakit.launch import check_launch, launch
 
         check_launch(args)
-        # Once, in the launcher, before any process starts; the workers skip it.
-        recipe = load_recipe(args.recipe, args.overrides, catalog)
-        memory_preflight(args, recipe, build_components(recipe, catalog))
+    session = open_session(args.recipe, args.overrides)
+    recipe = session.recipe
+    # Once, in the launcher, before any process starts; the processes it starts skip it.
+    if launcher or os.environ.get(PREFLIGHT_DONE) != "1":
+        check_memory(
+            recipe,
+            session.components,
+            device_memory=args.device_memory,
+            processes=args.nproc,
+            ignore=args.ignore_memory_plan,
+            recipe_arg=args.recipe,
+        )
+    if launcher:
         os.environ[PREFLIGHT_DONE] = "1"
         return launch(args)
 
@@ -108,13 +83,9 @@ def run(args) -> int:
     from lorakit.rundir import RunDir
     from lorakit.runner import run_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides, catalog)
-    components = build_components(recipe, catalog)
-    if os.environ.get(PREFLIGHT_DONE) != "1":
-        memory_preflight(args, recipe, components)
     try:
         with terminate_like_ctrl_c():
-            path = run_recipe(recipe, components, resume=args.resume_from_checkpoint)
+            path = run_recipe(recipe, session.components, resume=args.resume_from_checkpoint)
     except KeyboardInterrupt:
         if is_main():
             _say_what_was_kept(RunDir(recipe.run_dir), args)

@@ -1,0 +1,240 @@
+"""What ``lorakit generate`` decodes: prompts (``--prompt``, ``--file``) and the target.
+
+A target is a run folder (the base loaded as in training, quantized by its recipe, with the
+adapter on top; prompts rendered by the run's formatter) or a merged export (a plain
+transformers model loaded with ``AutoModelForCausalLM``, prompts rendered by its tokenizer's
+chat template, stopping at the ``eos_token_id`` list of its ``generation_config.json``).
+:func:`generate_replies` decodes every prompt with the tuned model, and with ``compare`` with
+the base model too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorakit.contracts import Message
+from lorakit.errors import DataError, RunError
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _conversation(record: Any, where: str) -> list[Message]:
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return [Message("user", record["prompt"])]
+    msgs = record.get("messages") if isinstance(record, dict) else None
+    ok = isinstance(msgs, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs
+    )
+    if not ok:
+        raise DataError(
+            "expected an object with a messages list of {role, content} or a prompt string",
+            where=where,
+            fix='write lines like {"messages": [{"role": "user", "content": "..."}]}',
+        )
+    assert isinstance(msgs, list)
+    out = [Message(m["role"], m["content"]) for m in msgs]
+    while out and out[-1].role == "assistant":
+        out.pop()  # a reference answer: generate it instead
+    if not out:
+        raise DataError("the conversation has no prompt before the assistant turn", where=where)
+    return out
+
+
+MAX_PROMPT_FILE = 64 * 2**20  # prompts, not a data set: `lorakit eval` scores files that size
+
+
+def _prompt_lines(file: Path) -> list[str]:
+    """The lines of ``--file``; a FIFO or device (``/dev/zero``) is refused without being read."""
+    fix = "pass a regular text or .jsonl file to --file"
+    if not file.exists():
+        raise DataError(f"prompt file {file} does not exist", fix=fix)
+    if not file.is_file():
+        kind = "a directory" if file.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"prompt file {file} is {kind}", fix=fix)
+    if file.stat().st_size > MAX_PROMPT_FILE:
+        raise DataError(
+            f"prompt file {file} is over {MAX_PROMPT_FILE // 2**20} MiB",
+            fix="generate for fewer prompts at a time, or score a data set with lorakit eval",
+        )
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"prompt file {file} is not UTF-8 (byte {exc.start})", fix="save it as UTF-8"
+        ) from None
+
+
+def read_prompts(prompts: list[str], file: Path | None) -> list[list[Message]]:
+    out = [[Message("user", p)] for p in prompts]
+    if file is not None:
+        lines = _prompt_lines(file)
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"not valid JSON ({exc.msg})", where=f"{file}:{n}") from exc
+                out.append(_conversation(record, f"{file}:{n}"))
+            else:
+                out.append([Message("user", line)])
+    if not out:
+        raise DataError("no prompt given", fix="pass --prompt TEXT (repeatable) or --file FILE")
+    return out
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target:
+    """What to generate with: a renderer, a tokenizer, stop ids, the tuned and base models."""
+
+    render: Callable[[list[Message]], str]
+    tokenizer: Any
+    stop_ids: list[int]
+    model: Any
+    label: str
+
+    def base_outputs(self, run_generate: Callable[[Any], list[Any]]) -> list[Any]:
+        raise NotImplementedError
+
+
+class RunTarget(Target):
+    def __init__(self, run_dir: Path):
+        from lorakit.load_run import load_model, prepare_inference
+        from lorakit.modeling import check_adapter_dir
+        from lorakit.rundir import RunDir
+        from lorakit.session import open_session
+
+        session = open_session(run_dir, runs=True)
+        recipe = session.recipe
+        adapter = RunDir(run_dir).adapter
+        check_adapter_dir(adapter)  # before the (slow) base load
+        loaded = prepare_inference(recipe, session.components, adapter)
+        self.tokenizer, self.stop_ids = loaded.tokenizer, loaded.stop_ids
+        self.model = load_model(loaded, adapter)
+        self.render = lambda msgs: loaded.formatter.render_prompt(msgs, loaded.tokenizer)
+        self.label = f"{run_dir} (base + adapter, quant {recipe.quant.name})"
+
+    def base_outputs(self, run_generate):
+        with self.model.disable_adapter():
+            return run_generate(self.model)
+
+
+def _load_causal_lm(path: str, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype: Any = torch.float32 if device == "cpu" else "auto"
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise RunError(
+            f"cannot load a model from {path}: {exc}", fix="pass a merged export folder"
+        ) from exc
+    model.to(device)
+    return model.eval()
+
+
+class ModelDirTarget(Target):
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer, GenerationConfig
+
+        from lorakit.device import resolve_device
+
+        self.device = resolve_device("auto")
+        self.meta = (
+            json.loads((folder / "lorakit.json").read_text())
+            if (folder / "lorakit.json").is_file()
+            else {}
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RunError(
+                f"{folder} has a tokenizer without a chat template",
+                fix="export the run with lorakit export",
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos: Any = []
+        if (folder / "generation_config.json").is_file():
+            eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.stop_ids = eos
+        self.model = _load_causal_lm(str(folder), self.device)
+        self.label = str(folder)
+        system = self.meta.get("system_prompt")
+
+        def render(msgs: list[Message]) -> str:
+            rows = [{"role": m.role, "content": m.content} for m in msgs]
+            if system is not None and rows[0]["role"] != "system":
+                rows.insert(0, {"role": "system", "content": system})
+            return self.tokenizer.apply_chat_template(
+                rows, tokenize=False, add_generation_prompt=True
+            )
+
+        self.render = render
+
+    def base_outputs(self, run_generate):
+        base = self.meta.get("base_model_path")
+        if not base or not Path(base).exists():
+            raise RunError(
+                f"--compare needs the base model, and {self.label}/lorakit.json does not name a local one",
+                fix="run --compare on the run folder instead",
+            )
+        return run_generate(_load_causal_lm(base, self.device))
+
+
+def open_generation_target(target: Path) -> Target:
+    if (target / "run.json").is_file():
+        return RunTarget(target)
+    if (target / "config.json").is_file():
+        return ModelDirTarget(target)
+    if (target / "merged" / "config.json").is_file():
+        return ModelDirTarget(target / "merged")
+    fix = "pass a run folder (runs/NAME), or a merged export (lorakit export RUN_DIR --merge)"
+    if (target / "adapter" / "adapter_config.json").is_file():
+        fix = "this export has no merged model: pass its run folder, or re-export with --merge"
+    raise RunError(f"{target} is neither a run folder nor a model folder", fix=fix)
+
+
+def generate_replies(
+    target: Target,
+    conversations: list[list[Message]],
+    *,
+    compare: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> tuple[list[Any], list[Any] | None]:
+    """The tuned model's replies to ``conversations`` (``Generation``s, in order), and with
+    ``compare`` the base model's. ``temperature`` 0 decodes greedily."""
+    from lorakit.decoding import generate
+
+    rendered = [target.render(c) for c in conversations]
+
+    def run_generate(model: Any) -> list[Any]:
+        return generate(
+            model,
+            target.tokenizer,
+            rendered,
+            stop_ids=target.stop_ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            do_sample=temperature > 0,
+            temperature=temperature or 1.0,
+            top_p=top_p,
+            seed=seed,
+        )
+
+    tuned = run_generate(target.model)
+    return tuned, target.base_outputs(run_generate) if compare else None
