@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from helpers import write_big_chat, write_jsonl, write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,6 +50,7 @@ def measure(*args: str) -> float:
     return usage.ru_maxrss / 1024
 
 
+@pytest.mark.slow  # four CLI subprocesses: about 4 s of CPU
 def test_check_and_prepare_memory_does_not_grow_with_the_data(tmp_path, data_tokenizer_dir):
     """6x the data, the same peak memory. Before issue 21 the examples were held as objects
     and every token as a Python int: `check` grew by about 150 bytes per byte of this data
