@@ -314,3 +314,71 @@ def test_core_finds_optional_methods_by_type_not_by_name():
             if isinstance(attr, ast.Constant) and attr.value in watched:
                 found.append(f"{f.relative_to(REPO)}:{node.lineno} {node.func.id} {attr.value!r}")
     assert not found, "\n".join(found)
+
+
+def _string_constants(node: ast.AST, names: set[str]) -> list[ast.Constant]:
+    return [
+        n
+        for n in ast.walk(node)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
+    ]
+
+
+def test_core_sets_no_built_in_plugin_as_a_default():
+    """Defaults come from plugins that declare themselves the default (``default = True``),
+    never from a built-in name in the core: none in module or class attributes (tables,
+    ``option`` defaults) or in function defaults."""
+    catalog = build_catalog(make_manager())
+    builtin = {e.name for e in catalog.all() if e.distribution == "lorakit"}
+    # accelerate's own values that happen to equal a plugin's name
+    allowed = {("accelerate_keys.py", "none")}
+    found = []
+    core = REPO / "core" / "lorakit"
+    for f in sorted(core.rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        spots: list[ast.Constant] = []
+        bodies = [tree.body] + [n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+        for body in bodies:
+            for st in body:
+                if isinstance(st, (ast.Assign, ast.AnnAssign)) and st.value is not None:
+                    spots += _string_constants(st.value, builtin)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                for d in [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]:
+                    spots += _string_constants(d, builtin)
+        found += [
+            f"{f.relative_to(REPO)}:{c.lineno} {c.value!r}"
+            for c in spots
+            if (f.name, c.value) not in allowed
+        ]
+    assert not found, "\n".join(found)
+
+
+def test_the_built_in_defaults_are_declared_by_the_plugins():
+    catalog = build_catalog(make_manager())
+    assert {k: catalog.defaults(k) for k in ("model", "formatter", "quant", "peft", "metric")} == {
+        "model": ["smollm2-135m-instruct"],
+        "formatter": ["chat_template"],
+        "quant": ["none"],
+        "peft": ["lora"],
+        "metric": ["eval_loss", "perplexity"],
+    }
+
+
+def test_two_defaults_for_one_kind_make_a_recipe_name_its_plugin(tmp_path):
+    """A third-party package that also declares a default quant backend does not silently
+    replace the built-in one: a recipe without [quant] plugin is told to name one."""
+    from lorakit.errors import RecipeError
+
+    catalog = build_catalog(make_manager())
+    other = catalog.entries["quant"]["bnb-8bit"]
+    factory = type("Mine", (other.factory,), {"default": True})
+    catalog.entries["quant"]["mine"] = attrs.evolve(
+        other, name="mine", factory=factory, distribution="lorakit-mine", version="1.0"
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[data.sources]]\nplugin = "chat_jsonl"\npath = "d.jsonl"\n')
+    with pytest.raises(RecipeError, match=r"2 quant plugins declare themselves the default"):
+        load_recipe(recipe, (), catalog)
+    ok = load_recipe(recipe, ("quant.plugin=none",), catalog)
+    assert ok.quant.name == "none"

@@ -54,6 +54,11 @@ class Entry:
     def options_class(self) -> type | None:
         return getattr(self.factory, "Options", None)
 
+    @property
+    def is_default(self) -> bool:
+        """The plugin declares itself its kind's default (``default = True`` on the factory)."""
+        return getattr(self.factory, "default", False) is True
+
 
 @attrs.frozen
 class Skipped:
@@ -98,6 +103,31 @@ class Catalog:
         if self.skipped:
             text += "; not loaded: " + "; ".join(s.line() for s in self.skipped)
         return text
+
+    def defaults(self, kind: str) -> list[str]:
+        """The plugins of ``kind`` that declare themselves the default (a class attribute
+        ``default = True`` on the factory): what a recipe gets when it names none. The core
+        knows no plugin by name; the built-in package declares its defaults this way too."""
+        return [n for n in self.names(kind) if self.entries[kind][n].is_default]
+
+    def default_for(self, kind: str, key: str) -> tuple[str | None, str | None]:
+        """``(name, None)``: the one default plugin of a single-choice ``kind``, or
+        ``(None, problem)`` when there is none or several (the recipe must name one at ``key``)."""
+        names = self.defaults(kind)
+        if len(names) == 1:
+            return names[0], None
+        known = ", ".join(self.names(kind)) or "(none installed)"
+        if not names:
+            return None, f'{key}: required key is missing; add plugin = "<name>" ({known})'
+        declared = " and ".join(
+            _package(e.plugin, e.distribution, e.version)
+            for e in (self.entries[kind][n] for n in names)
+        )
+        return None, (
+            f"{key}: required key is missing, and {len(names)} {kind} plugins declare "
+            f"themselves the default ({', '.join(names)}: {declared}); name one with "
+            f'plugin = "<name>"'
+        )
 
     def all(self) -> Iterable[Entry]:
         for kind in KINDS:

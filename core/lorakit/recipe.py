@@ -39,12 +39,13 @@ from lorakit.sections import (
 )
 from lorakit.toml_limits import limit_problems
 
-# section -> (plugin kind, default plugin name); sections that choose one plugin
-PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
-    "model": ("model", "smollm2-135m-instruct"),
-    "format": ("formatter", "chat_template"),
-    "quant": ("quant", "none"),
-    "peft": ("peft", "lora"),
+# section -> plugin kind; sections that choose one plugin. A section without ``plugin`` gets
+# the plugin of that kind that declares itself the default (``Catalog.default_for``).
+PLUGIN_SECTIONS: dict[str, str] = {
+    "model": "model",
+    "format": "formatter",
+    "quant": "quant",
+    "peft": "peft",
 }
 PLAIN_SECTIONS: dict[str, type] = {
     "train": TrainSection,
@@ -150,14 +151,15 @@ def _find_secrets(node: Any, path: str, out: list[str]) -> None:
 
 
 def _plugin_choice(
-    catalog: Catalog, kind: str, table: Any, path: str, default: str | None
+    catalog: Catalog, kind: str, table: Any, path: str
 ) -> tuple[PluginChoice | None, list[str]]:
     if not isinstance(table, Mapping):
         return None, [f"{path}: expected a table, got {type(table).__name__}"]
-    name = table.get("plugin", default)
+    name = table.get("plugin")
     if name is None:
-        known = ", ".join(catalog.names(kind))
-        return None, [f'{path}.plugin: required key is missing; add plugin = "<name>" ({known})']
+        name, problem = catalog.default_for(kind, f"{path}.plugin")
+        if name is None:
+            return None, [str(problem)]
     if not isinstance(name, str):
         return None, [f"{path}.plugin: expected a string, got {name!r}"]
     if name not in catalog.entries[kind]:
@@ -223,11 +225,12 @@ def _named_choices(
 def metric_choices(
     catalog: Catalog, section: EvalSection
 ) -> tuple[tuple[PluginChoice, ...], list[str]]:
-    """``[eval].metrics`` with their ``[eval.metric_options]``, validated."""
+    """``[eval].metrics`` (unset: the metrics that declare themselves the default) with their
+    ``[eval.metric_options]``, validated."""
     return _named_choices(
         catalog,
         "metric",
-        section.metrics,
+        catalog.defaults("metric") if section.metrics is None else section.metrics,
         section.metric_options,
         "[eval].metrics",
         "eval.metric_options",
@@ -275,8 +278,8 @@ def validate(
             problems.append(f"[{key}]: unknown section{hint}")
 
     parts: dict[str, Any] = {}
-    for section, (kind, default) in PLUGIN_SECTIONS.items():
-        choice, errs = _plugin_choice(catalog, kind, data.get(section, {}), f"[{section}]", default)
+    for section, kind in PLUGIN_SECTIONS.items():
+        choice, errs = _plugin_choice(catalog, kind, data.get(section, {}), f"[{section}]")
         problems += errs
         parts[section] = choice
     for section, cls in PLAIN_SECTIONS.items():
@@ -289,6 +292,9 @@ def validate(
         parts[section] = obj
 
     if parts.get("eval") is not None:  # metric names and options come from plugins
+        if parts["eval"].metrics is None:  # recorded as resolved (resolved.json, the hash)
+            defaults = tuple(catalog.defaults("metric"))
+            parts["eval"] = attrs.evolve(parts["eval"], metrics=defaults)
         parts["metrics"], errs = metric_choices(catalog, parts["eval"])
         problems += errs
     if parts.get("log") is not None:  # logger names and options come from plugins
@@ -312,7 +318,7 @@ def validate(
             )
         else:
             for i, table in enumerate(raw_sources):
-                choice, errs = _plugin_choice(catalog, "source", table, f"[data.sources.{i}]", None)
+                choice, errs = _plugin_choice(catalog, "source", table, f"[data.sources.{i}]")
                 problems += errs
                 if choice is not None:
                     sources.append(choice)

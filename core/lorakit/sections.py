@@ -175,9 +175,10 @@ class TrainSection:
 
 @attrs.frozen
 class EvalSection:
-    metrics: list[str] = option(
-        factory=lambda: ("eval_loss", "perplexity"),
-        doc="metric plugins to compute (lorakit plugins)",
+    metrics: list[str] | None = option(
+        None,
+        doc="metric plugins to compute (lorakit plugins); unset: the metrics that declare "
+        "themselves the default (built in: eval_loss and perplexity)",
     )
     splits: list[str] = option(factory=lambda: ("val",), doc="splits to evaluate: val and/or test")
     max_new_tokens: int = option(

@@ -61,6 +61,7 @@ class ChatTemplateOptions:
 
 class ChatTemplateFormatter:
     Options = ChatTemplateOptions
+    default = True  # what a recipe without [format] plugin gets: the model's own template
 
     def __init__(self, options: ChatTemplateOptions):
         self.options = options

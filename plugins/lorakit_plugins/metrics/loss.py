@@ -16,12 +16,16 @@ from lorakit_plugins.metrics._base import LossMetric
 class EvalLoss(LossMetric):
     """Mean negative log-likelihood per supervised token (nats)."""
 
+    default = True  # scored when a recipe names no [eval].metrics
+
     def from_mean_nll(self, mean_nll: float) -> float:
         return mean_nll
 
 
 class Perplexity(LossMetric):
     """exp(mean negative log-likelihood per supervised token)."""
+
+    default = True  # scored when a recipe names no [eval].metrics
 
     def from_mean_nll(self, mean_nll: float) -> float:
         return math.exp(mean_nll)

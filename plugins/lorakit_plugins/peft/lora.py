@@ -46,6 +46,7 @@ class LoraOptions:
 
 class Lora:
     Options = LoraOptions
+    default = True  # what a recipe without [peft] plugin gets
 
     def __init__(self, options: LoraOptions):
         self.options = options

@@ -19,6 +19,7 @@ class NoQuantOptions:
 
 class NoQuant:
     Options = NoQuantOptions
+    default = True  # what a recipe without [quant] plugin gets
     quantizes = False  # weights load in a plain dtype
 
     def __init__(self, options: NoQuantOptions):
