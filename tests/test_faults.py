@@ -34,11 +34,12 @@ def file_size_limit(limit: int):
 @pytest.mark.parametrize(
     ("limit", "steps", "what", "kept"),
     [
-        (5_000, 1, "the data splits", "no split file was left half-written"),
+        # the data is spooled under $TMPDIR as it is read, before the run folder is claimed
+        (5_000, 1, "the temporary split files", "nothing was written to the run folder"),
         (50_000, 1, "a checkpoint", "no checkpoint was completed"),
         (20_000, 1, "the adapter", "no adapter folder was written; the newest complete"),
     ],
-    ids=["splits", "checkpoint", "adapter"],
+    ids=["spool", "checkpoint", "adapter"],
 )
 def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
     tmp_path, tiny_model_dir, chat_file, cli, limit, steps, what, kept
@@ -73,8 +74,41 @@ def test_a_full_disk_is_a_clear_error_and_nothing_half_written_looks_complete(
     assert not (run / "adapter").exists()
     marked = sorted(p.parent.name for p in run.rglob("LORAKIT_COMPLETE"))
     assert marked == (["checkpoint-1"] if what == "the adapter" else []), marked
-    if what == "the data splits":
+    if what == "the temporary split files":
         assert not (run / "data" / "splits" / "train.jsonl").exists()
+
+
+WRITE_SPLITS_FULL = """
+import resource, signal, sys
+from pathlib import Path
+from lorakit.contracts import Example, Message
+from lorakit.data.pipeline import Splits, write_splits
+from lorakit.errors import RunError
+rows = [Example(id=f"e{i}", messages=(Message("user", "q" * 200), Message("assistant", "a")))
+        for i in range(40)]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+try:
+    write_splits(Path(sys.argv[1]), Splits(train=rows, val=rows[:2], test=[]))
+except RunError as exc:
+    print(exc)
+"""
+
+
+def test_split_files_onto_a_full_disk_are_a_clear_error_and_none_is_half_written(tmp_path):
+    """The run folder's disk fills up while the splits are written (the data was spooled on
+    another disk, under TMPDIR): one clear error, and no split file half-written."""
+    folder = tmp_path / "splits"
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_SPLITS_FULL, str(folder)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "the disk is full" in done.stdout and "while writing the data splits" in done.stdout
+    assert "no split file was left half-written" in done.stdout, done.stdout + done.stderr
+    assert not (folder / "train.jsonl").exists() and not list(folder.glob(".*.tmp"))
 
 
 def test_a_gguf_export_onto_a_full_disk_is_a_clear_error_and_leaves_no_file(

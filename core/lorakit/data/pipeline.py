@@ -202,11 +202,20 @@ def load_splits(
 
         return example_from_json(json.loads(spool.line(i)))
 
+    from lorakit.diskfull import disk_full_is_an_error
+
     try:
-        for ex in iter_examples(sources, data, recipe_dir, report, example_at):
-            spool.add(_json_line(ex), assigner.add(ex))
-        moved = assigner.finish(lambda i: SPLITS[spool.codes[i]], example_at)
-        parts = spool.finish(moved)
+        with disk_full_is_an_error(
+            spool.folder.path,
+            "the temporary split files",
+            "nothing was written to the run folder",
+            fix="free some space there, or set TMPDIR to a folder on a disk with room for the "
+            "data set, and run the command again",
+        ):
+            for ex in iter_examples(sources, data, recipe_dir, report, example_at):
+                spool.add(_json_line(ex), assigner.add(ex))
+            moved = assigner.finish(lambda i: SPLITS[spool.codes[i]], example_at)
+            parts = spool.finish(moved)
     except BaseException:
         spool.discard()
         raise

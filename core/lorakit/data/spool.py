@@ -193,6 +193,12 @@ class SplitSpool:
         return {s: SpooledExamples(paths[s], per_split[s], self.folder) for s in SPLITS}
 
     def discard(self) -> None:
+        """Close and remove the spool after a failure; never raises (a full disk fails the
+        buffered write a close flushes again, and the error that stopped the read is the one
+        to report)."""
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
         self.folder.remove()
