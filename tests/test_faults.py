@@ -362,11 +362,30 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(tmp_path, tiny_mo
     args = ["run", str(recipe), "output.name=termed", "train.max_steps=400", "train.save_steps=2"]
     args += ['train.lr_scheduler_type="constant"']
     proc = subprocess.Popen(lorakit(*args), env=ENV, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "runs" / "mlflow" / "mlflow.db"
+
+    def mlflow_runs(status: str | None = None) -> list:
+        """The MLflow runs named 'termed' (none until the tracker has started its record)."""
+        if not db.exists():
+            return []
+        try:
+            client = MlflowClient(f"sqlite:///{db}")
+            experiment = client.get_experiment_by_name("lorakit")
+            found = client.search_runs([experiment.experiment_id], "attributes.run_name = 'termed'")
+        except Exception:  # the logger's thread is still creating the database
+            return []
+        return [r for r in found if status is None or r.info.status == status]
+
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "checkpoint-2" / "LORAKIT_COMPLETE").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2"
             time.sleep(0.01)
+        # the tracker starts on a thread of its own (creating its database can take seconds on
+        # a busy machine): what is tested is that a started record is closed, so wait for it
+        while not mlflow_runs("RUNNING"):
+            assert proc.poll() is None and time.monotonic() < deadline, "no MLflow run"
+            time.sleep(0.2)
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -378,8 +397,5 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(tmp_path, tiny_mo
     assert "stopped;" in err and "(its newest complete checkpoint)" in err
     line = err.split("continue with: ", 1)[1].splitlines()[0]
     assert line.endswith("--resume-from-checkpoint auto") and "output.name=termed" in line
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
-    (found,) = client.search_runs(
-        [client.get_experiment_by_name("lorakit").experiment_id], "attributes.run_name = 'termed'"
-    )
+    (found,) = mlflow_runs()
     assert found.info.status == "KILLED"
