@@ -23,6 +23,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import REPO, chat_records
@@ -57,11 +58,17 @@ MISTRAL_TEMPLATE = (
 )
 
 
-def build_tiny_mistral(folder: Path) -> Path:
-    """A random 2-layer MistralForCausalLM + a BPE tokenizer that adds BOS like Mistral's."""
-    import torch
+def build_tiny_mistral(folder: Path, tokenizer: Any = None) -> Path:
+    """A random 2-layer MistralForCausalLM + a BPE tokenizer that adds BOS like Mistral's
+    (or ``tokenizer``, e.g. a sentencepiece-style one, with the same template)."""
+    fast = tokenizer if tokenizer is not None else _byte_level_tokenizer()
+    fast.chat_template = MISTRAL_TEMPLATE
+    return _build_tiny_mistral_model(folder, fast)
+
+
+def _byte_level_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,10 +90,15 @@ def build_tiny_mistral(folder: Path) -> Path:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-    fast.chat_template = MISTRAL_TEMPLATE
+
+
+def _build_tiny_mistral_model(folder: Path, fast: Any) -> Path:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
     config = MistralConfig(
         vocab_size=len(fast),
         hidden_size=64,

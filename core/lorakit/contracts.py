@@ -73,6 +73,9 @@ class ModelRef:
     trust_remote_code: bool = False
     # A short human description for logs and model cards ("local:/x", "hub:org/name@rev").
     label: str = ""
+    # The model's Hugging Face Hub id ("org/name") when it is one, for the model card's
+    # ``base_model``; "" for a local folder (never a cache path).
+    hub_id: str = ""
 
 
 class SourceContext(Protocol):

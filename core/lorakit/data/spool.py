@@ -12,6 +12,7 @@ with room for the data set's size), removed when the last sequence over it is go
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -197,8 +198,6 @@ class SplitSpool:
         buffered write a close flushes again, and the error that stopped the read is the one
         to report)."""
         for f in self.files.values():
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         self.folder.remove()

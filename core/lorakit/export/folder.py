@@ -32,8 +32,9 @@ from lorakit.catalog import Catalog
 from lorakit.console import say as console_say
 from lorakit.contracts import HasSystemPrompt
 from lorakit.diskfull import disk_full_is_an_error
-from lorakit.errors import RunError
+from lorakit.errors import LorakitError, RunError
 from lorakit.export.adapter_io import META, read_meta
+from lorakit.export.hygiene import follow_umask, run_at_rest
 from lorakit.rundir import RunDir, read_json, write_json
 
 MARKER = "lorakit_export.json"
@@ -95,6 +96,15 @@ def _last_eval(run: RunDir) -> dict[str, Any] | None:
     return last
 
 
+def _hub_id(loaded: Any) -> str:
+    """The base's Hub id for the model cards' ``base_model`` ("" for a local folder, or when the
+    model source cannot be resolved here: an adapter-only export does not need the base)."""
+    try:
+        return str(loaded.ref.hub_id)
+    except LorakitError:
+        return ""
+
+
 def _generation_config(source_dirs: list[Path], stop_ids: list[int], pad_id: int | None) -> Any:
     from transformers import GenerationConfig
 
@@ -121,7 +131,33 @@ def export_run(
     say: Callable[[str], None] = console_say,
 ) -> ExportResult:
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
-    merged GGUF files); return the paths."""
+    merged GGUF files); return the paths. A run a live ``lorakit run`` holds is refused."""
+    with run_at_rest(Path(run_dir)):
+        return _export_run(
+            Path(run_dir),
+            catalog,
+            merge=merge,
+            dtype=dtype,
+            merge_base=merge_base,
+            out=out,
+            overwrite=overwrite,
+            gguf_types=gguf_types,
+            say=say,
+        )
+
+
+def _export_run(
+    run_dir: Path,
+    catalog: Catalog,
+    *,
+    merge: bool,
+    dtype: str,
+    merge_base: str,
+    out: Path | None,
+    overwrite: bool,
+    gguf_types: Sequence[str],
+    say: Callable[[str], None],
+) -> ExportResult:
     import transformers
 
     from lorakit.components import build_components
@@ -130,7 +166,6 @@ def export_run(
     from lorakit.modeling import check_adapter_dir
 
     transformers.logging.set_verbosity_error()
-    run_dir = Path(run_dir)
     recipe = open_run(run_dir, catalog)
     components = build_components(recipe, catalog)
     run = RunDir(run_dir)
@@ -152,6 +187,7 @@ def export_run(
         "end_of_turn": loaded.end_of_turn,
         # the backend says whether it quantizes (the model card tags qlora); never its name
         "quantized": components.quant.quantizes,
+        "base_model_id": _hub_id(loaded),
     }
     formatter = loaded.formatter
     if isinstance(formatter, HasSystemPrompt) and formatter.system_prompt is not None:
@@ -248,6 +284,7 @@ def export_run(
                     "gguf": list(gguf_types),
                 },
             )
+            follow_umask(tmp)  # mkdtemp made it 0700: readable as the user's umask says
             _publish(tmp, out)
         finally:
             if tmp.exists():

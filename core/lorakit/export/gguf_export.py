@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
+from lorakit.export.gguf_spm import choose_space_prefix
 from lorakit.export.gguf_vocab import Vocab, read_vocab
 from lorakit.export.gguf_writer import check_layout, write_gguf
 
@@ -30,6 +33,28 @@ def preflight(loaded: Any, base_path: str) -> Vocab:
     config = AutoConfig.from_pretrained(base_path)
     check_layout(config)
     return read_vocab(loaded.tokenizer, config.vocab_size, loaded.end_of_turn)
+
+
+def _probe_texts(run: Any, loaded: Any) -> list[str]:
+    """Texts llama.cpp will tokenize: the probe conversations and the train split rendered as
+    in training, full and as generation prompts."""
+    from lorakit.contracts import Example, Message
+    from lorakit.export.parity import BUILTIN_PROBES, split_examples
+
+    examples = (
+        [
+            Example(id=f"probe{i}", messages=tuple(Message(r, c) for r, c in conv))
+            for i, conv in enumerate(BUILTIN_PROBES)
+        ]
+        + split_examples(run.path, "val")
+        + split_examples(run.path, "train", 50)
+    )
+    texts = []
+    for ex in examples:
+        texts.append(loaded.formatter.render(ex, loaded.tokenizer).text)
+        if ex.messages and ex.messages[-1].role == "assistant":
+            texts.append(loaded.formatter.render_prompt(ex.messages[:-1], loaded.tokenizer))
+    return texts
 
 
 def file_name(run_name: str, gguf_type: str) -> str:
@@ -85,6 +110,11 @@ def write_gguf_export(
 
     folder.mkdir(parents=True, exist_ok=True)
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
+    spm_check = None
+    if vocab.model == "llama":
+        # Before any weights: the space prefix under which llama.cpp splits like training.
+        prefix, spm_check = choose_space_prefix(vocab, _probe_texts(run, loaded), loaded.tokenizer)
+        vocab = attrs.evolve(vocab, add_space_prefix=prefix)
     merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
     reference = probe_logits(merged, probes)
     report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
@@ -123,7 +153,9 @@ def write_gguf_export(
             tokenizer = read_tokenizer(path)
             tokenizer_check = {
                 "file": path.name,
-                **check_tokenizer(tokenizer, probes, loaded.tokenizer),
+                # sentencepiece: the split llama.cpp makes from the file's scores (transformers
+                # rebuilds its own Metaspace tokenizer from them, which is not what runs)
+                **(spm_check or check_tokenizer(tokenizer, probes, loaded.tokenizer)),
             }
             train = split_examples(run.path, "train")
             template_check = check_template(tokenizer, train, loaded.formatter, loaded.tokenizer)

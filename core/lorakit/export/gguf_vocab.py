@@ -1,12 +1,14 @@
 """The tokenizer part of a GGUF: vocabulary, merges, token types, special ids, chat template.
 
 A GGUF carries no ``tokenizer.json``; llama.cpp (and transformers' ``gguf_file=`` loader)
-rebuild the tokenizer from metadata under ``tokenizer.ggml.*``. lorakit writes byte-level BPE
-tokenizers (GPT-2 style: SmolLM2, Qwen2, Llama 3, Mistral's tekken), which are described
-completely by their tokens, merges and the name of their pre-tokenizer split. The split is
-identified by comparing the run's own pre-tokenizer with the ones llama.cpp knows; a tokenizer
-that matches none of them (or a sentencepiece one) is refused rather than written with a split
-that would tokenize differently from training.
+rebuild the tokenizer from metadata under ``tokenizer.ggml.*``. lorakit writes two kinds:
+
+- byte-level BPE (``gpt2``; SmolLM2, Qwen2, Llama 3, Mistral's tekken), described completely by
+  tokens, merges and the name of the pre-tokenizer split. The split is identified by comparing
+  the run's own pre-tokenizer with the ones llama.cpp knows; one that matches none of them is
+  refused rather than written with a split that would tokenize differently from training;
+- sentencepiece-style BPE with byte fallback (``llama``; Llama 2, Mistral 7B v0.1-v0.3):
+  tokens, scores and token types, see ``gguf_spm``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import attrs
 
 from lorakit.errors import ModelError
+from lorakit.export import gguf_spm
 
 # llama.cpp pre-tokenizer names whose split regex transformers also knows (looked up there, by
 # name, so both sides agree on the regex).
@@ -40,6 +43,9 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    model: str = "gpt2"  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SPM)
+    scores: list[float] | None = None  # "llama": per-token merge priority
+    add_space_prefix: bool | None = None  # "llama": a "▁" before text after the start/specials
 
 
 def _known_splits() -> dict[str, str]:
@@ -99,14 +105,16 @@ def read_vocab(tokenizer: Any, vocab_size: int, end_of_turn: str | None) -> Voca
         )
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer"):
-        kind = "sentencepiece-style BPE" if model.get("byte_fallback") else model.get("type")
+    spm = gguf_spm.is_sentencepiece(spec)
+    if not spm and (model.get("type") != "BPE" or spec.get("normalizer")):
         raise ModelError(
-            f"the run's tokenizer is {kind}; lorakit writes only byte-level BPE tokenizers "
-            "(GPT-2 style: SmolLM2, Qwen2, Llama 3) into GGUF",
+            f"the run's tokenizer is {model.get('type')}; lorakit writes byte-level BPE "
+            "(GPT-2 style: SmolLM2, Qwen2, Llama 3) and sentencepiece-style BPE (Llama 2, "
+            "Mistral 7B) tokenizers into GGUF",
             fix="export without --gguf, or convert the merged export with llama.cpp's own tools",
         )
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    prefix = gguf_spm.prefix_rule(spec) if spm else None
+    pre = "default" if spm else pre_tokenizer_name(spec.get("pre_tokenizer"))
 
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = dict.fromkeys(by_id, NORMAL)
@@ -122,6 +130,12 @@ def read_vocab(tokenizer: Any, vocab_size: int, end_of_turn: str | None) -> Voca
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     token_types = [types.get(i, UNUSED) for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    scores = None
+    if spm:  # llama.cpp's SPM tokenizer reads scores, not merges
+        scores, token_types = gguf_spm.scores_and_types(
+            spec, tokens, token_types, tokenizer.unk_token_id
+        )
+        merges = []
 
     def token_id(token: str | None) -> int | None:
         if not token:
@@ -146,16 +160,24 @@ def read_vocab(tokenizer: Any, vocab_size: int, end_of_turn: str | None) -> Voca
         add_bos=_adds(tokenizer, bos_id, first=True),
         add_eos=_adds(tokenizer, eos_id, first=False),
         chat_template=template,
+        model="llama" if spm else "gpt2",
+        scores=scores,
+        add_space_prefix=prefix,
     )
 
 
 def add_vocab(writer: Any, vocab: Vocab) -> None:
     """Write ``vocab`` into a ``gguf.GGUFWriter``."""
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
     for value, add in (
         (vocab.bos_id, writer.add_bos_token_id),
         (vocab.eos_id, writer.add_eos_token_id),

@@ -8,6 +8,8 @@ version, which base a merge used, and the parity numbers.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,6 +79,22 @@ def _parity_section(parity: Mapping[str, Any] | None) -> list[str]:
     return [*out, ""]
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id(meta: Mapping[str, Any]) -> str | None:
+    """The base model's Hub id for the card's ``base_model``: the model source's own, or a
+    path that is an ``org/name`` id (runs exported before sources named one); never a local
+    folder or cache path, which would mean nothing on the Hub."""
+    named = meta.get("base_model_id")
+    if named:
+        return str(named)
+    path = str(meta.get("base_model_path") or "")
+    if _HUB_ID.fullmatch(path) and not os.path.exists(path):
+        return path
+    return None
+
+
 _TITLES = {"adapter": "LoRA adapter", "merged": "Merged model", "gguf": "GGUF model"}
 
 
@@ -124,10 +142,11 @@ def render_card(
     base = meta.get("base_model", "unknown")
     library = {"adapter": "peft", "gguf": "gguf"}.get(kind, "transformers")
     quant = meta.get("quant") or {}
+    hub = hub_id(meta)
     lines = [
         "---",
         f"library_name: {library}",
-        f"base_model: {json.dumps(str(meta.get('base_model_path', base)))}",
+        *([f"base_model: {json.dumps(hub)}"] if hub else []),
         "tags: [lorakit, lora" + (", qlora" if meta.get("quantized") else "") + "]",
         "---",
         "",

@@ -34,7 +34,7 @@ MISTRAL_GO = """{{- $system := "" }}
 {{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}
 {{- $first := true }}{BOS}
 {{- range .Messages }}
-{{- if eq .Role "user" }}[INST] {{ if and $first $system }}{{ $system }}
+{{- if eq .Role "user" }}{LEAD}[INST] {{ if and $first $system }}{{ $system }}
 
 {{ end }}{{ .Content }} [/INST]{{ $first = false }}
 {{- else if eq .Role "assistant" }} {{ .Content }}{EOS}
@@ -61,14 +61,16 @@ def _chatml(default_system: str | None) -> Render:
     return render
 
 
-def _mistral(bos: str, eos: str) -> Render:
+def _mistral(bos: str, eos: str, lead: str = "") -> Render:
+    """``lead``: what comes before each ``[INST]`` (Mistral 7B v0.2's template writes a space)."""
+
     def render(conv: Conversation, generation_prompt: bool) -> str:
         system = next((c for r, c in conv if r == "system"), None)
         text, first = bos, True
         for role, content in conv:
             if role == "user":
-                lead = f"{system}\n\n" if first and system else ""
-                text += f"[INST] {lead}{content} [/INST]"
+                system_lead = f"{system}\n\n" if first and system else ""
+                text += f"{lead}[INST] {system_lead}{content} [/INST]"
                 first = False
             elif role == "assistant":
                 text += f" {content}{eos}"
@@ -109,10 +111,11 @@ def translate(render_jinja: Render, bos: str, eos: str, add_bos: bool) -> Transl
         if system is not None and '"""' in system:
             return Translation(None, None, None, 'its default system prompt contains """')
         return Translation("chatml", CHATML_GO, system)
-    for lead in (bos, ""):
-        if _matches(render_jinja, _mistral(lead, eos)):
-            go = MISTRAL_GO.replace("{EOS}", eos).replace("{BOS}", "" if add_bos else lead)
-            return Translation("mistral_inst", go, None)
+    for start in (bos, ""):
+        for lead in ("", " "):
+            if _matches(render_jinja, _mistral(start, eos, lead)):
+                go = MISTRAL_GO.replace("{EOS}", eos).replace("{BOS}", "" if add_bos else start)
+                return Translation("mistral_inst", go.replace("{LEAD}", lead), None)
     return Translation(
         None, None, None, "it renders neither ChatML nor Mistral [INST] conversations exactly"
     )

@@ -103,6 +103,7 @@ class HubSource:
             revision=self.options.revision,
             trust_remote_code=self.options.trust_remote_code,
             label=f"hub:{self.options.id}{rev}",
+            hub_id=self.options.id,
         )
 
 

