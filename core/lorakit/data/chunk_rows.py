@@ -13,6 +13,7 @@ off by more than the margin, or a tokenizer whose counts do not grow) hands that
 
 from __future__ import annotations
 
+import bisect
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -71,7 +72,6 @@ def chunk_document(
     pieces: list[str] = []
     rows: list[Tokenized] = []
     shown: list[Rendered] = []
-    marks: list[int] | None = None
     start = 0
     while start < len(text):
         plans = planner.plan(start, WINDOW)
@@ -95,7 +95,9 @@ def chunk_document(
             shown.append(rendered[k])
         start = plans[good - 1].end if good else start
         if good < len(plans):  # the plan is off here: today's search cuts this chunk
-            marks = marks if marks is not None else marks_of(text, ends)
+            # the token ends around this chunk guide the search (any marks give the same cut)
+            first = bisect.bisect_right(ends, start)
+            marks = marks_of(text, ends[first : first + 4 * max(1, budget) + 64])
             end, _ = next_chunk_end(text, fits, marks, start, max(1, budget))
             shown.append(render(text[start:end]))
             pieces.append(text[start:end])
