@@ -219,10 +219,11 @@ class ChunkPlanner:
     def _one(self, s: int) -> Planned:
         n, starts, ends = len(self.text), self.starts, self.ends
         first = bisect.bisect_right(ends, s)  # the first token that ends after s
-        if first + self.budget >= len(starts):
+        last = first + max(0, self.budget)  # the first token past the budget
+        if last >= len(starts):
             return Planned(s, n, n, 0)  # the estimate says the rest fits
-        lo = max(s + 1, starts[first + self.budget])  # estimated longest fitting prefix
-        limit = ends[min(len(ends) - 1, first + self.budget + MARGIN)]
+        lo = max(s + 1, starts[last])  # estimated longest fitting prefix
+        limit = ends[min(len(ends) - 1, last + MARGIN)]
         self._s, self._limit, self._levels = s, min(n, max(limit, lo + 1)), {}
         end, level = self._decide(lo)
         if level == len(_PLAN_LEVELS):  # a cut anywhere: the longest fit itself, exactly
