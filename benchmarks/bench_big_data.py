@@ -1,6 +1,7 @@
 """Benchmark big data sets: peak memory and time of ``lorakit check`` and ``prepare``.
 
-    .venv/bin/python benchmarks/bench_big_data.py [--mb 5,20,50] [--markdown-mb 10] [--out FILE]
+    .venv/bin/python benchmarks/bench_big_data.py [--mb 5,20,50] [--markdown-mb 1,2,5,10]
+        [--baseline CHECKOUT] [--out FILE]
 
 Writes N MB of chat JSONL (``chat_jsonl`` records: an optional system turn, one or two
 user/assistant exchanges of varying length, unique ids) into a temporary folder, with a recipe
@@ -8,8 +9,10 @@ for the embedded SmolLM2 (its chat template and tokenizer, so ``check`` computes
 statistics), and runs ``lorakit check`` and ``lorakit prepare`` on it, each in a subprocess of
 its own. For each size it prints the peak RSS (``wait4``'s ``ru_maxrss`` of that process alone)
 and the seconds, then the ratio time(2N)/time(N) for each pair of sizes where one is twice the
-other (about 2 means linear time). ``--markdown-mb`` times ``check`` on a folder of markdown of
-that size (long documents chunked to ``train.max_length``).
+other (about 2 means linear time). ``--markdown-mb`` times ``check`` on folders of markdown of
+those sizes (1 MB documents chunked to ``train.max_length`` 256), with the same ratios.
+``--baseline CHECKOUT`` runs each markdown ``check`` with that checkout's code too, right before
+this one's (interleaved, so both see the same load), and prints the time ratio.
 
 The token statistics need the embedded model's converted cache (~/.cache/lorakit; run any
 recipe once); without it ``check`` skips them and the output says so. Timings are only
@@ -154,6 +157,62 @@ def recipe(folder: Path, source: str, fmt: str, max_length: int, fractions: str)
     return path
 
 
+def code_env(repo: Path) -> dict[str, str]:
+    """The environment that runs ``repo``'s lorakit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(repo / "core"), str(repo / "plugins"), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def markdown_runs(tmp: Path, sizes: list[float], baseline: Path | None) -> list[dict]:
+    """``check`` on each markdown size, the baseline's code first when given."""
+    rows: list[dict] = []
+    codes = ([("baseline", baseline)] if baseline else []) + [("this", REPO)]
+    for mb in sizes:
+        folder = tmp / f"markdown{mb:g}"
+        folder.mkdir()
+        write_markdown(folder / "docs", mb)
+        path = recipe(
+            folder,
+            'plugin = "markdown"\npath = "docs"',
+            "raw_text",
+            256,
+            "val_fraction = 0.0\ntest_fraction = 0.0",
+        )
+        row: dict = {"kind": "markdown", "mb": mb}
+        for name, repo in codes:
+            rss, secs, out = measure(["check", str(path)], code_env(repo))
+            chunked = next((ln.strip() for ln in out.splitlines() if "chunk" in ln), "")
+            row[name] = {"peak_rss_mb": round(rss), "seconds": round(secs, 2), "out": chunked}
+            print(
+                f"markdown {mb:5g} MB check ({name:8s}): peak RSS {rss:5.0f} MB, {secs:6.1f} s"
+                f" ({chunked})",
+                flush=True,
+            )
+        if baseline:
+            same = row["baseline"]["out"] == row["this"]["out"]
+            print(
+                f"markdown {mb:g} MB: time baseline/this = "
+                f"{row['baseline']['seconds'] / row['this']['seconds']:.2f}"
+                f" (same chunk count: {same})"
+            )
+        rows.append(row)
+        subprocess.run(["rm", "-rf", str(folder)], check=False)
+    for name, _ in codes:
+        for r in rows:
+            double = next((d for d in rows if abs(d["mb"] - 2 * r["mb"]) < 0.05 * d["mb"]), None)
+            if double is not None:
+                print(
+                    f"markdown check ({name}): time({double['mb']:g} MB)/time({r['mb']:g} MB) = "
+                    f"{double[name]['seconds'] / r[name]['seconds']:.2f} (2.00: linear)"
+                )
+    return rows
+
+
 def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """(peak RSS in MB, seconds, output) of one ``lorakit ...`` process (this checkout's code)."""
     t0 = time.perf_counter()
@@ -176,17 +235,13 @@ def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", default="5,20,50", help="comma-separated chat JSONL sizes (MB)")
-    parser.add_argument("--markdown-mb", type=float, default=10.0, help="0: skip markdown")
+    parser.add_argument("--markdown-mb", default="10", help="comma-separated sizes; 0: none")
+    parser.add_argument("--baseline", type=Path, help="another checkout to time markdown against")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args()
     sizes = [float(s) for s in args.mb.split(",") if s]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "core"), str(REPO / "plugins"), env.get("PYTHONPATH", "")]
-    ).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["TQDM_DISABLE"] = "1"
+    env = code_env(REPO)
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, load {load:.1f}; python {sys.version.split()[0]}; {REPO}")
     results: list[dict] = []
@@ -231,30 +286,8 @@ def main() -> None:
                     f"{verb}: time({double['mb']:g} MB)/time({r['mb']:g} MB) = {ratio:.2f}, "
                     f"peak RSS ratio {mem:.2f} (2.00: linear time; memory should stay flat)"
                 )
-        if args.markdown_mb:
-            folder = tmp / "markdown"
-            folder.mkdir()
-            write_markdown(folder / "docs", args.markdown_mb)
-            path = recipe(
-                folder,
-                'plugin = "markdown"\npath = "docs"',
-                "raw_text",
-                256,
-                "val_fraction = 0.0\ntest_fraction = 0.0",
-            )
-            rss, secs, out = measure(["check", str(path)], env)
-            chunked = next((ln.strip() for ln in out.splitlines() if "chunk" in ln), "")
-            print(
-                f"markdown {args.markdown_mb:g} MB check: peak RSS {rss:.0f} MB, {secs:.1f} s"
-                f" ({chunked})"
-            )
-            results.append(
-                {
-                    "kind": "markdown",
-                    "mb": args.markdown_mb,
-                    "check": {"peak_rss_mb": round(rss), "seconds": round(secs, 2)},
-                }
-            )
+        md_sizes = [float(m) for m in args.markdown_mb.split(",") if m and float(m) > 0]
+        results += markdown_runs(tmp, md_sizes, args.baseline)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

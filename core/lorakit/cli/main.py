@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verb: str | None) -> None:
     """Hide deprecation chatter from the training stack; --debug shows everything."""
     import logging
     import warnings
@@ -69,7 +69,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes logs a missing optional CPU kernel package at import; the fallback works.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verb != "check":  # check never forks: its tokenizer batches may use every core
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("LORAKIT_DEBUG") == "1"
     if not debug:
-        _quiet_libraries()
+        _quiet_libraries(args.verb)
     if not args.verb:
         parser.print_help()
         return 2

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from lorakit.contracts import Example
-from lorakit.data.chunking import chunk_text
+from lorakit.data.chunk_rows import chunk_document
 from lorakit.data.report import DataReport
 from lorakit.data.tokenize import Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.errors import DataError
@@ -34,6 +34,39 @@ def _token_ends(text: str, tokenizer: Any) -> list[int]:
     return [e for _, e in offsets[0]]
 
 
+def _chunkable(ex: Example) -> bool:
+    return ex.text is not None and bool(ex.meta.get("chunkable"))
+
+
+def _chunked(
+    ex: Example, formatter: Any, tokenizer: Any, max_length: int, report: DataReport
+) -> tuple[list[Example], list[Tokenized]]:
+    """``ex`` as chunks that fit and their rows (``[ex]`` and its row when it fits whole)."""
+    try:
+        pieces, rows, shown = chunk_document(ex, formatter, tokenizer, max_length)
+    except ValueError as exc:
+        raise DataError(
+            f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
+            "room after the format's own tokens)",
+            where=str(ex.meta.get("source", ex.id)),
+            fix="raise [train].max_length",
+        ) from None
+    if len(pieces) == 1:
+        return [ex], rows
+    chunks = [
+        attrs.evolve(ex, id=f"{ex.id}#{k}", text=piece, meta={**ex.meta, "chunk": [k, len(pieces)]})
+        for k, piece in enumerate(pieces)
+    ]
+    report.chunked[ex.id] = len(chunks)
+    # A chunk's row was tokenized from the document's example with the chunk's text; a format
+    # that writes the id or meta renders the chunk differently: tokenize that one again.
+    rendered = [formatter.render(c, tokenizer) for c in chunks]
+    redo = [k for k, r in enumerate(rendered) if r != shown[k]]
+    for k, row in zip(redo, tokenize_batch([rendered[k] for k in redo], tokenizer), strict=True):
+        rows[k] = row
+    return chunks, rows
+
+
 def chunk_long_documents(
     examples: Sequence[Example],
     rows: Sequence[Tokenized],
@@ -50,42 +83,38 @@ def chunk_long_documents(
     out_ex: list[Example] = []
     out_rows: list[Tokenized] = []
     for ex, row in zip(examples, rows, strict=True):
-        if len(row.input_ids) <= max_length or ex.text is None or not ex.meta.get("chunkable"):
+        if len(row.input_ids) <= max_length or not _chunkable(ex):
             out_ex.append(ex)
             out_rows.append(row)
             continue
-        try:
-            pieces = chunk_text(
-                ex.text,
-                _fits(formatter, tokenizer, max_length, ex),
-                _token_ends(ex.text, tokenizer),
-            )
-        except ValueError as exc:
-            raise DataError(
-                f"cannot chunk example {ex.id}: {exc} (train.max_length={max_length} leaves no "
-                "room after the format's own tokens)",
-                where=str(ex.meta.get("source", ex.id)),
-                fix="raise [train].max_length",
-            ) from None
-        chunks = [
-            attrs.evolve(
-                ex, id=f"{ex.id}#{k}", text=piece, meta={**ex.meta, "chunk": [k, len(pieces)]}
-            )
-            for k, piece in enumerate(pieces)
-        ]
-        report.chunked[ex.id] = len(chunks)
+        chunks, chunk_rows = _chunked(ex, formatter, tokenizer, max_length, report)
         out_ex += chunks
-        out_rows += tokenize_batch([formatter.render(c, tokenizer) for c in chunks], tokenizer)
+        out_rows += chunk_rows
     return out_ex, out_rows
 
 
 def render_and_tokenize(
     examples: Sequence[Example], formatter: Any, tokenizer: Any, max_length: int, report: DataReport
 ) -> tuple[list[Example], list[Tokenized]]:
-    """Render and tokenize every example; chunk long chunkable documents. No policy applied."""
-    rendered = [formatter.render(ex, tokenizer) for ex in examples]
-    rows = tokenize_batch(rendered, tokenizer)
-    return chunk_long_documents(examples, rows, formatter, tokenizer, max_length, report)
+    """Render and tokenize every example; chunk long chunkable documents. No policy applied.
+
+    A chunkable text longer than ``max_length`` characters goes to the chunker without being
+    tokenized whole first (the chunker keeps it whole when it fits)."""
+    long = [_chunkable(ex) and len(ex.text or "") > max_length for ex in examples]
+    short = [ex for ex, is_long in zip(examples, long, strict=True) if not is_long]
+    rows = iter(tokenize_batch([formatter.render(ex, tokenizer) for ex in short], tokenizer))
+    out_ex: list[Example] = []
+    out_rows: list[Tokenized] = []
+    for ex, is_long in zip(examples, long, strict=True):
+        if is_long:
+            pieces, piece_rows = _chunked(ex, formatter, tokenizer, max_length, report)
+        else:
+            pieces, piece_rows = chunk_long_documents(
+                [ex], [next(rows)], formatter, tokenizer, max_length, report
+            )
+        out_ex += pieces
+        out_rows += piece_rows
+    return out_ex, out_rows
 
 
 def iter_tokenized(

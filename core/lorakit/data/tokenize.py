@@ -81,3 +81,19 @@ def encode_with_offsets(texts: list[str], tokenizer: Any) -> tuple[list[list[int
         return [e.ids for e in encs], [e.offsets for e in encs]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], enc["offset_mapping"]
+
+
+def count_tokens(texts: list[str], tokenizer: Any) -> list[int]:
+    """How many tokens each text is (no special tokens): the lengths
+    :func:`encode_with_offsets` gives, without computing offsets where the tokenizer can skip
+    them (``encode_batch_fast``, about a third cheaper)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is not None
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+    ):
+        return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    ids, _ = encode_with_offsets(texts, tokenizer)
+    return [len(i) for i in ids]
