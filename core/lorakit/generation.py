@@ -92,13 +92,15 @@ def read_prompts(prompts: list[str], file: Path | None) -> list[list[Message]]:
 
 
 class Target:
-    """What to generate with: a renderer, a tokenizer, stop ids, the tuned and base models."""
+    """What to generate with: a renderer, a tokenizer, stop ids, the tuned and base models,
+    and the system prompt the model was trained with (None: none, or several)."""
 
     render: Callable[[list[Message]], str]
     tokenizer: Any
     stop_ids: list[int]
     model: Any
     label: str
+    system: str | None = None
 
     def base_outputs(self, run_generate: Callable[[Any], list[Any]]) -> list[Any]:
         raise NotImplementedError
@@ -106,6 +108,7 @@ class Target:
 
 class RunTarget(Target):
     def __init__(self, run_dir: Path):
+        from lorakit.export.adapter_io import read_meta
         from lorakit.load_run import load_model, prepare_inference
         from lorakit.modeling import check_adapter_dir
         from lorakit.rundir import RunDir
@@ -116,6 +119,7 @@ class RunTarget(Target):
         adapter = RunDir(run_dir).adapter
         check_adapter_dir(adapter)  # before the (slow) base load
         loaded = prepare_inference(recipe, session.components, adapter)
+        self.system = read_meta(adapter).get("system_prompt")
         self.tokenizer, self.stop_ids = loaded.tokenizer, loaded.stop_ids
         self.model = load_model(loaded, adapter)
         self.render = lambda msgs: loaded.formatter.render_prompt(msgs, loaded.tokenizer)
@@ -170,12 +174,10 @@ class ModelDirTarget(Target):
         self.stop_ids = eos
         self.model = _load_causal_lm(str(folder), self.device)
         self.label = str(folder)
-        system = self.meta.get("system_prompt")
+        self.system = self.meta.get("system_prompt")
 
         def render(msgs: list[Message]) -> str:
             rows = [{"role": m.role, "content": m.content} for m in msgs]
-            if system is not None and rows[0]["role"] != "system":
-                rows.insert(0, {"role": "system", "content": system})
             return self.tokenizer.apply_chat_template(
                 rows, tokenize=False, add_generation_prompt=True
             )
@@ -215,12 +217,16 @@ def generate_replies(
     temperature: float,
     top_p: float,
     seed: int,
+    system: str | None = None,
 ) -> tuple[list[Any], list[Any] | None]:
     """The tuned model's replies to ``conversations`` (``Generation``s, in order), and with
-    ``compare`` the base model's. ``temperature`` 0 decodes greedily."""
+    ``compare`` the base model's. ``temperature`` 0 decodes greedily. A conversation without a
+    system message gets ``system``, else the one the model was trained with (``""``: none)."""
     from lorakit.decoding import generate
+    from lorakit.fidelity import system_messages
 
-    rendered = [target.render(c) for c in conversations]
+    prompt = target.system if system is None else (system or None)
+    rendered = [target.render(system_messages(prompt, c)) for c in conversations]
 
     def run_generate(model: Any) -> list[Any]:
         return generate(

@@ -7,6 +7,7 @@ adapter, the evaluation), in the order they run. Read this file top to bottom.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import attrs
 from lorakit import __version__, distributed
 from lorakit.components import Components
 from lorakit.console import note_other_version, say
-from lorakit.contracts import ModelRef
+from lorakit.contracts import HasSystemPrompt, ModelRef
 from lorakit.data.pipeline import (
     DataReport,
     Splits,
@@ -30,6 +31,12 @@ from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
 from lorakit.export.adapter_io import save_adapter, stop_token_ids
+from lorakit.fidelity import (
+    TRAIN_SERVE_FIX,
+    train_serve_problems,
+    training_system_prompt,
+    with_default_system,
+)
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json, write_json
 from lorakit.secrets import credentials_warning, masked_keys
@@ -94,6 +101,7 @@ class RunData:
     train_rows: list[Tokenized]
     val_rows: list[Tokenized]
     batch: dict[str, Any]  # distributed.batch_plan
+    system_prompt: str | None = None  # the one every training conversation had (fidelity.py)
 
 
 @attrs.frozen
@@ -158,6 +166,18 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
+    # trained the way it is served: the inference prompt is a prefix of the training text
+    problems = train_serve_problems(formatter, tokenizer, splits.train)
+    for problem in problems[:3]:
+        say(f"warning: train/serve mismatch: {problem}")
+    if problems:
+        say(f"  ({len(problems)} in all; fix: {TRAIN_SERVE_FIX})")
+    default = formatter.system_prompt if isinstance(formatter, HasSystemPrompt) else None
+    # train and val: what the run renders (an eval example without it must render alike from
+    # the saved adapter's template)
+    system, note = training_system_prompt(itertools.chain(splits.train, splits.val), default)
+    if note:
+        say(f"note: {note}")
     return RunData(
         splits=splits,
         report=report,
@@ -167,6 +187,7 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
         train_rows=train_rows,
         val_rows=val_rows,
         batch=distributed.batch_plan(t, world_size(), [len(r.input_ids) for r in train_rows]),
+        system_prompt=system,
     )
 
 
@@ -337,14 +358,25 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
+    if data.system_prompt is not None:  # generate and export prompt with it by default
+        meta["system_prompt"] = data.system_prompt
     state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights
     if not is_main():
         return None
+    tokenizer = data.tokenizer
+    template = getattr(tokenizer, "chat_template", None)
+    if data.system_prompt is not None and isinstance(template, str):
+        # the saved template's default system prompt is the one trained with, not the base
+        # model's ("You are a helpful AI assistant named ..."): a copy, training's is untouched
+        import copy
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = with_default_system(template, data.system_prompt)
     with disk_full_is_an_error(
         run.adapter, "the adapter", lambda: "no adapter folder was written; " + _kept(run)
     ):
         save_adapter(
-            trainer.model, data.tokenizer, run.adapter, meta, data.end_of_turn, state_dict=state
+            trainer.model, tokenizer, run.adapter, meta, data.end_of_turn, state_dict=state
         )
     say(f"adapter saved to {run.adapter}")
     return SavedAdapter(path=run.adapter, global_step=trainer.state.global_step)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.common import add_recipe_args
+from lorakit.contracts import HasSystemPrompt
 from lorakit.data.pipeline import (
     DataReport,
     apply_overlength,
@@ -22,6 +23,7 @@ from lorakit.data.pipeline import (
     require_training_examples,
 )
 from lorakit.errors import DataError, LorakitError, printable
+from lorakit.fidelity import TRAIN_SERVE_FIX, train_serve_problems, training_system_prompt
 from lorakit.launch_config import check_launch_config, is_launch_config
 from lorakit.secrets import credentials_warning, masked_keys
 from lorakit.session import open_session
@@ -95,6 +97,20 @@ def run(args) -> int:
     print(f"format {recipe.format.name}, tokenizer {folder}:")
     for line in stats.lines(recipe.train.max_length, recipe.data.overlength):
         print(f"  {line}")
+    mismatches = train_serve_problems(formatter, tokenizer, splits.train)
+    if mismatches:
+        print(f"  train/serve: {len(mismatches)} mismatch(es) between training and inference:")
+        for problem in mismatches[:5]:
+            print(printable(f"    {problem}"))
+        print(f"    fix: {TRAIN_SERVE_FIX}")
+    else:
+        print("  train/serve: inference prompts are token prefixes of the training text")
+    default = formatter.system_prompt if isinstance(formatter, HasSystemPrompt) else None
+    system, system_note = training_system_prompt(itertools.chain(splits.train, splits.val), default)
+    if system is not None:
+        print(printable(f"  system prompt (generate and export use it by default): {system!r}"))
+    elif system_note:
+        print(f"  note: {system_note}")
     if args.show:
         color = sys.stdout.isatty()
         legend = "green" if color else "[[...]]"

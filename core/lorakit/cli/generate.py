@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lorakit.console import say
 from lorakit.errors import DataError
 
 
@@ -60,6 +61,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="system prompt for conversations without one (default: the one the run was "
+        'trained with, when every training conversation had the same; "" for none)',
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 
@@ -85,6 +92,8 @@ def run(args) -> int:
         )
     conversations = read_prompts(args.prompt, args.file)
     target = open_generation_target(Path(args.target))
+    if args.system is None and target.system is not None:
+        say(f"system prompt as trained (--system to change): {target.system!r}")
     tuned, base = generate_replies(
         target,
         conversations,
@@ -94,6 +103,7 @@ def run(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        system=args.system,
     )
     for i, conv in enumerate(conversations):
         prompt = conv[-1].content

@@ -52,6 +52,14 @@ def template_end_of_turn(tokenizer: Any) -> str:
     )
 
 
+def _first_difference(a: str, b: str) -> str:
+    """Where two renders part, with a little text of each."""
+    at = next(
+        (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    return f"at character {at} one has {a[at : at + 30]!r}, the other {b[at : at + 30]!r}"
+
+
 @attrs.frozen
 class ChatTemplateOptions:
     system_prompt: str | None = option(
@@ -144,11 +152,17 @@ class ChatTemplateFormatter:
             prompt = self._apply(tokenizer, msgs[:i], gen=True)
             full = self._apply(tokenizer, msgs[: i + 1])
             if not (prompt.startswith(done) and full.startswith(prompt)):
+                # the text so far vs the prompt for this turn, or the prompt vs this turn
+                a, b = (done, prompt) if not prompt.startswith(done) else (prompt, full)
+                turn = sum(1 for earlier in msgs[: i + 1] if earlier["role"] == "assistant")
                 raise DataError(
                     "the chat template renders earlier turns differently once later turns are "
-                    "added, so assistant tokens cannot be located safely",
-                    where=f"example {example.id}",
-                    fix='use plugin = "chatml" (or another fixed formatter) for this model',
+                    "added (a reasoning template that drops earlier thinking, a preamble only "
+                    "in generation prompts): trained on one text, the model would be served "
+                    f"another; {_first_difference(a, b)}",
+                    where=f"example {example.id}, assistant turn {turn}",
+                    fix='use plugin = "chatml" (or another fixed formatter) for this model, or '
+                    "train on conversations with one assistant turn",
                 )
             reply = full[len(prompt) :]
             cut = reply.find(
