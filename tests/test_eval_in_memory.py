@@ -51,7 +51,13 @@ def test_the_run_scores_what_eval_loads_from_disk(
     run = tmp_path / "runs" / "mem"
     in_memory = _report(run / "eval_report.json")
     in_memory_preds = _predictions(run / "predictions.jsonl")
-    assert [row[0] for row in in_memory] == [True, False]  # base, then tuned
+    # base, then tuned, on the val split, then on the forgetting canary's general text
+    assert [(row[0], row[1]) for row in in_memory] == [
+        (True, "val"),
+        (False, "val"),
+        (True, "general"),
+        (False, "general"),
+    ]
 
     # the same run scored again from the saved adapter (and a freshly loaded base): identical
     (run / "eval_report.json").unlink()
@@ -64,7 +70,7 @@ def test_the_run_scores_what_eval_loads_from_disk(
     code, _, err = cli("baseline", recipe)
     assert code == 0, err
     alone = _report(run / "baseline" / "eval_report.json")
-    assert alone == [in_memory[0]]
+    assert alone == [in_memory[0], in_memory[2]]
 
 
 def test_release_trainer_lets_go_of_everything_but_the_model(tmp_path, tiny_model_dir, chat_file):

@@ -24,14 +24,21 @@ def test_run_baseline_eval_compare(tmp_path, tiny_model_dir, chat_file, cli):
     assert code == 0, err
     run = tmp_path / "runs" / "ev"
     base = json.loads((run / "baseline" / "eval_report.json").read_text())
-    assert [r["adapter"] for r in base["results"]] == [None]
+    assert [(r["split"], r["adapter"]) for r in base["results"]] == [
+        ("val", None),
+        ("general", None),
+    ]
 
     code, _, err = cli("run", recipe, "train.eval_steps=2")
     assert code == 0, err
     assert "reusing the baseline" in err
+    # the base's forgetting canary comes from the baseline too: the general text is scored
+    # for the tuned model alone
+    assert "forgetting canary: general text" not in err and "forgetting canary: base +" in err
     report = json.loads((run / "eval_report.json").read_text())
     assert report["config_hash"] and report["data_fingerprint"]
-    base_row, tuned_row = report["results"]
+    base_row, tuned_row, base_general, _ = report["results"]
+    assert base_general["metrics"] == base["results"][1]["metrics"]
     assert base_row["adapter"] is None and tuned_row["adapter"].endswith("adapter")
     assert base_row["metrics"] == base["results"][0]["metrics"]
     assert set(tuned_row["metrics"]) == {
@@ -54,13 +61,21 @@ def test_run_baseline_eval_compare(tmp_path, tiny_model_dir, chat_file, cli):
     code, _, err = cli("eval", run, "--no-baseline")
     assert code == 0, err
     again = json.loads((run / "eval_report.json").read_text())["results"]
-    assert [r["adapter"] is None for r in again] == [False]
+    assert [(r["split"], r["adapter"] is None) for r in again] == [
+        ("val", False),
+        ("general", False),
+    ]
     assert again[0]["metrics"] == pytest.approx(tuned_row["metrics"], rel=1e-5)
 
     code, out, _ = cli("compare", tmp_path / "runs", "--json")
     assert code == 0
     rows = json.loads(out)
-    assert [(r["run"], r["adapter"] is None) for r in rows] == [("ev", False), ("ev", True)]
+    assert [(r["run"], r["split"], r["adapter"] is None) for r in rows] == [
+        ("ev", "val", False),
+        ("ev", "general", False),
+        ("ev", "val", True),
+        ("ev", "general", True),
+    ]
 
 
 def test_eval_without_a_run_is_a_clear_error(tmp_path, tiny_model_dir, chat_file, cli):

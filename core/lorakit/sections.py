@@ -191,6 +191,17 @@ class EvalSection:
         validator=v.optional(_not_negative_count),
     )
     baseline: bool = option(True, doc="also score the base model without the adapter")
+    canary: bool = option(
+        True,
+        doc="forgetting canary: also score base and tuned on general text (Python's own docs) "
+        "and generic instructions, beside the task (seconds)",
+    )
+    canary_max_rise: float = option(
+        0.05,
+        doc="warn when the tuned model's loss on general text is this much (relative) above "
+        "the base model's",
+        validator=[_finite, v.ge(0.0)],
+    )
     metric_options: dict[str, dict] = option(
         factory=dict,
         doc="options per metric, e.g. [eval.metric_options.exact_match] ignore_case = true",

@@ -106,11 +106,17 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
                     "adapter": res.get("adapter"),
                     "split": res.get("split"),
                     "metrics": res.get("metrics", {}),
-                    "kinds": report.get("metric_kinds", {}),
+                    "kinds": {**report.get("metric_kinds", {}), **_canary_kinds(report)},
                     "report": str(path),
                 }
             )
     return rows
+
+
+def _canary_kinds(report: dict[str, Any]) -> dict[str, str]:
+    section = report.get("canary")
+    kinds = section.get("metric_kinds") if isinstance(section, dict) else None
+    return kinds if isinstance(kinds, dict) else {}
 
 
 def _examples(result: dict[str, Any]) -> int | None:

@@ -28,6 +28,13 @@ from lorakit.components import Components
 from lorakit.contracts import ModelRef
 from lorakit.data.pipeline import Splits
 from lorakit.errors import RunError
+from lorakit.evaluation.canary import (
+    Canary,
+    GeneralScores,
+    cached_canary,
+    prepare_canary,
+    score_canary,
+)
 from lorakit.evaluation.sets import EvalSet
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
@@ -105,6 +112,7 @@ class EvalPlan:
     sets: list[EvalSet]
     data_fingerprint: str
     model_label: str
+    canary: Canary | None = None  # general text and instructions ([eval].canary)
 
     @property
     def baseline_key(self) -> str:
@@ -151,6 +159,9 @@ def plan_eval(
         sets=sets,
         data_fingerprint=splits.fingerprint,
         model_label=model_label,
+        canary=prepare_canary(formatter, tokenizer, min(recipe.train.max_length, 256))
+        if ev.canary
+        else None,
     )
 
 
@@ -213,6 +224,7 @@ def evaluate(
     if tuned_too:
         say(f"scoring base + adapter on {sizes} examples")
         tuned = score()
+    general = _score_canary(model, plan, tuned_too, with_base, cached, say)
 
     info = {
         "lorakit_version": __version__,
@@ -226,12 +238,15 @@ def evaluate(
         "eval": recipe.resolved()["eval"],
     }
     report = write_outputs(
-        out_dir, info, plan.sets, plan.metrics, base, tuned, time.time() - started
+        out_dir, info, plan.sets, plan.metrics, base, tuned, time.time() - started, general
     )
     if tuned_too and run.metrics.is_file():
         plot_losses(run.metrics, out_dir / "loss.png")
     for line in summary_lines(plan.metrics, base, tuned):
         say(line)
+    if general is not None:
+        for line in general.lines():
+            say(line)
     say(f"report: {out_dir / 'report.md'}")
     return report
 
@@ -276,6 +291,45 @@ def evaluate_run(
         return None
     model = load_model(loaded, adapter_dir)
     return evaluate(model, plan, run.path, adapter_dir=adapter_dir, with_base=with_base, say=say)
+
+
+def _score_canary(
+    model: Any,
+    plan: EvalPlan,
+    tuned_too: bool,
+    with_base: bool,
+    cached: tuple[dict[str, Any], list[dict[str, Any]]] | None,
+    say: Callable[[str], None],
+) -> GeneralScores | None:
+    """The forgetting canary on the base (reused from a matching baseline) and the tuned
+    model."""
+    canary = plan.canary
+    if canary is None:
+        return None
+    ev = plan.recipe.eval
+
+    def score() -> dict[str, float]:
+        return score_canary(
+            model,
+            canary,
+            plan.tokenizer,
+            plan.stop_ids,
+            plan.recipe.train.per_device_eval_batch_size,
+        )
+
+    base = cached_canary(cached[0], canary.digest) if cached is not None else None
+    if with_base and base is None:
+        say(f"forgetting canary: general text ({canary.counts['examples']} passages), base model")
+        if tuned_too:
+            with model.disable_adapter():
+                base = score()
+        else:
+            base = score()
+    tuned = None
+    if tuned_too:
+        say("forgetting canary: base + adapter")
+        tuned = score()
+    return GeneralScores(canary, base if with_base else None, tuned, ev.canary_max_rise)
 
 
 def cached_results(

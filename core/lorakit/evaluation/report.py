@@ -10,21 +10,18 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lorakit.evaluation.numbers import fmt
 from lorakit.evaluation.scoring import SplitResult
 from lorakit.evaluation.sets import EvalSet
 from lorakit.rundir import write_json
 from lorakit.safe_files import write_text
 
+if TYPE_CHECKING:
+    from lorakit.evaluation.canary import GeneralScores
+
 SAMPLES_IN_REPORT = 5
-
-
-def fmt(value: float | None, kind: str) -> str:
-    """A metric value for people: losses with 4 decimals, generation metrics as points."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{100 * value:.1f}" if kind == "generation" else f"{value:.4f}"
 
 
 def write_outputs(
@@ -35,6 +32,7 @@ def write_outputs(
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
     seconds: float,
+    general: GeneralScores | None = None,
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -49,6 +47,8 @@ def write_outputs(
                     "counts": res.counts,
                 }
             )
+    if general is not None:
+        results += general.results(info["model"], info["adapter"])
     kinds = {name: m.kind for name, m in metrics.items()}
     higher = {name: bool(m.higher_is_better) for name, m in metrics.items()}
     report = {
@@ -58,10 +58,13 @@ def write_outputs(
         "seconds": round(seconds, 1),
         "results": results,
     }
+    if general is not None:
+        report["canary"] = general.section()
     path = out_dir / "eval_report.json"
     write_json(path, report)
     _write_predictions(out_dir / "predictions.jsonl", sets, base, tuned)
-    write_text(out_dir / "report.md", render_markdown(report, sets, base, tuned))
+    markdown = render_markdown(report, sets, base, tuned, general)
+    write_text(out_dir / "report.md", markdown)
     return path
 
 
@@ -102,6 +105,7 @@ def render_markdown(
     sets: Sequence[EvalSet],
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
+    general: GeneralScores | None = None,
 ) -> str:
     kinds: dict[str, str] = report["metric_kinds"]
     higher: dict[str, bool] = report["higher_is_better"]
@@ -147,6 +151,8 @@ def render_markdown(
         lines.append("")
         if s.ids:
             lines += _samples(s, base[i] if base else None, tuned[i] if tuned else None)
+    if general is not None:
+        lines += general.markdown()
     if report["adapter"]:
         lines += ["## Loss curves", "", "![training and eval loss](loss.png)", ""]
     return "\n".join(lines)
