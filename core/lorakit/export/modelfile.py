@@ -147,11 +147,18 @@ def render_modelfile(
     chat_template: str | None,
     header: str,
     others: Sequence[str] = (),
+    adapter: str | None = None,
 ) -> str:
-    """The Modelfile text; ``others`` are sibling GGUF files (other types) to mention."""
+    """The Modelfile text; ``others`` are sibling GGUF files (other types) to mention,
+    ``adapter`` a LoRA GGUF that Ollama applies on top of ``gguf_file`` (a base-only export)."""
     lines = [*_comment(header), "", f"FROM ./{gguf_file}"]
     if others:
         lines.append(f"# other types in this folder: {', '.join(others)} (change FROM to use one)")
+    if adapter is not None:
+        lines += [
+            "# the run's LoRA adapter, applied by Ollama on top of the base above",
+            f"ADAPTER ./{adapter}",
+        ]
     if translation.template is not None:
         lines += ["", f"# TEMPLATE: the run's chat template ({translation.family}), in Go syntax"]
         lines.append(f'TEMPLATE """{translation.template}"""')
