@@ -10,7 +10,8 @@ from lorakit.device import DTYPES
 from lorakit.errors import RunError
 from lorakit.export.merge import MERGE_BASES
 
-GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.export.gguf_writer.GGUF_TYPES, without importing gguf
+# lorakit.export.gguf_writer.GGUF_TYPES + llama_quantize.K_QUANTS, without importing gguf
+GGUF_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 
 
 def add_parser(sub) -> None:
@@ -44,7 +45,9 @@ def add_parser(sub) -> None:
         "--gguf-type",
         action="append",
         choices=GGUF_TYPES,
-        help="GGUF weight type (default f16); repeat for several files from one merge",
+        help="GGUF weight type (default f16); repeat for several files from one merge. The "
+        "K-quants q6_k, q5_k_m, q4_k_m need llama.cpp's quantizer (LORAKIT_LLAMA_QUANTIZE or "
+        "llama-quantize on PATH, see docs/export.md)",
     )
     p.add_argument(
         "--base-only",

@@ -199,11 +199,12 @@ def _export_run(
         meta["system_prompt"] = formatter.system_prompt
     base_path = meta.get("base_model_path") or loaded.ref.path
     meta.setdefault("base_model_path", base_path)
-    vocab = None
+    vocab = quantizer = None
     if gguf_types:
         # Refuse what a GGUF cannot hold (architecture, tokenizer) before loading any weights.
-        from lorakit.export.gguf_export import preflight
+        from lorakit.export.gguf_export import preflight, preflight_types
 
+        quantizer = preflight_types(gguf_types)  # a K-quant without llama.cpp: refused now
         vocab = preflight(loaded, base_path)
     card_inputs: dict[str, Any] = {
         "meta": meta,
@@ -260,7 +261,15 @@ def _export_run(
                 from lorakit.export.gguf_export import write_gguf_export
 
                 gguf_parity = write_gguf_export(
-                    run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base, gguf_base_only
+                    run,
+                    loaded,
+                    tmp / "gguf",
+                    gguf_types,
+                    vocab,
+                    say,
+                    merge_base,
+                    gguf_base_only,
+                    quantizer,
                 )
                 write_json(tmp / "gguf" / "parity.json", gguf_parity)
                 (tmp / "gguf" / "README.md").write_text(

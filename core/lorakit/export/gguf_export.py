@@ -25,6 +25,7 @@ import attrs
 from lorakit.export.gguf_spm import choose_space_prefix
 from lorakit.export.gguf_vocab import Vocab, read_vocab
 from lorakit.export.gguf_writer import check_layout, write_gguf
+from lorakit.export.llama_quantize import K_QUANTS, Quantizer, find_quantizer, quantize
 
 
 def preflight(loaded: Any, base_path: str) -> Vocab:
@@ -34,6 +35,38 @@ def preflight(loaded: Any, base_path: str) -> Vocab:
     config = AutoConfig.from_pretrained(base_path)
     check_layout(config)
     return read_vocab(loaded.tokenizer, config.vocab_size, loaded.end_of_turn)
+
+
+def preflight_types(types: Sequence[str]) -> Quantizer | None:
+    """The llama.cpp quantizer when a K-quant is asked for (``RunError`` if there is none)."""
+    return find_quantizer() if any(t in K_QUANTS for t in types) else None
+
+
+def _write_file(
+    model: Any,
+    vocab: Vocab,
+    path: Path,
+    gguf_type: str,
+    quantizer: Quantizer | None,
+    name: str,
+    description: str,
+) -> dict[str, Any]:
+    """Write one GGUF: directly, or for a K-quant an f32 file quantized by llama.cpp."""
+    if gguf_type not in K_QUANTS:
+        return write_gguf(model, vocab, path, gguf_type, name=name, description=description)
+    assert quantizer is not None
+    source = path.with_name(f".{path.stem}.f32-source.gguf")
+    try:
+        info = write_gguf(model, vocab, source, "f32", name=name, description=description)
+        quantize(quantizer, source, path, gguf_type)
+    finally:
+        source.unlink(missing_ok=True)
+    return {
+        **info,
+        "type": gguf_type,
+        "bytes": path.stat().st_size,
+        "quantizer": quantizer.describe(),
+    }
 
 
 def _probe_texts(run: Any, loaded: Any) -> list[str]:
@@ -172,6 +205,7 @@ def write_gguf_export(
     say: Callable[[str], None],
     merge_base: str = "original",
     base_only: bool = False,
+    quantizer: Quantizer | None = None,
 ) -> dict[str, Any]:
     """Write and check every GGUF file into ``folder``; return the ``parity.json`` record.
 
@@ -220,8 +254,8 @@ def write_gguf_export(
             if base_only
             else f"{run.path.name}, fine-tuned with lorakit {__version__}"
         )
-        files[gguf_type] = write_gguf(
-            merged, vocab, path, gguf_type, name=run.path.name, description=description
+        files[gguf_type] = _write_file(
+            merged, vocab, path, gguf_type, quantizer, run.path.name, description
         )
         say(
             f"GGUF written ({path.name}, {files[gguf_type]['bytes'] / 2**20:.1f} MiB); reading it back"
