@@ -342,6 +342,10 @@ LLAMA3_STYLE = (
     "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
     " + m['content'] + '<|eot_id|>' }}{% endfor %}"
 )
+UNKNOWN_STYLE = (
+    "{% for m in messages %}{{ '### ' + m['role'] + ':\n' + m['content'] + '\n\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
 
 
 def test_modelfile_template_translation():
@@ -356,8 +360,10 @@ def test_modelfile_template_translation():
     assert "</s>" in mistral.template and "<s>" not in mistral.template  # llama.cpp adds BOS
     no_bos = translate(_jinja(MISTRAL_STYLE), "<s>", "</s>", add_bos=False)
     assert no_bos.template is not None and "<s>" in no_bos.template
-    other = translate(_jinja(LLAMA3_STYLE), "<s>", "</s>", add_bos=False)
-    assert other.family is None and other.template is None and "neither" in other.reason
+    # Llama 3 headers without the generation prompt: not what Llama 3's template renders
+    assert translate(_jinja(LLAMA3_STYLE), "<s>", "</s>", add_bos=False).family is None
+    other = translate(_jinja(UNKNOWN_STYLE), "<s>", "</s>", add_bos=False)
+    assert other.family is None and other.template is None and "none of" in other.reason
 
 
 def test_untranslatable_template_says_so_in_the_modelfile():
@@ -365,14 +371,14 @@ def test_untranslatable_template_says_so_in_the_modelfile():
 
     text = render_modelfile(
         gguf_file="x-F16.gguf",
-        translation=translate(_jinja(LLAMA3_STYLE), "<s>", "</s>", add_bos=False),
+        translation=translate(_jinja(UNKNOWN_STYLE), "<s>", "</s>", add_bos=False),
         stop_tokens=["<|eot_id|>", "<|end_of_text|>"],
-        chat_template=LLAMA3_STYLE,
+        chat_template=UNKNOWN_STYLE,
         header="test",
     )
     assert "TEMPLATE:" in text and "NOT WRITTEN" in text
     assert "\nTEMPLATE " not in text  # no TEMPLATE instruction at all, only the comment
-    assert "# {% for m in messages %}" in text
+    assert "# {% for m in messages %}{{ '### ' + m['role']" in text
     assert 'PARAMETER stop "<|eot_id|>"\nPARAMETER stop "<|end_of_text|>"' in text
 
 

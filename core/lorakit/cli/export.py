@@ -1,5 +1,5 @@
 """``lorakit export RUN_DIR [--merge] [--merge-base original|dequantized] [--dtype ...]
-[--gguf [--gguf-type f32|f16|q8_0 ...]] [--out DIR] [--overwrite]``."""
+[--gguf [--gguf-type f32|f16|q8_0 ...] [--base-only]] [--out DIR] [--overwrite]``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from lorakit.device import DTYPES
 from lorakit.errors import RunError
 from lorakit.export.merge import MERGE_BASES
 
-GGUF_TYPES = ("f32", "f16", "q8_0")  # lorakit.export.gguf_writer.GGUF_TYPES, without importing gguf
+# lorakit.export.gguf_writer.GGUF_TYPES + llama_quantize.K_QUANTS, without importing gguf
+GGUF_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 
 
 def add_parser(sub) -> None:
@@ -44,7 +45,15 @@ def add_parser(sub) -> None:
         "--gguf-type",
         action="append",
         choices=GGUF_TYPES,
-        help="GGUF weight type (default f16); repeat for several files from one merge",
+        help="GGUF weight type (default f16); repeat for several files from one merge. The "
+        "K-quants q6_k, q5_k_m, q4_k_m need llama.cpp's quantizer (LORAKIT_LLAMA_QUANTIZE or "
+        "llama-quantize on PATH, see docs/export.md)",
+    )
+    p.add_argument(
+        "--base-only",
+        action="store_true",
+        help="with --gguf: write the base model as trained (dequantized for a QLoRA run) instead "
+        "of the merged model, to run with the adapter GGUF (llama.cpp --lora, Ollama ADAPTER)",
     )
     p.add_argument("--out", type=Path, help="export folder (default RUN_DIR/export)")
     p.add_argument(
@@ -63,6 +72,17 @@ def run(args) -> int:
             "--gguf-type chooses the GGUF weight type, but --gguf was not given",
             fix=f"add --gguf: lorakit export {args.run_dir} --gguf --gguf-type {args.gguf_type[0]}",
         )
+    if args.base_only and not args.gguf:
+        raise RunError(
+            "--base-only chooses what the GGUF files hold, but --gguf was not given",
+            fix=f"add --gguf: lorakit export {args.run_dir} --gguf --base-only",
+        )
+    if args.base_only and args.merge_base is not None and not args.merge:
+        raise RunError(
+            "--merge-base chooses what is merged, but --gguf --base-only merges nothing (its "
+            "base is the one the run trained on: dequantized for a quantized run)",
+            fix=f"drop --merge-base: lorakit export {args.run_dir} --gguf --base-only",
+        )
     if args.merge_base is not None and not (args.merge or args.gguf):
         raise RunError(
             "--merge-base chooses what --merge or --gguf merges into, but neither --merge nor "
@@ -79,6 +99,7 @@ def run(args) -> int:
         out=args.out,
         overwrite=args.overwrite,
         gguf_types=tuple(dict.fromkeys(args.gguf_type or ["f16"])) if args.gguf else (),
+        gguf_base_only=args.base_only,
     )
     print(f"adapter: {result.adapter}")
     if result.merged is not None:

@@ -13,6 +13,8 @@
 ``gguf_adapter`` the adapter alone as a GGUF LoRA file
 ``gguf_parity``  a GGUF read back with transformers' loader and compared
 ``modelfile``    the Ollama Modelfile (chat template translated to a Go template, or none)
+``chat_families`` Llama 3, Gemma, Phi-3: reference renderers and Go templates for ``modelfile``
+``llama_quantize`` K-quants by llama.cpp's quantizer (found via LORAKIT_LLAMA_QUANTIZE or PATH)
 
 Nothing here imports torch at module level: ``cli/export.py`` reads ``merge.DTYPES`` for --help.
 """

@@ -7,7 +7,8 @@ Layout of the export folder (``RUN_DIR/export/`` unless ``--out``)::
     merged/             (--merge) config.json, model*.safetensors, tokenizer + chat template,
                         generation_config.json, lorakit.json, README.md
     parity.json         (--merge) merged vs base + adapter, quantized base + adapter vs both
-    gguf/               (--gguf) <run>-<TYPE>.gguf, adapter GGUF, Modelfile, parity.json, README.md
+    gguf/               (--gguf) <run>-<TYPE>.gguf (--base-only: <run>-base-<TYPE>.gguf, the base
+                        as trained), adapter GGUF, Modelfile, parity.json, README.md
     lorakit_export.json marks the folder as a lorakit export (only those are ever replaced)
 
 The export is built in a temporary sibling folder and moved into place when complete, so a
@@ -128,10 +129,12 @@ def export_run(
     out: Path | None = None,
     overwrite: bool = False,
     gguf_types: Sequence[str] = (),
+    gguf_base_only: bool = False,
     say: Callable[[str], None] = console_say,
 ) -> ExportResult:
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
-    merged GGUF files); return the paths. A run a live ``lorakit run`` holds is refused."""
+    merged GGUF files, or with ``gguf_base_only`` GGUF files of the base as trained); return
+    the paths. A run a live ``lorakit run`` holds is refused."""
     with run_at_rest(Path(run_dir)):
         return _export_run(
             Path(run_dir),
@@ -142,6 +145,7 @@ def export_run(
             out=out,
             overwrite=overwrite,
             gguf_types=gguf_types,
+            gguf_base_only=gguf_base_only,
             say=say,
         )
 
@@ -156,6 +160,7 @@ def _export_run(
     out: Path | None,
     overwrite: bool,
     gguf_types: Sequence[str],
+    gguf_base_only: bool,
     say: Callable[[str], None],
 ) -> ExportResult:
     import transformers
@@ -194,11 +199,12 @@ def _export_run(
         meta["system_prompt"] = formatter.system_prompt
     base_path = meta.get("base_model_path") or loaded.ref.path
     meta.setdefault("base_model_path", base_path)
-    vocab = None
+    vocab = quantizer = None
     if gguf_types:
         # Refuse what a GGUF cannot hold (architecture, tokenizer) before loading any weights.
-        from lorakit.export.gguf_export import preflight
+        from lorakit.export.gguf_export import preflight, preflight_types
 
+        quantizer = preflight_types(gguf_types)  # a K-quant without llama.cpp: refused now
         vocab = preflight(loaded, base_path)
     card_inputs: dict[str, Any] = {
         "meta": meta,
@@ -255,7 +261,15 @@ def _export_run(
                 from lorakit.export.gguf_export import write_gguf_export
 
                 gguf_parity = write_gguf_export(
-                    run, loaded, tmp / "gguf", gguf_types, vocab, say, merge_base
+                    run,
+                    loaded,
+                    tmp / "gguf",
+                    gguf_types,
+                    vocab,
+                    say,
+                    merge_base,
+                    gguf_base_only,
+                    quantizer,
                 )
                 write_json(tmp / "gguf" / "parity.json", gguf_parity)
                 (tmp / "gguf" / "README.md").write_text(
@@ -282,6 +296,7 @@ def _export_run(
                     "merged": merge,
                     "dtype": dtype if merge else None,
                     "gguf": list(gguf_types),
+                    "gguf_base_only": gguf_base_only,
                 },
             )
             follow_umask(tmp)  # mkdtemp made it 0700: readable as the user's umask says

@@ -3,6 +3,7 @@
 Writes into the export's ``gguf/`` folder::
 
     <run>-<TYPE>.gguf     the merged model per --gguf-type, tokenizer + chat template + stop ids
+                          (``--base-only``: <run>-base-<TYPE>.gguf, the base as trained)
     <run>-lora-F32.gguf   the adapter alone for llama.cpp's --lora (when the format can hold it)
     Modelfile             Ollama: FROM, TEMPLATE (translated chat template), PARAMETER stop
     parity.json           every file read back and compared; README.md the model card
@@ -24,6 +25,7 @@ import attrs
 from lorakit.export.gguf_spm import choose_space_prefix
 from lorakit.export.gguf_vocab import Vocab, read_vocab
 from lorakit.export.gguf_writer import check_layout, write_gguf
+from lorakit.export.llama_quantize import K_QUANTS, Quantizer, find_quantizer, quantize
 
 
 def preflight(loaded: Any, base_path: str) -> Vocab:
@@ -33,6 +35,38 @@ def preflight(loaded: Any, base_path: str) -> Vocab:
     config = AutoConfig.from_pretrained(base_path)
     check_layout(config)
     return read_vocab(loaded.tokenizer, config.vocab_size, loaded.end_of_turn)
+
+
+def preflight_types(types: Sequence[str]) -> Quantizer | None:
+    """The llama.cpp quantizer when a K-quant is asked for (``RunError`` if there is none)."""
+    return find_quantizer() if any(t in K_QUANTS for t in types) else None
+
+
+def _write_file(
+    model: Any,
+    vocab: Vocab,
+    path: Path,
+    gguf_type: str,
+    quantizer: Quantizer | None,
+    name: str,
+    description: str,
+) -> dict[str, Any]:
+    """Write one GGUF: directly, or for a K-quant an f32 file quantized by llama.cpp."""
+    if gguf_type not in K_QUANTS:
+        return write_gguf(model, vocab, path, gguf_type, name=name, description=description)
+    assert quantizer is not None
+    source = path.with_name(f".{path.stem}.f32-source.gguf")
+    try:
+        info = write_gguf(model, vocab, source, "f32", name=name, description=description)
+        quantize(quantizer, source, path, gguf_type)
+    finally:
+        source.unlink(missing_ok=True)
+    return {
+        **info,
+        "type": gguf_type,
+        "bytes": path.stat().st_size,
+        "quantizer": quantizer.describe(),
+    }
 
 
 def _probe_texts(run: Any, loaded: Any) -> list[str]:
@@ -57,8 +91,87 @@ def _probe_texts(run: Any, loaded: Any) -> list[str]:
     return texts
 
 
-def file_name(run_name: str, gguf_type: str) -> str:
-    return f"{run_name}-{gguf_type.upper()}.gguf"
+def file_name(run_name: str, gguf_type: str, base_only: bool = False) -> str:
+    return f"{run_name}{'-base' if base_only else ''}-{gguf_type.upper()}.gguf"
+
+
+@attrs.frozen
+class Source:
+    """What the GGUF files hold, the logits they are held to, and (base-only) the trained
+    model's logits that the base file + the adapter must reproduce."""
+
+    model: Any
+    report: Any  # ParityReport against the logits of ``model`` in memory
+    trained: list[Any] | None = None
+    trained_report: Any = None
+
+
+def _merged_source(
+    run: Any, loaded: Any, probes: Any, say: Callable[[str], None], merge_base: str
+) -> Source:
+    """The merged fp32 model, exactly as ``--merge`` makes it."""
+    from lorakit.export.merge import _check_tolerance, merge_fp32
+    from lorakit.export.parity import ParityReport, probe_logits
+
+    merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
+    reference = probe_logits(merged, probes)
+    report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
+    row = report.add(
+        "unmerged", first.rows.get("unmerged", {}).get("model", first.reference_label), unmerged
+    )
+    _check_tolerance(row, reference, unmerged)
+    return Source(merged, report)
+
+
+def base_merge_base(loaded: Any) -> str:
+    """The base a run was trained on, in fp32: dequantized when the backend quantizes (the
+    adapter learned to correct exactly those weights), else the original checkpoint."""
+    return "dequantized" if loaded.components.quant.quantizes else "original"
+
+
+def _base_source(run: Any, loaded: Any, probes: Any, say: Callable[[str], None]) -> Source:
+    """The base as trained in fp32, without the adapter; the trained model (that base with the
+    adapter attached, checked against the run's own weights as ``--merge`` checks it) is what
+    the base file + the adapter must reproduce."""
+    from lorakit.export.merge import base_with_adapter_fp32, merge_base_label
+    from lorakit.export.parity import ParityReport, probe_logits
+
+    merge_base = base_merge_base(loaded)
+    model, first, trained = base_with_adapter_fp32(run, loaded, probes, say, merge_base)
+    base = model.unload()  # the adapter layers removed, nothing merged
+    label = f"base as trained ({merge_base_label(merge_base, loaded.recipe)}), in memory"
+    return Source(base, ParityReport(probes, probe_logits(base, probes), label), trained, first)
+
+
+def _check_with_adapter(
+    model: Any, run: Any, probes: Any, source: Source, gguf_type: str
+) -> dict[str, Any]:
+    """Attach the run's adapter to the base read back from the GGUF and compare with the
+    trained model; the f32 file must reproduce it to fp32 noise."""
+    from lorakit.errors import RunError
+    from lorakit.export.parity import FP32_TOLERANCE, max_abs_diff, perplexity, probe_logits
+    from lorakit.modeling import load_adapter
+
+    assert source.trained is not None
+    logits = probe_logits(load_adapter(model, run.adapter, trainable=False), probes)
+    diff = max_abs_diff(source.trained, logits)
+    row = {
+        "reference": source.trained_report.rows.get("unmerged", {}).get(
+            "model", source.trained_report.reference_label
+        ),
+        "max_abs_logit_diff": diff,
+        "ppl": perplexity(logits, probes),
+        "trained_ppl": perplexity(source.trained, probes),
+    }
+    if gguf_type == "f32":
+        row["tolerance"] = {"max_abs": FP32_TOLERANCE}
+        if not diff <= FP32_TOLERANCE:
+            raise RunError(
+                f"the f32 base GGUF read back with the run's adapter differs from the trained "
+                f"model by {diff:.3g} (tolerance {FP32_TOLERANCE:g}); nothing was exported",
+                fix="report this with the run folder; export without --base-only meanwhile",
+            )
+    return row
 
 
 def _adapter_gguf(
@@ -91,8 +204,14 @@ def write_gguf_export(
     vocab: Vocab,
     say: Callable[[str], None],
     merge_base: str = "original",
+    base_only: bool = False,
+    quantizer: Quantizer | None = None,
 ) -> dict[str, Any]:
-    """Write and check every GGUF file into ``folder``; return the ``parity.json`` record."""
+    """Write and check every GGUF file into ``folder``; return the ``parity.json`` record.
+
+    ``base_only``: the files hold the base as trained (dequantized for a quantized run)
+    instead of the merged model; each is also read back with the run's adapter attached and
+    compared with the trained model."""
     import transformers
 
     from lorakit import __version__
@@ -104,9 +223,9 @@ def write_gguf_export(
         read_model,
         read_tokenizer,
     )
-    from lorakit.export.merge import _check_tolerance, merge_base_label, merge_fp32
+    from lorakit.export.merge import merge_base_label
     from lorakit.export.modelfile import jinja_renderer, render_modelfile, translate
-    from lorakit.export.parity import ParityReport, build_probes, probe_logits, split_examples
+    from lorakit.export.parity import build_probes, probe_logits, split_examples
 
     folder.mkdir(parents=True, exist_ok=True)
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
@@ -115,39 +234,46 @@ def write_gguf_export(
         # Before any weights: the space prefix under which llama.cpp splits like training.
         prefix, spm_check = choose_space_prefix(vocab, _probe_texts(run, loaded), loaded.tokenizer)
         vocab = attrs.evolve(vocab, add_space_prefix=prefix)
-    merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
-    reference = probe_logits(merged, probes)
-    report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
-    row = report.add(
-        "unmerged", first.rows.get("unmerged", {}).get("model", first.reference_label), unmerged
-    )
-    _check_tolerance(row, reference, unmerged)
+    if base_only:
+        merge_base = base_merge_base(loaded)
+        source = _base_source(run, loaded, probes, say)
+    else:
+        source = _merged_source(run, loaded, probes, say, merge_base)
+    merged, report = source.model, source.report
+    reference = report.reference
 
     files: dict[str, Any] = {}
     template_check: dict[str, Any] = {}
     tokenizer_check: dict[str, Any] = {}
     translation = None
     for gguf_type in types:
-        path = folder / file_name(run.path.name, gguf_type)
-        description = f"{run.path.name}, fine-tuned with lorakit {__version__}"
-        files[gguf_type] = write_gguf(
-            merged, vocab, path, gguf_type, name=run.path.name, description=description
+        path = folder / file_name(run.path.name, gguf_type, base_only)
+        description = (
+            f"base model of {run.path.name} as trained (lorakit {__version__}); apply "
+            f"{run.path.name}-lora-F32.gguf with --lora"
+            if base_only
+            else f"{run.path.name}, fine-tuned with lorakit {__version__}"
+        )
+        files[gguf_type] = _write_file(
+            merged, vocab, path, gguf_type, quantizer, run.path.name, description
         )
         say(
             f"GGUF written ({path.name}, {files[gguf_type]['bytes'] / 2**20:.1f} MiB); reading it back"
         )
         model = read_model(path, loaded.device)
         logits = probe_logits(model, probes)
-        del model
-        gc.collect()
         row = report.add(
             f"gguf_{gguf_type}",
-            f"GGUF {gguf_type}, read back by transformers",
+            f"GGUF {gguf_type}{' (base)' if base_only else ''}, read back by transformers",
             logits,
             file=path.name,
             argmax_agreement=argmax_agreement(reference, logits),
         )
         check_tolerance(row, gguf_type, reference, report.reference_ppl)
+        if base_only:
+            row["with_adapter"] = _check_with_adapter(model, run, probes, source, gguf_type)
+        del model
+        gc.collect()
         if not tokenizer_check:
             # Every type carries the same tokenizer metadata: check it (and the template) once.
             tokenizer = read_tokenizer(path)
@@ -166,12 +292,14 @@ def write_gguf_export(
                 vocab.add_bos,
             )
     config = merged.config
-    del merged
+    trained_report = source.trained_report
+    del merged, source
     gc.collect()
 
     assert translation is not None
+    adapter = _adapter_gguf(run, config, folder, say)
     stops = [loaded.tokenizer.convert_ids_to_tokens(i) for i in loaded.stop_ids]
-    first_file = file_name(run.path.name, types[0])
+    first_file = file_name(run.path.name, types[0], base_only)
     (folder / "Modelfile").write_text(
         render_modelfile(
             gguf_file=first_file,
@@ -180,16 +308,18 @@ def write_gguf_export(
             chat_template=vocab.chat_template,
             header=f"Ollama Modelfile written by lorakit {__version__} for run {run.path.name}.\n"
             f"ollama create {run.path.name} -f Modelfile",
-            others=[file_name(run.path.name, t) for t in types[1:]],
+            others=[file_name(run.path.name, t, base_only) for t in types[1:]],
+            adapter=adapter["file"] if base_only and adapter["written"] else None,
         ),
         encoding="utf-8",
     )
     if translation.template is None:
         say(f"warning: Modelfile has no TEMPLATE: {translation.reason} (see the comment in it)")
-    adapter = _adapter_gguf(run, config, folder, say)
+    if base_only and not adapter["written"]:
+        say(f"warning: the base GGUF has no adapter GGUF to go with it: {adapter['reason']}")
     for line in report.lines():
         say(line)
-    return {
+    record = {
         **report.to_json(),
         "merge_base": merge_base_label(merge_base, loaded.recipe),
         "reader": f"transformers {transformers.__version__} (gguf_file= loader)",
@@ -199,3 +329,8 @@ def write_gguf_export(
         "stop_tokens": stops,
         "adapter_gguf": adapter,
     }
+    if base_only:
+        assert trained_report is not None
+        record["base_only"] = True
+        record["trained"] = trained_report.to_json()
+    return record

@@ -42,6 +42,10 @@ TOLERANCES = {
     "f32": Tolerance(max_abs=FP32_TOLERANCE),
     "f16": Tolerance(max_rel=0.01, ppl_rel=0.005),
     "q8_0": Tolerance(max_rel=0.1, ppl_rel=0.03),
+    # llama.cpp's K-quants (llama_quantize); measured in docs/export.md
+    "q6_k": Tolerance(max_rel=0.15, ppl_rel=0.05),
+    "q5_k_m": Tolerance(max_rel=0.25, ppl_rel=0.08),
+    "q4_k_m": Tolerance(max_rel=0.4, ppl_rel=0.15),
 }
 
 

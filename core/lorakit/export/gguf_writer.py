@@ -21,7 +21,7 @@ from lorakit.errors import ModelError, RunError
 from lorakit.export.gguf_vocab import Vocab, add_vocab
 from lorakit.progress import enabled as progress_bars
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0")  # written here; K-quants: llama_quantize, from an f32 file
 # transformers model_type -> llama.cpp architecture
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType values

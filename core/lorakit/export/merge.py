@@ -160,6 +160,19 @@ def merge_fp32(
 ) -> tuple[Any, Any, list[Any]]:
     """Load the fp32 merge base with the adapter, measure it, merge; return (merged model,
     parity report against the reference, logits of the unmerged fp32 model)."""
+    model, report, unmerged = base_with_adapter_fp32(run, loaded, probes, say, merge_base)
+    return merge_adapter(model), report, unmerged
+
+
+def base_with_adapter_fp32(
+    run: Any,
+    loaded: Any,
+    probes: Any,
+    say: Callable[[str], None],
+    merge_base: str = "original",
+) -> tuple[Any, Any, list[Any]]:
+    """The fp32 base ``merge_base`` names with the adapter attached, unmerged, checked against
+    the reference; return (peft model, parity report, its probe logits)."""
     import torch
 
     from lorakit.export.parity import ParityReport, probe_logits
@@ -207,7 +220,7 @@ def merge_fp32(
         model.eval()
         unmerged = probe_logits(model, probes)
         report = ParityReport(probes, unmerged, "fp32 unquantized base + adapter (unmerged)")
-    return merge_adapter(model), report, unmerged
+    return model, report, unmerged
 
 
 def _as_trained_logits(loaded: Any, run: Any, probes: Any) -> list[Any]:

@@ -117,6 +117,14 @@ def _gguf_use(parity: Mapping[str, Any]) -> list[str]:
         else "Ollama TEMPLATE: **not translated** (see the comment in `Modelfile`).",
     ]
     adapter = parity.get("adapter_gguf") or {}
+    if parity.get("base_only"):
+        out += [
+            "",
+            f"**Base model only** ({parity.get('merge_base')}): these files hold the base the run "
+            "was trained on, not the fine-tuned model. Apply the adapter: "
+            f"`llama-cli -m {first} --lora {adapter.get('file', '<adapter>.gguf')}` (the "
+            "Modelfile's `ADAPTER` line does this for Ollama).",
+        ]
     if adapter.get("written"):
         out.append(
             f"Adapter alone: `{adapter['file']}` for `llama-cli -m BASE.gguf --lora {adapter['file']}`"

@@ -2,20 +2,20 @@
 
 Ollama templates are Go templates, not Jinja, so the run's chat template has to be translated.
 lorakit does not parse Jinja: it recognises a template by what it renders. Each known family
-(ChatML, Mistral ``[INST]``) has a reference renderer here and a Go template; a family is
+(ChatML, Mistral ``[INST]`` here; Llama 3, Gemma, Phi-3 in ``chat_families``) has a reference
+renderer and a Go template; a family is
 chosen only when the run's template renders every probe conversation exactly like the
 reference. Anything else gets no TEMPLATE line and a comment saying so, never a guess.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
-Conversation = Sequence[tuple[str, str]]
-Render = Callable[[Conversation, bool], str]
+from lorakit.export.chat_families import FAMILIES, Conversation, Refused, Render, go_template
 
 _PROBES: tuple[Conversation, ...] = (
     (("user", "Hi there"),),
@@ -44,7 +44,7 @@ MISTRAL_GO = """{{- $system := "" }}
 
 @attrs.frozen
 class Translation:
-    family: str | None  # "chatml", "mistral_inst" or None (not translatable)
+    family: str | None  # "chatml", "mistral_inst", a chat_families name, or None
     template: str | None  # the Go template
     system: str | None  # a default system prompt the Jinja template inserts
     reason: str = ""  # why there is no template
@@ -89,16 +89,25 @@ def _default_system(render_jinja: Render) -> str | None:
 
 
 def _matches(render_jinja: Render, reference: Render) -> bool:
+    """Every probe renders the same, or is refused by both (Gemma 2 refuses a system turn)."""
+    refusals = checks = 0
     for conv in _PROBES:
         for generation_prompt in (False, True):
             if conv[-1][0] == "assistant" and generation_prompt:
                 continue
+            checks += 1
             try:
-                if render_jinja(conv, generation_prompt) != reference(conv, generation_prompt):
-                    return False
-            except Exception:  # the template rejects a probe (roles, alternation): not this family
+                want = reference(conv, generation_prompt)
+            except Refused:
+                want = None
+                refusals += 1
+            try:
+                got = render_jinja(conv, generation_prompt)
+            except Exception:  # the template rejects a probe (roles, alternation)
+                got = None
+            if got != want:
                 return False
-    return True
+    return refusals < checks  # a family that refuses every probe proves nothing
 
 
 def translate(render_jinja: Render, bos: str, eos: str, add_bos: bool) -> Translation:
@@ -116,8 +125,15 @@ def translate(render_jinja: Render, bos: str, eos: str, add_bos: bool) -> Transl
             if _matches(render_jinja, _mistral(start, eos, lead)):
                 go = MISTRAL_GO.replace("{EOS}", eos).replace("{BOS}", "" if add_bos else start)
                 return Translation("mistral_inst", go.replace("{LEAD}", lead), None)
+    for family in FAMILIES:
+        for start in ("", bos):  # without a BOS first: Phi-3's template writes none
+            if any(_matches(render_jinja, ref) for ref in family.variants(start, eos)):
+                return Translation(family.name, go_template(family, "" if add_bos else start), None)
     return Translation(
-        None, None, None, "it renders neither ChatML nor Mistral [INST] conversations exactly"
+        None,
+        None,
+        None,
+        "it renders none of ChatML, Mistral [INST], Llama 3, Gemma or Phi-3 conversations exactly",
     )
 
 
@@ -147,11 +163,18 @@ def render_modelfile(
     chat_template: str | None,
     header: str,
     others: Sequence[str] = (),
+    adapter: str | None = None,
 ) -> str:
-    """The Modelfile text; ``others`` are sibling GGUF files (other types) to mention."""
+    """The Modelfile text; ``others`` are sibling GGUF files (other types) to mention,
+    ``adapter`` a LoRA GGUF that Ollama applies on top of ``gguf_file`` (a base-only export)."""
     lines = [*_comment(header), "", f"FROM ./{gguf_file}"]
     if others:
         lines.append(f"# other types in this folder: {', '.join(others)} (change FROM to use one)")
+    if adapter is not None:
+        lines += [
+            "# the run's LoRA adapter, applied by Ollama on top of the base above",
+            f"ADAPTER ./{adapter}",
+        ]
     if translation.template is not None:
         lines += ["", f"# TEMPLATE: the run's chat template ({translation.family}), in Go syntax"]
         lines.append(f'TEMPLATE """{translation.template}"""')
