@@ -234,3 +234,11 @@ def test_a_run_records_its_system_prompt_and_generate_uses_it(tmp_path, tiny_mod
     assert code == 0 and "system prompt as trained" in err, err
     code, out, err = cli("generate", run, "--prompt", "hi", "--max-new-tokens", "2", "--system", "")
     assert code == 0 and "system prompt as trained" not in err, err
+
+    # the export's Modelfile gives Ollama the system prompt trained with, not the base's
+    code, _, err = cli("export", run, "--gguf", "--gguf-type", "f32")
+    assert code == 0, err
+    modelfile = (run / "export" / "gguf" / "Modelfile").read_text()
+    assert 'SYSTEM """Answer in JSON."""' in modelfile, modelfile
+    merged_meta = json.loads((run / "export" / "adapter" / "lorakit.json").read_text())
+    assert merged_meta["system_prompt"] == "Answer in JSON."
