@@ -240,10 +240,10 @@ def load_adapter(model: Any, adapter_dir: Path, *, trainable: bool = False) -> A
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def start_adapter_dir(recipe: Any, ref: ModelRef) -> Path | None:
+def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
     """``train.from_adapter``, resolved: a run folder's ``adapter/`` or an adapter folder
-    (relative to the recipe file), checked to exist and to have been trained on this base
-    model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
+    (relative to the recipe file), checked to exist and (with ``ref``) to have been trained on
+    this base model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
     import json
 
     spec = recipe.train.from_adapter
@@ -260,9 +260,10 @@ def start_adapter_dir(recipe: Any, ref: ModelRef) -> Path | None:
             "(with adapter_config.json); the path is relative to the recipe file",
         )
     meta_file = folder / "lorakit.json"
-    if meta_file.is_file():
+    if ref is not None and meta_file.is_file():
         trained_on = json.loads(meta_file.read_text(encoding="utf-8")).get("base_model_path")
-        if trained_on and Path(trained_on).exists() and Path(trained_on) != Path(ref.path):
+        same = not trained_on or not Path(trained_on).exists() or not Path(ref.path).exists()
+        if not same and Path(trained_on).resolve() != Path(ref.path).resolve():
             raise RunError(
                 f"train.from_adapter: {folder} was trained on {trained_on}, this recipe's "
                 f"model is {ref.path}",

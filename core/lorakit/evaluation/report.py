@@ -18,6 +18,13 @@ from lorakit.rundir import write_json
 from lorakit.safe_files import write_text
 
 SAMPLES_IN_REPORT = 5
+# the preference metrics of a pair evaluation (not plugins): how each is shown
+PREFERENCE_KINDS = {
+    "pref_accuracy": "generation",
+    "pref_margin": "loss",
+    "reward_accuracy": "generation",
+    "reward_margin": "loss",
+}
 
 
 def fmt(value: float | None, kind: str) -> str:
@@ -35,22 +42,31 @@ def write_outputs(
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
     seconds: float,
+    *,
+    start: Sequence[SplitResult] | None = None,
 ) -> Path:
+    """``start``: a preference run's starting adapter (``train.from_adapter``), scored too;
+    its results say ``"role": "start"``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for label, group in (("base", base), ("tuned", tuned)):
+    for label, group in (("base", base), ("start", start), ("tuned", tuned)):
         for res in group or []:
-            results.append(
-                {
-                    "model": info["model"],
-                    "adapter": info["adapter"] if label == "tuned" else None,
-                    "split": res.split,
-                    "metrics": res.metrics,
-                    "counts": res.counts,
-                }
-            )
+            entry = {
+                "model": info["model"],
+                "adapter": info["adapter"] if label == "tuned" else None,
+                "split": res.split,
+                "metrics": res.metrics,
+                "counts": res.counts,
+            }
+            if label == "start":
+                entry.update(adapter=info.get("start_adapter"), role="start")
+            results.append(entry)
     kinds = {name: m.kind for name, m in metrics.items()}
     higher = {name: bool(m.higher_is_better) for name, m in metrics.items()}
+    seen = {name for r in results for name in r["metrics"]}
+    for name, kind in PREFERENCE_KINDS.items():  # shares as points, margins as numbers
+        if name in seen:
+            kinds[name], higher[name] = kind, True
     report = {
         **info,
         "metric_kinds": kinds,
