@@ -134,8 +134,10 @@ def test_a_preference_adapter_exports_and_merges(tmp_path, pairs_recipe, cli):
         "run", pairs_recipe, 'train.objective="simpo"', "output.name=s", "train.max_steps=2"
     )
     assert code == 0, err
-    code, out, err = cli("export", tmp_path / "runs" / "s", "--merge")
+    code, _out, err = cli("export", tmp_path / "runs" / "s", "--merge")
     assert code == 0, err
+    merged = list((tmp_path / "runs" / "s").glob("**/model*.safetensors"))
+    assert merged, "the merged model is written"
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(tmp_path / "runs" / "s" / "adapter")).r == 4
