@@ -109,7 +109,8 @@ def example_problem(example: Any) -> str | None:
     string), roles alternating user/assistant after an optional first system message, with at
     least one assistant turn; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
     whose ``split`` is train/val/test or absent, ``tags`` a list of strings, ``source`` a string
-    and ``chunkable`` a bool.
+    and ``chunkable`` a bool. A preference pair's ``rejected`` is one assistant ``Message``,
+    non-empty and not the chosen turn (the last of ``messages``).
     """
     if not isinstance(example, Example):
         return f"yielded a {type(example).__name__}, not a lorakit Example"
