@@ -67,6 +67,45 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` preference_jsonl pairs on the chat task: the correct JSON is chosen, a near miss
+    (another quantity or color) rejected."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        c, it, q = rng.choice(COLORS), rng.choice(ITEMS), rng.randint(1, 9)
+        good = {"item": it, "color": c, "qty": q}
+        bad = dict(good)
+        if rng.random() < 0.5:
+            bad["qty"] = q % 9 + 1
+        else:
+            bad["color"] = COLORS[(COLORS.index(c) + 1) % len(COLORS)]
+        out.append(
+            {
+                "id": f"p{i}",
+                "prompt": [{"role": "user", "content": f"Extract: I bought {q} {c} {it}s."}],
+                "chosen": json.dumps(good),
+                "rejected": json.dumps(bad),
+            }
+        )
+    return out
+
+
+def with_preference_source(monkeypatch: Any) -> Any:
+    """Make the default catalog hold the ``preference_jsonl`` source: through its entry point
+    when the installed metadata has it, else by registering its module (a checkout whose venv
+    was installed before the plugin existed). Returns the catalog."""
+    from lorakit import catalog
+
+    built = catalog.build_catalog(catalog.make_manager())
+    if "preference_jsonl" not in built.entries["source"]:
+        import lorakit_plugins.sources.preference_jsonl as module
+
+        built = catalog.build_catalog(catalog.make_manager([module]))
+    monkeypatch.setattr(catalog, "_DEFAULT", built)
+    return built
+
+
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

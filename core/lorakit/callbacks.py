@@ -189,6 +189,9 @@ def step_line() -> Any:
                     parts.append(f"lr {float(logs['learning_rate']):.3g}")
                 if logs.get("grad_norm") is not None:
                     parts.append(f"grad_norm {float(logs['grad_norm']):.3g}")
+                if "rewards/accuracies" in logs:  # a preference objective
+                    parts.append(f"reward acc {float(logs['rewards/accuracies']):.2f}")
+                    parts.append(f"margin {float(logs['rewards/margins']):.3g}")
                 now, seen = time.time(), state.num_input_tokens_seen
                 if self.last is not None and now > self.last[0] and seen > self.last[1]:
                     parts.append(f"{(seen - self.last[1]) / (now - self.last[0]):,.0f} tokens/s")

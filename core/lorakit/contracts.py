@@ -28,12 +28,27 @@ class Example:
 
     Exactly one of ``messages`` (a conversation) or ``text`` (raw completion text) is set.
     ``meta`` holds ``source`` (where it came from: file and line), ``tags`` and optional ``split``.
+
+    A preference pair is a conversation whose last message is the *chosen* assistant turn, with
+    ``rejected`` set: the assistant turn that loses against it after the same prompt
+    (``messages[:-1]``). SFT trains on ``messages`` (the chosen side) as on any conversation.
     """
 
     id: str
     messages: tuple[Message, ...] | None = None
     text: str | None = None
     meta: Mapping[str, Any] = attrs.field(factory=dict)
+    rejected: tuple[Message, ...] | None = None
+
+    @property
+    def prompt(self) -> tuple[Message, ...]:
+        """The conversation before its last turn (a pair's shared prompt)."""
+        return (self.messages or ())[:-1]
+
+    @property
+    def rejected_messages(self) -> tuple[Message, ...] | None:
+        """The whole rejected conversation: the prompt, then the rejected turn."""
+        return None if self.rejected is None else (*self.prompt, *self.rejected)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id}
@@ -41,6 +56,8 @@ class Example:
             out["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
         if self.text is not None:
             out["text"] = self.text
+        if self.rejected is not None:
+            out["rejected"] = [{"role": m.role, "content": m.content} for m in self.rejected]
         out["meta"] = dict(self.meta)
         return out
 

@@ -238,3 +238,36 @@ def load_adapter(model: Any, adapter_dir: Path, *, trainable: bool = False) -> A
 
     check_adapter_dir(adapter_dir)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
+    """``train.from_adapter``, resolved: a run folder's ``adapter/`` or an adapter folder
+    (relative to the recipe file), checked to exist and (with ``ref``) to have been trained on
+    this base model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
+    import json
+
+    spec = recipe.train.from_adapter
+    if spec is None:
+        return None
+    folder = Path(spec).expanduser()
+    folder = folder if folder.is_absolute() else recipe.recipe_dir / folder
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        folder = folder / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise RunError(
+            f"train.from_adapter = {spec!r}: {folder} holds no adapter",
+            fix="point it at a finished run folder (runs/NAME) or an adapter folder "
+            "(with adapter_config.json); the path is relative to the recipe file",
+        )
+    meta_file = folder / "lorakit.json"
+    if ref is not None and meta_file.is_file():
+        trained_on = json.loads(meta_file.read_text(encoding="utf-8")).get("base_model_path")
+        same = not trained_on or not Path(trained_on).exists() or not Path(ref.path).exists()
+        if not same and Path(trained_on).resolve() != Path(ref.path).resolve():
+            raise RunError(
+                f"train.from_adapter: {folder} was trained on {trained_on}, this recipe's "
+                f"model is {ref.path}",
+                fix="use the [model] the adapter was trained on",
+            )
+    check_adapter_dir(folder)
+    return folder

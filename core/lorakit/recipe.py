@@ -120,7 +120,7 @@ class Recipe:
             "format": self.format.to_plain(),
             "quant": self.quant.to_plain(),
             "peft": self.peft.to_plain(),
-            "train": to_plain(self.train),
+            "train": self.train.plain(),
             "eval": to_plain(self.eval),
             "output": {**to_plain(self.output), "name": self.name},
             "log": to_plain(self.log),

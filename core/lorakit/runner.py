@@ -17,6 +17,7 @@ from lorakit import __version__, distributed
 from lorakit.components import Components
 from lorakit.console import note_other_version, say
 from lorakit.contracts import HasSystemPrompt, ModelRef
+from lorakit.data.pairs import tokenize_pairs
 from lorakit.data.pipeline import (
     DataReport,
     Splits,
@@ -26,7 +27,6 @@ from lorakit.data.pipeline import (
     tokenize_examples,
     write_splits,
 )
-from lorakit.data.tokenize import Tokenized
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
@@ -98,8 +98,8 @@ class RunData:
     ref: ModelRef
     tokenizer: Any
     end_of_turn: str
-    train_rows: list[Tokenized]
-    val_rows: list[Tokenized]
+    train_rows: list[Any]  # Tokenized rows (SFT) or PairRows (a preference objective)
+    val_rows: list[Any]
     batch: dict[str, Any]  # distributed.batch_plan
     system_prompt: str | None = None  # the one every training conversation had (fidelity.py)
 
@@ -156,12 +156,10 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
     tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
     overlength = recipe.data.overlength
-    train_rows = tokenize_examples(
-        splits.train, formatter, tokenizer, t.max_length, overlength, report
-    )
-    val_rows = tokenize_examples(
-        splits.val, formatter, tokenizer, t.max_length, overlength, DataReport()
-    )
+    # SFT: one row per example; a preference objective: one pair of rows (chosen, rejected)
+    tokenize: Any = tokenize_examples if t.objective == "sft" else tokenize_pairs
+    train_rows = tokenize(splits.train, formatter, tokenizer, t.max_length, overlength, report)
+    val_rows = tokenize(splits.val, formatter, tokenizer, t.max_length, overlength, DataReport())
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
@@ -186,7 +184,7 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
         end_of_turn=formatter.end_of_turn(tokenizer),
         train_rows=train_rows,
         val_rows=val_rows,
-        batch=distributed.batch_plan(t, world_size(), [len(r.input_ids) for r in train_rows]),
+        batch=distributed.batch_plan(t, world_size(), [row_length(r) for r in train_rows]),
         system_prompt=system,
     )
 
@@ -238,7 +236,9 @@ def claim_run(
                     "val": len(data.val_rows),
                     "test": len(data.splits.test),
                 },
-                "supervised_share": supervised_share(data.train_rows),
+                "supervised_share": supervised_share(
+                    [getattr(r, "chosen", r) for r in data.train_rows]  # a pair's chosen side
+                ),
             },
         )
         # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
@@ -262,7 +262,12 @@ def load_for_training(
     LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
     then given a freshly initialised adapter (a resumed run's weights load in ``train``)."""
     from lorakit.device import configure_threads, return_freed_memory
-    from lorakit.modeling import attach_new_adapter, load_base_model
+    from lorakit.modeling import (
+        attach_new_adapter,
+        load_adapter,
+        load_base_model,
+        start_adapter_dir,
+    )
 
     cpu = device == "cpu"
     threads = configure_threads(recipe.train.threads) if cpu else None
@@ -276,7 +281,12 @@ def load_for_training(
     )
     model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
     model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    model = attach_new_adapter(model, components.peft, recipe.train.seed)
+    start_adapter = start_adapter_dir(recipe, data.ref)
+    if start_adapter is None:
+        model = attach_new_adapter(model, components.peft, recipe.train.seed)
+    else:  # its own LoRA shape, trainable; [peft] is not used
+        say(f"starting from the adapter in {start_adapter} (its own LoRA settings)")
+        model = load_adapter(model, start_adapter, trainable=True)
     if cpu:
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost;
         # and each LoRA layer's step as one autograd node in the compute dtype (fused_lora.py).
@@ -308,16 +318,31 @@ def train(
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
     from lorakit.training import build_trainer, engine, planned_steps
 
-    trainer = build_trainer(
-        recipe,
-        tm.model,
-        data.train_rows,
-        data.val_rows,
-        run.checkpoints,
-        loggers,
-        tm.device,
-        tm.compute_dtype,
-    )
+    if recipe.train.objective == "sft":
+        trainer = build_trainer(
+            recipe,
+            tm.model,
+            data.train_rows,
+            data.val_rows,
+            run.checkpoints,
+            loggers,
+            tm.device,
+            tm.compute_dtype,
+        )
+    else:  # pairs; DPO's reference log-probabilities first, from the untrained adapter
+        from lorakit.preference_training import build_preference_trainer
+
+        trainer = build_preference_trainer(
+            recipe,
+            tm.model,
+            data.train_rows,
+            data.val_rows,
+            reference_for(recipe, tm, data),
+            run.checkpoints,
+            loggers,
+            tm.device,
+            tm.compute_dtype,
+        )
     running = engine(trainer)
     if running:  # what accelerate really runs: FSDP asked for on a CPU would say DDP here
         say(f"engine: {running}")
@@ -336,6 +361,29 @@ def train(
         ):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
+
+
+def reference_for(
+    recipe: Recipe, tm: TrainingModel, data: RunData
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]] | None:
+    """DPO's reference: every train and val pair's log-probabilities under the model as it
+    starts (the base, or the ``from_adapter`` it starts from), once, before training; None for
+    the reference-free objectives."""
+    from lorakit.preference import Objective, reference_logps
+
+    if not Objective.from_train(recipe.train).needs_reference:
+        return None
+    size = recipe.train.per_device_eval_batch_size
+    say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
+    return (
+        reference_logps(tm.model, data.train_rows, size, tm.device),
+        reference_logps(tm.model, data.val_rows, size, tm.device),
+    )
+
+
+def row_length(row: Any) -> int:
+    """Tokens of a training row: an SFT example's, or both sides of a pair."""
+    return int(row.length) if hasattr(row, "length") else len(row.input_ids)
 
 
 def save_trained_adapter(

@@ -15,6 +15,22 @@ from attrs import validators as v
 
 from lorakit.options import option
 
+Objective = Literal["sft", "dpo", "orpo", "simpo"]
+
+# The [train] keys of preference tuning, and the objectives each one is used by. An SFT recipe
+# records none of them (resolved.json and the config hash of an SFT run are what they were
+# before preference tuning existed); ``from_adapter`` is recorded whenever it is set.
+PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
+    "objective": ("dpo", "orpo", "simpo"),
+    "beta": ("dpo", "simpo"),
+    "loss_type": ("dpo",),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "orpo_lambda": ("orpo",),
+}
+# beta's default for each objective that uses it (DPO: TRL's 0.1; SimPO: the paper's 2.0)
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
@@ -163,7 +179,53 @@ class TrainSection:
         validator=v.ge(0),
     )
 
+    objective: Objective = option(
+        "sft",
+        doc="what the adapter learns: sft (imitate the assistant turns), or from preference "
+        "pairs: dpo, orpo or simpo (docs/preference.md)",
+    )
+    beta: float | None = option(
+        None,
+        doc="dpo: strength of the pull towards the reference (default 0.1; lower drifts "
+        "further); simpo: reward scale (default 2.0)",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = option(
+        "sigmoid", doc="dpo: sigmoid (the DPO paper), ipo (length-normalized squared) or hinge"
+    )
+    label_smoothing: float = option(
+        0.0,
+        doc="dpo (sigmoid) and simpo: assumed share of mislabeled pairs (conservative DPO), 0 to 0.5",
+        validator=[_finite, v.ge(0.0), v.lt(0.5)],
+    )
+    simpo_gamma: float = option(
+        0.5, doc="simpo: target reward margin between chosen and rejected", validator=_finite
+    )
+    orpo_lambda: float = option(
+        0.1,
+        doc="orpo: weight of the odds-ratio term next to the NLL of the chosen answer",
+        validator=[_finite, v.gt(0.0)],
+    )
+    from_adapter: str | None = option(
+        None,
+        doc="start from this adapter (an SFT run folder, or its adapter/ folder; relative to "
+        "the recipe file) instead of a fresh one; with dpo it is also the reference model",
+    )
+
     def __attrs_post_init__(self) -> None:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"train.beta must be a number above 0, got {self.beta}")
+        if self.beta is None and self.objective in DEFAULT_BETA:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.objective])
+        defaults = {f.name: f.default for f in attrs.fields(type(self))}
+        for key, used_by in PREFERENCE_KEYS.items():
+            value = getattr(self, key)
+            unused = self.objective not in used_by
+            if key != "objective" and value not in (defaults[key], None) and unused:
+                raise ValueError(
+                    f"train.{key} = {value!r} is not used by objective = "
+                    f"{self.objective!r} (only by {', '.join(used_by)}); remove it or "
+                    f"set train.objective"
+                )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be a positive number of steps, or -1 for epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
@@ -171,6 +233,19 @@ class TrainSection:
                 f"num_train_epochs must be above 0 when max_steps is -1, got "
                 f"{self.num_train_epochs}; set num_train_epochs > 0 or max_steps > 0"
             )
+
+    def plain(self) -> dict[str, object]:
+        """The section as resolved.json records it: an SFT section without the preference keys
+        (``from_adapter`` only when set), so SFT runs hash as they always did."""
+        from lorakit.options import to_plain
+
+        out = to_plain(self)
+        if self.objective == "sft":
+            for key in PREFERENCE_KEYS:
+                out.pop(key)
+        if self.from_adapter is None:
+            out.pop("from_adapter")
+        return out
 
 
 @attrs.frozen

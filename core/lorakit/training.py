@@ -116,7 +116,10 @@ def make_trainer_class() -> Any:
             from lorakit.packing import TokenBudgetBatches
 
             data = self.train_dataset
-            lengths = [len(row["input_ids"]) for row in data]  # type: ignore[union-attr]
+            lengths = [  # a preference pair's row says its length (both sides)
+                row["length"] if "length" in row else len(row["input_ids"])
+                for row in data  # type: ignore[union-attr]
+            ]
             batches = TokenBudgetBatches(lengths, self._token_budget, self.args.seed)
             loader = DataLoader(
                 data,  # type: ignore[arg-type]
@@ -226,7 +229,38 @@ def build_trainer(
     device: str,
     compute_dtype: Any,
 ) -> Any:
-    args = training_args(recipe, output_dir, device, compute_dtype, has_eval=bool(eval_rows))
+    return finish_trainer(
+        make_trainer_class(),
+        recipe,
+        model,
+        RowDataset(train_rows),
+        RowDataset(eval_rows) if eval_rows else None,
+        pack,
+        output_dir,
+        loggers,
+        device,
+        compute_dtype,
+    )
+
+
+def finish_trainer(
+    trainer_class: Any,
+    recipe: Recipe,
+    model: Any,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    collator: Any,
+    output_dir: Path,
+    loggers: Loggers,
+    device: str,
+    compute_dtype: Any,
+    **extra: Any,
+) -> Any:
+    """A trainer of ``trainer_class`` (SFT's, or the preference one) with lorakit's arguments,
+    callbacks and batches."""
+    args = training_args(
+        recipe, output_dir, device, compute_dtype, has_eval=eval_dataset is not None
+    )
     if args.n_gpu > 1:
         # Without torchrun the Trainer would wrap the model in nn.DataParallel, which splits a
         # packed row (and its boundaries) across GPUs. One process per GPU is the way to use more.
@@ -234,13 +268,12 @@ def build_trainer(
     from lorakit.rank_trace import RankTrace
 
     trace = RankTrace.from_env()
-    trainer_class = make_trainer_class()
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=RowDataset(train_rows),
-        eval_dataset=RowDataset(eval_rows) if eval_rows else None,
-        data_collator=pack,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
         callbacks=[
             *make_callbacks(loggers, keep=recipe.train.save_total_limit),
             *([trace] if trace else []),
@@ -250,6 +283,7 @@ def build_trainer(
         token_budget=recipe.train.per_device_train_batch_size * recipe.train.max_length
         if recipe.train.packing
         else 0,
+        **extra,
     )
     if args.disable_tqdm:  # no bar (logs, CI): a readable line instead of a dict per step
         from transformers.trainer_callback import PrinterCallback

@@ -111,6 +111,8 @@ def run(args) -> int:
         print(printable(f"  system prompt (generate and export use it by default): {system!r}"))
     elif system_note:
         print(f"  note: {system_note}")
+    if recipe.train.objective != "sft":
+        _print_pairs(splits, formatter, tokenizer, recipe)
     if args.show:
         color = sys.stdout.isatty()
         legend = "green" if color else "[[...]]"
@@ -137,6 +139,23 @@ def _kept_training_rows(train, formatter, tokenizer, recipe) -> int:
         len(apply_overlength(pieces, rows, t.max_length, "drop", report))
         for pieces, rows in iter_tokenized(train, formatter, tokenizer, t.max_length, report)
     )
+
+
+def _print_pairs(splits, formatter, tokenizer, recipe) -> None:
+    """Pairs per split, as ``run`` keeps them, with their lengths and what was dropped."""
+    from lorakit.data.pairs import pair_lines, tokenize_pairs
+
+    t = recipe.train
+    print(f"preference pairs (objective {t.objective}):")
+    for name in ("train", "val", "test"):
+        report = DataReport()
+        rows = tokenize_pairs(
+            splits.get(name), formatter, tokenizer, t.max_length, recipe.data.overlength, report
+        )
+        for line in pair_lines(rows, name):
+            print(f"  {line}")
+        for reason, n in sorted(report.dropped.items()):
+            print(f"  {name}: dropped {n} pairs: {reason}")
 
 
 def _print_launch(result: tuple[str, list[str]]) -> None:

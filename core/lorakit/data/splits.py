@@ -27,7 +27,10 @@ __all__ = [
 def content_key(example: Example) -> str:
     """A fingerprint of what the model sees (not the id, not the meta)."""
     body = example.to_json()
-    blob = json.dumps({"messages": body.get("messages"), "text": body.get("text")}, sort_keys=True)
+    seen = {"messages": body.get("messages"), "text": body.get("text")}
+    if "rejected" in body:  # a pair: the same chosen side with another rejected one differs
+        seen["rejected"] = body["rejected"]
+    blob = json.dumps(seen, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

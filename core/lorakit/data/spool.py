@@ -37,6 +37,9 @@ def example_from_json(record: dict[str, Any]) -> Example:
         else tuple(Message(m["role"], m["content"]) for m in messages),
         text=record.get("text"),
         meta=record.get("meta", {}),
+        rejected=None
+        if record.get("rejected") is None
+        else tuple(Message(m["role"], m["content"]) for m in record["rejected"]),
     )
 
 

@@ -109,7 +109,8 @@ def example_problem(example: Any) -> str | None:
     string), roles alternating user/assistant after an optional first system message, with at
     least one assistant turn; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
     whose ``split`` is train/val/test or absent, ``tags`` a list of strings, ``source`` a string
-    and ``chunkable`` a bool.
+    and ``chunkable`` a bool. A preference pair's ``rejected`` is one assistant ``Message``,
+    non-empty and not the chosen turn (the last of ``messages``).
     """
     if not isinstance(example, Example):
         return f"yielded a {type(example).__name__}, not a lorakit Example"
@@ -127,7 +128,34 @@ def example_problem(example: Any) -> str | None:
         return f"text is a {type(example.text).__name__}, not a string"
     elif not _encodable(example.text):
         return "text is not valid Unicode (a lone surrogate)"
+    if example.rejected is not None:
+        problem = _rejected_problem(example)
+        if problem:
+            return problem
     return _meta_problem(example.meta)
+
+
+def _rejected_problem(example: Example) -> str | None:
+    """A pair: ``messages`` ends with the chosen assistant turn, ``rejected`` is one assistant
+    turn, non-empty, and not the chosen one."""
+    if example.messages is None:
+        return "rejected is set on a text example; a pair is a conversation"
+    rejected = example.rejected
+    if not isinstance(rejected, tuple) or len(rejected) != 1:
+        return "rejected must be a tuple of one Message (the rejected assistant turn)"
+    turn = rejected[0]
+    if not isinstance(turn, Message) or turn.role != "assistant":
+        return "rejected[0] must be an assistant Message"
+    if not isinstance(turn.content, str) or not _encodable(turn.content):
+        return "rejected[0].content must be valid Unicode text"
+    chosen = example.messages[-1]
+    if chosen.role != "assistant":
+        return "a pair's messages must end with the chosen assistant turn"
+    if not turn.content.strip() or not chosen.content.strip():
+        return "a pair's chosen and rejected turns must both hold text"
+    if turn.content == chosen.content:
+        return "a pair's chosen and rejected turns are identical (nothing to prefer)"
+    return None
 
 
 def describe_record(example: Any) -> str:

@@ -46,6 +46,7 @@ def _key(report: dict[str, Any], res: dict[str, Any]) -> tuple[Any, ...]:
         report.get("run"),
         res.get("model"),
         res.get("adapter"),
+        res.get("role"),
         res.get("split"),
         report.get("baseline_key")
         if res.get("adapter") is None
@@ -104,6 +105,7 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
                     "examples": _examples(res),
                     "model": res.get("model"),
                     "adapter": res.get("adapter"),
+                    "role": res.get("role"),  # "start": a preference run's starting adapter
                     "split": res.get("split"),
                     "metrics": res.get("metrics", {}),
                     "kinds": {**report.get("metric_kinds", {}), **_canary_kinds(report)},
@@ -142,7 +144,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             if stored in (None, r["run"].rpartition("/")[2])
             else f"{r['run']} (run {stored})",
             r["model"] or "?",
-            "(base)" if r["adapter"] is None else "tuned",
+            "(base)" if r["adapter"] is None else ("start" if r.get("role") else "tuned"),
             r["split"] or "?",
             "?" if r.get("examples") is None else str(r["examples"]),
         ]

@@ -56,6 +56,8 @@ def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
         "max_length": recipe.train.max_length,
         "data": data_fingerprint,
     }
+    if recipe.train.objective != "sft":  # pairs are scored too (SFT keys stay as they were)
+        blob["objective"] = recipe.train.objective
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,6 +146,7 @@ def plan_eval(
             overlength=recipe.data.overlength,
             max_examples=ev.max_examples,
             generation=needs_generation(metrics),
+            pairs=recipe.train.objective != "sft",
         )
         for name in ev.splits
     ]
@@ -205,6 +208,7 @@ def evaluate(
             max_new_tokens=ev.max_new_tokens,
             gen_batch_size=ev.batch_size,
             loss_batch_size=recipe.train.per_device_eval_batch_size,
+            normalized_pairs=recipe.train.objective in ("simpo", "orpo"),
         )
 
     sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
@@ -221,9 +225,14 @@ def evaluate(
         else:
             base = score()
     tuned: list[SplitResult] | None = None
+    start: list[SplitResult] | None = None
+    start_run: tuple[Any, str] | None = None
     if tuned_too:
         say(f"scoring base + adapter on {sizes} examples")
         tuned = score()
+        start_run = _score_start_adapter(model, plan, score, say)
+        start = start_run[0] if start_run else None
+        add_reward_metrics(recipe, tuned, start or base)
     general = _score_canary(model, plan, tuned_too, with_base, cached, say)
 
     info = {
@@ -232,23 +241,89 @@ def evaluate(
         "run": recipe.name,
         "model": plan.model_label,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
+        **({"start_adapter": start_run[1]} if start_run else {}),
         "config_hash": recipe.config_hash(),
         "data_fingerprint": plan.data_fingerprint,
         "baseline_key": key,
         "eval": recipe.resolved()["eval"],
     }
     report = write_outputs(
-        out_dir, info, plan.sets, plan.metrics, base, tuned, time.time() - started, general
+        out_dir,
+        info,
+        plan.sets,
+        plan.metrics,
+        base,
+        tuned,
+        time.time() - started,
+        general=general,
+        start=start,
     )
     if tuned_too and run.metrics.is_file():
         plot_losses(run.metrics, out_dir / "loss.png")
     for line in summary_lines(plan.metrics, base, tuned):
+        say(line)
+    for line in preference_lines(base, start, tuned):
         say(line)
     if general is not None:
         for line in general.lines():
             say(line)
     say(f"report: {out_dir / 'report.md'}")
     return report
+
+
+def _score_start_adapter(
+    model: Any, plan: EvalPlan, score: Callable[[], Any], say: Callable[[str], None]
+) -> tuple[Any, str] | None:
+    """With a preference objective and ``train.from_adapter``: the adapter the run started from
+    (the SFT model, DPO's reference), loaded next to the trained one, scored, and removed."""
+    from lorakit.modeling import start_adapter_dir
+
+    recipe = plan.recipe
+    if recipe.train.objective == "sft" or recipe.train.from_adapter is None:
+        return None
+    folder = start_adapter_dir(recipe, None)  # checked against the base when training
+    if folder is None:
+        return None
+    say(f"scoring the adapter the run started from ({folder})")
+    active = model.active_adapter
+    model.load_adapter(str(folder), adapter_name="start")
+    model.set_adapter("start")
+    try:
+        return score(), str(folder)
+    finally:
+        model.set_adapter(active)
+        model.delete_adapter("start")
+
+
+def add_reward_metrics(recipe: Recipe, tuned: list[Any], reference: list[Any] | None) -> None:
+    """DPO's implicit reward against its reference (the start adapter, or the base):
+    ``reward_accuracy`` (share of held-out pairs whose chosen answer gains more than the
+    rejected one) and ``reward_margin`` (mean ``beta`` x margin gain), into ``tuned``."""
+    if recipe.train.objective != "dpo" or reference is None:
+        return
+    beta = recipe.train.beta or 0.1
+    for t, r in zip(tuned, reference, strict=True):
+        if not t.pair_margins or len(t.pair_margins) != len(r.pair_margins):
+            continue
+        gains = [beta * (a - b) for a, b in zip(t.pair_margins, r.pair_margins, strict=True)]
+        t.metrics["reward_accuracy"] = sum(g > 0 for g in gains) / len(gains)
+        t.metrics["reward_margin"] = sum(gains) / len(gains)
+
+
+def preference_lines(base: Any, start: Any, tuned: Any) -> list[str]:
+    """``val: preference accuracy base 50.0% -> start 60.0% -> tuned 80.0% (margin ...)``."""
+    lines = []
+    groups = [(n, g) for n, g in (("base", base), ("start", start), ("tuned", tuned)) if g]
+    for i, res in enumerate(tuned or base or []):
+        parts = [
+            f"{n} {100 * g[i].metrics['pref_accuracy']:.1f}% (margin "
+            f"{g[i].metrics['pref_margin']:+.3f})"
+            for n, g in groups
+            if "pref_accuracy" in g[i].metrics
+        ]
+        if parts:
+            lines.append(f"{res.split}: preference accuracy " + " -> ".join(parts))
+    return lines
 
 
 def evaluate_run(

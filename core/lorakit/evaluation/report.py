@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from lorakit.evaluation.canary import GeneralScores
 
 SAMPLES_IN_REPORT = 5
+# the preference metrics of a pair evaluation (not plugins): how each is shown
+PREFERENCE_KINDS = {
+    "pref_accuracy": "generation",
+    "pref_margin": "loss",
+    "reward_accuracy": "generation",
+    "reward_margin": "loss",
+}
 
 
 def write_outputs(
@@ -32,25 +39,35 @@ def write_outputs(
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
     seconds: float,
+    *,
     general: GeneralScores | None = None,
+    start: Sequence[SplitResult] | None = None,
 ) -> Path:
+    """``general``: the forgetting canary's scores (results with split ``general``);
+    ``start``: a preference run's starting adapter (``train.from_adapter``), scored too; its
+    results say ``"role": "start"``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for label, group in (("base", base), ("tuned", tuned)):
+    for label, group in (("base", base), ("start", start), ("tuned", tuned)):
         for res in group or []:
-            results.append(
-                {
-                    "model": info["model"],
-                    "adapter": info["adapter"] if label == "tuned" else None,
-                    "split": res.split,
-                    "metrics": res.metrics,
-                    "counts": res.counts,
-                }
-            )
+            entry = {
+                "model": info["model"],
+                "adapter": info["adapter"] if label == "tuned" else None,
+                "split": res.split,
+                "metrics": res.metrics,
+                "counts": res.counts,
+            }
+            if label == "start":
+                entry.update(adapter=info.get("start_adapter"), role="start")
+            results.append(entry)
     if general is not None:
         results += general.results(info["model"], info["adapter"])
     kinds = {name: m.kind for name, m in metrics.items()}
     higher = {name: bool(m.higher_is_better) for name, m in metrics.items()}
+    seen = {name for r in results for name in r["metrics"]}
+    for name, kind in PREFERENCE_KINDS.items():  # shares as points, margins as numbers
+        if name in seen:
+            kinds[name], higher[name] = kind, True
     report = {
         **info,
         "metric_kinds": kinds,

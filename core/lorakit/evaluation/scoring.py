@@ -20,6 +20,8 @@ class SplitResult:
     metrics: dict[str, float]
     counts: dict[str, Any]
     generations: list[Generation]
+    # with a preference objective: each pair's (chosen - rejected) log-probability margin
+    pair_margins: list[float] = attrs.field(factory=list)
 
 
 def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[float, int]:
@@ -51,6 +53,43 @@ def loss_sums(model: Any, rows: Sequence[Tokenized], batch_size: int) -> tuple[f
     return nll, count
 
 
+def pair_margins(
+    model: Any, pairs: Sequence[Any], batch_size: int, normalized: bool
+) -> list[float]:
+    """Each pair's log-probability of the chosen answer minus the rejected one's under
+    ``model`` (per answer token when ``normalized``: SimPO and ORPO compare those)."""
+    import torch
+
+    from lorakit.attention import packed_attention
+    from lorakit.loss import accepts_logits_to_keep
+    from lorakit.preference import PairDataset, pack_pairs, sequence_logps
+
+    device = next(model.parameters()).device
+    head_kwarg = accepts_logits_to_keep(model)
+    data = PairDataset(pairs)
+    out: list[float] = []
+    model.eval()
+    with torch.inference_mode(), packed_attention(model, device.type):
+        for start in bar(range(0, len(pairs), batch_size), desc="pairs", unit="batch"):
+            batch = pack_pairs([data[i] for i in range(start, min(start + batch_size, len(pairs)))])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            sums, counts = sequence_logps(model, batch, head_kwarg)
+            values = (sums / counts.clamp(min=1) if normalized else sums).double()
+            out += (values[0::2] - values[1::2]).cpu().tolist()
+    return out
+
+
+def preference_metrics(margins: Sequence[float]) -> dict[str, float]:
+    """``pref_accuracy``: share of pairs whose chosen answer the model finds likelier;
+    ``pref_margin``: the mean log-probability margin."""
+    if not margins:
+        return {}
+    return {
+        "pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "pref_margin": sum(margins) / len(margins),
+    }
+
+
 def score_model(
     model: Any,
     tokenizer: Any,
@@ -61,6 +100,7 @@ def score_model(
     max_new_tokens: int,
     gen_batch_size: int,
     loss_batch_size: int,
+    normalized_pairs: bool = False,
 ) -> list[SplitResult]:
     """Every metric on every split for one model (base, or base + adapter)."""
     # ``kind`` says which of the two score signatures a metric has (lorakit.contracts)
@@ -88,5 +128,9 @@ def score_model(
             stopped = [g.stopped for g in gens]
             for k, m in gen_metrics.items():
                 values[k] = float(m.score(texts, s.references, stopped))
-        results.append(SplitResult(s.split, values, s.counts(), gens))
+        margins: list[float] = []
+        if s.pairs:
+            margins = pair_margins(model, s.pairs, loss_batch_size, normalized_pairs)
+            values.update(preference_metrics(margins))
+        results.append(SplitResult(s.split, values, s.counts(), gens, margins))
     return results

@@ -28,15 +28,19 @@ class EvalSet:
     prompts: list[str]
     references: list[str]
     skipped: dict[str, int]  # reason -> count
+    pairs: list[Any] = attrs.field(factory=list)  # PairRows, with a preference objective
 
     def counts(self) -> dict[str, Any]:
-        return {
+        out = {
             "examples": self.n_examples,
             "loss_examples": len(self.rows),
             "supervised_tokens": sum(r.n_supervised for r in self.rows),
             "generated": len(self.prompts),
             "skipped": dict(self.skipped),
         }
+        if self.pairs:
+            out["pairs"] = len(self.pairs)
+        return out
 
 
 def prompt_and_reference(example: Example) -> tuple[list[Any], str] | None:
@@ -59,6 +63,7 @@ def prepare_set(
     overlength: str,
     max_examples: int | None,
     generation: bool,
+    pairs: bool = False,
 ) -> EvalSet:
     chosen = list(examples[:max_examples] if max_examples is not None else examples)
     report = DataReport()
@@ -84,4 +89,11 @@ def prepare_set(
             inputs.append(next((m.content for m in reversed(msgs) if m.role == "user"), ""))
             prompts.append(formatter.render_prompt(msgs, tokenizer))
             refs.append(ref)
-    return EvalSet(split, len(chosen), rows, ids, inputs, prompts, refs, skipped)
+    pair_rows: list[Any] = []
+    if pairs:  # both sides of each pair, for preference accuracy and margin
+        from lorakit.data.pairs import tokenize_pairs
+
+        pair_report = DataReport()
+        pair_rows = tokenize_pairs(chosen, formatter, tokenizer, max_length, "drop", pair_report)
+        skipped.update({f"pairs: {k}": v for k, v in pair_report.dropped.items()})
+    return EvalSet(split, len(chosen), rows, ids, inputs, prompts, refs, skipped, pair_rows)

@@ -1,0 +1,232 @@
+"""DPO speed and memory: lorakit's preference step against TRL's DPOTrainer on the same pairs.
+
+    PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
+        [--model-path DIR]
+
+Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
+``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
+q/k/v/o, 4 pairs a step, AdamW lr 5e-6, beta 0.1, sigmoid loss, fp32 on CPU, gradient
+checkpointing off, on ``steps x 4`` pairs of the demo-style task (correct JSON chosen, a near
+miss rejected): one epoch, so every pair is trained once.
+
+The clock covers what each needs to train those pairs: for lorakit the reference
+log-probabilities (computed once, before step 1) plus the steps; for TRL the steps (its
+reference forward runs inside each step). Model loading, data preparation and evaluation are
+outside it. Tokens are both sides of every pair (prompt + answer), the same count for both.
+Peak memory is each process's peak RSS. Each contender runs in its own process, one after the
+other, interleaved for ``--reps`` rounds. Prints ratios (lorakit / TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "core"), str(REPO / "plugins"), str(REPO / "tests")]
+
+
+def pairs_file(folder: Path, n: int) -> Path:
+    from helpers import preference_records, write_jsonl
+
+    return write_jsonl(folder / "pairs.jsonl", preference_records(n, seed=3))
+
+
+def model_path(arg: str | None) -> str:
+    if arg:
+        return arg
+    from lorakit.catalog import default_catalog
+
+    entry = default_catalog().get("model", "smollm2-135m-instruct")
+    return entry.factory(entry.options_class()).resolve().path
+
+
+def run_lorakit(folder: Path, model: str, steps: int) -> dict:
+    from lorakit import catalog, runner
+
+    if "preference_jsonl" not in catalog.default_catalog().entries["source"]:
+        import lorakit_plugins.sources.preference_jsonl as module
+
+        catalog._DEFAULT = catalog.build_catalog(catalog.make_manager([module]))
+    recipe = folder / "dpo.toml"
+    recipe.write_text(
+        f"""
+[model]
+plugin = "local"
+path = "{model}"
+[quant]
+plugin = "none"
+dtype = "fp32"
+[peft]
+r = 16
+alpha = 32
+dropout = 0.05
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[train]
+objective = "dpo"
+beta = 0.1
+max_steps = {steps}
+per_device_train_batch_size = 4
+per_device_eval_batch_size = 4
+learning_rate = 5e-6
+save_steps = 1000
+max_length = 512
+seed = 42
+[data]
+val_fraction = 0.0
+test_fraction = 0.0
+[[data.sources]]
+plugin = "preference_jsonl"
+path = "{folder / "pairs.jsonl"}"
+[eval]
+baseline = false
+[output]
+dir = "{folder / "runs"}"
+name = "lorakit"
+"""
+    )
+    timed = {}
+    train = runner.train
+
+    def timed_train(*args, **kwargs):
+        start = time.perf_counter()
+        out = train(*args, **kwargs)
+        timed["seconds"] = time.perf_counter() - start
+        return out
+
+    runner.train = timed_train
+    from lorakit.cli.main import main
+
+    code = main(["run", str(recipe)])
+    assert code == 0
+    rows = [json.loads(x) for x in (folder / "runs/lorakit/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"seconds": timed["seconds"], "losses": losses}
+
+
+def run_trl(folder: Path, model: str, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    records = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in records
+        ]
+    )
+    tok = AutoTokenizer.from_pretrained(model)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    args = DPOConfig(
+        output_dir=str(folder / "trl"),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=5e-6,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=512,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=42,
+        dataloader_num_workers=0,
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+    trainer = DPOTrainer(
+        model=base, args=args, train_dataset=data, processing_class=tok, peft_config=lora
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "losses": losses}
+
+
+def tokens_of(folder: Path, model: str) -> int:
+    """Both sides of every pair, as lorakit renders them (the model's chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    total = 0
+    for line in (folder / "pairs.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        for answer in (r["chosen"], r["rejected"]):
+            msgs = [*r["prompt"], {"role": "assistant", "content": answer}]
+            total += len(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    return total
+
+
+def child(which: str, folder: Path, model: str, steps: int) -> None:
+    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--model-path")
+    ap.add_argument("--child", choices=["lorakit", "trl"])
+    ap.add_argument("--folder")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, Path(args.folder), args.model_path, args.steps)
+        return
+    model = model_path(args.model_path)
+    results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for which in ("lorakit", "trl"):
+                folder = Path(tmp) / f"{which}-{rep}"
+                folder.mkdir()
+                pairs_file(folder, args.steps * 4)
+                cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder)]
+                cmd += ["--model-path", model, "--steps", str(args.steps)]
+                env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(line[7:])
+                res["tokens"] = tokens_of(folder, model)
+                results[which].append(res)
+                print(
+                    f"{which}: {res['tokens'] / res['seconds']:.0f} tokens/s "
+                    f"({res['seconds']:.1f} s), peak RSS {res['peak_rss_mb']:.0f} MB, "
+                    f"losses {[round(x, 4) for x in res['losses']]}"
+                )
+    best = {k: max(r["tokens"] / r["seconds"] for r in v) for k, v in results.items()}
+    rss = {k: min(r["peak_rss_mb"] for r in v) for k, v in results.items()}
+    print(
+        f"lorakit / TRL: throughput x{best['lorakit'] / best['trl']:.2f}, "
+        f"peak RSS x{rss['lorakit'] / rss['trl']:.2f} ({args.steps} steps of 4 pairs, "
+        f"{args.reps} round(s), CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
+    )
+
+
+if __name__ == "__main__":
+    main()

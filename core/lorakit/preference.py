@@ -1,0 +1,234 @@
+"""Preference objectives over packed pairs: DPO (sigmoid, IPO, hinge), SimPO and ORPO.
+
+A micro-batch of pairs is one packed, padding-free row like an SFT batch
+(``chosen_1, rejected_1, chosen_2, rejected_2, ...``; :func:`pack_pairs`), so both sides of a
+pair are always in the same micro-batch. The model computes logits only at the answer positions
+(``logits_to_keep``, as in :func:`lorakit.loss.supervised_nll`); each sequence's log-probability
+is the sum over its answer tokens (:func:`sequence_logps`).
+
+The losses (:func:`pair_losses`) are written from the papers and checked against TRL's
+``DPOTrainer`` formulas in ``tests/test_preference_loss.py``:
+
+- DPO sigmoid: ``-(1-ls) log σ(β d) - ls log σ(-β d)``, ``d = (π_c - ref_c) - (π_r - ref_r)``
+  (``ls``: conservative DPO's label smoothing; TRL's ``sigmoid`` at ``ls = 0``);
+- DPO IPO: ``(d / n - 1 / 2β)^2`` with each side's log-ratio divided by its answer tokens
+  (TRL's normalization); hinge: ``relu(1 - β d)``;
+- SimPO: reference-free, length-normalized: ``-log σ(β (π_c/n_c - π_r/n_r) - γ)``;
+- ORPO: reference-free, ``NLL(chosen) - λ log σ(log odds_c - log odds_r)`` over
+  length-normalized log-probabilities; the NLL is each pair's mean over its chosen tokens
+  (TRL averages over the batch's tokens), so the loss does not depend on how pairs are grouped.
+
+Rewards (for the metrics) are TRL's: ``β (π - ref)`` for DPO, ``β π/n`` for SimPO, ``λ π/n`` for
+ORPO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.loss import PACKED_KWARGS
+
+
+@attrs.frozen
+class Objective:
+    """The recipe's preference objective and its settings (``[train]``)."""
+
+    name: str  # dpo, orpo, simpo
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name == "dpo"
+
+    @classmethod
+    def from_train(cls, train: Any) -> Objective:
+        return cls(
+            name=train.objective,
+            beta=train.beta if train.beta is not None else 0.1,
+            loss_type=train.loss_type,
+            label_smoothing=train.label_smoothing,
+            simpo_gamma=train.simpo_gamma,
+            orpo_lambda=train.orpo_lambda,
+        )
+
+
+def pack_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate pair rows (from :class:`PairDataset`) into one packed row, chosen then rejected
+    for each pair, with each pair's reference log-probabilities when it has them."""
+    import torch
+
+    from lorakit.packing import pack
+
+    flat = []
+    for row in rows:
+        flat.append({"input_ids": row["chosen_ids"], "labels": row["chosen_labels"]})
+        flat.append({"input_ids": row["rejected_ids"], "labels": row["rejected_labels"]})
+    batch = pack(flat)
+    batch["row_index"] = torch.tensor([row.get("index", -1) for row in rows], dtype=torch.long)
+    batch["pairs"] = torch.tensor(len(rows), dtype=torch.long)
+    if all("reference" in row for row in rows):
+        batch["reference"] = torch.tensor(
+            [v for row in rows for v in row["reference"]], dtype=torch.float32
+        )
+    return batch
+
+
+class PairDataset:
+    """Pair rows as a map-style dataset; ``reference[i]`` is pair ``i``'s (chosen, rejected)
+    reference log-probabilities."""
+
+    def __init__(self, rows: Sequence[Any], reference: Sequence[tuple[float, float]] | None = None):
+        self.rows = rows
+        self.reference = reference
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        out = {
+            "chosen_ids": row.chosen.input_ids,
+            "chosen_labels": row.chosen.labels,
+            "rejected_ids": row.rejected.input_ids,
+            "rejected_labels": row.rejected.labels,
+            "length": row.length,
+            "index": i,
+        }
+        if self.reference is not None:
+            out["reference"] = self.reference[i]
+        return out
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, Any]:
+    """Each packed sequence's summed log-probability of its supervised targets, and how many
+    targets it has (float32 tensors, one entry per sequence). Logits are computed only at the
+    supervised positions."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = batch["labels"].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
+    if head_kwarg:
+        extra["logits_to_keep"] = keep
+    out = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    if not head_kwarg:
+        logits = logits[keep]
+    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    bounds = batch["cu_seq_lens_q"].to(keep.device).long()
+    n_seq = bounds.numel() - 1
+    # which sequence each kept position belongs to: positions are sorted, so a search suffices
+    seq = torch.searchsorted(bounds[1:], keep, right=True)
+    sums = torch.zeros(n_seq, dtype=torch.float32, device=keep.device).index_add(
+        0, seq, token_logps
+    )
+    counts = torch.zeros(n_seq, dtype=torch.float32, device=keep.device).index_add(
+        0, seq, torch.ones_like(token_logps)
+    )
+    return sums, counts
+
+
+def _log1mexp(x: Any) -> Any:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and far from it."""
+    import math
+
+    import torch
+
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def pair_losses(
+    objective: Objective,
+    logps: Any,
+    counts: Any,
+    reference: Any | None,
+) -> tuple[Any, Any, Any]:
+    """Per-pair losses and the chosen/rejected rewards.
+
+    ``logps``/``counts``: per sequence (chosen, rejected, chosen, ...) summed answer
+    log-probabilities and answer tokens; ``reference``: the reference's ``logps`` (DPO).
+    """
+    import torch.nn.functional as F
+
+    pc, pr = logps[0::2], logps[1::2]
+    nc, nr = counts[0::2].clamp(min=1), counts[1::2].clamp(min=1)
+    o = objective
+    ls = o.label_smoothing
+    if o.name == "dpo":
+        if reference is None:
+            raise ValueError("DPO needs the reference model's log-probabilities")
+        rc, rr = reference[0::2], reference[1::2]
+        ratio_c, ratio_r = pc - rc, pr - rr
+        d = ratio_c - ratio_r
+        if o.loss_type == "sigmoid":
+            loss = -(1 - ls) * F.logsigmoid(o.beta * d) - ls * F.logsigmoid(-o.beta * d)
+        elif o.loss_type == "ipo":
+            loss = (ratio_c / nc - ratio_r / nr - 1 / (2 * o.beta)) ** 2
+        elif o.loss_type == "hinge":
+            loss = F.relu(1 - o.beta * d)
+        else:
+            raise ValueError(f"unknown DPO loss_type {o.loss_type!r}")
+        return loss, o.beta * ratio_c.detach(), o.beta * ratio_r.detach()
+    ac, ar = pc / nc, pr / nr
+    if o.name == "simpo":
+        z = o.beta * (ac - ar) - o.simpo_gamma
+        loss = -(1 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)
+        return loss, o.beta * ac.detach(), o.beta * ar.detach()
+    if o.name == "orpo":
+        log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+        loss = -ac - o.orpo_lambda * F.logsigmoid(log_odds)
+        return loss, o.orpo_lambda * ac.detach(), o.orpo_lambda * ar.detach()
+    raise ValueError(f"unknown preference objective {o.name!r}")
+
+
+def reference_logps(
+    model: Any, rows: Sequence[Any], batch_size: int, device: str, say: Any = None
+) -> list[tuple[float, float]]:
+    """The (chosen, rejected) log-probabilities of every pair under ``model`` as it is now, in
+    eval mode and without gradients: the reference a DPO run compares against, computed once
+    before training (the starting adapter: a fresh one equals the base model exactly, since its
+    B matrices are zero; a ``from_adapter`` run's is the SFT adapter). Pairs go in fixed
+    batches of ``batch_size``, so a resumed run computes the same values."""
+    import torch
+
+    from lorakit.attention import packed_attention
+    from lorakit.loss import accepts_logits_to_keep
+    from lorakit.progress import bar
+
+    head_kwarg = accepts_logits_to_keep(model)
+    data = PairDataset(rows)
+    out: list[tuple[float, float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), packed_attention(model, device):
+            for start in bar(range(0, len(rows), batch_size), desc="reference", unit="batch"):
+                batch = pack_pairs(
+                    [data[i] for i in range(start, min(start + batch_size, len(rows)))]
+                )
+                batch = {
+                    k: v.to(_device(model)) if torch.is_tensor(v) else v for k, v in batch.items()
+                }
+                sums, _ = sequence_logps(model, batch, head_kwarg)
+                values = sums.double().cpu().tolist()
+                out += list(zip(values[0::2], values[1::2], strict=True))
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device

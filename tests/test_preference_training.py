@@ -1,0 +1,143 @@
+"""Preference tuning for real on the tiny Llama: DPO, SimPO and ORPO runs, DPO from an SFT
+adapter (QLoRA), the reward metrics and pair evaluation, determinism, exact resume and export
+(issue 23)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import preference_records, tiny_recipe, with_preference_source, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def pairs_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    """A tiny recipe reading 60 preference pairs with ``preference_jsonl``."""
+    with_preference_source(monkeypatch)
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(60))
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    return path
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def logged(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def results(run: Path) -> dict:
+    report = json.loads((run / "eval_report.json").read_text())
+    return {(r.get("role") or ("tuned" if r["adapter"] else "base")): r for r in report["results"]}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
+def test_each_objective_trains_logs_rewards_and_scores_held_out_pairs(
+    tmp_path, pairs_recipe, cli, objective
+):
+    code, _, err = cli(
+        "run", pairs_recipe, f'train.objective="{objective}"', "output.name=p", "train.max_steps=6"
+    )
+    assert code == 0, err
+    run = tmp_path / "runs" / "p"
+    steps = logged(run)
+    assert len(steps) == 6
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert all(key in s for s in steps), key
+    if objective == "dpo":  # a fresh adapter is the reference exactly: no reward at step 1
+        assert steps[0]["rewards/chosen"] == 0.0 and steps[0]["loss"] == pytest.approx(0.693147)
+    assert "reward acc" in err, "the step line shows the reward accuracy"
+    split = results(run)
+    assert 0.0 <= split["tuned"]["metrics"]["pref_accuracy"] <= 1.0
+    assert "pref_margin" in split["base"]["metrics"]
+    assert split["tuned"]["counts"]["pairs"] == split["tuned"]["counts"]["examples"]
+    assert ("reward_accuracy" in split["tuned"]["metrics"]) == (objective == "dpo")
+    assert "preference accuracy base" in err
+    code, out, _ = cli("compare", tmp_path / "runs")
+    assert code == 0 and "pref_accuracy" in out.splitlines()[0]
+
+
+def test_dpo_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, pairs_recipe, cli):
+    text = pairs_recipe.read_text()
+    qlora = text.replace(
+        'plugin = "none"\ndtype = "fp32"', 'plugin = "bnb-4bit"\ncompute_dtype = "fp32"'
+    )
+    assert qlora != text
+    pairs_recipe.write_text(qlora)
+    # SFT on the chosen answers first (a pair is a conversation ending with the chosen turn)
+    code, _, err = cli("run", pairs_recipe, "output.name=sft", "train.max_steps=15")
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        pairs_recipe,
+        "output.name=dpo",
+        'train.objective="dpo"',
+        'train.from_adapter="runs/sft"',
+        "train.max_steps=4",
+        "train.learning_rate=1e-3",
+    )
+    assert code == 0, err
+    assert "starting from the adapter in" in err and "quant bnb-4bit" in err
+    first = logged(tmp_path / "runs" / "dpo")[0]
+    # the reference is the SFT adapter: at step 1 the policy is that adapter (up to its
+    # dropout), so the rewards are near 0; against the base they would be beta x what SFT
+    # moved the log-probabilities (several nats)
+    assert abs(first["rewards/chosen"]) < 0.05 and abs(first["rewards/rejected"]) < 0.05, first
+    split = results(tmp_path / "runs" / "dpo")
+    assert split["start"]["adapter"].endswith("runs/sft/adapter")
+    assert split["start"]["metrics"]["pref_margin"] != split["base"]["metrics"]["pref_margin"]
+    assert "reward_accuracy" in split["tuned"]["metrics"]
+    code, out, _ = cli("compare", tmp_path / "runs" / "dpo")
+    assert code == 0 and "| start |" in out
+    resolved = json.loads((tmp_path / "runs" / "dpo" / "resolved.json").read_text())
+    assert resolved["train"]["from_adapter"] == "runs/sft"
+
+
+def test_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, pairs_recipe, cli):
+    common = ['train.objective="dpo"', 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
+    for name in ("a", "b"):
+        code, _, err = cli("run", pairs_recipe, f"output.name={name}", "train.max_steps=4", *common)
+        assert code == 0, err
+    a, b = adapter(tmp_path / "runs" / "a"), adapter(tmp_path / "runs" / "b")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    code, _, err = cli("run", pairs_recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        pairs_recipe,
+        "output.name=split",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    split = adapter(tmp_path / "runs" / "split")
+    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
+    steps = {s["step"]: s for s in logged(tmp_path / "runs" / "split")}
+    full = {s["step"]: s for s in logged(tmp_path / "runs" / "a")}
+    assert steps[4]["loss"] == full[4]["loss"]
+    assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
+
+
+def test_a_preference_adapter_exports_and_merges(tmp_path, pairs_recipe, cli):
+    code, _, err = cli(
+        "run", pairs_recipe, 'train.objective="simpo"', "output.name=s", "train.max_steps=2"
+    )
+    assert code == 0, err
+    code, _out, err = cli("export", tmp_path / "runs" / "s", "--merge")
+    assert code == 0, err
+    merged = list((tmp_path / "runs" / "s").glob("**/model*.safetensors"))
+    assert merged, "the merged model is written"
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(tmp_path / "runs" / "s" / "adapter")).r == 4
