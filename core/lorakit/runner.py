@@ -285,6 +285,7 @@ def train(
     positions; return the trainer, its model trained."""
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
+    from lorakit.packing_probe import check_packing
     from lorakit.training import build_trainer, engine, planned_steps
 
     trainer = build_trainer(
@@ -313,6 +314,7 @@ def train(
             disk_full_is_an_error(run.checkpoints, "a checkpoint", lambda: _kept(run)),
             packed_attention(tm.model, tm.device),
         ):
+            check_packing(recipe.train, tm.model, say)  # refuses rows whose examples mix
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
 
