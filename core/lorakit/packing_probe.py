@@ -124,9 +124,12 @@ def probe(model: Any) -> float | None:
         batch = pack([{"input_ids": ids, "labels": ids} for ids in (first, y)])
         inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         inputs.pop("labels"), inputs.pop("row_index")
-        out = model(**inputs, use_cache=False)
-        return out.logits[0, n_x:].float()
+        out = model(**inputs, use_cache=False, **keep)
+        return out.logits[0, -n_y:].float()
 
+    from lorakit.loss import accepts_logits_to_keep
+
+    keep = {"logits_to_keep": n_y} if accepts_logits_to_keep(model) else {}  # y's logits only
     was_training = model.training
     model.eval()  # no dropout: the only thing that differs between the forwards is x
     try:
