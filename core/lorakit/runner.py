@@ -418,6 +418,8 @@ def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict
     changed = run.resume_changes(recipe.resolved())
     started_by = read_json(run.run_json)
     note_other_version(started_by.get("lorakit_version"), str(run.path))
+    if note := run.version_note():  # versions.json against what is installed now
+        say(note)
     started = started_by.get("batch", {}).get("world_size", 1)
     if started != world_size():
         raise RunError(
