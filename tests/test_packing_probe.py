@@ -136,3 +136,19 @@ def test_a_run_on_a_leaking_architecture_stops_before_its_first_step(tmp_path, c
     code, _, err = cli("run", recipe, "train.max_steps=2", "output.name=one", *fix)
     assert code == 0, err
     assert (tmp_path / "runs" / "one" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_probe_on_the_gpu_paths():
+    """On CUDA the probe runs the one-call paths (flash varlen in bf16, the block mask in
+    fp32): an isolated model must still give bit-identical logits there. Skips without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lorakit.attention import packed_attention
+
+    for dtype in ("bf16", "fp32"):
+        for model_type, passes in (("llama", True), ("lfm2", False)):
+            model = tiny(model_type, dtype).cuda()
+            with packed_attention(model, "cuda"):
+                assert (probe(model) is None) == passes, (model_type, dtype)
