@@ -32,8 +32,9 @@ from typing import Any
 from lorakit.attention import NAME
 from lorakit.errors import ModelError
 
-# (model_type, attention implementation) pairs the test suite trains packed: the tiny Llama
-# (and SmolLM2, a Llama), the tiny Mistral; tests/test_packing_probe.py runs the probe on each.
+# (model_type, attention implementation) pairs verified by the test suite: it trains the tiny
+# Llama (SmolLM2 is a Llama) and the tiny Mistral packed, and tests/test_packing_probe.py probes
+# all three, qwen2 included, in fp32 and bf16.
 VERIFIED = frozenset({("llama", NAME), ("mistral", NAME), ("qwen2", NAME)})
 
 # the probe row: two examples of this many tokens (short enough for any sliding window)
