@@ -363,9 +363,28 @@ class RunDir:
                 "overrides": overrides,
                 "changed": dict(changed or {}),
                 "batch": dict(batch or {}),
+                # versions.json stays the start's; what this resume trains with instead
+                "versions_changed": {k: list(v) for k, v in self.version_changes().items()},
             }
         )
         write_json(self.run_json, info)
+
+    def version_changes(self) -> dict[str, tuple[Any, Any]]:
+        """Packages whose installed versions differ from the run's ``versions.json``."""
+        if not self.versions.is_file():
+            return {}
+        return version_changes(read_json(self.versions), stack_versions())
+
+    def version_note(self) -> str | None:
+        """A line for a resume whose training stack is not the one the run started with."""
+        changes = self.version_changes()
+        if not changes:
+            return None
+        listed = ", ".join(f"{name} {then} -> {now}" for name, (then, now) in changes.items())
+        return (
+            f"note: the training stack changed since {self.path} started ({listed}); the "
+            "resumed steps may not match an uninterrupted run (see lorakit doctor)"
+        )
 
     def run_id(self) -> str | None:
         """The id each of this run's checkpoint markers names (None for runs older than it)."""
@@ -482,6 +501,15 @@ def stack_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"lorakit": __version__}
     out.update({name: installed_version(name) for name in STACK})
     return out
+
+
+def version_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The packages whose versions differ between two ``versions.json`` records:
+    ``{name: (before, after)}``, a package missing from one side as None, sorted by name."""
+    names = sorted(set(before) | set(after))
+    return {n: (before.get(n), after.get(n)) for n in names if before.get(n) != after.get(n)}
 
 
 def _now() -> str:

@@ -316,6 +316,7 @@ def train(
     positions; return the trainer, its model trained."""
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
+    from lorakit.packing_probe import check_packing
     from lorakit.training import build_trainer, engine, planned_steps
 
     if recipe.train.objective == "sft":
@@ -359,6 +360,7 @@ def train(
             disk_full_is_an_error(run.checkpoints, "a checkpoint", lambda: _kept(run)),
             packed_attention(tm.model, tm.device),
         ):
+            check_packing(recipe.train, tm.model, say)  # refuses rows whose examples mix
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
 
@@ -496,6 +498,8 @@ def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict
     changed = run.resume_changes(recipe.resolved())
     started_by = read_json(run.run_json)
     note_other_version(started_by.get("lorakit_version"), str(run.path))
+    if note := run.version_note():  # versions.json against what is installed now
+        say(note)
     started = started_by.get("batch", {}).get("world_size", 1)
     if started != world_size():
         raise RunError(

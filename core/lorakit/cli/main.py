@@ -27,6 +27,7 @@ VERBS = {
     "compare": "compare",
     "export": "export",
     "generate": "generate",
+    "doctor": "doctor",
 }
 
 
