@@ -82,6 +82,7 @@ threads = 1
 metrics = ["eval_loss"]
 baseline = false
 max_examples = 0
+canary = false
 
 [data]
 val_fraction = 0.0
