@@ -31,16 +31,16 @@ from lorakit.data.tokenize import Tokenized
 from lorakit.evaluation.numbers import fmt
 
 SPLIT = "general"  # the results row the canary writes (never a data split's name)
-TOPICS = 24  # pages of Python's documentation, evenly spread over the topics
-CHARS = 1200  # the start of each page (and of each docstring)
-MODULES = ("heapq", "bisect", "textwrap", "fractions", "statistics", "difflib", "shlex", "calendar")
+TOPICS = 12  # pages of Python's documentation, evenly spread over the topics
+CHARS = 700  # the start of each page (and of each docstring)
+MODULES = ("heapq", "bisect", "textwrap", "fractions")
 INSTRUCTIONS = (
     "Name three primary colors.",
     "Write one sentence about the ocean.",
     "What is twelve plus seven?",
     "Give a synonym for happy.",
 )
-MAX_NEW_TOKENS = 48
+MAX_NEW_TOKENS = 32
 KINDS = {"general_loss": "loss", "general_stops": "generation"}
 HIGHER_IS_BETTER = {"general_loss": False, "general_stops": True}
 
