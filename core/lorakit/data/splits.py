@@ -27,7 +27,10 @@ __all__ = [
 def content_key(example: Example) -> str:
     """A fingerprint of what the model sees (not the id, not the meta)."""
     body = example.to_json()
-    blob = json.dumps({"messages": body.get("messages"), "text": body.get("text")}, sort_keys=True)
+    seen = {"messages": body.get("messages"), "text": body.get("text")}
+    if "tools" in body:  # only when set, so the keys (and splits) of tool-less data never move
+        seen["tools"] = body["tools"]
+    blob = json.dumps(seen, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
