@@ -134,6 +134,10 @@ class SourceContext(Protocol):
         """A bad record: raises ``DataError`` (``[data] on_error = "fail"``, the default), or
         counts it as skipped with its reason and returns (``on_error = "skip"``)."""
 
+    def note(self, key: str, value: Any) -> None:
+        """A fact about what the source read, for the data report (``data_report.json``
+        ``sources_info``): a dataset's fingerprint, revision, row count. JSON data."""
+
 
 class Configured(Protocol):
     """What every plugin factory has: an ``Options`` attrs class (its recipe options) and a

@@ -109,12 +109,14 @@ def schema_problem(value: Any, schema: Any, path: str) -> str | None:
     """What makes ``value`` break ``schema`` (the keywords listed in the module doc), or None."""
     if not isinstance(schema, Mapping):
         return None
+    # Keywords set to null count as absent (Arrow fills a struct's missing fields with null).
+    schema = {k: x for k, x in schema.items() if x is not None}
     kind = schema.get("type")
     if kind is not None:
         kinds = [kind] if isinstance(kind, str) else list(kind)
         if not any(_TYPES.get(k, lambda v: True)(value) for k in kinds):
             return f"{path} is {json.dumps(value)[:60]}, not of type {'/'.join(kinds)}"
-    if "enum" in schema and value not in schema["enum"]:
+    if isinstance(schema.get("enum"), (list, tuple)) and value not in schema["enum"]:
         return f"{path} is {json.dumps(value)[:60]}, not one of {json.dumps(schema['enum'])[:80]}"
     if "const" in schema and value != schema["const"]:
         return f"{path} must be {json.dumps(schema['const'])[:60]}"

@@ -36,15 +36,15 @@ def turn_message(role: str, content: str, turn: Mapping[str, Any], i: int) -> Me
     if reasoning is not None and not isinstance(reasoning, str):
         return f"messages[{i}].reasoning_content must be a string"
     for key in ("tool_call_id", "name"):
-        if not isinstance(turn.get(key, ""), str):
+        if not isinstance(turn.get(key) or "", str):
             return f"messages[{i}].{key} must be a string"
     return Message(
         role,
         content,
         tool_calls=calls,
         reasoning_content=reasoning,
-        tool_call_id=turn.get("tool_call_id", ""),
-        name=turn.get("name", ""),
+        tool_call_id=turn.get("tool_call_id") or "",
+        name=turn.get("name") or "",
     )
 
 
