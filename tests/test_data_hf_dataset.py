@@ -144,7 +144,7 @@ def test_bad_rows_name_the_row_and_missing_columns_list_the_columns(tmp_path):
 
 def test_broken_data_file_is_one_clear_error(tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match="datasets could not read d.parquet"):
+    with pytest.raises(DataError, match=r"datasets could not read d\.parquet"):
         read_source(HfDatasetSource, {"path": "d.parquet"}, recipe_dir=tmp_path)
 
 
