@@ -53,9 +53,9 @@ BUILDERS = {
 }
 KEY = "[data.sources]"
 OFFLINE_FIX = (
-    "to work offline: on a machine with the Hub run python -c \"import datasets; "
+    'to work offline: on a machine with the Hub run python -c "import datasets; '
     "datasets.load_dataset('{name}'{config}, split='{split}').save_to_disk('{folder}')\", copy "
-    "the folder here and set path = \"{folder}\" instead of name; or set HF_HUB_OFFLINE=1 to "
+    'the folder here and set path = "{folder}" instead of name; or set HF_HUB_OFFLINE=1 to '
     "read a copy already in the Hugging Face cache"
 )
 
