@@ -95,10 +95,10 @@ def open_sweep(recipe_path: str | Path, overrides: Sequence[str], spec: SweepSpe
     split = spec.sweep.split or recipe.eval.splits[0]
     if split not in recipe.eval.splits:
         problems.append(f"[sweep].split: {split!r} is not among [eval].splits")
-    if recipe.train.eval_steps is None and spec.sweep.pruner != "none":
+    if recipe.train.eval_steps is None and spec.sweep.pruner != "off":
         problems.append(
             "[train].eval_steps is unset: no eval loss during training to prune on; set it "
-            '(e.g. train.eval_steps=20) or [sweep] pruner = "none"'
+            '(e.g. train.eval_steps=20) or [sweep] pruner = "off"'
         )
     if problems:
         raise RecipeError(problems, source=str(spec.path))
@@ -111,7 +111,7 @@ def open_sweep(recipe_path: str | Path, overrides: Sequence[str], spec: SweepSpe
         recipe=recipe,
         metric=metric,
         split=split,
-        higher_is_better=bool(getattr(metrics.get(metric), "higher_is_better", False)),
+        higher_is_better=bool(metrics[metric].higher_is_better),
     )
 
 
@@ -207,7 +207,7 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
 
         def watch(step: int, metrics: Mapping[str, Any]) -> None:
             loss = metrics.get("eval_loss")
-            if sweep.spec.sweep.pruner == "none" or not isinstance(loss, (int, float)):
+            if sweep.spec.sweep.pruner == "off" or not isinstance(loss, (int, float)):
                 return
             trial.report(float(loss), step)
             if trial.should_prune():

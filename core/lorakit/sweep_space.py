@@ -4,7 +4,7 @@
 
     [sweep]
     trials = 8                 # trials in the study, all processes together
-    pruner = "hyperband"       # or "successive_halving", "median", "none"
+    pruner = "hyperband"       # or "successive_halving", "median", "off"
 
     [space."train.learning_rate"]
     low = 1e-5
@@ -32,7 +32,7 @@ from lorakit.errors import RecipeError
 from lorakit.options import option, structure
 from lorakit.recipe_toml import read_toml
 
-PRUNERS = ("hyperband", "successive_halving", "median", "none")
+PRUNERS = ("hyperband", "successive_halving", "median", "off")
 
 
 @attrs.frozen
@@ -43,7 +43,7 @@ class SweepSection:
         "", doc="what ranks trials (empty: the recipe's first [eval] metric, else eval_loss)"
     )
     split: str = option("", doc="the split that metric is read on (empty: [eval].splits[0])")
-    pruner: Literal["hyperband", "successive_halving", "median", "none"] = option(
+    pruner: Literal["hyperband", "successive_halving", "median", "off"] = option(
         "hyperband", doc="stops trials whose eval loss lags at the same step"
     )
     reduction_factor: int = option(3, doc="pruner: keep 1/N of trials per rung", validator=v.ge(2))
