@@ -17,7 +17,6 @@ of the rows as read), rows read and, for the Hub, the revision asked for.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -40,18 +39,21 @@ from lorakit.api import (
     resolve_path,
 )
 
+from lorakit_plugins.sources._hf_files import (
+    BUILDERS,
+    KEY,
+    NOT_JSON,
+    files_in,
+    glob_files,
+    hub_unreachable,
+    jsonable,
+    read_failed,
+    saved_to_disk,
+    suffix_of,
+)
 from lorakit_plugins.sources._messages import checked_example, record_tools, tools_file
 from lorakit_plugins.sources.sharegpt import ShareGptOptions, ShareGptSource
 
-BUILDERS = {
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".json": "json",
-    ".jsonl": "json",
-}
-KEY = "[data.sources]"
 OFFLINE_FIX = (
     'to work offline: on a machine with the Hub run python -c "import datasets; '
     "datasets.load_dataset('{name}'{config}, split='{split}').save_to_disk('{folder}')\", copy "
@@ -144,7 +146,7 @@ class HfDatasetSource:
         except DataError:
             raise
         except Exception as exc:  # pyarrow / builder errors while streaming a bad file
-            raise _read_failed(self.label, exc) from None
+            raise read_failed(self.label, exc) from None
 
     def _load(self, recipe_dir: Path) -> Any:
         import datasets
@@ -161,11 +163,11 @@ class HfDatasetSource:
                         where=f"{KEY}.path",
                         fix="paths are relative to the recipe file's folder; check the spelling",
                     )
-                if root.is_dir() and _saved_to_disk(root):
+                if root.is_dir() and saved_to_disk(root):
                     return self._from_disk(datasets, root)
-                files = [root] if root.is_file() else _data_files(root)
+                files = [root] if root.is_file() else files_in(root)
             else:
-                files = sorted(p for g in o.data_files for p in _glob(recipe_dir, g))
+                files = sorted(p for g in o.data_files for p in glob_files(recipe_dir, g))
             if not files:
                 raise DataError(
                     f"no data files (parquet, arrow, csv, tsv, json, jsonl) in {self.label}",
@@ -176,7 +178,7 @@ class HfDatasetSource:
         except DataError:
             raise
         except Exception as exc:
-            raise _read_failed(self.label, exc) from None
+            raise read_failed(self.label, exc) from None
 
     def _from_hub(self, datasets: Any) -> Any:
         o = self.options
@@ -190,7 +192,7 @@ class HfDatasetSource:
             folder=o.name.rsplit("/", 1)[-1],
         )
         if not offline:
-            reason = _hub_unreachable()
+            reason = hub_unreachable()
             if reason:
                 raise DataError(
                     f"cannot reach the Hugging Face Hub for dataset {o.name!r} ({reason})",
@@ -226,18 +228,18 @@ class HfDatasetSource:
     def _from_files(self, datasets: Any, files: list[Path]) -> Any:
         builder: str = self.options.builder
         if builder == "auto":
-            kinds = {BUILDERS.get(_suffix(f)) for f in files}
+            kinds = {BUILDERS.get(suffix_of(f)) for f in files}
             if len(kinds) != 1 or None in kinds:
                 raise DataError(
                     f"cannot tell how to read {self.label}: extensions "
-                    f"{sorted({_suffix(f) for f in files})}",
+                    f"{sorted({suffix_of(f) for f in files})}",
                     where=f"{KEY}.builder",
                     fix='set builder = "parquet", "arrow", "csv" or "json", or keep one kind '
                     "of file per source",
                 )
             builder = kinds.pop() or "json"
         kwargs: dict[str, Any] = {}
-        if builder == "csv" and all(_suffix(f) == ".tsv" for f in files):
+        if builder == "csv" and all(suffix_of(f) == ".tsv" for f in files):
             kwargs["sep"] = "\t"
         return datasets.load_dataset(
             builder,
@@ -323,8 +325,8 @@ class HfDatasetSource:
                     where=f"{KEY}.meta_columns",
                     fix="name existing columns",
                 )
-            value = _jsonable(row[column])
-            if value is _NOT_JSON:
+            value = jsonable(row[column])
+            if value is NOT_JSON:
                 ctx.reject(
                     f"column {column!r} holds a {type(row[column]).__name__}, not JSON data",
                     where,
@@ -333,80 +335,6 @@ class HfDatasetSource:
                 return None
             meta[column] = value
         return meta
-
-
-_NOT_JSON = object()
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON data, dates as ISO strings; ``_NOT_JSON`` for anything else (bytes, images)."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else _NOT_JSON
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)):
-        items = [_jsonable(x) for x in value]
-        return _NOT_JSON if any(x is _NOT_JSON for x in items) else items
-    if isinstance(value, Mapping):
-        out = {str(k): _jsonable(x) for k, x in value.items()}
-        return _NOT_JSON if any(x is _NOT_JSON for x in out.values()) else out
-    return _NOT_JSON
-
-
-def _suffix(path: Path) -> str:
-    return path.suffix.lower()
-
-
-def _saved_to_disk(root: Path) -> bool:
-    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
-
-
-def _data_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and _suffix(p) in BUILDERS)
-
-
-def _glob(recipe_dir: Path, pattern: str) -> list[Path]:
-    base = resolve_path(recipe_dir, pattern)
-    if base.is_file():
-        return [base]
-    anchor = Path(base.anchor)
-    return [p for p in anchor.glob(str(base.relative_to(anchor))) if p.is_file()]
-
-
-def _hub_unreachable() -> str:
-    """Why the Hub cannot be reached ("" when it can): one TCP connect, 3 s at most, instead
-    of datasets' minute of retries."""
-    import socket
-    from urllib.parse import urlsplit
-
-    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return ""
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or exc}"
-
-
-def _read_failed(label: str, exc: Exception) -> DataError:
-    text = str(exc).strip().splitlines()
-    cause = exc.__cause__ or exc.__context__
-    detail = text[0] if text else ""
-    if cause is not None and str(cause).strip():
-        detail = f"{detail} ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
-    hint = "check the files (one kind per source, well-formed), the split name and config"
-    if "split" in detail.lower():
-        hint = "set split to one the dataset has (see the message)"
-    elif "config" in detail.lower():
-        hint = "set config to one the dataset has (see the message)"
-    return DataError(
-        f"datasets could not read {label}: {type(exc).__name__}: {detail}"[:2000],
-        where=KEY,
-        fix=hint,
-    )
 
 
 @hookimpl
