@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import build_data_tokenizer, build_tiny_model, chat_records, write_jsonl
+from helpers import (
+    build_data_tokenizer,
+    build_tiny_model,
+    chat_records,
+    uninstalled_entry_points,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +129,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             f"{CHILD_CPU_LIMIT_S:.0f} s: they train, start ranks or load the training stack); "
             "mark it @pytest.mark.slow"
         )
+
+
+@pytest.fixture()
+def branch_plugins(tmp_path_factory, monkeypatch) -> None:
+    """Built-in plugins this tree declares but the installed metadata lacks (until the next
+    ``pip install -e``) are found by the catalog, in this process and its children
+    (``helpers.uninstalled_entry_points``)."""
+    import lorakit.catalog
+
+    site = uninstalled_entry_points(tmp_path_factory.mktemp("branch-site"))
+    if site is not None:
+        monkeypatch.syspath_prepend(str(site))
+        path = os.environ.get("PYTHONPATH", "")
+        monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{path}" if path else str(site))
+    monkeypatch.setattr(lorakit.catalog, "_DEFAULT", None)

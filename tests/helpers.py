@@ -347,3 +347,31 @@ def run_probe(*args, cwd):
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+# --------------------------------------------------------------------------- plugins of this tree
+
+
+def uninstalled_entry_points(site: Path) -> Path | None:
+    """A dist-info in ``site`` declaring the ``[project.entry-points.lorakit]`` entries of this
+    tree's pyproject.toml that the installed lorakit does not have yet (built-in plugins added
+    since the last ``pip install -e``), so the catalog finds them as it will after a reinstall;
+    None when nothing is missing. Entries already installed are left out, so nothing is
+    registered twice."""
+    import importlib.metadata
+
+    import tomllib
+
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]
+    installed = {ep.name for ep in importlib.metadata.entry_points(group="lorakit")}
+    missing = {k: v for k, v in table["lorakit"].items() if k not in installed}
+    if not missing:
+        return None
+    info = site / "lorakit_branch_plugins-0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lorakit-branch-plugins\nVersion: 0.0\n"
+    )
+    lines = "".join(f"{k} = {v}\n" for k, v in missing.items())
+    (info / "entry_points.txt").write_text("[lorakit]\n" + lines)
+    return site

@@ -118,8 +118,13 @@ CASES = {
         "data.jsonl:2",
     ),
     "unknown role": (
+        chat_file(lines(chat("t", ("user", "q"), ("function", "r"), ("assistant", "a")), GOOD)),
+        "messages[1].role is 'function'",
+        "data.jsonl:1",
+    ),
+    "tool result without a call": (
         chat_file(lines(chat("t", ("user", "q"), ("tool", "r"), ("assistant", "a")), GOOD)),
-        "messages[1].role is 'tool'",
+        "messages[1]: a tool result must follow an assistant turn with tool_calls",
         "data.jsonl:1",
     ),
     "roles out of order": (

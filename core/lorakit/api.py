@@ -17,10 +17,12 @@ The contracts each kind of plugin follows are the protocols below (``DataSource`
 ``LossMetric`` and ``GenerationMetric``, ``ExperimentLogger``), and the optional capabilities a
 plugin may add (``FinishesLoading``, ``DescribesMemory``, ``ComputeDtypeSwitch``,
 ``FindsTokenizer``, ``ReadsModelConfig``, ``HasSystemPrompt``, ``RequiresModules``); the records
-they exchange are ``Example``/``Message``, ``Rendered``/``Segment`` and ``ModelRef``. Errors a
+they exchange are ``Example``/``Message``/``ToolCall``, ``Rendered``/``Segment`` and
+``ModelRef``. Errors a
 person can act on are ``DataError``, ``ModelError``, ``PluginError`` (each with ``where`` and
 ``fix``). Shared helpers read files the way the built-in sources do (``iter_json_lines``,
-``read_text_file``, ``expand_files``, ``resolve_path``, ``parse_meta``) and check a record
+``read_text_file``, ``expand_files``, ``resolve_path``, ``parse_meta``), read tools and tool
+calls written as JSON (``tools_from_json``, ``tool_calls_from_json``) and check a record
 against the contract (``example_problem``); ``read_source`` runs a source outside a recipe,
 for a plugin's own tests.
 """
@@ -57,11 +59,13 @@ from lorakit.contracts import (
     RequiresModules,
     Segment,
     SourceContext,
+    ToolCall,
 )
 from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
 from lorakit.data.paths import expand_files, refuse_special
 from lorakit.data.paths import resolve as resolve_path
 from lorakit.data.textfile import read_text_file
+from lorakit.data.tools import tool_calls_from_json, tools_from_json
 from lorakit.data.validate import example_problem
 from lorakit.errors import DataError, LorakitError, ModelError, PluginError
 from lorakit.hookspecs import (
@@ -122,6 +126,7 @@ __all__ = [
     "RunDir",
     "Segment",
     "SourceContext",
+    "ToolCall",
     "Turn",
     "chat_environment",
     "dtype_from_name",
@@ -138,6 +143,8 @@ __all__ = [
     "read_text_file",
     "refuse_special",
     "resolve_path",
+    "tool_calls_from_json",
+    "tools_from_json",
 ]
 
 

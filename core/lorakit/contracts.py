@@ -12,14 +12,55 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SPLITS = ("train", "val", "test")
 
 
 @attrs.frozen
+class ToolCall:
+    """A function call an assistant turn makes: the tool's ``name``, its ``arguments`` (a JSON
+    object) and an optional call ``id`` (which a ``tool`` message's ``tool_call_id`` answers)."""
+
+    name: str
+    arguments: Mapping[str, Any] = attrs.field(factory=dict)
+    id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The OpenAI / transformers form chat templates read."""
+        out: dict[str, Any] = {"id": self.id} if self.id else {}
+        out.update(type="function", function={"name": self.name, "arguments": dict(self.arguments)})
+        return out
+
+
+@attrs.frozen
 class Message:
+    """One turn. ``role`` is ``system``, ``user``, ``assistant`` or ``tool`` (a tool's result).
+
+    An assistant turn may carry ``tool_calls`` (its ``content`` may then be empty) and
+    ``reasoning_content`` (its thinking, rendered by templates that have a place for it); a
+    ``tool`` turn may name the call it answers (``tool_call_id``) and the tool (``name``).
+    """
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning_content: str | None = None
+    tool_call_id: str = ""
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as chat templates and the split files hold it (optional keys only when
+        set, so a plain turn is ``{"role", "content"}``)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
 
 
 @attrs.frozen
@@ -28,6 +69,9 @@ class Example:
 
     Exactly one of ``messages`` (a conversation) or ``text`` (raw completion text) is set.
     ``meta`` holds ``source`` (where it came from: file and line), ``tags`` and optional ``split``.
+    ``tools`` (conversations only) lists the functions the assistant may call, each
+    ``{"type": "function", "function": {"name", "description", "parameters": JSON schema}}``;
+    the chat template renders them and every tool call is checked against them.
 
     A preference pair is a conversation whose last message is the *chosen* assistant turn, with
     ``rejected`` set: the assistant turn that loses against it after the same prompt
@@ -38,6 +82,7 @@ class Example:
     messages: tuple[Message, ...] | None = None
     text: str | None = None
     meta: Mapping[str, Any] = attrs.field(factory=dict)
+    tools: tuple[Mapping[str, Any], ...] | None = None
     rejected: tuple[Message, ...] | None = None
 
     @property
@@ -53,11 +98,13 @@ class Example:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id}
         if self.messages is not None:
-            out["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+            out["messages"] = [m.to_json() for m in self.messages]
+        if self.tools is not None:
+            out["tools"] = [dict(t) for t in self.tools]
         if self.text is not None:
             out["text"] = self.text
         if self.rejected is not None:
-            out["rejected"] = [{"role": m.role, "content": m.content} for m in self.rejected]
+            out["rejected"] = [m.to_json() for m in self.rejected]
         out["meta"] = dict(self.meta)
         return out
 
@@ -103,6 +150,10 @@ class SourceContext(Protocol):
     def reject(self, reason: str, where: str, fix: str) -> None:
         """A bad record: raises ``DataError`` (``[data] on_error = "fail"``, the default), or
         counts it as skipped with its reason and returns (``on_error = "skip"``)."""
+
+    def note(self, key: str, value: Any) -> None:
+        """A fact about what the source read, for the data report (``data_report.json``
+        ``sources_info``): a dataset's fingerprint, revision, row count. JSON data."""
 
 
 class Configured(Protocol):

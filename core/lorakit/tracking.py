@@ -11,12 +11,13 @@ called no more; the run goes on. Only rank 0 logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,22 @@ class _Worker:
         return not self.thread.is_alive()
 
 
+# Watchers of the training log on the training thread itself (``lorakit sweep``'s pruner):
+# each is called with every logged step as it is logged, and may raise to stop the run there.
+_WATCHERS: list[Callable[[int, Mapping[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def watching(watcher: Callable[[int, Mapping[str, Any]], None]) -> Iterator[None]:
+    """Call ``watcher(step, metrics)`` on every logged step of the runs started inside the
+    block, synchronously (an exception it raises stops training with it)."""
+    _WATCHERS.append(watcher)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watcher)
+
+
 class Loggers:
     """What the run and the training callback call; each call is queued to every logger.
 
@@ -146,6 +163,8 @@ class Loggers:
                 )
                 self.metrics_file = None
         self._all("log_metrics", step, dict(metrics), wall_time)
+        for watcher in list(_WATCHERS):
+            watcher(step, metrics)
 
     def log_final(self, step: int, metrics: Mapping[str, float]) -> None:
         if metrics:

@@ -25,6 +25,7 @@ VERBS = {
     "baseline": "baseline",
     "eval": "eval_cmd",
     "compare": "compare",
+    "sweep": "sweep",
     "export": "export",
     "generate": "generate",
     "doctor": "doctor",

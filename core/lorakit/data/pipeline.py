@@ -125,6 +125,7 @@ def iter_examples(
     index = 0
     for i, part in enumerate(sources):
         label = f"{i}:{part.name}"
+        ctx.source = label
         count = 0
         for ex in bar(
             checked_records(part.source.read, ctx, part.entry, part.key),

@@ -22,9 +22,14 @@ class DataReport:
     truncated: int = 0
     chunked: dict[str, int] = attrs.field(factory=dict)  # document id -> number of chunks
     warnings: list[str] = attrs.field(factory=list)
+    # Facts a source reported about what it read (``SourceContext.note``), per source label:
+    # a Hugging Face dataset's fingerprint, revision and rows.
+    sources_info: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
+        for name, facts in self.sources_info.items():
+            out.append(f"source {name}: " + ", ".join(f"{k} {v}" for k, v in facts.items()))
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} bad records:")
             out += [f"  {where}: {reason}" for where, reason in self.skipped[:20]]
@@ -50,6 +55,7 @@ class DataReport:
             "truncated": self.truncated,
             "chunked": dict(self.chunked),
             "warnings": list(self.warnings),
+            **({"sources_info": self.sources_info} if self.sources_info else {}),
         }
 
 
@@ -60,6 +66,10 @@ class ReadContext:
     recipe_dir: Path
     on_error: str
     report: DataReport
+    source: str = "source"  # the label of the source reading now ("0:hf_dataset")
+
+    def note(self, key: str, value: Any) -> None:
+        self.report.sources_info.setdefault(self.source, {})[key] = value
 
     def reject(self, reason: str, where: str, fix: str) -> None:
         if self.on_error == "skip":

@@ -24,22 +24,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
-from lorakit.contracts import SPLITS, Example, Message
+from lorakit.contracts import SPLITS, Example
+from lorakit.data.tools import message_from_json, tools_from_json
 
 
 def example_from_json(record: dict[str, Any]) -> Example:
     """The ``Example`` a split-file line holds (the inverse of ``Example.to_json``)."""
     messages = record.get("messages")
+    tools = record.get("tools")
     return Example(
         id=record["id"],
-        messages=None
-        if messages is None
-        else tuple(Message(m["role"], m["content"]) for m in messages),
+        messages=None if messages is None else tuple(message_from_json(m) for m in messages),
         text=record.get("text"),
         meta=record.get("meta", {}),
+        tools=None if tools is None else tools_from_json(tools),
         rejected=None
         if record.get("rejected") is None
-        else tuple(Message(m["role"], m["content"]) for m in record["rejected"]),
+        else tuple(message_from_json(m) for m in record["rejected"]),
     )
 
 

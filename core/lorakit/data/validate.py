@@ -15,6 +15,7 @@ from typing import Any
 
 from lorakit.contracts import ROLES, SPLITS, Example, Message
 from lorakit.data.paths import reporting_skips
+from lorakit.data.tools import tool_calls_problem, tools_problem
 from lorakit.errors import LorakitError, PluginError
 
 # Meta values are JSON (and TOML) data: a recipe's split files and reports hold them as strict
@@ -59,7 +60,7 @@ def _value_problem(value: Any, path: str, depth: int = 0) -> str | None:
     return f"{path} is a {type(value).__name__}; meta values must be JSON data (str, int, float, bool, list, table)"
 
 
-def _messages_problem(messages: Any) -> str | None:
+def _messages_problem(messages: Any, tools: Any = None) -> str | None:
     if not isinstance(messages, tuple) or not messages:
         return "messages must be a non-empty tuple of Message"
     for i, m in enumerate(messages):
@@ -67,19 +68,45 @@ def _messages_problem(messages: Any) -> str | None:
             return f"messages[{i}] is a {type(m).__name__}, not a Message"
         if m.role not in ROLES:
             return f"messages[{i}].role is {m.role!r}; roles are {', '.join(ROLES)}"
-        if not isinstance(m.content, str):
-            return f"messages[{i}].content is a {type(m.content).__name__}, not a string"
-        if not _encodable(m.content):
-            return f"messages[{i}].content is not valid Unicode (a lone surrogate)"
-        prev = messages[i - 1].role if i else None
-        if m.role == "system" and i:
-            return f"messages[{i}]: a system message may only come first"
-        if m.role == "assistant" and prev != "user":
-            return f"messages[{i}]: an assistant turn must follow a user turn"
-        if m.role == "user" and prev == "user":
-            return f"messages[{i}]: two user turns in a row"
+        for field in ("content", "tool_call_id", "name"):
+            value = getattr(m, field)
+            if not isinstance(value, str):
+                return f"messages[{i}].{field} is a {type(value).__name__}, not a string"
+            if not _encodable(value):
+                return f"messages[{i}].{field} is not valid Unicode (a lone surrogate)"
+        problem = _turn_problem(m, i, messages[i - 1] if i else None, tools)
+        if problem:
+            return problem
     if not any(m.role == "assistant" for m in messages):
         return "the conversation has no assistant turn (nothing to learn)"
+    return None
+
+
+def _turn_problem(m: Message, i: int, prev: Message | None, tools: Any) -> str | None:
+    """The order rules, and what only some roles may carry (tool calls, reasoning, call ids)."""
+    before = prev.role if prev else None
+    if m.role == "system" and i:
+        return f"messages[{i}]: a system message may only come first"
+    if m.role == "assistant" and before not in ("user", "tool"):
+        return f"messages[{i}]: an assistant turn must follow a user turn (or a tool result)"
+    if m.role == "user" and before == "user":
+        return f"messages[{i}]: two user turns in a row"
+    if m.role == "tool" and not (before == "tool" or (prev and prev.tool_calls)):
+        return f"messages[{i}]: a tool result must follow an assistant turn with tool_calls"
+    if m.role != "assistant" and (m.tool_calls or m.reasoning_content is not None):
+        return f"messages[{i}]: only assistant turns carry tool_calls or reasoning_content"
+    if m.role != "tool" and (m.tool_call_id or m.name):
+        return f"messages[{i}]: only tool turns carry tool_call_id or name"
+    reasoning = m.reasoning_content
+    if reasoning is not None and not (isinstance(reasoning, str) and _encodable(reasoning)):
+        return f"messages[{i}].reasoning_content must be a string of valid Unicode"
+    problem = tool_calls_problem(m.tool_calls, tools, f"messages[{i}].tool_calls")
+    if problem:
+        return problem
+    for j, call in enumerate(m.tool_calls):
+        problem = _value_problem(dict(call.arguments), f"messages[{i}].tool_calls[{j}].arguments")
+        if problem:
+            return problem
     return None
 
 
@@ -105,9 +132,13 @@ def example_problem(example: Any) -> str | None:
     """What is wrong with ``example`` under the ``Example`` contract, or None when nothing is.
 
     The rules: an ``Example`` instance; ``id`` a non-empty string; exactly one of ``messages``
-    (a tuple of ``Message`` with roles system/user/assistant and string content) or ``text`` (a
-    string), roles alternating user/assistant after an optional first system message, with at
-    least one assistant turn; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
+    (a tuple of ``Message`` with roles system/user/assistant/tool and string content) or ``text``
+    (a string), roles alternating user/assistant after an optional first system message, with at
+    least one assistant turn; a ``tool`` result only after an assistant turn with ``tool_calls``
+    (or another result), an assistant turn after a user turn or a tool result; ``tool_calls``
+    and ``reasoning_content`` only on assistant turns; ``tools`` (conversations only) unique
+    normalized definitions, every call naming one of them with arguments valid against its
+    ``parameters`` schema; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
     whose ``split`` is train/val/test or absent, ``tags`` a list of strings, ``source`` a string
     and ``chunkable`` a bool. A preference pair's ``rejected`` is one assistant ``Message``,
     non-empty and not the chosen turn (the last of ``messages``).
@@ -120,8 +151,14 @@ def example_problem(example: Any) -> str | None:
         return "id is not valid Unicode (a lone surrogate)"
     if (example.messages is None) == (example.text is None):
         return "exactly one of messages or text must be set"
+    if example.tools is not None:
+        if example.messages is None:
+            return "tools are for conversations; a text example has none"
+        problem = tools_problem(example.tools) or _value_problem(list(example.tools), "tools")
+        if problem:
+            return problem
     if example.messages is not None:
-        problem = _messages_problem(example.messages)
+        problem = _messages_problem(example.messages, example.tools)
         if problem:
             return problem
     elif not isinstance(example.text, str):

@@ -84,6 +84,13 @@ class TurnRenderer:
         lay = self.layout
         out = [Segment(self.bos(tokenizer))]
         for m in self._messages(messages):
+            if m.role == "tool" or m.tool_calls or m.reasoning_content is not None:
+                raise DataError(
+                    "this formatter's fixed layout has no place for tool calls, tool results "
+                    "or reasoning",
+                    where="[format].plugin",
+                    fix='use plugin = "chat_template": the model\'s own template renders them',
+                )
             if m.role == "system":
                 out.append(Segment(lay.system.format(content=m.content)))
             elif m.role == "user":

@@ -4,6 +4,12 @@ Assistant spans are found by rendering growing prefixes of the conversation: the
 "everything before this turn + generation prompt" and "everything through this turn" is the
 assistant reply plus its end-of-turn. A template whose renders are not prefix-stable cannot be
 masked safely and is rejected with an explanation instead of producing wrong labels.
+
+Agent traces: an example's ``tools`` go to ``apply_chat_template(tools=...)``; assistant tool
+calls (rendered by the template inside the reply) are supervised with the reply; tool results
+are context unless ``supervise_tool_results``; an assistant's ``reasoning_content`` is
+supervised unless ``supervise_reasoning = false`` (then its text, found in the rendered reply,
+is context while the template's thinking markers and the answer stay supervised).
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from lorakit.api import (
 from lorakit_plugins.formatters._turns import bos_for
 
 
-def _dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+def _dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    return [m.to_json() for m in messages]
 
 
 def template_end_of_turn(tokenizer: Any) -> str:
@@ -65,6 +71,12 @@ class ChatTemplateOptions:
     system_prompt: str | None = option(
         None, doc="system message added to conversations that have none (unset: template default)"
     )
+    supervise_tool_results: bool = option(
+        False, doc="learn the text of tool results too (false: they are context only)"
+    )
+    supervise_reasoning: bool = option(
+        True, doc="learn assistants' reasoning_content (false: context; the answer is learned)"
+    )
 
 
 class ChatTemplateFormatter:
@@ -100,21 +112,29 @@ class ChatTemplateFormatter:
                 raise _template_failed(exc, tokenizer, "a probe conversation") from None
         return self._eot[key]
 
-    def _apply(self, tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
+    def _apply(
+        self,
+        tokenizer: Any,
+        messages: list[dict[str, Any]],
+        gen: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """``apply_chat_template(..., tokenize=False)``, rendered with a cached compiled template
         when that gives the same text on a probe conversation (it skips transformers' per-call
-        overhead, about half the cost); otherwise through transformers."""
+        overhead, about half the cost); otherwise, and whenever there are tools, through
+        transformers."""
         key = id(tokenizer)
         if key not in self._fast:
             self._fast[key] = _compile_if_equivalent(tokenizer)
         fast = self._fast[key]
-        if fast is None:
+        if fast is None or tools:
+            extra = {"tools": tools} if tools else {}
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=gen
+                messages, tokenize=False, add_generation_prompt=gen, **extra
             )
         return fast(messages, gen)
 
-    def _with_system(self, messages: Sequence[Message]) -> list[dict[str, str]]:
+    def _with_system(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
         out = _dicts(messages)
         if self.options.system_prompt is not None and (not out or out[0]["role"] != "system"):
             out.insert(0, {"role": "system", "content": self.options.system_prompt})
@@ -144,13 +164,17 @@ class ChatTemplateFormatter:
             segs = (Segment(bos), Segment((example.text or "") + eot, True))
             return Rendered(tuple(s for s in segs if s.text))
         msgs = self._with_system(example.messages)
+        tools = [dict(t) for t in example.tools] if example.tools else None
         segments: list[Segment] = []
         done = ""  # rendered text covered by segments so far
+        results: list[str] = []  # tool results since the last reply (supervised when asked)
         for i, m in enumerate(msgs):
+            if m["role"] == "tool" and self.options.supervise_tool_results:
+                results.append(m["content"])
             if m["role"] != "assistant":
                 continue
-            prompt = self._apply(tokenizer, msgs[:i], gen=True)
-            full = self._apply(tokenizer, msgs[: i + 1])
+            prompt = self._apply(tokenizer, msgs[:i], gen=True, tools=tools)
+            full = self._apply(tokenizer, msgs[: i + 1], tools=tools)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 # the text so far vs the prompt for this turn, or the prompt vs this turn
                 a, b = (done, prompt) if not prompt.startswith(done) else (prompt, full)
@@ -175,20 +199,43 @@ class ChatTemplateFormatter:
                     fix='use plugin = "chatml" (or another fixed formatter) for this model',
                 )
             end = cut + len(eot)
-            segments.append(Segment(prompt[len(done) :]))
-            segments.append(Segment(reply[:end], True))
+            segments += _marked(prompt[len(done) :], results, supervised=False)
+            results = []
+            reasoning = m.get("reasoning_content")
+            if reasoning and not self.options.supervise_reasoning:
+                segments += _marked(reply[:end], [reasoning.strip()], supervised=True)
+            else:
+                segments.append(Segment(reply[:end], True))
             segments.append(Segment(reply[end:]))
             done = full
         # A conversation that ends with a reply was rendered whole in the last step.
-        whole = done if msgs[-1]["role"] == "assistant" else self._apply(tokenizer, msgs)
+        whole = (
+            done if msgs[-1]["role"] == "assistant" else self._apply(tokenizer, msgs, tools=tools)
+        )
         if not whole.startswith(done):
             raise DataError(
                 "the chat template is not prefix-stable for this conversation",
                 where=f"example {example.id}",
                 fix='use plugin = "chatml" (or another fixed formatter) for this model',
             )
-        segments.append(Segment(whole[len(done) :]))
+        segments += _marked(whole[len(done) :], results, supervised=False)
         return Rendered(tuple(s for s in segments if s.text))
+
+
+def _marked(text: str, pieces: list[str], supervised: bool) -> list[Segment]:
+    """``text`` as segments of the given ``supervised`` flag, except each of ``pieces`` (found
+    in order, each after the previous) which gets the other flag. A piece the template did not
+    render verbatim keeps the surrounding flag."""
+    out: list[Segment] = []
+    pos = 0
+    for piece in pieces:
+        at = text.find(piece, pos) if piece else -1
+        if at < 0:
+            continue
+        out += [Segment(text[pos:at], supervised), Segment(piece, not supervised)]
+        pos = at + len(piece)
+    out.append(Segment(text[pos:], supervised))
+    return out
 
 
 def _template_errors() -> tuple[type[Exception], ...]:

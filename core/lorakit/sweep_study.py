@@ -1,0 +1,159 @@
+"""The Optuna side of ``lorakit sweep``: the study in SQLite (resumable, shared by processes),
+its pruner and sampler, the loop that runs trials until the study has enough, the ranking."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from lorakit.errors import LorakitError, RunError
+from lorakit.sweep import Sweep, objective, prepare
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ModuleNotFoundError:
+        raise RunError(
+            "lorakit sweep needs optuna, which is not installed",
+            fix="pip install 'lorakit[sweep]'",
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def pruner(sweep: Sweep) -> Any:
+    optuna = _optuna()
+    s = sweep.spec.sweep
+    first = sweep.recipe.train.eval_steps or 1  # the first step an eval loss is logged at
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first, max_resource="auto", reduction_factor=s.reduction_factor
+        )
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=first, reduction_factor=s.reduction_factor
+        )
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(sweep: Sweep) -> Any:
+    """The sweep's study, created or loaded: SQLite beside the trials' run folders. A process
+    that died mid-trial leaves it running; its heartbeat stops, and the next process marks it
+    failed and tries those values again."""
+    optuna = _optuna()
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    retry = (
+        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        or optuna.storages.RetryFailedTrialCallback
+    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            sweep.storage,
+            engine_kwargs={"connect_args": {"timeout": 60}},
+            heartbeat_interval=30,
+            grace_period=120,
+            failed_trial_callback=retry(max_retry=1),
+        )
+    name = sweep.folder.name
+    seed = sweep.spec.sweep.seed
+    with contextlib.suppress(KeyError):  # trials drawn already: go on from another seed
+        seed += len(optuna.load_study(study_name=name, storage=storage).trials)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if sweep.spec.sweep.sampler == "random"
+        else optuna.samplers.TPESampler(seed=seed)
+    )
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize" if sweep.higher_is_better else "minimize",
+        sampler=sampler,
+        pruner=pruner(sweep),
+    )
+
+
+def run_sweep(sweep: Sweep, say: Callable[[str], None], trials: int | None = None) -> Any:
+    """Run trials until the study holds ``trials`` (``[sweep].trials``) finished, pruned or
+    running ones, all processes together; return the study."""
+    optuna = _optuna()
+    prepared = prepare(sweep, say)
+    study = open_study(sweep)
+    want = trials or sweep.spec.sweep.trials
+    run_trial = objective(sweep, prepared, say)
+    state = optuna.trial.TrialState
+    while True:
+        count = Counter(t.state for t in study.get_trials(deepcopy=False))
+        busy = count[state.COMPLETE] + count[state.PRUNED] + count[state.RUNNING]
+        if busy >= want or count[state.FAIL] >= want:
+            break
+        study.optimize(run_trial, n_trials=1, catch=(LorakitError,), gc_after_trial=True)
+        last = study.trials[-1]
+        if last.state == state.FAIL:
+            say(f"trial t{last.number:03d} failed: {last.system_attrs.get('fail_reason', '?')}")
+    return study
+
+
+def ranking(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
+    """Every trial, the finished ones best first by the main metric, then pruned, then the rest."""
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    rows = [
+        {
+            "trial": f"t{t.number:03d}",
+            "state": t.state.name,
+            # Optuna gives a pruned trial its last eval loss as value: not the main metric
+            sweep.metric: t.value if t.state == state.COMPLETE else None,
+            "params": dict(t.params),
+            "run": t.user_attrs.get("run", ""),
+            "eval_losses": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+    sign = -1 if sweep.higher_is_better else 1
+    order = {state.COMPLETE.name: 0, state.PRUNED.name: 1}
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        value = r[sweep.metric]
+        if value is None:  # pruned: the furthest first, then the lowest eval loss there
+            losses = r["eval_losses"]
+            last = max(losses, key=int) if losses else "0"
+            return (order.get(r["state"], 2), -int(last), losses.get(last, 0.0), r["trial"])
+        return (order.get(r["state"], 2), 0, sign * value, r["trial"])
+
+    ranked = sorted(rows, key=key)
+    (sweep.folder / "sweep.json").write_text(json.dumps(ranked, indent=2) + "\n")
+    return ranked
+
+
+def ranking_table(sweep: Sweep, ranked: list[dict[str, Any]]) -> str:
+    keys = [p.key for p in sweep.spec.space]
+    head = ["rank", "trial", "state", f"{sweep.metric} ({sweep.split})", "last eval_loss", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(ranked, 1):
+        value, losses = r[sweep.metric], r["eval_losses"]
+        last = max(losses, key=int) if losses else None
+        cells = [
+            str(i) if r["state"] == "COMPLETE" else "-",
+            r["trial"],
+            r["state"].lower(),
+            f"{value:.4f}" if value is not None else "-",
+            f"{losses[last]:.4f} (step {last})" if last else "-",
+            *(_cell(r["params"].get(k)) for k in keys),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,152 @@
+"""The ``sharegpt`` source: every variant round trips, none lost or duplicated, in order; role
+mapping; errors name file:line or file[index]."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import read_context, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lorakit.api import read_source
+from lorakit.contracts import Message, ToolCall
+from lorakit.errors import DataError, RecipeError
+from lorakit_plugins.sources.sharegpt import ShareGptOptions, ShareGptSource
+
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30)
+nonblank = text.filter(lambda s: s.strip())
+SPEAKERS = {"user": ["human", "user"], "assistant": ["gpt", "assistant", "chatgpt", "model"]}
+VARIANTS = [("conversations", "from", "value"), ("messages", "role", "content")]
+
+
+@st.composite
+def conversations(draw):
+    """(messages, system prompt or None): what a ShareGPT record should read as."""
+    system = draw(st.one_of(st.none(), nonblank))
+    msgs = [Message("system", system)] if system else []
+    for _ in range(draw(st.integers(1, 3))):
+        msgs += [Message("user", draw(text)), Message("assistant", draw(nonblank))]
+    return msgs
+
+
+def sharegpt_record(draw, msgs, variant, top_system):
+    key, role_key, content_key = variant
+    turns, record = [], {}
+    for m in msgs:
+        if m.role == "system" and top_system:
+            record["system"] = m.content
+            continue
+        speaker = m.role if m.role == "system" else draw(st.sampled_from(SPEAKERS[m.role]))
+        turns.append({role_key: speaker, content_key: m.content})
+    record[key] = turns
+    return record
+
+
+@SETTINGS
+@given(data=st.data(), convs=st.lists(conversations(), min_size=1, max_size=6))
+def test_sharegpt_round_trip_every_variant(data, convs, tmp_path):
+    variant = data.draw(st.sampled_from(VARIANTS))
+    as_array = data.draw(st.booleans())
+    records = []
+    for i, msgs in enumerate(convs):
+        rec = sharegpt_record(data.draw, msgs, variant, data.draw(st.booleans()))
+        rec["id"] = f"r{i}"
+        records.append(rec)
+    folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    if as_array:
+        (folder / "s.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    else:
+        write_jsonl(folder / "s.jsonl", records)
+    got = list(ShareGptSource(ShareGptOptions(path=str(folder))).read(read_context(tmp_path)))
+    assert [g.id for g in got] == [r["id"] for r in records]
+    assert [list(g.messages) for g in got] == convs
+    want_where = "s.json[0]" if as_array else "s.jsonl:1"
+    assert got[0].meta["source"].startswith(str(folder / want_where))
+
+
+def test_content_hash_ids_and_duplicates(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    write_jsonl(tmp_path / "s.jsonl", [rec, rec])
+    got, _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert got[0].id == got[1].id and got[0].id.startswith("sha-") and len(got[0].id) == 20
+
+
+def test_role_mapping_skip_and_merge(tmp_path):
+    rec = {
+        "conversations": [
+            {"from": "narrator", "value": "(scene)"},
+            {"from": "customer", "value": "hi"},
+            {"from": "customer", "value": "anyone?"},
+            {"from": "agent", "value": "hello"},
+        ]
+    }
+    write_jsonl(tmp_path / "s.jsonl", [rec])
+    with pytest.raises(DataError, match="unknown speaker 'narrator'") as err:
+        read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert 'roles = { "narrator" = "user" }' in err.value.fix
+    roles = {"narrator": "skip", "customer": "user", "agent": "assistant"}
+    with pytest.raises(DataError, match="turns 1 and 2 are both user turns"):
+        read_source(ShareGptSource, {"path": "s.jsonl", "roles": roles}, recipe_dir=tmp_path)
+    opts = {"path": "s.jsonl", "roles": roles, "merge_consecutive": True}
+    [ex], _ = read_source(ShareGptSource, opts, recipe_dir=tmp_path)
+    assert ex.messages == (Message("user", "hi\n\nanyone?"), Message("assistant", "hello"))
+    with pytest.raises(RecipeError, match="map to one of"):
+        read_source(ShareGptSource, {"path": "s.jsonl", "roles": {"a": "bot"}}, recipe_dir=tmp_path)
+
+
+def test_llama_factory_function_calls_observations_and_tools(tmp_path):
+    tools = [{"name": "add", "parameters": {"type": "object", "required": ["a", "b"]}}]
+    rec = {
+        "conversations": [
+            {"from": "human", "value": "2+3?"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}}),
+            },
+            {"from": "observation", "value": "5"},
+            {"from": "gpt", "value": "5"},
+        ],
+        "system": "You add.",
+        "tools": json.dumps(tools),  # LLaMA-Factory stores the tools as a JSON string
+    }
+    bad = json.loads(json.dumps(rec).replace('\\"b\\": 3', '\\"c\\": 3'))
+    (tmp_path / "s.json").write_text(json.dumps([rec, bad]), encoding="utf-8")
+    got, skipped = read_source(
+        ShareGptSource, {"path": "s.json"}, recipe_dir=tmp_path, on_error="skip"
+    )
+    [ex] = got
+    assert ex.messages[0] == Message("system", "You add.")
+    assert ex.messages[2].tool_calls == (ToolCall("add", {"a": 2, "b": 3}),)
+    assert ex.messages[3] == Message("tool", "5")
+    assert ex.tools[0]["function"]["name"] == "add"
+    [(where, reason)] = skipped
+    assert where.startswith(str(tmp_path / "s.json[1]")) and "required argument 'b'" in reason
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"conversations": []}, "conversations must be a non-empty list"),
+        ({"conversations": [{"from": "gpt", "value": "a"}]}, "must follow a user turn"),
+        ({"conversations": [{"from": "human", "value": 3}]}, "value must be a string, got int"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
+        ({"conversations": ["hi"]}, "turn 0 must be an object"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path, record, message):
+    write_jsonl(tmp_path / "s.jsonl", [record])
+    with pytest.raises(DataError, match=message) as err:
+        read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert err.value.where.startswith(f"{tmp_path / 's.jsonl'}:1")
+
+
+def test_broken_json_array_names_the_line(tmp_path):
+    (tmp_path / "s.json").write_text('[\n{"conversations": []},\n{oops}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed JSON") as err:
+        read_source(ShareGptSource, {"path": "s.json"}, recipe_dir=tmp_path)
+    assert err.value.where == f"{tmp_path / 's.json'}:3"

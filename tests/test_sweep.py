@@ -1,0 +1,108 @@
+"""``lorakit sweep``: the space file checked with key paths, and a real 4-trial sweep of the tiny
+model (study in SQLite beside the runs, trials as run folders, pruning on eval loss, ranking,
+compare, the prepared splits and the baseline reused, resumed by running it again)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from helpers import tiny_recipe
+from lorakit.errors import RecipeError
+from lorakit.sweep import metric_value, open_sweep
+from lorakit.sweep_space import read_space
+
+SPACE = """
+[sweep]
+trials = 4
+pruner = "successive_halving"
+reduction_factor = 2
+sampler = "random"
+seed = 3
+
+[space."train.learning_rate"]
+low = 1e-5
+high = 2e-2
+log = true
+
+[space."peft.r"]
+choices = [2, 4]
+"""
+
+
+def test_the_space_file_is_checked_with_key_paths(tmp_path, tiny_model_dir, chat_file):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[sweep]\ntrials = 0\npruner = "asha"\n'
+        '[space."data.val_fraction"]\nlow = 0.1\nhigh = 0.2\n'
+        '[space."train.learning_rate"]\nlow = 0\nhigh = 1\nlog = true\n'
+        '[space."peft.r"]\nchoices = []\n[extra]\n'
+    )
+    with pytest.raises(RecipeError) as err:
+        read_space(bad)
+    text = "\n".join(err.value.problems)
+    assert "[sweep].trials" in text and "[sweep].pruner" in text and "[extra]" in text
+    assert "data keys cannot be searched" in text and "a log range needs low > 0" in text
+    assert "choices must be a non-empty list" in text
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    space = tmp_path / "s.toml"
+    space.write_text('[sweep]\nmetric = "bleu"\n[space."train.lerning_rate"]\nchoices = [0.1]\n')
+    with pytest.raises(RecipeError) as err:
+        open_sweep(recipe, [], read_space(space))
+    text = "\n".join(err.value.problems)
+    assert "lerning_rate" in text and "did you mean learning_rate" in text
+    assert "[sweep].metric: 'bleu'" in text and "train.eval_steps" in text
+
+
+@pytest.mark.slow
+def test_a_four_trial_sweep_prunes_ranks_and_resumes(tmp_path, tiny_model_dir, chat_file, cli):
+    recipe = tiny_recipe(
+        tmp_path, tiny_model_dir, chat_file, extra='name = "tiny"\n[eval]\nmax_examples = 4\n'
+    )
+    (tmp_path / "sweep.toml").write_text(SPACE)
+    args = ("sweep", recipe, "train.max_steps=6", "train.eval_steps=2", "train.save_steps=6")
+    code, out, err = cli(*args, "--space", tmp_path / "sweep.toml")
+    assert code == 0, err
+    folder = tmp_path / "runs" / "tiny-sweep"
+    assert (folder / "study.db").is_file() and (folder / "data" / "splits" / "val.jsonl").is_file()
+    # the base model is scored once, for the sweep; every trial reuses that baseline
+    assert err.count("scoring the base model") == 1, err
+    ranked = json.loads((folder / "sweep.json").read_text())
+    assert [r["trial"] for r in sorted(ranked, key=lambda r: r["trial"])] == [
+        "t000",
+        "t001",
+        "t002",
+        "t003",
+    ]
+    assert {r["state"] for r in ranked} <= {"COMPLETE", "PRUNED"}
+    done = [r for r in ranked if r["state"] == "COMPLETE"]
+    assert done and [r["eval_loss"] for r in done] == sorted(r["eval_loss"] for r in done)
+    for r in ranked:
+        run = folder / r["trial"]
+        assert (run / "run.json").is_file() and r["run"] == str(run)
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        if r["state"] == "COMPLETE":  # a normal run folder, scored against the shared baseline
+            assert metric_value(run, "eval_loss", "val") == pytest.approx(r["eval_loss"])
+            assert (run / "baseline" / "eval_report.json").is_file() and max(steps) == 6
+        else:  # stopped at an eval before the last step; not evaluated
+            assert max(steps) < 6 and not (run / "eval_report.json").exists()
+            assert "pruned at step" in err
+    head = (
+        "| rank | trial | state | eval_loss (val) | last eval_loss | train.learning_rate | peft.r |"
+    )
+    assert head in out and out.count("| (base) |") == 1
+    assert "lorakit compare" in out and "| t00" in out
+    # every trial trained on the same prepared splits
+    fingerprints = {
+        json.loads((folder / r["trial"] / "data_report.json").read_text())["fingerprint"]
+        for r in ranked
+    }
+    assert len(fingerprints) == 1
+    # run again with one more trial: the study resumes, nothing is read or scored again
+    code, out, err = cli(*args, "--space", tmp_path / "sweep.toml", "--trials", "5")
+    assert code == 0, err
+    assert "reusing the prepared splits" in err and "scoring the base model" not in err
+    with sqlite3.connect(folder / "study.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 5
+    assert (folder / "t004" / "run.json").is_file()
