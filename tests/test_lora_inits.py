@@ -169,3 +169,26 @@ def test_converted_adapter_loads_in_stock_peft_and_keeps_modules_to_save(
     assert not head.equal(load_tiny_model(tiny_model_dir).lm_head.weight), "trained head lost"
     parity = json.loads((run / "export" / "parity.json").read_text())
     assert parity, "the export's parity report is written"
+
+
+@pytest.mark.slow
+def test_quant_gap_measures_the_quantized_base_on_val_examples(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit")
+    code, out, err = cli("plan", recipe, "--quant-gap", "4")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("quantization gap (bnb-4bit)"))
+    assert "on 4 val examples" in line and "KL" in line and "top-1 agreement" in line
+    code, out, err = cli("plan", tiny_recipe(tmp_path, tiny_model_dir, chat_file), "--quant-gap")
+    assert code == 0 and "does not quantize" in err
+
+
+def test_gap_advice_names_the_fixes_with_numbers():
+    from lorakit.quant_gap import Gap, advice
+
+    large = advice(Gap(16, 445, 1.1268, 1.4412, 0.2553, 0.789), "bnb-4bit")
+    assert "+27.9%" in large[0] and "78.9%" in large[0]
+    assert any('init = "loftq"' in x for x in large) and any("bnb-8bit" in x for x in large)
+    small = advice(Gap(16, 445, 1.0, 1.01, 0.001, 0.99), "bnb-8bit")
+    assert "small" in small[1] and len(small) == 2
