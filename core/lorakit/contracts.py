@@ -322,6 +322,38 @@ class PeftMethod(Configured, Protocol):
 
 
 @runtime_checkable
+class LoraInitOptions(Protocol):
+    """Optional capability of a PEFT method's *options*: how a LoRA adapter starts and trains
+    beyond its ``LoraConfig`` (``lorakit.lora_init``, ``lorakit.lora_plus``)."""
+
+    @property
+    def init(self) -> str:
+        """default, gaussian, pissa, olora, loftq or eva."""
+        ...
+
+    @property
+    def eva_batches(self) -> int:
+        """eva: training micro-batches whose activations set the init."""
+        ...
+
+    @property
+    def lora_plus_ratio(self) -> float:
+        """LoRA+: B's learning rate over A's; 0 for one learning rate."""
+        ...
+
+
+@runtime_checkable
+class ChecksCombinations(Protocol):
+    """Optional capability of a plugin's options: settings it cannot train with the recipe's
+    [quant] and [train], each a problem naming the keys (the recipe reports them all)."""
+
+    def combination_problems(self, *, quantizes: bool, quant: str, objective: str) -> list[str]:
+        """``quantizes``: whether the [quant] plugin quantizes the base; ``quant`` its name;
+        ``objective``: ``[train].objective``."""
+        ...
+
+
+@runtime_checkable
 class Metric(Configured, Protocol):
     """Scores one split. A metric is one of two kinds, and ``kind`` says which: a
     :class:`LossMetric` (``kind = "loss"``) or a :class:`GenerationMetric`

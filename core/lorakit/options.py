@@ -21,12 +21,30 @@ _MISSING = object()
 
 
 def option(
-    default: Any = attrs.NOTHING, *, doc: str, validator: Any = None, factory: Any = None
+    default: Any = attrs.NOTHING,
+    *,
+    doc: str,
+    validator: Any = None,
+    factory: Any = None,
+    recorded_when_set: bool = False,
 ) -> Any:
-    """An attrs field with a one-line ``doc`` (shown by ``lorakit plugins -v`` and the docs)."""
+    """An attrs field with a one-line ``doc`` (shown by ``lorakit plugins -v`` and the docs).
+
+    ``recorded_when_set``: :func:`to_plain` leaves the field out while it holds its default, so
+    an option added in a later version changes neither the ``resolved.json`` nor the config hash
+    of recipes that do not use it (runs trained before it existed still resume and export).
+    """
+    metadata = {"doc": doc, "recorded_when_set": recorded_when_set}
     if factory is not None:
-        return attrs.field(factory=factory, validator=validator, metadata={"doc": doc})
-    return attrs.field(default=default, validator=validator, metadata={"doc": doc})
+        return attrs.field(factory=factory, validator=validator, metadata=metadata)
+    return attrs.field(default=default, validator=validator, metadata=metadata)
+
+
+def _at_default(fld: Any, value: Any) -> bool:
+    default = fld.default
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        default = default.factory()
+    return bool(value == default)
 
 
 def describe_type(tp: Any) -> str:
@@ -197,7 +215,13 @@ def describe_options(cls: type) -> list[tuple[str, str, str, str]]:
 def to_plain(obj: Any) -> Any:
     """An attrs instance (or nested values) as TOML/JSON-friendly plain data."""
     if attrs.has(type(obj)):
-        return {k: to_plain(v) for k, v in attrs.asdict(obj, recurse=False).items()}
+        return {
+            fld.name: to_plain(getattr(obj, fld.name))
+            for fld in attrs.fields(type(obj))
+            if not (
+                fld.metadata.get("recorded_when_set") and _at_default(fld, getattr(obj, fld.name))
+            )
+        }
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, Mapping):

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from lorakit.catalog import Catalog
-from lorakit.contracts import RequiresModules
+from lorakit.contracts import ChecksCombinations, RequiresModules
 from lorakit.errors import RecipeError, closest
 from lorakit.options import structure, to_plain
 from lorakit.recipe_toml import apply_overrides, read_toml
@@ -263,6 +263,22 @@ def logger_choices(
     return choices, problems
 
 
+def _combination_problems(catalog: Catalog, parts: dict[str, Any]) -> list[str]:
+    """What a [peft] method's options cannot train with the chosen [quant] and [train]: its
+    options class may say so (``combination_problems``), naming the keys."""
+    peft, quant, train = parts.get("peft"), parts.get("quant"), parts.get("train")
+    if peft is None or quant is None or train is None:
+        return []
+    if not isinstance(peft.options, ChecksCombinations):
+        return []
+    quantizes = bool(catalog.get("quant", quant.name).factory.quantizes)
+    return list(
+        peft.options.combination_problems(
+            quantizes=quantizes, quant=quant.name, objective=train.objective
+        )
+    )
+
+
 def validate(
     data: dict[str, Any], catalog: Catalog, *, path: Path, text: str, overrides: Sequence[str] = ()
 ) -> Recipe:
@@ -326,6 +342,7 @@ def validate(
         problems += errs
         parts["data"] = obj
 
+    problems += _combination_problems(catalog, parts)
     if problems:
         raise RecipeError(problems, source=str(path))
     return Recipe(

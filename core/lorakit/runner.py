@@ -283,7 +283,18 @@ def load_for_training(
     model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
     start_adapter = start_adapter_dir(recipe, data.ref)
     if start_adapter is None:
+        from lorakit.lora_init import finish_init
+
         model = attach_new_adapter(model, components.peft, recipe.train.seed)
+        # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export
+        finish_init(
+            model,
+            components.peft,
+            model_path=data.ref.path,
+            train_rows=data.train_rows,
+            batch_size=recipe.train.per_device_train_batch_size,
+            say=say,
+        )
     else:  # its own LoRA shape, trainable; [peft] is not used
         say(f"starting from the adapter in {start_adapter} (its own LoRA settings)")
         model = load_adapter(model, start_adapter, trainable=True)
@@ -408,6 +419,11 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
+    from lorakit.lora_init import init_name
+
+    init = init_name(recipe.peft.options)
+    if init != "default" and recipe.train.from_adapter is None:
+        meta["init"] = init  # pissa/olora: the adapter is saved converted (lora_init.py)
     if data.system_prompt is not None:  # generate and export prompt with it by default
         meta["system_prompt"] = data.system_prompt
     state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights
@@ -469,7 +485,15 @@ def evaluate_trained(
     loss.png and report.md in the run folder. A model sharded by the engine (``None``) is
     loaded again from the saved adapter instead."""
     from lorakit.evaluation.evaluate import evaluate, evaluate_run, plan_eval
+    from lorakit.lora_init import rewrites_base
 
+    if model is not None and rewrites_base(model):
+        # its base holds the residual, so "adapter off" is not the base model: score the
+        # saved (converted) adapter on the original base, as eval and export load it
+        model = None
+        import gc
+
+        gc.collect()
     if model is None:
         return evaluate_run(recipe, components, run.path, adapter=True, say=say, ref=data.ref)
     plan = plan_eval(

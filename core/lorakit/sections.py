@@ -179,6 +179,14 @@ class TrainSection:
         validator=v.ge(0),
     )
 
+    neftune_noise_alpha: float = option(
+        0.0,
+        doc="NEFTune: uniform noise of this scale (5 in the paper) on the input embeddings "
+        "while training, scaled by 1/sqrt(length x width) of the packed row; 0: off",
+        validator=[_finite, v.ge(0.0)],
+        recorded_when_set=True,
+    )
+
     objective: Objective = option(
         "sft",
         doc="what the adapter learns: sft (imitate the assistant turns), or from preference "

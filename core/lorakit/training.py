@@ -81,6 +81,8 @@ def training_args(
         ddp_backend=("nccl" if device == "cuda" else "gloo") if world_size() > 1 else None,
         ddp_find_unused_parameters=False,
         ddp_timeout=TIMEOUT_S,
+        # NEFTune: noise on the input embeddings while training (0: off)
+        neftune_noise_alpha=t.neftune_noise_alpha or None,
         include_num_input_tokens_seen="all",  # rows are packed: every input token is real
         report_to="none",
         disable_tqdm=not progress_bars(),  # a bar on a terminal, none in logs
@@ -285,6 +287,11 @@ def finish_trainer(
         else 0,
         **extra,
     )
+    from lorakit.lora_plus import lora_plus_optimizer
+
+    lora_plus = lora_plus_optimizer(trainer, recipe.peft.options)
+    if lora_plus is not None:  # LoRA+: B's parameter groups learn faster than A's
+        trainer.optimizer_cls_and_kwargs = lora_plus
     if args.disable_tqdm:  # no bar (logs, CI): a readable line instead of a dict per step
         from transformers.trainer_callback import PrinterCallback
 

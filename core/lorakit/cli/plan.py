@@ -1,6 +1,7 @@
 """``lorakit plan RECIPE``: predict parameters and peak memory before anything is loaded.
 
-Config only (``config.json``, GGUF metadata, or config.json fetched from the Hub); no torch.
+Config only (``config.json``, GGUF metadata, or config.json fetched from the Hub); no torch,
+unless ``--quant-gap`` asks to load the base and measure what its quantization costs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ def add_parser(sub) -> None:
         "--no-data",
         action="store_true",
         help="do not read the data: assume batch x max_length tokens, all supervised",
+    )
+    p.add_argument(
+        "--quant-gap",
+        nargs="?",
+        type=int,
+        const=16,
+        metavar="N",
+        help="also load the base unquantized and quantized and compare them on N val examples "
+        "(default 16): loss, KL, top-1 agreement, and what to do when the gap is large",
     )
     p.set_defaults(func=run)
 
@@ -100,6 +110,13 @@ def run(args) -> int:
             "LORAKIT_MALLOC=return makes it follow these terms, with slower steps)"
         )
     print(summary(plan, size, where))
+    if args.quant_gap:  # loads the model (twice): torch only here
+        from lorakit.console import say
+        from lorakit.quant_gap import advice, run_gap
+
+        gap = run_gap(session, args.quant_gap, say)
+        for line in advice(gap, recipe.quant.name) if gap else []:
+            print(line)
     if size is not None and plan.peak > size:
         print(f"to fit: {fixes(plan)}")
         return 1

@@ -76,6 +76,11 @@ def _write_adapter(
 
     extra = {} if state_dict is None else {"state_dict": state_dict}
     model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+    from lorakit.lora_init import convert_to_plain_lora, initial_lora
+
+    initial = initial_lora(model)
+    if initial is not None:  # PiSSA/OLoRA: a plain LoRA delta against the original base
+        convert_to_plain_lora(tmp, initial)
     tokenizer.save_pretrained(str(tmp))
     gen = model.generation_config if hasattr(model, "generation_config") else None
     if gen is not None:
