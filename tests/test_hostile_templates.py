@@ -102,6 +102,7 @@ except DataError as exc:
 """
 
 
+@pytest.mark.slow  # its subprocess imports transformers: about 3 s of CPU, at the guard's limit
 def test_a_generation_block_loop_is_bounded_with_a_transformers_tokenizer(
     tmp_path, data_tokenizer_dir
 ):

@@ -62,6 +62,7 @@ def log_run(tmp_path: Path, name: str = "r1", resumed: bool = False) -> LogRun:
     return LogRun(name, tmp_path, tmp_path, params, "fp-1", {"torch": "2.x"}, "cfg", resumed)
 
 
+@pytest.mark.slow  # wandb's offline writer and reader run as processes: about 3 s of CPU
 def test_offline_run_holds_config_history_final_metrics_and_reports(tmp_path):
     said: list[str] = []
     (tmp_path / "report.md").write_text("# report\n")
