@@ -2,6 +2,8 @@
 
 ``folder``       ``lorakit export``: the export folder (adapter, merged, parity, gguf), published
                  atomically; only folders marked as lorakit exports are ever replaced
+``contents``     what goes into it: exported metadata, adapter folder, merged and GGUF folders,
+                 model cards
 ``adapter_io``   the adapter folder: atomic save (weights, tokenizer, generation_config with the
                  end-of-turn stop ids, lorakit.json), its metadata, the stop ids
 ``merge``        QLoRA-aware merge: into an fp32 base, then cast, with finite-weight guards
