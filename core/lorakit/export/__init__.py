@@ -10,6 +10,7 @@
 ``parity``       probe conversations and logit/perplexity comparison of an export vs the run
 ``model_card``   the README.md written into each export folder
 ``gguf_export``  ``--gguf``: merged GGUF files, adapter GGUF, Modelfile, parity, in order
+``gguf_source``  what the GGUF files hold: the merged fp32 model, or the base as trained
 ``gguf_writer``  a merged model as one GGUF file (tensor layout, types)
 ``gguf_vocab``   the tokenizer metadata of a GGUF (byte-level BPE, pre-tokenizer, template)
 ``gguf_adapter`` the adapter alone as a GGUF LoRA file
