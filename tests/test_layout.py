@@ -10,6 +10,7 @@ from pathlib import Path
 from helpers import REPO
 
 CORE = REPO / "core"
+PLUGINS = REPO / "plugins" / "lorakit_plugins"
 
 
 def _modules() -> dict[str, Path]:
@@ -103,18 +104,58 @@ def test_house_map_names_every_core_module_and_nothing_else():
     assert not missing, f"add these core modules to CONTRIBUTING.md's layout table: {missing}"
 
 
-def test_verbs_open_their_recipe_through_one_function():
-    """catalog -> recipe -> components is lorakit.session.open_session, not a copy per verb."""
-    sequence = {"load_recipe", "build_components", "open_run", "open_target", "validate"}
-    copies = [
-        f"{f.name}:{node.lineno} imports {alias.name}"
-        for f in sorted((CORE / "lorakit" / "cli").glob("*.py"))
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
-        if isinstance(node, ast.ImportFrom)
-        for alias in node.names
-        if alias.name in sequence
-    ]
+# The modules that run a step of catalog -> recipe -> components, each for a reason of its own.
+BUILDERS = {
+    "session.py": "the sequence itself, for every verb",
+    "load_run.py": "a run folder's saved recipe (open_run, open_target), for open_session(runs=True)",
+}
+
+
+def _build_steps_used(f: Path, root: Path = REPO) -> list[str]:
+    """Where ``f`` imports (or reaches as ``module.name``) a step of the build sequence."""
+    steps = {
+        ("lorakit.recipe", "load_recipe"),
+        ("lorakit.recipe", "validate"),
+        ("lorakit.components", "build_components"),
+        ("lorakit.load_run", "open_run"),
+        ("lorakit.load_run", "open_target"),
+    }
+    unique = {"load_recipe", "build_components", "open_run", "open_target"}
+    found = []
+    for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            found += [
+                f"{node.lineno} imports {a.name}"
+                for a in node.names
+                if (node.module, a.name) in steps
+            ]
+        elif isinstance(node, ast.Attribute) and node.attr in unique:
+            found.append(f"{node.lineno} uses .{node.attr}")
+    return [f"{f.relative_to(root)}:{where}" for where in found]
+
+
+def test_verbs_open_their_recipe_through_one_function(tmp_path):
+    """catalog -> recipe -> components is lorakit.session.open_session, not a copy per verb
+    (``lorakit export`` included, issue 20): no module of the core or the built-in plugins
+    outside ``BUILDERS`` runs a step of it."""
+    allowed = {CORE / "lorakit" / name for name in BUILDERS}
+    files = [*sorted((CORE / "lorakit").rglob("*.py")), *sorted(PLUGINS.rglob("*.py"))]
+    copies = [use for f in files if f not in allowed for use in _build_steps_used(f)]
     assert not copies, "use lorakit.session.open_session:\n" + "\n".join(copies)
+    # the check sees a copy: the sequence as export/folder.py held it before issue 20
+    copy = tmp_path / "copy.py"
+    copy.write_text(
+        "from lorakit.components import build_components\n"
+        "from lorakit.load_run import open_run, prepare_inference\n"
+        "import lorakit.recipe\n"
+        "recipe = lorakit.recipe.load_recipe(path)\n",
+        encoding="utf-8",
+    )
+    assert [u.split(":", 1)[1] for u in _build_steps_used(copy, tmp_path)] == [
+        "1 imports build_components",
+        "2 imports open_run",
+        "4 uses .load_recipe",
+    ]
 
 
 def test_open_session_builds_a_recipes_plugins_once(tmp_path, chat_file):

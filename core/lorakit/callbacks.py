@@ -18,10 +18,14 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
     """``keep``: how many complete checkpoints to keep (``train.save_total_limit``; None: all).
     The Trainer's own rotation must be off (``save_total_limit=None`` in its arguments): it
     deletes old checkpoints before the new one's marker is written."""
+    return [metrics_log(loggers), stop_non_finite(), complete_marker(keep), keep_training_rng()]
+
+
+def metrics_log(loggers: Loggers) -> Any:
+    """Every log record to the experiment loggers, with the peak memory so far."""
     from transformers import TrainerCallback
 
     from lorakit.device import peak_memory_gb
-    from lorakit.loss import diverged, non_finite
 
     class MetricsLog(TrainerCallback):
         """Hand every log record to the experiment loggers (metrics.jsonl and the recipe's
@@ -34,6 +38,13 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
                 state.global_step,
                 {"epoch": state.epoch, **logs, "peak_memory_gb": round(peak_memory_gb(), 3)},
             )
+
+    return MetricsLog()
+
+
+def complete_marker(keep: int | None) -> Any:
+    """A checkpoint marked complete once written, then the checkpoints past ``keep`` deleted."""
+    from transformers import TrainerCallback
 
     class CompleteMarker(TrainerCallback):
         """Mark a checkpoint complete only after everything in it is written; only then delete
@@ -51,6 +62,15 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
                 owner = f"run {run_id}\n" if run_id else ""  # resume checks it (rundir.run_id)
                 (ckpt / COMPLETE).write_text(f"step {state.global_step}\n{owner}")
                 rotate(Path(args.output_dir), state.global_step, keep)
+
+    return CompleteMarker()
+
+
+def stop_non_finite() -> Any:
+    """Non-finite gradients or weights stop the run before they are applied or saved."""
+    from transformers import TrainerCallback
+
+    from lorakit.loss import diverged, non_finite
 
     class StopNonFinite(TrainerCallback):
         """NaN/Inf gradients stop the run before the optimizer applies them, and NaN/Inf
@@ -105,6 +125,13 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
             while self.handles:
                 self.handles.pop().remove()
 
+    return StopNonFinite()
+
+
+def keep_training_rng() -> Any:
+    """Evaluations leave the training random stream as they found it."""
+    from transformers import TrainerCallback
+
     class KeepTrainingRng(TrainerCallback):
         """Evaluation leaves the training random stream untouched.
 
@@ -141,7 +168,7 @@ def make_callbacks(loggers: Loggers, keep: int | None = None) -> list[Any]:
                 torch.cuda.set_rng_state_all(cuda)
             self.saved = None
 
-    return [MetricsLog(), StopNonFinite(), CompleteMarker(), KeepTrainingRng()]
+    return KeepTrainingRng()
 
 
 def rotate(folder: Path, newest: int, keep: int | None) -> None:

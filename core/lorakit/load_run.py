@@ -31,12 +31,7 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
     checkpoint trained nothing, so its overrides do not count). The result is checked against
     the run's ``resolved.json``: only what may change on resume (how long, how often, [eval],
     [output], [log]) may differ, also with ``overrides``."""
-    run = RunDir(run_dir)
-    if not run.exists():
-        raise RunError(
-            f"{run_dir} is not a lorakit run folder (no run.json)",
-            fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",
-        )
+    run = run_folder(run_dir)
     refuse_links(run.path)  # nothing read from, or written through, a link planted in the run
     info = read_json(run.run_json)
     text, data = read_toml(run.recipe)
@@ -49,6 +44,17 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
     recipe = validate(data, catalog, path=original, text=text, overrides=(*saved, *overrides))
     same_training(run, recipe, f"opening {run.path}")
     return recipe
+
+
+def run_folder(run_dir: Path) -> RunDir:
+    """``run_dir`` as a run folder; ``RunError`` when it is none (no ``run.json``)."""
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise RunError(
+            f"{run_dir} is not a lorakit run folder (no run.json)",
+            fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",
+        )
+    return run
 
 
 def same_training(run: RunDir, recipe: Recipe, doing: str) -> None:

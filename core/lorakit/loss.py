@@ -2,7 +2,8 @@
 
 ``batch["labels"]`` holds shifted targets (``lorakit.packing``); the model computes logits only
 where a target exists and the cross-entropy is summed over them. Also: the eval rows each rank
-scores, and the error a diverged loss becomes.
+scores, the whole eval split's loss (the trainer's evaluation), and the error a diverged loss
+becomes.
 """
 
 from __future__ import annotations
@@ -101,3 +102,44 @@ def non_finite(model: Any, grads: bool = False) -> bool:
         norms = torch.stack([torch.linalg.vector_norm(t.float()).to(device) for t in tensors])
         return not bool(torch.linalg.vector_norm(norms).isfinite())
     return not bool(torch.stack([t.isfinite().all().to(device) for t in tensors]).all())
+
+
+def evaluate_split_loss(trainer: Any, rows: Any, metric_key_prefix: str) -> dict[str, float]:
+    """Token-weighted loss over the whole eval split (not a mean of batch means), logged and
+    handed to the callbacks like the Trainer's own evaluation.
+
+    Under N processes rank r scores rows r, r+N, ... (no padding rows, so no example is
+    counted twice) and the sums are added up over ranks.
+    """
+    import torch
+
+    batches = eval_batches(
+        len(rows),
+        trainer.accelerator.num_processes,
+        trainer.accelerator.process_index,
+        trainer.args.per_device_eval_batch_size,
+        same_count=trainer.is_fsdp_enabled,
+    )
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
+    with torch.no_grad():
+        for indices in batches:
+            batch = trainer._prepare_inputs(
+                trainer.data_collator([rows[i] for i in indices or [0]])
+            )
+            nll, count = supervised_nll(model, batch, trainer._head_kwarg)
+            if indices:
+                total[0] += nll.double()
+                total[1] += count
+    if trainer.accelerator.num_processes > 1:
+        total = trainer.accelerator.reduce(total, reduction="sum")
+    if was_training:
+        model.train()
+    metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+    trainer.log(metrics)
+    trainer.control = trainer.callback_handler.on_evaluate(
+        trainer.args, trainer.state, trainer.control, metrics
+    )
+    return metrics

@@ -143,3 +143,22 @@ class TokenBudgetBatches:
 
     def __len__(self) -> int:
         return self.count
+
+
+def token_budget_loader(trainer: Any, token_budget: int) -> Any:
+    """The train loader of ``train.packing``: micro-batches of up to ``token_budget`` tokens,
+    as many examples as fit, seeded, prepared by accelerate."""
+    from torch.utils.data import DataLoader
+
+    data = trainer.train_dataset
+    lengths = [  # a preference pair's row says its length (both sides)
+        row["length"] if "length" in row else len(row["input_ids"]) for row in data
+    ]
+    batches = TokenBudgetBatches(lengths, token_budget, trainer.args.seed)
+    loader = DataLoader(
+        data,
+        batch_sampler=batches,
+        collate_fn=trainer.data_collator,
+        num_workers=trainer.args.dataloader_num_workers,
+    )
+    return trainer.accelerator.prepare(loader)

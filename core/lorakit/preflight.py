@@ -19,7 +19,16 @@ from lorakit.components import Components
 from lorakit.console import say
 from lorakit.contracts import DescribesMemory, ReadsModelConfig
 from lorakit.errors import LorakitError, ModelError, RecipeError, RunError
-from lorakit.memory_plan import Plan, PlanInputs, gb, make_plan, parse_size, shape_from_config
+from lorakit.memory_plan import (
+    Plan,
+    PlanInputs,
+    gb,
+    make_plan,
+    parse_size,
+    quantized_bytes,
+    shape_from_config,
+    weight_bytes,
+)
 from lorakit.recipe import Recipe
 
 # set by `lorakit run --nproc` for the processes it starts: the plan was checked once already
@@ -176,6 +185,62 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
         cpu=device == "cpu",
     )
     return make_plan(inputs), note
+
+
+# The rows of `lorakit plan`'s base-weights table: (scheme, double quant, label).
+SCHEMES = (
+    ("nf4", True, "NF4 + double quant"),
+    ("nf4", False, "NF4"),
+    ("fp4", True, "FP4 + double quant"),
+    ("fp4", False, "FP4"),
+    ("int8", False, "8-bit"),
+    ("bf16", False, "bf16/fp16"),
+    ("fp32", False, "fp32"),
+)
+
+
+def weights_by_scheme(plan: Plan) -> list[tuple[str, int, bool]]:
+    """The base's linear-layer weights under each scheme: (label, bytes, the recipe's)."""
+    i, s = plan.inputs, plan.inputs.shape
+    rows = []
+    for scheme, dq, label in SCHEMES:
+        if scheme in ("bf16", "fp32"):
+            n = quantized_bytes(s.total_params(), 0, scheme)
+        else:
+            n = weight_bytes(s, scheme, dq, i.dtype)
+        unquantized = i.scheme == "none" and scheme == ("fp32" if i.dtype == "fp32" else "bf16")
+        rows.append((label, n, (scheme, dq) == (i.scheme, i.double_quant) or unquantized))
+    return rows
+
+
+def memory_terms(plan: Plan) -> list[tuple[str, int, str]]:
+    """The plan's memory terms: (name, bytes, what it counts)."""
+    i = plan.inputs
+    other = "adamw_torch 8 B, adamw_8bit 2 B, sgd 0 B per trainable parameter"
+    opt_note = "" if plan.optimizer_known else " (unknown optimizer: counted as AdamW)"
+    on, off = (
+        (plan.activations, plan.activations_other)
+        if i.checkpointing
+        else (plan.activations_other, plan.activations)
+    )
+    rows = [
+        ("base weights", plan.weights, f"{i.scheme}{' + double quant' if i.double_quant else ''}"),
+        ("LoRA weights", plan.lora, "fp32"),
+        ("gradients", plan.grads, "fp32, LoRA only"),
+        ("optimizer state", plan.optimizer, f"{i.optim}{opt_note}; {other}"),
+        (
+            "activations",
+            plan.activations,
+            f"checkpointing {'on' if i.checkpointing else 'off'}; on: {gb(on)}, off: {gb(off)}",
+        ),
+        ("logits", plan.logits, "supervised positions only"),
+        ("eval KV cache", plan.kv_cache, f"batch {i.eval_batch} x {i.eval_length} tokens"),
+    ]
+    if plan.dequant:
+        rows.append(("dequant scratch", plan.dequant, "largest linear weight, one at a time"))
+    if plan.runtime:
+        rows.append(("runtime", plan.runtime, "Python + torch + libraries (CPU peak RSS)"))
+    return rows
 
 
 def summary(plan: Plan, capacity: int | None, where: str) -> str:

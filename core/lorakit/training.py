@@ -29,8 +29,8 @@ from typing import Any
 from lorakit.callbacks import make_callbacks, step_line
 from lorakit.data.tokenize import Tokenized
 from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
-from lorakit.loss import accepts_logits_to_keep, diverged, eval_batches, supervised_nll
-from lorakit.packing import RowDataset, pack
+from lorakit.loss import accepts_logits_to_keep, diverged, evaluate_split_loss, supervised_nll
+from lorakit.packing import RowDataset, pack, token_budget_loader
 from lorakit.recipe import Recipe
 from lorakit.tracking import Loggers
 
@@ -113,23 +113,7 @@ def make_trainer_class() -> Any:
         def get_train_dataloader(self) -> Any:
             if not self._token_budget:
                 return super().get_train_dataloader()
-            from torch.utils.data import DataLoader
-
-            from lorakit.packing import TokenBudgetBatches
-
-            data = self.train_dataset
-            lengths = [  # a preference pair's row says its length (both sides)
-                row["length"] if "length" in row else len(row["input_ids"])
-                for row in data  # type: ignore[union-attr]
-            ]
-            batches = TokenBudgetBatches(lengths, self._token_budget, self.args.seed)
-            loader = DataLoader(
-                data,  # type: ignore[arg-type]
-                batch_sampler=batches,
-                collate_fn=self.data_collator,
-                num_workers=self.args.dataloader_num_workers,
-            )
-            return self.accelerator.prepare(loader)
+            return token_budget_loader(self, self._token_budget)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._trace is not None:
@@ -152,73 +136,43 @@ def make_trainer_class() -> Any:
             return (loss, None) if return_outputs else loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Token-weighted loss over the whole eval split (not a mean of batch means).
-
-            Under N processes rank r scores rows r, r+N, ... (no padding rows, so no example is
-            counted twice) and the sums are added up over ranks.
-            """
-            import torch
-
-            rows: Any = self.eval_dataset if eval_dataset is None else eval_dataset
-            batches = eval_batches(
-                len(rows),
-                self.accelerator.num_processes,
-                self.accelerator.process_index,
-                self.args.per_device_eval_batch_size,
-                same_count=self.is_fsdp_enabled,
-            )
-            model: Any = self.model
-            was_training = model.training
-            model.eval()
-            total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-            with torch.no_grad():
-                for indices in batches:
-                    batch = self._prepare_inputs(
-                        self.data_collator([rows[i] for i in indices or [0]])
-                    )
-                    nll, count = supervised_nll(model, batch, self._head_kwarg)
-                    if indices:
-                        total[0] += nll.double()
-                        total[1] += count
-            if self.accelerator.num_processes > 1:
-                total = self.accelerator.reduce(total, reduction="sum")
-            if was_training:
-                model.train()
-            metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(
-                self.args, self.state, self.control, metrics
-            )
-            return metrics
+            """Token-weighted loss over the whole eval split (:func:`evaluate_split_loss`)."""
+            rows = self.eval_dataset if eval_dataset is None else eval_dataset
+            return evaluate_split_loss(self, rows, metric_key_prefix)
 
         def _save_rng_state(self, output_dir: str) -> None:
-            """Rank 0 writes every rank's RNG state (``rng_state_<rank>.pth``, the names the
-            Trainer reads on resume): the other ranks create no file in the run folder, and the
-            checkpoint is whole when rank 0 marks it complete."""
+            """Under several ranks rank 0 writes them all (:func:`save_every_ranks_rng_state`)."""
             if self.args.world_size <= 1:
                 super()._save_rng_state(output_dir)
                 return
-            import os
-            import random
-
-            import numpy as np
-            import torch
-
-            state: dict[str, Any] = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "cpu": torch.random.get_rng_state(),
-            }
-            if torch.cuda.is_available():
-                state["cuda"] = torch.cuda.random.get_rng_state_all()
-            states = gather_to_main(state)
-            if states is None:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            for i, s in enumerate(states):
-                torch.save(s, os.path.join(output_dir, f"rng_state_{i}.pth"))
+            save_every_ranks_rng_state(output_dir)
 
     return LorakitTrainer
+
+
+def save_every_ranks_rng_state(output_dir: str) -> None:
+    """Rank 0 writes every rank's RNG state (``rng_state_<rank>.pth``, the names the Trainer
+    reads on resume): the other ranks create no file in the run folder, and the checkpoint is
+    whole when rank 0 marks it complete. Every rank must call this."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    states = gather_to_main(state)
+    if states is None:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    for i, s in enumerate(states):
+        torch.save(s, os.path.join(output_dir, f"rng_state_{i}.pth"))
 
 
 def build_trainer(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.catalog import default_catalog
 from lorakit.device import DTYPES
 from lorakit.errors import RunError
 from lorakit.export.merge import MERGE_BASES
@@ -92,7 +91,6 @@ def run(args) -> int:
 
     result = export_run(
         Path(args.run_dir),
-        default_catalog(),
         merge=args.merge,
         dtype=args.dtype,
         merge_base=args.merge_base or "original",

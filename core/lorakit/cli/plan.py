@@ -32,13 +32,19 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lorakit.memory_plan import gb, quantized_bytes, weight_bytes
-    from lorakit.preflight import capacity, fixes, plan_recipe, summary
+    from lorakit.memory_plan import gb
+    from lorakit.preflight import (
+        capacity,
+        fixes,
+        memory_terms,
+        plan_recipe,
+        summary,
+        weights_by_scheme,
+    )
 
     session = open_session(args.recipe, args.overrides)
-    recipe, components = session.recipe, session.components
-    device, where, size = capacity(recipe, args.device_memory)
-    plan, note = plan_recipe(recipe, components, device, read_data=not args.no_data)
+    device, where, size = capacity(session.recipe, args.device_memory)
+    plan, note = plan_recipe(session.recipe, session.components, device, read_data=not args.no_data)
     i, s = plan.inputs, plan.inputs.shape
     print(
         f"model: {s.model_type or 'decoder'} {s.layers} layers, hidden {s.hidden}, "
@@ -56,50 +62,10 @@ def run(args) -> int:
         f" supervised ({note})"
     )
     print("base weights by quantization (linear layers; embeddings, head and norms unquantized):")
-    chosen = (i.scheme, i.double_quant)
-    for scheme, dq, label in (
-        ("nf4", True, "NF4 + double quant"),
-        ("nf4", False, "NF4"),
-        ("fp4", True, "FP4 + double quant"),
-        ("fp4", False, "FP4"),
-        ("int8", False, "8-bit"),
-        ("bf16", False, "bf16/fp16"),
-        ("fp32", False, "fp32"),
-    ):
-        if scheme in ("bf16", "fp32"):
-            n = quantized_bytes(s.total_params(), 0, scheme)
-        else:
-            n = weight_bytes(s, scheme, dq, i.dtype)
-        unquantized = i.scheme == "none" and scheme == ("fp32" if i.dtype == "fp32" else "bf16")
-        mark = "  <- recipe" if (scheme, dq) == chosen or unquantized else ""
-        print(f"  {label:<20} {gb(n):>12}{mark}")
-    other = "adamw_torch 8 B, adamw_8bit 2 B, sgd 0 B per trainable parameter"
-    opt_note = "" if plan.optimizer_known else " (unknown optimizer: counted as AdamW)"
-    ckpt_on, ckpt_off = (
-        (plan.activations, plan.activations_other)
-        if i.checkpointing
-        else (plan.activations_other, plan.activations)
-    )
-    rows = [
-        ("base weights", plan.weights, f"{i.scheme}{' + double quant' if i.double_quant else ''}"),
-        ("LoRA weights", plan.lora, "fp32"),
-        ("gradients", plan.grads, "fp32, LoRA only"),
-        ("optimizer state", plan.optimizer, f"{i.optim}{opt_note}; {other}"),
-        (
-            "activations",
-            plan.activations,
-            f"checkpointing {'on' if i.checkpointing else 'off'}; "
-            f"on: {gb(ckpt_on)}, off: {gb(ckpt_off)}",
-        ),
-        ("logits", plan.logits, "supervised positions only"),
-        ("eval KV cache", plan.kv_cache, f"batch {i.eval_batch} x {i.eval_length} tokens"),
-    ]
-    if plan.dequant:
-        rows.append(("dequant scratch", plan.dequant, "largest linear weight, one at a time"))
-    if plan.runtime:
-        rows.append(("runtime", plan.runtime, "Python + torch + libraries (CPU peak RSS)"))
+    for label, n, chosen in weights_by_scheme(plan):
+        print(f"  {label:<20} {gb(n):>12}{'  <- recipe' if chosen else ''}")
     print("memory:")
-    for name, n, why in rows:
+    for name, n, why in memory_terms(plan):
         print(f"  {name:<18} {gb(n):>12}  {why}")
     print(f"  {'peak (training)':<18} {gb(plan.train_peak):>12}")
     print(f"  {'peak (generation)':<18} {gb(plan.eval_peak):>12}")
@@ -115,7 +81,7 @@ def run(args) -> int:
         from lorakit.quant_gap import advice, run_gap
 
         gap = run_gap(session, args.quant_gap, say)
-        for line in advice(gap, recipe.quant.name) if gap else []:
+        for line in advice(gap, session.recipe.quant.name) if gap else []:
             print(line)
     if size is not None and plan.peak > size:
         print(f"to fit: {fixes(plan)}")

@@ -186,19 +186,41 @@ def evaluate(
     without, ``model`` is the base model alone and the reports go to ``<run>/baseline/``.
     A baseline already written there with the same model, data and [eval] is reused.
     """
-    from lorakit.evaluation.plot import plot_losses
-    from lorakit.evaluation.report import write_outputs
-    from lorakit.evaluation.scoring import SplitResult, score_model
-
     started = time.time()
-    recipe, ev = plan.recipe, plan.recipe.eval
     run = RunDir(run_dir)
     tuned_too = adapter_dir is not None
-    out_dir = run.path if tuned_too else run.path / BASELINE_DIR
-    key = plan.baseline_key
     model.eval()
+    score = _scorer(model, plan)
+    sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
+    cached = (
+        _cached_baseline(run.path / BASELINE_DIR, plan.baseline_key)
+        if tuned_too and with_base
+        else None
+    )
+    base = _score_base(model, plan, run, cached, score, tuned_too, with_base, sizes, say)
+    tuned: list[Any] | None = None
+    start_run: tuple[Any, str] | None = None
+    if tuned_too:
+        say(f"scoring base + adapter on {sizes} examples")
+        tuned = score()
+        start_run = _score_start_adapter(model, plan, score, say)
+        add_reward_metrics(plan.recipe, tuned, (start_run[0] if start_run else None) or base)
+    general = _score_canary(model, plan, tuned_too, with_base, cached, say)
+    out_dir = run.path if tuned_too else run.path / BASELINE_DIR
+    report = _write_reports(
+        out_dir, run, plan, adapter_dir, base, tuned, start_run, general, started
+    )
+    _say_results(plan, base, start_run[0] if start_run else None, tuned, general, out_dir, say)
+    return report
 
-    def score() -> list[SplitResult]:
+
+def _scorer(model: Any, plan: EvalPlan) -> Callable[[], list[Any]]:
+    """Score ``model`` as it stands (adapter on, off or swapped) on every set of ``plan``."""
+    from lorakit.evaluation.scoring import score_model
+
+    recipe, ev = plan.recipe, plan.recipe.eval
+
+    def score() -> list[Any]:
         return score_model(
             model,
             plan.tokenizer,
@@ -211,9 +233,23 @@ def evaluate(
             normalized_pairs=recipe.train.objective in ("simpo", "orpo"),
         )
 
-    sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
-    base: list[SplitResult] | None = None
-    cached = _cached_baseline(run.path / BASELINE_DIR, key) if tuned_too and with_base else None
+    return score
+
+
+def _score_base(
+    model: Any,
+    plan: EvalPlan,
+    run: RunDir,
+    cached: tuple[dict[str, Any], list[dict[str, Any]]] | None,
+    score: Callable[[], list[Any]],
+    tuned_too: bool,
+    with_base: bool,
+    sizes: str,
+    say: Callable[[str], None],
+) -> list[Any] | None:
+    """The base model's results: from a matching baseline, else scored (the adapter switched
+    off when ``model`` carries one); None without ``with_base``."""
+    base = None
     if cached is not None:
         say(f"reusing the baseline in {run.path / BASELINE_DIR} (same model, data and [eval])")
         base = cached_results(cached[0], cached[1], plan.sets)
@@ -224,17 +260,25 @@ def evaluate(
                 base = score()
         else:
             base = score()
-    tuned: list[SplitResult] | None = None
-    start: list[SplitResult] | None = None
-    start_run: tuple[Any, str] | None = None
-    if tuned_too:
-        say(f"scoring base + adapter on {sizes} examples")
-        tuned = score()
-        start_run = _score_start_adapter(model, plan, score, say)
-        start = start_run[0] if start_run else None
-        add_reward_metrics(recipe, tuned, start or base)
-    general = _score_canary(model, plan, tuned_too, with_base, cached, say)
+    return base
 
+
+def _write_reports(
+    out_dir: Path,
+    run: RunDir,
+    plan: EvalPlan,
+    adapter_dir: Path | None,
+    base: list[Any] | None,
+    tuned: list[Any] | None,
+    start_run: tuple[Any, str] | None,
+    general: GeneralScores | None,
+    started: float,
+) -> Path:
+    """The report, predictions and (for a trained adapter) loss plot in ``out_dir``."""
+    from lorakit.evaluation.plot import plot_losses
+    from lorakit.evaluation.report import write_outputs
+
+    recipe = plan.recipe
     info = {
         "lorakit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -244,7 +288,7 @@ def evaluate(
         **({"start_adapter": start_run[1]} if start_run else {}),
         "config_hash": recipe.config_hash(),
         "data_fingerprint": plan.data_fingerprint,
-        "baseline_key": key,
+        "baseline_key": plan.baseline_key,
         "eval": recipe.resolved()["eval"],
     }
     report = write_outputs(
@@ -256,10 +300,23 @@ def evaluate(
         tuned,
         time.time() - started,
         general=general,
-        start=start,
+        start=start_run[0] if start_run else None,
     )
-    if tuned_too and run.metrics.is_file():
+    if adapter_dir is not None and run.metrics.is_file():
         plot_losses(run.metrics, out_dir / "loss.png")
+    return report
+
+
+def _say_results(
+    plan: EvalPlan,
+    base: list[Any] | None,
+    start: list[Any] | None,
+    tuned: list[Any] | None,
+    general: GeneralScores | None,
+    out_dir: Path,
+    say: Callable[[str], None],
+) -> None:
+    """The scores, one line per split (and the canary's), then where the report is."""
     for line in summary_lines(plan.metrics, base, tuned):
         say(line)
     for line in preference_lines(base, start, tuned):
@@ -268,7 +325,6 @@ def evaluate(
         for line in general.lines():
             say(line)
     say(f"report: {out_dir / 'report.md'}")
-    return report
 
 
 def _score_start_adapter(

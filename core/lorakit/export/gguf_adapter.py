@@ -12,6 +12,7 @@ the reason: DoRA, trained biases, per-module ranks or alphas, fully trained modu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,22 @@ def check_adapter_gguf(
             fix="report this bug; the merged GGUF is unaffected",
         )
     return {"modules": len(expected), "max_abs_delta_diff": worst}
+
+
+def export_adapter_gguf(
+    run: Any, config: Any, folder: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The run's adapter alone as ``<run>-lora-F32.gguf`` in ``folder``, read back and
+    checked; a format llama.cpp cannot hold is said and recorded, not an error."""
+    from lorakit.rundir import read_json
+
+    adapter_config = read_json(run.adapter / "adapter_config.json")
+    reason = unsupported_reason(adapter_config)
+    if reason is not None:
+        say(f"no adapter GGUF: {reason}")
+        return {"written": False, "reason": reason}
+    path = folder / f"{run.path.name}-lora-F32.gguf"
+    info = write_adapter_gguf(run.adapter, adapter_config, config, path, f"{run.path.name} LoRA")
+    check = check_adapter_gguf(path, run.adapter, adapter_config, config)
+    say(f"adapter GGUF written ({path.name}, {info['modules']} modules, read back exactly)")
+    return {"written": True, "file": path.name, **info, **check}

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.export.gguf_spm import choose_space_prefix
+from lorakit.export.gguf_spm import space_prefix_for_run
 from lorakit.export.gguf_vocab import Vocab, read_vocab
 from lorakit.export.gguf_writer import check_layout, write_gguf
 from lorakit.export.llama_quantize import K_QUANTS, Quantizer, find_quantizer, quantize
@@ -69,131 +69,8 @@ def _write_file(
     }
 
 
-def _probe_texts(run: Any, loaded: Any) -> list[str]:
-    """Texts llama.cpp will tokenize: the probe conversations and the train split rendered as
-    in training, full and as generation prompts."""
-    from lorakit.contracts import Example, Message
-    from lorakit.export.parity import BUILTIN_PROBES, split_examples
-
-    examples = (
-        [
-            Example(id=f"probe{i}", messages=tuple(Message(r, c) for r, c in conv))
-            for i, conv in enumerate(BUILTIN_PROBES)
-        ]
-        + split_examples(run.path, "val")
-        + split_examples(run.path, "train", 50)
-    )
-    texts = []
-    for ex in examples:
-        texts.append(loaded.formatter.render(ex, loaded.tokenizer).text)
-        if ex.messages and ex.messages[-1].role == "assistant":
-            texts.append(loaded.formatter.render_prompt(ex.messages[:-1], loaded.tokenizer))
-    return texts
-
-
 def file_name(run_name: str, gguf_type: str, base_only: bool = False) -> str:
     return f"{run_name}{'-base' if base_only else ''}-{gguf_type.upper()}.gguf"
-
-
-@attrs.frozen
-class Source:
-    """What the GGUF files hold, the logits they are held to, and (base-only) the trained
-    model's logits that the base file + the adapter must reproduce."""
-
-    model: Any
-    report: Any  # ParityReport against the logits of ``model`` in memory
-    trained: list[Any] | None = None
-    trained_report: Any = None
-
-
-def _merged_source(
-    run: Any, loaded: Any, probes: Any, say: Callable[[str], None], merge_base: str
-) -> Source:
-    """The merged fp32 model, exactly as ``--merge`` makes it."""
-    from lorakit.export.merge import _check_tolerance, merge_fp32
-    from lorakit.export.parity import ParityReport, probe_logits
-
-    merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
-    reference = probe_logits(merged, probes)
-    report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
-    row = report.add(
-        "unmerged", first.rows.get("unmerged", {}).get("model", first.reference_label), unmerged
-    )
-    _check_tolerance(row, reference, unmerged)
-    return Source(merged, report)
-
-
-def base_merge_base(loaded: Any) -> str:
-    """The base a run was trained on, in fp32: dequantized when the backend quantizes (the
-    adapter learned to correct exactly those weights), else the original checkpoint."""
-    return "dequantized" if loaded.components.quant.quantizes else "original"
-
-
-def _base_source(run: Any, loaded: Any, probes: Any, say: Callable[[str], None]) -> Source:
-    """The base as trained in fp32, without the adapter; the trained model (that base with the
-    adapter attached, checked against the run's own weights as ``--merge`` checks it) is what
-    the base file + the adapter must reproduce."""
-    from lorakit.export.merge import base_with_adapter_fp32, merge_base_label
-    from lorakit.export.parity import ParityReport, probe_logits
-
-    merge_base = base_merge_base(loaded)
-    model, first, trained = base_with_adapter_fp32(run, loaded, probes, say, merge_base)
-    base = model.unload()  # the adapter layers removed, nothing merged
-    label = f"base as trained ({merge_base_label(merge_base, loaded.recipe)}), in memory"
-    return Source(base, ParityReport(probes, probe_logits(base, probes), label), trained, first)
-
-
-def _check_with_adapter(
-    model: Any, run: Any, probes: Any, source: Source, gguf_type: str
-) -> dict[str, Any]:
-    """Attach the run's adapter to the base read back from the GGUF and compare with the
-    trained model; the f32 file must reproduce it to fp32 noise."""
-    from lorakit.errors import RunError
-    from lorakit.export.parity import FP32_TOLERANCE, max_abs_diff, perplexity, probe_logits
-    from lorakit.modeling import load_adapter
-
-    assert source.trained is not None
-    logits = probe_logits(load_adapter(model, run.adapter, trainable=False), probes)
-    diff = max_abs_diff(source.trained, logits)
-    row = {
-        "reference": source.trained_report.rows.get("unmerged", {}).get(
-            "model", source.trained_report.reference_label
-        ),
-        "max_abs_logit_diff": diff,
-        "ppl": perplexity(logits, probes),
-        "trained_ppl": perplexity(source.trained, probes),
-    }
-    if gguf_type == "f32":
-        row["tolerance"] = {"max_abs": FP32_TOLERANCE}
-        if not diff <= FP32_TOLERANCE:
-            raise RunError(
-                f"the f32 base GGUF read back with the run's adapter differs from the trained "
-                f"model by {diff:.3g} (tolerance {FP32_TOLERANCE:g}); nothing was exported",
-                fix="report this with the run folder; export without --base-only meanwhile",
-            )
-    return row
-
-
-def _adapter_gguf(
-    run: Any, config: Any, folder: Path, say: Callable[[str], None]
-) -> dict[str, Any]:
-    from lorakit.export.gguf_adapter import (
-        check_adapter_gguf,
-        unsupported_reason,
-        write_adapter_gguf,
-    )
-    from lorakit.rundir import read_json
-
-    adapter_config = read_json(run.adapter / "adapter_config.json")
-    reason = unsupported_reason(adapter_config)
-    if reason is not None:
-        say(f"no adapter GGUF: {reason}")
-        return {"written": False, "reason": reason}
-    path = folder / f"{run.path.name}-lora-F32.gguf"
-    info = write_adapter_gguf(run.adapter, adapter_config, config, path, f"{run.path.name} LoRA")
-    check = check_adapter_gguf(path, run.adapter, adapter_config, config)
-    say(f"adapter GGUF written ({path.name}, {info['modules']} modules, read back exactly)")
-    return {"written": True, "file": path.name, **info, **check}
 
 
 def write_gguf_export(
@@ -212,103 +89,162 @@ def write_gguf_export(
     ``base_only``: the files hold the base as trained (dequantized for a quantized run)
     instead of the merged model; each is also read back with the run's adapter attached and
     compared with the trained model."""
-    import transformers
-
-    from lorakit import __version__
-    from lorakit.export.gguf_parity import (
-        argmax_agreement,
-        check_template,
-        check_tokenizer,
-        check_tolerance,
-        read_model,
-        read_tokenizer,
-    )
-    from lorakit.export.merge import merge_base_label
-    from lorakit.export.modelfile import jinja_renderer, render_modelfile, translate
-    from lorakit.export.parity import build_probes, probe_logits, split_examples
+    from lorakit.export.gguf_adapter import export_adapter_gguf
+    from lorakit.export.gguf_source import base_merge_base, base_source, merged_source
+    from lorakit.export.parity import build_probes
 
     folder.mkdir(parents=True, exist_ok=True)
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-    spm_check = None
-    if vocab.model == "llama":
-        # Before any weights: the space prefix under which llama.cpp splits like training.
-        prefix, spm_check = choose_space_prefix(vocab, _probe_texts(run, loaded), loaded.tokenizer)
-        vocab = attrs.evolve(vocab, add_space_prefix=prefix)
+    # Before any weights: the space prefix under which llama.cpp splits like training.
+    vocab, spm_check = space_prefix_for_run(run, loaded, vocab)
     if base_only:
         merge_base = base_merge_base(loaded)
-        source = _base_source(run, loaded, probes, say)
+        source = base_source(run, loaded, probes, say)
     else:
-        source = _merged_source(run, loaded, probes, say, merge_base)
-    merged, report = source.model, source.report
-    reference = report.reference
-
+        source = merged_source(run, loaded, probes, say, merge_base)
     files: dict[str, Any] = {}
-    template_check: dict[str, Any] = {}
-    tokenizer_check: dict[str, Any] = {}
-    translation = None
+    checks: _TokenizerChecks | None = None
     for gguf_type in types:
         path = folder / file_name(run.path.name, gguf_type, base_only)
-        description = (
-            f"base model of {run.path.name} as trained (lorakit {__version__}); apply "
-            f"{run.path.name}-lora-F32.gguf with --lora"
-            if base_only
-            else f"{run.path.name}, fine-tuned with lorakit {__version__}"
+        files[gguf_type] = _write_and_compare(
+            source, run, probes, path, gguf_type, vocab, quantizer, loaded.device, base_only, say
         )
-        files[gguf_type] = _write_file(
-            merged, vocab, path, gguf_type, quantizer, run.path.name, description
-        )
-        say(
-            f"GGUF written ({path.name}, {files[gguf_type]['bytes'] / 2**20:.1f} MiB); reading it back"
-        )
-        model = read_model(path, loaded.device)
-        logits = probe_logits(model, probes)
-        row = report.add(
-            f"gguf_{gguf_type}",
-            f"GGUF {gguf_type}{' (base)' if base_only else ''}, read back by transformers",
-            logits,
-            file=path.name,
-            argmax_agreement=argmax_agreement(reference, logits),
-        )
-        check_tolerance(row, gguf_type, reference, report.reference_ppl)
-        if base_only:
-            row["with_adapter"] = _check_with_adapter(model, run, probes, source, gguf_type)
-        del model
-        gc.collect()
-        if not tokenizer_check:
+        if checks is None:
             # Every type carries the same tokenizer metadata: check it (and the template) once.
-            tokenizer = read_tokenizer(path)
-            tokenizer_check = {
-                "file": path.name,
-                # sentencepiece: the split llama.cpp makes from the file's scores (transformers
-                # rebuilds its own Metaspace tokenizer from them, which is not what runs)
-                **(spm_check or check_tokenizer(tokenizer, probes, loaded.tokenizer)),
-            }
-            train = split_examples(run.path, "train")
-            template_check = check_template(tokenizer, train, loaded.formatter, loaded.tokenizer)
-            translation = translate(
-                jinja_renderer(tokenizer),
-                loaded.tokenizer.bos_token or "",
-                loaded.tokenizer.eos_token or "",
-                vocab.add_bos,
-            )
-    config = merged.config
-    trained_report = source.trained_report
-    del merged, source
+            checks = _check_tokenizer(path, run, loaded, probes, vocab, spm_check)
+    assert checks is not None
+    report, trained_report, config = source.report, source.trained_report, source.model.config
+    del source  # the merged (or base) model: freed before the adapter GGUF is written
     gc.collect()
-
-    assert translation is not None
-    adapter = _adapter_gguf(run, config, folder, say)
+    adapter = export_adapter_gguf(run, config, folder, say)
     stops = [loaded.tokenizer.convert_ids_to_tokens(i) for i in loaded.stop_ids]
-    first_file = file_name(run.path.name, types[0], base_only)
+    _write_modelfile(folder, run, types, base_only, checks, vocab, stops, adapter, say)
+    for line in report.lines():
+        say(line)
+    return _parity_record(
+        report,
+        loaded,
+        merge_base,
+        files,
+        checks,
+        stops,
+        adapter,
+        trained_report if base_only else None,
+    )
+
+
+def _write_and_compare(
+    source: Any,
+    run: Any,
+    probes: Any,
+    path: Path,
+    gguf_type: str,
+    vocab: Vocab,
+    quantizer: Quantizer | None,
+    device: str,
+    base_only: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write one GGUF of ``source``'s model, read it back with transformers and add its row
+    to ``source.report`` (refused beyond tolerance); return the file's record."""
+    from lorakit import __version__
+    from lorakit.export.gguf_parity import argmax_agreement, check_tolerance, read_model
+    from lorakit.export.gguf_source import check_with_adapter
+    from lorakit.export.parity import probe_logits
+
+    name = run.path.name
+    description = (
+        f"base model of {name} as trained (lorakit {__version__}); apply "
+        f"{name}-lora-F32.gguf with --lora"
+        if base_only
+        else f"{name}, fine-tuned with lorakit {__version__}"
+    )
+    info = _write_file(source.model, vocab, path, gguf_type, quantizer, name, description)
+    say(f"GGUF written ({path.name}, {info['bytes'] / 2**20:.1f} MiB); reading it back")
+    report = source.report
+    model = read_model(path, device)
+    logits = probe_logits(model, probes)
+    row = report.add(
+        f"gguf_{gguf_type}",
+        f"GGUF {gguf_type}{' (base)' if base_only else ''}, read back by transformers",
+        logits,
+        file=path.name,
+        argmax_agreement=argmax_agreement(report.reference, logits),
+    )
+    check_tolerance(row, gguf_type, report.reference, report.reference_ppl)
+    if base_only:
+        row["with_adapter"] = check_with_adapter(model, run, probes, source, gguf_type)
+    del model
+    gc.collect()
+    return info
+
+
+@attrs.frozen
+class _TokenizerChecks:
+    """The first GGUF's tokenizer and chat template checked, and the template for Ollama."""
+
+    tokenizer: dict[str, Any]
+    template: dict[str, Any]
+    translation: Any  # lorakit.export.modelfile.Translation
+
+
+def _check_tokenizer(
+    path: Path,
+    run: Any,
+    loaded: Any,
+    probes: Any,
+    vocab: Vocab,
+    spm_check: dict[str, Any] | None,
+) -> _TokenizerChecks:
+    """The tokenizer and chat template read back from the GGUF at ``path`` against training's,
+    and the template translated for the Modelfile."""
+    from lorakit.export.gguf_parity import check_template, check_tokenizer, read_tokenizer
+    from lorakit.export.modelfile import jinja_renderer, translate
+    from lorakit.export.parity import split_examples
+
+    tokenizer = read_tokenizer(path)
+    tokenizer_check = {
+        "file": path.name,
+        # sentencepiece: the split llama.cpp makes from the file's scores (transformers
+        # rebuilds its own Metaspace tokenizer from them, which is not what runs)
+        **(spm_check or check_tokenizer(tokenizer, probes, loaded.tokenizer)),
+    }
+    train = split_examples(run.path, "train")
+    template_check = check_template(tokenizer, train, loaded.formatter, loaded.tokenizer)
+    translation = translate(
+        jinja_renderer(tokenizer),
+        loaded.tokenizer.bos_token or "",
+        loaded.tokenizer.eos_token or "",
+        vocab.add_bos,
+    )
+    return _TokenizerChecks(tokenizer_check, template_check, translation)
+
+
+def _write_modelfile(
+    folder: Path,
+    run: Any,
+    types: Sequence[str],
+    base_only: bool,
+    checks: _TokenizerChecks,
+    vocab: Vocab,
+    stops: list[str],
+    adapter: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    """Ollama's Modelfile for the first file (the others named in it), with what it lacks said."""
+    from lorakit import __version__
+    from lorakit.export.modelfile import render_modelfile
+
+    name, translation = run.path.name, checks.translation
     (folder / "Modelfile").write_text(
         render_modelfile(
-            gguf_file=first_file,
+            gguf_file=file_name(name, types[0], base_only),
             translation=translation,
             stop_tokens=stops,
             chat_template=vocab.chat_template,
-            header=f"Ollama Modelfile written by lorakit {__version__} for run {run.path.name}.\n"
-            f"ollama create {run.path.name} -f Modelfile",
-            others=[file_name(run.path.name, t, base_only) for t in types[1:]],
+            header=f"Ollama Modelfile written by lorakit {__version__} for run {name}.\n"
+            f"ollama create {name} -f Modelfile",
+            others=[file_name(name, t, base_only) for t in types[1:]],
             adapter=adapter["file"] if base_only and adapter["written"] else None,
         ),
         encoding="utf-8",
@@ -317,20 +253,34 @@ def write_gguf_export(
         say(f"warning: Modelfile has no TEMPLATE: {translation.reason} (see the comment in it)")
     if base_only and not adapter["written"]:
         say(f"warning: the base GGUF has no adapter GGUF to go with it: {adapter['reason']}")
-    for line in report.lines():
-        say(line)
+
+
+def _parity_record(
+    report: Any,
+    loaded: Any,
+    merge_base: str,
+    files: dict[str, Any],
+    checks: _TokenizerChecks,
+    stops: list[str],
+    adapter: dict[str, Any],
+    trained_report: Any,
+) -> dict[str, Any]:
+    """The GGUF folder's ``parity.json``; ``trained_report``: base-only's trained model."""
+    import transformers
+
+    from lorakit.export.merge import merge_base_label
+
     record = {
         **report.to_json(),
         "merge_base": merge_base_label(merge_base, loaded.recipe),
         "reader": f"transformers {transformers.__version__} (gguf_file= loader)",
         "files": files,
-        "tokenizer": tokenizer_check,
-        "chat_template": {**template_check, "ollama_template": translation.family},
+        "tokenizer": checks.tokenizer,
+        "chat_template": {**checks.template, "ollama_template": checks.translation.family},
         "stop_tokens": stops,
         "adapter_gguf": adapter,
     }
-    if base_only:
-        assert trained_report is not None
+    if trained_report is not None:
         record["base_only"] = True
         record["trained"] = trained_report.to_json()
     return record

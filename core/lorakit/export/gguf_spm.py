@@ -186,3 +186,36 @@ def choose_space_prefix(
         fix="export without --gguf (the merged export is unaffected), and report this with the "
         "run's tokenizer.json",
     )
+
+
+def _probe_texts(run: Any, loaded: Any) -> list[str]:
+    """Texts llama.cpp will tokenize: the probe conversations and the train split rendered as
+    in training, full and as generation prompts."""
+    from lorakit.contracts import Example, Message
+    from lorakit.export.parity import BUILTIN_PROBES, split_examples
+
+    examples = (
+        [
+            Example(id=f"probe{i}", messages=tuple(Message(r, c) for r, c in conv))
+            for i, conv in enumerate(BUILTIN_PROBES)
+        ]
+        + split_examples(run.path, "val")
+        + split_examples(run.path, "train", 50)
+    )
+    texts = []
+    for ex in examples:
+        texts.append(loaded.formatter.render(ex, loaded.tokenizer).text)
+        if ex.messages and ex.messages[-1].role == "assistant":
+            texts.append(loaded.formatter.render_prompt(ex.messages[:-1], loaded.tokenizer))
+    return texts
+
+
+def space_prefix_for_run(run: Any, loaded: Any, vocab: Any) -> tuple[Any, dict[str, Any] | None]:
+    """A ``gguf_vocab.Vocab``: for sentencepiece, with the space prefix under which llama.cpp splits the
+    run's texts as training did, and that check's record; other vocabularies as they are."""
+    if vocab.model != "llama":
+        return vocab, None
+    import attrs
+
+    prefix, spm_check = choose_space_prefix(vocab, _probe_texts(run, loaded), loaded.tokenizer)
+    return attrs.evolve(vocab, add_space_prefix=prefix), spm_check
