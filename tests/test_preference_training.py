@@ -35,8 +35,13 @@ def logged(run: Path) -> list[dict]:
 
 
 def results(run: Path) -> dict:
+    """The held-out pairs' results by model (the forgetting canary's ``general`` rows aside)."""
     report = json.loads((run / "eval_report.json").read_text())
-    return {(r.get("role") or ("tuned" if r["adapter"] else "base")): r for r in report["results"]}
+    return {
+        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
+        for r in report["results"]
+        if r["split"] != "general"
+    }
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
