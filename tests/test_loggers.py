@@ -227,7 +227,9 @@ def test_tensorboard_and_mlflow_match_metrics_jsonl(tmp_path, tiny_model_dir, ch
     # the artifact store's copy of eval_report.json is not a second run for `compare`
     code, out, err = cli("compare", tmp_path / "runs", "--json")
     assert code == 0, err
-    assert [r["adapter"] is None for r in json.loads(out)] == [True, False]
+    rows = [(r["split"], r["adapter"] is None) for r in json.loads(out)]
+    assert sorted(rows) == [("general", False), ("general", True), ("val", False), ("val", True)]
+    assert found.data.metrics["final/tuned/general/general_loss"] > 0  # the canary, logged too
 
 
 @pytest.mark.slow
