@@ -91,7 +91,9 @@ def test_a_four_trial_sweep_prunes_ranks_and_resumes(tmp_path, tiny_model_dir, c
     head = (
         "| rank | trial | state | eval_loss (val) | last eval_loss | train.learning_rate | peft.r |"
     )
-    assert head in out and out.count("| (base) |") == 1
+    # the base model scored once (its val row, and its forgetting canary's general row)
+    assert head in out and out.count("| (base) | val |") == 1
+    assert out.count("| (base) | general |") == 1
     assert "lorakit compare" in out and "| t00" in out
     # every trial trained on the same prepared splits
     fingerprints = {
