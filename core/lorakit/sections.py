@@ -280,7 +280,7 @@ class EvalSection:
         "and generic instructions, beside the task (seconds)",
     )
     canary_max_rise: float = option(
-        0.05,
+        0.1,
         doc="warn when the tuned model's loss on general text is this much (relative) above "
         "the base model's",
         validator=[_finite, v.ge(0.0)],
