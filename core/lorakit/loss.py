@@ -27,6 +27,16 @@ def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     """
     import torch.nn.functional as F
 
+    logits, targets, keep = supervised_logits(model, batch, head_kwarg)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, int(keep.numel())
+
+
+def supervised_logits(
+    model: Any, batch: dict[str, Any], head_kwarg: bool = True
+) -> tuple[Any, Any, Any]:
+    """One forward of a packed batch: the logits at its supervised positions, their targets,
+    and where they are in the flattened row (``keep``)."""
     targets = batch["labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
     extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
@@ -38,8 +48,7 @@ def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     if not head_kwarg:
         logits = logits[keep]
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return nll, int(keep.numel())
+    return logits, targets[keep], keep
 
 
 def eval_batches(total: int, world: int, rank: int, size: int, same_count: bool) -> list[list[int]]:

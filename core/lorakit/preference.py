@@ -29,8 +29,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.data.tokenize import IGNORE_INDEX
-from lorakit.loss import PACKED_KWARGS
+from lorakit.loss import supervised_logits
 
 
 @attrs.frozen
@@ -114,18 +113,8 @@ def sequence_logps(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     import torch
     import torch.nn.functional as F
 
-    targets = batch["labels"].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
-    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
-    if head_kwarg:
-        extra["logits_to_keep"] = keep
-    out = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
-    )
-    logits = out.logits.reshape(-1, out.logits.shape[-1])
-    if not head_kwarg:
-        logits = logits[keep]
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    logits, kept_targets, keep = supervised_logits(model, batch, head_kwarg)
+    token_logps = -F.cross_entropy(logits.float(), kept_targets, reduction="none")
     bounds = batch["cu_seq_lens_q"].to(keep.device).long()
     n_seq = bounds.numel() - 1
     # which sequence each kept position belongs to: positions are sorted, so a search suffices
