@@ -61,6 +61,16 @@ def trainer_dtype(model: Any, trainer: Any = None) -> str:
     return dtype_label(short_dtype(base), autocast)
 
 
+def _dataset(rows: list[Any]) -> Any:
+    """The rows as a ``datasets.Dataset`` (lorakit keeps token ids in compact ``array``s, which
+    arrow does not read: plain lists here)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": [list(r.input_ids) for r in rows], "labels": [list(r.labels) for r in rows]}
+    )
+
+
 def load_rows(recipe_path: Path) -> tuple[Any, list[Any], str]:
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components
@@ -114,7 +124,6 @@ def _step_recorder(records: list[dict[str, Any]]) -> Any:
 
 def worker_trainer(kind: str, recipe_path: Path, steps: int) -> tuple[list[dict[str, Any]], str]:
     import torch
-    from datasets import Dataset
 
     tok, rows, path = load_rows(recipe_path)
     # trl_bf16: TRL loads the model itself from the path (fp32 unless model_init_kwargs says
@@ -155,9 +164,7 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> tuple[list[dict[
 
         from transformers import TrainingArguments
 
-        data = Dataset.from_dict(
-            {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
-        )
+        data = _dataset(rows)
         trainer: Any = Trainer(
             model=model,
             args=TrainingArguments(**common),
@@ -173,9 +180,7 @@ def worker_trainer(kind: str, recipe_path: Path, steps: int) -> tuple[list[dict[
             # padding-free rows carry no attention mask, and "non_padding" would then count
             # input_ids != pad id: SmolLM2's pad is <|im_end|>, which ends every turn
             common["include_num_input_tokens_seen"] = "all"
-        data = Dataset.from_dict(
-            {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
-        )
+        data = _dataset(rows)
         if packing:
             # TRL packs examples into max_length rows; 1 row of 1024 tokens a step is about the
             # tokens of 4 unpacked examples here (4 rows would make each step ~5x bigger)
