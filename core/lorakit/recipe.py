@@ -121,7 +121,7 @@ class Recipe:
             "quant": self.quant.to_plain(),
             "peft": self.peft.to_plain(),
             "train": self.train.plain(),
-            "eval": to_plain(self.eval),
+            "eval": self.eval.plain(),
             "output": {**to_plain(self.output), "name": self.name},
             "log": to_plain(self.log),
         }
@@ -263,6 +263,33 @@ def logger_choices(
     return choices, problems
 
 
+LM_EVAL_INSTALL = "pip install 'lorakit[lmeval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
+
+
+def lm_eval_problems(section: EvalSection, recipe_dir: Path) -> list[str]:
+    """``[eval].lm_eval_*``: the package installed (found, not imported) and the task folder
+    there, so a run never trains and then fails to score."""
+    problems = []
+    if section.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        problems.append(
+            "[eval].lm_eval_tasks: lm-evaluation-harness (the Python package 'lm_eval') is not "
+            f"installed; {LM_EVAL_INSTALL}, or remove the key"
+        )
+    if section.lm_eval_include is not None:
+        folder = recipe_dir / Path(section.lm_eval_include).expanduser()
+        if not folder.is_dir():
+            problems.append(
+                f"[eval].lm_eval_include: {folder} is not a folder; give the folder that holds "
+                "your lm-eval task YAML files (relative to the recipe file)"
+            )
+        elif not section.lm_eval_tasks:
+            problems.append(
+                "[eval].lm_eval_include: set but [eval].lm_eval_tasks is empty; name the tasks "
+                'to run, e.g. lm_eval_tasks = ["my_task"]'
+            )
+    return problems
+
+
 def _combination_problems(catalog: Catalog, parts: dict[str, Any]) -> list[str]:
     """What a [peft] method's options cannot train with the chosen [quant] and [train]: its
     options class may say so (``combination_problems``), naming the keys."""
@@ -313,6 +340,7 @@ def validate(
             parts["eval"] = attrs.evolve(parts["eval"], metrics=defaults)
         parts["metrics"], errs = metric_choices(catalog, parts["eval"])
         problems += errs
+        problems += lm_eval_problems(parts["eval"], path.parent)
     if parts.get("log") is not None:  # logger names and options come from plugins
         parts["loggers"], errs = logger_choices(catalog, parts["log"])
         problems += errs

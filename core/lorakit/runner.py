@@ -30,6 +30,7 @@ from lorakit.data.pipeline import (
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
+from lorakit.evaluation.harness import check_tasks
 from lorakit.export.adapter_io import save_adapter, stop_token_ids
 from lorakit.fidelity import (
     TRAIN_SERVE_FIX,
@@ -67,6 +68,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     run = RunDir(recipe.run_dir)
     device = join_processes(recipe)
     start = find_start(run, recipe, resume)
+    check_tasks(recipe)  # an unknown lm-eval task stops the run now, not after training
     data = prepare_data(recipe, components, run, start)
     claim_run(run, recipe, components, data, start, loggers)
     transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it

@@ -289,11 +289,52 @@ class EvalSection:
         factory=dict,
         doc="options per metric, e.g. [eval.metric_options.exact_match] ignore_case = true",
     )
+    lm_eval_tasks: list[str] = option(
+        factory=tuple,
+        doc='lm-evaluation-harness tasks or groups scored on base and tuned, e.g. ["arc_easy"] '
+        "(needs pip install 'lorakit[lmeval]'; Hub tasks download their data)",
+    )
+    lm_eval_include: str | None = option(
+        None,
+        doc="folder of lm-eval task YAMLs (relative to the recipe file): local tasks, offline",
+    )
+    lm_eval_limit: int | None = option(
+        None,
+        doc="score at most N documents per lm-eval task (unset: all of them)",
+        validator=v.optional(v.ge(1)),
+    )
+    lm_eval_num_fewshot: int | None = option(
+        None,
+        doc="few-shot examples per lm-eval prompt (unset: each task's own setting)",
+        validator=v.optional(v.ge(0)),
+    )
+    lm_eval_batch_size: int = option(8, doc="batch size for lm-eval requests", validator=v.ge(1))
 
     def __attrs_post_init__(self) -> None:
         bad = [s for s in self.splits if s not in ("train", "val", "test")]
         if bad:
             raise ValueError(f"splits: unknown split {bad[0]!r}; use train, val or test")
+
+    def plain(self) -> dict[str, object]:
+        """The section as resolved.json records it: without the lm-eval keys when no lm-eval
+        task is asked for, so runs without one hash as they did before lm-eval existed."""
+        from lorakit.options import to_plain
+
+        out = to_plain(self)
+        if not self.lm_eval_tasks:
+            for key in LM_EVAL_KEYS:
+                out.pop(key)
+        return out
+
+
+# [eval]'s lm-evaluation-harness keys (lorakit.evaluation.harness)
+LM_EVAL_KEYS = (
+    "lm_eval_tasks",
+    "lm_eval_include",
+    "lm_eval_limit",
+    "lm_eval_num_fewshot",
+    "lm_eval_batch_size",
+)
 
 
 @attrs.frozen

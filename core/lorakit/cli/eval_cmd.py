@@ -1,8 +1,11 @@
-"""``lorakit eval RECIPE|RUN_DIR [KEY=VALUE ...] [--no-baseline]``: score a trained adapter.
+"""``lorakit eval RECIPE|RUN_DIR [KEY=VALUE ...] [--no-baseline] [--lm-eval TASKS]``: score a
+trained adapter.
 
 Loads the base model as in training plus the run's adapter, scores the eval splits (and the
 base model too unless ``[eval].baseline = false`` or ``--no-baseline``), and rewrites the run's
-eval_report.json, predictions.jsonl, report.md and loss.png.
+eval_report.json, predictions.jsonl, report.md and loss.png. ``--lm-eval`` adds
+lm-evaluation-harness tasks (``[eval].lm_eval_tasks``), ``--lm-eval-include`` a folder of
+local task YAMLs (``[eval].lm_eval_include``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ def add_parser(sub) -> None:
         help="override eval keys, e.g. eval.max_examples=20 eval.splits='[\"test\"]'",
     )
     p.add_argument("--no-baseline", action="store_true", help="score only base + adapter")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also run these lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,piqa); "
+        "needs pip install 'lorakit[lmeval]'",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        metavar="DIR",
+        help="a folder of local lm-eval task YAMLs (tasks named in --lm-eval, offline)",
+    )
     p.set_defaults(func=run)
 
 
@@ -29,7 +43,7 @@ def run(args) -> int:
     from lorakit.evaluation.evaluate import evaluate_run
     from lorakit.session import open_session
 
-    session = open_session(args.target, args.overrides, runs=True)
+    session = open_session(args.target, [*args.overrides, *lm_eval_overrides(args)], runs=True)
     recipe, run_dir = session.recipe, session.run_dir
     if run_dir is None:
         raise RunError(
@@ -43,3 +57,17 @@ def run(args) -> int:
     if report is not None:
         print(f"done: {report}")
     return 0
+
+
+def lm_eval_overrides(args) -> list[str]:
+    """``--lm-eval`` and ``--lm-eval-include`` as recipe overrides (validated with the rest)."""
+    import json
+    from pathlib import Path
+
+    out = []
+    if args.lm_eval is not None:
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        out.append(f"eval.lm_eval_tasks={json.dumps(tasks)}")
+    if args.lm_eval_include is not None:  # relative to here, not to the recipe
+        out.append(f"eval.lm_eval_include={json.dumps(str(Path(args.lm_eval_include).resolve()))}")
+    return out

@@ -108,15 +108,20 @@ def collect_rows(root: Path) -> list[dict[str, Any]]:
                     "role": res.get("role"),  # "start": a preference run's starting adapter
                     "split": res.get("split"),
                     "metrics": res.get("metrics", {}),
-                    "kinds": {**report.get("metric_kinds", {}), **_canary_kinds(report)},
+                    "kinds": {
+                        **report.get("metric_kinds", {}),
+                        **_section_kinds(report, "canary"),
+                        **_section_kinds(report, "lm_eval"),
+                    },
                     "report": str(path),
                 }
             )
     return rows
 
 
-def _canary_kinds(report: dict[str, Any]) -> dict[str, str]:
-    section = report.get("canary")
+def _section_kinds(report: dict[str, Any], key: str) -> dict[str, str]:
+    """How the metrics of the forgetting canary (``canary``) or lm-eval (``lm_eval``) read."""
+    section = report.get(key)
     kinds = section.get("metric_kinds") if isinstance(section, dict) else None
     return kinds if isinstance(kinds, dict) else {}
 

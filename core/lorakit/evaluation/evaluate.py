@@ -35,6 +35,7 @@ from lorakit.evaluation.canary import (
     prepare_canary,
     score_canary,
 )
+from lorakit.evaluation.harness import HarnessPlan, HarnessScores, plan_harness, score_harness
 from lorakit.evaluation.sets import EvalSet
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
@@ -47,12 +48,14 @@ PREDICTIONS = "predictions.jsonl"
 def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
     """Everything the base model's scores depend on; equal keys mean a reusable baseline."""
     from lorakit.options import to_plain
+    from lorakit.sections import LM_EVAL_KEYS
 
-    blob = {
+    ev = {k: v for k, v in to_plain(recipe.eval).items() if k not in LM_EVAL_KEYS}
+    blob = {  # lm-eval's tasks are not: their base scores are reused by their own digest
         "model": recipe.model.to_plain(),
         "quant": recipe.quant.to_plain(),
         "format": recipe.format.to_plain(),
-        "eval": to_plain(recipe.eval),
+        "eval": ev,
         "max_length": recipe.train.max_length,
         "data": data_fingerprint,
     }
@@ -115,6 +118,7 @@ class EvalPlan:
     data_fingerprint: str
     model_label: str
     canary: Canary | None = None  # general text and instructions ([eval].canary)
+    harness: HarnessPlan | None = None  # lm-evaluation-harness tasks ([eval].lm_eval_tasks)
 
     @property
     def baseline_key(self) -> str:
@@ -165,6 +169,7 @@ def plan_eval(
         canary=prepare_canary(formatter, tokenizer, min(recipe.train.max_length, 256))
         if ev.canary
         else None,
+        harness=plan_harness(recipe),
     )
 
 
@@ -206,11 +211,25 @@ def evaluate(
         start_run = _score_start_adapter(model, plan, score, say)
         add_reward_metrics(plan.recipe, tuned, (start_run[0] if start_run else None) or base)
     general = _score_canary(model, plan, tuned_too, with_base, cached, say)
+    harness = (
+        score_harness(
+            model,
+            plan.tokenizer,
+            plan.harness,
+            tuned_too=tuned_too,
+            with_base=with_base,
+            cached_report=cached[0] if cached is not None else None,
+            say=say,
+        )
+        if plan.harness is not None
+        else None
+    )
     out_dir = run.path if tuned_too else run.path / BASELINE_DIR
     report = _write_reports(
-        out_dir, run, plan, adapter_dir, base, tuned, start_run, general, started
+        out_dir, run, plan, adapter_dir, base, tuned, start_run, general, started, harness
     )
-    _say_results(plan, base, start_run[0] if start_run else None, tuned, general, out_dir, say)
+    start = start_run[0] if start_run else None
+    _say_results(plan, base, start, tuned, general, out_dir, say, harness)
     return report
 
 
@@ -273,6 +292,7 @@ def _write_reports(
     start_run: tuple[Any, str] | None,
     general: GeneralScores | None,
     started: float,
+    harness: HarnessScores | None = None,
 ) -> Path:
     """The report, predictions and (for a trained adapter) loss plot in ``out_dir``."""
     from lorakit.evaluation.plot import plot_losses
@@ -301,6 +321,7 @@ def _write_reports(
         time.time() - started,
         general=general,
         start=start_run[0] if start_run else None,
+        harness=harness,
     )
     if adapter_dir is not None and run.metrics.is_file():
         plot_losses(run.metrics, out_dir / "loss.png")
@@ -315,8 +336,10 @@ def _say_results(
     general: GeneralScores | None,
     out_dir: Path,
     say: Callable[[str], None],
+    harness: HarnessScores | None = None,
 ) -> None:
-    """The scores, one line per split (and the canary's), then where the report is."""
+    """The scores, one line per split (and the canary's and each lm-eval task's), then where
+    the report is."""
     for line in summary_lines(plan.metrics, base, tuned):
         say(line)
     for line in preference_lines(base, start, tuned):
@@ -324,6 +347,8 @@ def _say_results(
     if general is not None:
         for line in general.lines():
             say(line)
+    for line in harness.lines() if harness is not None else []:
+        say(line)
     say(f"report: {out_dir / 'report.md'}")
 
 

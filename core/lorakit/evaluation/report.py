@@ -20,6 +20,7 @@ from lorakit.safe_files import write_text
 
 if TYPE_CHECKING:
     from lorakit.evaluation.canary import GeneralScores
+    from lorakit.evaluation.harness import HarnessScores
 
 SAMPLES_IN_REPORT = 5
 # the preference metrics of a pair evaluation (not plugins): how each is shown
@@ -42,8 +43,10 @@ def write_outputs(
     *,
     general: GeneralScores | None = None,
     start: Sequence[SplitResult] | None = None,
+    harness: HarnessScores | None = None,
 ) -> Path:
     """``general``: the forgetting canary's scores (results with split ``general``);
+    ``harness``: lm-eval's (results with split ``lm_eval/<task>``);
     ``start``: a preference run's starting adapter (``train.from_adapter``), scored too; its
     results say ``"role": "start"``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +65,8 @@ def write_outputs(
             results.append(entry)
     if general is not None:
         results += general.results(info["model"], info["adapter"])
+    if harness is not None:
+        results += harness.results(info["model"], info["adapter"])
     kinds = {name: m.kind for name, m in metrics.items()}
     higher = {name: bool(m.higher_is_better) for name, m in metrics.items()}
     seen = {name for r in results for name in r["metrics"]}
@@ -77,10 +82,12 @@ def write_outputs(
     }
     if general is not None:
         report["canary"] = general.section()
+    if harness is not None:
+        report["lm_eval"] = harness.section()
     path = out_dir / "eval_report.json"
     write_json(path, report)
     _write_predictions(out_dir / "predictions.jsonl", sets, base, tuned)
-    markdown = render_markdown(report, sets, base, tuned, general)
+    markdown = render_markdown(report, sets, base, tuned, general, harness)
     write_text(out_dir / "report.md", markdown)
     return path
 
@@ -123,6 +130,7 @@ def render_markdown(
     base: Sequence[SplitResult] | None,
     tuned: Sequence[SplitResult] | None,
     general: GeneralScores | None = None,
+    harness: HarnessScores | None = None,
 ) -> str:
     kinds: dict[str, str] = report["metric_kinds"]
     higher: dict[str, bool] = report["higher_is_better"]
@@ -170,6 +178,8 @@ def render_markdown(
             lines += _samples(s, base[i] if base else None, tuned[i] if tuned else None)
     if general is not None:
         lines += general.markdown()
+    if harness is not None:
+        lines += harness.markdown()
     if report["adapter"]:
         lines += ["## Loss curves", "", "![training and eval loss](loss.png)", ""]
     return "\n".join(lines)
