@@ -19,6 +19,8 @@ from lorakit.data.tools import tools_from_json
 from lorakit.errors import DataError
 from lorakit_plugins.formatters.chat_template import ChatTemplateFormatter, ChatTemplateOptions
 from lorakit_plugins.formatters.chatml import ChatmlFormatter, ChatmlOptions
+from lorakit_plugins.formatters.instruction import InstructionFormatter, InstructionOptions
+from lorakit_plugins.formatters.mistral_inst import MistralInstFormatter, MistralInstOptions
 
 # Qwen2.5-Instruct's chat template (Qwen/Qwen2.5-*-Instruct, tokenizer_config.json; public):
 # tools in the system turn, calls in <tool_call> tags, results in a user turn of
@@ -276,10 +278,90 @@ def test_check_show_marks_the_supervised_spans(tool_tokenizer, tmp_path, cli):
     assert RESULT not in marked and "Weather in Paris?" not in marked
 
 
-def test_fixed_layouts_refuse_tool_traces(data_tokenizer):
-    with pytest.raises(DataError, match="no place for tool calls") as err:
-        ChatmlFormatter(ChatmlOptions()).render(TRACE, data_tokenizer)
-    assert "chat_template" in err.value.fix
+FIXED = {
+    "chatml": lambda: ChatmlFormatter(ChatmlOptions()),
+    "mistral_inst": lambda: MistralInstFormatter(MistralInstOptions()),
+    "instruction": lambda: InstructionFormatter(InstructionOptions()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_fixed_layouts_refuse_tool_traces_naming_the_example_and_the_fix(name, data_tokenizer):
+    """A fixed layout has no place for tools: refused, never rendered with them dropped (a
+    tools list alone too: the model would learn to answer without seeing what it may call)."""
+    formatter = FIXED[name]()
+    traced = attrs.evolve(TRACE, meta={"source": "agents.jsonl:7"})
+    with pytest.raises(DataError) as err:
+        formatter.render(traced, data_tokenizer)
+    text = str(err.value)
+    assert (
+        f"{name}: example agent (agents.jsonl:7) has a tools list, tool calls, tool results" in text
+    )
+    assert 'plugin = "chat_template"' in err.value.fix
+    plain = (Message("user", "Weather in Paris?"), Message("assistant", "Sunny."))
+    with pytest.raises(DataError, match=r"example only_tools has a tools list,"):
+        formatter.render(Example("only_tools", plain, tools=TOOLS), data_tokenizer)
+    with pytest.raises(DataError, match=r"a generation prompt has a tools list"):
+        formatter.render_prompt(plain[:1], data_tokenizer, tools=TOOLS)
+    # without tools nothing changes
+    assert formatter.render_prompt(plain[:1], data_tokenizer) == formatter.render_prompt(
+        plain[:1], data_tokenizer, tools=None
+    )
+    assert formatter.render(Example("plain", plain), data_tokenizer).text
+
+
+def test_generation_prompts_render_the_tools_like_training(tool_tokenizer):
+    """Eval's generation prompts and ``lorakit generate``'s carry the example's tools: the
+    prompt is the training text up to the reply, tools block included."""
+    from lorakit.evaluation.sets import prepare_set
+    from lorakit.generation import _conversation
+
+    _, _, tok = tool_tokenizer
+    fmt = ChatTemplateFormatter(ChatTemplateOptions())
+    trained = fmt.render(TRACE, tok).text
+    prompt = fmt.render_prompt(TRACE.messages[:-1], tok, tools=TRACE.tools)
+    assert prompt == tok.apply_chat_template(
+        [m.to_json() for m in TRACE.messages[:-1]],
+        tools=list(TRACE.tools),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert '"description": "Current weather in a city"' in prompt
+    assert trained.startswith(prompt)  # served as trained
+    without = fmt.render_prompt(TRACE.messages[:-1], tok)
+    assert "Current weather" not in without and not trained.startswith(without)
+
+    evalset = prepare_set(
+        "val",
+        [TRACE],
+        fmt,
+        tok,
+        max_length=4096,
+        overlength="drop",
+        max_examples=None,
+        generation=True,
+    )
+    assert evalset.prompts == [prompt]
+    assert evalset.references == ["It is 21 C in Paris."]
+
+    # lorakit generate --file: a JSONL line with tools and a tool-call trace
+    line = TRACE.to_json()
+    got = _conversation(line, "prompts.jsonl:1")
+    assert got.tools == TRACE.tools
+    assert fmt.render_prompt(got.messages, tok, tools=got.tools) == prompt
+    bad = {**line, "tools": [{"description": "no name"}]}
+    with pytest.raises(DataError, match=r"tools\[0\] has no function name") as err:
+        _conversation(bad, "prompts.jsonl:2")
+    assert err.value.where == "prompts.jsonl:2"
+
+
+def test_the_train_serve_check_renders_the_prompts_with_the_tools(tool_tokenizer):
+    """The check compares the served prompt with the training text: served without the tools
+    it would differ at the tools block, and report a problem for every tool trace."""
+    from lorakit.fidelity import train_serve_problems
+
+    _, _, tok = tool_tokenizer
+    assert train_serve_problems(ChatTemplateFormatter(ChatTemplateOptions()), tok, [TRACE]) == []
 
 
 words = st.text("abcdefgh ", min_size=1, max_size=12).filter(str.strip)

@@ -27,11 +27,14 @@ def test_prompts_from_flags_text_and_jsonl(tmp_path):
         json.dumps(conv) + "\n" + json.dumps({"prompt": "plain"}) + "\n", encoding="utf-8"
     )
     got = read_prompts(["flag"], text)
-    assert [c[-1].content for c in got] == ["flag", "first prompt", "  second prompt"]
+    assert [c.messages[-1].content for c in got] == ["flag", "first prompt", "  second prompt"]
     convs = read_prompts([], jsonl)
     # The trailing assistant turn is the reference: it is dropped, the system turn kept.
-    assert [(m.role, m.content) for m in convs[0]] == [("system", "Be brief."), ("user", "Hi")]
-    assert convs[1][0].content == "plain"
+    assert [(m.role, m.content) for m in convs[0].messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+    ]
+    assert convs[1].messages[0].content == "plain"
 
 
 def test_bad_prompt_file_names_the_line(tmp_path):

@@ -181,8 +181,15 @@ class Formatter(Configured, Protocol):
         """Render a full training example, marking supervised segments."""
         ...
 
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
-        """Render a conversation up to and including the assistant header (for generation)."""
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """Render a conversation up to and including the assistant header (for generation),
+        with the example's ``tools`` as ``render`` shows them (passed only when the example has
+        tools; a layout with no place for them raises ``DataError``)."""
         ...
 
     def end_of_turn(self, tokenizer: Any) -> str:

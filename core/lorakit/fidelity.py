@@ -9,6 +9,8 @@ trained on.
   template that renders history differently (reasoning templates that drop earlier thinking, a
   date or tool preamble added only with a generation prompt) trains the model on text it never
   sees, or never produces, when served.
+* :func:`served_prompt`: the prompt for a conversation as training rendered it, its example's
+  ``tools`` included (eval's generation metrics, ``lorakit generate``, the checks here).
 * :func:`training_system_prompt`: the one system prompt every training conversation starts with
   (the demo task's instruction, say). The adapter records it; ``generate``, the saved chat
   template's default and the export's Modelfile then use it, so the model is prompted as it was
@@ -22,10 +24,24 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lorakit.contracts import Example
+
+
+def served_prompt(
+    formatter: Any,
+    messages: Sequence[Any],
+    tokenizer: Any,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
+    """``formatter.render_prompt`` with the conversation's ``tools``, as training renders them
+    (a formatter written before tools existed is called as before when there are none)."""
+    if not tools:
+        return str(formatter.render_prompt(messages, tokenizer))
+    return str(formatter.render_prompt(messages, tokenizer, tools=tools))
+
 
 SAMPLE = 16  # conversations checked: the template is one function, a few examples show a fault
 
@@ -60,9 +76,11 @@ def train_serve_problems(
         rendered = formatter.render(ex, tokenizer)
         # per assistant turn: the prompt served for it, and the conversation ending with it
         # (how it renders while it is the latest turn, as when it was generated)
-        prompts = [formatter.render_prompt(messages[:i], tokenizer) for i in turns]
+        prompts = [served_prompt(formatter, messages[:i], tokenizer, ex.tools) for i in turns]
         ends = [
-            formatter.render(Example(id=ex.id, messages=messages[: i + 1]), tokenizer).text
+            formatter.render(
+                Example(id=ex.id, messages=messages[: i + 1], tools=ex.tools), tokenizer
+            ).text
             for i in turns[:-1]
         ]
         full, *rest = _ids([rendered.text, *prompts, *ends], tokenizer)

@@ -11,9 +11,11 @@ the base model too.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from lorakit.contracts import Message
 from lorakit.errors import DataError, RunError
@@ -21,9 +23,20 @@ from lorakit.errors import DataError, RunError
 # --------------------------------------------------------------------------- prompts
 
 
-def _conversation(record: Any, where: str) -> list[Message]:
+@attrs.frozen
+class Prompt:
+    """One conversation to reply to, and the tools its assistant may call (rendered into the
+    prompt as training renders them)."""
+
+    messages: list[Message]
+    tools: tuple[Mapping[str, Any], ...] | None = None
+
+
+def _conversation(record: Any, where: str) -> Prompt:
+    from lorakit.data.tools import message_from_json, tools_from_json
+
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-        return [Message("user", record["prompt"])]
+        return Prompt([Message("user", record["prompt"])])
     msgs = record.get("messages") if isinstance(record, dict) else None
     ok = isinstance(msgs, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -35,13 +48,19 @@ def _conversation(record: Any, where: str) -> list[Message]:
             where=where,
             fix='write lines like {"messages": [{"role": "user", "content": "..."}]}',
         )
-    assert isinstance(msgs, list)
-    out = [Message(m["role"], m["content"]) for m in msgs]
+    assert isinstance(msgs, list) and isinstance(record, dict)
+    try:  # tool calls and tools as the chat contract has them (lorakit.data.tools)
+        out = [message_from_json(m) for m in msgs]
+        tools = tools_from_json(record["tools"]) if record.get("tools") else None
+    except ValueError as exc:
+        raise DataError(
+            str(exc), where=where, fix="write tools and tool_calls as in a chat_jsonl data file"
+        ) from None
     while out and out[-1].role == "assistant":
         out.pop()  # a reference answer: generate it instead
     if not out:
         raise DataError("the conversation has no prompt before the assistant turn", where=where)
-    return out
+    return Prompt(out, tools)
 
 
 MAX_PROMPT_FILE = 64 * 2**20  # prompts, not a data set: `lorakit eval` scores files that size
@@ -68,8 +87,8 @@ def _prompt_lines(file: Path) -> list[str]:
         ) from None
 
 
-def read_prompts(prompts: list[str], file: Path | None) -> list[list[Message]]:
-    out = [[Message("user", p)] for p in prompts]
+def read_prompts(prompts: list[str], file: Path | None) -> list[Prompt]:
+    out = [Prompt([Message("user", p)]) for p in prompts]
     if file is not None:
         lines = _prompt_lines(file)
         for n, line in enumerate(lines, 1):
@@ -82,7 +101,7 @@ def read_prompts(prompts: list[str], file: Path | None) -> list[list[Message]]:
                     raise DataError(f"not valid JSON ({exc.msg})", where=f"{file}:{n}") from exc
                 out.append(_conversation(record, f"{file}:{n}"))
             else:
-                out.append([Message("user", line)])
+                out.append(Prompt([Message("user", line)]))
     if not out:
         raise DataError("no prompt given", fix="pass --prompt TEXT (repeatable) or --file FILE")
     return out
@@ -95,7 +114,7 @@ class Target:
     """What to generate with: a renderer, a tokenizer, stop ids, the tuned and base models,
     and the system prompt the model was trained with (None: none, or several)."""
 
-    render: Callable[[list[Message]], str]
+    render: Callable[[list[Message], Any], str]  # (messages, tools or None) -> prompt
     tokenizer: Any
     stop_ids: list[int]
     model: Any
@@ -109,6 +128,7 @@ class Target:
 class RunTarget(Target):
     def __init__(self, run_dir: Path):
         from lorakit.export.adapter_io import read_meta
+        from lorakit.fidelity import served_prompt
         from lorakit.load_run import load_model, prepare_inference
         from lorakit.modeling import check_adapter_dir
         from lorakit.rundir import RunDir
@@ -122,7 +142,11 @@ class RunTarget(Target):
         self.system = read_meta(adapter).get("system_prompt")
         self.tokenizer, self.stop_ids = loaded.tokenizer, loaded.stop_ids
         self.model = load_model(loaded, adapter)
-        self.render = lambda msgs: loaded.formatter.render_prompt(msgs, loaded.tokenizer)
+
+        def render(msgs: list[Message], tools: Any = None) -> str:
+            return served_prompt(loaded.formatter, msgs, loaded.tokenizer, tools)
+
+        self.render = render
         self.label = f"{run_dir} (base + adapter, quant {recipe.quant.name})"
 
     def base_outputs(self, run_generate):
@@ -176,10 +200,10 @@ class ModelDirTarget(Target):
         self.label = str(folder)
         self.system = self.meta.get("system_prompt")
 
-        def render(msgs: list[Message]) -> str:
-            rows = [{"role": m.role, "content": m.content} for m in msgs]
+        def render(msgs: list[Message], tools: Any = None) -> str:
+            extra = {"tools": [dict(t) for t in tools]} if tools else {}
             return self.tokenizer.apply_chat_template(
-                rows, tokenize=False, add_generation_prompt=True
+                [m.to_json() for m in msgs], tokenize=False, add_generation_prompt=True, **extra
             )
 
         self.render = render
@@ -209,7 +233,7 @@ def open_generation_target(target: Path) -> Target:
 
 def generate_replies(
     target: Target,
-    conversations: list[list[Message]],
+    conversations: list[Prompt],
     *,
     compare: bool,
     max_new_tokens: int,
@@ -226,7 +250,7 @@ def generate_replies(
     from lorakit.fidelity import system_messages
 
     prompt = target.system if system is None else (system or None)
-    rendered = [target.render(system_messages(prompt, c)) for c in conversations]
+    rendered = [target.render(system_messages(prompt, c.messages), c.tools) for c in conversations]
 
     def run_generate(model: Any) -> list[Any]:
         return generate(

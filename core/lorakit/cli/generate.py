@@ -106,7 +106,7 @@ def run(args) -> int:
         system=args.system,
     )
     for i, conv in enumerate(conversations):
-        prompt = conv[-1].content
+        prompt = conv.messages[-1].content
         if args.json:
             rec: dict[str, Any] = {
                 "prompt": prompt,

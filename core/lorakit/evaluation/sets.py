@@ -2,7 +2,7 @@
 
 Loss metrics read ``rows`` (tokenized exactly like training, completion-only labels).
 Generation metrics read ``prompts``: the conversation up to its last assistant turn rendered
-with the formatter's generation prompt; the reference is that last assistant turn's content.
+with the formatter's generation prompt (and the example's tools, as in training); the reference is that last assistant turn's content.
 Examples that cannot give a prompt (raw text, no assistant turn) are counted, not dropped silently.
 """
 
@@ -16,6 +16,7 @@ import attrs
 from lorakit.contracts import Example
 from lorakit.data.pipeline import DataReport, tokenize_examples
 from lorakit.data.tokenize import Tokenized
+from lorakit.fidelity import served_prompt
 
 
 @attrs.frozen
@@ -87,7 +88,7 @@ def prepare_set(
             msgs, ref = pair
             ids.append(ex.id)
             inputs.append(next((m.content for m in reversed(msgs) if m.role == "user"), ""))
-            prompts.append(formatter.render_prompt(msgs, tokenizer))
+            prompts.append(served_prompt(formatter, msgs, tokenizer, ex.tools))
             refs.append(ref)
     pair_rows: list[Any] = []
     if pairs:  # both sides of each pair, for preference accuracy and margin

@@ -193,6 +193,7 @@ def _probe_texts(run: Any, loaded: Any) -> list[str]:
     in training, full and as generation prompts."""
     from lorakit.contracts import Example, Message
     from lorakit.export.parity import BUILTIN_PROBES, split_examples
+    from lorakit.fidelity import served_prompt
 
     examples = (
         [
@@ -206,7 +207,9 @@ def _probe_texts(run: Any, loaded: Any) -> list[str]:
     for ex in examples:
         texts.append(loaded.formatter.render(ex, loaded.tokenizer).text)
         if ex.messages and ex.messages[-1].role == "assistant":
-            texts.append(loaded.formatter.render_prompt(ex.messages[:-1], loaded.tokenizer))
+            texts.append(
+                served_prompt(loaded.formatter, ex.messages[:-1], loaded.tokenizer, ex.tools)
+            )
     return texts
 
 

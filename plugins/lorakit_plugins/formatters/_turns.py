@@ -8,7 +8,7 @@ supervised.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -54,12 +54,49 @@ def require_single_token(tokenizer: Any, text: str, formatter: str) -> None:
         )
 
 
+def tool_trace_parts(
+    messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None
+) -> list[str]:
+    """What of an agent trace a conversation holds: a tools list, tool calls, tool results,
+    reasoning (empty: none)."""
+    parts = ["a tools list"] if tools else []
+    checks = (
+        ("tool calls", lambda m: bool(m.tool_calls)),
+        ("tool results", lambda m: m.role == "tool"),
+        ("reasoning", lambda m: m.reasoning_content is not None),
+    )
+    parts += [what for what, has in checks if any(has(m) for m in messages)]
+    return parts
+
+
+def refuse_tool_trace(
+    formatter: str,
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None,
+    where: str,
+) -> None:
+    """A fixed layout has no place for tools, tool calls, tool results or reasoning: rather
+    than drop them (the model would learn replies to calls it never saw), refuse, naming the
+    conversation and the formatter that does render them."""
+    parts = tool_trace_parts(messages, tools)
+    if parts:
+        raise DataError(
+            f"{formatter}: {where} has {', '.join(parts)}, and this formatter's fixed layout "
+            "has no place for them (they would be dropped from the text the model learns)",
+            where=where,
+            fix='use [format] plugin = "chat_template" with a model whose own template renders '
+            "tools (Qwen2.5+, Llama 3.1+, Mistral v3...), or leave the tool messages out of "
+            "the data",
+        )
+
+
 class TurnRenderer:
     """Renders conversations with a :class:`Layout`; caches per-tokenizer lookups."""
 
-    def __init__(self, layout: Layout, system_prompt: str | None):
+    def __init__(self, layout: Layout, system_prompt: str | None, name: str):
         self.layout = layout
         self.system_prompt = system_prompt
+        self.name = name  # the formatter's, for errors
         self._bos: dict[int, str] = {}
 
     def bos(self, tokenizer: Any) -> str:
@@ -80,17 +117,20 @@ class TurnRenderer:
                 msgs = rest
         return msgs
 
-    def segments(self, messages: Sequence[Message], eot: str, tokenizer: Any) -> list[Segment]:
+    def segments(
+        self,
+        messages: Sequence[Message],
+        eot: str,
+        tokenizer: Any,
+        *,
+        where: str,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Segment]:
+        """``where``: the conversation, for an error (``example ID``, a file:line)."""
         lay = self.layout
+        refuse_tool_trace(self.name, messages, tools, where)
         out = [Segment(self.bos(tokenizer))]
         for m in self._messages(messages):
-            if m.role == "tool" or m.tool_calls or m.reasoning_content is not None:
-                raise DataError(
-                    "this formatter's fixed layout has no place for tool calls, tool results "
-                    "or reasoning",
-                    where="[format].plugin",
-                    fix='use plugin = "chat_template": the model\'s own template renders them',
-                )
             if m.role == "system":
                 out.append(Segment(lay.system.format(content=m.content)))
             elif m.role == "user":
@@ -105,12 +145,20 @@ class TurnRenderer:
         if example.messages is None:
             segs = [Segment(self.bos(tokenizer)), Segment((example.text or "") + eos, True)]
         else:
-            segs = self.segments(example.messages, eot, tokenizer)
+            source = example.meta.get("source")
+            where = f"example {example.id}" + (f" ({source})" if source else "")
+            segs = self.segments(example.messages, eot, tokenizer, where=where, tools=example.tools)
         return Rendered(tuple(s for s in segs if s.text))
 
-    def render_prompt(self, messages: Sequence[Message], eot: str, tokenizer: Any) -> str:
-        text = "".join(s.text for s in self.segments(messages, eot, tokenizer))
-        return text + self.layout.assistant_open
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        eot: str,
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        segs = self.segments(messages, eot, tokenizer, where="a generation prompt", tools=tools)
+        return "".join(s.text for s in segs) + self.layout.assistant_open
 
 
 class EosTurnFormatter:
@@ -127,7 +175,7 @@ class EosTurnFormatter:
 
     def __init__(self, options: Any):
         self.options = options
-        self.turns = TurnRenderer(self.layout, options.system_prompt)
+        self.turns = TurnRenderer(self.layout, options.system_prompt, self.name)
 
     @property
     def system_prompt(self) -> str | None:
@@ -147,5 +195,10 @@ class EosTurnFormatter:
         eot = self.end_of_turn(tokenizer)
         return self.turns.render(example, eot, eot, tokenizer)
 
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
-        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer)
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer, tools)

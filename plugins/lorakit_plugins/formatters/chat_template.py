@@ -14,7 +14,7 @@ is context while the template's thinking markers and the answer stay supervised)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -140,11 +140,19 @@ class ChatTemplateFormatter:
             out.insert(0, {"role": "system", "content": self.options.system_prompt})
         return out
 
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The conversation and generation prompt, with the example's ``tools`` rendered as
+        in training."""
         self._check(tokenizer)
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
         try:
             return tokenizer.apply_chat_template(
-                self._with_system(messages), tokenize=False, add_generation_prompt=True
+                self._with_system(messages), tokenize=False, add_generation_prompt=True, **extra
             )
         except _template_errors() as exc:
             raise _template_failed(exc, tokenizer, "the prompt") from None

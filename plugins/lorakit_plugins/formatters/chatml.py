@@ -14,7 +14,7 @@ text. Raw-text examples: ``bos + text + eos`` (eos: the tokenizer's, else ``<|im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -43,7 +43,7 @@ class ChatmlFormatter:
 
     def __init__(self, options: ChatmlOptions):
         self.options = options
-        self.turns = TurnRenderer(LAYOUT, options.system_prompt)
+        self.turns = TurnRenderer(LAYOUT, options.system_prompt, "chatml")
         self._checked: set[int] = set()
 
     @property
@@ -60,8 +60,13 @@ class ChatmlFormatter:
         eot = self.end_of_turn(tokenizer)
         return self.turns.render(example, eot, eos_for(tokenizer, eot), tokenizer)
 
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
-        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer)
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        return self.turns.render_prompt(messages, self.end_of_turn(tokenizer), tokenizer, tools)
 
 
 @hookimpl

@@ -8,13 +8,13 @@ formatter (``render_prompt`` joins message contents, for generating continuation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 from lorakit.api import DataError, Example, Message, RegisterFormatter, Rendered, Segment, hookimpl
 
-from lorakit_plugins.formatters._turns import bos_for
+from lorakit_plugins.formatters._turns import bos_for, refuse_tool_trace
 
 
 @attrs.frozen
@@ -58,7 +58,13 @@ class RawTextFormatter:
         )
         return Rendered(tuple(s for s in segs if s.text))
 
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Any) -> str:
+    def render_prompt(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        refuse_tool_trace("raw_text", messages, tools, "a generation prompt")
         return self._bos_of(tokenizer) + "\n\n".join(m.content for m in messages)
 
 
