@@ -215,7 +215,7 @@ def _check_tokenizer(
     """The tokenizer and chat template read back from the GGUF at ``path`` against training's,
     and the template translated for the Modelfile."""
     from lorakit.export.gguf_parity import check_template, check_tokenizer, read_tokenizer
-    from lorakit.export.modelfile import jinja_renderer, translate
+    from lorakit.export.modelfile import jinja_renderer, jinja_tools_renderer, translate
     from lorakit.export.parity import split_examples
 
     tokenizer = read_tokenizer(path)
@@ -232,6 +232,7 @@ def _check_tokenizer(
         loaded.tokenizer.bos_token or "",
         loaded.tokenizer.eos_token or "",
         vocab.add_bos,
+        jinja_tools_renderer(tokenizer),
     )
     return _TokenizerChecks(tokenizer_check, template_check, translation)
 
