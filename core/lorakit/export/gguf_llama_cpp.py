@@ -55,7 +55,7 @@ def _greedy(model: Any, prompt: list[int], stops: set[int], n: int) -> tuple[lis
                 break
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
-                past_key_values=out.past_key_values,
+                cache=out.cache,
                 use_cache=True,
             )
             logits = out.logits[0, -1].float().cpu()
