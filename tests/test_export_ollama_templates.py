@@ -166,3 +166,234 @@ def test_go_templates_render_like_the_real_chat_templates(tmp_path):
     assert len(cases) >= 40
     for got, (name, add_bos, conv, want) in zip(_go_render(tmp_path, cases), expected, strict=True):
         assert got == want, (name, add_bos, conv)
+
+
+# --------------------------------------------------------------------------- tools
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather & wind <now> in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "e.g. Zürich"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                "required": ["a", "b"],
+            },
+        },
+    },
+]
+
+
+def _call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 2?"}],
+    [
+        {"role": "user", "content": "Weather in Zürich & Bern?"},
+        {
+            "role": "assistant",
+            "content": "Checking <both>.",
+            "tool_calls": [
+                _call("get_weather", city="Zürich", unit="c"),
+                _call("get_weather", city="Bern"),
+            ],
+        },
+        {"role": "tool", "content": '{"temp": 21, "sky": "clear & dry"}'},
+        {"role": "tool", "content": '{"temp": 19}'},
+    ],
+    [
+        {"role": "system", "content": "Use tools.\nAlways."},
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("add", a=2, b=3)]},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "5."},
+        {"role": "user", "content": 'And "4 + 4"?'},
+    ],
+]
+
+
+def _hf_tools(template: str, messages, tools) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    out, _ = render_jinja_template(
+        conversations=[messages],
+        tools=tools,
+        chat_template=template,
+        add_generation_prompt=True,
+        bos_token="",
+        eos_token="<|im_end|>",
+    )
+    return out[0]
+
+
+def _translate_with_tools(template: str):
+    from lorakit.export.modelfile import translate
+
+    return translate(
+        lambda c, g: _hf(template, "", "<|im_end|>", c, g),
+        "",
+        "<|im_end|>",
+        False,
+        lambda m, t: _hf_tools(template, m, t),
+    )
+
+
+def test_qwen_tool_template_is_recognised_and_plain_chatml_is_not_taken_for_it():
+    from helpers import CHATML
+
+    qwen = _translate_with_tools((FIXTURES / "qwen2_5.jinja").read_text(encoding="utf-8"))
+    assert qwen.family == "chatml_tools" and ".Tools" in qwen.template and qwen.system
+    plain = _translate_with_tools(CHATML)  # ChatML that ignores tools: the plain template
+    assert plain.family == "chatml" and ".Tools" not in plain.template
+    # a Qwen template whose tool results are not grouped in one user turn is not Qwen's
+    changed = (FIXTURES / "qwen2_5.jinja").read_text().replace("<tool_response>", "<result>")
+    assert _translate_with_tools(changed).family == "chatml"
+
+
+def _canonical_json(text: str) -> str:
+    """Each JSON object in ``text`` rewritten canonically (sorted keys, Python's spacing): the
+    one thing Ollama writes differently (Go's compact encoding/json) from Jinja's ``tojson``."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i] == "{":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except ValueError:
+                value, end = None, i
+            if end > i:
+                out.append(json.dumps(value, sort_keys=True, ensure_ascii=False))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+GO_TOOLS_MAIN = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+// Ollama's api types as its templates see them: tool functions and call arguments print as
+// JSON (encoding/json), messages carry ToolCalls.
+type Args map[string]any
+
+func (a Args) String() string { b, _ := json.Marshal(a); return string(b) }
+
+type CallFunction struct {
+	Name      string `json:"name"`
+	Arguments Args   `json:"arguments"`
+}
+type ToolCall struct {
+	Function CallFunction `json:"function"`
+}
+type Message struct {
+	Role, Content string
+	ToolCalls     []ToolCall
+}
+type ToolFunction struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description"`
+	Parameters  json.RawMessage `json:"parameters"`
+}
+
+func (f ToolFunction) String() string { b, _ := json.Marshal(f); return string(b) }
+
+type Tool struct {
+	Type     string       `json:"type"`
+	Function ToolFunction `json:"function"`
+}
+type Case struct {
+	Template string
+	Messages []Message
+	Tools    []Tool
+}
+
+func main() {
+	var cases []Case
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, c := range cases {
+		t := template.Must(template.New("t").Parse(c.Template))
+		var b strings.Builder
+		if err := t.Execute(&b, map[string]any{"Messages": c.Messages, "Tools": c.Tools}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.slow  # compiles a Go program
+@pytest.mark.skipif(
+    shutil.which("go") is None, reason="needs Go (Debian: apt-get install golang-go)"
+)
+def test_go_tool_template_renders_like_qwen_chat_template(tmp_path):
+    template = (FIXTURES / "qwen2_5.jinja").read_text(encoding="utf-8")
+    translation = _translate_with_tools(template)
+    assert translation.family == "chatml_tools"
+    cases, expected = [], []
+    for conv in TOOL_CONVERSATIONS:
+        for tools in (TOOLS, None):
+            want = _hf_tools(template, conv, tools)
+            if conv[0]["role"] != "system":  # Ollama sends the Modelfile's SYSTEM first
+                conv = [{"role": "system", "content": translation.system}, *conv]
+            messages = [
+                {
+                    "Role": m["role"],
+                    "Content": m["content"],
+                    "ToolCalls": [{"function": c["function"]} for c in m.get("tool_calls", [])],
+                }
+                for m in conv
+            ]
+            cases.append({"Template": translation.template, "Messages": messages, "Tools": tools})
+            expected.append((conv, tools, want))
+    main = tmp_path / "render.go"
+    main.write_text(GO_TOOLS_MAIN, encoding="utf-8")
+    done = subprocess.run(
+        ["go", "run", str(main)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    rendered = json.loads(done.stdout)
+    with_json = 0
+    for got, (conv, tools, want) in zip(rendered, expected, strict=True):
+        assert _canonical_json(got) == _canonical_json(want), conv
+        if tools is None and not any(m.get("tool_calls") for m in conv):
+            assert got == want, conv  # no JSON from Ollama: byte-identical
+        else:
+            assert "<tool" in want
+            with_json += 1
+            assert got != want  # Go's compact JSON: the documented difference
+    assert with_json == len(TOOL_CONVERSATIONS) + 2  # each with tools, two with calls without

@@ -117,6 +117,21 @@ def run(args) -> int:
                     f"{row['max_abs_logit_diff']:.3g}, argmax agreement {row['argmax_agreement']:.1%}, "
                     f"ppl diff {row['ppl_diff_vs_reference']:+.4f}"
                 )
+        _print_llama_cpp(result.gguf_parity["llama_cpp"])
         print(f"gguf:    {result.gguf / 'Modelfile'} (ollama create NAME -f Modelfile)")
         print(f"parity.json: {result.gguf / 'parity.json'}")
     return 0
+
+
+def _print_llama_cpp(record: dict) -> None:
+    """The round trip through llama.cpp, one line per file (or why it was skipped)."""
+    from lorakit.export.gguf_llama_cpp import summary
+
+    if "skipped" in record:
+        print(f"llama.cpp: round trip skipped: {record['skipped']}")
+        return
+    for gguf_type, row in record["files"].items():
+        if "error" in row:
+            print(f"llama.cpp: {row['file']}: could not run: {row['error']}")
+        else:
+            print(summary(row, gguf_type).replace("llama.cpp ", "llama.cpp: ", 1))

@@ -17,7 +17,10 @@
 ``gguf_parity``  a GGUF read back with transformers' loader and compared
 ``modelfile``    the Ollama Modelfile (chat template translated to a Go template, or none)
 ``chat_families`` Llama 3, Gemma, Phi-3: reference renderers and Go templates for ``modelfile``
+``chat_tools``   ChatML with tools (Qwen 2.5): reference renderer and Go template
 ``llama_quantize`` K-quants by llama.cpp's quantizer (found via LORAKIT_LLAMA_QUANTIZE or PATH)
+``llama_cpp``    llama.cpp's libllama through ctypes in a child process (tokenize, logits, greedy)
+``gguf_llama_cpp`` each GGUF run by llama.cpp against transformers (the round trip)
 
 Nothing here imports torch at module level: ``cli/export.py`` reads ``merge.DTYPES`` for --help.
 """

@@ -90,10 +90,15 @@ def write_gguf_export(
     instead of the merged model; each is also read back with the run's adapter attached and
     compared with the trained model."""
     from lorakit.export.gguf_adapter import export_adapter_gguf
+    from lorakit.export.gguf_llama_cpp import round_trip
     from lorakit.export.gguf_source import base_merge_base, base_source, merged_source
+    from lorakit.export.llama_cpp import find_library
     from lorakit.export.parity import build_probes
 
     folder.mkdir(parents=True, exist_ok=True)
+    llama = find_library()  # the round trip through llama.cpp, when one is on this machine
+    if llama.library is None:
+        say(f"llama.cpp round trip skipped: {llama.note}")
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
     # Before any weights: the space prefix under which llama.cpp splits like training.
     vocab, spm_check = space_prefix_for_run(run, loaded, vocab)
@@ -103,12 +108,17 @@ def write_gguf_export(
     else:
         source = merged_source(run, loaded, probes, say, merge_base)
     files: dict[str, Any] = {}
+    llama_rows: dict[str, Any] = {}
     checks: _TokenizerChecks | None = None
     for gguf_type in types:
         path = folder / file_name(run.path.name, gguf_type, base_only)
         files[gguf_type] = _write_and_compare(
             source, run, probes, path, gguf_type, vocab, quantizer, loaded.device, base_only, say
         )
+        if llama.library is not None:
+            llama_rows[gguf_type] = round_trip(
+                llama.library, path, gguf_type, source.model, source.report, loaded, say
+            )
         if checks is None:
             # Every type carries the same tokenizer metadata: check it (and the template) once.
             checks = _check_tokenizer(path, run, loaded, probes, vocab, spm_check)
@@ -121,7 +131,7 @@ def write_gguf_export(
     _write_modelfile(folder, run, types, base_only, checks, vocab, stops, adapter, say)
     for line in report.lines():
         say(line)
-    return _parity_record(
+    record = _parity_record(
         report,
         loaded,
         merge_base,
@@ -131,6 +141,12 @@ def write_gguf_export(
         adapter,
         trained_report if base_only else None,
     )
+    record["llama_cpp"] = (
+        {"library": str(llama.library), "found_by": llama.note, "files": llama_rows}
+        if llama.library is not None
+        else {"skipped": llama.note}
+    )
+    return record
 
 
 def _write_and_compare(
@@ -199,7 +215,7 @@ def _check_tokenizer(
     """The tokenizer and chat template read back from the GGUF at ``path`` against training's,
     and the template translated for the Modelfile."""
     from lorakit.export.gguf_parity import check_template, check_tokenizer, read_tokenizer
-    from lorakit.export.modelfile import jinja_renderer, translate
+    from lorakit.export.modelfile import jinja_renderer, jinja_tools_renderer, translate
     from lorakit.export.parity import split_examples
 
     tokenizer = read_tokenizer(path)
@@ -216,6 +232,7 @@ def _check_tokenizer(
         loaded.tokenizer.bos_token or "",
         loaded.tokenizer.eos_token or "",
         vocab.add_bos,
+        jinja_tools_renderer(tokenizer),
     )
     return _TokenizerChecks(tokenizer_check, template_check, translation)
 

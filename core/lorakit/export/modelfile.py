@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from lorakit.export import chat_tools
 from lorakit.export.chat_families import FAMILIES, Conversation, Refused, Render, go_template
 
 _PROBES: tuple[Conversation, ...] = (
@@ -110,15 +111,24 @@ def _matches(render_jinja: Render, reference: Render) -> bool:
     return refusals < checks  # a family that refuses every probe proves nothing
 
 
-def translate(render_jinja: Render, bos: str, eos: str, add_bos: bool) -> Translation:
+def translate(
+    render_jinja: Render,
+    bos: str,
+    eos: str,
+    add_bos: bool,
+    render_tools: chat_tools.RenderTools | None = None,
+) -> Translation:
     """Recognise the template behind ``render_jinja`` (conversation, generation prompt -> text).
 
     ``bos``/``eos`` are the tokenizer's special token texts; ``add_bos`` whether llama.cpp adds
-    BOS itself (then the Go template must not write it again)."""
+    BOS itself (then the Go template must not write it again); ``render_tools`` renders
+    conversations with tools (Qwen 2.5's tool prompt is recognised with it)."""
     system = _default_system(render_jinja)
     if _matches(render_jinja, _chatml(system)):
         if system is not None and '"""' in system:
             return Translation(None, None, None, 'its default system prompt contains """')
+        if render_tools is not None and chat_tools.renders_like_qwen(render_tools, system):
+            return Translation("chatml_tools", chat_tools.go_template(system), system)
         return Translation("chatml", CHATML_GO, system)
     for start in (bos, ""):
         for lead in ("", " "):
@@ -145,6 +155,19 @@ def jinja_renderer(tokenizer: Any) -> Render:
         return str(
             tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    return render
+
+
+def jinja_tools_renderer(tokenizer: Any) -> chat_tools.RenderTools:
+    """The generation prompt of messages with tools, by ``tokenizer``'s own chat template."""
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
             )
         )
 
