@@ -1,8 +1,8 @@
 """Ollama TEMPLATEs against the real models' chat templates (issue 25, item 5).
 
 ``fixtures/chat_templates/*.jinja`` are the chat templates of the models' ``tokenizer_config.json``
-(Meta-Llama-3-8B-Instruct, Gemma 1/2, Gemma 3, Phi-3-mini, Phi-3.5-mini, Qwen2.5-Instruct), as
-trl stores them byte-identical for identity checks. Each is recognised by what it renders and
+(Meta-Llama-3-8B-Instruct, Llama 3.1 and 3.2 Instruct, Gemma 1/2, Gemma 3, Phi-3-mini, Phi-3.5-mini,
+Qwen2.5-Instruct), as trl stores them byte-identical for identity checks. Each is recognised by what it renders and
 translated to a Go template; the Go template is then executed with Go's own ``text/template``
 (what Ollama runs) and must give the text transformers renders as the generation prompt, on
 conversations with and without a system turn, single and multi-turn. That test skips without
@@ -28,7 +28,12 @@ MODELS = {
     "phi3": ("<s>", "<|endoftext|>", "phi3"),
     "phi3_5": ("<s>", "<|endoftext|>", "phi3"),
     "qwen2_5": ("", "<|im_end|>", "chatml"),
+    "llama3_1": ("<|begin_of_text|>", "<|eot_id|>", "llama3_1"),
+    "llama3_2": ("<|begin_of_text|>", "<|eot_id|>", "llama3_1"),
 }
+# Llama 3.2 writes the day it renders (strftime_now): pinned, as its template allows, so that a
+# test crossing midnight cannot fail; Llama 3.1 renders its own default date, 26 Jul 2024.
+CONTEXT = {"llama3_2": {"date_string": "05 Mar 2025"}}
 
 CONVERSATIONS = [
     [("user", "What is 2 + 2?")],
@@ -43,7 +48,7 @@ CONVERSATIONS = [
 ]
 
 
-def _hf(template: str, bos: str, eos: str, conv, generation_prompt: bool = True) -> str:
+def _hf(template: str, bos: str, eos: str, conv, generation_prompt: bool = True, **context) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     messages = [{"role": r, "content": c} for r, c in conv]
@@ -53,6 +58,7 @@ def _hf(template: str, bos: str, eos: str, conv, generation_prompt: bool = True)
         add_generation_prompt=generation_prompt,
         bos_token=bos,
         eos_token=eos,
+        **context,
     )
     return out[0]
 
@@ -62,7 +68,8 @@ def _translate(name: str, add_bos: bool):
 
     bos, eos, _ = MODELS[name]
     template = (FIXTURES / f"{name}.jinja").read_text(encoding="utf-8")
-    return translate(lambda c, g: _hf(template, bos, eos, c, g), bos, eos, add_bos)
+    context = CONTEXT.get(name, {})
+    return translate(lambda c, g: _hf(template, bos, eos, c, g, **context), bos, eos, add_bos)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -75,6 +82,10 @@ def test_real_chat_templates_are_recognised(name):
             translation.system
             == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
         )
+    if name.startswith("llama3_"):  # the date the template rendered, pinned
+        date = CONTEXT.get(name, {}).get("date_string", "26 Jul 2024")
+        assert f"Today Date: {date}\n" in translation.template
+        assert ".Tools" not in translation.template  # no tool renderer given: tools ignored
 
 
 def test_family_is_read_from_the_rendering_not_from_a_name():
@@ -148,7 +159,7 @@ def test_go_templates_render_like_the_real_chat_templates(tmp_path):
             assert translation.template is not None
             for conv in CONVERSATIONS:
                 try:
-                    want = _hf(template, bos, eos, conv)
+                    want = _hf(template, bos, eos, conv, **CONTEXT.get(name, {}))
                 except Exception:  # Gemma 1/2 refuse a system turn: nothing to compare with
                     assert name == "gemma" and conv[0][0] == "system"
                     continue
@@ -163,7 +174,7 @@ def test_go_templates_render_like_the_real_chat_templates(tmp_path):
                     }
                 )
                 expected.append((name, add_bos, conv, want))
-    assert len(cases) >= 40
+    assert len(cases) >= 56
     for got, (name, add_bos, conv, want) in zip(_go_render(tmp_path, cases), expected, strict=True):
         assert got == want, (name, add_bos, conv)
 

@@ -24,7 +24,7 @@ from typing import Any
 # (messages as chat templates take them, tools) -> the generation prompt
 RenderTools = Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]
 
-_TOOLS = [
+TOOLS = [
     {
         "type": "function",
         "function": {
@@ -104,10 +104,10 @@ def renders_like_qwen(render_tools: RenderTools, default_system: str | None) -> 
     """Whether the run's template renders every tool probe exactly like Qwen 2.5's."""
     for messages in PROBES:
         try:
-            got = render_tools(messages, _TOOLS)
+            got = render_tools(messages, TOOLS)
         except Exception:  # the template refuses tools or the tool role
             return False
-        if got != render(messages, _TOOLS, default_system or ""):
+        if got != render(messages, TOOLS, default_system or ""):
             return False
     return True
 

@@ -2,9 +2,9 @@
 
 Ollama templates are Go templates, not Jinja, so the run's chat template has to be translated.
 lorakit does not parse Jinja: it recognises a template by what it renders. Each known family
-(ChatML, Mistral ``[INST]`` here; Llama 3, Gemma, Phi-3 in ``chat_families``) has a reference
-renderer and a Go template; a family is
-chosen only when the run's template renders every probe conversation exactly like the
+(ChatML, Mistral ``[INST]`` here; Llama 3, Gemma, Phi-3 in ``chat_families``; Llama 3.1+ in
+``chat_llama31``; with tools: Qwen 2.5 in ``chat_tools``, Llama 3.1+) has a reference renderer and
+a Go template; a family is chosen only when the run's template renders every probe conversation exactly like the
 reference. Anything else gets no TEMPLATE line and a comment saying so, never a guess.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.export import chat_tools
+from lorakit.export import chat_llama31, chat_tools
 from lorakit.export.chat_families import FAMILIES, Conversation, Refused, Render, go_template
 
 _PROBES: tuple[Conversation, ...] = (
@@ -45,7 +45,7 @@ MISTRAL_GO = """{{- $system := "" }}
 
 @attrs.frozen
 class Translation:
-    family: str | None  # "chatml", "mistral_inst", a chat_families name, or None
+    family: str | None  # "chatml(_tools)", "mistral_inst", "llama3_1(_tools)", a chat_families name
     template: str | None  # the Go template
     system: str | None  # a default system prompt the Jinja template inserts
     reason: str = ""  # why there is no template
@@ -122,7 +122,7 @@ def translate(
 
     ``bos``/``eos`` are the tokenizer's special token texts; ``add_bos`` whether llama.cpp adds
     BOS itself (then the Go template must not write it again); ``render_tools`` renders
-    conversations with tools (Qwen 2.5's tool prompt is recognised with it)."""
+    conversations with tools (Qwen 2.5's and Llama 3.1's tool prompts are recognised with it)."""
     system = _default_system(render_jinja)
     if _matches(render_jinja, _chatml(system)):
         if system is not None and '"""' in system:
@@ -139,11 +139,20 @@ def translate(
         for start in ("", bos):  # without a BOS first: Phi-3's template writes none
             if any(_matches(render_jinja, ref) for ref in family.variants(start, eos)):
                 return Translation(family.name, go_template(family, "" if add_bos else start), None)
+    date = chat_llama31.read_date(render_jinja)  # Llama 3.1+: the dated system header
+    for start in (bos, ""):
+        if date is not None and _matches(render_jinja, chat_llama31.plain(start, date)):
+            tools = render_tools is not None and chat_llama31.renders_tools_like_llama31(
+                render_tools, start, date
+            )
+            go = chat_llama31.go_template("" if add_bos else start, date, tools)
+            return Translation("llama3_1_tools" if tools else "llama3_1", go, None)
     return Translation(
         None,
         None,
         None,
-        "it renders none of ChatML, Mistral [INST], Llama 3, Gemma or Phi-3 conversations exactly",
+        "it renders none of ChatML, Mistral [INST], Llama 3, Llama 3.1, Gemma or Phi-3"
+        " conversations exactly",
     )
 
 
