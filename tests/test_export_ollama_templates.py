@@ -282,11 +282,12 @@ def test_qwen_tool_template_is_recognised_and_plain_chatml_is_not_taken_for_it()
 
 
 def _canonical_json(text: str) -> str:
-    """Each JSON object in ``text`` rewritten canonically (sorted keys, Python's spacing): the
-    one thing Ollama writes differently (Go's compact encoding/json) from Jinja's ``tojson``."""
+    """Each JSON object and string in ``text`` rewritten canonically (sorted keys, Python's
+    spacing and escapes): the one thing Ollama writes differently (Go's compact encoding/json,
+    ``&`` as ``\\u0026``) from Jinja's ``tojson`` (indented or spaced)."""
     decoder, out, i = json.JSONDecoder(), [], 0
     while i < len(text):
-        if text[i] == "{":
+        if text[i] in '{"':
             try:
                 value, end = decoder.raw_decode(text, i)
             except ValueError:
@@ -344,6 +345,9 @@ type Case struct {
 	Tools    []Tool
 }
 
+// Ollama's template function json (template/template.go)
+var funcs = template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
+
 func main() {
 	var cases []Case
 	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
@@ -351,7 +355,7 @@ func main() {
 	}
 	out := []string{}
 	for _, c := range cases {
-		t := template.Must(template.New("t").Parse(c.Template))
+		t := template.Must(template.New("t").Funcs(funcs).Parse(c.Template))
 		var b strings.Builder
 		if err := t.Execute(&b, map[string]any{"Messages": c.Messages, "Tools": c.Tools}); err != nil {
 			panic(err)
@@ -361,6 +365,32 @@ func main() {
 	json.NewEncoder(os.Stdout).Encode(out)
 }
 """
+
+
+def _go_tools_render(tmp_path: Path, cases: list[dict]) -> list[str]:
+    main = tmp_path / "render_tools.go"
+    main.write_text(GO_TOOLS_MAIN, encoding="utf-8")
+    done = subprocess.run(
+        ["go", "run", str(main)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(done.stdout)
+
+
+def _go_messages(conv) -> list[dict]:
+    """Messages as Ollama's api.Message (role, content, tool calls) for the Go program."""
+    return [
+        {
+            "Role": m["role"],
+            "Content": m["content"],
+            "ToolCalls": [{"function": c["function"]} for c in m.get("tool_calls", [])],
+        }
+        for m in conv
+    ]
 
 
 @pytest.mark.slow  # compiles a Go program
@@ -377,27 +407,10 @@ def test_go_tool_template_renders_like_qwen_chat_template(tmp_path):
             want = _hf_tools(template, conv, tools)
             if conv[0]["role"] != "system":  # Ollama sends the Modelfile's SYSTEM first
                 conv = [{"role": "system", "content": translation.system}, *conv]
-            messages = [
-                {
-                    "Role": m["role"],
-                    "Content": m["content"],
-                    "ToolCalls": [{"function": c["function"]} for c in m.get("tool_calls", [])],
-                }
-                for m in conv
-            ]
+            messages = _go_messages(conv)
             cases.append({"Template": translation.template, "Messages": messages, "Tools": tools})
             expected.append((conv, tools, want))
-    main = tmp_path / "render.go"
-    main.write_text(GO_TOOLS_MAIN, encoding="utf-8")
-    done = subprocess.run(
-        ["go", "run", str(main)],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    rendered = json.loads(done.stdout)
+    rendered = _go_tools_render(tmp_path, cases)
     with_json = 0
     for got, (conv, tools, want) in zip(rendered, expected, strict=True):
         assert _canonical_json(got) == _canonical_json(want), conv
@@ -408,3 +421,128 @@ def test_go_tool_template_renders_like_qwen_chat_template(tmp_path):
             with_json += 1
             assert got != want  # Go's compact JSON: the documented difference
     assert with_json == len(TOOL_CONVERSATIONS) + 2  # each with tools, two with calls without
+
+
+# --------------------------------------------------------------------------- Llama 3.1+ tools
+
+LLAMA = ("<|begin_of_text|>", "<|eot_id|>")
+
+
+def _hf_llama(template: str, messages, tools, generation_prompt=True, **context) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    out, _ = render_jinja_template(
+        conversations=[messages],
+        tools=tools,
+        chat_template=template,
+        add_generation_prompt=generation_prompt,
+        bos_token=LLAMA[0],
+        eos_token=LLAMA[1],
+        **context,
+    )
+    return out[0]
+
+
+def _translate_llama(template: str, add_bos: bool = False, **context):
+    from lorakit.export.modelfile import translate
+
+    def plain(conv, generation_prompt):
+        messages = [{"role": r, "content": c} for r, c in conv]
+        return _hf_llama(template, messages, None, generation_prompt, **context)
+
+    return translate(
+        plain, *LLAMA, add_bos, lambda m, t: _hf_llama(template, m, t, True, **context)
+    )
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "llama3_2"])
+def test_llama31_tool_template_is_recognised_and_changed_ones_are_not(name):
+    template = (FIXTURES / f"{name}.jinja").read_text(encoding="utf-8")
+    pinned = _translate_llama(template, date_string="05 Mar 2025")
+    assert pinned.family == "llama3_1_tools" and ".Tools" in pinned.template
+    assert "Today Date: 05 Mar 2025\n" in pinned.template and pinned.system is None
+    # tool results in "tool" turns, not "ipython": the dated header, but not Llama 3.1's tools
+    ipython = '"<|start_header_id|>ipython<|end_header_id|>\\n\\n"'
+    changed = template.replace(ipython, '"<|start_header_id|>tool<|end_header_id|>\\n\\n"')
+    assert changed != template
+    assert _translate_llama(changed, date_string="05 Mar 2025").family == "llama3_1"
+    # no dated header: not Llama 3.1 at all (and not Llama 3: the system header is always there)
+    undated = template.replace('{{- "Today Date: " + date_string + "\\n\\n" }}', "")
+    assert undated != template
+    assert _translate_llama(undated, date_string="05 Mar 2025").template is None
+
+
+def test_llama31_date_is_the_one_the_template_renders():
+    """3.1 writes its default date; 3.2 the day it renders (the Modelfile pins it)."""
+    from datetime import datetime
+
+    llama31 = _translate_llama((FIXTURES / "llama3_1.jinja").read_text(encoding="utf-8"))
+    assert "Today Date: 26 Jul 2024\n" in llama31.template
+    before = datetime.now().strftime("%d %b %Y")
+    llama32 = _translate_llama((FIXTURES / "llama3_2.jinja").read_text(encoding="utf-8"))
+    days = {before, datetime.now().strftime("%d %b %Y")}  # midnight may pass in between
+    assert llama32.family == "llama3_1_tools"
+    assert any(f"Today Date: {day}\n" in llama32.template for day in days)
+
+
+LLAMA_TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 2?"}],
+    [  # the tools stay in the first user turn; text beside a call is dropped by the template
+        {"role": "user", "content": "Weather in Zürich & Bern?"},
+        {
+            "role": "assistant",
+            "content": "Checking <Zürich>.",
+            "tool_calls": [_call("get_weather", city="Zürich", unit="c")],
+        },
+        {"role": "tool", "content": '{"temp": 21, "sky": "clear & dry"}'},
+        {"role": "assistant", "content": "21 °C in Zürich."},
+        {"role": "user", "content": "And Bern?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", city="Bern")]},
+        {"role": "ipython", "content": "19 <C>"},
+    ],
+    [
+        {"role": "system", "content": "Use tools.\nAlways."},
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("add", a=2, b=3)]},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "5."},
+        {"role": "user", "content": 'And "4 + 4"?'},
+    ],
+]
+
+
+@pytest.mark.slow  # compiles a Go program
+@pytest.mark.skipif(
+    shutil.which("go") is None, reason="needs Go (Debian: apt-get install golang-go)"
+)
+def test_go_tool_template_renders_like_llama31_chat_templates(tmp_path):
+    cases, expected = [], []
+    for name in ("llama3_1", "llama3_2"):
+        template = (FIXTURES / f"{name}.jinja").read_text(encoding="utf-8")
+        context = CONTEXT.get(name, {})
+        for add_bos in (False, True):
+            translation = _translate_llama(template, add_bos, **context)
+            assert translation.family == "llama3_1_tools", name
+            for conv in LLAMA_TOOL_CONVERSATIONS:
+                for tools in (TOOLS, None):
+                    want = _hf_llama(template, conv, tools, **context)
+                    if add_bos:
+                        want = want.removeprefix(LLAMA[0])  # llama.cpp adds the BOS itself
+                    messages = _go_messages(conv)
+                    cases.append(
+                        {"Template": translation.template, "Messages": messages, "Tools": tools}
+                    )
+                    expected.append((name, add_bos, conv, tools, want))
+    assert len(cases) == 2 * 2 * len(LLAMA_TOOL_CONVERSATIONS) * 2
+    with_json = 0
+    for got, (name, add_bos, conv, tools, want) in zip(
+        _go_tools_render(tmp_path, cases), expected, strict=True
+    ):
+        assert _canonical_json(got) == _canonical_json(want), (name, add_bos, conv, tools)
+        if tools is None and all(m["role"] in ("system", "user") for m in conv):
+            assert got == want, (name, conv)  # no JSON from Ollama: byte-identical
+        else:  # tools, a call's arguments or a result: Go's compact JSON, the one difference
+            assert got != want, (name, conv, tools)
+            with_json += 1
+    assert with_json == 2 * 2 * (len(LLAMA_TOOL_CONVERSATIONS) + 2)
