@@ -8,8 +8,9 @@ exactly like ``render`` here (recognised by its output, never by a model name).
 
 The Go template reads what Ollama passes: ``.Tools`` (each ``.Function`` printed as JSON),
 ``.Messages`` with ``.ToolCalls`` (``.Function.Name``, ``.Function.Arguments`` printed as
-JSON). Ollama prints JSON with Go's ``encoding/json``: compact, keys of maps sorted, ``<``,
-``>`` and ``&`` escaped as ``\\u003c``...; the Jinja template's ``tojson`` writes Python's
+JSON). Ollama prints JSON with Go's ``encoding/json``: compact, keys of maps sorted (in the
+order given since Ollama's ordered maps, January 2026), ``<``, ``>`` and ``&`` escaped as
+``\\u003c``...; the Jinja template's ``tojson`` writes Python's
 ``json.dumps`` (``", "``, ``": "``, keys in the order given). So the JSON in Ollama's prompt is
 the same JSON value written differently; everything around it renders byte-identically
 (``tests/test_export_ollama_templates.py`` checks both with Go's ``text/template``).
