@@ -1,4 +1,4 @@
-"""Llama 3.1+ chat templates (Meta's 3.1, 3.2, 3.3): a reference renderer and the Go templates.
+"""Llama 3.1+ chat templates (Meta's 3.1 and 3.2): a reference renderer and the Go templates.
 
 These templates always open with a dated system header (``Cutting Knowledge Date`` and
 ``Today Date``, then the system message, empty when there is none), so they never render like
