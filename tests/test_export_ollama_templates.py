@@ -1,8 +1,9 @@
 """Ollama TEMPLATEs against the real models' chat templates (issue 25, item 5).
 
-``fixtures/chat_templates/*.jinja`` are the chat templates of the models' ``tokenizer_config.json``
+The templates are the chat templates of the models' ``tokenizer_config.json``
 (Meta-Llama-3-8B-Instruct, Llama 3.1 and 3.2 Instruct, Gemma 1/2, Gemma 3, Phi-3-mini, Phi-3.5-mini,
-Qwen2.5-Instruct), as trl stores them byte-identical for identity checks. Each is recognised by what it renders and
+Qwen2.5-Instruct), read from the installed trl package, which ships them byte-identical for its
+own identity checks (``trl/chat_templates``), so this repository keeps no copies. Each is recognised by what it renders and
 translated to a Go template; the Go template is then executed with Go's own ``text/template``
 (what Ollama runs) and must give the text transformers renders as the generation prompt, on
 conversations with and without a system turn, single and multi-turn. That test skips without
@@ -11,6 +12,7 @@ conversations with and without a system turn, single and multi-turn. That test s
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+FIXTURES = Path(str(importlib.resources.files("trl") / "chat_templates"))
 
 # fixture -> (bos, eos, family) as the models' tokenizers define them
 MODELS = {
