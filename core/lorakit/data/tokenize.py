@@ -69,8 +69,8 @@ def tokenize_batch(rendered: Sequence[Rendered], tokenizer: Any) -> list[Tokeniz
     out = []
     for r, w in zip(rendered, whole, strict=True):
         if w:
-            ids = array("i", next(plain_ids))
-            out.append(Tokenized(input_ids=ids, labels=array("i", ids)))
+            row = array("i", next(plain_ids))
+            out.append(Tokenized(input_ids=row, labels=array("i", row)))
             continue
         ids, offsets = next(with_offsets)
         labels = labels_for(ids, offsets, _char_mask(r))
