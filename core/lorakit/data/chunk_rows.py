@@ -32,7 +32,8 @@ from lorakit.data.tokenize import (
 )
 
 PIECE = 4096  # characters of text per piece when the whole document is tokenized for spans
-WINDOW = 16  # chunks planned and checked per batched tokenizer call
+WINDOW = 8  # chunks planned and checked per batched tokenizer call (a plan that fails its check
+# discards the window's later plans: 16 wasted 7% of the chunks' tokenization, 8 wastes 3%)
 
 
 def _pieces(text: str) -> Iterator[tuple[int, int]]:
