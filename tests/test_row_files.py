@@ -4,6 +4,7 @@ phase does not hold the token arrays in memory; the rows are exactly the in-memo
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -19,11 +20,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lorakit.catalog import default_catalog
 from lorakit.components import build_components
-from lorakit.data.pipeline import DataReport, apply_overlength, iter_tokenized, tokenize_examples
+from lorakit.data.pipeline import (
+    DataReport,
+    apply_overlength,
+    iter_tokenized,
+    supervised_share,
+    tokenize_examples,
+)
 from lorakit.data.row_files import RowWriter, TokenRows, row_lengths
 from lorakit.data.spool import example_from_json
 from lorakit.data.tokenize import IGNORE_INDEX, Tokenized
 from lorakit.recipe import load_recipe
+
+PairLike = collections.namedtuple("PairLike", "chosen rejected")
 
 rows_strategy = st.lists(
     st.lists(st.tuples(st.integers(0, 2**31 - 1), st.booleans()), min_size=0, max_size=40).map(
@@ -58,6 +67,9 @@ def test_rows_read_back_from_their_files_are_the_rows_written(rows):
     assert row_lengths(stored) == [len(r.input_ids) for r in rows]
     assert stored.supervised_tokens == sum(r.n_supervised for r in rows)
     assert stored.total_tokens == sum(len(r.input_ids) for r in rows)
+    assert supervised_share(stored) == supervised_share(rows)  # data_report.json's share
+    pairs = [PairLike(chosen=r, rejected=Tokenized(array("i"), array("i"))) for r in rows]
+    assert supervised_share(pairs) == supervised_share(rows)  # a pair counts its chosen side
     assert pickle.loads(pickle.dumps(stored)) == rows  # a "spawn" data loader worker's copy
     with pytest.raises(IndexError):
         stored[len(rows)]
