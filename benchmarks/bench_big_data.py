@@ -7,9 +7,12 @@ Writes N MB of chat JSONL (``chat_jsonl`` records: an optional system turn, one 
 user/assistant exchanges of varying length, unique ids) into a temporary folder, with a recipe
 for the embedded SmolLM2 (its chat template and tokenizer, so ``check`` computes token
 statistics), and runs ``lorakit check`` and ``lorakit prepare`` on it, each in a subprocess of
-its own. For each size it prints the peak RSS (``wait4``'s ``ru_maxrss`` of that process alone)
-and the seconds, then the ratio time(2N)/time(N) for each pair of sizes where one is twice the
-other (about 2 means linear time). ``--markdown-mb`` times ``check`` on folders of markdown of
+its own. For each size it prints the peak RSS (``wait4``'s ``ru_maxrss`` of that process alone),
+the wall seconds and the CPU seconds (user + sys of that process, from ``wait4``: less
+sensitive to other processes on the machine than wall time) per MB, then the ratio
+time(2N)/time(N) for each pair of sizes where one is twice the other (about 2 means linear
+time) and, for every size against the smallest, the ratio of CPU seconds per MB (about 1 means
+linear time). ``--rss-limit-mb`` makes a size whose peak RSS passes it a failure (exit 1). ``--markdown-mb`` times ``check`` on folders of markdown of
 those sizes (1 MB documents chunked to ``train.max_length`` 256), with the same ratios.
 ``--baseline CHECKOUT`` runs each markdown ``check`` with that checkout's code too, right before
 this one's (interleaved, so both see the same load), and prints the time ratio.
@@ -185,7 +188,7 @@ def markdown_runs(tmp: Path, sizes: list[float], baseline: Path | None) -> list[
         )
         row: dict = {"kind": "markdown", "mb": mb}
         for name, repo in codes:
-            rss, secs, out = measure(["check", str(path)], code_env(repo))
+            rss, secs, _, out = measure(["check", str(path)], code_env(repo))
             chunked = next((ln.strip() for ln in out.splitlines() if "chunk" in ln), "")
             row[name] = {"peak_rss_mb": round(rss), "seconds": round(secs, 2), "out": chunked}
             print(
@@ -213,8 +216,9 @@ def markdown_runs(tmp: Path, sizes: list[float], baseline: Path | None) -> list[
     return rows
 
 
-def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(peak RSS in MB, seconds, output) of one ``lorakit ...`` process (this checkout's code)."""
+def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """(peak RSS in MB, wall seconds, CPU seconds (user + sys), output) of one ``lorakit ...``
+    process (this checkout's code)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", MAIN, *args],
@@ -229,7 +233,7 @@ def measure(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"lorakit {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return usage.ru_maxrss / 1024, elapsed, out
+    return usage.ru_maxrss / 1024, elapsed, usage.ru_utime + usage.ru_stime, out
 
 
 def main() -> None:
@@ -239,6 +243,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout to time markdown against")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--rss-limit-mb", type=float, default=0, help="fail when a peak RSS passes this (0: none)"
+    )
     args = parser.parse_args()
     sizes = [float(s) for s in args.mb.split(",") if s]
     env = code_env(REPO)
@@ -261,13 +268,19 @@ def main() -> None:
             )
             row: dict = {"kind": "chat_jsonl", "mb": round(size, 1), "records": n}
             for verb in ("check", "prepare"):
-                rss, secs, out = measure([verb, str(path)], env)
-                row[verb] = {"peak_rss_mb": round(rss), "seconds": round(secs, 2)}
+                rss, secs, cpu, out = measure([verb, str(path)], env)
+                row[verb] = {
+                    "peak_rss_mb": round(rss),
+                    "seconds": round(secs, 2),
+                    "cpu_seconds": round(cpu, 2),
+                    "cpu_s_per_mb": round(cpu / size, 4),
+                }
                 if verb == "check" and "token statistics skipped" in out:
                     row["note"] = "no tokenizer cache: check skipped token statistics"
                 print(
                     f"chat_jsonl {size:7.1f} MB ({n:>8} records) {verb:8s} peak RSS "
-                    f"{rss:7.0f} MB ({rss / size:5.1f}x file)  {secs:7.1f} s",
+                    f"{rss:7.0f} MB ({rss / size:5.2f}x file)  {secs:7.1f} s, "
+                    f"CPU {cpu:7.1f} s ({cpu / size:.3f} s/MB)",
                     flush=True,
                 )
             results.append(row)
@@ -286,10 +299,29 @@ def main() -> None:
                     f"{verb}: time({double['mb']:g} MB)/time({r['mb']:g} MB) = {ratio:.2f}, "
                     f"peak RSS ratio {mem:.2f} (2.00: linear time; memory should stay flat)"
                 )
+        for r in results[1:]:
+            first = results[0]
+            for verb in ("check", "prepare"):
+                ratio = r[verb]["cpu_s_per_mb"] / first[verb]["cpu_s_per_mb"]
+                print(
+                    f"{verb}: CPU s/MB at {r['mb']:g} MB / at {first['mb']:g} MB = {ratio:.2f} "
+                    f"({r[verb]['cpu_s_per_mb']:.3f} / {first[verb]['cpu_s_per_mb']:.3f}; "
+                    "1.00: linear time)"
+                )
+        over = [
+            f"{verb} at {r['mb']:g} MB: {r[verb]['peak_rss_mb']} MB"
+            for r in results
+            for verb in ("check", "prepare")
+            if args.rss_limit_mb and r[verb]["peak_rss_mb"] > args.rss_limit_mb
+        ]
+        if args.rss_limit_mb:
+            print(f"peak RSS limit {args.rss_limit_mb:g} MB: " + ("; ".join(over) or "held"))
         md_sizes = [float(m) for m in args.markdown_mb.split(",") if m and float(m) > 0]
         results += markdown_runs(tmp, md_sizes, args.baseline)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if over:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -191,23 +191,67 @@ def test_a_long_document_is_tokenized_a_few_times_not_nine(data_tokenizer, monke
     para = "# Title\n\nThe quick brown fox jumps over the lazy dog. Hello world, a test!\n\n"
     text = para * 300
     seen = [0]
-    real = tokenize.encode_with_offsets, tokenize.count_tokens
+    real = tokenize.encode_with_offsets, tokenize.token_ids
 
     def offsets(texts, tok):
         seen[0] += sum(map(len, texts))
         return real[0](texts, tok)
 
-    def counts(texts, tok):
+    def ids(texts, tok):  # count_tokens and rows without offsets
         seen[0] += sum(map(len, texts))
         return real[1](texts, tok)
 
     for module in (tokenize, chunk_rows, rows):
         if hasattr(module, "encode_with_offsets"):
             monkeypatch.setattr(module, "encode_with_offsets", offsets)
-        if hasattr(module, "count_tokens"):
-            monkeypatch.setattr(module, "count_tokens", counts)
+        if hasattr(module, "token_ids"):
+            monkeypatch.setattr(module, "token_ids", ids)
     doc = Example(id="d", text=text, meta={"chunkable": True})
     report = DataReport()
     kept = tokenize_examples([doc], FORMATTERS[0], data_tokenizer, 64, "error", report)
     assert report.chunked["d"] == len(kept) > 100
     assert seen[0] < 5 * len(text), seen[0] / len(text)
+
+
+segment = st.builds(
+    lambda text, sup: (text, sup),
+    st.text("ab cd\n#.é漢", min_size=0, max_size=30),
+    st.booleans(),
+)
+
+
+@SETTINGS
+@given(rendered=st.lists(st.lists(segment, max_size=4), min_size=1, max_size=6))
+def test_rows_tokenized_without_offsets_are_the_rows_with_them(rendered, data_tokenizer):
+    """A text supervised throughout is tokenized without offsets (its labels are its ids):
+    every row equals the one the offsets give, whatever the mix of segments."""
+    from lorakit.contracts import Rendered, Segment
+    from lorakit.data.tokenize import _char_mask, encode_with_offsets, labels_for, tokenize_batch
+
+    examples = [Rendered(tuple(Segment(t, sup) for t, sup in segs)) for segs in rendered]
+    ids, offsets = encode_with_offsets([r.text for r in examples], data_tokenizer)
+    expected = [
+        labels_for(i, o, _char_mask(r)) for i, o, r in zip(ids, offsets, examples, strict=True)
+    ]
+    rows = tokenize_batch(examples, data_tokenizer)
+    assert [list(r.input_ids) for r in rows] == ids
+    assert [list(r.labels) for r in rows] == expected
+
+
+@SETTINGS
+@given(text=st.text("ab cd\n\n# .!é漢\t", min_size=1, max_size=3000))
+def test_byte_level_spans_are_the_tokenizers_offsets(text, data_tokenizer):
+    """The planner's spans from token lengths (ASCII pieces, byte-level tokenizer) are the
+    spans the tokenizer's offsets give."""
+    from lorakit.data import chunk_rows
+    from lorakit.data.tokenize import encode_with_offsets
+
+    assert chunk_rows.byte_level_lengths(data_tokenizer) is not None  # the fast path is taken
+    starts, ends = chunk_rows.token_spans(text, data_tokenizer)
+    expected_starts, expected_ends = [], []
+    for a, b in chunk_rows._pieces(text):
+        _, (spans,) = encode_with_offsets([text[a:b]], data_tokenizer)
+        expected_starts += [a + s for s, _ in spans]
+        expected_ends += [a + e for _, e in spans]
+    assert list(starts) == expected_starts
+    assert list(ends) == expected_ends

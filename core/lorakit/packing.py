@@ -77,6 +77,12 @@ class RowDataset:
         row = self.rows[i]
         return {"input_ids": row.input_ids, "labels": row.labels, "index": i}
 
+    def lengths(self) -> list[int]:
+        """Each row's tokens (memory-mapped rows answer without reading their tokens)."""
+        from lorakit.data.row_files import row_lengths
+
+        return row_lengths(self.rows)
+
 
 class TokenBudgetBatches:
     """Micro-batches by tokens (``train.packing = true``): shuffled examples, each batch filled
@@ -151,9 +157,13 @@ def token_budget_loader(trainer: Any, token_budget: int) -> Any:
     from torch.utils.data import DataLoader
 
     data = trainer.train_dataset
-    lengths = [  # a preference pair's row says its length (both sides)
-        row["length"] if "length" in row else len(row["input_ids"]) for row in data
-    ]
+    lengths = (
+        data.lengths()
+        if isinstance(data, RowDataset)
+        else [  # a preference pair's row says its length (both sides)
+            row["length"] if "length" in row else len(row["input_ids"]) for row in data
+        ]
+    )
     batches = TokenBudgetBatches(lengths, token_budget, trainer.args.seed)
     loader = DataLoader(
         data,

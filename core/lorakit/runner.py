@@ -8,6 +8,7 @@ adapter, the evaluation), in the order they run. Read this file top to bottom.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lorakit.data.pipeline import (
     tokenize_examples,
     write_splits,
 )
+from lorakit.data.row_files import row_lengths
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
@@ -100,8 +102,10 @@ class RunData:
     ref: ModelRef
     tokenizer: Any
     end_of_turn: str
-    train_rows: list[Any]  # Tokenized rows (SFT) or PairRows (a preference objective)
-    val_rows: list[Any]
+    # SFT: Tokenized rows in memory-mapped files (data/row_files.py); a preference
+    # objective: a list of PairRows
+    train_rows: Sequence[Any]
+    val_rows: Sequence[Any]
     batch: dict[str, Any]  # distributed.batch_plan
     system_prompt: str | None = None  # the one every training conversation had (fidelity.py)
 
@@ -186,7 +190,7 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
         end_of_turn=formatter.end_of_turn(tokenizer),
         train_rows=train_rows,
         val_rows=val_rows,
-        batch=distributed.batch_plan(t, world_size(), [row_length(r) for r in train_rows]),
+        batch=distributed.batch_plan(t, world_size(), row_lengths(train_rows)),
         system_prompt=system,
     )
 
@@ -238,9 +242,7 @@ def claim_run(
                     "val": len(data.val_rows),
                     "test": len(data.splits.test),
                 },
-                "supervised_share": supervised_share(
-                    [getattr(r, "chosen", r) for r in data.train_rows]  # a pair's chosen side
-                ),
+                "supervised_share": supervised_share(data.train_rows),
             },
         )
         # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
@@ -394,11 +396,6 @@ def reference_for(
         reference_logps(tm.model, data.train_rows, size, tm.device),
         reference_logps(tm.model, data.val_rows, size, tm.device),
     )
-
-
-def row_length(row: Any) -> int:
-    """Tokens of a training row: an SFT example's, or both sides of a pair."""
-    return int(row.length) if hasattr(row, "length") else len(row.input_ids)
 
 
 def save_trained_adapter(

@@ -14,6 +14,7 @@ off by more than the margin, or a tokenizer whose counts do not grow) hands that
 from __future__ import annotations
 
 import bisect
+import itertools
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -22,10 +23,17 @@ import attrs
 
 from lorakit.contracts import Example, Rendered
 from lorakit.data.chunking import ChunkPlanner, marks_of, next_chunk_end
-from lorakit.data.tokenize import Tokenized, count_tokens, encode_with_offsets, tokenize_batch
+from lorakit.data.tokenize import (
+    Tokenized,
+    count_tokens,
+    encode_with_offsets,
+    token_ids,
+    tokenize_batch,
+)
 
 PIECE = 4096  # characters of text per piece when the whole document is tokenized for spans
-WINDOW = 16  # chunks planned and checked per batched tokenizer call
+WINDOW = 8  # chunks planned and checked per batched tokenizer call (a plan that fails its check
+# discards the window's later plans: 16 wasted 7% of the chunks' tokenization, 8 wastes 3%)
 
 
 def _pieces(text: str) -> Iterator[tuple[int, int]]:
@@ -39,14 +47,55 @@ def _pieces(text: str) -> Iterator[tuple[int, int]]:
         pos = end
 
 
+_LENGTHS: dict[int, tuple[Any, list[int]]] = {}  # id(backend) -> (backend, lengths)
+
+
+def byte_level_lengths(tokenizer: Any) -> list[int] | None:
+    """Characters each token id spells in ASCII text, for a byte-level BPE tokenizer without a
+    normalizer (its token strings have one character per byte); None for other tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or not hasattr(backend, "get_vocab")
+        or getattr(backend, "normalizer", None) is not None
+        or type(getattr(backend, "decoder", None)).__name__ != "ByteLevel"
+    ):
+        return None
+    if id(backend) not in _LENGTHS:  # the backend is kept, so its id is never reused
+        vocab = backend.get_vocab(with_added_tokens=True)
+        lengths = [0] * (max(vocab.values(), default=-1) + 1)
+        for token, i in vocab.items():
+            lengths[i] = len(token)
+        _LENGTHS[id(backend)] = (backend, lengths)
+    return _LENGTHS[id(backend)][1]
+
+
 def token_spans(text: str, tokenizer: Any) -> tuple[array, array]:
-    """Start and end characters of ``text``'s tokens, tokenized in pieces (batched)."""
+    """Start and end characters of ``text``'s tokens, tokenized in pieces (batched).
+
+    They only guide the chunk planner (its checks use the real tokenizer), so with a
+    byte-level tokenizer an ASCII piece's spans are its tokens' lengths laid end to end,
+    tokenized without offsets (cheaper; the same spans on such text); other pieces use the
+    tokenizer's offsets."""
     starts, ends = array("l"), array("l")
+    lengths = byte_level_lengths(tokenizer)
     pieces = list(_pieces(text))
     for i in range(0, len(pieces), 256):
         group = pieces[i : i + 256]
-        _, offsets = encode_with_offsets([text[a:b] for a, b in group], tokenizer)
-        for (base, _), spans in zip(group, offsets, strict=True):
+        texts = [text[a:b] for a, b in group]
+        ascii_ = [lengths is not None and t.isascii() for t in texts]
+        plain = iter(token_ids([t for t, a in zip(texts, ascii_, strict=True) if a], tokenizer))
+        other = [t for t, a in zip(texts, ascii_, strict=True) if not a]
+        offsets = iter(encode_with_offsets(other, tokenizer)[1] if other else [])
+        for (base, _), is_ascii in zip(group, ascii_, strict=True):
+            if is_ascii and lengths is not None:
+                bounds = array(
+                    "l", itertools.accumulate(map(lengths.__getitem__, next(plain)), initial=base)
+                )
+                starts.extend(bounds[:-1])
+                ends.extend(bounds[1:])
+                continue
+            spans = next(offsets)
             starts.extend(base + s for s, _ in spans)
             ends.extend(base + e for _, e in spans)
     return starts, ends

@@ -4,7 +4,9 @@ policy, counting every drop in the data report."""
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence, Sized
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -12,6 +14,7 @@ import attrs
 from lorakit.contracts import Example
 from lorakit.data.chunk_rows import chunk_document
 from lorakit.data.report import DataReport
+from lorakit.data.row_files import RowWriter, TokenRows
 from lorakit.data.tokenize import Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -173,19 +176,41 @@ def tokenize_examples(
     max_length: int,
     overlength: str,
     report: DataReport,
-) -> list[Tokenized]:
+) -> TokenRows:
     """Render and tokenize; chunk long documents; apply the overlength policy; drop rows with
     nothing to learn.
 
     Every drop is counted in ``report`` with its reason; nothing disappears silently. Examples
-    are streamed (``examples`` may be a spooled split) and the rows kept are compact arrays.
+    are streamed (``examples`` may be a spooled split) and the rows kept are written, a batch
+    at a time, to memory-mapped files (:mod:`lorakit.data.row_files`): memory does not grow
+    with the tokens.
     """
-    kept: list[Tokenized] = []
-    for pieces, rows in iter_tokenized(examples, formatter, tokenizer, max_length, report):
-        kept += apply_overlength(pieces, rows, max_length, overlength, report)
-    return kept
+    from lorakit.diskfull import disk_full_is_an_error
+
+    writer = RowWriter()
+    try:
+        with disk_full_is_an_error(
+            Path(tempfile.gettempdir()),
+            "the tokenized rows",
+            "nothing was written to the run folder",
+            fix="free some space there, or set TMPDIR to a folder on a disk with room for the "
+            "tokenized data (8 bytes a token), and run the command again",
+        ):
+            for pieces, rows in iter_tokenized(examples, formatter, tokenizer, max_length, report):
+                writer.add(apply_overlength(pieces, rows, max_length, overlength, report))
+            return writer.finish()
+    finally:
+        writer.close()
 
 
-def supervised_share(rows: Sequence[Tokenized]) -> float:
-    total = sum(len(r.labels) for r in rows)
-    return sum(r.n_supervised for r in rows) / total if total else 0.0
+def supervised_share(rows: Iterable[Any]) -> float:
+    """The share of supervised tokens in these rows (a preference pair's: its chosen side)."""
+    if isinstance(rows, TokenRows):
+        total = rows.total_tokens
+        return rows.supervised_tokens / total if total else 0.0
+    n = supervised = 0
+    for row in rows:
+        row = getattr(row, "chosen", row)
+        n += len(row.labels)
+        supervised += row.n_supervised
+    return supervised / n if n else 0.0

@@ -23,7 +23,7 @@ from lorakit.fidelity import served_prompt
 class EvalSet:
     split: str
     n_examples: int
-    rows: list[Tokenized]
+    rows: Sequence[Tokenized]  # memory-mapped (data/row_files.py)
     ids: list[str]
     inputs: list[str]  # the last user message of each prompt (for side-by-side reports)
     prompts: list[str]
