@@ -22,8 +22,7 @@ def _check(cli, recipe: Path, *overrides: str) -> str:
     ("quant", "overrides", "expected"),
     [
         ("none", ['peft.init="loftq"'], ['[peft].init = "loftq"', "[quant].plugin = 'none'"]),
-        ("bnb-4bit", ['peft.init="pissa"'], ["[peft].init = 'pissa'", "[quant].plugin"]),
-        ("bnb-8bit", ['peft.init="olora"'], ["[peft].init = 'olora'", "QPiSSA"]),
+        ("bnb-8bit", ['peft.init="olora"'], ["[peft].init = 'olora'", "QPiSSA", "bnb-4bit"]),
         ("none", ['peft.init="eva"', 'train.objective="dpo"'], ['"eva"', "[train].objective"]),
         ("none", ["peft.pissa_niter=4"], ["pissa_niter = 4", 'init = "pissa"']),
         ("none", ['peft.init="pissa"', "peft.eva_batches=2"], ["eva_batches = 2"]),
@@ -73,6 +72,8 @@ RESUMED = [
     ("none", ['peft.init="olora"']),
     ("none", ['peft.init="eva"', "peft.eva_batches=2"]),
     ("bnb-4bit", ['peft.init="loftq"']),
+    ("bnb-4bit", ['peft.init="pissa"']),
+    ("bnb-4bit", ['peft.init="olora"']),
     ("none", ["peft.lora_plus_ratio=16", "train.neftune_noise_alpha=5"]),
 ]
 

@@ -126,7 +126,9 @@ class RunTarget(Target):
         self.label = f"{run_dir} (base + adapter, quant {recipe.quant.name})"
 
     def base_outputs(self, run_generate):
-        with self.model.disable_adapter():
+        from lorakit.qpissa import adapter_off
+
+        with adapter_off(self.model):
             return run_generate(self.model)
 
 

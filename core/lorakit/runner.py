@@ -262,11 +262,18 @@ def load_for_training(
     LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
     then given a freshly initialised adapter (a resumed run's weights load in ``train``)."""
     from lorakit.device import configure_threads, return_freed_memory
+    from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
         attach_new_adapter,
         load_adapter,
         load_base_model,
         start_adapter_dir,
+    )
+    from lorakit.qpissa import (
+        attach_initial,
+        compute_residual,
+        quantize_residual,
+        quantizes_residual,
     )
 
     cpu = device == "cpu"
@@ -279,12 +286,21 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
+    residual = None
+    if quantizes_residual(recipe, backend):
+        # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
+        residual = compute_residual(data.ref, components, recipe.train.seed, recipe.recipe_dir)
     model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
+    if residual is not None:
+        quantize_residual(model, residual)
     model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
     start_adapter = start_adapter_dir(recipe, data.ref)
-    if start_adapter is None:
-        from lorakit.lora_init import finish_init
-
+    if residual is not None:
+        model = attach_initial(model, components, recipe.train.seed, residual)
+        n = len(residual.weights)
+        say(f"q{init_name(recipe.peft.options)} init: {n} layers' principal part taken in "
+            "fp32, only the residual quantized; the saved adapter is converted back")
+    elif start_adapter is None:
         model = attach_new_adapter(model, components.peft, recipe.train.seed)
         # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export
         finish_init(

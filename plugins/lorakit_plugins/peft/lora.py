@@ -4,7 +4,8 @@
 B zero), ``gaussian``, or an init that puts something useful in the adapter before the first
 step: ``pissa`` and ``olora`` (the weights' principal / QR part moves into the adapter and the
 base keeps the residual: the base is rewritten, so the saved adapter is converted to a plain
-LoRA delta against the original base), ``loftq`` (the adapter fitted to the 4-bit quantization
+LoRA delta against the original base; on a ``bnb-4bit`` base the decomposition is made on the
+full-precision weights and only the residual is quantized: QPiSSA, ``lorakit.qpissa``), ``loftq`` (the adapter fitted to the 4-bit quantization
 error; the base is untouched) and ``eva`` (from activations on the run's own training rows).
 """
 
@@ -53,7 +54,8 @@ class LoraOptions:
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = option(
         "default",
         doc="adapter init: default (A random, B zero), gaussian, pissa / olora (principal / QR "
-        "part of each weight; rewrites the base), loftq (fits the 4-bit error; needs bnb-4bit), "
+        "part of each weight; rewrites the base; on bnb-4bit only the residual is quantized: "
+        "QPiSSA), loftq (fits the 4-bit error; needs bnb-4bit), "
         "eva (from activations on the training rows)",
         recorded_when_set=True,
     )
@@ -136,12 +138,11 @@ class LoraOptions:
                 f'[quant].plugin = {quant!r} has none; use [quant] plugin = "bnb-4bit" or '
                 "another init (pissa, olora on an unquantized base)"
             )
-        if self.init in REWRITES_BASE and quantizes:
+        if self.init in REWRITES_BASE and quantizes and quant != "bnb-4bit":
             problems.append(
-                f"[peft].init = {self.init!r} with [quant].plugin = {quant!r}: the residual "
-                "base would have to be quantized after the decomposition (QPiSSA), which "
-                "lorakit does not do yet; PEFT's own path would decompose already-quantized "
-                'weights. Use [quant] plugin = "none", or init = "loftq" for a 4-bit base'
+                f"[peft].init = {self.init!r} with [quant].plugin = {quant!r}: lorakit takes "
+                "the principal part from the full-precision weights and quantizes only the "
+                'residual (QPiSSA) to 4 bit; use [quant] plugin = "bnb-4bit" or "none"'
             )
         if self.init == "eva" and objective != "sft":
             problems.append(
