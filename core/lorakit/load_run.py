@@ -50,6 +50,9 @@ def run_folder(run_dir: Path) -> RunDir:
     """``run_dir`` as a run folder; ``RunError`` when it is none (no ``run.json``)."""
     run = RunDir(run_dir)
     if not run.exists():
+        from lorakit.lora_init import checkpoint_refusal
+
+        checkpoint_refusal(Path(run_dir), "pass the run folder")
         raise RunError(
             f"{run_dir} is not a lorakit run folder (no run.json)",
             fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",

@@ -256,6 +256,9 @@ def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
     folder = folder if folder.is_absolute() else recipe.recipe_dir / folder
     if (folder / "adapter" / "adapter_config.json").is_file():
         folder = folder / "adapter"
+    from lorakit.lora_init import checkpoint_refusal
+
+    checkpoint_refusal(folder, "set train.from_adapter to the run folder", only_rewritten=True)
     if not (folder / "adapter_config.json").is_file():
         raise RunError(
             f"train.from_adapter = {spec!r}: {folder} holds no adapter",

@@ -58,10 +58,10 @@ class Residual:
 
 def quantizes_residual(recipe: Any, quant: Any) -> bool:
     """Whether a run of ``recipe`` (with quant backend ``quant``) is QPiSSA/QOLoRA."""
-    from lorakit.lora_init import REWRITES_BASE, init_name
+    from lorakit.lora_init import residual_init
 
     return (
-        init_name(recipe.peft.options) in REWRITES_BASE
+        residual_init(recipe.peft.options)
         and bool(quant.quantizes)
         and recipe.train.from_adapter is None
     )
@@ -73,16 +73,20 @@ def compute_residual(ref: Any, components: Any, seed: int, recipe_dir: Path | No
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
+    from lorakit.lora_init import init_name, loftq_passes
     from lorakit.modeling import attach_new_adapter, load_base_model
 
     base = load_base_model(
         ref, components.quant, "cpu", quantized=False, dtype=torch.float32, recipe_dir=recipe_dir
     )
     model = attach_new_adapter(base, components.peft, seed)
+    passes = loftq_passes(components.peft.options)
     weights: dict[str, Any] = {}
     scaling: dict[str, float] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            if init_name(components.peft.options) == "loftq":
+                _loftq_fit(module, passes, components.quant.options)
             weights[name.removeprefix(PREFIX)] = module.get_base_layer().weight.data
             scaling[name.removeprefix(PREFIX)] = float(module.scaling["default"])
     initial = {
@@ -91,6 +95,40 @@ def compute_residual(ref: Any, components: Any, seed: int, recipe_dir: Path | No
         if ".lora_A." in k or ".lora_B." in k
     }
     return Residual(weights, scaling, initial)
+
+
+def _loftq_fit(module: Any, passes: int, quant: Any) -> None:
+    """LoftQ (Li et al. 2023) on one fp32 layer, in place: ``passes`` alternations of
+    quantizing ``W - s*B@A`` to 4 bit and fitting ``s*B@A`` (rank r, SVD) to ``W - deq(Q)``;
+    the layer keeps the last quantization's input, which :func:`quantize_residual` quantizes
+    the same way. PEFT 0.21's own multi-pass ``loftq_init`` runs its quantization on CUDA
+    only (``compute_device = "cuda"``), so it cannot start on a CPU."""
+    import bitsandbytes as bnb
+    import torch
+
+    weight = module.get_base_layer().weight
+    original = weight.data.to(torch.float32)
+    r, s = module.r["default"], module.scaling["default"]
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    residual = original
+    with torch.no_grad():
+        for i in range(passes):
+            q = bnb.nn.Params4bit(
+                residual.contiguous(),
+                requires_grad=False,
+                compress_statistics=quant.double_quant,
+                quant_type=quant.quant_type,
+            ).to("cpu")
+            dequantized = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+            u, sv, vh = torch.linalg.svd(
+                original - dequantized.to(torch.float32), full_matrices=False
+            )
+            root = torch.sqrt(sv[:r] / s)
+            a.data = (root[:, None] * vh[:r]).to(a.dtype).contiguous()
+            b.data = (u[:, :r] * root[None, :]).to(b.dtype).contiguous()
+            if i + 1 < passes:
+                residual = original - s * (b.data.to(torch.float32) @ a.data.to(torch.float32))
+    weight.data = residual.to(weight.dtype)
 
 
 def quantize_residual(model: Any, residual: Residual) -> None:
@@ -124,7 +162,7 @@ def quantize_residual(model: Any, residual: Residual) -> None:
         raise ModelError(
             f"QPiSSA: the 4-bit model has no layer {missing[0]} adapted in fp32",
             where="[peft].init",
-            fix="report this bug with the recipe; use [quant] plugin = \"none\" meanwhile",
+            fix='report this bug with the recipe; use [quant] plugin = "none" meanwhile',
         )
 
 
@@ -189,7 +227,9 @@ def trained_state(adapter_dir: Path, residual: Residual) -> dict[str, Any]:
     return out
 
 
-def load_trained(model: Any, adapter_dir: Path, components: Any, seed: int, residual: Residual) -> Any:
+def load_trained(
+    model: Any, adapter_dir: Path, components: Any, seed: int, residual: Residual
+) -> Any:
     """The model as trained: ``model`` (the 4-bit base, residual not yet in) gets the residual,
     its original 4-bit weights kept for :func:`adapter_off`, and the adapter's trained A/B."""
     from lorakit.modeling import check_adapter_dir

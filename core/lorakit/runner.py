@@ -297,9 +297,10 @@ def load_for_training(
     start_adapter = start_adapter_dir(recipe, data.ref)
     if residual is not None:
         model = attach_initial(model, components, recipe.train.seed, residual)
-        n = len(residual.weights)
-        say(f"q{init_name(recipe.peft.options)} init: {n} layers' principal part taken in "
-            "fp32, only the residual quantized; the saved adapter is converted back")
+        say(
+            f"{init_name(recipe.peft.options)} init on the fp32 base ({len(residual.weights)} "
+            "layers), only the residual quantized; the saved adapter is converted back"
+        )
     elif start_adapter is None:
         model = attach_new_adapter(model, components.peft, recipe.train.seed)
         # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export

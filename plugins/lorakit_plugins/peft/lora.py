@@ -66,6 +66,14 @@ class LoraOptions:
         validator=v.ge(0),
         recorded_when_set=True,
     )
+    loftq_iter: int = option(
+        1,
+        doc="loftq: alternations of 4-bit quantization and rank-r fit; 1: the base is left "
+        "as loaded; more: the base holds the quantized residual of the fit (rewrites the base, "
+        "like QPiSSA)",
+        validator=v.ge(1),
+        recorded_when_set=True,
+    )
     eva_batches: int = option(
         8,
         doc="eva: training micro-batches whose activations set the init (more: steadier "
@@ -103,6 +111,11 @@ class LoraOptions:
                 f'pissa_niter = {self.pissa_niter} is only used with init = "pissa", not '
                 f"{self.init!r}; remove it or set init"
             )
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ValueError(
+                f'loftq_iter = {self.loftq_iter} is only used with init = "loftq", not '
+                f"{self.init!r}; remove it or set init"
+            )
         if self.eva_batches != 8 and self.init != "eva":
             raise ValueError(
                 f'eva_batches = {self.eva_batches} is only used with init = "eva", not '
@@ -118,7 +131,7 @@ class LoraOptions:
                 if value < 1:
                     raise ValueError(f"{key}.{name} = {value}: expected an integer of at least 1")
         if (
-            self.init in REWRITES_BASE
+            (self.init in REWRITES_BASE or self.loftq_iter > 1)
             and self.use_rslora
             and (self.rank_pattern or self.alpha_pattern)
         ):
