@@ -203,6 +203,7 @@ def test_gap_advice_names_the_fixes_with_numbers():
     large = advice(Gap(16, 445, 1.1268, 1.4412, 0.2553, 0.789), "bnb-4bit")
     assert "+27.9%" in large[0] and "78.9%" in large[0]
     assert any('init = "loftq"' in x for x in large) and any("bnb-8bit" in x for x in large)
+    assert any('init = "pissa"' in x and "QPiSSA" in x for x in large)
     small = advice(Gap(16, 445, 1.0, 1.01, 0.001, 0.99), "bnb-8bit")
     assert "small" in small[1] and len(small) == 2
 

@@ -8,6 +8,8 @@ PiSSA/OLoRA, whose base weights are rewritten.
   :func:`convert_to_plain_lora`): stock PEFT, ``--merge`` and ``--gguf`` then need no residual.
   Both inits are deterministic (exact SVD / QR; the fast SVD draws from the seeded RNG), so a
   resumed run recomputes the same residual before it loads its checkpoint.
+- on a 4-bit base, PiSSA/OLoRA (QPiSSA) and LoftQ with ``loftq_iter`` > 1 start from the fp32
+  weights and quantize only the residual: ``lorakit.qpissa``; the conversion below is the same.
 - ``loftq``: the one-pass LoftQ of PEFT's ``replace_lora_weights_loftq``, written here because
   PEFT's runs on CUDA only: each 4-bit layer's ``A``/``B`` become the best rank-r fit of
   ``W - dequant(Q(W))`` (the original weights read from the model's safetensors). The quantized

@@ -113,7 +113,7 @@ def _loftq_fit(module: Any, passes: int, quant: Any) -> None:
     residual = original
     with torch.no_grad():
         for i in range(passes):
-            q = bnb.nn.Params4bit(
+            q = bnb.nn.Params4bit(  # type: ignore[misc]
                 residual.contiguous(),
                 requires_grad=False,
                 compress_statistics=quant.double_quant,
@@ -145,7 +145,7 @@ def quantize_residual(model: Any, residual: Residual) -> None:
                 continue
             old = module.weight
             if isinstance(module, bnb.nn.Linear4bit):
-                module.weight = bnb.nn.Params4bit(
+                module.weight = bnb.nn.Params4bit(  # type: ignore[misc]
                     weight.to(torch.float32).contiguous(),
                     requires_grad=False,
                     blocksize=old.blocksize,

@@ -1,12 +1,13 @@
 """``lora``: LoRA adapters (optionally DoRA or rank-stabilised LoRA) through peft.
 
-``init`` picks how the adapter starts (docs/recipes.md#lora-inits): PEFT's default (A random,
+``init`` picks how the adapter starts (docs/performance.md, LoRA inits): PEFT's default (A random,
 B zero), ``gaussian``, or an init that puts something useful in the adapter before the first
 step: ``pissa`` and ``olora`` (the weights' principal / QR part moves into the adapter and the
 base keeps the residual: the base is rewritten, so the saved adapter is converted to a plain
 LoRA delta against the original base; on a ``bnb-4bit`` base the decomposition is made on the
 full-precision weights and only the residual is quantized: QPiSSA, ``lorakit.qpissa``), ``loftq`` (the adapter fitted to the 4-bit quantization
-error; the base is untouched) and ``eva`` (from activations on the run's own training rows).
+error; the base is untouched, unless ``loftq_iter`` > 1 alternates fit and quantization on the
+fp32 weights and quantizes the residual) and ``eva`` (from activations on the run's own training rows).
 """
 
 from __future__ import annotations
