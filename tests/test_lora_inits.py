@@ -238,14 +238,17 @@ def _reference_models(tiny_model_dir, session, checkpoint: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize(
+    ("init", "extra"), [("pissa", []), ("olora", []), ("loftq", ["peft.loftq_iter=3"])]
+)
 def test_qpissa_quantizes_the_residual_and_every_path_gives_the_model_as_trained(
-    tmp_path, tiny_model_dir, chat_file, cli, init
+    tmp_path, tiny_model_dir, chat_file, cli, init, extra
 ):
-    """PiSSA/OLoRA on a 4-bit base: the principal part from the fp32 weights, only the
-    residual quantized. eval/generate load that model; stock PEFT on the original base gives
-    the trained adapter on the unquantized residual; --merge-base dequantized and
-    --gguf --base-only reproduce the model as trained (the export checks the GGUF itself)."""
+    """PiSSA/OLoRA (and multi-pass LoftQ) on a 4-bit base: the start from the fp32 weights,
+    only the residual quantized. eval/generate load that model; stock PEFT on the original base
+    gives the trained adapter on the unquantized residual; --merge-base dequantized and
+    --gguf --base-only reproduce the model as trained (the export checks the GGUF itself).
+    PiSSA/OLoRA's model as trained is also rebuilt from stock PEFT and bitsandbytes alone."""
     import torch
     from lorakit.load_run import load_model, prepare_inference
     from lorakit.modeling import load_base_model
@@ -254,24 +257,30 @@ def test_qpissa_quantizes_the_residual_and_every_path_gives_the_model_as_trained
     from peft import PeftModel
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, quant="bnb-4bit")
-    opts = [f'peft.init="{init}"', "output.name=q", "train.save_steps=4"]
+    opts = [f'peft.init="{init}"', *extra, "output.name=q", "train.save_steps=4"]
     opts += ['eval.metrics=["eval_loss"]', "eval.canary=false"]
     code, _, err = cli("run", recipe, *opts)
     assert code == 0, err
     assert f"{init} init on the fp32 base" in err
     run = tmp_path / "runs" / "q"
-    assert json.loads((run / "adapter" / "lorakit.json").read_text())["init"] == init
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["init"] == init and meta["quantized_residual"] is True
+    assert meta.get("loftq_iter") == (3 if extra else None)
     session = open_session(str(recipe), overrides=tuple(opts))
-    as_trained, unquantized = _reference_models(
-        tiny_model_dir, session, run / "checkpoints" / "checkpoint-4"
-    )
     ids = list(range(3, 40))
-    expected = _logits(as_trained, ids)
-
-    # eval and generate: the 4-bit residual + the trained A/B; adapter off: the 4-bit base
     loaded = prepare_inference(session.recipe, session.components, run / "adapter")
-    model = load_model(loaded, run / "adapter")
+    model = load_model(loaded, run / "adapter")  # eval, generate: 4-bit residual + A/B
+    if init == "loftq":  # no stock reference: the merge paths below are held to this one
+        expected = _logits(model, ids)
+        unquantized = None
+    else:
+        as_trained, unquantized = _reference_models(
+            tiny_model_dir, session, run / "checkpoints" / "checkpoint-4"
+        )
+        expected = _logits(as_trained, ids)
     assert (_logits(model, ids) - expected).abs().max() < 1e-4
+
+    # adapter off: the original 4-bit base
     with adapter_off(model):
         base_logits = _logits(model, ids)
     plain = load_base_model(loaded.ref, loaded.components.quant, "cpu").eval()
@@ -282,7 +291,11 @@ def test_qpissa_quantizes_the_residual_and_every_path_gives_the_model_as_trained
     from helpers import load_tiny_model
 
     stock = PeftModel.from_pretrained(load_tiny_model(tiny_model_dir), str(run / "adapter"))
-    assert (_logits(stock.eval(), ids) - _logits(unquantized, ids)).abs().max() < 1e-4
+    if unquantized is not None:
+        assert (_logits(stock.eval(), ids) - _logits(unquantized, ids)).abs().max() < 1e-4
+    else:  # LoftQ's start is W only approximately: the adapter loads and changes the model
+        before = _logits(load_tiny_model(tiny_model_dir), ids)
+        assert (_logits(stock.eval(), ids) - before).abs().max() > 1e-3
 
     code, _, err = cli("export", run, "--merge", "--merge-base", "dequantized")
     assert code == 0, err

@@ -436,11 +436,15 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
-    from lorakit.lora_init import init_name
+    from lorakit.lora_init import init_name, loftq_passes, residual_init
 
     init = init_name(recipe.peft.options)
     if init != "default" and recipe.train.from_adapter is None:
         meta["init"] = init  # pissa/olora: the adapter is saved converted (lora_init.py)
+        if loftq_passes(recipe.peft.options) > 1:
+            meta["loftq_iter"] = loftq_passes(recipe.peft.options)
+        if residual_init(recipe.peft.options) and recipe.quant.name == "bnb-4bit":
+            meta["quantized_residual"] = True  # QPiSSA: eval/export rebuild it (qpissa.py)
     if data.system_prompt is not None:  # generate and export prompt with it by default
         meta["system_prompt"] = data.system_prompt
     state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights
