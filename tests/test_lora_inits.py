@@ -334,8 +334,10 @@ def test_a_checkpoint_folder_is_not_a_run_folder(tmp_path, cli):
     checkpoint.mkdir(parents=True)
     (run / "run.json").write_text("{}")
     (run / "resolved.json").write_text(json.dumps({"peft": {"r": 4}}))
-    code, _, err = cli("eval", checkpoint)
-    assert code == 2 and "checkpoint-2 of the run" in err and "its adapter/ is the final" in err
+    for verb in (["eval"], ["generate", "--prompt", "hi"], ["export"]):
+        code, _, err = cli(verb[0], checkpoint, *verb[1:])
+        assert code == 2 and "checkpoint-2 of the run" in err, err
+        assert "its adapter/ is the final" in err and "Traceback" not in err, err
     (run / "resolved.json").write_text(json.dumps({"peft": {"init": "olora"}}))
     code, _, err = cli("export", checkpoint)
     assert code == 2 and "not converted" in err and "init = 'olora'" in err, err

@@ -197,8 +197,11 @@ class ModelDirTarget(Target):
 
 
 def open_generation_target(target: Path) -> Target:
+    from lorakit.lora_init import checkpoint_refusal
+
     if (target / "run.json").is_file():
         return RunTarget(target)
+    checkpoint_refusal(target, "pass the run folder")
     if (target / "config.json").is_file():
         return ModelDirTarget(target)
     if (target / "merged" / "config.json").is_file():
