@@ -1,5 +1,6 @@
 """QPiSSA and QOLoRA: a PiSSA/OLoRA init on a 4-bit base, the principal part taken from the
-full-precision weights and only the residual quantized.
+full-precision weights and only the residual quantized; multi-pass LoftQ (``loftq_iter`` > 1)
+takes the same road, its alternating fit made on the fp32 weights (:func:`_loftq_fit`).
 
 PEFT decomposes whatever a layer holds; on a 4-bit model that is the dequantized 4-bit weight,
 so the adapter would start from the quantization error's principal part. lorakit follows the
@@ -57,7 +58,8 @@ class Residual:
 
 
 def quantizes_residual(recipe: Any, quant: Any) -> bool:
-    """Whether a run of ``recipe`` (with quant backend ``quant``) is QPiSSA/QOLoRA."""
+    """Whether a run of ``recipe`` (with quant backend ``quant``) quantizes a residual:
+    QPiSSA, QOLoRA or multi-pass LoftQ on a fresh adapter."""
     from lorakit.lora_init import residual_init
 
     return (
