@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--variants", default="all", help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--table-from", type=Path, help="tabulate the rows of an earlier run's JSON")
+    p.add_argument("--no-gap", action="store_true", help="skip the untuned quantization gap")
     args = p.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = REPO / "benchmarks" / "results"
@@ -177,7 +178,7 @@ def main() -> None:
         raise SystemExit(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
     out_json = results / f"bench_quality-{stamp}.json"
     folder = Path(tempfile.mkdtemp(prefix="bench_quality-"))
-    gap = quant_gap(folder, args.steps)
+    gap = "(not measured: --no-gap)" if args.no_gap else quant_gap(folder, args.steps)
     print(gap, flush=True)
     rows: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
