@@ -1,20 +1,38 @@
-"""Quality of the quantized base: the same LoRA training on fp32, NF4, NF4 + double quant and FP4.
+"""What the 4-bit base costs, and which LoRA init or trick wins it back, on the demo task.
 
-    .venv/bin/python benchmarks/bench_quality.py [--steps 40] [--data ../shared/data/alpaca_seed_chat.jsonl]
+    .venv/bin/python benchmarks/bench_quality.py [--steps 8] [--seeds 42,43,44]
+        [--variants all|NAME,NAME] [--table-from RESULTS.json]
 
-Each variant runs `lorakit run` with the same recipe (embedded SmolLM2-135M-Instruct, LoRA r=16 on
-every linear layer, batch 4, lr 2e-4 cosine, seed 42, the same hash split of the data) and only
-``[quant]`` changed; the table reports the held-out loss and perplexity of the base model and of
-the trained adapter, both scored on the quantized base they were trained on (token-weighted over
-the val split). The QLoRA paper's claim to check: NF4 within ~2% of 16/32-bit LoRA, and better
-than FP4. Losses do not depend on the machine's speed, so this benchmark needs no quiet machine.
-Writes the table to benchmarks/results/bench_quality-<time>.md.
+Every variant trains the same recipe (the embedded SmolLM2-135M-Instruct on the demo task,
+``examples/demo_task``: shopping requests -> a JSON filter; LoRA r=16 on every linear layer,
+batch 8, lr 1e-3 cosine, the same hash split of the data) for the same steps on the same
+examples, with one thread and fp32 compute, so that only the base's format and the adapter's
+start or optimiser differ:
+
+- ``lora-fp32``: LoRA on the unquantized base (the reference); ``fp32-pissa``: the same with
+  PiSSA, to tell the init's own effect from what it wins back of the 4-bit gap;
+- ``nf4-*``: QLoRA on the NF4 + double quant base with each ``[peft].init`` (default, gaussian,
+  pissa and olora, which on a 4-bit base take the principal part from the fp32 weights and
+  quantize only the residual: QPiSSA/QOLoRA, loftq), LoRA+ (``lora_plus_ratio = 16``) and
+  NEFTune (``neftune_noise_alpha = 5``).
+
+Each variant runs once per seed (``train.seed``: adapter init, dropout, data order; the split
+stays the same), seeds outermost so a stopped benchmark has every variant at the same seeds. The
+table gives the tuned model's held-out val loss and the demo's ``json_match`` per variant, mean
+and spread (min-max) over the seeds, and the loss relative to ``lora-fp32``; with it, the
+quantization gap of the untuned base on the same val examples (``lorakit plan --quant-gap``).
+Rows are appended to a JSON file as they finish (``--table-from`` tabulates a partial one).
+Losses do not depend on the machine's load (a run is bit-reproducible); CPU seconds per run
+are reported, wall time is not. Writes benchmarks/results/bench_quality-<time>.{md,json}.
+Needs the demo data: ``python examples/demo_task/make_data.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,15 +40,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_chat.jsonl"
+DATA = REPO / "examples" / "demo_task" / "data" / "requests.jsonl"
+CLI = "import sys; from lorakit.cli.main import main; sys.exit(main())"
 
-# every variant computes in fp32, so only the base weights' format differs
-Q4 = ['quant.plugin="bnb-4bit"', 'quant.compute_dtype="fp32"']
-VARIANTS = {
-    "LoRA fp32 (no quantization)": ['quant.plugin="none"', 'quant.dtype="fp32"'],
-    "QLoRA NF4 + double quant": [*Q4, 'quant.quant_type="nf4"'],
-    "QLoRA NF4": [*Q4, 'quant.quant_type="nf4"', "quant.double_quant=false"],
-    "QLoRA FP4": [*Q4, 'quant.quant_type="fp4"', "quant.double_quant=false"],
+NF4 = 'plugin = "bnb-4bit"\nquant_type = "nf4"\ndouble_quant = true\ncompute_dtype = "fp32"'
+FP32 = 'plugin = "none"\ndtype = "fp32"'
+# name -> (label, [quant] table, overrides)
+VARIANTS: dict[str, tuple[str, str, list[str]]] = {
+    "lora-fp32": ("LoRA, fp32 base", FP32, []),
+    "fp32-pissa": ("LoRA, fp32 base, pissa", FP32, ['peft.init="pissa"']),
+    "nf4-default": ("QLoRA NF4, default init", NF4, []),
+    "nf4-gaussian": ("QLoRA NF4, gaussian init", NF4, ['peft.init="gaussian"']),
+    "nf4-pissa": ("QLoRA NF4, pissa (QPiSSA)", NF4, ['peft.init="pissa"']),
+    "nf4-olora": ("QLoRA NF4, olora (QOLoRA)", NF4, ['peft.init="olora"']),
+    "nf4-loftq": ("QLoRA NF4, loftq", NF4, ['peft.init="loftq"']),
+    "nf4-loraplus": ("QLoRA NF4, LoRA+ ratio 16", NF4, ["peft.lora_plus_ratio=16"]),
+    "nf4-neftune": ("QLoRA NF4, NEFTune alpha 5", NF4, ["train.neftune_noise_alpha=5"]),
 }
 
 RECIPE = """
@@ -40,10 +65,10 @@ plugin = "smollm2-135m-instruct"
 plugin = "chat_jsonl"
 path = "{data}"
 [data]
-val_fraction = 0.2
-test_fraction = 0.0
+val_fraction = 0.12
+test_fraction = 0.08
 [quant]
-plugin = "none"
+{quant}
 [peft]
 plugin = "lora"
 r = 16
@@ -52,75 +77,132 @@ dropout = 0.05
 target_modules = "all-linear"
 [train]
 max_steps = {steps}
-per_device_train_batch_size = 4
-learning_rate = 2e-4
+per_device_train_batch_size = 8
+learning_rate = 1e-3
 lr_scheduler_type = "cosine"
-warmup_ratio = 0.05
-logging_steps = 5
+warmup_ratio = 0.1
+logging_steps = 2
+eval_steps = 100000
 save_steps = 100000
-max_length = 2048
+max_length = 192
 seed = 42
+threads = 1
 [eval]
-metrics = ["eval_loss", "perplexity"]
+metrics = ["eval_loss", "json_match"]
 splits = ["val"]
-baseline = true
+max_new_tokens = 40
+batch_size = 16
+baseline = false
+canary = false
 [output]
 dir = "{out}"
 """
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    args = p.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"no data at {args.data}; pass --data")
-    lorakit = str(Path(sys.executable).parent / "lorakit")
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_quality-") as tmp:
-        recipe = Path(tmp) / "quality.toml"
-        recipe.write_text(RECIPE.format(data=args.data, steps=args.steps, out=Path(tmp) / "runs"))
-        for i, (label, overrides) in enumerate(VARIANTS.items()):
-            started = time.time()
-            cmd = [lorakit, "run", str(recipe), f"output.name=v{i}", *overrides]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-            report = json.loads((Path(tmp) / "runs" / f"v{i}" / "eval_report.json").read_text())
-            val = {
-                "tuned" if r["adapter"] else "base": r["metrics"]
-                for r in report["results"]
-                if r["split"] == "val"
-            }
-            row = {
-                "variant": label,
-                "base_loss": val["base"]["eval_loss"],
-                "tuned_loss": val["tuned"]["eval_loss"],
-                "base_ppl": val["base"]["perplexity"],
-                "tuned_ppl": val["tuned"]["perplexity"],
-                "seconds": round(time.time() - started, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    ref = rows[0]["tuned_loss"]
+def lorakit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True)
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tuned(run: Path) -> dict[str, float]:
+    report = json.loads((run / "eval_report.json").read_text())
+    for row in report["results"]:
+        if row.get("adapter") and row.get("split") == "val":
+            return {k: row["metrics"][k] for k in ("eval_loss", "json_match")}
+    raise SystemExit(f"{run}: no tuned val result in eval_report.json")
+
+
+def quant_gap(folder: Path, steps: int) -> str:
+    recipe = folder / "nf4.toml"
+    recipe.write_text(RECIPE.format(data=DATA, quant=NF4, steps=steps, out=folder / "runs"))
+    proc = lorakit("plan", str(recipe), "--quant-gap", "39")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("quantization gap")]
+    return line[0] if line else f"(quant gap not measured: {proc.stderr.strip()[-300:]})"
+
+
+def spread(values: list[float], digits: int) -> str:
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def table(rows: list[dict], steps: int, gap: str) -> str:
+    names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
+    ref = [r["eval_loss"] for r in rows if r["variant"] == "lora-fp32"]
+    ref_mean = statistics.mean(ref) if ref else None
     lines = [
-        f"bench_quality: {args.steps} steps, batch 4, LoRA r=16 all-linear, {args.data.name} "
-        "(val split 20%), held-out loss on the val split",
+        f"bench_quality: demo task, {steps} steps x batch 8, LoRA r=16 all-linear, fp32 compute, "
+        "1 thread; tuned model on the val split (39 examples); mean (min-max) over seeds",
         "",
-        "| variant | base val loss | tuned val loss | tuned vs LoRA fp32 | base ppl | tuned ppl |",
+        "| variant | seeds | val loss | vs LoRA fp32 | json_match % | CPU s/run |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for name in names:
+        group = [r for r in rows if r["variant"] == name]
+        losses = [r["eval_loss"] for r in group]
+        rel = f"{100 * (statistics.mean(losses) / ref_mean - 1):+.1f}%" if ref_mean else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['base_loss']:.4f} | {r['tuned_loss']:.4f} | "
-            f"{100 * (r['tuned_loss'] / ref - 1):+.2f}% | {r['base_ppl']:.3f} | {r['tuned_ppl']:.3f} |"
+            f"| {VARIANTS[name][0]} | {','.join(str(r['seed']) for r in group)} | "
+            f"{spread(losses, 4)} | {rel} | {spread([100 * r['json_match'] for r in group], 1)} | "
+            f"{statistics.mean(r['cpu_s'] for r in group):.0f} |"
         )
-    text = "\n".join(lines)
+    lines += ["", f"untuned base: {gap}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seeds", default="42,43,44")
+    p.add_argument("--variants", default="all", help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--table-from", type=Path, help="tabulate the rows of an earlier run's JSON")
+    p.add_argument("--no-gap", action="store_true", help="skip the untuned quantization gap")
+    args = p.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(table(saved["rows"], saved["steps"], saved["gap"]))
+        return
+    if not DATA.is_file():
+        raise SystemExit(f"no demo data at {DATA}: run python examples/demo_task/make_data.py")
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
+    out_json = results / f"bench_quality-{stamp}.json"
+    folder = Path(tempfile.mkdtemp(prefix="bench_quality-"))
+    gap = "(not measured: --no-gap)" if args.no_gap else quant_gap(folder, args.steps)
+    print(gap, flush=True)
+    rows: list[dict] = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in names:
+            _, quant, overrides = VARIANTS[name]
+            recipe = folder / f"{name}.toml"
+            recipe.write_text(
+                RECIPE.format(data=DATA, quant=quant, steps=args.steps, out=folder / "runs")
+            )
+            before = child_cpu_seconds()
+            run_name = f"{name}-{seed}"
+            proc = lorakit(
+                "run", str(recipe), f"train.seed={seed}", f"output.name={run_name}", *overrides
+            )
+            if proc.returncode != 0:
+                raise SystemExit(f"{run_name} failed:\n{proc.stderr[-3000:]}")
+            row = {"variant": name, "seed": seed, "cpu_s": round(child_cpu_seconds() - before)}
+            row.update(tuned(folder / "runs" / run_name))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out_json.write_text(json.dumps({"steps": args.steps, "gap": gap, "rows": rows}))
+    text = table(rows, args.steps, gap)
     print("\n" + text)
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_quality-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(text + "\n")
+    (results / f"bench_quality-{stamp}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ class RunTarget(Target):
         self.label = f"{run_dir} (base + adapter, quant {recipe.quant.name})"
 
     def base_outputs(self, run_generate):
-        with self.model.disable_adapter():
+        from lorakit.qpissa import adapter_off
+
+        with adapter_off(self.model):
             return run_generate(self.model)
 
 
@@ -219,8 +221,11 @@ class ModelDirTarget(Target):
 
 
 def open_generation_target(target: Path) -> Target:
+    from lorakit.lora_init import checkpoint_refusal
+
     if (target / "run.json").is_file():
         return RunTarget(target)
+    checkpoint_refusal(target, "pass the run folder")
     if (target / "config.json").is_file():
         return ModelDirTarget(target)
     if (target / "merged" / "config.json").is_file():

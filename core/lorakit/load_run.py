@@ -50,6 +50,9 @@ def run_folder(run_dir: Path) -> RunDir:
     """``run_dir`` as a run folder; ``RunError`` when it is none (no ``run.json``)."""
     run = RunDir(run_dir)
     if not run.exists():
+        from lorakit.lora_init import checkpoint_refusal
+
+        checkpoint_refusal(Path(run_dir), "pass the run folder")
         raise RunError(
             f"{run_dir} is not a lorakit run folder (no run.json)",
             fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",
@@ -171,17 +174,25 @@ def as_trained(components: Components, trained_dtype: str | None) -> Components:
 
 def load_model(loaded: Loaded, adapter_dir: Path | None, *, quantized: bool = True) -> Any:
     """The base model (quantized as in training unless ``quantized=False``), plus the adapter,
-    on ``loaded.device``."""
+    on ``loaded.device``. A QPiSSA/QOLoRA run's model is its 4-bit residual base plus the
+    trained A/B (``lorakit.qpissa``), as it was trained."""
     from lorakit.modeling import load_adapter, load_base_model
+    from lorakit.qpissa import compute_residual, load_trained, quantizes_residual
 
+    recipe, components = loaded.recipe, loaded.components
+    residual = None
+    if quantized and adapter_dir is not None and quantizes_residual(recipe, components.quant):
+        residual = compute_residual(loaded.ref, components, recipe.train.seed, recipe.recipe_dir)
     model = load_base_model(
         loaded.ref,
-        loaded.components.quant,
+        components.quant,
         loaded.device,
         quantized=quantized,
-        recipe_dir=loaded.recipe.recipe_dir,
+        recipe_dir=recipe.recipe_dir,
     )
-    if adapter_dir is not None:
+    if residual is not None and adapter_dir is not None:
+        model = load_trained(model, adapter_dir, components, recipe.train.seed, residual)
+    elif adapter_dir is not None:
         model = load_adapter(model, adapter_dir, trainable=False)
     model.eval()
     return model

@@ -8,6 +8,8 @@ PiSSA/OLoRA, whose base weights are rewritten.
   :func:`convert_to_plain_lora`): stock PEFT, ``--merge`` and ``--gguf`` then need no residual.
   Both inits are deterministic (exact SVD / QR; the fast SVD draws from the seeded RNG), so a
   resumed run recomputes the same residual before it loads its checkpoint.
+- on a 4-bit base, PiSSA/OLoRA (QPiSSA) and LoftQ with ``loftq_iter`` > 1 start from the fp32
+  weights and quantize only the residual: ``lorakit.qpissa``; the conversion below is the same.
 - ``loftq``: the one-pass LoftQ of PEFT's ``replace_lora_weights_loftq``, written here because
   PEFT's runs on CUDA only: each 4-bit layer's ``A``/``B`` become the best rank-r fit of
   ``W - dequant(Q(W))`` (the original weights read from the model's safetensors). The quantized
@@ -32,6 +34,17 @@ INITIAL = "lorakit_initial_lora"  # attribute of the PeftModel: {state-dict key:
 def init_name(options: Any) -> str:
     """The [peft] options' init (``default`` for methods without the option)."""
     return options.init if isinstance(options, LoraInitOptions) else "default"
+
+
+def loftq_passes(options: Any) -> int:
+    """LoftQ's alternations of quantization and low-rank fit (1 for other inits)."""
+    return int(getattr(options, "loftq_iter", 1)) if init_name(options) == "loftq" else 1
+
+
+def residual_init(options: Any) -> bool:
+    """Whether the init, on a 4-bit base, starts from the fp32 weights and leaves the base a
+    quantized residual (``lorakit.qpissa``): PiSSA, OLoRA, LoftQ with more than one pass."""
+    return init_name(options) in REWRITES_BASE or loftq_passes(options) > 1
 
 
 def finish_init(
@@ -62,6 +75,39 @@ def finish_init(
     elif init == "eva":
         n = eva_init(model, train_rows, batch_size, options.eva_batches)
         say(f"eva init: from {n} training examples' activations")
+
+
+def checkpoint_refusal(folder: Path, use: str, *, only_rewritten: bool = False) -> None:
+    """Raise ``RunError`` when ``folder`` is a run's ``checkpoints/checkpoint-N``: eval,
+    generate and export read a run folder, and the adapter of a PiSSA/OLoRA run's checkpoint is
+    not yet converted (it is relative to the residual base the run computed, so on the original
+    base it is another model). ``only_rewritten``: refuse only such a checkpoint (a plain LoRA
+    checkpoint's adapter is a valid adapter)."""
+    import json
+
+    from lorakit.errors import RunError
+
+    run = folder.parent.parent
+    if folder.parent.name != "checkpoints" or not (run / "run.json").is_file():
+        return
+    peft: dict[str, Any] = {}
+    resolved = run / "resolved.json"
+    if resolved.is_file():
+        peft = json.loads(resolved.read_text(encoding="utf-8")).get("peft", {})
+    init = peft.get("init")
+    if init in REWRITES_BASE or (init == "loftq" and peft.get("loftq_iter", 1) > 1):
+        raise RunError(
+            f"{folder} is {folder.name} of the run {run}, whose [peft].init = {init!r} rewrote "
+            "the base: a checkpoint's adapter is not converted yet (it applies to the residual "
+            "base the run computed, not to the original model), so it cannot be used alone",
+            fix=f"{use} ({run}): its adapter/ is converted; to use step "
+            f"{folder.name.removeprefix('checkpoint-')}, train a run with that train.max_steps",
+        )
+    if not only_rewritten:
+        raise RunError(
+            f"{folder} is {folder.name} of the run {run}, not a run folder",
+            fix=f"{use} ({run}); its adapter/ is the final adapter",
+        )
 
 
 def initial_lora(model: Any) -> dict[str, Any] | None:

@@ -180,13 +180,16 @@ def _check_target_modules(model: Any, targets: Any) -> None:
         )
 
 
-def attach_new_adapter(model: Any, peft_method: PeftMethod, seed: int) -> Any:
+def attach_new_adapter(
+    model: Any, peft_method: PeftMethod, seed: int, *, config: Any = None
+) -> Any:
     """Wrap ``model`` with a freshly initialised adapter of ``peft_method`` (seeded, so init is
-    reproducible). Each name in a ``target_modules`` list must match a module of ``model``."""
+    reproducible; ``config``: its ``peft_config()`` changed by the caller). Each name in a
+    ``target_modules`` list must match a module of ``model``."""
     import torch
     from peft import get_peft_model
 
-    config = peft_method.peft_config()
+    config = peft_method.peft_config() if config is None else config
     _check_target_modules(model, getattr(config, "target_modules", None))
     torch.manual_seed(seed)
     try:
@@ -253,6 +256,9 @@ def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
     folder = folder if folder.is_absolute() else recipe.recipe_dir / folder
     if (folder / "adapter" / "adapter_config.json").is_file():
         folder = folder / "adapter"
+    from lorakit.lora_init import checkpoint_refusal
+
+    checkpoint_refusal(folder, "set train.from_adapter to the run folder", only_rewritten=True)
     if not (folder / "adapter_config.json").is_file():
         raise RunError(
             f"train.from_adapter = {spec!r}: {folder} holds no adapter",

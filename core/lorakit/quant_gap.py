@@ -97,7 +97,9 @@ def advice(gap: Gap, quant: str) -> list[str]:
     if quant == "bnb-4bit":
         lines.append(
             "  - keep 4-bit and start the adapter from the quantization error: [peft] init = "
-            '"loftq" (fits A and B to W - Q(W) before the first step)'
+            '"loftq" (fits A and B to W - Q(W) before the first step; loftq_iter = 4: '
+            "alternates the fit and the quantization), or from the weights' principal part: "
+            'init = "pissa" (QPiSSA: only the residual is quantized)'
         )
     return lines
 

@@ -266,11 +266,18 @@ def load_for_training(
     LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
     then given a freshly initialised adapter (a resumed run's weights load in ``train``)."""
     from lorakit.device import configure_threads, return_freed_memory
+    from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
         attach_new_adapter,
         load_adapter,
         load_base_model,
         start_adapter_dir,
+    )
+    from lorakit.qpissa import (
+        attach_initial,
+        compute_residual,
+        quantize_residual,
+        quantizes_residual,
     )
 
     cpu = device == "cpu"
@@ -283,12 +290,22 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
+    residual = None
+    if quantizes_residual(recipe, backend):
+        # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
+        residual = compute_residual(data.ref, components, recipe.train.seed, recipe.recipe_dir)
     model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
+    if residual is not None:
+        quantize_residual(model, residual)
     model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
     start_adapter = start_adapter_dir(recipe, data.ref)
-    if start_adapter is None:
-        from lorakit.lora_init import finish_init
-
+    if residual is not None:
+        model = attach_initial(model, components, recipe.train.seed, residual)
+        say(
+            f"{init_name(recipe.peft.options)} init on the fp32 base ({len(residual.weights)} "
+            "layers), only the residual quantized; the saved adapter is converted back"
+        )
+    elif start_adapter is None:
         model = attach_new_adapter(model, components.peft, recipe.train.seed)
         # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export
         finish_init(
@@ -418,11 +435,15 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
-    from lorakit.lora_init import init_name
+    from lorakit.lora_init import init_name, loftq_passes, residual_init
 
     init = init_name(recipe.peft.options)
     if init != "default" and recipe.train.from_adapter is None:
         meta["init"] = init  # pissa/olora: the adapter is saved converted (lora_init.py)
+        if loftq_passes(recipe.peft.options) > 1:
+            meta["loftq_iter"] = loftq_passes(recipe.peft.options)
+        if residual_init(recipe.peft.options) and recipe.quant.name == "bnb-4bit":
+            meta["quantized_residual"] = True  # QPiSSA: eval/export rebuild it (qpissa.py)
     if data.system_prompt is not None:  # generate and export prompt with it by default
         meta["system_prompt"] = data.system_prompt
     state = adapter_state(trainer)  # every rank: FSDP gathers the sharded LoRA weights

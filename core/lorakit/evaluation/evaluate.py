@@ -37,6 +37,7 @@ from lorakit.evaluation.canary import (
 )
 from lorakit.evaluation.harness import HarnessPlan, HarnessScores, plan_harness, score_harness
 from lorakit.evaluation.sets import EvalSet
+from lorakit.qpissa import adapter_off
 from lorakit.recipe import Recipe
 from lorakit.rundir import RunDir, read_json
 
@@ -275,7 +276,7 @@ def _score_base(
     if with_base and base is None:
         say(f"scoring the base model on {sizes} examples")
         if tuned_too:
-            with model.disable_adapter():  # the frozen base, exactly: PEFT skips the LoRA path
+            with adapter_off(model):  # the frozen base, exactly (a QPiSSA base too: qpissa.py)
                 base = score()
         else:
             base = score()
@@ -477,7 +478,7 @@ def _score_canary(
     if with_base and base is None:
         say(f"forgetting canary: general text ({canary.counts['examples']} passages), base model")
         if tuned_too:
-            with model.disable_adapter():
+            with adapter_off(model):
                 base = score()
         else:
             base = score()

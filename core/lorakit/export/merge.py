@@ -123,6 +123,12 @@ def _dequantized_base(loaded: Any, say: Callable[[str], None]) -> Any:
     import torch
 
     from lorakit.modeling import load_base_model
+    from lorakit.qpissa import (
+        add_principal,
+        compute_residual,
+        quantize_residual,
+        quantizes_residual,
+    )
 
     recipe = loaded.recipe
     if not loaded.components.quant.quantizes:
@@ -132,9 +138,16 @@ def _dequantized_base(loaded: Any, say: Callable[[str], None]) -> Any:
             fix="drop --merge-base (the original base is exactly the one this run trained on)",
         )
     say(f"loading the base as trained ({recipe.quant.name}), then dequantizing it to fp32")
+    residual = None
+    if quantizes_residual(recipe, loaded.components.quant):  # QPiSSA: the residual, quantized
+        residual = compute_residual(
+            loaded.ref, loaded.components, recipe.train.seed, recipe.recipe_dir
+        )
     base = load_base_model(
         loaded.ref, loaded.components.quant, loaded.device, recipe_dir=recipe.recipe_dir
     )
+    if residual is not None:
+        quantize_residual(base, residual)
     if getattr(base, "hf_quantizer", None) is None:
         raise RunError(
             f"the {recipe.quant.name} backend did not load a transformers-quantized model, so "
@@ -148,7 +161,10 @@ def _dequantized_base(loaded: Any, say: Callable[[str], None]) -> Any:
             f"transformers cannot dequantize a {recipe.quant.name} model: {exc}",
             fix="drop --merge-base to merge into the original base",
         ) from exc
-    return base.to(torch.float32)
+    base = base.to(torch.float32)
+    if residual is not None:  # + s*B0@A0: the base the converted adapter applies to
+        add_principal(base, residual)
+    return base
 
 
 def merge_fp32(

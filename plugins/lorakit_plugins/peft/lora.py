@@ -1,11 +1,13 @@
 """``lora``: LoRA adapters (optionally DoRA or rank-stabilised LoRA) through peft.
 
-``init`` picks how the adapter starts (docs/recipes.md#lora-inits): PEFT's default (A random,
+``init`` picks how the adapter starts (docs/performance.md, LoRA inits): PEFT's default (A random,
 B zero), ``gaussian``, or an init that puts something useful in the adapter before the first
 step: ``pissa`` and ``olora`` (the weights' principal / QR part moves into the adapter and the
 base keeps the residual: the base is rewritten, so the saved adapter is converted to a plain
-LoRA delta against the original base), ``loftq`` (the adapter fitted to the 4-bit quantization
-error; the base is untouched) and ``eva`` (from activations on the run's own training rows).
+LoRA delta against the original base; on a ``bnb-4bit`` base the decomposition is made on the
+full-precision weights and only the residual is quantized: QPiSSA, ``lorakit.qpissa``), ``loftq`` (the adapter fitted to the 4-bit quantization
+error; the base is untouched, unless ``loftq_iter`` > 1 alternates fit and quantization on the
+fp32 weights and quantizes the residual) and ``eva`` (from activations on the run's own training rows).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class LoraOptions:
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = option(
         "default",
         doc="adapter init: default (A random, B zero), gaussian, pissa / olora (principal / QR "
-        "part of each weight; rewrites the base), loftq (fits the 4-bit error; needs bnb-4bit), "
+        "part of each weight; rewrites the base; on bnb-4bit only the residual is quantized: "
+        "QPiSSA), loftq (fits the 4-bit error; needs bnb-4bit), "
         "eva (from activations on the training rows)",
         recorded_when_set=True,
     )
@@ -62,6 +65,14 @@ class LoraOptions:
         doc="pissa: 0 for the exact SVD, N for a fast randomized SVD with N iterations "
         "(much faster on big layers, nearly the same init)",
         validator=v.ge(0),
+        recorded_when_set=True,
+    )
+    loftq_iter: int = option(
+        1,
+        doc="loftq: alternations of 4-bit quantization and rank-r fit; 1: the base is left "
+        "as loaded; more: the base holds the quantized residual of the fit (rewrites the base, "
+        "like QPiSSA)",
+        validator=v.ge(1),
         recorded_when_set=True,
     )
     eva_batches: int = option(
@@ -101,6 +112,11 @@ class LoraOptions:
                 f'pissa_niter = {self.pissa_niter} is only used with init = "pissa", not '
                 f"{self.init!r}; remove it or set init"
             )
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ValueError(
+                f'loftq_iter = {self.loftq_iter} is only used with init = "loftq", not '
+                f"{self.init!r}; remove it or set init"
+            )
         if self.eva_batches != 8 and self.init != "eva":
             raise ValueError(
                 f'eva_batches = {self.eva_batches} is only used with init = "eva", not '
@@ -116,7 +132,7 @@ class LoraOptions:
                 if value < 1:
                     raise ValueError(f"{key}.{name} = {value}: expected an integer of at least 1")
         if (
-            self.init in REWRITES_BASE
+            (self.init in REWRITES_BASE or self.loftq_iter > 1)
             and self.use_rslora
             and (self.rank_pattern or self.alpha_pattern)
         ):
@@ -136,12 +152,11 @@ class LoraOptions:
                 f'[quant].plugin = {quant!r} has none; use [quant] plugin = "bnb-4bit" or '
                 "another init (pissa, olora on an unquantized base)"
             )
-        if self.init in REWRITES_BASE and quantizes:
+        if self.init in REWRITES_BASE and quantizes and quant != "bnb-4bit":
             problems.append(
-                f"[peft].init = {self.init!r} with [quant].plugin = {quant!r}: the residual "
-                "base would have to be quantized after the decomposition (QPiSSA), which "
-                "lorakit does not do yet; PEFT's own path would decompose already-quantized "
-                'weights. Use [quant] plugin = "none", or init = "loftq" for a 4-bit base'
+                f"[peft].init = {self.init!r} with [quant].plugin = {quant!r}: lorakit takes "
+                "the principal part from the full-precision weights and quantizes only the "
+                'residual (QPiSSA) to 4 bit; use [quant] plugin = "bnb-4bit" or "none"'
             )
         if self.init == "eva" and objective != "sft":
             problems.append(
