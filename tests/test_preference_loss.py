@@ -149,9 +149,11 @@ def test_simpo_and_orpo_match_trl():
     assert torch.allclose(chosen, 0.25 * avg[:4])
 
 
-def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir, share_prompt):
     """Chosen and rejected of several pairs in one packed row: each sequence's log-prob sum is
-    the one it has scored alone, and only answer positions count."""
+    the one it has scored alone, and only answer positions count; also with each pair's prompt
+    in the row once (the rejected answer attends back to it, never to the chosen answer)."""
     from helpers import load_tiny_model
     from lorakit.attention import packed_attention
 
@@ -171,7 +173,11 @@ def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir):
             }
         )
     with torch.no_grad(), packed_attention(model, "cpu"):
-        sums, counts = sequence_logps(model, pack_pairs(rows))
+        batch = pack_pairs(rows, share_prompt=share_prompt)
+        sums, counts = sequence_logps(model, batch)
+    sides = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    # the prompts' first 3 tokens are in the row once (the 4th predicts the first answer token)
+    assert batch["input_ids"].shape[1] == sides - (3 * len(rows) if share_prompt else 0)
     assert counts.tolist() == [len(r[k]) - 4 for r in rows for k in ("chosen_ids", "rejected_ids")]
     with torch.no_grad():
         for j, (row, side) in enumerate((r, s) for r in rows for s in ("chosen", "rejected")):
