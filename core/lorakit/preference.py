@@ -86,8 +86,8 @@ def pack_pairs(rows: Sequence[dict[str, Any]], share_prompt: bool = False) -> di
     the rejected answer alone, its positions continuing the prompt's and its attention reaching
     back to the prompt (``pair_prompt_lens``: how many tokens each pair shares; the attention
     function reads it, :mod:`lorakit.attention`). The same log-probabilities as two whole
-    sequences (causal attention: a prompt token never sees an answer), for about 35% fewer
-    tokens on short answers. Only for ``lorakit_varlen`` attention on CPU
+    sequences (causal attention: a prompt token never sees an answer), for a third fewer
+    tokens when answers are short (the demo's pairs: 182 -> 121 a pair). Only for ``lorakit_varlen`` attention on CPU
     (:func:`shares_prompt`)."""
     import torch
 
