@@ -67,7 +67,7 @@ def varlen_sdpa(
         if query.is_cuda:
             raise RuntimeError(f"{NAME} attention shares pair prompts on CPU only")
         return _pairs_sharing_prompts(
-            query, key, value, cu_seq_lens_q, pair_prompts, module, dropout, scaling
+            query, key, value, cu_seq_lens_q, pair_prompts, module, dropout, scaling, sliding_window
         )
     if query.is_cuda:
         # one kernel call per layer, not one per example: the per-example loop below is what
@@ -118,6 +118,7 @@ def _pairs_sharing_prompts(
     module: Any,
     dropout: float,
     scaling: float | None,
+    sliding_window: int | None,
 ) -> tuple[Any, None]:
     """Preference pairs packed with their prompt once (:func:`lorakit.preference.pack_pairs`):
     the row holds, per pair, ``prompt + chosen answer`` then ``rejected answer``
@@ -130,6 +131,14 @@ def _pairs_sharing_prompts(
     shared = prompt_lens.tolist()
     if len(bounds) != 2 * len(shared) + 1 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise RuntimeError(f"{NAME} attention: the pair boundaries do not cover the row")
+    if sliding_window is not None:
+        # the longest sequence: a chosen side, or a shared prompt and its rejected answer
+        longest = max(
+            max(bounds[2 * i + 1] - bounds[2 * i], n + bounds[2 * i + 2] - bounds[2 * i + 1])
+            for i, n in enumerate(shared)
+        )
+        if longest > sliding_window:
+            raise _window_error(sliding_window)
     gqa = key.shape[1] != query.shape[1]
     p = p_drop(module, dropout)
     lengths = [bounds[2 * i + 2] - bounds[2 * i] for i in range(len(shared))]
