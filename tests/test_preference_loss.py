@@ -149,9 +149,11 @@ def test_simpo_and_orpo_match_trl():
     assert torch.allclose(chosen, 0.25 * avg[:4])
 
 
-def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir, share_prompt):
     """Chosen and rejected of several pairs in one packed row: each sequence's log-prob sum is
-    the one it has scored alone, and only answer positions count."""
+    the one it has scored alone, and only answer positions count; also with each pair's prompt
+    in the row once (the rejected answer attends back to it, never to the chosen answer)."""
     from helpers import load_tiny_model
     from lorakit.attention import packed_attention
 
@@ -171,7 +173,11 @@ def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir):
             }
         )
     with torch.no_grad(), packed_attention(model, "cpu"):
-        sums, counts = sequence_logps(model, pack_pairs(rows))
+        batch = pack_pairs(rows, share_prompt=share_prompt)
+        sums, counts = sequence_logps(model, batch)
+    sides = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    # the prompts' first 3 tokens are in the row once (the 4th predicts the first answer token)
+    assert batch["input_ids"].shape[1] == sides - (3 * len(rows) if share_prompt else 0)
     assert counts.tolist() == [len(r[k]) - 4 for r in rows for k in ("chosen_ids", "rejected_ids")]
     with torch.no_grad():
         for j, (row, side) in enumerate((r, s) for r in rows for s in ("chosen", "rejected")):
@@ -179,3 +185,41 @@ def test_packed_sequence_logps_equal_each_sequence_alone(tiny_model_dir):
             logits = model(input_ids=ids).logits[0, :-1].double()
             logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
             assert float(sums[j]) == pytest.approx(float(logp[3:].sum()), abs=1e-4)
+
+
+def test_a_shared_prompt_pair_mask_hides_the_chosen_answer_from_the_rejected_one():
+    """Positions 0-2 the prompt, 3-4 the chosen answer, 5-6 the rejected one."""
+    from lorakit.attention import pair_mask
+
+    mask = pair_mask(7, first=5, prompt=3).int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1, 1],
+    ]
+    # nothing shared: two sequences side by side
+    assert pair_mask(4, first=2, prompt=0).int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 0],
+        [0, 0, 1, 1],
+    ]
+
+
+def test_a_shared_prompt_longer_than_a_sliding_window_is_refused():
+    from lorakit.attention import varlen_sdpa
+    from lorakit.errors import RunError
+
+    q = torch.zeros(1, 2, 9, 4)
+    module = SimpleNamespace(training=False)
+    cu = torch.tensor([0, 6, 9])  # prompt 4 + chosen 2, rejected 3: 7 tokens with its prompt
+    shared = torch.tensor([4])
+    varlen_sdpa(module, q, q, q, None, cu_seq_lens_q=cu, pair_prompt_lens=shared, sliding_window=7)
+    with pytest.raises(RunError, match="sliding attention window"):
+        varlen_sdpa(
+            module, q, q, q, None, cu_seq_lens_q=cu, pair_prompt_lens=shared, sliding_window=6
+        )

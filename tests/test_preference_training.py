@@ -146,3 +146,36 @@ def test_a_preference_adapter_exports_and_merges(tmp_path, pairs_recipe, cli):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(tmp_path / "runs" / "s" / "adapter")).r == 4
+
+
+def test_a_dpo_adapter_merges_and_exports_to_gguf_as_the_trained_model(
+    tmp_path, pairs_recipe, tiny_model_dir, cli
+):
+    """A DPO run exported with --merge --gguf: the merged model and the f32 GGUF give the logits
+    of the base + trained adapter as stock PEFT loads it, and those differ from the base's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = cli("run", pairs_recipe, "output.name=d", "train.max_steps=3")
+    assert code == 0, err
+    run = tmp_path / "runs" / "d"
+    code, _, err = cli("export", run, "--merge", "--gguf", "--gguf-type", "f32")
+    assert code == 0, err
+    export = run / "export"
+    parity = json.loads((export / "gguf" / "parity.json").read_text())
+    assert parity["comparisons"]["gguf_f32"]["argmax_agreement"] == 1.0
+
+    def load(path: Path, **kw) -> object:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
+
+    base = load(tiny_model_dir)
+    ids = torch.tensor([[1, 5, 17, 40, 99, 2, 7, 33, 12]])
+    with torch.inference_mode():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(run / "adapter")).eval()(ids).logits
+        merged = load(export / "merged")(ids).logits
+        gguf = load(export / "gguf", gguf_file="d-F32.gguf")(ids).logits
+    assert float((tuned - base_logits).abs().max()) > 1e-4, "DPO moved the model"
+    assert float((merged - tuned).abs().max()) < 1e-4
+    assert float((gguf - merged).abs().max()) < 1e-5

@@ -62,6 +62,13 @@ def varlen_sdpa(
         unsupported.append("softcap")
     if unsupported:
         raise RuntimeError(f"{NAME} attention does not implement {', '.join(unsupported)}")
+    pair_prompts = kwargs.get("pair_prompt_lens")
+    if pair_prompts is not None:
+        if query.is_cuda:
+            raise RuntimeError(f"{NAME} attention shares pair prompts on CPU only")
+        return _pairs_sharing_prompts(
+            query, key, value, cu_seq_lens_q, pair_prompts, module, dropout, scaling, sliding_window
+        )
     if query.is_cuda:
         # one kernel call per layer, not one per example: the per-example loop below is what
         # makes sense on a CPU, but on a GPU its launches (and the sync of reading the
@@ -102,6 +109,66 @@ def varlen_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _pairs_sharing_prompts(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu: Any,
+    prompt_lens: Any,
+    module: Any,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> tuple[Any, None]:
+    """Preference pairs packed with their prompt once (:func:`lorakit.preference.pack_pairs`):
+    the row holds, per pair, ``prompt + chosen answer`` then ``rejected answer``
+    (``cu``: two sequences per pair), and the rejected answer attends to the first
+    ``prompt_lens[i]`` tokens of its pair and causally to itself, never to the chosen answer.
+    One SDPA call per pair with that mask (a few hundred tokens: the mask is small)."""
+    import torch
+
+    bounds = cu.tolist()
+    shared = prompt_lens.tolist()
+    if len(bounds) != 2 * len(shared) + 1 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise RuntimeError(f"{NAME} attention: the pair boundaries do not cover the row")
+    if sliding_window is not None:
+        # the longest sequence: a chosen side, or a shared prompt and its rejected answer
+        longest = max(
+            max(bounds[2 * i + 1] - bounds[2 * i], n + bounds[2 * i + 2] - bounds[2 * i + 1])
+            for i, n in enumerate(shared)
+        )
+        if longest > sliding_window:
+            raise _window_error(sliding_window)
+    gqa = key.shape[1] != query.shape[1]
+    p = p_drop(module, dropout)
+    lengths = [bounds[2 * i + 2] - bounds[2 * i] for i in range(len(shared))]
+    pieces = []
+    for q, k, v, n, first in zip(
+        query.split(lengths, dim=2),
+        key.split(lengths, dim=2),
+        value.split(lengths, dim=2),
+        shared,
+        (bounds[2 * i + 1] - bounds[2 * i] for i in range(len(shared))),
+        strict=True,
+    ):
+        pieces.append(_causal_sdpa(q, k, v, p, scaling, gqa, block=first, prompt=n))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def pair_mask(total: int, first: int, prompt: int, device: Any = None) -> Any:
+    """The attention mask of one pair in a packed row (True: may attend): positions
+    ``[0, first)`` are the first sequence (causal), the rest the second, which attends causally
+    to itself and to the first ``prompt`` positions (its shared prompt; 0: none)."""
+    import torch
+
+    pos = torch.arange(total, device=device)
+    causal = pos[:, None] >= pos[None, :]
+    second = pos >= first
+    same = second[:, None] == second[None, :]
+    return causal & (same | (second[:, None] & (pos[None, :] < prompt)))
+
+
 # PyTorch's CPU flash kernel is slower in bf16 than in fp32 for short sequences: forward and
 # backward of one example, 9 heads of 64, on 2 AMX cores: 3.1 ms in bf16 against 1.4 ms in
 # fp32 at 133 tokens, about equal at 300, 12.1 against 15.0 ms at 600. So a bf16 run's examples
@@ -109,15 +176,26 @@ def varlen_sdpa(
 FP32_ATTENTION_MAX = 384
 
 
-def _causal_sdpa(q: Any, k: Any, v: Any, p: float, scaling: float | None, gqa: bool) -> Any:
+def _causal_sdpa(
+    q: Any,
+    k: Any,
+    v: Any,
+    p: float,
+    scaling: float | None,
+    gqa: bool,
+    block: int | None = None,
+    prompt: int = 0,
+) -> Any:
+    """Causal SDPA over one example; with ``block``, over one pair (:func:`pair_mask`)."""
     import torch
     import torch.nn.functional as F
 
     dtype = q.dtype
     if dtype == torch.bfloat16 and q.shape[2] <= FP32_ATTENTION_MAX:
         q, k, v = q.float(), k.float(), v.float()
+    mask = None if block is None else pair_mask(q.shape[2], block, prompt, q.device)
     out = F.scaled_dot_product_attention(
-        q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
+        q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=scaling, enable_gqa=gqa
     )
     return out.to(dtype)
 

@@ -15,7 +15,15 @@ from typing import Any
 
 from lorakit.data.tokenize import IGNORE_INDEX
 
-PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# what the attention function reads of a packed batch (``pair_prompt_lens``: preference pairs
+# packed with their prompt once, lorakit.preference.pack_pairs)
+PACKED_KWARGS = (
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "pair_prompt_lens",
+)
 
 
 def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:

@@ -59,18 +59,56 @@ class Objective:
         )
 
 
-def pack_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def shared_prompt_length(row: dict[str, Any]) -> int:
+    """How many leading tokens a pair's two sides can share in a packed row: their common
+    prefix, up to the position before the first supervised one (the last prompt token predicts
+    the first answer token, whose target differs between the sides, so each side keeps it)."""
+    chosen, rejected = row["chosen_ids"], row["rejected_ids"]
+    first = min(_first_label(row["chosen_labels"]), _first_label(row["rejected_labels"]))
+    n = 0
+    limit = min(len(chosen), len(rejected), first - 1)
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _first_label(labels: Sequence[int]) -> int:
+    from lorakit.packing import IGNORE_INDEX
+
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
+def pack_pairs(rows: Sequence[dict[str, Any]], share_prompt: bool = False) -> dict[str, Any]:
     """Collate pair rows (from :class:`PairDataset`) into one packed row, chosen then rejected
-    for each pair, with each pair's reference log-probabilities when it has them."""
+    for each pair, with each pair's reference log-probabilities when it has them.
+
+    ``share_prompt``: each pair's prompt is in the row once: ``prompt + chosen answer``, then
+    the rejected answer alone, its positions continuing the prompt's and its attention reaching
+    back to the prompt (``pair_prompt_lens``: how many tokens each pair shares; the attention
+    function reads it, :mod:`lorakit.attention`). The same log-probabilities as two whole
+    sequences (causal attention: a prompt token never sees an answer), for a third fewer
+    tokens when answers are short (the demo's pairs: 182 -> 121 a pair). Only for ``lorakit_varlen`` attention on CPU
+    (:func:`shares_prompt`)."""
     import torch
 
     from lorakit.packing import pack
 
+    prompt_lens = [shared_prompt_length(row) if share_prompt else 0 for row in rows]
     flat = []
-    for row in rows:
+    for row, n in zip(rows, prompt_lens, strict=True):
         flat.append({"input_ids": row["chosen_ids"], "labels": row["chosen_labels"]})
-        flat.append({"input_ids": row["rejected_ids"], "labels": row["rejected_labels"]})
+        flat.append({"input_ids": row["rejected_ids"][n:], "labels": row["rejected_labels"][n:]})
     batch = pack(flat)
+    if any(prompt_lens):
+        # a rejected answer's positions continue its prompt (its shifted targets already are
+        # the whole sequence's from position n on)
+        positions, start = batch["position_ids"][0], 0
+        for row, n in zip(rows, prompt_lens, strict=True):
+            start += len(row["chosen_ids"])
+            end = start + len(row["rejected_ids"]) - n
+            positions[start:end] += n
+            start = end
+        batch["pair_prompt_lens"] = torch.tensor(prompt_lens, dtype=torch.int32)
     batch["row_index"] = torch.tensor([row.get("index", -1) for row in rows], dtype=torch.long)
     batch["pairs"] = torch.tensor(len(rows), dtype=torch.long)
     if all("reference" in row for row in rows):
@@ -78,6 +116,13 @@ def pack_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             [v for row in rows for v in row["reference"]], dtype=torch.float32
         )
     return batch
+
+
+def shares_prompt(device: str) -> bool:
+    """Whether pairs are packed with their prompt once (:func:`pack_pairs`) on ``device``:
+    on CPU, where lorakit's own packed attention runs. A GPU may run flash-attention's varlen
+    kernel, which knows nothing of a shared prompt, so there each side is whole."""
+    return device == "cpu"
 
 
 class PairDataset:
@@ -205,7 +250,8 @@ def reference_logps(
         with torch.no_grad(), packed_attention(model, device):
             for start in bar(range(0, len(rows), batch_size), desc="reference", unit="batch"):
                 batch = pack_pairs(
-                    [data[i] for i in range(start, min(start + batch_size, len(rows)))]
+                    [data[i] for i in range(start, min(start + batch_size, len(rows)))],
+                    share_prompt=shares_prompt(device),
                 )
                 batch = {
                     k: v.to(_device(model)) if torch.is_tensor(v) else v for k, v in batch.items()

@@ -18,12 +18,20 @@ changes:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lorakit.loss import diverged
-from lorakit.preference import Objective, PairDataset, pack_pairs, pair_losses, sequence_logps
+from lorakit.preference import (
+    Objective,
+    PairDataset,
+    pack_pairs,
+    pair_losses,
+    sequence_logps,
+    shares_prompt,
+)
 from lorakit.recipe import Recipe
 from lorakit.tracking import Loggers
 
@@ -182,7 +190,7 @@ def build_preference_trainer(
         model,
         PairDataset(train_rows, train_ref),
         PairDataset(eval_rows, eval_ref) if eval_rows else None,
-        pack_pairs,
+        functools.partial(pack_pairs, share_prompt=shares_prompt(device)),
         output_dir,
         loggers,
         device,

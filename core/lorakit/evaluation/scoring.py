@@ -62,7 +62,7 @@ def pair_margins(
 
     from lorakit.attention import packed_attention
     from lorakit.loss import accepts_logits_to_keep
-    from lorakit.preference import PairDataset, pack_pairs, sequence_logps
+    from lorakit.preference import PairDataset, pack_pairs, sequence_logps, shares_prompt
 
     device = next(model.parameters()).device
     head_kwarg = accepts_logits_to_keep(model)
@@ -71,7 +71,10 @@ def pair_margins(
     model.eval()
     with torch.inference_mode(), packed_attention(model, device.type):
         for start in bar(range(0, len(pairs), batch_size), desc="pairs", unit="batch"):
-            batch = pack_pairs([data[i] for i in range(start, min(start + batch_size, len(pairs)))])
+            batch = pack_pairs(
+                [data[i] for i in range(start, min(start + batch_size, len(pairs)))],
+                share_prompt=shares_prompt(device.type),
+            )
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sums, counts = sequence_logps(model, batch, head_kwarg)
             values = (sums / counts.clamp(min=1) if normalized else sums).double()
