@@ -117,6 +117,7 @@ class TrainingModel:
     model: Any
     device: str
     compute_dtype: Any
+    quantized_residual: bool = False  # QPiSSA/QOLoRA/multi-pass LoftQ (qpissa.py)
 
 
 @attrs.frozen
@@ -333,7 +334,12 @@ def load_for_training(
         f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} "
         f"({100 * trainable / total:.2f}%)"
     )
-    return TrainingModel(model=model, device=device, compute_dtype=compute_dtype)
+    return TrainingModel(
+        model=model,
+        device=device,
+        compute_dtype=compute_dtype,
+        quantized_residual=residual is not None,
+    )
 
 
 def train(
@@ -435,14 +441,14 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
-    from lorakit.lora_init import init_name, loftq_passes, residual_init
+    from lorakit.lora_init import init_name, loftq_passes
 
     init = init_name(recipe.peft.options)
     if init != "default" and recipe.train.from_adapter is None:
         meta["init"] = init  # pissa/olora: the adapter is saved converted (lora_init.py)
         if loftq_passes(recipe.peft.options) > 1:
             meta["loftq_iter"] = loftq_passes(recipe.peft.options)
-        if residual_init(recipe.peft.options) and recipe.quant.name == "bnb-4bit":
+        if tm.quantized_residual:
             meta["quantized_residual"] = True  # QPiSSA: eval/export rebuild it (qpissa.py)
     if data.system_prompt is not None:  # generate and export prompt with it by default
         meta["system_prompt"] = data.system_prompt
