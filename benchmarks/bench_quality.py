@@ -9,8 +9,9 @@ batch 8, lr 1e-3 cosine, the same hash split of the data) for the same steps on 
 examples, with one thread and fp32 compute, so that only the base's format and the adapter's
 start or optimiser differ:
 
-- ``lora-fp32``: LoRA on the unquantized base (the reference); ``fp32-pissa``: the same with
-  PiSSA, to tell the init's own effect from what it wins back of the 4-bit gap;
+- ``lora-fp32``: LoRA on the unquantized base (the reference); ``fp32-pissa``,
+  ``fp32-gaussian`` and ``fp32-olora``: the same with that init, to tell the init's own effect
+  from what it wins back of the 4-bit gap (each NF4 init against the same init in fp32);
 - ``nf4-*``: QLoRA on the NF4 + double quant base with each ``[peft].init`` (default, gaussian,
   pissa and olora, which on a 4-bit base take the principal part from the fp32 weights and
   quantize only the residual: QPiSSA/QOLoRA, loftq), LoRA+ (``lora_plus_ratio = 16``) and
@@ -49,6 +50,8 @@ FP32 = 'plugin = "none"\ndtype = "fp32"'
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "lora-fp32": ("LoRA, fp32 base", FP32, []),
     "fp32-pissa": ("LoRA, fp32 base, pissa", FP32, ['peft.init="pissa"']),
+    "fp32-gaussian": ("LoRA, fp32 base, gaussian init", FP32, ['peft.init="gaussian"']),
+    "fp32-olora": ("LoRA, fp32 base, olora", FP32, ['peft.init="olora"']),
     "nf4-default": ("QLoRA NF4, default init", NF4, []),
     "nf4-gaussian": ("QLoRA NF4, gaussian init", NF4, ['peft.init="gaussian"']),
     "nf4-pissa": ("QLoRA NF4, pissa (QPiSSA)", NF4, ['peft.init="pissa"']),
