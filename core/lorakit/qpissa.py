@@ -121,6 +121,12 @@ def _loftq_fit(module: Any, passes: int, quant: Any) -> None:
                 compress_statistics=quant.double_quant,
                 quant_type=quant.quant_type,
             ).to("cpu")
+            if q.quant_state is None:  # a bitsandbytes that quantizes 4-bit on CUDA only
+                raise ModelError(
+                    f"multi-pass LoftQ needs 4-bit quantization on the CPU, which bitsandbytes "
+                    f"{bnb.__version__} does not do",
+                    fix="pip install -U bitsandbytes (0.50 does), or leave [peft] loftq_iter out",
+                )
             dequantized = bnb.functional.dequantize_4bit(q.data, q.quant_state)
             u, sv, vh = torch.linalg.svd(
                 original - dequantized.to(torch.float32), full_matrices=False

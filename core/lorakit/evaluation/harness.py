@@ -24,6 +24,7 @@ import attrs
 
 from lorakit.errors import RunError, closest
 from lorakit.evaluation.numbers import fmt
+from lorakit.qpissa import adapter_off
 from lorakit.recipe import LM_EVAL_INSTALL, Recipe
 
 PREFIX = "lm_eval/"  # a task's results are split "lm_eval/<task>"
@@ -367,7 +368,9 @@ def score_harness(
     if with_base and base is None:
         say(f"lm-eval {tasks}: base model")
         if tuned_too:
-            with model.disable_adapter():
+            # the frozen base exactly: a QPiSSA model's original 4-bit weights back in place of
+            # its residual (qpissa.adapter_off), as the eval splits and the canary score it
+            with adapter_off(model):
                 base = score_tasks(model, tokenizer, plan, manager)
         else:
             base = score_tasks(model, tokenizer, plan, manager)
