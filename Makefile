@@ -10,11 +10,12 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup test lint demo demo-dpo clean-demo help
+.PHONY: setup test lint demo demo-dpo demo-orpo clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune the embedded SmolLM2-135M-Instruct (QLoRA) and report"
-	@echo "make demo-dpo   after the demo: DPO on preference pairs of the demo task, from its adapter"
+	@echo "make demo-orpo  after the demo: ORPO on preference pairs of the demo task, from its adapter"
+	@echo "make demo-dpo   the same with DPO (measured: it lowers the task metric, docs/preference.md)"
 	@echo "make test   set up, then lint, type-check and run the test suite"
 
 $(STAMP): pyproject.toml
@@ -56,22 +57,21 @@ demo: setup
 	$(BIN)/lorakit compare runs
 	@echo "report: $(DEMO_RUN)/report.md (eval_report.json, predictions.jsonl, loss.png beside it)"
 
-DPO_RECIPE ?= recipes/smollm2_dpo.toml
-DPO_RUN    ?= runs/smollm2_dpo
-
-# The demo's preference variant: pairs of the demo task (the correct JSON chosen over a near
-# miss, for requests the SFT run never saw), then DPO from the demo run's adapter, which is
-# also DPO's reference. The report scores base, SFT start and DPO on the held-out pairs (pair
-# accuracy, margin) and json_match. Kept and resumed like the demo run.
-demo-dpo: demo
+# The demo's preference variants: pairs of the demo task (the correct JSON chosen over a near
+# miss, for requests the SFT run never saw), then DPO (recipes/smollm2_dpo.toml; the demo
+# run's adapter is also DPO's reference) or ORPO (recipes/smollm2_orpo.toml; no reference, an
+# NLL term on the chosen answer) from the demo run's adapter. The report scores base, SFT
+# start and tuned on the held-out pairs (pair accuracy, margin) and json_match. Kept and
+# resumed like the demo run. Measured (docs/preference.md): DPO lowers json_match, ORPO raises it.
+demo-dpo demo-orpo: demo-%: demo
 	$(BIN)/python examples/demo_task/make_pairs.py
-	@if [ -f $(DPO_RUN)/eval_report.json ]; then \
-		echo "$(DPO_RUN) already holds a finished DPO run; delete it to train again"; \
-	elif ls $(DPO_RUN)/checkpoints/checkpoint-*/LORAKIT_COMPLETE >/dev/null 2>&1; then \
-		echo "resuming the interrupted DPO run in $(DPO_RUN)"; \
-		$(BIN)/lorakit run $(DPO_RECIPE) --resume-from-checkpoint auto; \
+	@if [ -f runs/smollm2_$*/eval_report.json ]; then \
+		echo "runs/smollm2_$* already holds a finished $* run; delete it to train again"; \
+	elif ls runs/smollm2_$*/checkpoints/checkpoint-*/LORAKIT_COMPLETE >/dev/null 2>&1; then \
+		echo "resuming the interrupted $* run in runs/smollm2_$*"; \
+		$(BIN)/lorakit run recipes/smollm2_$*.toml --resume-from-checkpoint auto; \
 	else \
-		$(BIN)/lorakit run $(DPO_RECIPE); \
+		$(BIN)/lorakit run recipes/smollm2_$*.toml; \
 	fi
 	$(BIN)/lorakit compare runs
-	@echo "report: $(DPO_RUN)/report.md (pair accuracy and margin of base, SFT start and DPO)"
+	@echo "report: runs/smollm2_$*/report.md (pair accuracy and margin of base, SFT start and $*)"
