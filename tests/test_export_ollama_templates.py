@@ -134,9 +134,10 @@ func main() {
 """
 
 
-def _go_render(tmp_path: Path, cases: list[dict]) -> list[str]:
+def _go_render(tmp_path: Path, cases: list[dict], program: str = GO_MAIN) -> list[str]:
+    """Each case's template executed by Go's text/template (``program`` reads them on stdin)."""
     main = tmp_path / "render.go"
-    main.write_text(GO_MAIN, encoding="utf-8")
+    main.write_text(program, encoding="utf-8")
     done = subprocess.run(
         ["go", "run", str(main)],
         input=json.dumps(cases),
@@ -370,17 +371,7 @@ func main() {
 
 
 def _go_tools_render(tmp_path: Path, cases: list[dict]) -> list[str]:
-    main = tmp_path / "render_tools.go"
-    main.write_text(GO_TOOLS_MAIN, encoding="utf-8")
-    done = subprocess.run(
-        ["go", "run", str(main)],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    return json.loads(done.stdout)
+    return _go_render(tmp_path, cases, GO_TOOLS_MAIN)
 
 
 def _go_messages(conv) -> list[dict]:
