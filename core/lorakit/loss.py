@@ -29,34 +29,61 @@ PACKED_KWARGS = (
 def supervised_nll(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -> tuple[Any, int]:
     """Summed next-token NLL over the supervised positions of a packed batch, and their count.
 
-    ``batch["labels"]`` holds shifted targets (see ``lorakit.packing``). The model computes
-    logits only where a target exists (``logits_to_keep``); models whose forward has no such
-    argument compute all logits and are indexed afterwards.
+    ``batch["labels"]`` holds shifted targets (see ``lorakit.packing``).
+    """
+    nll, keep = supervised_token_nll(model, batch, head_kwarg)
+    return nll.sum(), int(keep.numel())
+
+
+def supervised_token_nll(
+    model: Any, batch: dict[str, Any], head_kwarg: bool = True
+) -> tuple[Any, Any]:
+    """One forward of a packed batch: the fp32 next-token NLL at each supervised position, and
+    where those positions are in the flattened row (``keep``).
+
+    The model computes its head only where a target exists (``logits_to_keep``); models whose
+    forward has no such argument compute all logits and are indexed afterwards. Where the head
+    is a plain linear layer (:func:`lorakit.fused_head.plain_head`) it computes the NLL itself,
+    a block of the vocabulary at a time, without materializing the logits.
     """
     import torch.nn.functional as F
 
-    logits, targets, keep = supervised_logits(model, batch, head_kwarg)
-    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return nll, int(keep.numel())
+    from lorakit.fused_head import head_computes_nll, plain_head
+
+    targets = batch["labels"].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    kept_targets = targets[keep]
+    head = plain_head(model) if head_kwarg else None
+    if head is None:
+        logits, _, _ = supervised_logits(model, batch, head_kwarg, keep)
+        return F.cross_entropy(logits.float(), kept_targets, reduction="none"), keep
+    with head_computes_nll(head, kept_targets):
+        out = _forward(model, batch, keep)
+    return out.logits.reshape(-1), keep
 
 
 def supervised_logits(
-    model: Any, batch: dict[str, Any], head_kwarg: bool = True
+    model: Any, batch: dict[str, Any], head_kwarg: bool = True, keep: Any = None
 ) -> tuple[Any, Any, Any]:
     """One forward of a packed batch: the logits at its supervised positions, their targets,
     and where they are in the flattened row (``keep``)."""
     targets = batch["labels"].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
-    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
-    if head_kwarg:
-        extra["logits_to_keep"] = keep
-    out = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
-    )
+    if keep is None:
+        keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    out = _forward(model, batch, keep if head_kwarg else None)
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     if not head_kwarg:
         logits = logits[keep]
     return logits, targets[keep], keep
+
+
+def _forward(model: Any, batch: dict[str, Any], keep: Any) -> Any:
+    extra = {k: batch[k] for k in PACKED_KWARGS if k in batch}
+    if keep is not None:
+        extra["logits_to_keep"] = keep
+    return model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
+    )
 
 
 def eval_batches(total: int, world: int, rank: int, size: int, same_count: bool) -> list[list[int]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.loss import supervised_logits
+from lorakit.loss import supervised_token_nll
 
 
 @attrs.frozen
@@ -156,10 +156,9 @@ def sequence_logps(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     targets it has (float32 tensors, one entry per sequence). Logits are computed only at the
     supervised positions."""
     import torch
-    import torch.nn.functional as F
 
-    logits, kept_targets, keep = supervised_logits(model, batch, head_kwarg)
-    token_logps = -F.cross_entropy(logits.float(), kept_targets, reduction="none")
+    nll, keep = supervised_token_nll(model, batch, head_kwarg)
+    token_logps = -nll
     bounds = batch["cu_seq_lens_q"].to(keep.device).long()
     n_seq = bounds.numel() - 1
     # which sequence each kept position belongs to: positions are sorted, so a search suffices

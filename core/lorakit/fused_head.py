@@ -1,0 +1,138 @@
+"""The output head and the cross-entropy as one autograd node, a slice of the vocabulary at a time.
+
+The loss needs, at each supervised position, ``logsumexp(logits) - logits[target]``. Computed the
+usual way (``lm_head`` then ``F.cross_entropy`` of ``logits.float()``) a step materializes the
+logits in the compute dtype, their fp32 copy, the fp32 log-softmax, and in backward a zero-filled
+fp32 gradient of the log-softmax, its backward and the cast back: on SmolLM2-135M (49,152 tokens
+of vocabulary) that is five passes over ``positions x 49152`` elements and about 18% of a bf16
+training step on an AMX CPU, more than the head's matmul.
+
+:class:`HeadNLL` computes the same per-position NLL from the hidden states: a block of positions
+at a time, the head's matmul in the head's dtype (as ``lm_head`` does), the logits cast to fp32
+(as ``logits.float()`` does), their logsumexp and the target's logit. It keeps only the hidden
+states and one fp32 logsumexp per position. Backward recomputes each block's logits and turns
+them into ``softmax - onehot`` in place, scaled by the incoming gradient, and multiplies back by
+the head's weight in its dtype: the gradient the unfused path computes, without the
+vocabulary-wide temporaries. The fp32 logits, their rounding and the reduction order within a
+row are the unfused path's, so the results agree to fp32 rounding (``tests/test_fused_head.py``).
+
+:func:`head_computes_nll` makes a model's own head module return this NLL in place of logits for
+one forward, so the model's forward (and anything wrapping the head module: hooks, sharding)
+runs as usual. It applies only where the head is a plain ``nn.Linear`` and the model's forward
+hands its output straight back (:data:`PLAIN_HEAD_MODELS`); elsewhere the caller keeps the
+unfused path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# model types whose ``ForCausalLM.forward`` returns ``lm_head(hidden_states[:, keep])`` as the
+# logits with nothing applied after it (no softcapping, logit scale or temperature): checked in
+# transformers' source; a model type not listed keeps the unfused path
+PLAIN_HEAD_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
+)
+
+# fp32 logits of one block: about 32 MB whatever the vocabulary
+BLOCK_ELEMENTS = 1 << 23
+
+
+def _block_rows(vocab: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
+
+
+class HeadNLL(torch.autograd.Function):
+    """``-log_softmax(F.linear(hidden, weight, bias).float())[target]`` per position, in fp32."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Any, targets: torch.Tensor
+    ) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = _block_rows(weight.shape[0])
+        nll = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        lse = torch.empty_like(nll)
+        for start in range(0, flat.shape[0], rows):
+            end = start + rows
+            logits = F.linear(flat[start:end], weight, bias).float()
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[start:end, None]).squeeze(1)
+            nll[start:end] = lse[start:end] - picked
+        ctx.save_for_backward(flat, weight, bias, targets, lse)
+        ctx.hidden_shape = hidden.shape
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        flat, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.float()
+        grad_h = torch.empty_like(flat) if need_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        )
+        rows = _block_rows(weight.shape[0])
+        for start in range(0, flat.shape[0], rows):
+            end = start + rows
+            block = flat[start:end]
+            # softmax - onehot, scaled by the incoming gradient: the gradient of the NLL
+            probs = F.linear(block, weight, bias).float()
+            probs.sub_(lse[start:end, None]).exp_()
+            index = torch.arange(probs.shape[0], device=probs.device)
+            probs[index, targets[start:end]] -= 1.0
+            probs.mul_(grad[start:end, None])
+            g = probs.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start:end] = g @ weight
+            if grad_w is not None:
+                # products of the bf16 values are exact in fp32: accumulate there, round once
+                grad_w.addmm_(g.t().float(), block.float())
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        if grad_h is not None:
+            grad_h = grad_h.view(ctx.hidden_shape)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None
+
+
+def plain_head(model: Any) -> torch.nn.Linear | None:
+    """The model's output head if :class:`HeadNLL` can stand in for it, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    # exactly nn.Linear: a LoRA/modules_to_save wrapper, a quantized or sharded (FSDP2) class
+    # computes something else; an instance-level forward is somebody's hook (accelerate)
+    if type(head) is not torch.nn.Linear or "forward" in vars(head):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def head_computes_nll(head: torch.nn.Linear, targets: torch.Tensor) -> Iterator[None]:
+    """For one forward, ``head`` returns the NLL of ``targets`` (fp32, one per position it is
+    given, shaped ``[..., 1]``) instead of logits."""
+
+    def nll_forward(hidden: torch.Tensor) -> torch.Tensor:
+        nll = HeadNLL.apply(hidden, head.weight, head.bias, targets.reshape(-1))
+        return nll.view(*hidden.shape[:-1], 1)
+
+    head.forward = nll_forward  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del head.forward

@@ -1,0 +1,139 @@
+"""The fused head + cross-entropy computes what ``lm_head`` then ``F.cross_entropy`` computes
+(``lorakit.fused_head``)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import build_tiny_model
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _unfused(hidden, weight, bias, targets):
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _inputs(dtype_name: str, bias: bool, weight_grad: bool):
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(37, 24, generator=g) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(101, 24, generator=g).to(dtype).requires_grad_(weight_grad)
+    b = torch.randn(101, generator=g).to(dtype).requires_grad_(weight_grad) if bias else None
+    targets = torch.randint(0, 101, (37,), generator=g)
+    scale = torch.rand(37, generator=g)  # a gradient that differs per position
+    return hidden, weight, b, targets, scale
+
+
+@pytest.mark.parametrize("block_rows", [1, 8, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nll_and_gradients_match_the_unfused_head(compute_dtype, block_rows, bias, monkeypatch):
+    import torch
+    from lorakit import fused_head
+
+    # a block of ``block_rows`` positions: one, several with a short last one, all at once
+    monkeypatch.setattr(fused_head, "BLOCK_ELEMENTS", block_rows * 101)
+    results = []
+    for fn in (_unfused, fused_head.HeadNLL.apply):
+        hidden, weight, b, targets, scale = _inputs(compute_dtype, bias, weight_grad=True)
+        nll = fn(hidden, weight, b, targets)
+        (nll * scale).sum().backward()
+        grads = [hidden.grad, weight.grad] + ([b.grad] if bias else [])
+        results.append((nll.detach(), grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.dtype == torch.float32
+    # the same fp32 logits; only the order of the vocabulary-wide sums can differ
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype
+        if compute_dtype == "fp32":
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        else:
+            # both round the fp32 logit gradient to bf16 (8 significant bits) before the
+            # matmul, which accumulates in fp32 and rounds once; a logit gradient that lands
+            # on the other side of a rounding boundary moves a sum by a few bf16 ulps of its
+            # largest term
+            diff = (g.float() - r.float()).abs().max()
+            assert diff <= 4 * 2**-8 * r.float().abs().max()
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do():
+    import torch
+    from lorakit.fused_head import HeadNLL
+
+    hidden, weight, _, targets, _ = _inputs("fp32", False, weight_grad=False)
+    HeadNLL.apply(hidden, weight, None, targets).sum().backward()
+    assert weight.grad is None and hidden.grad is not None
+    expected = torch.autograd.grad(_unfused(hidden, weight, None, targets).sum(), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.slow
+def test_the_training_loss_is_the_unfused_loss_on_a_lora_model(tiny, compute_dtype):
+    """supervised_nll with the fused head against the same model and batch with the head
+    computing logits (fusing switched off): the loss and every LoRA gradient agree."""
+    import torch
+    from lorakit import fused_head
+    from lorakit.loss import supervised_nll
+    from lorakit.packing import pack
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, DTYPES[compute_dtype])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert fused_head.plain_head(model) is base.lm_head
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in (9, 14, 6):
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    batch = pack(rows)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        nll, count = supervised_nll(model, batch)
+        nll.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return nll.detach(), count, grads
+
+    fused = loss_and_grads()
+    # the model type off the list: the head computes logits and cross_entropy follows
+    model.get_base_model().config.model_type = "not-listed"
+    assert fused_head.plain_head(model) is None
+    unfused = loss_and_grads()
+    assert fused[1] == unfused[1] == sum(len(r["input_ids"]) - 3 for r in rows)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-6, atol=1e-5)
+    assert fused[2].keys() == unfused[2].keys() and len(fused[2]) == 28
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if compute_dtype == "fp32" else {}
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], unfused[2][name], **tolerance)
+    assert "forward" not in vars(base.lm_head)  # the head is itself again after the forward
+
+
+def test_heads_it_cannot_stand_in_for_keep_the_unfused_path(tiny):
+    import torch
+    from lorakit.fused_head import plain_head
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    assert plain_head(base) is base.lm_head
+    base.lm_head.forward = lambda x: x  # somebody's hook (accelerate replaces forward)
+    assert plain_head(base) is None
+    del base.lm_head.forward
+    # a LoRA adapter on the head itself: the head computes more than its weight
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    assert plain_head(model) is None
