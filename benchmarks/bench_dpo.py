@@ -1,13 +1,16 @@
 """DPO speed and memory: lorakit's preference step against TRL's DPOTrainer on the same pairs.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
-        [--model-path DIR]
+        [--model-path DIR] [--dtype fp32|bf16]
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
 ``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
-q/k/v/o, 4 pairs a step, AdamW lr 5e-6, beta 0.1, sigmoid loss, fp32 on CPU, gradient
+q/k/v/o, 4 pairs a step, AdamW lr 5e-6, beta 0.1, sigmoid loss, on CPU, gradient
 checkpointing off, on ``steps x 4`` pairs of the demo-style task (correct JSON chosen, a near
-miss rejected): one epoch, so every pair is trained once.
+miss rejected): one epoch, so every pair is trained once. ``--dtype fp32`` (default): both
+compute in fp32. ``--dtype bf16``: what each does on a CPU with fast bf16 (AMX, AVX512-BF16):
+lorakit's base weights and matmuls in bf16 (its ``auto`` there), TRL's ``bf16=True`` (fp32
+weights under bf16 autocast, TRL's default).
 
 The clock covers what each needs to train those pairs: for lorakit the reference
 log-probabilities (computed once, before step 1) plus the steps; for TRL the steps (its
@@ -50,7 +53,7 @@ def model_path(arg: str | None) -> str:
     return entry.factory(entry.options_class()).resolve().path
 
 
-def run_lorakit(folder: Path, model: str, steps: int) -> dict:
+def run_lorakit(folder: Path, model: str, steps: int, dtype: str) -> dict:
     from lorakit import catalog, runner
 
     if "preference_jsonl" not in catalog.default_catalog().entries["source"]:
@@ -65,7 +68,7 @@ plugin = "local"
 path = "{model}"
 [quant]
 plugin = "none"
-dtype = "fp32"
+dtype = "{dtype}"
 [peft]
 r = 16
 alpha = 32
@@ -114,7 +117,7 @@ name = "lorakit"
     return {"seconds": timed["seconds"], "cpu_seconds": timed["cpu_seconds"], "losses": losses}
 
 
-def run_trl(folder: Path, model: str, steps: int) -> dict:
+def run_trl(folder: Path, model: str, steps: int, dtype: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -146,7 +149,7 @@ def run_trl(folder: Path, model: str, steps: int) -> dict:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=dtype == "bf16",  # fp32 weights, bf16 autocast: TRL's default where bf16 exists
         gradient_checkpointing=False,
         seed=42,
         dataloader_num_workers=0,
@@ -182,8 +185,8 @@ def tokens_of(folder: Path, model: str) -> int:
     return total
 
 
-def child(which: str, folder: Path, model: str, steps: int) -> None:
-    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps)
+def child(which: str, folder: Path, model: str, steps: int, dtype: str) -> None:
+    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps, dtype)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -193,11 +196,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--model-path")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--child", choices=["lorakit", "trl"])
     ap.add_argument("--folder")
     args = ap.parse_args()
     if args.child:
-        child(args.child, Path(args.folder), args.model_path, args.steps)
+        child(args.child, Path(args.folder), args.model_path, args.steps, args.dtype)
         return
     model = model_path(args.model_path)
     results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
@@ -208,7 +212,7 @@ def main() -> None:
                 folder.mkdir()
                 pairs_file(folder, args.steps * 4)
                 cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder)]
-                cmd += ["--model-path", model, "--steps", str(args.steps)]
+                cmd += ["--model-path", model, "--steps", str(args.steps), "--dtype", args.dtype]
                 env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -230,7 +234,7 @@ def main() -> None:
         f"lorakit / TRL: throughput x{best['lorakit'] / best['trl']:.2f} (wall clock), "
         f"x{cpu['lorakit'] / cpu['trl']:.2f} (per CPU second), "
         f"peak RSS x{rss['lorakit'] / rss['trl']:.2f} ({args.steps} steps of 4 pairs, "
-        f"{args.reps} round(s), CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
+        f"{args.reps} round(s), {args.dtype}, CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
     )
 
 

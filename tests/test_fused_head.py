@@ -29,14 +29,19 @@ def _inputs(dtype_name: str, bias: bool, weight_grad: bool):
     return hidden, weight, b, targets, scale
 
 
+@pytest.mark.parametrize("keep", ["probabilities", "recompute"])
 @pytest.mark.parametrize("block_rows", [1, 8, 1000])
 @pytest.mark.parametrize("bias", [False, True])
-def test_nll_and_gradients_match_the_unfused_head(compute_dtype, block_rows, bias, monkeypatch):
+def test_nll_and_gradients_match_the_unfused_head(
+    compute_dtype, block_rows, bias, keep, monkeypatch
+):
     import torch
     from lorakit import fused_head
 
     # a block of ``block_rows`` positions: one, several with a short last one, all at once
     monkeypatch.setattr(fused_head, "BLOCK_ELEMENTS", block_rows * 101)
+    # backward from the probabilities kept by forward, or from recomputed logits
+    monkeypatch.setattr(fused_head, "KEEP_ELEMENTS", 1 << 30 if keep == "probabilities" else 0)
     results = []
     for fn in (_unfused, fused_head.HeadNLL.apply):
         hidden, weight, b, targets, scale = _inputs(compute_dtype, bias, weight_grad=True)
@@ -59,6 +64,18 @@ def test_nll_and_gradients_match_the_unfused_head(compute_dtype, block_rows, bia
             # largest term
             diff = (g.float() - r.float()).abs().max()
             assert diff <= 4 * 2**-8 * r.float().abs().max()
+
+
+def test_a_second_backward_recomputes_what_the_first_used_up():
+    import torch
+    from lorakit.fused_head import HeadNLL
+
+    hidden, weight, _, targets, scale = _inputs("fp32", False, weight_grad=True)
+    loss = (HeadNLL.apply(hidden, weight, None, targets) * scale).sum()
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do():

@@ -9,10 +9,11 @@ training step on an AMX CPU, more than the head's matmul.
 
 :class:`HeadNLL` computes the same per-position NLL from the hidden states: a block of positions
 at a time, the head's matmul in the head's dtype (as ``lm_head`` does), the logits cast to fp32
-(as ``logits.float()`` does), their logsumexp and the target's logit. It keeps only the hidden
-states and one fp32 logsumexp per position. Backward recomputes each block's logits and turns
-them into ``softmax - onehot`` in place, scaled by the incoming gradient, and multiplies back by
-the head's weight in its dtype: the gradient the unfused path computes, without the
+(as ``logits.float()`` does), their logsumexp and the target's logit. It keeps the hidden
+states, one fp32 logsumexp per position and, where they fit in 256 MB
+(:data:`KEEP_ELEMENTS`), the fp32 probabilities; larger batches recompute each block's logits in
+backward instead. Backward turns each block into ``softmax - onehot`` in place, scaled by the
+incoming gradient, and multiplies back by the head's weight in its dtype: the gradient the unfused path computes, without the
 vocabulary-wide temporaries. The fp32 logits, their rounding and the reduction order within a
 row are the unfused path's, so the results agree to fp32 rounding (``tests/test_fused_head.py``).
 
@@ -41,6 +42,9 @@ PLAIN_HEAD_MODELS = frozenset(
 
 # fp32 logits of one block: about 32 MB whatever the vocabulary
 BLOCK_ELEMENTS = 1 << 23
+# a forward whose probabilities fit in this many fp32 elements (256 MB) keeps them for backward;
+# a larger one keeps only the logsumexp and recomputes the logits (one more head matmul)
+KEEP_ELEMENTS = 1 << 26
 
 
 def _block_rows(vocab: int) -> int:
@@ -55,17 +59,23 @@ class HeadNLL(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Any, targets: torch.Tensor
     ) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
-        rows = _block_rows(weight.shape[0])
-        nll = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        n, vocab = flat.shape[0], weight.shape[0]
+        rows = _block_rows(vocab)
+        nll = torch.empty(n, dtype=torch.float32, device=flat.device)
         lse = torch.empty_like(nll)
-        for start in range(0, flat.shape[0], rows):
+        keep = any(ctx.needs_input_grad[:3]) and n * vocab <= KEEP_ELEMENTS
+        probs = torch.empty((n, vocab), dtype=torch.float32, device=flat.device) if keep else None
+        for start in range(0, n, rows):
             end = start + rows
             logits = F.linear(flat[start:end], weight, bias).float()
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:end, None]).squeeze(1)
             nll[start:end] = lse[start:end] - picked
+            if probs is not None:
+                torch.exp(logits.sub_(lse[start:end, None]), out=probs[start:end])
         ctx.save_for_backward(flat, weight, bias, targets, lse)
         ctx.hidden_shape = hidden.shape
+        ctx.probs = probs  # used up by the first backward; a second one recomputes
         return nll
 
     @staticmethod
@@ -80,13 +90,17 @@ class HeadNLL(torch.autograd.Function):
         grad_b = (
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         )
+        kept, ctx.probs = ctx.probs, None
         rows = _block_rows(weight.shape[0])
         for start in range(0, flat.shape[0], rows):
             end = start + rows
             block = flat[start:end]
             # softmax - onehot, scaled by the incoming gradient: the gradient of the NLL
-            probs = F.linear(block, weight, bias).float()
-            probs.sub_(lse[start:end, None]).exp_()
+            if kept is not None:
+                probs = kept[start:end]
+            else:
+                probs = F.linear(block, weight, bias).float()
+                probs.sub_(lse[start:end, None]).exp_()
             index = torch.arange(probs.shape[0], device=probs.device)
             probs[index, targets[start:end]] -= 1.0
             probs.mul_(grad[start:end, None])
