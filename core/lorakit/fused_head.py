@@ -33,18 +33,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# model types whose ``ForCausalLM.forward`` returns ``lm_head(hidden_states[:, keep])`` as the
-# logits with nothing applied after it (no softcapping, logit scale or temperature): checked in
-# transformers' source; a model type not listed keeps the unfused path
-PLAIN_HEAD_MODELS = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
-)
+from lorakit.memory_plan import HEAD_BLOCK_ELEMENTS, HEAD_KEEP_ELEMENTS, PLAIN_HEAD_MODELS
 
+# PLAIN_HEAD_MODELS: the model types whose ``ForCausalLM.forward`` returns
+# ``lm_head(hidden_states[:, keep])`` as the logits with nothing applied after it (no
+# softcapping, logit scale or temperature), checked in transformers' source; a model type not
+# listed keeps the unfused path.
 # fp32 logits of one block: about 32 MB whatever the vocabulary
-BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = HEAD_BLOCK_ELEMENTS
 # a forward whose probabilities fit in this many fp32 elements (256 MB) keeps them for backward;
 # a larger one keeps only the logsumexp and recomputes the logits (one more head matmul)
-KEEP_ELEMENTS = 1 << 26
+KEEP_ELEMENTS = HEAD_KEEP_ELEMENTS
 
 
 def _block_rows(vocab: int) -> int:

@@ -232,9 +232,27 @@ def activation_bytes(shape: ModelShape, tokens: int, elem: int, checkpointing: b
     return int(shape.layers * tokens * per_layer)
 
 
+# The fused head (lorakit.fused_head): the model types whose head computes the NLL itself, a
+# block of positions at a time (about HEAD_BLOCK_ELEMENTS fp32 logits), keeping the fp32
+# probabilities for backward when they fit in HEAD_KEEP_ELEMENTS (256 MB). Here, not in
+# fused_head, so that planning does not import torch.
+PLAIN_HEAD_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
+)
+HEAD_BLOCK_ELEMENTS = 1 << 23
+HEAD_KEEP_ELEMENTS = 1 << 26
+
+
 def logits_bytes(shape: ModelShape, supervised: int, elem: int) -> int:
-    """Logits work at ``supervised`` positions: fp32 log-softmax, its gradient, logits grad."""
-    return int(supervised * shape.vocab * (4 + 4 + 4 + (elem if elem != 4 else 0)))
+    """Logits work at ``supervised`` positions. Fused head: the kept fp32 probabilities (when
+    they fit) and one block's logits in the compute dtype, in fp32 and the block's softmax.
+    Otherwise the whole logits: fp32 log-softmax, its gradient, the logits' gradient."""
+    everything = supervised * shape.vocab
+    if shape.model_type in PLAIN_HEAD_MODELS:
+        kept = 4 * everything if everything <= HEAD_KEEP_ELEMENTS else 0
+        block = min(everything, max(HEAD_BLOCK_ELEMENTS, shape.vocab))
+        return int(kept + block * (elem + 4 + 4))
+    return int(everything * (4 + 4 + 4 + (elem if elem != 4 else 0)))
 
 
 def dequant_bytes(shape: ModelShape, scheme: str, elem: int) -> int:
