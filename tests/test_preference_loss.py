@@ -223,3 +223,38 @@ def test_a_shared_prompt_longer_than_a_sliding_window_is_refused():
         varlen_sdpa(
             module, q, q, q, None, cu_seq_lens_q=cu, pair_prompt_lens=shared, sliding_window=6
         )
+
+
+def test_a_fresh_adapter_adds_nothing_so_the_reference_skips_it(tiny_model_dir):
+    """reference_logps computes a fresh adapter's reference with the adapter off: the values
+    are the ones the adapter-on forward gives, bit for bit; a trained B is computed."""
+    from helpers import load_tiny_model
+    from lorakit.attention import packed_attention
+    from lorakit.preference import adds_nothing
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        load_tiny_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear")
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (8, 6)]
+    rows = [
+        {
+            "chosen_ids": ids[0],
+            "chosen_labels": [-100] * 3 + ids[0][3:],
+            "rejected_ids": ids[1],
+            "rejected_labels": [-100] * 3 + ids[1][3:],
+        }
+    ]
+    batch = pack_pairs(rows, share_prompt=False)
+    assert adds_nothing(model)
+    with torch.no_grad(), packed_attention(model, "cpu"):
+        on, _ = sequence_logps(model, batch)
+        with model.disable_adapter():
+            off, _ = sequence_logps(model, batch)
+    assert on.equal(off)
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b[0, 0] = 1e-3
+    assert not adds_nothing(model)
+    assert not adds_nothing(load_tiny_model(tiny_model_dir))  # no adapter at all

@@ -24,6 +24,7 @@ ORPO.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -245,8 +246,10 @@ def reference_logps(
     out: list[tuple[float, float]] = []
     was_training = model.training
     model.eval()
+    # an adapter that adds exactly nothing (a fresh one) need not be computed at all
+    off = model.disable_adapter() if adds_nothing(model) else contextlib.nullcontext()
     try:
-        with torch.no_grad(), packed_attention(model, device):
+        with torch.no_grad(), packed_attention(model, device), off:
             for start in bar(range(0, len(rows), batch_size), desc="reference", unit="batch"):
                 batch = pack_pairs(
                     [data[i] for i in range(start, min(start + batch_size, len(rows)))],
@@ -262,6 +265,18 @@ def reference_logps(
         if was_training:
             model.train()
     return out
+
+
+def adds_nothing(model: Any) -> bool:
+    """Is ``model`` a PEFT LoRA model whose adapter adds exactly zero: every ``lora_B`` tensor
+    zero (PEFT's default init) and nothing else trainable that would change the output (DoRA's
+    magnitudes, modules_to_save)? Then the base alone computes the same values, bit for bit."""
+    if not hasattr(model, "disable_adapter"):
+        return False
+    adapter = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not adapter or any("lora_A" not in n and "lora_B" not in n for n, _ in adapter):
+        return False
+    return all(not bool(p.detach().any()) for n, p in adapter if "lora_B" in n)
 
 
 def _device(model: Any) -> Any:
