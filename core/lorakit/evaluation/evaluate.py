@@ -152,6 +152,7 @@ def plan_eval(
             max_examples=ev.max_examples,
             generation=needs_generation(metrics),
             pairs=recipe.train.objective != "sft",
+            answers=recipe.train.objective == "kto",
         )
         for name in ev.splits
     ]

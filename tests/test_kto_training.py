@@ -1,0 +1,137 @@
+"""KTO for real on the tiny Llama: unpaired answers and pairs as KTO data, TRL's metrics in
+metrics.jsonl, held-out answers scored, determinism and exact resume (issue 23)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import (
+    preference_records,
+    tiny_recipe,
+    unpaired_records,
+    with_preference_source,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+KTO = 'train.objective="kto"'
+
+
+def _recipe(tmp_path: Path, tiny_model_dir: Path, records: list[dict]) -> Path:
+    data = write_jsonl(tmp_path / "answers.jsonl", records)
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    return path
+
+
+@pytest.fixture()
+def answers_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    """A tiny recipe reading 60 unpaired answers (30 desirable) with ``preference_jsonl``."""
+    with_preference_source(monkeypatch)
+    return _recipe(tmp_path, tiny_model_dir, unpaired_records(60))
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def logged(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def results(run: Path) -> dict:
+    report = json.loads((run / "eval_report.json").read_text())
+    return {
+        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
+        for r in report["results"]
+        if r["split"] != "general"
+    }
+
+
+def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
+    tmp_path, answers_recipe, cli
+):
+    code, out, err = cli("check", answers_recipe, KTO)
+    assert code == 0, err
+    assert "labelled answers (objective kto):" in out
+    assert "desirable" in out and "undesirable answers" in out
+    code, _, err = cli(
+        "run", answers_recipe, KTO, "output.name=k", "train.max_steps=6", "train.eval_steps=3"
+    )
+    assert code == 0, err
+    run = tmp_path / "runs" / "k"
+    steps = logged(run)
+    assert len(steps) == 6
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"):
+        assert all(key in s for s in steps), key
+    # a fresh adapter is the reference exactly: no reward, KL 0, loss 1 - σ(0) = 0.5 at step 1
+    first = steps[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5)
+    assert any(s["kl"] > 0 for s in steps[1:]), "the policy moves off the reference"
+    assert all(s["rewards/margins"] == s["rewards/chosen"] - s["rewards/rejected"] for s in steps)
+    assert ", kl " in err, "the step line shows the KL estimate"
+    evals = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_kl" in x
+    ]
+    assert evals and "eval_loss" in evals[0] and "eval_rewards/chosen" in evals[0]
+    split = results(run)
+    tuned, base = split["tuned"]["metrics"], split["base"]["metrics"]
+    assert split["tuned"]["counts"]["answers"] == split["tuned"]["counts"]["examples"]
+    assert tuned["desirable_logp"] != base["desirable_logp"], "the tuned adapter is scored"
+    assert "undesirable_logp" in base
+
+
+def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(
+    tmp_path, tiny_model_dir, monkeypatch, cli
+):
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, preference_records(30))
+    code, out, err = cli("check", recipe, KTO)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("train:"))
+    n = int(line.split("(")[1].split()[0])
+    assert f"({n} desirable, {n} undesirable)" in line, line
+    code, _, err = cli("run", recipe, KTO, "output.name=p", "train.max_steps=2")
+    assert code == 0, err
+    assert "reference log-probabilities of" in err and "answers" in err
+    split = results(tmp_path / "runs" / "p")
+    assert "pref_accuracy" in split["tuned"]["metrics"], "held-out pairs are scored as pairs"
+    assert "desirable_logp" in split["tuned"]["metrics"]
+
+
+def test_kto_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, answers_recipe, cli):
+    common = [KTO, 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
+    for name in ("a", "b"):
+        code, _, err = cli(
+            "run", answers_recipe, f"output.name={name}", "train.max_steps=4", *common
+        )
+        assert code == 0, err
+    a, b = adapter(tmp_path / "runs" / "a"), adapter(tmp_path / "runs" / "b")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    code, _, err = cli("run", answers_recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        answers_recipe,
+        "output.name=split",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    split = adapter(tmp_path / "runs" / "split")
+    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
+    steps = {s["step"]: s for s in logged(tmp_path / "runs" / "split")}
+    full = {s["step"]: s for s in logged(tmp_path / "runs" / "a")}
+    assert steps[4]["loss"] == full[4]["loss"]
+    assert steps[4]["kl"] == full[4]["kl"]
+    assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
