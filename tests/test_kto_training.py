@@ -75,7 +75,10 @@ def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5)
     assert any(s["kl"] > 0 for s in steps[1:]), "the policy moves off the reference"
-    assert all(s["rewards/margins"] == s["rewards/chosen"] - s["rewards/rejected"] for s in steps)
+    for s in steps:  # TRL's margin: the mean desirable reward minus the mean undesirable one
+        assert s["rewards/margins"] == pytest.approx(
+            s["rewards/chosen"] - s["rewards/rejected"], abs=2e-6
+        )
     assert ", kl " in err, "the step line shows the KL estimate"
     evals = [
         json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_kl" in x
@@ -104,6 +107,41 @@ def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(
     split = results(tmp_path / "runs" / "p")
     assert "pref_accuracy" in split["tuned"]["metrics"], "held-out pairs are scored as pairs"
     assert "desirable_logp" in split["tuned"]["metrics"]
+
+
+def test_kto_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, answers_recipe, cli):
+    text = answers_recipe.read_text()
+    qlora = text.replace(
+        'plugin = "none"\ndtype = "fp32"', 'plugin = "bnb-4bit"\ncompute_dtype = "fp32"'
+    )
+    assert qlora != text
+    answers_recipe.write_text(qlora)
+    # SFT first: it learns from the desirable answers only, the undesirable ones are counted
+    code, _, err = cli("run", answers_recipe, "output.name=sft", "train.max_steps=8")
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "sft" / "data_report.json").read_text())
+    assert any("undesirable answer" in k for k in report["dropped"]), report
+    code, _, err = cli(
+        "run",
+        answers_recipe,
+        "output.name=kto",
+        KTO,
+        'train.from_adapter="runs/sft"',
+        "train.max_steps=3",
+        "train.learning_rate=1e-3",
+    )
+    assert code == 0, err
+    assert "starting from the adapter in" in err and "quant bnb-4bit" in err
+    first = logged(tmp_path / "runs" / "kto")[0]
+    # the reference is the SFT adapter: at step 1 the mismatched rows score the same under the
+    # model and the reference (both in eval mode), so the KL estimate is exactly 0, and the
+    # rewards are near 0 (the policy differs from it by its dropout only); against the base
+    # they would be beta x what SFT moved the log-probabilities
+    assert first["kl"] == 0.0
+    assert abs(first["rewards/chosen"]) < 0.05 and abs(first["rewards/rejected"]) < 0.05, first
+    split = results(tmp_path / "runs" / "kto")
+    assert split["start"]["adapter"].endswith("runs/sft/adapter")
+    assert "desirable_logp" in split["start"]["metrics"]
 
 
 def test_kto_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, answers_recipe, cli):

@@ -6,7 +6,7 @@ each answer's log-probability is the sum over its answer tokens
 (:func:`lorakit.preference.sequence_logps`).
 
 The loss is TRL's ``kto`` loss (``trl/trainer/kto_trainer.py``, ``KTOTrainer._compute_loss``,
-lines 1442-1482 of trl 1.16), checked against that code in ``tests/test_kto.py``: with
+lines 1442-1548 of trl 1.16), checked against that code in ``tests/test_kto.py``: with
 ``r = π - ref`` an answer's log-ratio against the reference,
 
 - desirable: ``w_d (1 - σ(β (r - z)))``; undesirable: ``w_u (1 - σ(β (z - r)))``;
