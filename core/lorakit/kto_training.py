@@ -135,7 +135,7 @@ def build_kto_trainer(
     model: Any,
     train_rows: Sequence[Any],
     eval_rows: Sequence[Any],
-    reference: tuple[Sequence[float] | None, Sequence[float] | None],
+    reference: tuple[Sequence[Any], Sequence[Any]] | None,
     output_dir: Path,
     loggers: Loggers,
     device: str,
@@ -145,6 +145,8 @@ def build_kto_trainer(
     reference log-probabilities."""
     from lorakit.training import finish_trainer
 
+    if reference is None:
+        raise ValueError("KTO needs the reference log-probabilities of its answers")
     train_ref, eval_ref = reference
     return finish_trainer(
         make_kto_trainer_class(),

@@ -187,25 +187,11 @@ def build_preference_trainer(
     device: str,
     compute_dtype: Any,
 ) -> Any:
-    """The trainer for a preference objective; ``reference``: the train and eval pairs' (or
-    KTO's answers') reference log-probabilities (DPO, KTO), else None."""
+    """The trainer for a pair objective; ``reference``: the train and eval pairs' reference
+    log-probabilities (DPO), else None. KTO's is :func:`lorakit.kto_training.build_kto_trainer`."""
     from lorakit.training import finish_trainer
 
     train_ref, eval_ref = reference if reference is not None else (None, None)
-    if recipe.train.objective == "kto":
-        from lorakit.kto_training import build_kto_trainer
-
-        return build_kto_trainer(
-            recipe,
-            model,
-            train_rows,
-            eval_rows,
-            (train_ref, eval_ref),
-            output_dir,
-            loggers,
-            device,
-            compute_dtype,
-        )
     return finish_trainer(
         make_preference_trainer_class(),
         recipe,

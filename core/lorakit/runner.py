@@ -377,10 +377,13 @@ def train(
             tm.device,
             tm.compute_dtype,
         )
-    else:  # pairs; DPO's reference log-probabilities first, from the untrained adapter
+    else:  # pairs (KTO: answers); the reference log-probabilities first (DPO, KTO), from
+        # the untrained adapter
+        from lorakit.kto_training import build_kto_trainer
         from lorakit.preference_training import build_preference_trainer
 
-        trainer = build_preference_trainer(
+        build = build_kto_trainer if recipe.train.objective == "kto" else build_preference_trainer
+        trainer = build(
             recipe,
             tm.model,
             data.train_rows,
