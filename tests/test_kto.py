@@ -375,3 +375,9 @@ def test_weights_note_follows_the_kto_paper_range():
     note = weight_note(10, 30, 1.0, 1.0)
     assert "train.desirable_weight in [3.0, 3.99]" in note
     assert "train.undesirable_weight in [0.25, 0.33]" in note
+
+
+def test_a_pair_objective_records_no_kto_key(tmp_path):
+    resolved = recipe(tmp_path, 'objective = "dpo"').resolved()["train"]
+    assert "desirable_weight" not in resolved and "undesirable_weight" not in resolved
+    assert resolved["objective"] == "dpo" and "orpo_lambda" in resolved, "as before KTO"

@@ -173,3 +173,49 @@ def test_kto_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, an
     assert steps[4]["loss"] == full[4]["loss"]
     assert steps[4]["kl"] == full[4]["kl"]
     assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
+
+
+def test_the_mismatched_rows_reference_is_the_adapter_the_run_starts_from(tiny_model_dir):
+    """``StartWeights`` on a real PEFT model with a non-zero adapter (an SFT start): at the
+    start the model and the reference score the mismatched rows alike; after the adapter moves,
+    the reference is still the starting adapter (not the base), and the moved weights are back."""
+    import torch
+    from lorakit.attention import packed_attention
+    from lorakit.kto import StartWeights, mismatched_logps, pack_answers
+    from lorakit.loss import accepts_logits_to_keep
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(std=0.5)  # an SFT adapter: not the base
+    model.train()
+    start = StartWeights(model)
+    rows = [
+        {"input_ids": [5, 9, 14, 21, 30, 31], "labels": [-100] * 4 + [30, 31], "desirable": True},
+        {"input_ids": [7, 8, 40, 41, 42], "labels": [-100] * 2 + [40, 41, 42], "desirable": False},
+        {"input_ids": [3, 4, 6, 50], "labels": [-100] * 3 + [50], "desirable": True},
+    ]
+    kl = pack_answers(rows)["kl"]
+    head = accepts_logits_to_keep(model)
+    with packed_attention(model, "cpu"):
+        policy, reference = mismatched_logps(model, kl, head, start)
+        assert torch.equal(policy, reference)
+        assert model.training, "the train mode is restored"
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(0.3)  # a training step moved the adapter
+        moved = [p.detach().clone() for p in lora_b]
+        policy2, reference2 = mismatched_logps(model, kl, head, start)
+        assert torch.equal(reference2, reference) and not torch.equal(policy2, reference2)
+        assert all(torch.equal(p, m) for p, m in zip(lora_b, moved, strict=True))
+        with model.disable_adapter(), torch.no_grad():
+            from lorakit.preference import sequence_logps
+
+            model.eval()
+            base_logps, _ = sequence_logps(model, kl, head)
+        assert not torch.allclose(base_logps, reference), "the reference is the start adapter"

@@ -30,6 +30,7 @@ PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
 }
+KTO_KEYS = ("desirable_weight", "undesirable_weight")
 # beta's default for each objective that uses it (DPO and KTO: TRL's 0.1; SimPO: the paper's 2.0)
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
 
@@ -263,12 +264,16 @@ class TrainSection:
 
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: an SFT section without the preference keys
-        (``from_adapter`` only when set), so SFT runs hash as they always did."""
+        (``from_adapter`` only when set), so SFT runs hash as they always did; a pair
+        objective's without KTO's keys."""
         from lorakit.options import to_plain
 
         out = to_plain(self)
         if self.objective == "sft":
             for key in PREFERENCE_KEYS:
+                out.pop(key)
+        elif self.objective != "kto":  # the pair objectives' runs hash as before KTO existed
+            for key in KTO_KEYS:
                 out.pop(key)
         if self.from_adapter is None:
             out.pop("from_adapter")
