@@ -219,3 +219,34 @@ def test_the_mismatched_rows_reference_is_the_adapter_the_run_starts_from(tiny_m
             model.eval()
             base_logps, _ = sequence_logps(model, kl, head)
         assert not torch.allclose(base_logps, reference), "the reference is the start adapter"
+
+
+def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """DDP on CPU (gloo): the ranks average their KL estimates every step (a collective in the
+    loss), and evaluate their own eval answers without one."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, unpaired_records(40))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [KTO, "output.name=ddp", "train.max_steps=3", "train.eval_steps=2", "--nproc", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "ddp"
+    steps = logged(run)
+    assert len(steps) == 3 and steps[0]["kl"] == 0.0 and steps[0]["loss"] == pytest.approx(0.5)
+    assert json.loads((run / "run.json").read_text())["batch"]["world_size"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
