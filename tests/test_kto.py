@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lorakit.api import Example, Message, example_problem, read_source
 from lorakit.errors import DataError, RecipeError
 from lorakit.kto import kl_estimate, kto_losses, mismatched_rows, pack_answers
@@ -381,3 +383,57 @@ def test_a_pair_objective_records_no_kto_key(tmp_path):
     resolved = recipe(tmp_path, 'objective = "dpo"').resolved()["train"]
     assert "desirable_weight" not in resolved and "undesirable_weight" not in resolved
     assert resolved["objective"] == "dpo" and "orpo_lambda" in resolved, "as before KTO"
+
+
+# --------------------------------------------------------------------------- properties
+
+PROPS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+unpaired = st.fixed_dictionaries(
+    {"prompt": text, "completion": text.filter(lambda s: s.strip()), "label": st.booleans()}
+)
+
+
+@PROPS
+@given(recs=st.lists(unpaired, min_size=1, max_size=6))
+def test_unpaired_records_round_trip_none_lost_or_duplicated(tmp_path, recs):
+    from lorakit.data.spool import example_from_json
+
+    records = [{**r, "id": f"r{i}"} for i, r in enumerate(recs)]
+    examples, skipped = read(tmp_path, records)
+    assert not skipped and [ex.id for ex in examples] == [r["id"] for r in records]
+    for ex, rec in zip(examples, records, strict=True):
+        assert ex.label is rec["label"] and ex.messages[-1].content == rec["completion"]
+        assert ex.prompt == (Message("user", rec["prompt"]),)
+        assert example_from_json(json.loads(json.dumps(ex.to_json()))) == ex
+
+
+answer_rows = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 99), min_size=1, max_size=5),
+        st.lists(st.integers(0, 99), min_size=1, max_size=5),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@PROPS
+@given(parts=answer_rows)
+def test_each_mismatched_row_is_its_prompt_then_the_previous_answer_supervised(parts):
+    rows = [_row(p, a, d, i) for i, (p, a, d) in enumerate(parts)]
+    kl = mismatched_rows(rows)
+    assert len(kl) == len(rows)
+    for i, row in enumerate(kl):
+        prompt, _, _ = parts[i]
+        _, other, _ = parts[i - 1]
+        assert row["input_ids"] == [*prompt, *other]
+        assert [t for t in row["labels"] if t != -100] == other
+        assert row["labels"][: len(prompt)] == [-100] * len(prompt)
+    # the mismatched answers are the micro-batch's own answers, each once
+    assert sorted(map(tuple, (p[1] for p in parts))) == sorted(
+        tuple(t for t in r["labels"] if t != -100) for r in kl
+    )
