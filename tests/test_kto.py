@@ -29,6 +29,7 @@ from lorakit.recipe import load_recipe
 from lorakit_plugins.sources.preference_jsonl import PreferenceJsonlSource
 
 torch.set_num_threads(1)
+KTO = 'train.objective="kto"'
 
 
 def _per_token(n: int, seed: int, shift: float = 0.0):
@@ -437,3 +438,29 @@ def test_each_mismatched_row_is_its_prompt_then_the_previous_answer_supervised(p
     assert sorted(map(tuple, (p[1] for p in parts))) == sorted(
         tuple(t for t in r["labels"] if t != -100) for r in kl
     )
+
+
+def test_check_refuses_kto_on_data_without_labels_and_names_the_fix(tmp_path, tiny_model_dir, cli):
+    from helpers import chat_records, tiny_recipe
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(10))
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    code, _, err = cli("check", path, KTO)
+    assert code == 2 and "Traceback" not in err
+    assert "neither a labelled answer nor a preference pair" in err
+    assert 'plugin = "preference_jsonl"' in err
+
+
+def test_check_says_which_weights_suit_unbalanced_answers(
+    tmp_path, tiny_model_dir, cli, monkeypatch
+):
+    from helpers import tiny_recipe, unpaired_records, with_preference_source
+
+    with_preference_source(monkeypatch)
+    records = [r for i, r in enumerate(unpaired_records(40)) if r["label"] or i % 4 == 1]
+    data = write_jsonl(tmp_path / "answers.jsonl", records)
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    code, out, err = cli("check", path, KTO)
+    assert code == 0, err
+    assert "note: " in out and "the KTO paper recommends EITHER train.desirable_weight in" in out
