@@ -91,6 +91,24 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def unpaired_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` unpaired preference_jsonl answers (KTO) on the chat task: from the pairs of
+    :func:`preference_records`, alternately the correct JSON labelled desirable and the near
+    miss labelled undesirable."""
+    out = []
+    for i, pair in enumerate(preference_records(n, seed)):
+        good = i % 2 == 0
+        out.append(
+            {
+                "id": f"a{i}",
+                "prompt": pair["prompt"],
+                "completion": pair["chosen" if good else "rejected"],
+                "label": good,
+            }
+        )
+    return out
+
+
 def with_preference_source(monkeypatch: Any) -> Any:
     """Make the default catalog hold the ``preference_jsonl`` source: through its entry point
     when the installed metadata has it, else by registering its module (a checkout whose venv

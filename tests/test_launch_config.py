@@ -235,3 +235,8 @@ def test_known_keys_match_the_installed_accelerate():
     assert tuple(constants.FSDP_AUTO_WRAP_POLICY) == keys.AUTO_WRAP_POLICY
     assert tuple(constants.FSDP_BACKWARD_PREFETCH) == keys.BACKWARD_PREFETCH
     assert tuple(constants.FSDP_STATE_DICT_TYPE) == keys.STATE_DICT_TYPE
+
+
+def test_kto_is_refused_under_fsdp(cli):
+    err = refused(cli, FSDP_RECIPE, "--launch-config", CONFIG, 'train.objective="kto"')
+    assert 'FSDP with [train].objective = "kto"' in err and "--nproc N" in err

@@ -56,7 +56,7 @@ def test_each_objective_gets_its_defaults(tmp_path):
 
 
 def test_bad_objective_options_name_their_key(tmp_path):
-    found = problems(tmp_path, 'objective = "kto"')
+    found = problems(tmp_path, 'objective = "ppo"')
     assert found[0].startswith("[train].objective:") and "dpo" in found[0]
     found = problems(tmp_path, 'objective = "dpo"\nloss_type = "exo"')
     assert found[0].startswith("[train].loss_type:")

@@ -219,6 +219,8 @@ def step_line() -> Any:
                 if "rewards/accuracies" in logs:  # a preference objective
                     parts.append(f"reward acc {float(logs['rewards/accuracies']):.2f}")
                     parts.append(f"margin {float(logs['rewards/margins']):.3g}")
+                elif "kl" in logs:  # KTO: its reference point
+                    parts.append(f"kl {float(logs['kl']):.3g}")
                 now, seen = time.time(), state.num_input_tokens_seen
                 if self.last is not None and now > self.last[0] and seen > self.last[1]:
                     parts.append(f"{(seen - self.last[1]) / (now - self.last[0]):,.0f} tokens/s")

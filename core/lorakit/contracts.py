@@ -76,6 +76,10 @@ class Example:
     A preference pair is a conversation whose last message is the *chosen* assistant turn, with
     ``rejected`` set: the assistant turn that loses against it after the same prompt
     (``messages[:-1]``). SFT trains on ``messages`` (the chosen side) as on any conversation.
+
+    An unpaired example (KTO) is a conversation whose last message is the assistant's answer,
+    with ``label`` set: True when that answer is desirable, False when it is undesirable. SFT
+    trains only on the desirable ones (the undesirable are dropped and counted).
     """
 
     id: str
@@ -84,6 +88,7 @@ class Example:
     meta: Mapping[str, Any] = attrs.field(factory=dict)
     tools: tuple[Mapping[str, Any], ...] | None = None
     rejected: tuple[Message, ...] | None = None
+    label: bool | None = None
 
     @property
     def prompt(self) -> tuple[Message, ...]:
@@ -105,6 +110,8 @@ class Example:
             out["text"] = self.text
         if self.rejected is not None:
             out["rejected"] = [m.to_json() for m in self.rejected]
+        if self.label is not None:
+            out["label"] = self.label
         out["meta"] = dict(self.meta)
         return out
 

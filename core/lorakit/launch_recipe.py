@@ -143,6 +143,14 @@ def _mixed_precision(
 
 
 def _fsdp(report: Any, fsdp: dict[str, Any], recipe: Any, weights: str) -> None:
+    if recipe.train.objective == "kto":
+        report.problem(
+            "distributed_type",
+            'FSDP with [train].objective = "kto": KTO\'s reference log-probabilities set the '
+            "adapter's starting weights back for one forward each step, which a sharded model "
+            "does not allow",
+            "train KTO under DDP: lorakit run RECIPE --nproc N (no launch config)",
+        )
     if weights == "int8":
         report.problem(
             "distributed_type",

@@ -37,16 +37,18 @@ from lorakit.loss import supervised_token_nll
 class Objective:
     """The recipe's preference objective and its settings (``[train]``)."""
 
-    name: str  # dpo, orpo, simpo
+    name: str  # dpo, orpo, simpo, kto
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    desirable_weight: float = 1.0  # kto (lorakit.kto)
+    undesirable_weight: float = 1.0
 
     @property
     def needs_reference(self) -> bool:
-        return self.name == "dpo"
+        return self.name in ("dpo", "kto")
 
     @classmethod
     def from_train(cls, train: Any) -> Objective:
@@ -57,6 +59,8 @@ class Objective:
             label_smoothing=train.label_smoothing,
             simpo_gamma=train.simpo_gamma,
             orpo_lambda=train.orpo_lambda,
+            desirable_weight=train.desirable_weight,
+            undesirable_weight=train.undesirable_weight,
         )
 
 

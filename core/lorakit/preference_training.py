@@ -86,33 +86,41 @@ def make_preference_trainer_class() -> Any:
         def __init__(self, *args: Any, objective: Objective, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._objective = objective
-            self._pair_metrics = PairMetrics()
+            self._pair_metrics = self._new_metrics()
+
+        # what KTO's trainer (lorakit.kto_training) changes: the metrics, the count the loss
+        # divides by, the loss
+        _items = "pairs"
+
+        def _new_metrics(self) -> Any:
+            return PairMetrics()
 
         def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
             """Pairs in the optimizer step (every micro-batch, every rank): the loss divides
             by it."""
             import torch
 
-            count = torch.tensor(sum(int(b["pairs"]) for b in batch_samples), device=device)
+            count = torch.tensor(sum(int(b[self._items]) for b in batch_samples), device=device)
             if self.accelerator.num_processes > 1:
                 count = self.accelerator.reduce(count, reduction="sum")
             return count
 
-        def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+        def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, tuple]:
+            """Per-item losses, and what the metrics add."""
             logps, counts = sequence_logps(model, inputs, self._head_kwarg)
             losses, chosen, rejected = pair_losses(
                 self._objective, logps, counts, inputs.get("reference")
             )
-            return losses, chosen, rejected, logps
+            return losses, (chosen, rejected, logps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._trace is not None:
                 self._trace.record(inputs["row_index"].tolist())
-            losses, chosen, rejected, logps = self._pair_loss(model, inputs)
+            losses, parts = self._pair_loss(model, inputs)
             total = losses.sum()
             if not bool(total.isfinite()):
                 raise diverged(self.state.global_step + 1, str(self.args.output_dir))
-            self._pair_metrics.add(chosen, rejected, logps)
+            self._pair_metrics.add(*parts)
             if num_items_in_batch is None:
                 num_items_in_batch = losses.numel()
             loss = total / num_items_in_batch
@@ -143,17 +151,17 @@ def make_preference_trainer_class() -> Any:
             was_training = model.training
             model.eval()
             total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-            metrics = PairMetrics()
+            metrics = self._new_metrics()
             with torch.no_grad():
                 for indices in batches:
                     batch = self._prepare_inputs(
                         self.data_collator([rows[i] for i in indices or [0]])
                     )
-                    losses, chosen, rejected, logps = self._pair_loss(model, batch)
+                    losses, parts = self._pair_loss(model, batch)
                     if indices:
                         total[0] += losses.double().sum()
                         total[1] += losses.numel()
-                        metrics.add(chosen, rejected, logps)
+                        metrics.add(*parts)
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(total, reduction="sum")
             if was_training:
@@ -173,14 +181,14 @@ def build_preference_trainer(
     model: Any,
     train_rows: Sequence[Any],
     eval_rows: Sequence[Any],
-    reference: tuple[list[tuple[float, float]], list[tuple[float, float]]] | None,
+    reference: tuple[Sequence[Any], Sequence[Any]] | None,
     output_dir: Path,
     loggers: Loggers,
     device: str,
     compute_dtype: Any,
 ) -> Any:
-    """The trainer for a preference objective; ``reference``: the train and eval pairs'
-    reference log-probabilities (DPO), else None."""
+    """The trainer for a pair objective; ``reference``: the train and eval pairs' reference
+    log-probabilities (DPO), else None. KTO's is :func:`lorakit.kto_training.build_kto_trainer`."""
     from lorakit.training import finish_trainer
 
     train_ref, eval_ref = reference if reference is not None else (None, None)

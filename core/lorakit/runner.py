@@ -29,6 +29,7 @@ from lorakit.data.pipeline import (
     write_splits,
 )
 from lorakit.data.row_files import row_lengths
+from lorakit.data.unpaired import tokenize_answers, weight_note
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import is_main, world_size
 from lorakit.errors import DataError, RunError
@@ -103,7 +104,7 @@ class RunData:
     tokenizer: Any
     end_of_turn: str
     # SFT: Tokenized rows in memory-mapped files (data/row_files.py); a preference
-    # objective: a list of PairRows
+    # objective: a list of PairRows (KTO: of AnswerRows)
     train_rows: Sequence[Any]
     val_rows: Sequence[Any]
     batch: dict[str, Any]  # distributed.batch_plan
@@ -163,14 +164,22 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
     tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
     overlength = recipe.data.overlength
-    # SFT: one row per example; a preference objective: one pair of rows (chosen, rejected)
-    tokenize: Any = tokenize_examples if t.objective == "sft" else tokenize_pairs
+    # SFT: one row per example; a preference objective: one pair of rows (chosen, rejected);
+    # KTO: one row per labelled answer
+    tokenize: Any = {"sft": tokenize_examples, "kto": tokenize_answers}.get(
+        t.objective, tokenize_pairs
+    )
     train_rows = tokenize(splits.train, formatter, tokenizer, t.max_length, overlength, report)
     val_rows = tokenize(splits.val, formatter, tokenizer, t.max_length, overlength, DataReport())
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
+    if t.objective == "kto":  # unbalanced answers want weights (TRL warns alike)
+        good = sum(r.desirable for r in train_rows)
+        note = weight_note(good, len(train_rows) - good, t.desirable_weight, t.undesirable_weight)
+        if note:
+            say(f"note: {note}")
     # trained the way it is served: the inference prompt is a prefix of the training text
     problems = train_serve_problems(formatter, tokenizer, splits.train)
     for problem in problems[:3]:
@@ -368,10 +377,13 @@ def train(
             tm.device,
             tm.compute_dtype,
         )
-    else:  # pairs; DPO's reference log-probabilities first, from the untrained adapter
+    else:  # pairs (KTO: answers); the reference log-probabilities first (DPO, KTO), from
+        # the untrained adapter
+        from lorakit.kto_training import build_kto_trainer
         from lorakit.preference_training import build_preference_trainer
 
-        trainer = build_preference_trainer(
+        build = build_kto_trainer if recipe.train.objective == "kto" else build_preference_trainer
+        trainer = build(
             recipe,
             tm.model,
             data.train_rows,
@@ -405,15 +417,24 @@ def train(
 
 def reference_for(
     recipe: Recipe, tm: TrainingModel, data: RunData
-) -> tuple[list[tuple[float, float]], list[tuple[float, float]]] | None:
+) -> tuple[Sequence[Any], Sequence[Any]] | None:
     """DPO's reference: every train and val pair's log-probabilities under the model as it
-    starts (the base, or the ``from_adapter`` it starts from), once, before training; None for
-    the reference-free objectives."""
+    starts (the base, or the ``from_adapter`` it starts from), once, before training (KTO:
+    every answer's); None for the reference-free objectives."""
     from lorakit.preference import Objective, reference_logps
 
     if not Objective.from_train(recipe.train).needs_reference:
         return None
     size = recipe.train.per_device_eval_batch_size
+    if recipe.train.objective == "kto":
+        from lorakit.kto import answer_reference_logps
+
+        n = len(data.train_rows) + len(data.val_rows)
+        say(f"reference log-probabilities of {n} answers")
+        return (
+            answer_reference_logps(tm.model, data.train_rows, size, tm.device),
+            answer_reference_logps(tm.model, data.val_rows, size, tm.device),
+        )
     say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
     return (
         reference_logps(tm.model, data.train_rows, size, tm.device),

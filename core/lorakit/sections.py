@@ -15,21 +15,24 @@ from attrs import validators as v
 
 from lorakit.options import option
 
-Objective = Literal["sft", "dpo", "orpo", "simpo"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
 
 # The [train] keys of preference tuning, and the objectives each one is used by. An SFT recipe
 # records none of them (resolved.json and the config hash of an SFT run are what they were
 # before preference tuning existed); ``from_adapter`` is recorded whenever it is set.
 PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
-    "objective": ("dpo", "orpo", "simpo"),
-    "beta": ("dpo", "simpo"),
+    "objective": ("dpo", "orpo", "simpo", "kto"),
+    "beta": ("dpo", "simpo", "kto"),
     "loss_type": ("dpo",),
     "label_smoothing": ("dpo", "simpo"),
     "simpo_gamma": ("simpo",),
     "orpo_lambda": ("orpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
 }
-# beta's default for each objective that uses it (DPO: TRL's 0.1; SimPO: the paper's 2.0)
-DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+KTO_KEYS = ("desirable_weight", "undesirable_weight")
+# beta's default for each objective that uses it (DPO and KTO: TRL's 0.1; SimPO: the paper's 2.0)
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
 
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
@@ -190,12 +193,13 @@ class TrainSection:
     objective: Objective = option(
         "sft",
         doc="what the adapter learns: sft (imitate the assistant turns), or from preference "
-        "pairs: dpo, orpo or simpo (docs/preference.md)",
+        "pairs: dpo, orpo or simpo; or from answers labelled desirable/undesirable (or "
+        "pairs): kto (docs/preference.md)",
     )
     beta: float | None = option(
         None,
-        doc="dpo: strength of the pull towards the reference (default 0.1; lower drifts "
-        "further); simpo: reward scale (default 2.0)",
+        doc="dpo and kto: strength of the pull towards the reference (default 0.1; lower "
+        "drifts further); simpo: reward scale (default 2.0)",
     )
     loss_type: Literal["sigmoid", "ipo", "hinge"] = option(
         "sigmoid", doc="dpo: sigmoid (the DPO paper), ipo (length-normalized squared) or hinge"
@@ -213,10 +217,20 @@ class TrainSection:
         doc="orpo: weight of the odds-ratio term next to the NLL of the chosen answer",
         validator=[_finite, v.gt(0.0)],
     )
+    desirable_weight: float = option(
+        1.0,
+        doc="kto: weight of the desirable answers' losses (raise it when they are the fewer)",
+        validator=[_finite, v.gt(0.0)],
+    )
+    undesirable_weight: float = option(
+        1.0,
+        doc="kto: weight of the undesirable answers' losses (raise it when they are the fewer)",
+        validator=[_finite, v.gt(0.0)],
+    )
     from_adapter: str | None = option(
         None,
         doc="start from this adapter (an SFT run folder, or its adapter/ folder; relative to "
-        "the recipe file) instead of a fresh one; with dpo it is also the reference model",
+        "the recipe file) instead of a fresh one; with dpo and kto it is also the reference model",
     )
 
     def __attrs_post_init__(self) -> None:
@@ -234,6 +248,12 @@ class TrainSection:
                     f"{self.objective!r} (only by {', '.join(used_by)}); remove it or "
                     f"set train.objective"
                 )
+        if self.objective == "kto" and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                "train.per_device_train_batch_size must be at least 2 with objective = 'kto': "
+                "its KL estimate pairs each prompt with another example's answer of the same "
+                "micro-batch; set train.per_device_train_batch_size = 2 or more"
+            )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be a positive number of steps, or -1 for epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
@@ -244,12 +264,16 @@ class TrainSection:
 
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: an SFT section without the preference keys
-        (``from_adapter`` only when set), so SFT runs hash as they always did."""
+        (``from_adapter`` only when set), so SFT runs hash as they always did; a pair
+        objective's without KTO's keys."""
         from lorakit.options import to_plain
 
         out = to_plain(self)
         if self.objective == "sft":
             for key in PREFERENCE_KEYS:
+                out.pop(key)
+        elif self.objective != "kto":  # the pair objectives' runs hash as before KTO existed
+            for key in KTO_KEYS:
                 out.pop(key)
         if self.from_adapter is None:
             out.pop("from_adapter")

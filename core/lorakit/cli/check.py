@@ -111,7 +111,9 @@ def run(args) -> int:
         print(printable(f"  system prompt (generate and export use it by default): {system!r}"))
     elif system_note:
         print(f"  note: {system_note}")
-    if recipe.train.objective != "sft":
+    if recipe.train.objective == "kto":
+        _print_answers(splits, formatter, tokenizer, recipe)
+    elif recipe.train.objective != "sft":
         _print_pairs(splits, formatter, tokenizer, recipe)
     if args.show:
         color = sys.stdout.isatty()
@@ -121,7 +123,12 @@ def run(args) -> int:
         )
         for block in show(splits.train[: args.show], formatter, tokenizer, color):
             print(block)
-    if stats.report.dropped and not _kept_training_rows(splits.train, formatter, tokenizer, recipe):
+    kto = recipe.train.objective == "kto"  # its answers were counted above
+    if (
+        not kto
+        and stats.report.dropped
+        and not _kept_training_rows(splits.train, formatter, tokenizer, recipe)
+    ):
         raise DataError(
             "no training example is left after formatting: `lorakit run` would stop",
             where="[data]",
@@ -156,6 +163,35 @@ def _print_pairs(splits, formatter, tokenizer, recipe) -> None:
             print(f"  {line}")
         for reason, n in sorted(report.dropped.items()):
             print(f"  {name}: dropped {n} pairs: {reason}")
+
+
+def _print_answers(splits, formatter, tokenizer, recipe) -> None:
+    """KTO's labelled answers per split, as ``run`` keeps them (desirable and undesirable,
+    lengths, drops), and whether the weights suit the training split's balance."""
+    from lorakit.data.unpaired import answer_lines, tokenize_answers, weight_note
+
+    t = recipe.train
+    print("labelled answers (objective kto):")
+    for name in ("train", "val", "test"):
+        report = DataReport()
+        rows = tokenize_answers(
+            splits.get(name), formatter, tokenizer, t.max_length, recipe.data.overlength, report
+        )
+        for line in answer_lines(rows, name):
+            print(f"  {line}")
+        for reason, n in sorted(report.dropped.items()):
+            print(f"  {name}: dropped {n} answers: {reason}")
+        if name == "train":
+            good = sum(r.desirable for r in rows)
+            note = weight_note(good, len(rows) - good, t.desirable_weight, t.undesirable_weight)
+            if note:
+                print(f"  note: {note}")
+            if not rows:
+                raise DataError(
+                    "no training answer is left after formatting: `lorakit run` would stop",
+                    where="[data]",
+                    fix="see the drops above: raise train.max_length, or add answers that fit",
+                )
 
 
 def _print_launch(result: tuple[str, list[str]]) -> None:

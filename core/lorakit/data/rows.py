@@ -102,7 +102,14 @@ def render_and_tokenize(
     """Render and tokenize every example; chunk long chunkable documents. No policy applied.
 
     A chunkable text longer than ``max_length`` characters goes to the chunker without being
-    tokenized whole first (the chunker keeps it whole when it fits)."""
+    tokenized whole first (the chunker keeps it whole when it fits). An answer labelled
+    undesirable (``Example.label`` False, KTO's data) is dropped and counted: SFT imitates
+    answers, so it learns only from the desirable ones."""
+    if any(ex.label is False for ex in examples):
+        report.dropped["undesirable answer (label false: only objective kto learns from it)"] += (
+            sum(ex.label is False for ex in examples)
+        )
+        examples = [ex for ex in examples if ex.label is not False]
     long = [_chunkable(ex) and len(ex.text or "") > max_length for ex in examples]
     short = [ex for ex, is_long in zip(examples, long, strict=True) if not is_long]
     rows = iter(tokenize_batch([formatter.render(ex, tokenizer) for ex in short], tokenizer))

@@ -30,6 +30,8 @@ def content_key(example: Example) -> str:
     seen = {"messages": body.get("messages"), "text": body.get("text")}
     if "rejected" in body:  # a pair: the same chosen side with another rejected one differs
         seen["rejected"] = body["rejected"]
+    if "label" in body:  # an unpaired answer: the same answer labelled the other way differs
+        seen["label"] = body["label"]
     if "tools" in body:  # only when set, so the keys (and splits) of tool-less data never move
         seen["tools"] = body["tools"]
     blob = json.dumps(seen, sort_keys=True)

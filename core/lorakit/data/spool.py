@@ -41,6 +41,7 @@ def example_from_json(record: dict[str, Any]) -> Example:
         rejected=None
         if record.get("rejected") is None
         else tuple(message_from_json(m) for m in record["rejected"]),
+        label=record.get("label"),
     )
 
 

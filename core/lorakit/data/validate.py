@@ -141,7 +141,9 @@ def example_problem(example: Any) -> str | None:
     ``parameters`` schema; ``meta`` a mapping of JSON data (no NaN/Infinity, string keys, 64-bit integers)
     whose ``split`` is train/val/test or absent, ``tags`` a list of strings, ``source`` a string
     and ``chunkable`` a bool. A preference pair's ``rejected`` is one assistant ``Message``,
-    non-empty and not the chosen turn (the last of ``messages``).
+    non-empty and not the chosen turn (the last of ``messages``). An unpaired answer's
+    ``label`` is a bool, on a conversation that ends with a non-empty assistant turn and has no
+    ``rejected``.
     """
     if not isinstance(example, Example):
         return f"yielded a {type(example).__name__}, not a lorakit Example"
@@ -169,6 +171,10 @@ def example_problem(example: Any) -> str | None:
         problem = _rejected_problem(example)
         if problem:
             return problem
+    if example.label is not None:
+        problem = _label_problem(example)
+        if problem:
+            return problem
     return _meta_problem(example.meta)
 
 
@@ -192,6 +198,20 @@ def _rejected_problem(example: Example) -> str | None:
         return "a pair's chosen and rejected turns must both hold text"
     if turn.content == chosen.content:
         return "a pair's chosen and rejected turns are identical (nothing to prefer)"
+    return None
+
+
+def _label_problem(example: Example) -> str | None:
+    """An unpaired answer: a bool label on a conversation ending with a non-empty assistant
+    turn, and not a pair."""
+    if not isinstance(example.label, bool):
+        return f"label is {example.label!r}; it must be True (desirable) or False (undesirable)"
+    if example.rejected is not None:
+        return "label is set on a pair; an example is either a pair or a labelled answer"
+    if not example.messages or example.messages[-1].role != "assistant":
+        return "a labelled example's messages must end with the assistant answer it labels"
+    if not example.messages[-1].content.strip():
+        return "a labelled example's answer is empty"
     return None
 
 

@@ -152,6 +152,7 @@ def plan_eval(
             max_examples=ev.max_examples,
             generation=needs_generation(metrics),
             pairs=recipe.train.objective != "sft",
+            answers=recipe.train.objective == "kto",
         )
         for name in ev.splits
     ]
@@ -405,6 +406,16 @@ def preference_lines(base: Any, start: Any, tuned: Any) -> list[str]:
         ]
         if parts:
             lines.append(f"{res.split}: preference accuracy " + " -> ".join(parts))
+        gaps = [  # KTO's labelled answers
+            f"{n} {g[i].metrics['desirable_logp'] - g[i].metrics['undesirable_logp']:+.3f}"
+            for n, g in groups
+            if {"desirable_logp", "undesirable_logp"} <= g[i].metrics.keys()
+        ]
+        if gaps:
+            lines.append(
+                f"{res.split}: desirable minus undesirable answers' log-prob per token "
+                + " -> ".join(gaps)
+            )
     return lines
 
 

@@ -29,6 +29,8 @@ PREFERENCE_KINDS = {
     "pref_margin": "loss",
     "reward_accuracy": "generation",
     "reward_margin": "loss",
+    "desirable_logp": "loss",
+    "undesirable_logp": "loss",
 }
 
 

@@ -82,6 +82,37 @@ def pair_margins(
     return out
 
 
+def answer_metrics(model: Any, answers: Sequence[Any], batch_size: int) -> dict[str, float]:
+    """KTO's held-out answers: ``desirable_logp`` and ``undesirable_logp``, the mean
+    log-probability per answer token of the desirable and of the undesirable answers (KTO
+    should raise the first and lower the second)."""
+    import torch
+
+    from lorakit.attention import packed_attention
+    from lorakit.loss import accepts_logits_to_keep
+    from lorakit.packing import pack
+    from lorakit.preference import sequence_logps
+
+    device = next(model.parameters()).device
+    head_kwarg = accepts_logits_to_keep(model)
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # desirable -> [log-prob, tokens]
+    model.eval()
+    with torch.inference_mode(), packed_attention(model, device.type):
+        for start in bar(range(0, len(answers), batch_size), desc="answers", unit="batch"):
+            chunk = answers[start : start + batch_size]
+            batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chunk])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps, counts = sequence_logps(model, batch, head_kwarg)
+            for row, lp, n in zip(chunk, logps.double().tolist(), counts.tolist(), strict=True):
+                sums[row.desirable][0] += lp
+                sums[row.desirable][1] += n
+    out = {}
+    for desirable, name in ((True, "desirable_logp"), (False, "undesirable_logp")):
+        if sums[desirable][1]:
+            out[name] = sums[desirable][0] / sums[desirable][1]
+    return out
+
+
 def preference_metrics(margins: Sequence[float]) -> dict[str, float]:
     """``pref_accuracy``: share of pairs whose chosen answer the model finds likelier;
     ``pref_margin``: the mean log-probability margin."""
@@ -135,5 +166,7 @@ def score_model(
         if s.pairs:
             margins = pair_margins(model, s.pairs, loss_batch_size, normalized_pairs)
             values.update(preference_metrics(margins))
+        if s.answers:
+            values.update(answer_metrics(model, s.answers, loss_batch_size))
         results.append(SplitResult(s.split, values, s.counts(), gens, margins))
     return results

@@ -30,6 +30,7 @@ class EvalSet:
     references: list[str]
     skipped: dict[str, int]  # reason -> count
     pairs: list[Any] = attrs.field(factory=list)  # PairRows, with a preference objective
+    answers: list[Any] = attrs.field(factory=list)  # AnswerRows (KTO's labelled answers)
 
     def counts(self) -> dict[str, Any]:
         out = {
@@ -41,6 +42,8 @@ class EvalSet:
         }
         if self.pairs:
             out["pairs"] = len(self.pairs)
+        if self.answers:
+            out["answers"] = len(self.answers)
         return out
 
 
@@ -65,7 +68,11 @@ def prepare_set(
     max_examples: int | None,
     generation: bool,
     pairs: bool = False,
+    answers: bool = False,
 ) -> EvalSet:
+    """``pairs``: both sides of each pair tokenized too (a preference objective); ``answers``
+    (KTO): each labelled answer tokenized (an unpaired example's, or both of a pair's), and
+    only the pairs among the examples kept as pairs."""
     chosen = list(examples[:max_examples] if max_examples is not None else examples)
     report = DataReport()
     # An eval split must not stop a run: over-long examples are dropped and counted.
@@ -80,6 +87,10 @@ def prepare_set(
     refs: list[str] = []
     if generation:
         for ex in chosen:
+            if ex.label is False:  # an undesirable answer is no reference to match
+                key = "generation: an undesirable answer (label false) is no reference"
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
             pair = prompt_and_reference(ex)
             if pair is None:
                 key = "generation: no assistant turn to compare against"
@@ -95,6 +106,18 @@ def prepare_set(
         from lorakit.data.pairs import tokenize_pairs
 
         pair_report = DataReport()
-        pair_rows = tokenize_pairs(chosen, formatter, tokenizer, max_length, "drop", pair_report)
+        paired = [ex for ex in chosen if ex.rejected is not None] if answers else chosen
+        pair_rows = tokenize_pairs(paired, formatter, tokenizer, max_length, "drop", pair_report)
         skipped.update({f"pairs: {k}": v for k, v in pair_report.dropped.items()})
-    return EvalSet(split, len(chosen), rows, ids, inputs, prompts, refs, skipped, pair_rows)
+    answer_rows: list[Any] = []
+    if answers:  # desirable and undesirable answers, for their mean log-probabilities
+        from lorakit.data.unpaired import tokenize_answers
+
+        answer_report = DataReport()
+        answer_rows = tokenize_answers(
+            chosen, formatter, tokenizer, max_length, "drop", answer_report
+        )
+        skipped.update({f"answers: {k}": v for k, v in answer_report.dropped.items()})
+    return EvalSet(
+        split, len(chosen), rows, ids, inputs, prompts, refs, skipped, pair_rows, answer_rows
+    )

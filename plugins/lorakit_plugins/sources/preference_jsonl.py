@@ -8,11 +8,16 @@
   (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``); the two must be the same up to their last
   assistant turn, which is the prompt.
 
+- **Unpaired answers** (TRL's unpaired preference format, for KTO): ``{"prompt": ...,
+  "completion": ..., "label": true}``: one answer, desirable (``true``) or undesirable
+  (``false``); ``prompt`` and ``completion`` as above (strings or messages).
+
 ``id`` (a string or integer) and ``meta`` are optional; without an id the pair's is a hash of
 its content, stable when rows are added. Every problem names the file and line: a side that is
 empty, chosen identical to rejected, two conversations whose prompts differ, a last turn that
-is not the assistant's. Each pair becomes an ``Example`` whose ``messages`` end with the chosen
-turn and whose ``rejected`` holds the rejected one.
+is not the assistant's, a label that is not a boolean. Each pair becomes an ``Example`` whose
+``messages`` end with the chosen turn and whose ``rejected`` holds the rejected one; an unpaired
+answer one whose ``messages`` end with the answer and whose ``label`` says which kind it is.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lorakit.api import (
 )
 
 FIELDS = {"id", "prompt", "chosen", "rejected", "meta"}
+UNPAIRED_FIELDS = {"id", "prompt", "completion", "label", "meta"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -73,7 +79,8 @@ def parse_pair(record: Any, where: str, ctx: SourceContext) -> Example | None:
         ctx.reject(
             f"expected a JSON object, got {type(record).__name__}",
             where,
-            'each line is {"prompt": ..., "chosen": ..., "rejected": ...}',
+            'each line is {"prompt": ..., "chosen": ..., "rejected": ...} or '
+            '{"prompt": ..., "completion": ..., "label": true}',
         )
         return None
     rid = record.get("id")
@@ -82,14 +89,22 @@ def parse_pair(record: Any, where: str, ctx: SourceContext) -> Example | None:
             ctx.reject("id must be a non-empty string", where, "fix the id, or leave it out")
             return None
         where = f"{where} (id {rid})"
+    unpaired = "completion" in record or "label" in record
     try:
-        prompt, chosen, rejected = _sides(record)
+        if unpaired:
+            prompt, answer, label = _unpaired(record)
+        else:
+            prompt, chosen, rejected = _sides(record)
     except _Bad as bad:
         ctx.reject(bad.reason, where, bad.fix)
         return None
     meta = parse_meta(record, where, ctx)
     if meta is None:
         return None
+    if unpaired:
+        messages = (*prompt, answer)
+        uid = str(rid) if rid is not None else _content_id(messages, label=label)
+        return Example(id=uid, messages=messages, label=label, meta=meta)
     messages = (*prompt, chosen)
     pid = str(rid) if rid is not None else _content_id(messages, rejected)
     return Example(id=pid, messages=messages, rejected=(rejected,), meta=meta)
@@ -141,6 +156,34 @@ def _sides(record: Mapping[str, Any]) -> tuple[tuple[Message, ...], Message, Mes
             "drop the pair, or fix the rejected answer",
         )
     return prompt, chosen, rejected
+
+
+def _unpaired(record: Mapping[str, Any]) -> tuple[tuple[Message, ...], Message, bool]:
+    """An unpaired answer: (prompt, answer, label)."""
+    unknown = set(record) - UNPAIRED_FIELDS
+    if unknown:
+        raise _Bad(
+            f"unknown field(s) {', '.join(sorted(unknown))} in an unpaired record",
+            "unpaired records hold prompt, completion, label, id and meta; a pair holds "
+            "prompt, chosen and rejected (put extras in meta)",
+        )
+    for field in ("prompt", "completion", "label"):
+        if field not in record:
+            raise _Bad(
+                f"no {field!r} field", "an unpaired record needs prompt, completion and label"
+            )
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise _Bad(
+            f"label is {json.dumps(label)}, not a boolean",
+            "write label as true (a desirable answer) or false (an undesirable one)",
+        )
+    prompt = _conversation(record["prompt"], "prompt", as_role="user")
+    _check_order(prompt)
+    answer = _answer(record["completion"], "completion")
+    if not answer.content.strip():
+        raise _Bad("the completion is empty", "fill in the answer or drop the record")
+    return prompt, answer, label
 
 
 def _conversation(value: Any, field: str, as_role: str | None) -> tuple[Message, ...]:
@@ -207,11 +250,16 @@ def _check_order(prompt: tuple[Message, ...]) -> None:
         raise _Bad("the prompt must end with a user turn", "end the prompt with the question")
 
 
-def _content_id(messages: tuple[Message, ...], rejected: Message) -> str:
-    blob = json.dumps(
-        [[m.role, m.content] for m in (*messages, rejected)], ensure_ascii=False
-    ).encode()
-    return "pair-" + hashlib.sha256(blob).hexdigest()[:16]
+def _content_id(
+    messages: tuple[Message, ...], rejected: Message | None = None, label: bool | None = None
+) -> str:
+    turns = (*messages, rejected) if rejected is not None else messages
+    body: list[Any] = [[m.role, m.content] for m in turns]
+    if label is not None:  # the same answer labelled the other way is another record
+        body.append(label)
+    blob = json.dumps(body, ensure_ascii=False).encode()
+    kind = "pair" if rejected is not None else "answer"
+    return f"{kind}-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 @hookimpl

@@ -1,0 +1,252 @@
+"""KTO for real on the tiny Llama: unpaired answers and pairs as KTO data, TRL's metrics in
+metrics.jsonl, held-out answers scored, determinism and exact resume (issue 23)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import (
+    preference_records,
+    tiny_recipe,
+    unpaired_records,
+    with_preference_source,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+KTO = 'train.objective="kto"'
+
+
+def _recipe(tmp_path: Path, tiny_model_dir: Path, records: list[dict]) -> Path:
+    data = write_jsonl(tmp_path / "answers.jsonl", records)
+    path = tiny_recipe(tmp_path, tiny_model_dir, data)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    return path
+
+
+@pytest.fixture()
+def answers_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    """A tiny recipe reading 60 unpaired answers (30 desirable) with ``preference_jsonl``."""
+    with_preference_source(monkeypatch)
+    return _recipe(tmp_path, tiny_model_dir, unpaired_records(60))
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def logged(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def results(run: Path) -> dict:
+    report = json.loads((run / "eval_report.json").read_text())
+    return {
+        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
+        for r in report["results"]
+        if r["split"] != "general"
+    }
+
+
+def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
+    tmp_path, answers_recipe, cli
+):
+    code, out, err = cli("check", answers_recipe, KTO)
+    assert code == 0, err
+    assert "labelled answers (objective kto):" in out
+    assert "desirable" in out and "undesirable answers" in out
+    code, _, err = cli(
+        "run", answers_recipe, KTO, "output.name=k", "train.max_steps=6", "train.eval_steps=3"
+    )
+    assert code == 0, err
+    run = tmp_path / "runs" / "k"
+    steps = logged(run)
+    assert len(steps) == 6
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"):
+        assert all(key in s for s in steps), key
+    # a fresh adapter is the reference exactly: no reward, KL 0, loss 1 - σ(0) = 0.5 at step 1
+    first = steps[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5)
+    assert any(s["kl"] > 0 for s in steps[1:]), "the policy moves off the reference"
+    for s in steps:  # TRL's margin: the mean desirable reward minus the mean undesirable one
+        assert s["rewards/margins"] == pytest.approx(
+            s["rewards/chosen"] - s["rewards/rejected"], abs=2e-6
+        )
+    assert ", kl " in err, "the step line shows the KL estimate"
+    evals = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_kl" in x
+    ]
+    assert evals and "eval_loss" in evals[0] and "eval_rewards/chosen" in evals[0]
+    split = results(run)
+    tuned, base = split["tuned"]["metrics"], split["base"]["metrics"]
+    assert split["tuned"]["counts"]["answers"] == split["tuned"]["counts"]["examples"]
+    assert tuned["desirable_logp"] != base["desirable_logp"], "the tuned adapter is scored"
+    assert "undesirable_logp" in base
+
+
+def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(
+    tmp_path, tiny_model_dir, monkeypatch, cli
+):
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, preference_records(30))
+    code, out, err = cli("check", recipe, KTO)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("train:"))
+    n = int(line.split("(")[1].split()[0])
+    assert f"({n} desirable, {n} undesirable)" in line, line
+    code, _, err = cli("run", recipe, KTO, "output.name=p", "train.max_steps=2")
+    assert code == 0, err
+    assert "reference log-probabilities of" in err and "answers" in err
+    split = results(tmp_path / "runs" / "p")
+    assert "pref_accuracy" in split["tuned"]["metrics"], "held-out pairs are scored as pairs"
+    assert "desirable_logp" in split["tuned"]["metrics"]
+
+
+def test_kto_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, answers_recipe, cli):
+    text = answers_recipe.read_text()
+    qlora = text.replace(
+        'plugin = "none"\ndtype = "fp32"', 'plugin = "bnb-4bit"\ncompute_dtype = "fp32"'
+    )
+    assert qlora != text
+    answers_recipe.write_text(qlora)
+    # SFT first: it learns from the desirable answers only, the undesirable ones are counted
+    code, _, err = cli("run", answers_recipe, "output.name=sft", "train.max_steps=8")
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "sft" / "data_report.json").read_text())
+    assert any("undesirable answer" in k for k in report["dropped"]), report
+    code, _, err = cli(
+        "run",
+        answers_recipe,
+        "output.name=kto",
+        KTO,
+        'train.from_adapter="runs/sft"',
+        "train.max_steps=3",
+        "train.learning_rate=1e-3",
+    )
+    assert code == 0, err
+    assert "starting from the adapter in" in err and "quant bnb-4bit" in err
+    first = logged(tmp_path / "runs" / "kto")[0]
+    # the reference is the SFT adapter: at step 1 the mismatched rows score the same under the
+    # model and the reference (both in eval mode), so the KL estimate is exactly 0, and the
+    # rewards are near 0 (the policy differs from it by its dropout only); against the base
+    # they would be beta x what SFT moved the log-probabilities
+    assert first["kl"] == 0.0
+    assert abs(first["rewards/chosen"]) < 0.05 and abs(first["rewards/rejected"]) < 0.05, first
+    split = results(tmp_path / "runs" / "kto")
+    assert split["start"]["adapter"].endswith("runs/sft/adapter")
+    assert "desirable_logp" in split["start"]["metrics"]
+
+
+def test_kto_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, answers_recipe, cli):
+    common = [KTO, 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
+    for name in ("a", "b"):
+        code, _, err = cli(
+            "run", answers_recipe, f"output.name={name}", "train.max_steps=4", *common
+        )
+        assert code == 0, err
+    a, b = adapter(tmp_path / "runs" / "a"), adapter(tmp_path / "runs" / "b")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    code, _, err = cli("run", answers_recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        answers_recipe,
+        "output.name=split",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    split = adapter(tmp_path / "runs" / "split")
+    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
+    steps = {s["step"]: s for s in logged(tmp_path / "runs" / "split")}
+    full = {s["step"]: s for s in logged(tmp_path / "runs" / "a")}
+    assert steps[4]["loss"] == full[4]["loss"]
+    assert steps[4]["kl"] == full[4]["kl"]
+    assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
+
+
+def test_the_mismatched_rows_reference_is_the_adapter_the_run_starts_from(tiny_model_dir):
+    """``StartWeights`` on a real PEFT model with a non-zero adapter (an SFT start): at the
+    start the model and the reference score the mismatched rows alike; after the adapter moves,
+    the reference is still the starting adapter (not the base), and the moved weights are back."""
+    import torch
+    from lorakit.attention import packed_attention
+    from lorakit.kto import StartWeights, mismatched_logps, pack_answers
+    from lorakit.loss import accepts_logits_to_keep
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(std=0.5)  # an SFT adapter: not the base
+    model.train()
+    start = StartWeights(model)
+    rows = [
+        {"input_ids": [5, 9, 14, 21, 30, 31], "labels": [-100] * 4 + [30, 31], "desirable": True},
+        {"input_ids": [7, 8, 40, 41, 42], "labels": [-100] * 2 + [40, 41, 42], "desirable": False},
+        {"input_ids": [3, 4, 6, 50], "labels": [-100] * 3 + [50], "desirable": True},
+    ]
+    kl = pack_answers(rows)["kl"]
+    head = accepts_logits_to_keep(model)
+    with packed_attention(model, "cpu"):
+        policy, reference = mismatched_logps(model, kl, head, start)
+        assert torch.equal(policy, reference)
+        assert model.training, "the train mode is restored"
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(0.3)  # a training step moved the adapter
+        moved = [p.detach().clone() for p in lora_b]
+        policy2, reference2 = mismatched_logps(model, kl, head, start)
+        assert torch.equal(reference2, reference) and not torch.equal(policy2, reference2)
+        assert all(torch.equal(p, m) for p, m in zip(lora_b, moved, strict=True))
+        with model.disable_adapter(), torch.no_grad():
+            from lorakit.preference import sequence_logps
+
+            model.eval()
+            base_logps, _ = sequence_logps(model, kl, head)
+        assert not torch.allclose(base_logps, reference), "the reference is the start adapter"
+
+
+def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """DDP on CPU (gloo): the ranks average their KL estimates every step (a collective in the
+    loss), and evaluate their own eval answers without one."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, unpaired_records(40))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [KTO, "output.name=ddp", "train.max_steps=3", "train.eval_steps=2", "--nproc", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "ddp"
+    steps = logged(run)
+    assert len(steps) == 3 and steps[0]["kl"] == 0.0 and steps[0]["loss"] == pytest.approx(0.5)
+    assert json.loads((run / "run.json").read_text())["batch"]["world_size"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
