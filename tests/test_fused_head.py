@@ -66,6 +66,54 @@ def test_nll_and_gradients_match_the_unfused_head(
             assert diff <= 4 * 2**-8 * r.float().abs().max()
 
 
+@pytest.mark.parametrize("keep", ["probabilities", "recompute"])
+def test_under_autocast_the_gradients_are_autocasts(keep, monkeypatch):
+    """fp32 weights under bf16 autocast (mixed precision; QLoRA's fp32 head): the logits are
+    autocast's bf16 ones in forward and, when recomputed, in backward too."""
+    import torch
+    from lorakit import fused_head
+
+    monkeypatch.setattr(fused_head, "KEEP_ELEMENTS", 1 << 30 if keep == "probabilities" else 0)
+    results = []
+    for fn in (_unfused, fused_head.HeadNLL.apply):
+        hidden, weight, _, targets, scale = _inputs("fp32", False, weight_grad=False)
+        with torch.no_grad():
+            hidden.mul_(4)  # logits of a trained model's size: bf16 rounding shows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(hidden, weight, None, targets)
+        (nll * scale).sum().backward()
+        results.append((nll.detach(), hidden.grad))
+    (ref, ref_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    # the same bf16 logits; the unfused backward rounds the logit gradient to bf16 once more
+    assert (got_grad - ref_grad).abs().max() <= 4 * 2**-8 * ref_grad.abs().max()
+
+
+def test_probabilities_are_kept_only_for_a_backward(monkeypatch):
+    """Under no_grad (evaluation, DPO's reference) nothing is kept; with grad they are."""
+    import torch
+    from lorakit.fused_head import head_computes_nll
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (5,))
+    kept = []
+    exp = torch.exp
+
+    def spy(*args, **kwargs):
+        kept.append("out" in kwargs)  # the kept probabilities are written with out=
+        return exp(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "exp", spy)
+    with torch.no_grad(), head_computes_nll(head, targets):
+        out = head(hidden)
+    assert out.shape == (1, 5, 1) and not out.requires_grad and not any(kept)
+    with head_computes_nll(head, targets):
+        out = head(hidden)
+    assert out.requires_grad and any(kept)
+    assert "forward" not in vars(head)
+
+
 def test_a_second_backward_recomputes_what_the_first_used_up():
     import torch
     from lorakit.fused_head import HeadNLL
@@ -138,6 +186,23 @@ def test_the_training_loss_is_the_unfused_loss_on_a_lora_model(tiny, compute_dty
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], unfused[2][name], **tolerance)
     assert "forward" not in vars(base.lm_head)  # the head is itself again after the forward
+
+
+def test_a_ddp_wrapped_model_uses_the_fused_head(tiny, tmp_path):
+    """torchrun's DDP wraps the model: the head is found through the wrapper (the forward still
+    goes through DDP), so multi-process steps compute what one process computes."""
+    import torch
+    import torch.distributed as dist
+    from lorakit.fused_head import plain_head
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(base)
+        assert plain_head(wrapped) is base.lm_head
+    finally:
+        dist.destroy_process_group()
 
 
 def test_heads_it_cannot_stand_in_for_keep_the_unfused_path(tiny):

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lorakit.memory_plan import HEAD_BLOCK_ELEMENTS, HEAD_KEEP_ELEMENTS, PLAIN_HEAD_MODELS
 
@@ -55,14 +56,29 @@ class HeadNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Any, targets: torch.Tensor
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Any,
+        targets: torch.Tensor,
+        for_backward: bool = True,
     ) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         n, vocab = flat.shape[0], weight.shape[0]
         rows = _block_rows(vocab)
         nll = torch.empty(n, dtype=torch.float32, device=flat.device)
         lse = torch.empty_like(nll)
-        keep = any(ctx.needs_input_grad[:3]) and n * vocab <= KEEP_ELEMENTS
+        # a recomputation in backward must see the logits this forward saw: under autocast
+        # (fp16/bf16 mixed precision) the head's matmul is autocast's, not the weight's dtype
+        device = flat.device.type
+        ctx.autocast = (
+            device,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
+        # for_backward: autograd records this call (grad mode on); needs_input_grad alone is
+        # also set under no_grad
+        keep = for_backward and any(ctx.needs_input_grad[:3]) and n * vocab <= KEEP_ELEMENTS
         probs = torch.empty((n, vocab), dtype=torch.float32, device=flat.device) if keep else None
         for start in range(0, n, rows):
             end = start + rows
@@ -78,6 +94,7 @@ class HeadNLL(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         flat, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -98,7 +115,9 @@ class HeadNLL(torch.autograd.Function):
             if kept is not None:
                 probs = kept[start:end]
             else:
-                probs = F.linear(block, weight, bias).float()
+                device, autocast, autocast_dtype = ctx.autocast
+                with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+                    probs = F.linear(block, weight, bias).float()
                 probs.sub_(lse[start:end, None]).exp_()
             index = torch.arange(probs.shape[0], device=probs.device)
             probs[index, targets[start:end]] -= 1.0
@@ -117,11 +136,15 @@ class HeadNLL(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def plain_head(model: Any) -> torch.nn.Linear | None:
     """The model's output head if :class:`HeadNLL` can stand in for it, else None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module  # the forward still goes through DDP: gradients sync as before
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
@@ -141,7 +164,9 @@ def head_computes_nll(head: torch.nn.Linear, targets: torch.Tensor) -> Iterator[
     given, shaped ``[..., 1]``) instead of logits."""
 
     def nll_forward(hidden: torch.Tensor) -> torch.Tensor:
-        nll = HeadNLL.apply(hidden, head.weight, head.bias, targets.reshape(-1))
+        nll = HeadNLL.apply(
+            hidden, head.weight, head.bias, targets.reshape(-1), torch.is_grad_enabled()
+        )
         return nll.view(*hidden.shape[:-1], 1)
 
     head.forward = nll_forward  # type: ignore[method-assign,assignment]
