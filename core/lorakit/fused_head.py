@@ -4,8 +4,9 @@ The loss needs, at each supervised position, ``logsumexp(logits) - logits[target
 usual way (``lm_head`` then ``F.cross_entropy`` of ``logits.float()``) a step materializes the
 logits in the compute dtype, their fp32 copy, the fp32 log-softmax, and in backward a zero-filled
 fp32 gradient of the log-softmax, its backward and the cast back: on SmolLM2-135M (49,152 tokens
-of vocabulary) that is five passes over ``positions x 49152`` elements and about 18% of a bf16
-training step on an AMX CPU, more than the head's matmul.
+of vocabulary) five passes over ``positions x 49152`` elements, more operator time than the
+head's matmul in a profiled bf16 step on an AMX CPU. Measured without the profiler, fusing them
+makes a step about 3% faster (docs/performance.md); what it mostly saves is memory.
 
 :class:`HeadNLL` computes the same per-position NLL from the hidden states: a block of positions
 at a time, the head's matmul in the head's dtype (as ``lm_head`` does), the logits cast to fp32
@@ -13,8 +14,8 @@ at a time, the head's matmul in the head's dtype (as ``lm_head`` does), the logi
 states, one fp32 logsumexp per position and, where they fit in 256 MB
 (:data:`KEEP_ELEMENTS`), the fp32 probabilities; larger batches recompute each block's logits in
 backward instead. Backward turns each block into ``softmax - onehot`` in place, scaled by the
-incoming gradient, and multiplies back by the head's weight in its dtype: the gradient the unfused path computes, without the
-vocabulary-wide temporaries. The fp32 logits, their rounding and the reduction order within a
+incoming gradient, and multiplies back by the head's weight in its dtype: the gradient the
+unfused path computes, without the vocabulary-wide temporaries. The fp32 logits, their rounding and the reduction order within a
 row are the unfused path's, so the results agree to fp32 rounding (``tests/test_fused_head.py``).
 
 :func:`head_computes_nll` makes a model's own head module return this NLL in place of logits for
