@@ -393,3 +393,59 @@ def uninstalled_entry_points(site: Path) -> Path | None:
     lines = "".join(f"{k} = {v}\n" for k, v in missing.items())
     (info / "entry_points.txt").write_text("[lorakit]\n" + lines)
     return site
+
+
+# --------------------------------------------------------------------------- preference runs
+
+
+def run_adapter(run: Path) -> dict:
+    """The adapter weights a run saved."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def logged_steps(run: Path) -> list[dict]:
+    """The training-step rows of a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def held_out_results(run: Path) -> dict:
+    """The held-out results by model (the forgetting canary's ``general`` rows aside)."""
+    report = json.loads((run / "eval_report.json").read_text())
+    return {
+        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
+        for r in report["results"]
+        if r["split"] != "general"
+    }
+
+
+def assert_seeded_and_resumes(cli: Any, recipe: Path, runs: Path, common: list[str]) -> tuple:
+    """Two 4-step runs (a, b) with the same seed give the same adapter, and a run stopped at
+    step 2 and resumed gives it too; returns the resumed and the uninterrupted run's step 4
+    rows for the caller's metrics."""
+    for name in ("a", "b"):
+        code, _, err = cli("run", recipe, f"output.name={name}", "train.max_steps=4", *common)
+        assert code == 0, err
+    a, b = run_adapter(runs / "a"), run_adapter(runs / "b")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        recipe,
+        "output.name=split",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    split = run_adapter(runs / "split")
+    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
+    steps = {s["step"]: s for s in logged_steps(runs / "split")}
+    full = {s["step"]: s for s in logged_steps(runs / "a")}
+    assert steps[4]["loss"] == full[4]["loss"]
+    return steps[4], full[4]

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    assert_seeded_and_resumes,
+    held_out_results,
+    logged_steps,
     preference_records,
     tiny_recipe,
     unpaired_records,
@@ -34,26 +37,6 @@ def answers_recipe(tmp_path, tiny_model_dir, monkeypatch):
     return _recipe(tmp_path, tiny_model_dir, unpaired_records(60))
 
 
-def adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def logged(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
-
-
-def results(run: Path) -> dict:
-    report = json.loads((run / "eval_report.json").read_text())
-    return {
-        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
-        for r in report["results"]
-        if r["split"] != "general"
-    }
-
-
 def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
     tmp_path, answers_recipe, cli
 ):
@@ -66,7 +49,7 @@ def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
     )
     assert code == 0, err
     run = tmp_path / "runs" / "k"
-    steps = logged(run)
+    steps = logged_steps(run)
     assert len(steps) == 6
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"):
         assert all(key in s for s in steps), key
@@ -84,7 +67,7 @@ def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
         json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_kl" in x
     ]
     assert evals and "eval_loss" in evals[0] and "eval_rewards/chosen" in evals[0]
-    split = results(run)
+    split = held_out_results(run)
     tuned, base = split["tuned"]["metrics"], split["base"]["metrics"]
     assert split["tuned"]["counts"]["answers"] == split["tuned"]["counts"]["examples"]
     assert tuned["desirable_logp"] != base["desirable_logp"], "the tuned adapter is scored"
@@ -104,7 +87,7 @@ def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(
     code, _, err = cli("run", recipe, KTO, "output.name=p", "train.max_steps=2")
     assert code == 0, err
     assert "reference log-probabilities of" in err and "answers" in err
-    split = results(tmp_path / "runs" / "p")
+    split = held_out_results(tmp_path / "runs" / "p")
     assert "pref_accuracy" in split["tuned"]["metrics"], "held-out pairs are scored as pairs"
     assert "desirable_logp" in split["tuned"]["metrics"]
 
@@ -132,47 +115,23 @@ def test_kto_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, answer
     )
     assert code == 0, err
     assert "starting from the adapter in" in err and "quant bnb-4bit" in err
-    first = logged(tmp_path / "runs" / "kto")[0]
+    first = logged_steps(tmp_path / "runs" / "kto")[0]
     # the reference is the SFT adapter: at step 1 the mismatched rows score the same under the
     # model and the reference (both in eval mode), so the KL estimate is exactly 0, and the
     # rewards are near 0 (the policy differs from it by its dropout only); against the base
     # they would be beta x what SFT moved the log-probabilities
     assert first["kl"] == 0.0
     assert abs(first["rewards/chosen"]) < 0.05 and abs(first["rewards/rejected"]) < 0.05, first
-    split = results(tmp_path / "runs" / "kto")
+    split = held_out_results(tmp_path / "runs" / "kto")
     assert split["start"]["adapter"].endswith("runs/sft/adapter")
     assert "desirable_logp" in split["start"]["metrics"]
 
 
 def test_kto_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, answers_recipe, cli):
     common = [KTO, 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
-    for name in ("a", "b"):
-        code, _, err = cli(
-            "run", answers_recipe, f"output.name={name}", "train.max_steps=4", *common
-        )
-        assert code == 0, err
-    a, b = adapter(tmp_path / "runs" / "a"), adapter(tmp_path / "runs" / "b")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    code, _, err = cli("run", answers_recipe, "output.name=split", "train.max_steps=2", *common)
-    assert code == 0, err
-    code, _, err = cli(
-        "run",
-        answers_recipe,
-        "output.name=split",
-        "train.max_steps=4",
-        *common,
-        "--resume-from-checkpoint",
-        "auto",
-    )
-    assert code == 0, err
-    assert "resuming" in err and "checkpoint-2" in err
-    split = adapter(tmp_path / "runs" / "split")
-    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
-    steps = {s["step"]: s for s in logged(tmp_path / "runs" / "split")}
-    full = {s["step"]: s for s in logged(tmp_path / "runs" / "a")}
-    assert steps[4]["loss"] == full[4]["loss"]
-    assert steps[4]["kl"] == full[4]["kl"]
-    assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
+    resumed, full = assert_seeded_and_resumes(cli, answers_recipe, tmp_path / "runs", common)
+    assert resumed["kl"] == full["kl"]
+    assert resumed["rewards/margins"] == full["rewards/margins"]
 
 
 def test_the_mismatched_rows_reference_is_the_adapter_the_run_starts_from(tiny_model_dir):
@@ -246,7 +205,7 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "runs" / "ddp"
-    steps = logged(run)
+    steps = logged_steps(run)
     assert len(steps) == 3 and steps[0]["kl"] == 0.0 and steps[0]["loss"] == pytest.approx(0.5)
     assert json.loads((run / "run.json").read_text())["batch"]["world_size"] == 2
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

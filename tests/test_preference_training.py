@@ -8,7 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import preference_records, tiny_recipe, with_preference_source, write_jsonl
+from helpers import (
+    assert_seeded_and_resumes,
+    held_out_results,
+    logged_steps,
+    preference_records,
+    tiny_recipe,
+    with_preference_source,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,27 +31,6 @@ def pairs_recipe(tmp_path, tiny_model_dir, monkeypatch):
     return path
 
 
-def adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def logged(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
-
-
-def results(run: Path) -> dict:
-    """The held-out pairs' results by model (the forgetting canary's ``general`` rows aside)."""
-    report = json.loads((run / "eval_report.json").read_text())
-    return {
-        (r.get("role") or ("tuned" if r["adapter"] else "base")): r
-        for r in report["results"]
-        if r["split"] != "general"
-    }
-
-
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
 def test_each_objective_trains_logs_rewards_and_scores_held_out_pairs(
     tmp_path, pairs_recipe, cli, objective
@@ -53,14 +40,14 @@ def test_each_objective_trains_logs_rewards_and_scores_held_out_pairs(
     )
     assert code == 0, err
     run = tmp_path / "runs" / "p"
-    steps = logged(run)
+    steps = logged_steps(run)
     assert len(steps) == 6
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
         assert all(key in s for s in steps), key
     if objective == "dpo":  # a fresh adapter is the reference exactly: no reward at step 1
         assert steps[0]["rewards/chosen"] == 0.0 and steps[0]["loss"] == pytest.approx(0.693147)
     assert "reward acc" in err, "the step line shows the reward accuracy"
-    split = results(run)
+    split = held_out_results(run)
     assert 0.0 <= split["tuned"]["metrics"]["pref_accuracy"] <= 1.0
     assert "pref_margin" in split["base"]["metrics"]
     assert split["tuned"]["counts"]["pairs"] == split["tuned"]["counts"]["examples"]
@@ -91,12 +78,12 @@ def test_dpo_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, pairs_
     )
     assert code == 0, err
     assert "starting from the adapter in" in err and "quant bnb-4bit" in err
-    first = logged(tmp_path / "runs" / "dpo")[0]
+    first = logged_steps(tmp_path / "runs" / "dpo")[0]
     # the reference is the SFT adapter: at step 1 the policy is that adapter (up to its
     # dropout), so the rewards are near 0; against the base they would be beta x what SFT
     # moved the log-probabilities (several nats)
     assert abs(first["rewards/chosen"]) < 0.05 and abs(first["rewards/rejected"]) < 0.05, first
-    split = results(tmp_path / "runs" / "dpo")
+    split = held_out_results(tmp_path / "runs" / "dpo")
     assert split["start"]["adapter"].endswith("runs/sft/adapter")
     assert split["start"]["metrics"]["pref_margin"] != split["base"]["metrics"]["pref_margin"]
     assert "reward_accuracy" in split["tuned"]["metrics"]
@@ -108,30 +95,8 @@ def test_dpo_from_an_sft_qlora_adapter_uses_it_as_the_reference(tmp_path, pairs_
 
 def test_same_seed_same_adapter_and_resume_equals_uninterrupted(tmp_path, pairs_recipe, cli):
     common = ['train.objective="dpo"', 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
-    for name in ("a", "b"):
-        code, _, err = cli("run", pairs_recipe, f"output.name={name}", "train.max_steps=4", *common)
-        assert code == 0, err
-    a, b = adapter(tmp_path / "runs" / "a"), adapter(tmp_path / "runs" / "b")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    code, _, err = cli("run", pairs_recipe, "output.name=split", "train.max_steps=2", *common)
-    assert code == 0, err
-    code, _, err = cli(
-        "run",
-        pairs_recipe,
-        "output.name=split",
-        "train.max_steps=4",
-        *common,
-        "--resume-from-checkpoint",
-        "auto",
-    )
-    assert code == 0, err
-    assert "resuming" in err and "checkpoint-2" in err
-    split = adapter(tmp_path / "runs" / "split")
-    assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
-    steps = {s["step"]: s for s in logged(tmp_path / "runs" / "split")}
-    full = {s["step"]: s for s in logged(tmp_path / "runs" / "a")}
-    assert steps[4]["loss"] == full[4]["loss"]
-    assert steps[4]["rewards/margins"] == full[4]["rewards/margins"]
+    resumed, full = assert_seeded_and_resumes(cli, pairs_recipe, tmp_path / "runs", common)
+    assert resumed["rewards/margins"] == full["rewards/margins"]
 
 
 def test_a_preference_adapter_exports_and_merges(tmp_path, pairs_recipe, cli):

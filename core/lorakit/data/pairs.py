@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from lorakit.contracts import Example, Rendered, Segment
-from lorakit.data.report import DataReport
+from lorakit.data.report import DataReport, example_where
 from lorakit.data.tokenize import Tokenized, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -54,10 +54,6 @@ def final_answer_only(rendered: Rendered) -> Rendered:
     return Rendered(tuple(Segment(s.text, s.supervised and i >= start) for i, s in enumerate(segs)))
 
 
-def _where(ex: Example) -> str:
-    return str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
-
-
 def tokenize_pairs(
     examples: Iterable[Example],
     formatter: Any,
@@ -76,7 +72,7 @@ def tokenize_pairs(
             if ex.rejected is None:
                 raise DataError(
                     f"example {ex.id!r} is not a preference pair (it has no rejected answer)",
-                    where=_where(ex),
+                    where=example_where(ex),
                     fix="a preference objective trains on pairs: read them with plugin = "
                     '"preference_jsonl", or set train.objective = "sft"',
                 )
@@ -102,7 +98,7 @@ def tokenize_pairs(
                     raise DataError(
                         f"pair {ex.id!r} has a side of {longest} tokens, over "
                         f"train.max_length={max_length}",
-                        where=_where(ex),
+                        where=example_where(ex),
                         fix="raise [train].max_length, shorten the pair, or set [data] "
                         'overlength = "drop"',
                     )

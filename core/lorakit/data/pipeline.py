@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from lorakit.contracts import SPLITS, Example
-from lorakit.data.report import DataReport, ReadContext
+from lorakit.data.report import DataReport, ReadContext, example_where
 from lorakit.data.rows import (  # re-exported: the pipeline's one import place
     _fits,
     _token_ends,
@@ -80,11 +80,6 @@ class Splits:
         return self._memo["fingerprint"]
 
 
-def _where(ex: Example) -> str:
-    # The record's own place (file:line) when meta.source holds a user's description.
-    return str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
-
-
 class _SeenIds:
     """Ids seen so far, as 64-bit hashes pointing at the example (read back to confirm a match,
     so a hash collision is never taken for a duplicate): ~100 bytes an id, not the ids."""
@@ -132,11 +127,11 @@ def iter_examples(
             desc=f"reading {part.name}",
             unit="ex",
         ):
-            where = _where(ex)
+            where = example_where(ex)
             first = seen.first(ex.id)
             if first is not None:
                 ctx.reject(
-                    f"duplicate id {ex.id!r} (first seen at {_where(first)})",
+                    f"duplicate id {ex.id!r} (first seen at {example_where(first)})",
                     where,
                     "ids must be unique across all sources; rename one",
                 )
@@ -284,7 +279,7 @@ def _json_line(ex: Example) -> bytes:
     except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise DataError(
             f"example {ex.id!r} cannot be saved as JSON: {exc}",
-            where=str(ex.meta.get("location") or ex.meta.get("source") or ex.id),
+            where=example_where(ex),
             fix="data must be plain JSON values: no NaN/Infinity, no lone surrogates; fix the "
             f"record or the {ex.meta.get('source_plugin', 'source')} plugin",
         ) from None

@@ -12,6 +12,12 @@ import attrs
 from lorakit.errors import DataError
 
 
+def example_where(ex: Any) -> str:
+    """Where an example came from, for an error: its record's place (file:line), else its
+    source's description, else its id."""
+    return str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
+
+
 @attrs.define
 class DataReport:
     """Counts of what happened to the data; printed by check/prepare/run and saved in the run."""

@@ -21,7 +21,7 @@ import attrs
 
 from lorakit.contracts import Example
 from lorakit.data.pairs import BATCH, final_answer_only
-from lorakit.data.report import DataReport
+from lorakit.data.report import DataReport, example_where
 from lorakit.data.tokenize import Tokenized, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -54,15 +54,11 @@ def labelled_answers(ex: Example) -> list[tuple[Example, bool]]:
         return [(attrs.evolve(ex, rejected=None), True), (rejected, False)]
     raise DataError(
         f"example {ex.id!r} is neither a labelled answer nor a preference pair",
-        where=_where(ex),
+        where=example_where(ex),
         fix='kto trains on answers labelled desirable or undesirable: read {"prompt", '
         '"completion", "label"} records (or pairs) with plugin = "preference_jsonl", or set '
         'train.objective = "sft"',
     )
-
-
-def _where(ex: Example) -> str:
-    return str(ex.meta.get("location") or ex.meta.get("source") or ex.id)
 
 
 def tokenize_answers(
@@ -92,7 +88,7 @@ def tokenize_answers(
                     raise DataError(
                         f"answer {ex.id!r} is {len(row.input_ids)} tokens, over "
                         f"train.max_length={max_length}",
-                        where=_where(ex),
+                        where=example_where(ex),
                         fix="raise [train].max_length, shorten the answer, or set [data] "
                         'overlength = "drop"',
                     )
