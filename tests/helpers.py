@@ -421,15 +421,9 @@ def held_out_results(run: Path) -> dict:
     }
 
 
-def assert_seeded_and_resumes(cli: Any, recipe: Path, runs: Path, common: list[str]) -> tuple:
-    """Two 4-step runs (a, b) with the same seed give the same adapter, and a run stopped at
-    step 2 and resumed gives it too; returns the resumed and the uninterrupted run's step 4
-    rows for the caller's metrics."""
-    for name in ("a", "b"):
-        code, _, err = cli("run", recipe, f"output.name={name}", "train.max_steps=4", *common)
-        assert code == 0, err
-    a, b = run_adapter(runs / "a"), run_adapter(runs / "b")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+def resume_split_run(cli: Any, recipe: Path, runs: Path, common: list[str]) -> dict:
+    """``runs/split``: a 4-step run stopped at step 2 (checkpoint-2) and resumed with
+    ``--resume-from-checkpoint auto``; its adapter weights."""
     code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
     assert code == 0, err
     code, _, err = cli(
@@ -443,7 +437,19 @@ def assert_seeded_and_resumes(cli: Any, recipe: Path, runs: Path, common: list[s
     )
     assert code == 0, err
     assert "resuming" in err and "checkpoint-2" in err
-    split = run_adapter(runs / "split")
+    return run_adapter(runs / "split")
+
+
+def assert_seeded_and_resumes(cli: Any, recipe: Path, runs: Path, common: list[str]) -> tuple:
+    """Two 4-step runs (a, b) with the same seed give the same adapter, and a run stopped at
+    step 2 and resumed gives it too; returns the resumed and the uninterrupted run's step 4
+    rows for the caller's metrics."""
+    for name in ("a", "b"):
+        code, _, err = cli("run", recipe, f"output.name={name}", "train.max_steps=4", *common)
+        assert code == 0, err
+    a, b = run_adapter(runs / "a"), run_adapter(runs / "b")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    split = resume_split_run(cli, recipe, runs, common)
     assert all(a[k].equal(split[k]) for k in a), "resumed adapter differs from uninterrupted run"
     steps = {s["step"]: s for s in logged_steps(runs / "split")}
     full = {s["step"]: s for s in logged_steps(runs / "a")}

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import tiny_recipe
+from helpers import resume_split_run, run_adapter, tiny_recipe
 
 
 def _check(cli, recipe: Path, *overrides: str) -> str:
@@ -61,12 +61,6 @@ def test_new_options_leave_old_recipes_settings_alone(tmp_path, tiny_model_dir, 
     assert used.resolved()["train"]["neftune_noise_alpha"] == 5
 
 
-def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
 RESUMED = [
     ("none", ['peft.init="pissa"']),
     ("none", ['peft.init="pissa"', "peft.pissa_niter=2"]),
@@ -90,19 +84,8 @@ def test_each_init_resumes_to_the_uninterrupted_adapter(
     common += ['eval.metrics=["eval_loss"]', "eval.canary=false"]
     code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
     assert code == 0, err
-    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
-    assert code == 0, err
-    code, _, err = cli(
-        "run",
-        recipe,
-        "output.name=split",
-        "train.max_steps=4",
-        *common,
-        "--resume-from-checkpoint",
-        "auto",
-    )
-    assert code == 0, err
-    full, split = (_adapter(tmp_path / "runs" / n) for n in ("full", "split"))
+    split = resume_split_run(cli, recipe, tmp_path / "runs", common)
+    full = run_adapter(tmp_path / "runs" / "full")
     assert full.keys() == split.keys()
     assert all(full[k].equal(split[k]) for k in full), "resumed adapter differs"
     meta = json.loads((tmp_path / "runs" / "full" / "adapter" / "lorakit.json").read_text())
@@ -140,7 +123,7 @@ def test_converted_adapter_loads_in_stock_peft_and_keeps_modules_to_save(
     run = tmp_path / "runs" / "r"
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["init_lora_weights"] is True
-    tensors = _adapter(run)
+    tensors = run_adapter(run)
     assert any("lm_head.modules_to_save" in k or "lm_head.weight" in k for k in tensors), (
         tensors.keys()
     )

@@ -7,7 +7,7 @@ import itertools
 import json
 
 import pytest
-from helpers import chat_records, load_tiny_model, tiny_recipe, write_jsonl
+from helpers import chat_records, load_tiny_model, run_adapter, tiny_recipe, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lorakit.packing import IGNORE_INDEX, pack
@@ -206,12 +206,6 @@ def test_packed_loss_and_gradients_equal_a_padded_batch(tiny_model_dir):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
-def _adapter(run):
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
 @pytest.mark.slow
 def test_loss_does_not_depend_on_how_examples_are_grouped(
     tmp_path, tiny_model_dir, cli, compute_dtype
@@ -236,7 +230,7 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(
             *common,
         )
         assert code == 0, err
-    a, b, c = (_adapter(tmp_path / "runs" / n) for n in ("b4", "b2", "b1"))
+    a, b, c = (run_adapter(tmp_path / "runs" / n) for n in ("b4", "b2", "b1"))
     if compute_dtype == "fp32":
         for k in a:  # summation order only
             assert torch.allclose(a[k], b[k], atol=1e-6), k
@@ -358,7 +352,7 @@ def test_token_budget_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mo
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "runs" / "cut" / "metrics.jsonl").open()]
     assert next(r["epoch"] for r in rows if r["step"] == 8) > 1.0, "checkpoint not in epoch 2"
-    a, b = _adapter(tmp_path / "runs" / "full"), _adapter(tmp_path / "runs" / "cut")
+    a, b = run_adapter(tmp_path / "runs" / "full"), run_adapter(tmp_path / "runs" / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed token-budget run differs"
 
 

@@ -7,15 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import chat_records, tiny_recipe, write_jsonl
+from helpers import chat_records, resume_split_run, run_adapter, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def load_adapter_tensors(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
 def losses(run: Path) -> list[float]:
@@ -49,7 +43,7 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, c
     ):
         assert (adapter / name).is_file(), name
     assert json.loads((adapter / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
-    tensors = load_adapter_tensors(run)
+    tensors = run_adapter(run)
     b = [t for k, t in tensors.items() if "lora_B" in k]
     assert b and any(t.abs().sum() > 0 for t in b), "lora_B must have moved from zero"
     steps = losses(run)
@@ -66,11 +60,11 @@ def test_same_seed_gives_identical_adapters(
     for name in ("a", "b"):
         code, _, err = cli("run", recipe, f"output.name={name}")
         assert code == 0, err
-    a, b = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("a", "b"))
+    a, b = (run_adapter(tmp_path / "runs" / n) for n in ("a", "b"))
     assert a.keys() == b.keys()
     assert all(a[k].equal(b[k]) for k in a)
     code, _, err = cli("run", recipe, "output.name=c", "train.seed=8")
-    c = load_adapter_tensors(tmp_path / "runs" / "c")
+    c = run_adapter(tmp_path / "runs" / "c")
     assert any(not a[k].equal(c[k]) for k in a), "a different seed must change the adapter"
 
 
@@ -79,20 +73,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli, c
     common = ['train.lr_scheduler_type="constant"', "train.save_steps=2"]
     code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
     assert code == 0, err
-    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
-    assert code == 0, err
-    code, _, err = cli(
-        "run",
-        recipe,
-        "output.name=split",
-        "train.max_steps=4",
-        *common,
-        "--resume-from-checkpoint",
-        "auto",
-    )
-    assert code == 0, err
-    assert "resuming" in err and "checkpoint-2" in err
-    full, split = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("full", "split"))
+    split = resume_split_run(cli, recipe, tmp_path / "runs", common)
+    full = run_adapter(tmp_path / "runs" / "full")
     assert all(full[k].equal(split[k]) for k in full), (
         "resumed adapter differs from uninterrupted run"
     )
@@ -149,7 +131,7 @@ def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_model_dir, chat_file, cli, comp
     assert "quant bnb-4bit" in err and f"compute {expected}" in err
     meta = json.loads((tmp_path / "runs/q/adapter/lorakit.json").read_text())
     assert meta["compute_dtype"] == compute_dtype, "eval/export load the run in this dtype"
-    tensors = load_adapter_tensors(tmp_path / "runs" / "q")
+    tensors = run_adapter(tmp_path / "runs" / "q")
     # the adapter and its optimizer state stay fp32 whatever the base computes in
     assert all(str(t.dtype) == "torch.float32" for t in tensors.values()), "fp32 adapter on CPU"
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
@@ -202,7 +184,7 @@ def test_mid_training_eval_leaves_training_unchanged(
     ]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
     assert losses(tmp_path / "runs/plain") == losses(tmp_path / "runs/evaluated")
-    a, b = (load_adapter_tensors(tmp_path / "runs" / n) for n in ("plain", "evaluated"))
+    a, b = (run_adapter(tmp_path / "runs" / n) for n in ("plain", "evaluated"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
@@ -218,14 +200,14 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, tiny_model_dir, chat_f
     )
     assert cli("run", recipe, *common)[0] == 0
     run = tmp_path / "runs" / "done"
-    first = load_adapter_tensors(run)
+    first = run_adapter(run)
     (run / "adapter" / "adapter_model.safetensors").unlink()  # as if killed while saving
     code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
     assert code == 0, err
     assert "not training" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert json.loads((run / "adapter" / "lorakit.json").read_text())["global_step"] == 2
-    again = load_adapter_tensors(run)
+    again = run_adapter(run)
     assert first.keys() == again.keys() and all(first[k].equal(again[k]) for k in first)
     # extending a finished run is still training: max_steps 3 trains one more step
     code, _, err = cli(
