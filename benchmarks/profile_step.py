@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
         [--steps 10] [--profile] [--shapes] [--data ../shared/data/alpaca_seed_chat.jsonl]
+        [--model-path DIR]
 
 Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
 recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
@@ -28,7 +29,7 @@ DTYPE_KEY = {"none": "dtype", "bnb-4bit": "compute_dtype", "bnb-8bit": "compute_
 
 RECIPE = """
 [model]
-plugin = "smollm2-135m-instruct"
+{model}
 [[data.sources]]
 plugin = "chat_jsonl"
 path = "{data}"
@@ -57,6 +58,11 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", action="store_true")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument(
+        "--model-path",
+        type=Path,
+        help="a local model folder, e.g. one bench_train --model-size built (default: embedded)",
+    )
     args = p.parse_args()
 
     import torch
@@ -76,6 +82,9 @@ def main() -> None:
     recipe_path.write_text(
         RECIPE.format(
             data=args.data.resolve(),
+            model=f'plugin = "local"\npath = "{args.model_path.resolve()}"'
+            if args.model_path
+            else 'plugin = "smollm2-135m-instruct"',
             quant=args.quant,
             dtype_key=DTYPE_KEY[args.quant],
             dtype=args.dtype,

@@ -83,3 +83,81 @@ def test_layers_fall_back_to_peft_where_fusion_does_not_apply(tiny):
         assert model(input_ids=ids).logits.equal(reference(input_ids=ids).logits)
         with model.disable_adapter(), reference.disable_adapter():
             assert model(input_ids=ids).logits.equal(reference(input_ids=ids).logits)
+
+
+def _qlora_model(tmp_path, model_dir, chat_file, dtype: str, fused: bool, targets):
+    """The tiny model in 4 bits as lorakit loads and prepares it, LoRA on every linear layer."""
+    tmp_path.mkdir()
+    import torch
+    from helpers import tiny_recipe
+    from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
+    from lorakit.fast_dropout import use_fast_dropout
+    from lorakit.fused_lora import use_fused_lora
+    from lorakit.modeling import load_base_model, resolve_model
+    from lorakit.recipe import load_recipe
+    from peft import LoraConfig, get_peft_model
+
+    recipe = load_recipe(tiny_recipe(tmp_path, model_dir, chat_file, quant="bnb-4bit", dtype=dtype))
+    parts = build_components(recipe, default_catalog())
+    base = load_base_model(resolve_model(parts.model_source), parts.quant, "cpu")
+    base = parts.quant.prepare_for_training(base, False)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets)
+    model = get_peft_model(base, config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    use_fast_dropout(model)
+    if fused:
+        use_fused_lora(model)
+    return model.train()
+
+
+@pytest.mark.parametrize(
+    ("targets", "with_lora", "bare"), [("all-linear", 14, 0), (["q_proj", "v_proj"], 4, 10)]
+)
+def test_fused_4bit_layers_compute_what_bitsandbytes_and_peft_compute(
+    tmp_path, tiny_model_dir, chat_file, compute_dtype, monkeypatch, targets, with_lora, bare
+):
+    """Over 4-bit layers the base matmul joins the LoRA node (``Lora4bit``), and layers without
+    an adapter go through ``Base4bit``: the same conversions, dequantization and matmuls as
+    bitsandbytes, so the outputs are bit for bit theirs in both compute dtypes (the bf16 base
+    output converts to fp32 exactly). The input gradient is the same sum of the same terms,
+    added in another order: fp32 rounding."""
+    import torch
+    from lorakit import fused_lora
+
+    args = (tiny_model_dir, chat_file, compute_dtype)
+    peft = _qlora_model(tmp_path / "a", *args, fused=False, targets=targets)
+    fused = _qlora_model(tmp_path / "b", *args, fused=True, targets=targets)
+    calls: list[str] = []
+    for name in ("Lora4bit", "Base4bit"):
+        cls = getattr(fused_lora, name)
+        apply = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, n=name, f=apply: calls.append(n) or f(*a))
+    ref_logits, ref_grads = _step(peft)
+    assert not calls
+    logits, grads = _step(fused)
+    assert calls.count("Lora4bit") == with_lora and calls.count("Base4bit") == bare
+    assert logits.equal(ref_logits)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * with_lora
+    for k, g in grads.items():
+        assert g.dtype == torch.float32
+        assert (g - ref_grads[k]).abs().max() <= 1e-5 * ref_grads[k].abs().max(), k
+
+
+def test_shared_cast_converts_each_input_once_and_sees_changes():
+    import torch
+    from lorakit.fused_lora import _SharedCast
+
+    cast = _SharedCast()
+    x = torch.randn(3, 4)
+    first = cast(x, torch.bfloat16)
+    assert cast(x, torch.bfloat16) is first, "the same input: converted once"
+    assert cast(x, torch.float32) is x
+    x.add_(1.0)  # changed in place: converted again
+    again = cast(x, torch.bfloat16)
+    assert again is not first and again.equal(x.to(torch.bfloat16))
+    y = x.clone()
+    assert cast(y, torch.bfloat16) is not again

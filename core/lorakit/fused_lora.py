@@ -23,7 +23,9 @@ merged weights, DoRA and other variants, a LoRA bias, ``adapter_names``, nn.Drop
 
 from __future__ import annotations
 
+import copy
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -41,54 +43,202 @@ class LoraDelta(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, drop: Any
     ) -> torch.Tensor:
-        dtype = x.dtype
-        a_c, b_c = a.to(dtype), b.to(dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        keep = None
-        if drop is not None:
-            keep = drop.keep_mask(flat.shape, flat.device)
-            flat = torch.where(keep, flat * drop.scale, 0.0)
-        h = flat @ a_c.t()  # [tokens, r]
-        out = torch.mm(h, b_c.t()).mul_(scale)
-        ctx.save_for_backward(flat, h, a_c, b_c, keep)
-        ctx.scale = scale
-        ctx.drop_scale = drop.scale if drop is not None else 1.0
-        ctx.x_shape = x.shape
-        ctx.param_dtypes = (a.dtype, b.dtype)
-        return out.view(*x.shape[:-1], b.shape[0])
+        return _delta_forward(ctx, x, a, b, scale, drop)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        flat, h, a_c, b_c, keep = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
-        g_h = torch.mm(g, b_c).mul_(ctx.scale)  # [tokens, r]
-        grad_a = grad_b = grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.param_dtypes[1])
-        if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(g_h.t(), flat).to(ctx.param_dtypes[0])
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g_h, a_c)
-            if keep is not None:
-                grad_x = torch.where(keep, grad_x * ctx.drop_scale, 0.0)
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a, grad_b, None, None
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        return (*_delta_backward(ctx, grad, need_x, need_a, need_b), None, None)
+
+
+def _delta_forward(
+    ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, drop: Any
+) -> torch.Tensor:
+    dtype = x.dtype
+    a_c, b_c = a.to(dtype), b.to(dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    keep = None
+    if drop is not None:
+        keep = drop.keep_mask(flat.shape, flat.device)
+        flat = torch.where(keep, flat * drop.scale, 0.0)
+    h = flat @ a_c.t()  # [tokens, r]
+    out = torch.mm(h, b_c.t()).mul_(scale)
+    ctx.save_for_backward(flat, h, a_c, b_c, keep)
+    ctx.scale = scale
+    ctx.drop_scale = drop.scale if drop is not None else 1.0
+    ctx.x_shape = x.shape
+    ctx.param_dtypes = (a.dtype, b.dtype)
+    return out.view(*x.shape[:-1], b.shape[0])
+
+
+def _delta_backward(
+    ctx: Any, grad: torch.Tensor, need_x: bool, need_a: bool, need_b: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`_delta_forward` for ``x``, ``a`` and ``b`` (None where not
+    needed)."""
+    flat, h, a_c, b_c, keep = ctx.saved_tensors
+    g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+    g_h = torch.mm(g, b_c).mul_(ctx.scale)  # [tokens, r]
+    grad_a = grad_b = grad_x = None
+    if need_b:
+        grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.param_dtypes[1])
+    if need_a:
+        grad_a = torch.mm(g_h.t(), flat).to(ctx.param_dtypes[0])
+    if need_x:
+        grad_x = torch.mm(g_h, a_c)
+        if keep is not None:
+            grad_x = torch.where(keep, grad_x * ctx.drop_scale, 0.0)
+        grad_x = grad_x.view(ctx.x_shape)
+    return grad_x, grad_a, grad_b
+
+
+class _SharedCast:
+    """The last input converted to the compute dtype. q, k and v (and gate and up) read the
+    same tensor: over 4-bit layers it is converted once instead of once per layer. Holds the
+    source weakly and checks its version, so an input changed in place is converted again."""
+
+    def __init__(self) -> None:
+        self._source: Any = None
+        self._version = -1
+        self._cast: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        cast = self._cast
+        if (
+            cast is not None
+            and cast.dtype == dtype
+            and self._source is not None
+            and self._source() is x
+            and self._version == x._version
+        ):
+            return cast
+        cast = x.to(dtype)
+        self._source, self._version, self._cast = weakref.ref(x), x._version, cast
+        return cast
+
+
+_shared_cast = _SharedCast()
+
+
+def _is_bnb_4bit(module: Any) -> bool:
+    """bitsandbytes' own ``Linear4bit`` (or a subclass), not PEFT's LoRA layer of that name."""
+    return any(
+        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+        for c in type(module).__mro__
+    )
+
+
+def _fusable_4bit(base: Any, x: torch.Tensor) -> bool:
+    """A bitsandbytes ``Linear4bit`` in training layout (not repacked for CPU inference), with
+    its compute dtype set and no bias: what :class:`Lora4bit` computes."""
+    if not _is_bnb_4bit(base):
+        return False
+    state = getattr(base.weight, "quant_state", None)
+    return (
+        x.device.type == "cpu"
+        and state is not None
+        and not getattr(state, "packing_format_for_cpu", False)
+        and base.compute_type_is_set
+        and base.compute_dtype is not None
+        and base.bias is None
+    )
+
+
+class Lora4bit(torch.autograd.Function):
+    """A 4-bit base layer and its LoRA delta as one node: ``base(x) + LoraDelta(x)``.
+
+    bitsandbytes' ``Linear4bit`` converts its input to the compute dtype, multiplies by the
+    dequantized weight and converts the output back to the input's dtype (fp32 in QLoRA: the
+    residual stream, norms and LoRA stay fp32); its backward converts the gradient, dequantizes
+    again and converts back; autograd then adds that to the LoRA branch's gradient. Here the
+    input's conversion is shared by the layers that read it (:class:`_SharedCast`), and the
+    base's bf16 output and input gradient are added to the fp32 LoRA terms in one mixed-dtype
+    pass each instead of a conversion plus an add. The arithmetic is bitsandbytes' (same
+    dequantization, same matmuls in the compute dtype) and :class:`LoraDelta`'s.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        drop: Any,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        state = weight.quant_state
+        base = bnb.matmul_4bit(_shared_cast(x, compute_dtype), weight, quant_state=state)
+        delta = _delta_forward(ctx, x, a, b, scale, drop)
+        ctx.weight, ctx.state, ctx.compute_dtype = weight, state, compute_dtype
+        return delta.add_(base)  # one mixed-dtype pass; bnb: base.to(x.dtype) + delta
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_x, grad_a, grad_b = _delta_backward(ctx, grad, need_x, need_a, need_b)
+        if grad_x is not None:
+            grad_x.add_(_base_input_grad(ctx, grad))
+        return grad_x, None, grad_a, grad_b, None, None, None
+
+
+class Base4bit(torch.autograd.Function):
+    """A 4-bit layer without an adapter (in QLoRA usually the MLP's), as bitsandbytes'
+    ``Linear4bit`` computes it in training, with the input's conversion shared
+    (:class:`_SharedCast`) and the backward's weight dequantized straight to the compute dtype
+    (bitsandbytes dequantizes to the weight's original dtype, often fp32, and converts: one
+    more pass over the whole weight; the values are the same)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, compute_dtype: torch.dtype) -> Any:
+        import bitsandbytes as bnb
+
+        state = weight.quant_state
+        out = bnb.matmul_4bit(_shared_cast(x, compute_dtype), weight, quant_state=state)
+        ctx.weight, ctx.state, ctx.compute_dtype = weight, state, compute_dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _base_input_grad(ctx, grad).to(grad.dtype), None, None
+
+
+def _base_input_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' input gradient of a 4-bit layer: the output's gradient in the compute
+    dtype times the weight dequantized again (nothing of it is kept between forward and
+    backward), in the compute dtype."""
+    import bitsandbytes.functional as bnbf
+
+    dtype = ctx.compute_dtype
+    state = copy.copy(ctx.state)
+    state.dtype = dtype  # dequantize into the compute dtype directly: the same values
+    return torch.matmul(grad.to(dtype), bnbf.dequantize_4bit(ctx.weight, state))
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A PEFT LoRA layer's forward through :class:`LoraDelta`, or PEFT's own where it differs."""
+    """A PEFT LoRA layer's forward through :class:`LoraDelta` (or, over a bitsandbytes 4-bit
+    layer, :class:`Lora4bit`), or PEFT's own where it differs."""
     name = _fusable_adapter(self, args, kwargs)
     if name is None:
         return self._lorakit_peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x)
     drop = self.lora_dropout[name]
-    delta = LoraDelta.apply(
-        x,
+    lora = (
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         self.scaling[name],
         drop if isinstance(drop, FastDropout) and drop.threshold else None,
     )
+    if _fusable_4bit(self.base_layer, x):
+        return Lora4bit.apply(x, self.base_layer.weight, *lora, self.base_layer.compute_dtype)
+    result = self.base_layer(x)
+    delta = LoraDelta.apply(x, *lora)
     return result + delta.to(result.dtype)
 
 
@@ -109,13 +259,28 @@ def _fusable_adapter(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return str(name)
 
 
+def _fused_4bit_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit layer's forward through :class:`Base4bit` in training, its own in
+    evaluation (where bitsandbytes may repack it for inference) or where it differs."""
+    if not self.training or not _fusable_4bit(self, x):
+        return self._lorakit_bnb_forward(x)
+    return Base4bit.apply(x, self.weight, self.compute_dtype)
+
+
 def use_fused_lora(model: Any) -> int:
-    """Give every PEFT LoRA linear layer of ``model`` the fused training forward; return how
-    many. Its parameters, their names and the saved adapter stay exactly PEFT's."""
+    """Give every PEFT LoRA linear layer of ``model`` the fused training forward, and every
+    bitsandbytes 4-bit layer :class:`Base4bit`'s; return how many LoRA layers. Parameters,
+    their names and the saved adapter stay exactly PEFT's."""
     from peft.tuners.lora import LoraLayer
 
     fused = 0
     for module in model.modules():
+        if _is_bnb_4bit(module):
+            if "_lorakit_bnb_forward" not in vars(module):
+                bare: Any = module
+                bare._lorakit_bnb_forward = bare.forward
+                bare.forward = types.MethodType(_fused_4bit_forward, bare)
+            continue
         if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
             continue
         if type(module).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
