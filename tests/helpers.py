@@ -199,8 +199,9 @@ def build_data_tokenizer() -> Any:
     return fast
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Save a tiny random Llama + trained BPE tokenizer with a ChatML template to ``folder``."""
+def build_tiny_model(folder: Path, *, biases: bool = False) -> Path:
+    """Save a tiny random Llama + trained BPE tokenizer with a ChatML template to ``folder``;
+    ``biases``: its attention and MLP projections have biases (random, like Qwen2's q/k/v)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -230,9 +231,15 @@ def build_tiny_model(folder: Path) -> Path:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
+        attention_bias=biases,
+        mlp_bias=biases,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # transformers starts them at 0
+                p.normal_(std=0.1)
     model.save_pretrained(str(folder), safe_serialization=True)
     fast.save_pretrained(str(folder))
     return folder

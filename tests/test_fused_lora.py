@@ -114,21 +114,33 @@ def _qlora_model(tmp_path, model_dir, chat_file, dtype: str, fused: bool, target
     return model.train()
 
 
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """The tiny model with biases in every projection (as Qwen2 has in q/k/v)."""
+    return build_tiny_model(tmp_path_factory.mktemp("biased"), biases=True)
+
+
 @pytest.mark.parametrize(
-    ("targets", "with_lora", "bare"), [("all-linear", 14, 0), (["q_proj", "v_proj"], 4, 10)]
+    ("targets", "with_lora", "bare", "biases"),
+    [
+        ("all-linear", 14, 0, False),
+        (["q_proj", "v_proj"], 4, 10, False),
+        (["q_proj", "v_proj"], 4, 10, True),
+    ],
 )
 def test_fused_4bit_layers_compute_what_bitsandbytes_and_peft_compute(
-    tmp_path, tiny_model_dir, chat_file, compute_dtype, monkeypatch, targets, with_lora, bare
+    tmp_path, request, chat_file, compute_dtype, monkeypatch, targets, with_lora, bare, biases
 ):
     """Over 4-bit layers the base matmul joins the LoRA node (``Lora4bit``), and layers without
     an adapter go through ``Base4bit``: the same conversions, dequantization and matmuls as
     bitsandbytes, so the outputs are bit for bit theirs in both compute dtypes (the bf16 base
     output converts to fp32 exactly). The input gradient is the same sum of the same terms,
-    added in another order: fp32 rounding."""
+    added in another order: fp32 rounding. Frozen biases are added as bitsandbytes adds them."""
     import torch
     from lorakit import fused_lora
 
-    args = (tiny_model_dir, chat_file, compute_dtype)
+    model_dir = request.getfixturevalue("biased" if biases else "tiny_model_dir")
+    args = (model_dir, chat_file, compute_dtype)
     peft = _qlora_model(tmp_path / "a", *args, fused=False, targets=targets)
     fused = _qlora_model(tmp_path / "b", *args, fused=True, targets=targets)
     calls: list[str] = []

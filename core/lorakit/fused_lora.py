@@ -16,9 +16,20 @@ the matmuls, which accumulate in fp32 inside oneDNN and round their output once,
 does. Dropout masks come from :class:`lorakit.fast_dropout.FastDropout`, drawn in the same order
 as before, so runs stay seeded and resume bit-identical.
 
+Over a bitsandbytes 4-bit layer (QLoRA) the base layer joins that node (:class:`Lora4bit`),
+and 4-bit layers without an adapter get one of their own (:class:`Base4bit`). bitsandbytes
+computes them right but spends a QLoRA step's time on passes around the matmul: each layer
+converts its fp32 input to the compute dtype (q, k and v convert the same tensor three times),
+converts its output back before the LoRA delta is added, and its backward dequantizes the
+weight to fp32 and converts it (a pass over the whole weight). Here the input is converted once
+(:class:`_SharedCast`), the bf16 base output and input gradient are added to the fp32 LoRA
+terms in one pass, and the weight is dequantized straight to the compute dtype. The outputs
+are bitsandbytes' and PEFT's bit for bit (the same dequantized values, the same matmuls).
+
 :func:`use_fused_lora` switches the layers of a PEFT model to it. A layer falls back to PEFT's
-own forward for everything this does not cover: eval mode, several or no active adapters,
-merged weights, DoRA and other variants, a LoRA bias, ``adapter_names``, nn.Dropout.
+(or bitsandbytes') own forward for everything this does not cover: eval mode, several or no
+active adapters, merged weights, DoRA and other variants, a LoRA bias, ``adapter_names``,
+nn.Dropout, a 4-bit layer repacked for inference or with a bias that trains.
 """
 
 from __future__ import annotations
@@ -132,7 +143,8 @@ def _is_bnb_4bit(module: Any) -> bool:
 
 def _fusable_4bit(base: Any, x: torch.Tensor) -> bool:
     """A bitsandbytes ``Linear4bit`` in training layout (not repacked for CPU inference), with
-    its compute dtype set and no bias: what :class:`Lora4bit` computes."""
+    its compute dtype set and no trained bias: what :class:`Lora4bit` and :class:`Base4bit`
+    compute."""
     if not _is_bnb_4bit(base):
         return False
     state = getattr(base.weight, "quant_state", None)
@@ -142,7 +154,7 @@ def _fusable_4bit(base: Any, x: torch.Tensor) -> bool:
         and not getattr(state, "packing_format_for_cpu", False)
         and base.compute_type_is_set
         and base.compute_dtype is not None
-        and base.bias is None
+        and (base.bias is None or not base.bias.requires_grad)
     )
 
 
@@ -164,27 +176,24 @@ class Lora4bit(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         scale: float,
         drop: Any,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        import bitsandbytes as bnb
-
-        state = weight.quant_state
-        base = bnb.matmul_4bit(_shared_cast(x, compute_dtype), weight, quant_state=state)
+        base = _base_forward(ctx, x, weight, bias, compute_dtype)
         delta = _delta_forward(ctx, x, a, b, scale, drop)
-        ctx.weight, ctx.state, ctx.compute_dtype = weight, state, compute_dtype
         return delta.add_(base)  # one mixed-dtype pass; bnb: base.to(x.dtype) + delta
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x, grad_a, grad_b = _delta_backward(ctx, grad, need_x, need_a, need_b)
         if grad_x is not None:
             grad_x.add_(_base_input_grad(ctx, grad))
-        return grad_x, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 class Base4bit(torch.autograd.Function):
@@ -195,19 +204,30 @@ class Base4bit(torch.autograd.Function):
     more pass over the whole weight; the values are the same)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, compute_dtype: torch.dtype) -> Any:
-        import bitsandbytes as bnb
-
-        state = weight.quant_state
-        out = bnb.matmul_4bit(_shared_cast(x, compute_dtype), weight, quant_state=state)
-        ctx.weight, ctx.state, ctx.compute_dtype = weight, state, compute_dtype
-        return out.to(x.dtype)
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: Any, bias: Any, compute_dtype: torch.dtype
+    ) -> Any:
+        return _base_forward(ctx, x, weight, bias, compute_dtype).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return _base_input_grad(ctx, grad).to(grad.dtype), None, None
+            return None, None, None, None
+        return _base_input_grad(ctx, grad).to(grad.dtype), None, None, None
+
+
+def _base_forward(
+    ctx: Any, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit`` forward in the compute dtype, the input's conversion shared;
+    a (frozen) bias is added in the compute dtype, as bitsandbytes adds it."""
+    import bitsandbytes as bnb
+
+    state = weight.quant_state
+    if bias is not None:
+        bias = bias.to(dtype)
+    ctx.weight, ctx.state, ctx.compute_dtype = weight, state, dtype
+    return bnb.matmul_4bit(_shared_cast(x, dtype), weight, bias=bias, quant_state=state)
 
 
 def _base_input_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -235,8 +255,9 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         self.scaling[name],
         drop if isinstance(drop, FastDropout) and drop.threshold else None,
     )
-    if _fusable_4bit(self.base_layer, x):
-        return Lora4bit.apply(x, self.base_layer.weight, *lora, self.base_layer.compute_dtype)
+    base = self.base_layer
+    if _fusable_4bit(base, x):
+        return Lora4bit.apply(x, base.weight, base.bias, *lora, base.compute_dtype)
     result = self.base_layer(x)
     delta = LoraDelta.apply(x, *lora)
     return result + delta.to(result.dtype)
@@ -264,7 +285,7 @@ def _fused_4bit_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     evaluation (where bitsandbytes may repack it for inference) or where it differs."""
     if not self.training or not _fusable_4bit(self, x):
         return self._lorakit_bnb_forward(x)
-    return Base4bit.apply(x, self.weight, self.compute_dtype)
+    return Base4bit.apply(x, self.weight, self.bias, self.compute_dtype)
 
 
 def use_fused_lora(model: Any) -> int:
