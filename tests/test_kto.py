@@ -43,7 +43,7 @@ def _per_token(n: int, seed: int, shift: float = 0.0):
     return mask, values * mask[:, 1:]
 
 
-def _trl_kto(beta, dw, uw, labels, policy, ref, kl_policy, kl_ref):
+def _trl_kto(beta, dw, uw, labels, policy, ref, kl_policy, kl_ref, loss_type="kto"):
     """TRL's ``KTOTrainer._compute_loss`` on these per-token log-probabilities: (loss,
     metrics)."""
     from trl import KTOTrainer
@@ -78,9 +78,9 @@ def _trl_kto(beta, dw, uw, labels, policy, ref, kl_policy, kl_ref):
         model=SimpleNamespace(training=True),
         accelerator=ident,
         aux_loss_enabled=False,
-        calculate_KL=True,
+        calculate_KL=loss_type == "kto",
         precompute_ref_logps=True,
-        loss_type="kto",
+        loss_type=loss_type,
         beta=beta,
         desirable_weight=dw,
         undesirable_weight=uw,
@@ -117,6 +117,33 @@ def test_the_kto_loss_matches_trl(beta, dw, uw, kl_shift):
     assert (float(z) == 0.0) == (kl_shift < 0), "a negative estimate is clamped at 0"
     assert float(rewards[desirable].mean()) == pytest.approx(metrics["rewards/chosen"][0])
     assert float(rewards[~desirable].mean()) == pytest.approx(metrics["rewards/rejected"][0])
+
+
+@pytest.mark.parametrize(("beta", "dw", "uw"), [(0.1, 1.0, 1.0), (0.5, 1.33, 0.8)])
+def test_the_apo_zero_unpaired_loss_matches_trl(beta, dw, uw):
+    """TRL's other KTO loss is the kto loss with the reference point at 0 (its KL is 0 whatever
+    the mismatched rows say): lorakit computes it as such."""
+    labels = [True, False, False, True, True, False]
+    n = len(labels)
+    policy = _per_token(n, seed=1)
+    ref = _per_token(n, seed=2)[1].sum(dim=1)
+    kl_policy = _per_token(n, seed=3, shift=0.5)
+    kl_ref = _per_token(n, seed=3)[1].sum(dim=1)
+    expected, metrics = _trl_kto(
+        beta, dw, uw, labels, policy, ref, kl_policy, kl_ref, loss_type="apo_zero_unpaired"
+    )
+    objective = Objective(
+        "kto", beta=beta, desirable_weight=dw, undesirable_weight=uw, kto_loss="apo_zero_unpaired"
+    )
+    desirable = torch.tensor(labels)
+    logps = policy[1].sum(dim=1)
+    losses, rewards = kto_losses(objective, logps, ref, desirable, torch.zeros(()))
+    assert float(losses.mean()) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert metrics["kl"][0] == 0.0
+    assert float(rewards[desirable].mean()) == pytest.approx(metrics["rewards/chosen"][0])
+    # and TRL's kto loss on the same answers differs: its reference point is not 0 here
+    with_kl, _ = _trl_kto(beta, dw, uw, labels, policy, ref, kl_policy, kl_ref)
+    assert with_kl != pytest.approx(expected)
 
 
 def test_the_reference_point_gets_no_gradient_and_each_loss_pulls_its_way():
@@ -213,8 +240,18 @@ def test_kto_gets_trl_defaults_and_its_keys_are_checked(tmp_path):
     assert "train.undesirable_weight = 2.0 is not used by objective = 'dpo'" in found[0]
     found = problems(tmp_path, 'objective = "kto"\nloss_type = "ipo"')
     assert "train.loss_type = 'ipo' is not used by objective = 'kto'" in found[0]
+    assert "KTO's loss is train.kto_loss" in found[0]
     found = problems(tmp_path, 'objective = "kto"\nper_device_train_batch_size = 1')
     assert "per_device_train_batch_size must be at least 2" in found[0]
+    # kto_loss: recorded only when not the default (KTO runs hash as before it existed); the
+    # unpaired APO loss needs no KL estimate, so a micro-batch of one answer is allowed
+    assert "kto_loss" not in recipe(tmp_path, 'objective = "kto"').resolved()["train"]
+    apo = 'objective = "kto"\nkto_loss = "apo_zero_unpaired"\nper_device_train_batch_size = 1'
+    assert recipe(tmp_path, apo).resolved()["train"]["kto_loss"] == "apo_zero_unpaired"
+    found = problems(tmp_path, 'objective = "dpo"\nkto_loss = "apo_zero_unpaired"')
+    assert "train.kto_loss = 'apo_zero_unpaired' is not used by objective = 'dpo'" in found[0]
+    found = problems(tmp_path, 'objective = "kto"\nkto_loss = "apo"')
+    assert found[0].startswith("[train].kto_loss:")
 
 
 # --------------------------------------------------------------------------- contract

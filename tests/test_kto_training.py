@@ -74,6 +74,25 @@ def test_kto_on_unpaired_answers_logs_trl_metrics_and_scores_held_out_answers(
     assert "undesirable_logp" in base
 
 
+def test_apo_zero_unpaired_trains_without_a_reference_point_on_single_answer_batches(
+    tmp_path, answers_recipe, cli
+):
+    """TRL's ``apo_zero_unpaired``: no KL estimate, so micro-batches of one answer are fine and
+    the logged ``kl`` stays 0 while the rewards move (the ``kto`` loss's ``kl`` does not: the
+    test above)."""
+    args = ['train.kto_loss="apo_zero_unpaired"', "train.per_device_train_batch_size=1"]
+    code, _, err = cli("run", answers_recipe, KTO, *args, "output.name=apo", "train.max_steps=6")
+    assert code == 0, err
+    run = tmp_path / "runs" / "apo"
+    steps = logged_steps(run)
+    assert len(steps) == 6 and all(s["kl"] == 0.0 for s in steps)
+    assert steps[0]["loss"] == pytest.approx(0.5), "1 - σ(0) for a fresh adapter"
+    moved = [s.get("rewards/chosen", s.get("rewards/rejected")) for s in steps[1:]]
+    assert any(m != 0.0 for m in moved), "the policy moves off the reference"
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["train"]["kto_loss"] == "apo_zero_unpaired"
+
+
 def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(
     tmp_path, tiny_model_dir, monkeypatch, cli
 ):

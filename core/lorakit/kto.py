@@ -17,6 +17,11 @@ lines 1442-1548 of trl 1.16), checked against that code in ``tests/test_kto.py``
   flows through it;
 - the reward (for the metrics) is ``β r``.
 
+``kto_loss = "apo_zero_unpaired"`` is TRL's other KTO loss (APO-zero, D'Oosterlinck et al. 2024,
+in its unpaired form): desirable ``w_d (1 - σ(β r))``, undesirable ``w_u σ(β r)``. That is the
+``kto`` loss with the reference point fixed at ``z = 0`` (``1 - σ(-x) = σ(x)``), so it is computed
+as such, and no mismatched rows are scored (the logged ``kl`` is 0, as in TRL).
+
 The reference is the model as the run starts (the base, or the ``from_adapter`` it starts
 from), as for DPO. The answers' own reference log-probabilities are computed once before
 training (:func:`answer_reference_logps`); the mismatched pairs change with every micro-batch,
@@ -102,7 +107,7 @@ def kto_losses(
     objective: Objective, logps: Any, reference: Any, desirable: Any, kl: Any
 ) -> tuple[Any, Any]:
     """Per-answer KTO losses (weighted) and rewards ``β (π - ref)``; ``kl``: the detached,
-    clamped reference point (:func:`kl_estimate`)."""
+    clamped reference point (:func:`kl_estimate`), 0 for ``apo_zero_unpaired``."""
     import torch
 
     o = objective

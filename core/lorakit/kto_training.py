@@ -116,13 +116,18 @@ def make_kto_trainer_class() -> Any:
 
         def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, tuple]:
             me: Any = self
-            plain = me.accelerator.unwrap_model(model)
-            policy, reference = mismatched_logps(plain, inputs["kl"], self._head_kwarg, self._start)
-            z = kl_estimate(policy, reference)
-            if me.accelerator.num_processes > 1 and me.model.training:
-                z = me.accelerator.reduce(z, reduction="mean")  # every rank steps together
-            z = z.clamp(min=0)
+            if self._objective.kto_loss == "kto":
+                plain = me.accelerator.unwrap_model(model)
+                policy, reference = mismatched_logps(
+                    plain, inputs["kl"], self._head_kwarg, self._start
+                )
+                z = kl_estimate(policy, reference)
+                if me.accelerator.num_processes > 1 and me.model.training:
+                    z = me.accelerator.reduce(z, reduction="mean")  # every rank steps together
+                z = z.clamp(min=0)
             logps, _ = sequence_logps(model, inputs, self._head_kwarg)
+            if self._objective.kto_loss != "kto":  # apo_zero_unpaired: no reference point
+                z = logps.new_zeros(())
             desirable = inputs["desirable"]
             losses, rewards = kto_losses(self._objective, logps, inputs["reference"], desirable, z)
             return losses, (rewards, logps, desirable, z)

@@ -45,6 +45,7 @@ class Objective:
     orpo_lambda: float = 0.1
     desirable_weight: float = 1.0  # kto (lorakit.kto)
     undesirable_weight: float = 1.0
+    kto_loss: str = "kto"  # or apo_zero_unpaired
 
     @property
     def needs_reference(self) -> bool:
@@ -61,6 +62,7 @@ class Objective:
             orpo_lambda=train.orpo_lambda,
             desirable_weight=train.desirable_weight,
             undesirable_weight=train.undesirable_weight,
+            kto_loss=train.kto_loss,
         )
 
 

@@ -29,8 +29,9 @@ PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
     "orpo_lambda": ("orpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
+    "kto_loss": ("kto",),
 }
-KTO_KEYS = ("desirable_weight", "undesirable_weight")
+KTO_KEYS = ("desirable_weight", "undesirable_weight", "kto_loss")
 # beta's default for each objective that uses it (DPO and KTO: TRL's 0.1; SimPO: the paper's 2.0)
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
 
@@ -227,6 +228,12 @@ class TrainSection:
         doc="kto: weight of the undesirable answers' losses (raise it when they are the fewer)",
         validator=[_finite, v.gt(0.0)],
     )
+    kto_loss: Literal["kto", "apo_zero_unpaired"] = option(
+        "kto",
+        doc="kto: the loss (TRL's loss_type): kto (against a KL reference point estimated from "
+        "mismatched prompt/answer pairs) or apo_zero_unpaired (APO-zero, unpaired: pushes "
+        "desirable answers up and undesirable ones down from the reference, no KL estimate)",
+    )
     from_adapter: str | None = option(
         None,
         doc="start from this adapter (an SFT run folder, or its adapter/ folder; relative to "
@@ -243,12 +250,17 @@ class TrainSection:
             value = getattr(self, key)
             unused = self.objective not in used_by
             if key != "objective" and value not in (defaults[key], None) and unused:
+                hint = " (KTO's loss is train.kto_loss)" if key == "loss_type" else ""
                 raise ValueError(
                     f"train.{key} = {value!r} is not used by objective = "
-                    f"{self.objective!r} (only by {', '.join(used_by)}); remove it or "
+                    f"{self.objective!r} (only by {', '.join(used_by)}){hint}; remove it or "
                     f"set train.objective"
                 )
-        if self.objective == "kto" and self.per_device_train_batch_size < 2:
+        if (
+            self.objective == "kto"
+            and self.kto_loss == "kto"
+            and self.per_device_train_batch_size < 2
+        ):
             raise ValueError(
                 "train.per_device_train_batch_size must be at least 2 with objective = 'kto': "
                 "its KL estimate pairs each prompt with another example's answer of the same "
@@ -265,7 +277,7 @@ class TrainSection:
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: an SFT section without the preference keys
         (``from_adapter`` only when set), so SFT runs hash as they always did; a pair
-        objective's without KTO's keys."""
+        objective's without KTO's keys; KTO's ``kto_loss`` only when not the default."""
         from lorakit.options import to_plain
 
         out = to_plain(self)
@@ -275,6 +287,8 @@ class TrainSection:
         elif self.objective != "kto":  # the pair objectives' runs hash as before KTO existed
             for key in KTO_KEYS:
                 out.pop(key)
+        elif self.kto_loss == "kto":  # KTO runs hash as before kto_loss existed
+            out.pop("kto_loss")
         if self.from_adapter is None:
             out.pop("from_adapter")
         return out
