@@ -203,7 +203,9 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """DDP on CPU (gloo): the ranks average their KL estimates every step (a collective in the
-    loss), and evaluate their own eval answers without one."""
+    loss), in evaluation too (as TRL's gather does): there every rank scores as many eval
+    batches, one with fewer answers scoring a stand-in batch that does not count. One answer
+    per eval batch and an odd number of them make rank 1 do that."""
     import os
     import subprocess
     import sys
@@ -214,6 +216,7 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     recipe = _recipe(tmp_path, tiny_model_dir, unpaired_records(40))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [KTO, "output.name=ddp", "train.max_steps=3", "train.eval_steps=2", "--nproc", "2"]
+    args.insert(1, "train.per_device_eval_batch_size=1")
     proc = subprocess.run(
         [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), *args],
         cwd=REPO,
@@ -226,5 +229,10 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     run = tmp_path / "runs" / "ddp"
     steps = logged_steps(run)
     assert len(steps) == 3 and steps[0]["kl"] == 0.0 and steps[0]["loss"] == pytest.approx(0.5)
-    assert json.loads((run / "run.json").read_text())["batch"]["world_size"] == 2
+    info = json.loads((run / "run.json").read_text())
+    assert info["batch"]["world_size"] == 2
+    counts = json.loads((run / "data_report.json").read_text())["counts"]
+    assert counts["val"] % 2 == 1, "rank 1 must have a stand-in eval batch"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_kl" in e and "eval_loss" in e for e in evals)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

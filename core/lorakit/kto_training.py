@@ -7,8 +7,9 @@ What differs from the pair objectives:
   mismatched prompt/answer rows of the KL estimate (:func:`lorakit.kto.pack_answers`);
 - before the step's forward, the mismatched rows are scored without gradients by the model
   and by the reference (the adapter's starting weights, :class:`lorakit.kto.StartWeights`);
-  their mean log-ratio, averaged over the ranks and clamped at 0, is the step's reference
-  point ``z``;
+  their mean log-ratio, averaged over the ranks (in evaluation too, as TRL's gather) and
+  clamped at 0, is the step's reference point ``z`` (``kto_loss = "apo_zero_unpaired"``: 0,
+  nothing scored);
 - the loss is the sum of the per-answer losses divided by the answers of the whole optimizer
   step (TRL averages over a micro-batch's answers: the same for one micro-batch);
 - each logged step carries TRL's KTO metric names: ``rewards/chosen`` and ``logps/chosen``
@@ -114,7 +115,12 @@ def make_kto_trainer_class() -> Any:
         def _new_metrics(self) -> Any:
             return AnswerMetrics()
 
+        def _collective_eval(self) -> bool:
+            return self._objective.kto_loss == "kto"  # its KL estimate is averaged over ranks
+
         def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, tuple]:
+            import torch
+
             me: Any = self
             if self._objective.kto_loss == "kto":
                 plain = me.accelerator.unwrap_model(model)
@@ -122,8 +128,12 @@ def make_kto_trainer_class() -> Any:
                     plain, inputs["kl"], self._head_kwarg, self._start
                 )
                 z = kl_estimate(policy, reference)
-                if me.accelerator.num_processes > 1 and me.model.training:
-                    z = me.accelerator.reduce(z, reduction="mean")  # every rank steps together
+                if me.accelerator.num_processes > 1:  # the mean over the ranks, as TRL's
+                    # gather: every rank steps together, and in evaluation every rank scores
+                    # as many batches (_collective_eval); a stand-in batch does not count
+                    weight = z.new_tensor(0.0 if self._eval_filler else 1.0)
+                    both = me.accelerator.reduce(torch.stack([z * weight, weight]), "sum")
+                    z = both[0] / both[1].clamp(min=1)
                 z = z.clamp(min=0)
             logps, _ = sequence_logps(model, inputs, self._head_kwarg)
             if self._objective.kto_loss != "kto":  # apo_zero_unpaired: no reference point

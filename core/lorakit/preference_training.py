@@ -89,8 +89,14 @@ def make_preference_trainer_class() -> Any:
             self._pair_metrics = self._new_metrics()
 
         # what KTO's trainer (lorakit.kto_training) changes: the metrics, the count the loss
-        # divides by, the loss
+        # divides by, the loss, and whether the loss of an eval batch talks to the other ranks
         _items = "pairs"
+        _eval_filler = False  # evaluate(): this rank's batch is a stand-in (no rows of its own)
+
+        def _collective_eval(self) -> bool:
+            """The loss makes a collective call in evaluation too: every rank must then score
+            as many eval batches as the others."""
+            return False
 
         def _new_metrics(self) -> Any:
             return PairMetrics()
@@ -145,7 +151,7 @@ def make_preference_trainer_class() -> Any:
                 self.accelerator.num_processes,
                 self.accelerator.process_index,
                 self.args.per_device_eval_batch_size,
-                same_count=self.is_fsdp_enabled,
+                same_count=self.is_fsdp_enabled or self._collective_eval(),
             )
             model: Any = self.model
             was_training = model.training
@@ -157,7 +163,11 @@ def make_preference_trainer_class() -> Any:
                     batch = self._prepare_inputs(
                         self.data_collator([rows[i] for i in indices or [0]])
                     )
-                    losses, parts = self._pair_loss(model, batch)
+                    self._eval_filler = not indices
+                    try:
+                        losses, parts = self._pair_loss(model, batch)
+                    finally:
+                        self._eval_filler = False
                     if indices:
                         total[0] += losses.double().sum()
                         total[1] += losses.numel()
