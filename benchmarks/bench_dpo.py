@@ -1,7 +1,8 @@
-"""DPO speed and memory: lorakit's preference step against TRL's DPOTrainer on the same pairs.
+"""DPO (or KTO) speed and memory: lorakit's preference step against TRL's DPOTrainer (or
+KTOTrainer) on the same pairs.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
-        [--model-path DIR] [--dtype fp32|bf16]
+        [--model-path DIR] [--dtype fp32|bf16] [--objective dpo|kto]
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
 ``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
@@ -16,6 +17,11 @@ The clock covers what each needs to train those pairs: for lorakit the reference
 log-probabilities (computed once, before step 1) plus the steps; for TRL the steps (its
 reference forward runs inside each step). Model loading, data preparation and evaluation are
 outside it. Tokens are both sides of every pair (prompt + answer), the same count for both.
+``--objective kto``: each pair is one desirable and one undesirable answer (lorakit reads the
+pairs file as KTO data; TRL gets the same answers as unpaired rows, each pair's two in a row),
+8 answers a step, TRL's ``kto`` loss with its KL estimate on both sides; TRL's KTOTrainer
+walks its data in order (its KL rows are built from fixed neighbours) where lorakit shuffles,
+so the two loss curves see the answers in another order and agree only at the first step.
 Throughput is given per wall-clock second and per CPU second of
 the timed span (``time.process_time``, all threads): on a shared machine the CPU time is the
 steadier one. Peak memory is each process's peak RSS. Each contender runs in its own process, one after the
@@ -53,7 +59,7 @@ def model_path(arg: str | None) -> str:
     return entry.factory(entry.options_class()).resolve().path
 
 
-def run_lorakit(folder: Path, model: str, steps: int, dtype: str) -> dict:
+def run_lorakit(folder: Path, model: str, steps: int, dtype: str, objective: str) -> dict:
     from lorakit import catalog, runner
 
     if "preference_jsonl" not in catalog.default_catalog().entries["source"]:
@@ -75,10 +81,10 @@ alpha = 32
 dropout = 0.05
 target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
 [train]
-objective = "dpo"
+objective = "{objective}"
 beta = 0.1
 max_steps = {steps}
-per_device_train_batch_size = 4
+per_device_train_batch_size = {4 if objective == "dpo" else 8}
 per_device_eval_batch_size = 4
 learning_rate = 5e-6
 save_steps = 1000
@@ -117,16 +123,16 @@ name = "lorakit"
     return {"seconds": timed["seconds"], "cpu_seconds": timed["cpu_seconds"], "losses": losses}
 
 
-def run_trl(folder: Path, model: str, steps: int, dtype: str) -> dict:
+def run_trl(folder: Path, model: str, steps: int, dtype: str, objective: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     records = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
-    data = Dataset.from_list(
-        [
+    if objective == "dpo":
+        rows = [
             {
                 "prompt": r["prompt"],
                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -134,16 +140,32 @@ def run_trl(folder: Path, model: str, steps: int, dtype: str) -> dict:
             }
             for r in records
         ]
-    )
+    else:  # each pair: its chosen answer desirable, its rejected one undesirable
+        rows = [
+            {
+                "prompt": r["prompt"],
+                "completion": [{"role": "assistant", "content": r[side]}],
+                "label": side == "chosen",
+            }
+            for r in records
+            for side in ("chosen", "rejected")
+        ]
+    data = Dataset.from_list(rows)
     tok = AutoTokenizer.from_pretrained(model)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    args = DPOConfig(
+    config, trainer_class, extra = {
+        "dpo": (
+            DPOConfig,
+            DPOTrainer,
+            {"loss_type": ["sigmoid"], "per_device_train_batch_size": 4},
+        ),
+        "kto": (KTOConfig, KTOTrainer, {"loss_type": "kto", "per_device_train_batch_size": 8}),
+    }[objective]
+    args = config(
         output_dir=str(folder / "trl"),
-        per_device_train_batch_size=4,
         max_steps=steps,
         learning_rate=5e-6,
         beta=0.1,
-        loss_type=["sigmoid"],
         max_length=512,
         logging_steps=1,
         save_strategy="no",
@@ -153,6 +175,7 @@ def run_trl(folder: Path, model: str, steps: int, dtype: str) -> dict:
         gradient_checkpointing=False,
         seed=42,
         dataloader_num_workers=0,
+        **extra,
     )
     lora = LoraConfig(
         r=16,
@@ -161,7 +184,7 @@ def run_trl(folder: Path, model: str, steps: int, dtype: str) -> dict:
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM",
     )
-    trainer = DPOTrainer(
+    trainer = trainer_class(
         model=base, args=args, train_dataset=data, processing_class=tok, peft_config=lora
     )
     start, cpu = time.perf_counter(), time.process_time()
@@ -185,8 +208,8 @@ def tokens_of(folder: Path, model: str) -> int:
     return total
 
 
-def child(which: str, folder: Path, model: str, steps: int, dtype: str) -> None:
-    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps, dtype)
+def child(which: str, folder: Path, model: str, steps: int, dtype: str, objective: str) -> None:
+    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps, dtype, objective)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -197,11 +220,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--model-path")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--objective", choices=["dpo", "kto"], default="dpo")
     ap.add_argument("--child", choices=["lorakit", "trl"])
     ap.add_argument("--folder")
     args = ap.parse_args()
     if args.child:
-        child(args.child, Path(args.folder), args.model_path, args.steps, args.dtype)
+        child(
+            args.child, Path(args.folder), args.model_path, args.steps, args.dtype, args.objective
+        )
         return
     model = model_path(args.model_path)
     results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
@@ -213,6 +239,7 @@ def main() -> None:
                 pairs_file(folder, args.steps * 4)
                 cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder)]
                 cmd += ["--model-path", model, "--steps", str(args.steps), "--dtype", args.dtype]
+                cmd += ["--objective", args.objective]
                 env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -233,8 +260,9 @@ def main() -> None:
     print(
         f"lorakit / TRL: throughput x{best['lorakit'] / best['trl']:.2f} (wall clock), "
         f"x{cpu['lorakit'] / cpu['trl']:.2f} (per CPU second), "
-        f"peak RSS x{rss['lorakit'] / rss['trl']:.2f} ({args.steps} steps of 4 pairs, "
-        f"{args.reps} round(s), {args.dtype}, CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
+        f"peak RSS x{rss['lorakit'] / rss['trl']:.2f} ({args.objective}, {args.steps} steps of "
+        f"4 pairs, {args.reps} round(s), {args.dtype}, "
+        f"CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
     )
 
 

@@ -300,6 +300,17 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
+    if (
+        recipe.train.objective != "sft"
+        and not backend.quantizes
+        and "bfloat16" in str(compute_dtype)
+    ):
+        say(
+            f"note: objective {recipe.train.objective} in bf16: an answer's summed "
+            "log-probability moves by up to ~1 nat with how the answers are packed (bf16 "
+            "rounding; measured on SmolLM2-135M), noise the loss sees against the reference; "
+            'set quant.dtype = "fp32" where small differences matter (docs/preference.md)'
+        )
     residual = None
     if quantizes_residual(recipe, backend):
         # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
