@@ -180,3 +180,6 @@ def test_shared_cast_converts_each_input_once_and_sees_changes():
     assert again is not first and again.equal(x.to(torch.bfloat16))
     y = x.clone()
     assert cast(y, torch.bfloat16) is not again
+    with torch.inference_mode():
+        z = torch.randn(3, 4)
+    assert cast(z, torch.bfloat16).equal(z.to(torch.bfloat16)), "inference tensors: not cached"

@@ -116,6 +116,8 @@ class _SharedCast:
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x
+        if x.is_inference():  # no version counter to check: not cached
+            return x.to(dtype)
         cast = self._cast
         if (
             cast is not None
