@@ -97,13 +97,23 @@ def test_a_preference_run_in_bf16_says_its_log_probabilities_depend_on_packing(
     tmp_path, answers_recipe, cli
 ):
     """bf16 log-probabilities of the same answers differ by up to ~1 nat with how they are
-    packed (SmolLM2-135M, docs/preference.md): the run says so, and how to avoid it."""
+    packed (SmolLM2-135M, docs/preference.md; NF4 QLoRA in bf16 too): the run says so, and
+    which key avoids it."""
     args = ["quant.dtype=bf16", "output.name=b", "train.max_steps=1"]
     code, _, err = cli("run", answers_recipe, KTO, *args)
     assert code == 0, err
     assert "note: objective kto in bf16" in err and 'quant.dtype = "fp32"' in err
     code, _, err = cli("run", answers_recipe, KTO, "output.name=f", "train.max_steps=1")
     assert code == 0 and "in bf16" not in err, "the fp32 recipe: no note"
+    text = answers_recipe.read_text()  # QLoRA computing in bf16: the same, and its own key
+    answers_recipe.write_text(
+        text.replace(
+            'plugin = "none"\ndtype = "fp32"', 'plugin = "bnb-4bit"\ncompute_dtype = "bf16"'
+        )
+    )
+    code, _, err = cli("run", answers_recipe, KTO, "output.name=q", "train.max_steps=1")
+    assert code == 0, err
+    assert "note: objective kto in bf16" in err and 'quant.compute_dtype = "fp32"' in err
 
 
 def test_kto_reads_pairs_as_one_desirable_and_one_undesirable_answer(

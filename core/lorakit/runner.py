@@ -300,16 +300,13 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    if (
-        recipe.train.objective != "sft"
-        and not backend.quantizes
-        and "bfloat16" in str(compute_dtype)
-    ):
+    if recipe.train.objective != "sft" and "bfloat16" in str(compute_dtype):
+        setting = getattr(backend, "dtype_setting", ("dtype", ""))[0]
         say(
             f"note: objective {recipe.train.objective} in bf16: an answer's summed "
             "log-probability moves by up to ~1 nat with how the answers are packed (bf16 "
             "rounding; measured on SmolLM2-135M), noise the loss sees against the reference; "
-            'set quant.dtype = "fp32" where small differences matter (docs/preference.md)'
+            f'set quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
         )
     residual = None
     if quantizes_residual(recipe, backend):
