@@ -241,6 +241,8 @@ def test_kto_gets_trl_defaults_and_its_keys_are_checked(tmp_path):
     found = problems(tmp_path, 'objective = "kto"\nloss_type = "ipo"')
     assert "train.loss_type = 'ipo' is not used by objective = 'kto'" in found[0]
     assert "KTO's loss is train.kto_loss" in found[0]
+    found = problems(tmp_path, 'objective = "orpo"\nloss_type = "ipo"')
+    assert "is not used by objective = 'orpo'" in found[0] and "kto_loss" not in found[0]
     found = problems(tmp_path, 'objective = "kto"\nper_device_train_batch_size = 1')
     assert "per_device_train_batch_size must be at least 2" in found[0]
     # kto_loss: recorded only when not the default (KTO runs hash as before it existed); the

@@ -300,8 +300,11 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    if recipe.train.objective != "sft" and "bfloat16" in str(compute_dtype):
-        setting = getattr(backend, "dtype_setting", ("dtype", ""))[0]
+    if recipe.train.objective in ("dpo", "kto") and "bfloat16" in str(compute_dtype):
+        # the objectives scored against a reference (lorakit.preference.Objective)
+        from lorakit.contracts import ComputeDtypeSwitch
+
+        setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
         say(
             f"note: objective {recipe.train.objective} in bf16: an answer's summed "
             "log-probability moves by up to ~1 nat with how the answers are packed (bf16 "

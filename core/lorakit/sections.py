@@ -250,7 +250,8 @@ class TrainSection:
             value = getattr(self, key)
             unused = self.objective not in used_by
             if key != "objective" and value not in (defaults[key], None) and unused:
-                hint = " (KTO's loss is train.kto_loss)" if key == "loss_type" else ""
+                kto = key == "loss_type" and self.objective == "kto"
+                hint = " (KTO's loss is train.kto_loss)" if kto else ""
                 raise ValueError(
                     f"train.{key} = {value!r} is not used by objective = "
                     f"{self.objective!r} (only by {', '.join(used_by)}){hint}; remove it or "
