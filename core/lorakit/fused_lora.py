@@ -260,7 +260,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     base = self.base_layer
     if _fusable_4bit(base, x):
         return Lora4bit.apply(x, base.weight, base.bias, *lora, base.compute_dtype)
-    result = self.base_layer(x)
+    result = base(x)
     delta = LoraDelta.apply(x, *lora)
     return result + delta.to(result.dtype)
 

@@ -300,8 +300,11 @@ def load_for_training(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
-    if recipe.train.objective in ("dpo", "kto") and "bfloat16" in str(compute_dtype):
-        # the objectives scored against a reference (lorakit.preference.Objective)
+    from lorakit.device import dtype_name
+    from lorakit.preference import Objective
+
+    against_reference = Objective.from_train(recipe.train).needs_reference
+    if against_reference and dtype_name(compute_dtype) == "bf16":
         from lorakit.contracts import ComputeDtypeSwitch
 
         setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
