@@ -199,9 +199,11 @@ def build_data_tokenizer() -> Any:
     return fast
 
 
-def build_tiny_model(folder: Path, *, biases: bool = False) -> Path:
+def build_tiny_model(folder: Path, *, biases: bool = False, hidden: int = 64) -> Path:
     """Save a tiny random Llama + trained BPE tokenizer with a ChatML template to ``folder``;
-    ``biases``: its attention and MLP projections have biases (random, like Qwen2's q/k/v)."""
+    ``biases``: its attention and MLP projections have biases (random, like Qwen2's q/k/v);
+    ``hidden``: its width (the MLP's is twice that; 512 makes bf16 matmuls round differently
+    with the batch shape on CPUs with AMX/AVX512-BF16, as real models' do)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -221,8 +223,8 @@ def build_tiny_model(folder: Path, *, biases: bool = False) -> Path:
     fast.chat_template = CHATML
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

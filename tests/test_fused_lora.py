@@ -183,3 +183,37 @@ def test_shared_cast_converts_each_input_once_and_sees_changes():
     with torch.inference_mode():
         z = torch.randn(3, 4)
     assert cast(z, torch.bfloat16).equal(z.to(torch.bfloat16)), "inference tensors: not cached"
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_training_arithmetic_without_dropout_is_the_step_less_its_dropout(tiny, compute_dtype):
+    """What a DPO/KTO reference started from an adapter computes in a step
+    (``lorakit.preference.StepReference``): the fused training forward with every dropout off,
+    bit for bit; in bf16 not PEFT's eval forward (its LoRA branch rounds in fp32). The model's
+    train/eval flags come back as they were."""
+    import torch
+    from lorakit.fast_dropout import FastDropout
+    from lorakit.fused_lora import training_arithmetic_without_dropout
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    model, _ = _lora_model(tiny, dtype, True)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+    flags = [m.training for m in model.modules()]
+    with torch.no_grad():
+        with training_arithmetic_without_dropout(model):
+            reference = model(input_ids=ids).logits
+        assert [m.training for m in model.modules()] == flags
+        drops = [m for m in model.modules() if isinstance(m, FastDropout)]
+        assert drops and all(d.threshold for d in drops)
+        kept = [d.threshold for d in drops]
+        for d in drops:  # the training forward with dropout rate 0
+            d.threshold = 0
+        undropped = model(input_ids=ids).logits
+        for d, t in zip(drops, kept, strict=True):
+            d.threshold = t
+        dropped = model(input_ids=ids).logits
+        model.eval()
+        peft_eval = model(input_ids=ids).logits
+    assert reference.equal(undropped)
+    assert not reference.equal(dropped), "dropout is really on in training"
+    assert reference.equal(peft_eval) == (compute_dtype == "fp32")

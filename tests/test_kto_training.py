@@ -93,25 +93,31 @@ def test_apo_zero_unpaired_trains_without_a_reference_point_on_single_answer_bat
     assert resolved["train"]["kto_loss"] == "apo_zero_unpaired"
 
 
-def test_a_preference_run_in_bf16_says_its_log_probabilities_depend_on_packing(
+def test_a_preference_run_in_bf16_scores_the_reference_in_each_step_or_says_why_not(
     tmp_path, answers_recipe, cli
 ):
     """bf16 log-probabilities of the same answers differ by up to ~1 nat with how they are
-    packed (SmolLM2-135M, docs/preference.md; NF4 QLoRA in bf16 too): the run says so, and
-    which key avoids it."""
-    args = ["quant.dtype=bf16", "output.name=b", "train.max_steps=1"]
-    code, _, err = cli("run", answers_recipe, KTO, *args)
+    packed (SmolLM2-135M, docs/preference.md; NF4 QLoRA in bf16 too). ``auto`` then scores the
+    reference in each step's own row (tests/test_step_reference.py); a reference computed once
+    gets a note that says which keys avoid the noise."""
+    args = ["quant.dtype=bf16", "train.max_steps=1"]
+    code, _, err = cli("run", answers_recipe, KTO, *args, "output.name=a")
     assert code == 0, err
-    assert "note: objective kto in bf16" in err and 'quant.dtype = "fp32"' in err
+    assert "reference log-probabilities: in each step" in err and "note: objective" not in err
+    once = 'train.reference_logps="once"'
+    code, _, err = cli("run", answers_recipe, KTO, *args, once, "output.name=b")
+    assert code == 0, err
+    assert "note: objective kto in bf16 with the reference log-probabilities computed once" in err
+    assert 'reference_logps = "every_step"' in err and 'quant.dtype = "fp32"' in err
     code, _, err = cli("run", answers_recipe, KTO, "output.name=f", "train.max_steps=1")
-    assert code == 0 and "in bf16" not in err, "the fp32 recipe: no note"
+    assert code == 0 and "in bf16" not in err and "in each step" not in err, "fp32: once"
     text = answers_recipe.read_text()  # QLoRA computing in bf16: the same, and its own key
     answers_recipe.write_text(
         text.replace(
             'plugin = "none"\ndtype = "fp32"', 'plugin = "bnb-4bit"\ncompute_dtype = "bf16"'
         )
     )
-    code, _, err = cli("run", answers_recipe, KTO, "output.name=q", "train.max_steps=1")
+    code, _, err = cli("run", answers_recipe, KTO, once, "output.name=q", "train.max_steps=1")
     assert code == 0, err
     assert "note: objective kto in bf16" in err and 'quant.compute_dtype = "fp32"' in err
 

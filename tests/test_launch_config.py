@@ -240,3 +240,14 @@ def test_known_keys_match_the_installed_accelerate():
 def test_kto_is_refused_under_fsdp(cli):
     err = refused(cli, FSDP_RECIPE, "--launch-config", CONFIG, 'train.objective="kto"')
     assert 'FSDP with [train].objective = "kto"' in err and "--nproc N" in err
+
+
+def test_dpo_with_the_reference_in_each_step_is_refused_under_fsdp(cli):
+    """``reference_logps = "every_step"`` switches the adapter off or sets its start back in each
+    step, which lorakit does not do on a sharded model; ``auto`` computes it once there."""
+    every = 'train.reference_logps="every_step"'
+    err = refused(cli, FSDP_RECIPE, "--launch-config", CONFIG, 'train.objective="dpo"', every)
+    assert 'FSDP with [train].reference_logps = "every_step"' in err
+    assert 'train.reference_logps = "once"' in err
+    _, _, err = cli("check", FSDP_RECIPE, "--launch-config", CONFIG, 'train.objective="dpo"')
+    assert "reference_logps" not in err, err

@@ -250,6 +250,12 @@ def describe(plan: dict[str, Any]) -> str:
     return text + (f" ({pad} example(s) per epoch repeated to even out the ranks)" if pad else "")
 
 
+def fsdp_launch() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP config (which runs
+    only on GPUs: :func:`check_engine` refuses it on CPU)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def check_engine(device: str) -> None:
     """Refuse an engine that accelerate would silently replace.
 

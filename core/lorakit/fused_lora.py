@@ -34,9 +34,11 @@ nn.Dropout, a 4-bit layer repacked for inference or with a bias that trains.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -255,7 +257,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         self.scaling[name],
-        drop if isinstance(drop, FastDropout) and drop.threshold else None,
+        drop if isinstance(drop, FastDropout) and drop.threshold and drop.training else None,
     )
     base = self.base_layer
     if _fusable_4bit(base, x):
@@ -288,6 +290,26 @@ def _fused_4bit_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if not self.training or not _fusable_4bit(self, x):
         return self._lorakit_bnb_forward(x)
     return Base4bit.apply(x, self.weight, self.bias, self.compute_dtype)
+
+
+@contextlib.contextmanager
+def training_arithmetic_without_dropout(model: Any) -> Iterator[None]:
+    """``model`` in eval mode (no dropout anywhere), except that its fused LoRA layers keep
+    their training forward: the function a training step computes, less its dropout. In bf16
+    PEFT's eval forward computes the LoRA branch in fp32 and the fused one in bf16, so a
+    reference scored in plain eval mode would differ from the policy it is compared with by
+    that rounding (:class:`lorakit.preference.StepReference`)."""
+    was_training = model.training
+    layers = [m for m in model.modules() if "_lorakit_peft_forward" in vars(m)]
+    model.eval()
+    for layer in layers:
+        layer.training = True  # the layer's own flag: its dropout and base stay in eval
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+        model.train(was_training)
 
 
 def use_fused_lora(model: Any) -> int:

@@ -24,19 +24,20 @@ as such, and no mismatched rows are scored (the logged ``kl`` is 0, as in TRL).
 
 The reference is the model as the run starts (the base, or the ``from_adapter`` it starts
 from), as for DPO. The answers' own reference log-probabilities are computed once before
-training (:func:`answer_reference_logps`); the mismatched pairs change with every micro-batch,
-so theirs are computed in the step, without gradients, with the adapter's weights set back to
-their starting values for that forward (:class:`StartWeights`).
+training (:func:`answer_reference_logps`, ``reference_logps = "once"``) or in each step, in the
+step's own packed row (``"every_step"``, :class:`lorakit.preference.StepReference`); the
+mismatched pairs change with every micro-batch, so theirs are always computed in the step,
+without gradients, by the reference (the adapter switched off when it is fresh, else its
+weights set back to their starting values for that forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from lorakit.packing import IGNORE_INDEX
-from lorakit.preference import Objective, sequence_logps
+from lorakit.preference import Objective, StartWeights, StepReference, sequence_logps
 
 
 def _first_label(labels: Sequence[int]) -> int:
@@ -123,37 +124,12 @@ def kl_estimate(policy: Any, reference: Any) -> Any:
     return (policy - reference).mean().detach()
 
 
-class StartWeights:
-    """The adapter's trainable weights as the run starts, to compute the reference model's
-    log-probabilities in a step: :meth:`applied` sets them for one forward without gradients,
-    then puts the trained values back. A fresh LoRA adapter's start is the base model exactly
-    (its B matrices are zero); a ``from_adapter`` run's is the adapter it started from."""
-
-    def __init__(self, model: Any):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.start = [p.detach().clone() for p in self.params]
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        import torch
-
-        with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.start, strict=True):
-                p.copy_(s)
-            try:
-                yield
-            finally:
-                for p, t in zip(self.params, trained, strict=True):
-                    p.copy_(t)
-
-
 def mismatched_logps(
-    model: Any, kl_batch: dict[str, Any], head_kwarg: bool, start: StartWeights
+    model: Any, kl_batch: dict[str, Any], head_kwarg: bool, start: StartWeights | StepReference
 ) -> tuple[Any, Any]:
     """The mismatched rows' summed answer log-probabilities under the model as it is and under
-    the reference, without gradients and in eval mode (no dropout). Call it before the step's
-    own forward: the reference swaps the adapter's weights in place."""
+    the reference (``start.applied()``), without gradients and in eval mode (no dropout). Call
+    it before the step's own forward: the reference may swap the adapter's weights in place."""
     import torch
 
     was_training = model.training

@@ -6,7 +6,9 @@ What differs from the pair objectives:
 - a micro-batch is ``per_device_train_batch_size`` answers packed into one row, with the
   mismatched prompt/answer rows of the KL estimate (:func:`lorakit.kto.pack_answers`);
 - before the step's forward, the mismatched rows are scored without gradients by the model
-  and by the reference (the adapter's starting weights, :class:`lorakit.kto.StartWeights`);
+  and by the reference (:class:`lorakit.preference.StepReference`: the adapter switched off
+  when it is fresh, else its starting weights set back), and with ``reference_logps =
+  "every_step"`` the answers' own row is scored by the reference too;
   their mean log-ratio, averaged over the ranks (in evaluation too, as TRL's gather) and
   clamped at 0, is the step's reference point ``z`` (``kto_loss = "apo_zero_unpaired"``: 0,
   nothing scored);
@@ -26,13 +28,12 @@ from typing import Any
 
 from lorakit.kto import (
     AnswerDataset,
-    StartWeights,
     kl_estimate,
     kto_losses,
     mismatched_logps,
     pack_answers,
 )
-from lorakit.preference import Objective, sequence_logps
+from lorakit.preference import Objective, StepReference, sequence_logps
 from lorakit.recipe import Recipe
 from lorakit.tracking import Loggers
 
@@ -110,7 +111,8 @@ def make_kto_trainer_class() -> Any:
                     fix="train KTO in one process or under DDP (no FSDP launch config)",
                 )
             me: Any = self  # the Trainer's attributes, through an untyped base class
-            self._start = StartWeights(me.model)
+            # the reference of the mismatched rows (and of the answers, in each step)
+            self._start = self._step_reference or StepReference(me.model)
 
         def _new_metrics(self) -> Any:
             return AnswerMetrics()
@@ -135,11 +137,14 @@ def make_kto_trainer_class() -> Any:
                     both = me.accelerator.reduce(torch.stack([z * weight, weight]), "sum")
                     z = both[0] / both[1].clamp(min=1)
                 z = z.clamp(min=0)
+            reference = inputs.get("reference")
+            if reference is None:  # reference_logps = "every_step": in the step's own row
+                reference = self._start.logps(inputs, self._head_kwarg)
             logps, _ = sequence_logps(model, inputs, self._head_kwarg)
             if self._objective.kto_loss != "kto":  # apo_zero_unpaired: no reference point
                 z = logps.new_zeros(())
             desirable = inputs["desirable"]
-            losses, rewards = kto_losses(self._objective, logps, inputs["reference"], desirable, z)
+            losses, rewards = kto_losses(self._objective, logps, reference, desirable, z)
             return losses, (rewards, logps, desirable, z)
 
     return KtoTrainer
@@ -157,12 +162,10 @@ def build_kto_trainer(
     compute_dtype: Any,
 ) -> Any:
     """The trainer for ``objective = "kto"``; ``reference``: the train and eval answers'
-    reference log-probabilities."""
+    reference log-probabilities computed once, or None: computed in each step."""
     from lorakit.training import finish_trainer
 
-    if reference is None:
-        raise ValueError("KTO needs the reference log-probabilities of its answers")
-    train_ref, eval_ref = reference
+    train_ref, eval_ref = reference if reference is not None else (None, None)
     return finish_trainer(
         make_kto_trainer_class(),
         recipe,
@@ -175,4 +178,5 @@ def build_kto_trainer(
         device,
         compute_dtype,
         objective=Objective.from_train(recipe.train),
+        reference_in_step=reference is None,
     )

@@ -151,6 +151,15 @@ def _fsdp(report: Any, fsdp: dict[str, Any], recipe: Any, weights: str) -> None:
             "does not allow",
             "train KTO under DDP: lorakit run RECIPE --nproc N (no launch config)",
         )
+    elif recipe.train.objective == "dpo" and recipe.train.reference_logps == "every_step":
+        report.problem(
+            "distributed_type",
+            'FSDP with [train].reference_logps = "every_step": the reference forward in each '
+            "step switches the adapter off or sets its starting weights back, which lorakit "
+            "does not do on a sharded model",
+            'set train.reference_logps = "once" (or "auto", which is "once" under FSDP), or '
+            "train under DDP: lorakit run RECIPE --nproc N",
+        )
     if weights == "int8":
         report.problem(
             "distributed_type",

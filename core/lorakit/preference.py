@@ -25,7 +25,7 @@ ORPO.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -287,3 +287,86 @@ def adds_nothing(model: Any) -> bool:
 
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
+
+
+class StartWeights:
+    """The adapter's trainable weights as the run starts, to compute the reference model's
+    log-probabilities in a step: :meth:`applied` sets them for one forward without gradients,
+    then puts the trained values back. A fresh LoRA adapter's start is the base model exactly
+    (its B matrices are zero); a ``from_adapter`` run's is the adapter it started from."""
+
+    def __init__(self, model: Any):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        import torch
+
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.start, strict=True):
+                p.copy_(s)
+            try:
+                yield
+            finally:
+                for p, t in zip(self.params, trained, strict=True):
+                    p.copy_(t)
+
+
+class StepReference:
+    """The reference model inside a training step (``train.reference_logps = "every_step"``).
+
+    Built from the model as the run starts (before any step, also when a run resumes: the
+    Trainer loads a checkpoint's weights after it is built): a fresh adapter adds exactly
+    nothing, so the reference is the model with the adapter switched off (no LoRA branch, and
+    no copy of the weights); otherwise (a ``from_adapter`` start) the adapter's starting weights
+    are kept and set back for each reference forward (:class:`StartWeights`).
+
+    :meth:`logps` scores the step's own packed row, so the reference sees the same matmul shapes
+    as the policy and, in bf16, rounds the same way: with a fresh adapter, the first step's
+    policy and reference log-probabilities are the same bits in any dtype, where a reference
+    computed once in other batches differs by up to ~1 nat in bf16 (docs/preference.md)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.start = None if adds_nothing(model) else StartWeights(model)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model is the reference inside this block (call it without gradients)."""
+        if self.start is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            with self.start.applied():
+                yield
+
+    def logps(self, batch: dict[str, Any], head_kwarg: bool) -> Any:
+        """The reference's summed answer log-probabilities of ``batch``, without gradients
+        and without dropout, in the step's arithmetic. Call it before the step's own forward:
+        a ``from_adapter`` reference swaps the adapter's weights in place."""
+        import torch
+
+        from lorakit.fused_lora import training_arithmetic_without_dropout
+
+        # a fresh adapter is switched off (eval mode: the base alone); a start adapter is
+        # computed as the step computes it, without dropout: in bf16 PEFT's eval forward
+        # rounds the LoRA branch otherwise than the step's fused layers
+        with torch.no_grad(), training_arithmetic_without_dropout(self.model), self.applied():
+            sums, _ = sequence_logps(self.model, batch, head_kwarg)
+        return sums.float()
+
+
+def reference_in_step(mode: str, compute_dtype: str, sharded: bool) -> bool:
+    """Whether the reference log-probabilities are computed in each step (``True``) or once
+    before training, for ``train.reference_logps`` = ``mode``. ``auto``: in each step when the
+    model computes in a 16-bit dtype (``compute_dtype``: ``dtype_name``'s ``bf16``/``fp16``),
+    where batching moves the rounding; once in fp32, where it moves a sum by ~1e-5 nats and one
+    pass is cheaper. Under FSDP (``sharded``) ``auto`` is ``once``: a sharded model cannot set
+    the adapter's starting weights back for one forward."""
+    if mode == "every_step":
+        return True
+    if mode == "once":
+        return False
+    return compute_dtype in ("bf16", "fp16") and not sharded

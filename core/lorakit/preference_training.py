@@ -8,9 +8,12 @@ changes:
   (:func:`lorakit.preference.pack_pairs`);
 - the loss is the sum of the per-pair losses divided by the pairs of the whole optimizer step
   (all micro-batches, all ranks), so it does not depend on how pairs are grouped;
-- DPO's reference log-probabilities were computed once before training
-  (:func:`lorakit.preference.reference_logps`) and ride along with each pair: no second model,
-  no reference forward per step;
+- DPO's reference log-probabilities come from the same model (the adapter off, or set back
+  to its starting weights): computed in each step from the step's own packed row
+  (``reference_logps = "every_step"``, :class:`lorakit.preference.StepReference`: one more
+  forward without gradients, the same rounding as the policy's in bf16), or once before
+  training (``"once"``, :func:`lorakit.preference.reference_logps`), riding along with each
+  pair;
 - each logged step carries TRL's metric names: ``rewards/chosen``, ``rewards/rejected``,
   ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, averaged
   over the pairs since the last log (and ``eval_rewards/...`` with ``eval_steps``).
@@ -27,6 +30,7 @@ from lorakit.loss import diverged
 from lorakit.preference import (
     Objective,
     PairDataset,
+    StepReference,
     pack_pairs,
     pair_losses,
     sequence_logps,
@@ -83,10 +87,25 @@ def make_preference_trainer_class() -> Any:
     class PreferenceTrainer(base):
         """The packed SFT trainer with a preference loss over pairs."""
 
-        def __init__(self, *args: Any, objective: Objective, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, objective: Objective, reference_in_step: bool = False, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             self._objective = objective
             self._pair_metrics = self._new_metrics()
+            me: Any = self  # the Trainer's attributes, through an untyped base class
+            # the reference in each step (built now, from the model as the run starts)
+            self._step_reference = StepReference(me.model) if reference_in_step else None
+            sharded = getattr(self, "is_fsdp_enabled", False)
+            if reference_in_step and sharded and objective.name != "kto":  # KTO: its own error
+                from lorakit.errors import RunError
+
+                raise RunError(
+                    "the reference log-probabilities in each step switch the adapter off or "
+                    "set its starting weights back for one forward, which lorakit does not do "
+                    "on a sharded (FSDP) model",
+                    fix='set train.reference_logps = "once", or train under DDP',
+                )
 
         # what KTO's trainer (lorakit.kto_training) changes: the metrics, the count the loss
         # divides by, the loss, and whether the loss of an eval batch talks to the other ranks
@@ -113,10 +132,12 @@ def make_preference_trainer_class() -> Any:
 
         def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, tuple]:
             """Per-item losses, and what the metrics add."""
+            reference = inputs.get("reference")
+            if reference is None and self._step_reference is not None:
+                # before the policy's forward: a from_adapter reference swaps weights in place
+                reference = self._step_reference.logps(inputs, self._head_kwarg)
             logps, counts = sequence_logps(model, inputs, self._head_kwarg)
-            losses, chosen, rejected = pair_losses(
-                self._objective, logps, counts, inputs.get("reference")
-            )
+            losses, chosen, rejected = pair_losses(self._objective, logps, counts, reference)
             return losses, (chosen, rejected, logps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -198,9 +219,11 @@ def build_preference_trainer(
     compute_dtype: Any,
 ) -> Any:
     """The trainer for a pair objective; ``reference``: the train and eval pairs' reference
-    log-probabilities (DPO), else None. KTO's is :func:`lorakit.kto_training.build_kto_trainer`."""
+    log-probabilities computed once (DPO), else None (DPO: computed in each step). KTO's is
+    :func:`lorakit.kto_training.build_kto_trainer`."""
     from lorakit.training import finish_trainer
 
+    objective = Objective.from_train(recipe.train)
     train_ref, eval_ref = reference if reference is not None else (None, None)
     return finish_trainer(
         make_preference_trainer_class(),
@@ -213,5 +236,6 @@ def build_preference_trainer(
         loggers,
         device,
         compute_dtype,
-        objective=Objective.from_train(recipe.train),
+        objective=objective,
+        reference_in_step=objective.needs_reference and reference is None,
     )

@@ -31,7 +31,7 @@ from lorakit.data.pipeline import (
 from lorakit.data.row_files import row_lengths
 from lorakit.data.unpaired import tokenize_answers, weight_note
 from lorakit.diskfull import disk_full_is_an_error
-from lorakit.distributed import is_main, world_size
+from lorakit.distributed import fsdp_launch, is_main, world_size
 from lorakit.errors import DataError, RunError
 from lorakit.evaluation.harness import check_tasks
 from lorakit.export.adapter_io import save_adapter, stop_token_ids
@@ -301,19 +301,33 @@ def load_for_training(
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
     from lorakit.device import dtype_name
-    from lorakit.preference import Objective
+    from lorakit.preference import Objective, reference_in_step
 
-    against_reference = Objective.from_train(recipe.train).needs_reference
-    if against_reference and dtype_name(compute_dtype) == "bf16":
-        from lorakit.contracts import ComputeDtypeSwitch
+    objective = recipe.train.objective
+    if Objective.from_train(recipe.train).needs_reference:
+        name = dtype_name(compute_dtype)
+        mode = recipe.train.reference_logps
+        if reference_in_step(mode, name, fsdp_launch()):
+            say(
+                "reference log-probabilities: in each step, from the step's own packed row "
+                "(one more forward without gradients)"
+                + (f"; {name} rounds it as it rounds the policy's" if name != "fp32" else "")
+            )
+        elif name != "fp32":
+            from lorakit.contracts import ComputeDtypeSwitch
 
-        setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
-        say(
-            f"note: objective {recipe.train.objective} in bf16: an answer's summed "
-            "log-probability moves by up to ~1 nat with how the answers are packed (bf16 "
-            "rounding; measured on SmolLM2-135M), noise the loss sees against the reference; "
-            f'set quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
-        )
+            setting = (
+                backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
+            )
+            why = "under FSDP " if mode == "auto" else ""
+            say(
+                f"note: objective {objective} in {name} with the reference log-probabilities "
+                f"computed once {why}(before training, in other batches than the steps'): an "
+                f"answer's summed log-probability moves by up to ~1 nat with how the answers "
+                f"are packed ({name} rounding; measured on SmolLM2-135M), noise the loss sees "
+                f'against the reference; set train.reference_logps = "every_step" or '
+                f'quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
+            )
     residual = None
     if quantizes_residual(recipe, backend):
         # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
@@ -434,10 +448,15 @@ def reference_for(
 ) -> tuple[Sequence[Any], Sequence[Any]] | None:
     """DPO's reference: every train and val pair's log-probabilities under the model as it
     starts (the base, or the ``from_adapter`` it starts from), once, before training (KTO:
-    every answer's); None for the reference-free objectives."""
-    from lorakit.preference import Objective, reference_logps
+    every answer's); None for the reference-free objectives, and where the trainer computes
+    them in each step (``train.reference_logps``)."""
+    from lorakit.device import dtype_name
+    from lorakit.preference import Objective, reference_in_step, reference_logps
 
     if not Objective.from_train(recipe.train).needs_reference:
+        return None
+    name = dtype_name(tm.compute_dtype)
+    if reference_in_step(recipe.train.reference_logps, name, fsdp_launch()):
         return None
     size = recipe.train.per_device_eval_batch_size
     if recipe.train.objective == "kto":

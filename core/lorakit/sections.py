@@ -30,6 +30,7 @@ PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
     "kto_loss": ("kto",),
+    "reference_logps": ("dpo", "kto"),
 }
 KTO_KEYS = ("desirable_weight", "undesirable_weight", "kto_loss")
 # beta's default for each objective that uses it (DPO and KTO: TRL's 0.1; SimPO: the paper's 2.0)
@@ -234,6 +235,14 @@ class TrainSection:
         "mismatched prompt/answer pairs) or apo_zero_unpaired (APO-zero, unpaired: pushes "
         "desirable answers up and undesirable ones down from the reference, no KL estimate)",
     )
+    reference_logps: Literal["auto", "once", "every_step"] = option(
+        "auto",
+        doc="dpo and kto: when the reference model scores the answers: every_step (in the "
+        "step's own packed row, one more forward without gradients per step: the same bits as "
+        "the policy's forward, whatever the dtype), once (before training, in fixed batches: "
+        "cheaper, but in bf16 the packing differs from the step's and moves a summed "
+        "log-probability by up to ~1 nat), auto (every_step in bf16/fp16, once in fp32)",
+    )
     from_adapter: str | None = option(
         None,
         doc="start from this adapter (an SFT run folder, or its adapter/ folder; relative to "
@@ -278,7 +287,8 @@ class TrainSection:
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: an SFT section without the preference keys
         (``from_adapter`` only when set), so SFT runs hash as they always did; a pair
-        objective's without KTO's keys; KTO's ``kto_loss`` only when not the default."""
+        objective's without KTO's keys; KTO's ``kto_loss`` and ``reference_logps`` only when
+        not the default."""
         from lorakit.options import to_plain
 
         out = to_plain(self)
@@ -290,6 +300,8 @@ class TrainSection:
                 out.pop(key)
         elif self.kto_loss == "kto":  # KTO runs hash as before kto_loss existed
             out.pop("kto_loss")
+        if "reference_logps" in out and self.reference_logps == "auto":
+            out.pop("reference_logps")  # and runs as before it existed
         if self.from_adapter is None:
             out.pop("from_adapter")
         return out

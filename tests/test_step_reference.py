@@ -1,0 +1,198 @@
+"""The reference log-probabilities computed in each step, from the step's own packed row
+(``train.reference_logps = "every_step"``, ``lorakit.preference.StepReference``; issue 23).
+
+A reference computed once before training packs the answers in other batches than the steps'
+rows. In bf16 a matmul's rounding depends on the batch shape on CPUs with AMX/AVX512-BF16, so an
+answer's summed log-probability moves with the packing (up to ~1 nat on SmolLM2-135M): noise in
+``policy - reference``. Computed in the step, the reference scores the policy's own row, so with
+a fresh adapter (which adds exactly nothing) the first step's policy and reference are the same
+bits in fp32 and in bf16: rewards exactly 0, DPO's loss exactly ln 2, KTO's exactly 0.5.
+
+The bit-for-bit tests use a wider tiny model (hidden 512), where this machine kind's bf16
+matmuls do round with the batch shape (:func:`bf16_rounds_with_batch_shape`): there the same
+tests show the reference computed once is *not* exact, so they can tell the two apart.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from helpers import (
+    assert_seeded_and_resumes,
+    build_tiny_model,
+    logged_steps,
+    preference_records,
+    tiny_recipe,
+    unpaired_records,
+    with_preference_source,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+LN2 = float.fromhex("0x1.62e430p-1")  # ln 2 in fp32, as the step computes it
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("wide-llama"), hidden=512)
+
+
+def bf16_rounds_with_batch_shape(model_dir: Path) -> bool:
+    """Does this CPU round the model's bf16 forward differently when the same answers are
+    packed 8 to a row and 1 to a row? (Yes on the AMX Xeons measured, at hidden 512: oneDNN
+    picks its kernel by the number of rows.)"""
+    import torch
+    from helpers import load_tiny_model
+    from lorakit.attention import packed_attention
+    from lorakit.packing import pack
+    from lorakit.preference import sequence_logps
+
+    model = load_tiny_model(model_dir).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(5, model.config.vocab_size, (60,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 30 + ids[30:]})
+    with torch.no_grad(), packed_attention(model, "cpu"):
+        together = sequence_logps(model, pack(rows), True)[0]
+        alone = torch.cat([sequence_logps(model, pack([r]), True)[0] for r in rows])
+    return not torch.equal(together, alone)
+
+
+def _recipe(tmp_path: Path, model_dir: Path, records: list[dict], dtype: str) -> Path:
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    path = tiny_recipe(tmp_path, model_dir, data, dtype=dtype)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    return path
+
+
+def _first_step(cli, recipe: Path, runs: Path, name: str, *overrides: str) -> tuple[dict, str]:
+    code, _, err = cli("run", recipe, f"output.name={name}", "train.max_steps=1", *overrides)
+    assert code == 0, err
+    return logged_steps(runs / name)[0], err
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_fresh_adapters_first_step_sees_the_reference_exactly(
+    tmp_path, wide_model_dir, cli, monkeypatch, compute_dtype, objective
+):
+    with_preference_source(monkeypatch)
+    records = preference_records(24) if objective == "dpo" else unpaired_records(24)
+    recipe = _recipe(tmp_path, wide_model_dir, records, compute_dtype)
+    exact = LN2 if objective == "dpo" else 0.5
+    runs = tmp_path / "runs"
+    first, err = _first_step(
+        cli,
+        recipe,
+        runs,
+        "every",
+        f'train.objective="{objective}"',
+        'train.reference_logps="every_step"',
+    )
+    assert "reference log-probabilities: in each step" in err
+    assert "reference log-probabilities of" not in err, "nothing is computed before training"
+    assert first["loss"] == exact, first
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+    # auto: in each step in bf16, once in fp32
+    first_auto, err = _first_step(cli, recipe, runs, "auto", f'train.objective="{objective}"')
+    assert ("in each step" in err) == (compute_dtype == "bf16")
+    if compute_dtype == "bf16" and bf16_rounds_with_batch_shape(wide_model_dir):
+        # the reference computed once, in other batches: not the policy's bits here
+        once, err = _first_step(
+            cli,
+            recipe,
+            runs,
+            "once",
+            f'train.objective="{objective}"',
+            'train.reference_logps="once"',
+        )
+        assert "note: objective" in err and 'reference_logps = "every_step"' in err
+        assert once["loss"] != exact, once
+        assert first_auto["loss"] == exact
+
+
+def test_every_step_is_seeded_and_resumes_exactly(
+    tmp_path, tiny_model_dir, cli, monkeypatch, compute_dtype
+):
+    """Determinism and exact resume with the reference in each step, in both dtypes (the
+    reference has no state: a resumed run scores each step's row as the uninterrupted run)."""
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, preference_records(60), compute_dtype)
+    common = [
+        'train.objective="dpo"',
+        'train.reference_logps="every_step"',
+        'train.lr_scheduler_type="constant"',
+        "train.save_steps=2",
+    ]
+    resumed, full = assert_seeded_and_resumes(cli, recipe, tmp_path / "runs", common)
+    assert resumed["rewards/margins"] == full["rewards/margins"]
+    assert full["rewards/margins"] != 0.0, "the run trained away from the reference"
+
+
+def test_every_step_from_an_sft_adapter_keeps_it_as_the_reference(
+    tmp_path, tiny_model_dir, cli, monkeypatch, compute_dtype
+):
+    """A ``from_adapter`` start: the reference sets the adapter's starting weights back for one
+    forward and puts the trained ones back. Without dropout the first step's policy is the
+    start exactly (rewards 0), and training still moves the adapter."""
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, preference_records(60), compute_dtype)
+    runs = tmp_path / "runs"
+    # no dropout (the DPO run keeps the SFT adapter's LoRA settings)
+    code, _, err = cli("run", recipe, "output.name=sft", "train.max_steps=6", "peft.dropout=0.0")
+    assert code == 0, err
+    dpo = [
+        'train.objective="dpo"',
+        'train.from_adapter="runs/sft"',
+        'train.reference_logps="every_step"',
+        "train.learning_rate=1e-2",
+        "train.max_steps=3",
+    ]
+    code, _, err = cli("run", recipe, "output.name=dpo", *dpo)
+    assert code == 0, err
+    steps = logged_steps(runs / "dpo")
+    assert steps[0]["rewards/chosen"] == 0.0 and steps[0]["loss"] == LN2, steps[0]
+    # the start was put back after each reference forward: the policy trains away from it
+    assert steps[-1]["rewards/margins"] != 0.0 and not math.isclose(steps[-1]["loss"], LN2)
+
+
+def test_reference_logps_is_checked_and_recorded_only_when_set(tmp_path, cli):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    base = '[[data.sources]]\nplugin = "chat_jsonl"\npath = "c.jsonl"\n[train]\n'
+    path.write_text(base + 'objective = "orpo"\nreference_logps = "every_step"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ())
+    assert "train.reference_logps = 'every_step' is not used by objective = 'orpo'" in str(
+        info.value.problems
+    )
+    path.write_text(base + 'objective = "dpo"\nreference_logps = "sometimes"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ())
+    assert "reference_logps" in info.value.problems[0] and "every_step" in info.value.problems[0]
+    path.write_text(base + 'objective = "dpo"\n')
+    assert "reference_logps" not in load_recipe(path, ()).resolved()["train"]
+    path.write_text(base + 'objective = "dpo"\nreference_logps = "once"\n')
+    assert load_recipe(path, ()).resolved()["train"]["reference_logps"] == "once"
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "sharded", "in_step"),
+    [
+        ("auto", "bf16", False, True),
+        ("auto", "fp16", False, True),
+        ("auto", "fp32", False, False),
+        ("auto", "bf16", True, False),  # FSDP: no weights set back on a sharded model
+        ("every_step", "fp32", False, True),
+        ("once", "bf16", False, False),
+    ],
+)
+def test_when_the_reference_is_computed_in_each_step(mode, dtype, sharded, in_step):
+    from lorakit.preference import reference_in_step
+
+    assert reference_in_step(mode, dtype, sharded) is in_step
