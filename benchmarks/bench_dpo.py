@@ -2,7 +2,7 @@
 KTOTrainer) on the same pairs.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
-        [--model-path DIR] [--dtype fp32|bf16] [--objective dpo|kto]
+        [--model-path DIR] [--dtype fp32|bf16] [--objective dpo|kto] [--reference auto|both]
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
 ``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
@@ -14,8 +14,9 @@ lorakit's base weights and matmuls in bf16 (its ``auto`` there), TRL's ``bf16=Tr
 weights under bf16 autocast, TRL's default).
 
 The clock covers what each needs to train those pairs: for lorakit the reference
-log-probabilities (computed once, before step 1) plus the steps; for TRL the steps (its
-reference forward runs inside each step). Model loading, data preparation and evaluation are
+log-probabilities (computed once before step 1 in fp32; in each step in bf16, lorakit's
+``reference_logps = "auto"``; ``--reference both`` runs ``every_step`` and ``once`` as two
+contenders) plus the steps; for TRL the steps (its reference forward runs inside each step). Model loading, data preparation and evaluation are
 outside it. Tokens are both sides of every pair (prompt + answer), the same count for both.
 ``--objective kto``: each pair is one desirable and one undesirable answer (lorakit reads the
 pairs file as KTO data; TRL gets the same answers as unpaired rows, each pair's two in a row),
@@ -59,7 +60,9 @@ def model_path(arg: str | None) -> str:
     return entry.factory(entry.options_class()).resolve().path
 
 
-def run_lorakit(folder: Path, model: str, steps: int, dtype: str, objective: str) -> dict:
+def run_lorakit(
+    folder: Path, model: str, steps: int, dtype: str, objective: str, reference: str = "auto"
+) -> dict:
     from lorakit import catalog, runner
 
     if "preference_jsonl" not in catalog.default_catalog().entries["source"]:
@@ -82,6 +85,7 @@ dropout = 0.05
 target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
 [train]
 objective = "{objective}"
+reference_logps = "{reference}"
 beta = 0.1
 max_steps = {steps}
 per_device_train_batch_size = {4 if objective == "dpo" else 8}
@@ -209,7 +213,11 @@ def tokens_of(folder: Path, model: str) -> int:
 
 
 def child(which: str, folder: Path, model: str, steps: int, dtype: str, objective: str) -> None:
-    out = (run_lorakit if which == "lorakit" else run_trl)(folder, model, steps, dtype, objective)
+    if which == "trl":
+        out = run_trl(folder, model, steps, dtype, objective)
+    else:  # lorakit (its auto), lorakit_once, lorakit_every_step
+        reference = which.removeprefix("lorakit").removeprefix("_") or "auto"
+        out = run_lorakit(folder, model, steps, dtype, objective, reference)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -221,7 +229,14 @@ def main() -> None:
     ap.add_argument("--model-path")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--objective", choices=["dpo", "kto"], default="dpo")
-    ap.add_argument("--child", choices=["lorakit", "trl"])
+    ap.add_argument(
+        "--reference",
+        choices=["auto", "both"],
+        default="auto",
+        help="lorakit's train.reference_logps: its auto (bf16: every_step, fp32: once), or "
+        "both every_step and once as two contenders",
+    )
+    ap.add_argument("--child", choices=["lorakit", "lorakit_once", "lorakit_every_step", "trl"])
     ap.add_argument("--folder")
     args = ap.parse_args()
     if args.child:
@@ -230,10 +245,11 @@ def main() -> None:
         )
         return
     model = model_path(args.model_path)
-    results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
+    mine = ["lorakit_every_step", "lorakit_once"] if args.reference == "both" else ["lorakit"]
+    results: dict[str, list[dict]] = {k: [] for k in (*mine, "trl")}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for which in ("lorakit", "trl"):
+            for which in results:
                 folder = Path(tmp) / f"{which}-{rep}"
                 folder.mkdir()
                 pairs_file(folder, args.steps * 4)
@@ -257,13 +273,14 @@ def main() -> None:
     best = {k: max(r["tokens"] / r["seconds"] for r in v) for k, v in results.items()}
     cpu = {k: max(r["tokens"] / r["cpu_seconds"] for r in v) for k, v in results.items()}
     rss = {k: min(r["peak_rss_mb"] for r in v) for k, v in results.items()}
-    print(
-        f"lorakit / TRL: throughput x{best['lorakit'] / best['trl']:.2f} (wall clock), "
-        f"x{cpu['lorakit'] / cpu['trl']:.2f} (per CPU second), "
-        f"peak RSS x{rss['lorakit'] / rss['trl']:.2f} ({args.objective}, {args.steps} steps of "
-        f"4 pairs, {args.reps} round(s), {args.dtype}, "
-        f"CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
-    )
+    for k in mine:
+        print(
+            f"{k} / TRL: throughput x{best[k] / best['trl']:.2f} (wall clock), "
+            f"x{cpu[k] / cpu['trl']:.2f} (per CPU second), "
+            f"peak RSS x{rss[k] / rss['trl']:.2f} ({args.objective}, {args.steps} steps of "
+            f"4 pairs, {args.reps} round(s), {args.dtype}, "
+            f"CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
+        )
 
 
 if __name__ == "__main__":
