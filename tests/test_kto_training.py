@@ -228,13 +228,16 @@ def test_the_mismatched_rows_reference_is_the_adapter_the_run_starts_from(tiny_m
         assert not torch.allclose(base_logps, reference), "the reference is the start adapter"
 
 
+@pytest.mark.parametrize("reference", ["once", "every_step"])
 def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
-    tmp_path, tiny_model_dir, monkeypatch
+    tmp_path, tiny_model_dir, monkeypatch, reference
 ):
     """DDP on CPU (gloo): the ranks average their KL estimates every step (a collective in the
     loss), in evaluation too (as TRL's gather does): there every rank scores as many eval
     batches, one with fewer answers scoring a stand-in batch that does not count. One answer
-    per eval batch and an odd number of them make rank 1 do that."""
+    per eval batch and an odd number of them make rank 1 do that. The answers' reference
+    computed once, or in each step on each rank (the adapter switched off on the unwrapped
+    model, outside DDP's forward)."""
     import os
     import subprocess
     import sys
@@ -245,7 +248,7 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     recipe = _recipe(tmp_path, tiny_model_dir, unpaired_records(40))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [KTO, "output.name=ddp", "train.max_steps=3", "train.eval_steps=2", "--nproc", "2"]
-    args.insert(1, "train.per_device_eval_batch_size=1")
+    args[1:1] = ["train.per_device_eval_batch_size=1", f'train.reference_logps="{reference}"']
     proc = subprocess.run(
         [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), *args],
         cwd=REPO,
@@ -258,6 +261,7 @@ def test_kto_under_two_ranks_completes_with_the_reference_point_shared(
     run = tmp_path / "runs" / "ddp"
     steps = logged_steps(run)
     assert len(steps) == 3 and steps[0]["kl"] == 0.0 and steps[0]["loss"] == pytest.approx(0.5)
+    assert ("reference log-probabilities: in each step" in proc.stderr) == (reference != "once")
     info = json.loads((run / "run.json").read_text())
     assert info["batch"]["world_size"] == 2
     counts = json.loads((run / "data_report.json").read_text())["counts"]
