@@ -240,8 +240,9 @@ class TrainSection:
         doc="dpo and kto: when the reference model scores the answers: every_step (in the "
         "step's own packed row, one more forward without gradients per step: the same bits as "
         "the policy's forward, whatever the dtype), once (before training, in fixed batches: "
-        "cheaper, but in bf16 the packing differs from the step's and moves a summed "
-        "log-probability by up to ~1 nat), auto (every_step in bf16/fp16, once in fp32)",
+        "one pass for all epochs, but in bf16 the packing differs from the step's and moves "
+        "a summed log-probability by up to ~1 nat), auto (every_step in bf16/fp16, once in "
+        "fp32 and under FSDP)",
     )
     from_adapter: str | None = option(
         None,
@@ -287,8 +288,8 @@ class TrainSection:
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: an SFT section without the preference keys
         (``from_adapter`` only when set), so SFT runs hash as they always did; a pair
-        objective's without KTO's keys; KTO's ``kto_loss`` and ``reference_logps`` only when
-        not the default."""
+        objective's without KTO's keys; ``kto_loss`` (KTO) and ``reference_logps`` (DPO, KTO)
+        only when not the default."""
         from lorakit.options import to_plain
 
         out = to_plain(self)
