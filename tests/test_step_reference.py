@@ -15,6 +15,7 @@ tests show the reference computed once is *not* exact, so they can tell the two 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -75,43 +76,113 @@ def _first_step(cli, recipe: Path, runs: Path, name: str, *overrides: str) -> tu
     return logged_steps(runs / name)[0], err
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_a_fresh_adapters_first_step_sees_the_reference_exactly(
-    tmp_path, wide_model_dir, cli, monkeypatch, compute_dtype, objective
-):
-    with_preference_source(monkeypatch)
+def _recipe_of(tmp_path, model_dir, objective: str, dtype: str, quant: str = "none") -> Path:
     records = preference_records(24) if objective == "dpo" else unpaired_records(24)
-    recipe = _recipe(tmp_path, wide_model_dir, records, compute_dtype)
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    path = tiny_recipe(tmp_path, model_dir, data, dtype=dtype, quant=quant)
+    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("objective", "quant"),
+    [("dpo", "none"), ("kto", "none"), ("dpo", "bnb-4bit"), ("dpo", "bnb-8bit")],
+)
+def test_a_fresh_adapters_first_step_sees_the_reference_exactly(
+    tmp_path, wide_model_dir, cli, monkeypatch, compute_dtype, objective, quant
+):
+    """LoRA, QLoRA (NF4) and 8-bit: the reference forward is the policy's in the step's
+    arithmetic (bitsandbytes' 8-bit layers evaluate with int8 activations, and train with the
+    dequantized weight: the reference must take the training path)."""
+    with_preference_source(monkeypatch)
+    recipe = _recipe_of(tmp_path, wide_model_dir, objective, compute_dtype, quant)
     exact = LN2 if objective == "dpo" else 0.5
     runs = tmp_path / "runs"
-    first, err = _first_step(
-        cli,
-        recipe,
-        runs,
-        "every",
-        f'train.objective="{objective}"',
-        'train.reference_logps="every_step"',
-    )
+    every = ('train.reference_logps="every_step"', f'train.objective="{objective}"')
+    first, err = _first_step(cli, recipe, runs, "every", *every)
     assert "reference log-probabilities: in each step" in err
     assert "reference log-probabilities of" not in err, "nothing is computed before training"
     assert first["loss"] == exact, first
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+    meta = json.loads((runs / "every" / "adapter" / "lorakit.json").read_text())
+    assert meta["reference_logps"] == "every_step", "the run records what it did"
     # auto: in each step in bf16, once in fp32
-    first_auto, err = _first_step(cli, recipe, runs, "auto", f'train.objective="{objective}"')
+    _, err = _first_step(cli, recipe, runs, "auto", f'train.objective="{objective}"')
     assert ("in each step" in err) == (compute_dtype == "bf16")
-    if compute_dtype == "bf16" and bf16_rounds_with_batch_shape(wide_model_dir):
-        # the reference computed once, in other batches: not the policy's bits here
-        once, err = _first_step(
-            cli,
-            recipe,
-            runs,
-            "once",
-            f'train.objective="{objective}"',
-            'train.reference_logps="once"',
-        )
-        assert "note: objective" in err and 'reference_logps = "every_step"' in err
-        assert once["loss"] != exact, once
-        assert first_auto["loss"] == exact
+    meta = json.loads((runs / "auto" / "adapter" / "lorakit.json").read_text())
+    assert meta["reference_logps"] == ("every_step" if compute_dtype == "bf16" else "once")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_once_in_bf16_is_not_exact_where_the_cpu_rounds_with_batch_shape(
+    tmp_path, wide_model_dir, cli, monkeypatch, objective
+):
+    """What ``every_step`` fixes, shown on this CPU: the reference computed once, in other
+    batches than the step's, is not the policy's bits at the first step. Skipped where this
+    CPU's bf16 forward does not depend on the batch shape (emulated bf16)."""
+    if not bf16_rounds_with_batch_shape(wide_model_dir):
+        pytest.skip("this CPU's bf16 matmuls round the same whatever the batch shape")
+    with_preference_source(monkeypatch)
+    recipe = _recipe_of(tmp_path, wide_model_dir, objective, "bf16")
+    exact = LN2 if objective == "dpo" else 0.5
+    runs = tmp_path / "runs"
+    once = ('train.reference_logps="once"', f'train.objective="{objective}"')
+    first, err = _first_step(cli, recipe, runs, "once", *once)
+    assert "note: objective" in err and 'reference_logps = "every_step"' in err
+    assert first["loss"] != exact, first
+    first, _ = _first_step(cli, recipe, runs, "auto", f'train.objective="{objective}"')
+    assert first["loss"] == exact, first
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_the_reference_computes_as_the_policy_does_in_training_and_in_evaluation(
+    tiny_model_dir, compute_dtype
+):
+    """A start adapter that adds something (a ``from_adapter`` run): the reference, with the
+    start's weights still in place, gives the policy's log-probabilities bit for bit, in a
+    training step (fused layers, dropout off) and in evaluation (PEFT's eval forward: in bf16
+    it rounds the LoRA branch otherwise than the fused layers do)."""
+    import torch
+    from lorakit.attention import packed_attention
+    from lorakit.fast_dropout import FastDropout, use_fast_dropout
+    from lorakit.fused_lora import use_fused_lora
+    from lorakit.packing import pack
+    from lorakit.preference import StepReference, sequence_logps
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    use_fast_dropout(model)
+    use_fused_lora(model)
+    reference = StepReference(model)
+    assert reference.start is not None, "a start that adds something: its weights are kept"
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(3):
+        ids = torch.randint(5, 300, (40,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 20 + ids[20:]})
+    batch = pack(rows)
+    drops = [m for m in model.modules() if isinstance(m, FastDropout)]
+    with torch.no_grad(), packed_attention(model, "cpu"):
+        model.train()
+        for d in drops:  # the training step's forward, without its dropout
+            d.threshold = 0
+        policy = sequence_logps(model, batch, True)[0]
+        for d in drops:
+            d.threshold = round(0.1 * 65536)
+        assert torch.equal(reference.logps(batch, True), policy.float())
+        assert model.training and all(m.training for m in model.modules())
+        model.eval()
+        policy = sequence_logps(model, batch, True)[0]
+        assert torch.equal(reference.logps(batch, True), policy.float())
+        assert not any(m.training for m in model.modules())
 
 
 def test_every_step_is_seeded_and_resumes_exactly(
@@ -137,7 +208,8 @@ def test_every_step_from_an_sft_adapter_keeps_it_as_the_reference(
 ):
     """A ``from_adapter`` start: the reference sets the adapter's starting weights back for one
     forward and puts the trained ones back. Without dropout the first step's policy is the
-    start exactly (rewards 0), and training still moves the adapter."""
+    start exactly (rewards 0), training still moves the adapter, and a resumed run equals the
+    uninterrupted one."""
     with_preference_source(monkeypatch)
     recipe = _recipe(tmp_path, tiny_model_dir, preference_records(60), compute_dtype)
     runs = tmp_path / "runs"
@@ -157,6 +229,11 @@ def test_every_step_from_an_sft_adapter_keeps_it_as_the_reference(
     assert steps[0]["rewards/chosen"] == 0.0 and steps[0]["loss"] == LN2, steps[0]
     # the start was put back after each reference forward: the policy trains away from it
     assert steps[-1]["rewards/margins"] != 0.0 and not math.isclose(steps[-1]["loss"], LN2)
+    # a resumed run keeps the start it was built from (the checkpoint's weights are loaded
+    # after the reference took its copy): the uninterrupted run's adapter
+    common = [a for a in dpo if not a.startswith("train.max_steps")]
+    common += ['train.lr_scheduler_type="constant"', "train.save_steps=2"]
+    assert_seeded_and_resumes(cli, recipe, runs, common)
 
 
 def test_reference_logps_is_checked_and_recorded_only_when_set(tmp_path, cli):

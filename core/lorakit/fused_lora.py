@@ -292,15 +292,25 @@ def _fused_4bit_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return Base4bit.apply(x, self.weight, self.bias, self.compute_dtype)
 
 
+def _is_bnb_8bit(module: Any) -> bool:
+    """bitsandbytes' own ``Linear8bitLt`` (or a subclass), not PEFT's LoRA layer of that name."""
+    return any(
+        c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes")
+        for c in type(module).__mro__
+    )
+
+
 @contextlib.contextmanager
 def training_arithmetic_without_dropout(model: Any) -> Iterator[None]:
-    """``model`` in eval mode (no dropout anywhere), except that its fused LoRA layers keep
-    their training forward: the function a training step computes, less its dropout. In bf16
-    PEFT's eval forward computes the LoRA branch in fp32 and the fused one in bf16, so a
-    reference scored in plain eval mode would differ from the policy it is compared with by
-    that rounding (:class:`lorakit.preference.StepReference`)."""
+    """``model`` in eval mode (no dropout anywhere), except the layers whose arithmetic
+    differs between training and evaluation, which keep their training forward: the function
+    a training step computes, less its dropout (:class:`lorakit.preference.StepReference`).
+    Those layers are the fused LoRA layers (in bf16 PEFT's eval forward computes the LoRA
+    branch in fp32, the fused one in bf16) and bitsandbytes' 8-bit layers (on CPU, evaluation
+    quantizes the activations to int8, training multiplies by the dequantized weight); their
+    own flag only, so their dropout stays off."""
     was_training = model.training
-    layers = [m for m in model.modules() if "_lorakit_peft_forward" in vars(m)]
+    layers = [m for m in model.modules() if "_lorakit_peft_forward" in vars(m) or _is_bnb_8bit(m)]
     model.eval()
     for layer in layers:
         layer.training = True  # the layer's own flag: its dropout and base stay in eval

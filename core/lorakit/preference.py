@@ -325,8 +325,10 @@ class StepReference:
 
     :meth:`logps` scores the step's own packed row, so the reference sees the same matmul shapes
     as the policy and, in bf16, rounds the same way: with a fresh adapter, the first step's
-    policy and reference log-probabilities are the same bits in any dtype, where a reference
-    computed once in other batches differs by up to ~1 nat in bf16 (docs/preference.md)."""
+    policy and reference log-probabilities are the same bits in fp32 and bf16, with LoRA, 4-bit
+    and 8-bit bases (``tests/test_step_reference.py``), where a reference computed once in other
+    batches differs by up to ~1 nat in bf16 (docs/preference.md). A ``from_adapter`` start
+    differs from the policy by the policy's LoRA dropout only."""
 
     def __init__(self, model: Any):
         self.model = model
@@ -344,16 +346,22 @@ class StepReference:
 
     def logps(self, batch: dict[str, Any], head_kwarg: bool) -> Any:
         """The reference's summed answer log-probabilities of ``batch``, without gradients
-        and without dropout, in the step's arithmetic. Call it before the step's own forward:
-        a ``from_adapter`` reference swaps the adapter's weights in place."""
+        and without dropout, in the arithmetic the policy computes in now (a training step's,
+        or evaluation's). Call it before the policy's own forward: a ``from_adapter``
+        reference swaps the adapter's weights in place."""
         import torch
 
         from lorakit.fused_lora import training_arithmetic_without_dropout
 
-        # a fresh adapter is switched off (eval mode: the base alone); a start adapter is
-        # computed as the step computes it, without dropout: in bf16 PEFT's eval forward
-        # rounds the LoRA branch otherwise than the step's fused layers
-        with torch.no_grad(), training_arithmetic_without_dropout(self.model), self.applied():
+        # computed as the policy is in this mode: in a training step, the step's arithmetic
+        # without dropout (in bf16 PEFT's eval forward rounds the LoRA branch otherwise than
+        # the step's fused layers); in evaluation, the eval forward the policy runs too
+        same = (
+            training_arithmetic_without_dropout(self.model)
+            if self.model.training
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), same, self.applied():
             sums, _ = sequence_logps(self.model, batch, head_kwarg)
         return sums.float()
 

@@ -495,6 +495,13 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
+    from lorakit.preference import Objective, reference_in_step
+
+    if Objective.from_train(recipe.train).needs_reference:  # what `auto` resolved to
+        in_step = reference_in_step(
+            recipe.train.reference_logps, meta["compute_dtype"], fsdp_launch()
+        )
+        meta["reference_logps"] = "every_step" if in_step else "once"
     from lorakit.lora_init import init_name, loftq_passes
 
     init = init_name(recipe.peft.options)

@@ -238,8 +238,8 @@ class TrainSection:
     reference_logps: Literal["auto", "once", "every_step"] = option(
         "auto",
         doc="dpo and kto: when the reference model scores the answers: every_step (in the "
-        "step's own packed row, one more forward without gradients per step: the same bits as "
-        "the policy's forward, whatever the dtype), once (before training, in fixed batches: "
+        "step's own packed row, one more forward without gradients per step, rounded as the "
+        "policy's forward is), once (before training, in fixed batches: "
         "one pass for all epochs, but in bf16 the packing differs from the step's and moves "
         "a summed log-probability by up to ~1 nat), auto (every_step in bf16/fp16, once in "
         "fp32 and under FSDP)",
