@@ -8,9 +8,11 @@ answer's summed log-probability moves with the packing (up to ~1 nat on SmolLM2-
 a fresh adapter (which adds exactly nothing) the first step's policy and reference are the same
 bits in fp32 and in bf16: rewards exactly 0, DPO's loss exactly ln 2, KTO's exactly 0.5.
 
-The bit-for-bit tests use a wider tiny model (hidden 512), where this machine kind's bf16
-matmuls do round with the batch shape (:func:`bf16_rounds_with_batch_shape`): there the same
-tests show the reference computed once is *not* exact, so they can tell the two apart.
+The bit-for-bit tests use a wider tiny model (hidden 512), where an AMX Xeon's bf16 matmuls
+do round with the batch shape (:func:`bf16_rounds_with_batch_shape`): on such a CPU
+``test_once_in_bf16_is_not_exact_where_the_cpu_rounds_with_batch_shape`` shows the reference
+computed once is *not* exact on the same runs, so the exactness tests can tell the two apart
+(elsewhere it skips, saying why).
 """
 
 from __future__ import annotations
