@@ -270,8 +270,10 @@ def tiny_recipe(
     quant: str = "none",
     extra: str = "",
     dtype: str = "fp32",
+    source: str = "chat_jsonl",
 ) -> Path:
-    """Write a recipe that trains the tiny model on ``data``; runs go to ``folder/runs``.
+    """Write a recipe that trains the tiny model on ``data`` (read by the ``source`` plugin:
+    ``preference_jsonl`` for pairs and labelled answers); runs go to ``folder/runs``.
 
     ``dtype`` is the compute dtype, pinned (fp32 by default) so that a test means the same on
     every CPU: ``auto`` is bf16 on CPUs with fast bf16 and fp32 elsewhere. Tests of guarantees
@@ -300,7 +302,7 @@ max_length = 64
 seed = 7
 
 [[data.sources]]
-plugin = "chat_jsonl"
+plugin = "{source}"
 path = "{data}"
 
 [output]

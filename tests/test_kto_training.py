@@ -25,9 +25,7 @@ KTO = 'train.objective="kto"'
 
 def _recipe(tmp_path: Path, tiny_model_dir: Path, records: list[dict]) -> Path:
     data = write_jsonl(tmp_path / "answers.jsonl", records)
-    path = tiny_recipe(tmp_path, tiny_model_dir, data)
-    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
-    return path
+    return tiny_recipe(tmp_path, tiny_model_dir, data, source="preference_jsonl")
 
 
 @pytest.fixture()

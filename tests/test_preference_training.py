@@ -26,9 +26,7 @@ def pairs_recipe(tmp_path, tiny_model_dir, monkeypatch):
     """A tiny recipe reading 60 preference pairs with ``preference_jsonl``."""
     with_preference_source(monkeypatch)
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(60))
-    path = tiny_recipe(tmp_path, tiny_model_dir, data)
-    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
-    return path
+    return tiny_recipe(tmp_path, tiny_model_dir, data, source="preference_jsonl")
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])

@@ -65,11 +65,13 @@ def bf16_rounds_with_batch_shape(model_dir: Path) -> bool:
     return not torch.equal(together, alone)
 
 
-def _recipe(tmp_path: Path, model_dir: Path, records: list[dict], dtype: str) -> Path:
+def _recipe(
+    tmp_path: Path, model_dir: Path, records: list[dict], dtype: str, quant: str = "none"
+) -> Path:
     data = write_jsonl(tmp_path / "prefs.jsonl", records)
-    path = tiny_recipe(tmp_path, model_dir, data, dtype=dtype)
-    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
-    return path
+    return tiny_recipe(
+        tmp_path, model_dir, data, dtype=dtype, quant=quant, source="preference_jsonl"
+    )
 
 
 def _first_step(cli, recipe: Path, runs: Path, name: str, *overrides: str) -> tuple[dict, str]:
@@ -78,12 +80,8 @@ def _first_step(cli, recipe: Path, runs: Path, name: str, *overrides: str) -> tu
     return logged_steps(runs / name)[0], err
 
 
-def _recipe_of(tmp_path, model_dir, objective: str, dtype: str, quant: str = "none") -> Path:
-    records = preference_records(24) if objective == "dpo" else unpaired_records(24)
-    data = write_jsonl(tmp_path / "prefs.jsonl", records)
-    path = tiny_recipe(tmp_path, model_dir, data, dtype=dtype, quant=quant)
-    path.write_text(path.read_text().replace('"chat_jsonl"', '"preference_jsonl"'))
-    return path
+def _records(objective: str) -> list[dict]:
+    return preference_records(24) if objective == "dpo" else unpaired_records(24)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +95,7 @@ def test_a_fresh_adapters_first_step_sees_the_reference_exactly(
     arithmetic (bitsandbytes' 8-bit layers evaluate with int8 activations, and train with the
     dequantized weight: the reference must take the training path)."""
     with_preference_source(monkeypatch)
-    recipe = _recipe_of(tmp_path, wide_model_dir, objective, compute_dtype, quant)
+    recipe = _recipe(tmp_path, wide_model_dir, _records(objective), compute_dtype, quant)
     exact = LN2 if objective == "dpo" else 0.5
     runs = tmp_path / "runs"
     every = ('train.reference_logps="every_step"', f'train.objective="{objective}"')
@@ -125,7 +123,7 @@ def test_once_in_bf16_is_not_exact_where_the_cpu_rounds_with_batch_shape(
     if not bf16_rounds_with_batch_shape(wide_model_dir):
         pytest.skip("this CPU's bf16 matmuls round the same whatever the batch shape")
     with_preference_source(monkeypatch)
-    recipe = _recipe_of(tmp_path, wide_model_dir, objective, "bf16")
+    recipe = _recipe(tmp_path, wide_model_dir, _records(objective), "bf16")
     exact = LN2 if objective == "dpo" else 0.5
     runs = tmp_path / "runs"
     once = ('train.reference_logps="once"', f'train.objective="{objective}"')

@@ -301,33 +301,28 @@ def load_for_training(
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
     )
     from lorakit.device import dtype_name
-    from lorakit.preference import Objective, reference_in_step
 
-    objective = recipe.train.objective
-    if Objective.from_train(recipe.train).needs_reference:
-        name = dtype_name(compute_dtype)
-        mode = recipe.train.reference_logps
-        if reference_in_step(mode, name, fsdp_launch()):
-            say(
-                "reference log-probabilities: in each step, from the step's own packed row "
-                "(one more forward without gradients)"
-                + (f"; {name} rounds it as it rounds the policy's" if name != "fp32" else "")
-            )
-        elif name != "fp32":
-            from lorakit.contracts import ComputeDtypeSwitch
+    name = dtype_name(compute_dtype)
+    when = reference_mode(recipe, compute_dtype)
+    if when == "every_step":
+        say(
+            "reference log-probabilities: in each step, from the step's own packed row "
+            "(one more forward without gradients)"
+            + (f"; {name} rounds it as it rounds the policy's" if name != "fp32" else "")
+        )
+    elif when == "once" and name != "fp32":
+        from lorakit.contracts import ComputeDtypeSwitch
 
-            setting = (
-                backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
-            )
-            why = "under FSDP " if mode == "auto" else ""
-            say(
-                f"note: objective {objective} in {name} with the reference log-probabilities "
-                f"computed once {why}(before training, in other batches than the steps'): an "
-                f"answer's summed log-probability moves by up to ~1 nat with how the answers "
-                f"are packed ({name} rounding; measured on SmolLM2-135M), noise the loss sees "
-                f'against the reference; set train.reference_logps = "every_step" or '
-                f'quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
-            )
+        setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
+        why = "under FSDP " if recipe.train.reference_logps == "auto" else ""
+        say(
+            f"note: objective {recipe.train.objective} in {name} with the reference "
+            f"log-probabilities computed once {why}(before training, in other batches than the "
+            f"steps'): an answer's summed log-probability moves by up to ~1 nat with how the "
+            f"answers are packed ({name} rounding; measured on SmolLM2-135M), noise the loss "
+            f'sees against the reference; set train.reference_logps = "every_step" or '
+            f'quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
+        )
     residual = None
     if quantizes_residual(recipe, backend):
         # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
@@ -443,6 +438,19 @@ def train(
     return trainer
 
 
+def reference_mode(recipe: Recipe, compute_dtype: Any) -> str | None:
+    """When this run's reference log-probabilities are computed: ``"every_step"`` or
+    ``"once"`` (``train.reference_logps`` resolved for the compute dtype and the launch,
+    :func:`lorakit.preference.reference_in_step`), None for an objective without a reference."""
+    from lorakit.device import dtype_name
+    from lorakit.preference import Objective, reference_in_step
+
+    if not Objective.from_train(recipe.train).needs_reference:
+        return None
+    mode, name = recipe.train.reference_logps, dtype_name(compute_dtype)
+    return "every_step" if reference_in_step(mode, name, fsdp_launch()) else "once"
+
+
 def reference_for(
     recipe: Recipe, tm: TrainingModel, data: RunData
 ) -> tuple[Sequence[Any], Sequence[Any]] | None:
@@ -450,13 +458,9 @@ def reference_for(
     starts (the base, or the ``from_adapter`` it starts from), once, before training (KTO:
     every answer's); None for the reference-free objectives, and where the trainer computes
     them in each step (``train.reference_logps``)."""
-    from lorakit.device import dtype_name
-    from lorakit.preference import Objective, reference_in_step, reference_logps
+    from lorakit.preference import reference_logps
 
-    if not Objective.from_train(recipe.train).needs_reference:
-        return None
-    name = dtype_name(tm.compute_dtype)
-    if reference_in_step(recipe.train.reference_logps, name, fsdp_launch()):
+    if reference_mode(recipe, tm.compute_dtype) != "once":
         return None
     size = recipe.train.per_device_eval_batch_size
     if recipe.train.objective == "kto":
@@ -495,13 +499,8 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
-    from lorakit.preference import Objective, reference_in_step
-
-    if Objective.from_train(recipe.train).needs_reference:  # what `auto` resolved to
-        in_step = reference_in_step(
-            recipe.train.reference_logps, meta["compute_dtype"], fsdp_launch()
-        )
-        meta["reference_logps"] = "every_step" if in_step else "once"
+    if when := reference_mode(recipe, tm.compute_dtype):  # what `auto` resolved to
+        meta["reference_logps"] = when
     from lorakit.lora_init import init_name, loftq_passes
 
     init = init_name(recipe.peft.options)
