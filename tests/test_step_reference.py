@@ -27,6 +27,7 @@ from helpers import (
     build_tiny_model,
     logged_steps,
     preference_records,
+    run_adapter,
     tiny_recipe,
     unpaired_records,
     with_preference_source,
@@ -273,3 +274,44 @@ def test_when_the_reference_is_computed_in_each_step(mode, dtype, sharded, in_st
     from lorakit.preference import reference_in_step
 
     assert reference_in_step(mode, dtype, sharded) is in_step
+
+
+def test_a_resumed_run_keeps_the_reference_mode_it_started_with(
+    tmp_path, tiny_model_dir, cli, monkeypatch
+):
+    """run.json records when the reference is computed, and a resume keeps that mode even
+    where ``auto`` now resolves otherwise. A bf16 run started before lorakit recorded it (its
+    run.json and resolved.json have no ``reference_logps``) computed its reference once: resumed
+    with ``auto``, which is ``every_step`` in bf16 today, it keeps ``once`` and ends with the
+    uninterrupted ``once`` run's adapter."""
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, tiny_model_dir, preference_records(60), "bf16")
+    runs = tmp_path / "runs"
+    common = ['train.objective="dpo"', 'train.lr_scheduler_type="constant"', "train.save_steps=2"]
+    once = 'train.reference_logps="once"'
+    code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common, once)
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "output.name=auto", "train.max_steps=1", *common)
+    assert code == 0, err
+    assert json.loads((runs / "auto/run.json").read_text())["reference_logps"] == "every_step"
+    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common, once)
+    assert code == 0, err
+    # what an older lorakit left: no record of the mode; the recipe's auto
+    for name, drop in (
+        ("run.json", lambda d: d.pop("reference_logps")),
+        ("resolved.json", lambda d: d["train"].pop("reference_logps")),
+    ):
+        path = runs / "split" / name
+        data = json.loads(path.read_text())
+        assert drop(data) == "once"
+        path.write_text(json.dumps(data))
+    resume = ("train.max_steps=4", *common, "--resume-from-checkpoint", "auto")
+    code, _, err = cli("run", recipe, "output.name=split", *resume)
+    assert code == 0, err
+    assert 'reference log-probabilities: "once", as the run started' in err, err
+    assert "in each step" not in err
+    meta = json.loads((runs / "split/adapter/lorakit.json").read_text())
+    assert meta["reference_logps"] == "once"
+    full, split = run_adapter(runs / "full"), run_adapter(runs / "split")
+    assert all(full[k].equal(split[k]) for k in full), "the resume changed the reference mode"
+    assert logged_steps(runs / "split")[-1]["loss"] == logged_steps(runs / "full")[-1]["loss"]

@@ -5,7 +5,8 @@ Layout::
     .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
     recipe.toml          the recipe as given, credentials in values masked (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash, batch
-                         (processes, per-device batch, accumulation, global batch)
+                         (processes, per-device batch, accumulation, global batch); DPO/KTO:
+                         when the reference is computed (``reference_logps``)
     resolved.json        every setting with defaults filled in
     versions.json        versions of the training stack
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
@@ -122,6 +123,7 @@ class RunDir:
         config_hash: str,
         recipe_path: Path,
         batch: Mapping[str, Any] | None = None,
+        reference_logps: str | None = None,
     ) -> bool:
         """Claim the folder for a new run, atomically; refuse if a run already lives there.
 
@@ -177,6 +179,8 @@ class RunDir:
                 "recipe_path": str(recipe_path),
                 # processes, per-device batch, accumulation, global batch (distributed.batch_plan)
                 "batch": dict(batch or {}),
+                # DPO/KTO: when the reference is computed ("every_step"/"once"); a resume keeps it
+                **({"reference_logps": reference_logps} if reference_logps else {}),
                 "history": [*history, event],
             },
         )

@@ -73,9 +73,10 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     start = find_start(run, recipe, resume)
     check_tasks(recipe)  # an unknown lm-eval task stops the run now, not after training
     data = prepare_data(recipe, components, run, start)
-    claim_run(run, recipe, components, data, start, loggers)
+    reference = resolve_reference(recipe, components.quant.compute_dtype(device), start)
+    claim_run(run, recipe, components, data, start, loggers, reference)
     transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it
-    base = load_for_training(recipe, components, data, device)
+    base = load_for_training(recipe, components, data, device, reference=reference)
     trainer = train(recipe, base, data, run, loggers, start)
     adapter = save_trained_adapter(recipe, trainer, base, data, run)
     if adapter is None:  # another rank: rank 0 evaluates and reports
@@ -92,6 +93,9 @@ class Start:
 
     checkpoint: Path | None = None
     changed: dict[str, Any] = attrs.field(factory=dict)
+    # a resumed run's reference mode, as its run.json recorded it (None: not recorded, a run
+    # without a reference or one started before lorakit recorded it)
+    reference: str | None = None
 
 
 @attrs.frozen
@@ -119,6 +123,7 @@ class TrainingModel:
     device: str
     compute_dtype: Any
     quantized_residual: bool = False  # QPiSSA/QOLoRA/multi-pass LoftQ (qpissa.py)
+    reference: str | None = None  # "every_step" / "once" (resolve_reference); None: no reference
 
 
 @attrs.frozen
@@ -145,8 +150,10 @@ def find_start(run: RunDir, recipe: Recipe, resume: str | None) -> Start:
     and the tokenizer are known to be good, so a failed start never blocks the run name."""
     if not resume:
         return Start()
-    checkpoint, changed = distributed.on_main(lambda: _find_checkpoint(run, resume, recipe))
-    return Start(checkpoint, changed)
+    checkpoint, changed, reference = distributed.on_main(
+        lambda: _find_checkpoint(run, resume, recipe)
+    )
+    return Start(checkpoint, changed, reference)
 
 
 def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Start) -> RunData:
@@ -212,10 +219,11 @@ def claim_run(
     data: RunData,
     start: Start,
     loggers: Loggers,
+    reference: str | None = None,
 ) -> None:
     """Phase 3: claim the run folder atomically (or record the resume), then write the splits,
     the data report and open the loggers: rank 0 only; the other ranks wait for it and stop if
-    it fails."""
+    it fails. A new run's run.json records ``reference`` (:func:`resolve_reference`)."""
 
     def claim() -> None:
         if start.checkpoint is not None:
@@ -233,6 +241,7 @@ def claim_run(
                 recipe.config_hash(),
                 recipe.path,
                 batch=data.batch,
+                reference_logps=reference,
             )
             say(
                 f"run folder {run.path}"
@@ -270,11 +279,13 @@ def claim_run(
 
 
 def load_for_training(
-    recipe: Recipe, components: Components, data: RunData, device: str
+    recipe: Recipe, components: Components, data: RunData, device: str, *, reference: str | None
 ) -> TrainingModel:
     """Phase 4: the base model, quantized by the recipe's backend (one replica per rank, on its
     LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
-    then given a freshly initialised adapter (a resumed run's weights load in ``train``)."""
+    then given a freshly initialised adapter (a resumed run's weights load in ``train``).
+    ``reference``: when the reference log-probabilities are computed
+    (:func:`resolve_reference`)."""
     from lorakit.device import configure_threads, return_freed_memory
     from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
@@ -303,7 +314,7 @@ def load_for_training(
     from lorakit.device import dtype_name
 
     name = dtype_name(compute_dtype)
-    when = reference_mode(recipe, compute_dtype)
+    when = reference
     if when == "every_step":
         say(
             "reference log-probabilities: in each step, from the step's own packed row "
@@ -371,6 +382,7 @@ def load_for_training(
         device=device,
         compute_dtype=compute_dtype,
         quantized_residual=residual is not None,
+        reference=reference,
     )
 
 
@@ -451,6 +463,26 @@ def reference_mode(recipe: Recipe, compute_dtype: Any) -> str | None:
     return "every_step" if reference_in_step(mode, name, fsdp_launch()) else "once"
 
 
+def resolve_reference(recipe: Recipe, compute_dtype: Any, start: Start) -> str | None:
+    """This run's reference mode (:func:`reference_mode`), except that a resumed run keeps the
+    one it started with: the mode its run.json recorded, and ``"once"`` for a run started
+    before lorakit recorded it (every such run computed its reference once). Resolving ``auto``
+    again could pick another mode (another compute dtype, a newer lorakit), and the resumed
+    steps would no longer be those of an uninterrupted run."""
+    mode = reference_mode(recipe, compute_dtype)
+    if mode is None or start.checkpoint is None:
+        return mode
+    kept = start.reference or "once"
+    if kept != mode:
+        why = "recorded" if start.reference else "implied (it started before lorakit recorded it)"
+        say(
+            f'reference log-probabilities: "{kept}", as the run started ({why} in run.json), '
+            f'not "{mode}", which train.reference_logps = "{recipe.train.reference_logps}" '
+            "gives here now: a resume keeps the run's mode"
+        )
+    return kept
+
+
 def reference_for(
     recipe: Recipe, tm: TrainingModel, data: RunData
 ) -> tuple[Sequence[Any], Sequence[Any]] | None:
@@ -460,7 +492,7 @@ def reference_for(
     them in each step (``train.reference_logps``)."""
     from lorakit.preference import reference_logps
 
-    if reference_mode(recipe, tm.compute_dtype) != "once":
+    if tm.reference != "once":
         return None
     size = recipe.train.per_device_eval_batch_size
     if recipe.train.objective == "kto":
@@ -499,8 +531,8 @@ def save_trained_adapter(
         "data_fingerprint": data.splits.fingerprint,
         "global_step": trainer.state.global_step,
     }
-    if when := reference_mode(recipe, tm.compute_dtype):  # what `auto` resolved to
-        meta["reference_logps"] = when
+    if tm.reference:  # what `auto` resolved to
+        meta["reference_logps"] = tm.reference
     from lorakit.lora_init import init_name, loftq_passes
 
     init = init_name(recipe.peft.options)
@@ -599,9 +631,12 @@ def evaluate_trained(
     )
 
 
-def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
-    """Rank 0's choice of checkpoint, and the settings the resume changes (refusing the others,
-    and a different number of processes: it would change the global batch and the data order)."""
+def _find_checkpoint(
+    run: RunDir, spec: str, recipe: Recipe
+) -> tuple[Path, dict[str, Any], str | None]:
+    """Rank 0's choice of checkpoint, the settings the resume changes (refusing the others,
+    and a different number of processes: it would change the global batch and the data order)
+    and the reference mode the run.json recorded (None if it has none)."""
     checkpoint = run.resolve_checkpoint(
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
@@ -617,7 +652,8 @@ def _find_checkpoint(run: RunDir, spec: str, recipe: Recipe) -> tuple[Path, dict
             fix=f"resume with the same number of processes (--nproc {started}); the global "
             "batch and each rank's share of the data depend on it",
         )
-    return checkpoint, changed
+    recorded = started_by.get("reference_logps")
+    return checkpoint, changed, recorded if isinstance(recorded, str) else None
 
 
 def _same_data(run: RunDir, fingerprint: str) -> None:
