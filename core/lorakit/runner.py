@@ -325,7 +325,9 @@ def load_for_training(
         from lorakit.contracts import ComputeDtypeSwitch
 
         setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
-        why = "under FSDP " if recipe.train.reference_logps == "auto" else ""
+        why = ""  # the recipe asked for once
+        if recipe.train.reference_logps == "auto":  # auto gives once in bf16 under FSDP only,
+            why = "under FSDP " if fsdp_launch() else "as the run started "  # or on a resume
         say(
             f"note: objective {recipe.train.objective} in {name} with the reference "
             f"log-probabilities computed once {why}(before training, in other batches than the "
@@ -474,11 +476,15 @@ def resolve_reference(recipe: Recipe, compute_dtype: Any, start: Start) -> str |
         return mode
     kept = start.reference or "once"
     if kept != mode:
-        why = "recorded" if start.reference else "implied (it started before lorakit recorded it)"
+        why = (
+            "run.json"
+            if start.reference
+            else "it began before run.json recorded the mode, when lorakit computed it once"
+        )
         say(
-            f'reference log-probabilities: "{kept}", as the run started ({why} in run.json), '
-            f'not "{mode}", which train.reference_logps = "{recipe.train.reference_logps}" '
-            "gives here now: a resume keeps the run's mode"
+            f'reference log-probabilities: "{kept}", as the run started ({why}), not '
+            f'"{mode}", which train.reference_logps = "{recipe.train.reference_logps}" gives '
+            "here now: a resume keeps the run's mode"
         )
     return kept
 
