@@ -352,8 +352,32 @@ def test_resume_refuses_changed_settings_and_records_safe_ones(
         "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
     )
     assert code == 0, err
+    assert "started computing in" not in err  # the same dtype: nothing to say
     last = json.loads((tmp_path / "runs" / "same" / "run.json").read_text())["history"][-1]
     assert last["event"] == "resume" and last["changed"] == {"train.max_steps": [2, 4]}
+
+
+def test_a_resume_in_another_compute_dtype_says_so(tmp_path, tiny_model_dir, chat_file, cli):
+    """``quant.dtype = "auto"`` is bf16 on a CPU with fast bf16 and fp32 elsewhere, so a run
+    resumed on another kind of machine computes in another dtype. run.json records the dtype
+    the run started in and each resume's, and a resume in another dtype says so."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "moved"', dtype="auto")
+    common = ("train.save_steps=2", 'train.lr_scheduler_type="constant"')
+    assert cli("run", recipe, "train.max_steps=2", *common)[0] == 0
+    run_json = tmp_path / "runs" / "moved" / "run.json"
+    info = json.loads(run_json.read_text())
+    here = info["compute_dtype"]
+    other = {"fp32": "bf16", "bf16": "fp32"}[here]
+    info["compute_dtype"] = other  # as a machine of the other kind would have written it
+    run_json.write_text(json.dumps(info))
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=4", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    assert f"started computing in {other} and this machine computes in {here}" in err, err
+    assert 'quant.dtype = "auto" resolves per machine' in err
+    last = json.loads(run_json.read_text())["history"][-1]
+    assert last["event"] == "resume" and last["compute_dtype"] == here
 
 
 def test_extending_a_decaying_schedule_is_refused_with_the_reason(

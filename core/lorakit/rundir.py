@@ -5,8 +5,8 @@ Layout::
     .lorakit-claim       the owner's pid (empty once it ended); it holds an flock on it while it runs
     recipe.toml          the recipe as given, credentials in values masked (never rewritten)
     run.json             lorakit version, overrides, start/resume history, config hash, batch
-                         (processes, per-device batch, accumulation, global batch); DPO/KTO:
-                         when the reference is computed (``reference_logps``)
+                         (processes, per-device batch, accumulation, global batch), compute
+                         dtype; DPO/KTO: when the reference is computed (``reference_logps``)
     resolved.json        every setting with defaults filled in
     versions.json        versions of the training stack
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
@@ -124,6 +124,7 @@ class RunDir:
         recipe_path: Path,
         batch: Mapping[str, Any] | None = None,
         reference_logps: str | None = None,
+        compute_dtype: str | None = None,
     ) -> bool:
         """Claim the folder for a new run, atomically; refuse if a run already lives there.
 
@@ -181,6 +182,8 @@ class RunDir:
                 "batch": dict(batch or {}),
                 # DPO/KTO: when the reference is computed ("every_step"/"once"); a resume keeps it
                 **({"reference_logps": reference_logps} if reference_logps else {}),
+                # what the recipe's dtype (often "auto") resolved to on the machine that started
+                **({"compute_dtype": compute_dtype} if compute_dtype else {}),
                 "history": [*history, event],
             },
         )
@@ -355,6 +358,7 @@ class RunDir:
         overrides: list[str],
         changed: Mapping[str, Any] | None = None,
         batch: Mapping[str, Any] | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
         self._lock()  # a resume holds the claim too: two resumes of one run never both train
         self._write_pid()
@@ -367,6 +371,7 @@ class RunDir:
                 "overrides": overrides,
                 "changed": dict(changed or {}),
                 "batch": dict(batch or {}),
+                **({"compute_dtype": compute_dtype} if compute_dtype else {}),
                 # versions.json stays the start's; what this resume trains with instead
                 "versions_changed": {k: list(v) for k, v in self.version_changes().items()},
             }

@@ -73,8 +73,9 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     start = find_start(run, recipe, resume)
     check_tasks(recipe)  # an unknown lm-eval task stops the run now, not after training
     data = prepare_data(recipe, components, run, start)
-    reference = resolve_reference(recipe, components.quant.compute_dtype(device), start)
-    claim_run(run, recipe, components, data, start, loggers, reference)
+    compute_dtype = components.quant.compute_dtype(device)  # what `auto` picks on this machine
+    reference = resolve_reference(recipe, compute_dtype, start)
+    claim_run(run, recipe, components, data, start, loggers, reference, compute_dtype)
     transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it
     base = load_for_training(recipe, components, data, device, reference=reference)
     trainer = train(recipe, base, data, run, loggers, start)
@@ -96,6 +97,8 @@ class Start:
     # a resumed run's reference mode, as its run.json recorded it (None: not recorded, a run
     # without a reference or one started before lorakit recorded it)
     reference: str | None = None
+    # the compute dtype a resumed run started with (run.json; None for older runs)
+    compute_dtype: str | None = None
 
 
 @attrs.frozen
@@ -150,10 +153,10 @@ def find_start(run: RunDir, recipe: Recipe, resume: str | None) -> Start:
     and the tokenizer are known to be good, so a failed start never blocks the run name."""
     if not resume:
         return Start()
-    checkpoint, changed, reference = distributed.on_main(
+    checkpoint, changed, recorded = distributed.on_main(
         lambda: _find_checkpoint(run, resume, recipe)
     )
-    return Start(checkpoint, changed, reference)
+    return Start(checkpoint, changed, **recorded)
 
 
 def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Start) -> RunData:
@@ -220,18 +223,29 @@ def claim_run(
     start: Start,
     loggers: Loggers,
     reference: str | None = None,
+    compute_dtype: Any = None,
 ) -> None:
     """Phase 3: claim the run folder atomically (or record the resume), then write the splits,
     the data report and open the loggers: rank 0 only; the other ranks wait for it and stop if
-    it fails. A new run's run.json records ``reference`` (:func:`resolve_reference`)."""
+    it fails. run.json records the compute dtype (a new run's and each resume's) and a new
+    run's ``reference`` (:func:`resolve_reference`)."""
+    from lorakit.device import dtype_name
+
+    dtype = dtype_name(compute_dtype) if compute_dtype is not None else None
 
     def claim() -> None:
         if start.checkpoint is not None:
             run.record_resume(
-                start.checkpoint, list(recipe.overrides), start.changed, batch=data.batch
+                start.checkpoint,
+                list(recipe.overrides),
+                start.changed,
+                batch=data.batch,
+                compute_dtype=dtype,
             )
             for key, (old, new) in start.changed.items():
                 say(f"resume changes {key}: {old!r} -> {new!r}")
+            if start.compute_dtype and dtype and start.compute_dtype != dtype:
+                say(dtype_change_note(components, run, start.compute_dtype, dtype))
             say(f"resuming {run.path} from {start.checkpoint.name}")
         else:
             restarted = run.start(
@@ -242,6 +256,7 @@ def claim_run(
                 recipe.path,
                 batch=data.batch,
                 reference_logps=reference,
+                compute_dtype=dtype,
             )
             say(
                 f"run folder {run.path}"
@@ -639,10 +654,11 @@ def evaluate_trained(
 
 def _find_checkpoint(
     run: RunDir, spec: str, recipe: Recipe
-) -> tuple[Path, dict[str, Any], str | None]:
+) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
     """Rank 0's choice of checkpoint, the settings the resume changes (refusing the others,
     and a different number of processes: it would change the global batch and the data order)
-    and the reference mode the run.json recorded (None if it has none)."""
+    and what the run.json recorded at the start: the reference mode and the compute dtype
+    (None where it has none)."""
     checkpoint = run.resolve_checkpoint(
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
@@ -658,8 +674,28 @@ def _find_checkpoint(
             fix=f"resume with the same number of processes (--nproc {started}); the global "
             "batch and each rank's share of the data depend on it",
         )
-    recorded = started_by.get("reference_logps")
-    return checkpoint, changed, recorded if isinstance(recorded, str) else None
+    recorded = {
+        field: value if isinstance(value := started_by.get(key), str) else None
+        for field, key in (("reference", "reference_logps"), ("compute_dtype", "compute_dtype"))
+    }
+    return checkpoint, changed, recorded
+
+
+def dtype_change_note(components: Components, run: RunDir, started: str, now: str) -> str:
+    """The line for a resume whose compute dtype is not the one the run started with: the
+    recipe's ``auto`` picked another dtype on this machine (a CPU with or without fast bf16)."""
+    from lorakit.contracts import ComputeDtypeSwitch
+
+    backend = components.quant
+    key, value = (
+        backend.dtype_setting if isinstance(backend, ComputeDtypeSwitch) else ("dtype", "auto")
+    )
+    return (
+        f"note: {run.path} started computing in {started} and this machine computes in {now} "
+        f'(quant.{key} = "{value}" resolves per machine): training goes on in {now}, so the '
+        "resumed steps are not bit for bit those of an uninterrupted run; resume on a machine "
+        "of the kind that started it to keep them exact"
+    )
 
 
 def _same_data(run: RunDir, fingerprint: str) -> None:
