@@ -687,14 +687,15 @@ def dtype_change_note(components: Components, run: RunDir, started: str, now: st
     from lorakit.contracts import ComputeDtypeSwitch
 
     backend = components.quant
-    key, value = (
-        backend.dtype_setting if isinstance(backend, ComputeDtypeSwitch) else ("dtype", "auto")
-    )
+    setting = "the quant plugin's dtype"
+    if isinstance(backend, ComputeDtypeSwitch):
+        key, value = backend.dtype_setting
+        setting = f'quant.{key} = "{value}"'
     return (
         f"note: {run.path} started computing in {started} and this machine computes in {now} "
-        f'(quant.{key} = "{value}" resolves per machine): training goes on in {now}, so the '
-        "resumed steps are not bit for bit those of an uninterrupted run; resume on a machine "
-        "of the kind that started it to keep them exact"
+        f"({setting} resolves per machine): training goes on in {now}, so the resumed steps "
+        "are not bit for bit those of an uninterrupted run; resume on a machine of the kind "
+        "that started it to keep them exact"
     )
 
 
