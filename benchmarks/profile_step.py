@@ -6,9 +6,10 @@
 
 Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
 recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
-packed attention), then runs the step by hand: packed micro-batches of 4 examples in a seeded
-order, the supervised-only loss, backward, clipping, AdamW. No Trainer, so what it times is the
-model's forward and backward and the optimizer, not logging or checkpoints.
+fused RMSNorm, packed attention), then runs the step by hand: packed micro-batches of 4
+examples in a seeded order, the supervised-only loss, backward, clipping, AdamW. No Trainer,
+so what it times is the model's forward and backward and the optimizer, not logging or
+checkpoints.
 
 Prints the seconds and tokens of each step and the tokens/s after the first two; with
 ``--profile`` the last step runs under torch.profiler and the table of operators by self CPU
@@ -73,6 +74,7 @@ def main() -> None:
     from lorakit.device import configure_threads
     from lorakit.fast_dropout import use_fast_dropout
     from lorakit.fused_lora import use_fused_lora
+    from lorakit.fused_norm import use_fused_norm
     from lorakit.loss import supervised_nll
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.packing import pack
@@ -102,6 +104,7 @@ def main() -> None:
     model = attach_new_adapter(model, parts.peft, 42)
     use_fast_dropout(model)
     use_fused_lora(model)
+    use_fused_norm(model)
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)

@@ -386,9 +386,11 @@ def load_for_training(
         # Both step aside in eval mode: evaluation runs PEFT's own forward.
         from lorakit.fast_dropout import use_fast_dropout
         from lorakit.fused_lora import use_fused_lora
+        from lorakit.fused_norm import use_fused_norm
 
         use_fast_dropout(model)
         use_fused_lora(model)
+        use_fused_norm(model)  # RMSNorm as one node while autograd records (fused_norm.py)
     trainable, total = model.get_nb_trainable_parameters()
     say(
         f"{recipe.peft.name}: {trainable:,} trainable parameters of {total:,} "
