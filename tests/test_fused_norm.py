@@ -1,5 +1,5 @@
 """RMSNorm as one autograd node (``lorakit.fused_norm``): transformers' forward bit for bit,
-its gradient to the dtype's rounding, only where the class computes exactly that norm, and
+its gradient to the dtype's rounding, for 16-bit inputs and only where the class computes exactly that norm, and
 still in place after ``train()``/``eval()`` (transformers re-kernelizes its layers then)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_the_node_is_transformers_norm_forward_bit_for_bit_and_its_gradient(dtyp
 def test_a_model_uses_it_while_training_and_keeps_it_through_train_and_eval(tiny_model_dir):
     from helpers import load_tiny_model
 
-    model = load_tiny_model(tiny_model_dir)
+    model = load_tiny_model(tiny_model_dir).to(torch.bfloat16)
     for p in model.parameters():
         p.requires_grad_(False)
     ids = torch.tensor([[5, 9, 23, 41, 7, 3, 77, 12]])
@@ -68,6 +68,10 @@ def test_a_model_uses_it_while_training_and_keeps_it_through_train_and_eval(tiny
         with torch.no_grad():  # evaluation: the class's own forward
             model(ids)
         assert len(calls) == 5
+        model.float()  # fp32 (a CPU without bf16, QLoRA's residual stream): its own forward too
+        model(inputs_embeds=model.get_input_embeddings()(ids).requires_grad_(True))
+        assert len(calls) == 5
+        model.to(torch.bfloat16)
     finally:
         RmsNorm.apply = original  # type: ignore[method-assign]
     model.eval()

@@ -17,6 +17,11 @@ in four passes: the same derivative summed in another order, so the input gradie
 autograd's to the compute dtype's rounding (``tests/test_fused_norm.py``). On the 135M model's
 bf16 step that was +2-6% tokens/s and 8% less saved activation memory (docs/performance.md).
 
+It is used for 16-bit inputs only (bf16, fp16). An fp32 input needs no copy (``x.float()`` is
+``x``), the node gained 1% there, and its other summation order would still move a training
+run's last bits: fp32 runs (a CPU without bf16, QLoRA's fp32 residual stream) keep computing
+exactly what they did.
+
 :func:`use_fused_norm` gives a model's norms a subclass whose forward is this node while
 autograd records (it is the class's own forward otherwise: evaluation, no_grad), after checking
 per class that the class computes exactly this forward (its output equals :class:`RmsNorm`'s bit
@@ -56,7 +61,11 @@ class RmsNorm(torch.autograd.Function):
 
 def _fused_forward(self: Any, hidden_states: torch.Tensor) -> Any:
     parent: Any = type(self).__mro__[1]  # the class it was given (use_fused_norm)
-    if self.weight.requires_grad or not torch.is_grad_enabled():
+    if (
+        self.weight.requires_grad
+        or not torch.is_grad_enabled()
+        or hidden_states.dtype == torch.float32  # no fp32 copy to spare; see the module doc
+    ):
         return parent.forward(self, hidden_states)
     return RmsNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
