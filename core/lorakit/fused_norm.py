@@ -15,7 +15,7 @@ keeps only the input and the per-token ``r``. Its backward is the closed form
 
 in four passes: the same derivative summed in another order, so the input gradients agree with
 autograd's to the compute dtype's rounding (``tests/test_fused_norm.py``). On the 135M model's
-bf16 step that was +2-6% tokens/s and 8% less saved activation memory (docs/performance.md).
+bf16 step that was +6-7% tokens/s and 8% less saved activation memory (docs/performance.md).
 
 It is used for 16-bit inputs only (bf16, fp16). An fp32 input needs no copy (``x.float()`` is
 ``x``), the node gained 1% there, and its other summation order would still move a training
