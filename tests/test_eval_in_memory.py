@@ -96,7 +96,10 @@ def test_release_trainer_lets_go_of_everything_but_the_model(tmp_path, tiny_mode
     run = RunDir(recipe.run_dir)
     start = find_start(run, recipe, None)
     prepared = prepare_data(recipe, components, run, start)
-    base = load_for_training(recipe, components, prepared, "cpu", reference=None)
+    dtype = components.quant.compute_dtype("cpu")
+    base = load_for_training(
+        recipe, components, prepared, "cpu", compute_dtype=dtype, reference=None
+    )
     trainer = train(recipe, base, prepared, run, Loggers(lambda _: None), start)
     optimizer = weakref.ref(trainer.optimizer)
 

@@ -137,11 +137,11 @@ class _SharedCast:
 _shared_cast = _SharedCast()
 
 
-def _is_bnb_4bit(module: Any) -> bool:
-    """bitsandbytes' own ``Linear4bit`` (or a subclass), not PEFT's LoRA layer of that name."""
+def _is_bnb(module: Any, name: str) -> bool:
+    """bitsandbytes' own layer class ``name`` (``Linear4bit``, ``Linear8bitLt``) or a subclass,
+    not PEFT's LoRA layer of the same name."""
     return any(
-        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
-        for c in type(module).__mro__
+        c.__name__ == name and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__
     )
 
 
@@ -149,7 +149,7 @@ def _fusable_4bit(base: Any, x: torch.Tensor) -> bool:
     """A bitsandbytes ``Linear4bit`` in training layout (not repacked for CPU inference), with
     its compute dtype set and no trained bias: what :class:`Lora4bit` and :class:`Base4bit`
     compute."""
-    if not _is_bnb_4bit(base):
+    if not _is_bnb(base, "Linear4bit"):
         return False
     state = getattr(base.weight, "quant_state", None)
     return (
@@ -292,14 +292,6 @@ def _fused_4bit_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return Base4bit.apply(x, self.weight, self.bias, self.compute_dtype)
 
 
-def _is_bnb_8bit(module: Any) -> bool:
-    """bitsandbytes' own ``Linear8bitLt`` (or a subclass), not PEFT's LoRA layer of that name."""
-    return any(
-        c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes")
-        for c in type(module).__mro__
-    )
-
-
 @contextlib.contextmanager
 def training_arithmetic_without_dropout(model: Any) -> Iterator[None]:
     """``model`` in eval mode (no dropout anywhere), except the layers whose arithmetic
@@ -310,7 +302,11 @@ def training_arithmetic_without_dropout(model: Any) -> Iterator[None]:
     quantizes the activations to int8, training multiplies by the dequantized weight); their
     own flag only, so their dropout stays off."""
     was_training = model.training
-    layers = [m for m in model.modules() if "_lorakit_peft_forward" in vars(m) or _is_bnb_8bit(m)]
+    layers = [
+        m
+        for m in model.modules()
+        if "_lorakit_peft_forward" in vars(m) or _is_bnb(m, "Linear8bitLt")
+    ]
     model.eval()
     for layer in layers:
         layer.training = True  # the layer's own flag: its dropout and base stay in eval
@@ -330,7 +326,7 @@ def use_fused_lora(model: Any) -> int:
 
     fused = 0
     for module in model.modules():
-        if _is_bnb_4bit(module):
+        if _is_bnb(module, "Linear4bit"):
             if "_lorakit_bnb_forward" not in vars(module):
                 bare: Any = module
                 bare._lorakit_bnb_forward = bare.forward

@@ -77,7 +77,9 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     reference = resolve_reference(recipe, compute_dtype, start)
     claim_run(run, recipe, components, data, start, loggers, reference, compute_dtype)
     transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it
-    base = load_for_training(recipe, components, data, device, reference=reference)
+    base = load_for_training(
+        recipe, components, data, device, compute_dtype=compute_dtype, reference=reference
+    )
     trainer = train(recipe, base, data, run, loggers, start)
     adapter = save_trained_adapter(recipe, trainer, base, data, run)
     if adapter is None:  # another rank: rank 0 evaluates and reports
@@ -222,8 +224,8 @@ def claim_run(
     data: RunData,
     start: Start,
     loggers: Loggers,
-    reference: str | None = None,
-    compute_dtype: Any = None,
+    reference: str | None,
+    compute_dtype: Any,
 ) -> None:
     """Phase 3: claim the run folder atomically (or record the resume), then write the splits,
     the data report and open the loggers: rank 0 only; the other ranks wait for it and stop if
@@ -231,7 +233,7 @@ def claim_run(
     run's ``reference`` (:func:`resolve_reference`)."""
     from lorakit.device import dtype_name
 
-    dtype = dtype_name(compute_dtype) if compute_dtype is not None else None
+    dtype = dtype_name(compute_dtype)
 
     def claim() -> None:
         if start.checkpoint is not None:
@@ -244,7 +246,7 @@ def claim_run(
             )
             for key, (old, new) in start.changed.items():
                 say(f"resume changes {key}: {old!r} -> {new!r}")
-            if start.compute_dtype and dtype and start.compute_dtype != dtype:
+            if start.compute_dtype and start.compute_dtype != dtype:
                 say(dtype_change_note(components, run, start.compute_dtype, dtype))
             say(f"resuming {run.path} from {start.checkpoint.name}")
         else:
@@ -294,11 +296,18 @@ def claim_run(
 
 
 def load_for_training(
-    recipe: Recipe, components: Components, data: RunData, device: str, *, reference: str | None
+    recipe: Recipe,
+    components: Components,
+    data: RunData,
+    device: str,
+    *,
+    compute_dtype: Any,
+    reference: str | None,
 ) -> TrainingModel:
     """Phase 4: the base model, quantized by the recipe's backend (one replica per rank, on its
     LOCAL_RANK device), prepared for training (k-bit preparation, gradient checkpointing) and
     then given a freshly initialised adapter (a resumed run's weights load in ``train``).
+    ``compute_dtype``: what the quant backend's dtype resolves to on ``device``;
     ``reference``: when the reference log-probabilities are computed
     (:func:`resolve_reference`)."""
     from lorakit.device import configure_threads, return_freed_memory
@@ -321,7 +330,6 @@ def load_for_training(
     if cpu:
         return_freed_memory()  # LORAKIT_MALLOC=return: less RSS, slower steps (device.py)
     backend = components.quant
-    compute_dtype = backend.compute_dtype(device)
     say(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
         f"compute {compute_dtype}{f', {threads} threads' if threads else ''})"
@@ -329,17 +337,14 @@ def load_for_training(
     from lorakit.device import dtype_name
 
     name = dtype_name(compute_dtype)
-    when = reference
-    if when == "every_step":
+    if reference == "every_step":
         say(
             "reference log-probabilities: in each step, from the step's own packed row "
             "(one more forward without gradients)"
             + (f"; {name} rounds it as it rounds the policy's" if name != "fp32" else "")
         )
-    elif when == "once" and name != "fp32":
-        from lorakit.contracts import ComputeDtypeSwitch
-
-        setting = backend.dtype_setting[0] if isinstance(backend, ComputeDtypeSwitch) else "dtype"
+    elif reference == "once" and name != "fp32":
+        setting = _dtype_setting(backend)[0]
         why = ""  # the recipe asked for once
         if recipe.train.reference_logps == "auto":  # auto gives once in bf16 under FSDP only,
             why = "under FSDP " if fsdp_launch() else "as the run started "  # or on a resume
@@ -686,19 +691,22 @@ def _find_checkpoint(
 def dtype_change_note(components: Components, run: RunDir, started: str, now: str) -> str:
     """The line for a resume whose compute dtype is not the one the run started with: the
     recipe's ``auto`` picked another dtype on this machine (a CPU with or without fast bf16)."""
-    from lorakit.contracts import ComputeDtypeSwitch
-
-    backend = components.quant
-    setting = "the quant plugin's dtype"
-    if isinstance(backend, ComputeDtypeSwitch):
-        key, value = backend.dtype_setting
-        setting = f'quant.{key} = "{value}"'
+    key, value = _dtype_setting(components.quant)
+    setting = f'quant.{key} = "{value}"' if value else "the quant plugin's dtype"
     return (
         f"note: {run.path} started computing in {started} and this machine computes in {now} "
         f"({setting} resolves per machine): training goes on in {now}, so the resumed steps "
         "are not bit for bit those of an uninterrupted run; resume on a machine of the kind "
         "that started it to keep them exact"
     )
+
+
+def _dtype_setting(backend: Any) -> tuple[str, str | None]:
+    """The quant backend's compute-dtype option under ``[quant]`` and its value; ``("dtype",
+    None)`` for a backend that does not say (not a ``ComputeDtypeSwitch``)."""
+    from lorakit.contracts import ComputeDtypeSwitch
+
+    return backend.dtype_setting if isinstance(backend, ComputeDtypeSwitch) else ("dtype", None)
 
 
 def _same_data(run: RunDir, fingerprint: str) -> None:
