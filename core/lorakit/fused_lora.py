@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lorakit.fast_dropout import FastDropout
+from lorakit.fast_dropout import FastDropout, ones_where_kept
 
 
 class LoraDelta(torch.autograd.Function):
@@ -72,8 +72,8 @@ def _delta_forward(
     flat = x.reshape(-1, x.shape[-1])
     keep = None
     if drop is not None:
-        keep = drop.keep_mask(flat.shape, flat.device)
-        flat = torch.where(keep, flat * drop.scale, 0.0)
+        keep = drop.keep_bytes(flat.shape, flat.device)  # kept as bytes, not the dtype's size
+        flat = (flat * drop.scale).mul_(ones_where_kept(keep, dtype))
     h = flat @ a_c.t()  # [tokens, r]
     out = torch.mm(h, b_c.t()).mul_(scale)
     ctx.save_for_backward(flat, h, a_c, b_c, keep)
@@ -100,7 +100,7 @@ def _delta_backward(
     if need_x:
         grad_x = torch.mm(g_h, a_c)
         if keep is not None:
-            grad_x = torch.where(keep, grad_x * ctx.drop_scale, 0.0)
+            grad_x.mul_(ctx.drop_scale).mul_(ones_where_kept(keep, grad_x.dtype))
         grad_x = grad_x.view(ctx.x_shape)
     return grad_x, grad_a, grad_b
 
