@@ -66,3 +66,19 @@ def test_swaps_only_lora_dropout_layers():
     found = [m for m in model.modules() if isinstance(m, FastDropout)]
     assert len(found) == 2 and all(m.p == 0.1 for m in found)
     assert type(model.base_model.model.keep) is torch.nn.Dropout, "the model's own dropout stays"
+
+
+@pytest.mark.parametrize("t", [-32767, -29491, 0, 1, 32767])
+def test_the_mask_keeps_exactly_the_numbers_at_or_above_the_threshold(t):
+    """The clamp arithmetic that makes the mask, over every int16 value."""
+    from lorakit.fast_dropout import at_or_above
+
+    numbers = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    keep = at_or_above(numbers, t)
+    assert keep.dtype == torch.uint8
+    assert torch.equal(keep.bool(), numbers >= t)
+
+
+def test_a_zero_rate_mask_keeps_everything():
+    keep = FastDropout(0.0).keep_bytes(torch.Size([5, 3]), torch.device("cpu"))
+    assert keep.dtype == torch.uint8 and bool(keep.all())

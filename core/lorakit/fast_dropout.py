@@ -40,18 +40,17 @@ class FastDropout(torch.nn.Module):
         """The drop probability actually used (``p`` rounded to 1/65536)."""
         return self.threshold / LEVELS
 
-    def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    def keep_bytes(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """1 (uint8) where an element is kept, 0 where it is dropped; :func:`ones_where_kept`
+        turns it into the multiplier."""
         n = shape.numel()
+        if self.threshold == 0:
+            return torch.ones(shape, dtype=torch.uint8, device=device)
         words = torch.randint(
             -(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device
         )
         numbers = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-        return numbers >= self.threshold - LEVELS // 2
-
-    def keep_bytes(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """:meth:`keep_mask` as uint8 (the same bytes, no copy); :func:`ones_where_kept` turns it
-        into the multiplier."""
-        return self.keep_mask(shape, device).view(torch.uint8)
+        return at_or_above(numbers, self.threshold - LEVELS // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
@@ -60,14 +59,21 @@ class FastDropout(torch.nn.Module):
         keep = self.keep_bytes(x.shape, x.device)
         return (x * self.scale).mul_(ones_where_kept(keep, x.dtype))
 
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def at_or_above(numbers: torch.Tensor, t: int) -> torch.Tensor:
+    """1 (uint8) where an int16 ``numbers`` is at least ``t`` (> -32768), else 0: clamped to
+    [t - 1, t], minus t - 1, in int16 arithmetic (a comparison into a bool tensor costs 3x that
+    on CPU)."""
+    return numbers.clamp(t - 1, t).sub_(t - 1).to(torch.uint8)
+
 
 def ones_where_kept(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1 where ``keep`` (uint8) is set, 0 elsewhere, in ``dtype``: a mask a same-dtype multiply
     applies (see the module's docstring for why not ``where``)."""
     return keep.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def use_fast_dropout(model: Any) -> int:
