@@ -71,7 +71,7 @@ def main() -> None:
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
-    from lorakit.device import configure_threads
+    from lorakit.device import configure_malloc, configure_threads
     from lorakit.fast_dropout import use_fast_dropout
     from lorakit.fused_lora import use_fused_lora
     from lorakit.fused_norm import use_fused_norm
@@ -93,6 +93,7 @@ def main() -> None:
         )
     )
     threads = configure_threads()
+    configure_malloc()  # as `lorakit run` does on CPU (LORAKIT_MALLOC)
     catalog = default_catalog()
     recipe = load_recipe(recipe_path, catalog=catalog)
     parts = build_components(recipe, catalog)

@@ -165,12 +165,55 @@ def test_freed_tensor_memory_goes_back_to_the_os():
     assert returned("default") < 0.5
 
 
-def test_glibc_is_left_alone_unless_asked_and_user_settings_win(monkeypatch):
+KEEP_PROBE = """
+import resource, sys
+from lorakit.device import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for _ in range(4):  # a step's large temporary (the head's probabilities): 40 MiB, above 32
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(b"1") * (40 << 20)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_kept_memory_is_reused_without_page_faults():
+    """What ``LORAKIT_MALLOC=keep`` (the default on CPU) buys: a large block freed and allocated
+    again, as a training step does each step, comes back from the heap instead of fresh pages
+    that each fault on first touch."""
+
+    def faults(mode: str) -> int:
+        res = subprocess.run(
+            [sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True
+        )
+        return int(res.stdout.split()[-1])
+
+    pages = (40 << 20) // 4096
+    assert faults("keep") < pages // 20
+    assert faults("default") > pages // 2
+
+
+def test_malloc_modes_and_user_settings_win(monkeypatch):
+    """LORAKIT_MALLOC: keep (unset) and return change glibc's thresholds, glibc leaves them; a
+    MALLOC_* variable of the user's wins over both; a misspelt mode is an error naming the
+    three."""
+    from lorakit.device import configure_malloc, malloc_mode
+    from lorakit.errors import RunError
+
     monkeypatch.delenv("LORAKIT_MALLOC", raising=False)
-    assert return_freed_memory() is False  # the default: glibc's own (faster steps)
+    assert malloc_mode() == "keep"
+    monkeypatch.setenv("LORAKIT_MALLOC", "glibc")
+    assert configure_malloc() is None
     monkeypatch.setenv("LORAKIT_MALLOC", "return")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert return_freed_memory() is False
+    assert configure_malloc() is None and return_freed_memory() is False
+    monkeypatch.setenv("LORAKIT_MALLOC", "retrun")
+    with pytest.raises(RunError, match=r"keep .*return .*glibc"):
+        configure_malloc()
 
 
 @pytest.mark.parametrize(
@@ -211,3 +254,18 @@ def test_plan_hub_model_without_hub_says_so(tmp_path, chat_file, monkeypatch):
     res = run_probe("plan", str(recipe), cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "not in the local Hub cache" in res.stderr and 'plugin = "local"' in res.stderr
+
+
+@pytest.mark.slow  # it calls `lorakit run` (which stops before training)
+def test_a_misspelt_malloc_mode_stops_the_run_before_it_claims_a_folder(
+    tmp_path, tiny_model_dir, chat_file, cli, monkeypatch
+):
+    from helpers import tiny_recipe
+
+    monkeypatch.setenv("LORAKIT_MALLOC", "keeep")
+    code, out, err = cli("run", tiny_recipe(tmp_path, tiny_model_dir, chat_file))
+    assert code != 0
+    assert "LORAKIT_MALLOC='keeep' is not a memory mode" in out + err
+    assert "Traceback" not in out + err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "no run folder left behind"

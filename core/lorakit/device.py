@@ -168,8 +168,74 @@ def configure_threads(requested: int = 0) -> int:
 
 # Tensors at least this large get their own mmap from glibc and go back to the OS when freed.
 MMAP_THRESHOLD = 128 * 1024
+# LORAKIT_MALLOC=keep (the default on CPU): blocks up to this size come from the heap, and up to
+# KEEP_TRIM_THRESHOLD of free memory at its top stays there for the next step
+KEEP_MMAP_THRESHOLD = 256 * 2**20
+KEEP_TRIM_THRESHOLD = 512 * 2**20
+MALLOC_MODES = ("keep", "return", "glibc")
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers in glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+
+
+def malloc_mode() -> str:
+    """``LORAKIT_MALLOC``: ``keep`` (unset or empty), ``return`` or ``glibc``; anything else is
+    an error that names the three."""
+    from lorakit.errors import RunError
+
+    mode = os.environ.get("LORAKIT_MALLOC", "").strip().lower() or "keep"
+    if mode not in MALLOC_MODES:
+        raise RunError(
+            f"LORAKIT_MALLOC={os.environ['LORAKIT_MALLOC']!r} is not a memory mode",
+            fix="set it to keep (the default: fastest steps), return (peak RSS follows the live "
+            "tensors, slower steps) or glibc (leave glibc's malloc as it is), or unset it",
+        )
+    return mode
+
+
+def configure_malloc() -> str | None:
+    """Set glibc's malloc for a CPU training run as ``LORAKIT_MALLOC`` says; return the mode
+    that took effect, or None where nothing was changed (``glibc``, a ``MALLOC_*`` variable the
+    user set, a C library that is not glibc).
+
+    ``keep`` (the default): a training step allocates and frees the same large tensors every
+    step (activations, the head's logits and probabilities: 33 MB for 170 answer tokens on a
+    49k vocabulary). By default glibc gives a block above its mmap threshold (at most 32 MiB)
+    its own mapping, unmapped when freed, and trims the heap's free top, so those tensors are
+    fresh memory every step and each of their pages costs a page fault on first touch. With the
+    thresholds raised they are reused from the heap: the fused head's forward and backward took
+    54 against 34 ms for 170 positions, the 135M step +2-6% (``docs/performance.md``), at a
+    peak RSS a few percent higher. ``return``: :func:`return_freed_memory`.
+    """
+    mode = malloc_mode()
+    if mode == "return":
+        return mode if return_freed_memory() else None
+    if mode == "keep":
+        return mode if keep_freed_memory() else None
+    return None
+
+
+def _mallopt() -> Any:
+    if any(n in os.environ for n in _MALLOC_ENV):
+        return None  # the user's own glibc settings win
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """glibc keeps freed blocks of up to 256 MiB on its heap for reuse (``LORAKIT_MALLOC=keep``,
+    see :func:`configure_malloc`); True when it took effect."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
+        and mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
+    )
 
 
 def return_freed_memory() -> bool:
@@ -185,17 +251,11 @@ def return_freed_memory() -> bool:
     peak RSS follows the live tensors (what ``lorakit plan`` counts). The cost is a page fault
     per fresh page instead of reused heap, and it is large: a training step took 1.6-1.7x as long
     (``benchmarks/bench_train.py``, contender ``lorakit_return``). So it is opt-in, for a CPU
-    run that must fit in less RAM: ``LORAKIT_MALLOC=return``. Also left alone when the user set
+    run that must fit in less RAM: ``LORAKIT_MALLOC=return``. Left alone when the user set
     one of glibc's ``MALLOC_*`` variables, or the C library is not glibc.
     """
-    if os.environ.get("LORAKIT_MALLOC") != "return" or any(n in os.environ for n in _MALLOC_ENV):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 

@@ -32,7 +32,8 @@ going back to the OS (2.0 GB free-but-kept after one forward pass of 1458 tokens
 live tensors peaked at 3.6 GB. With ``LORAKIT_MALLOC=return``, ``lorakit run`` fixes glibc's
 mmap threshold on CPU (``lorakit.device.return_freed_memory``): every tensor of 128 KiB or more
 is unmapped when freed, and peak RSS follows the live tensors counted here. It is opt-in because
-the page faults slow a step down; with glibc's default the peak RSS is not modelled here. The saved-tensor fit matches the
+the page faults slow a step down; with glibc's default (and lorakit's default on CPU,
+``LORAKIT_MALLOC=keep``: glibc with larger thresholds) the peak RSS is not modelled here. The saved-tensor fit matches the
 count within 2% there (2387 MiB counted, 2353 predicted). Unquantized weights are memory-mapped from the
 safetensors file: they join RSS as the first forward pass touches them, not at load, and loading
 (the cached folder, no conversion) never sets the peak. A 4/8-bit model reads the whole file

@@ -67,11 +67,14 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     """The run, phase by phase; each phase returns what the next ones use."""
     import transformers
 
+    from lorakit.device import malloc_mode
+
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
     device = join_processes(recipe)
     start = find_start(run, recipe, resume)
     check_tasks(recipe)  # an unknown lm-eval task stops the run now, not after training
+    malloc_mode()  # so does a misspelt LORAKIT_MALLOC, before the run folder is claimed
     data = prepare_data(recipe, components, run, start)
     compute_dtype = components.quant.compute_dtype(device)  # what `auto` picks on this machine
     reference = resolve_reference(recipe, compute_dtype, start)
@@ -310,7 +313,7 @@ def load_for_training(
     ``compute_dtype``: what the quant backend's dtype resolves to on ``device``;
     ``reference``: when the reference log-probabilities are computed
     (:func:`resolve_reference`)."""
-    from lorakit.device import configure_threads, return_freed_memory
+    from lorakit.device import configure_malloc, configure_threads
     from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
         attach_new_adapter,
@@ -328,7 +331,7 @@ def load_for_training(
     cpu = device == "cpu"
     threads = configure_threads(recipe.train.threads) if cpu else None
     if cpu:
-        return_freed_memory()  # LORAKIT_MALLOC=return: less RSS, slower steps (device.py)
+        configure_malloc()  # LORAKIT_MALLOC: keep (default, fastest), return, glibc (device.py)
     backend = components.quant
     say(
         f"loading {data.ref.label or data.ref.path} on {device} (quant {recipe.quant.name}, "
