@@ -98,7 +98,7 @@ CONFIGS = {
         ],
     ),
 }
-MODES = {"return": {"LORAKIT_MALLOC": "return"}, "glibc": {"LORAKIT_MALLOC": ""}}
+MODES = {"return": {"LORAKIT_MALLOC": "return"}, "glibc": {"LORAKIT_MALLOC": "glibc"}}
 RUNTIME_PROBE = """
 import resource
 from lorakit.cli.main import _quiet_libraries
