@@ -204,8 +204,8 @@ def configure_malloc() -> str | None:
     its own mapping, unmapped when freed, and trims the heap's free top, so those tensors are
     fresh memory every step and each of their pages costs a page fault on first touch. With the
     thresholds raised they are reused from the heap: the fused head's forward and backward took
-    54 against 34 ms for 170 positions, the 135M step +2-6% (``docs/performance.md``), at a
-    peak RSS a few percent higher. ``return``: :func:`return_freed_memory`.
+    54 against 37 ms for 170 positions, the 135M step about 2% less time
+    (``docs/performance.md``), at a peak RSS about 2% higher. ``return``: :func:`return_freed_memory`.
     """
     mode = malloc_mode()
     if mode == "return":
