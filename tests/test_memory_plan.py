@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -129,14 +130,20 @@ def test_dequant_scratch_is_the_largest_linear_weight_for_kbit_only():
     assert make_plan(PlanInputs(scheme="none", **base)).dequant == 0
 
 
+# the probes compare lorakit's settings with glibc's own defaults, which a MALLOC_* variable in
+# the environment would change (and lorakit then leaves alone)
+GLIBC_DEFAULTS = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ),
+    reason="glibc's malloc with its default settings only",
+)
+
+
 FREE_PROBE = """
 import re, sys
 from lorakit.device import return_freed_memory
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 if sys.argv[1] == "fixed":
-    import os
-    os.environ["LORAKIT_MALLOC"] = "return"
     assert return_freed_memory()
 block = bytearray(b"1") * (16 << 20)
 del block  # default glibc: the mmap threshold rises to 16 MiB, 8 MiB blocks come from the heap
@@ -150,7 +157,7 @@ print((before - rss()) / (24 * (8 << 20)))
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@GLIBC_DEFAULTS
 def test_freed_tensor_memory_goes_back_to_the_os():
     """What ``LORAKIT_MALLOC=return`` does on CPU: by default memory freed between live blocks
     stays in the process (and in its peak RSS); with the threshold fixed, it is returned."""
@@ -180,7 +187,7 @@ print(min(faults[1:]))
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@GLIBC_DEFAULTS
 def test_kept_memory_is_reused_without_page_faults():
     """What ``LORAKIT_MALLOC=keep`` (the default on CPU) buys: a large block freed and allocated
     again, as a training step does each step, comes back from the heap instead of fresh pages
@@ -260,8 +267,6 @@ def test_plan_hub_model_without_hub_says_so(tmp_path, chat_file, monkeypatch):
 def test_a_misspelt_malloc_mode_stops_the_run_before_it_claims_a_folder(
     tmp_path, tiny_model_dir, chat_file, cli, monkeypatch
 ):
-    from helpers import tiny_recipe
-
     monkeypatch.setenv("LORAKIT_MALLOC", "keeep")
     code, out, err = cli("run", tiny_recipe(tmp_path, tiny_model_dir, chat_file))
     assert code != 0
