@@ -69,3 +69,34 @@ def test_threads_follow_request_env_and_ranks_per_node(monkeypatch):
         assert device.configure_threads(1) == 1, "train.threads wins over everything"
     finally:
         torch.set_num_threads(before)
+
+
+def test_objects_frozen_for_gc_spares_old_objects_and_collects_them_afterwards():
+    """The collector skips what was alive when the block began (a full collection inside
+    it does not see them), and after the block a cycle dropped inside it is collected."""
+    import gc
+    import weakref
+
+    from lorakit.device import objects_frozen_for_gc
+
+    class Node:
+        pass
+
+    old = Node()
+    old.self = old  # a reference cycle: only the cyclic collector frees it
+    gone = weakref.ref(old)
+    assert gc.get_freeze_count() == 0
+    with objects_frozen_for_gc():
+        assert gc.get_freeze_count() > 0
+        del old
+        gc.collect()
+        assert gone() is not None, "frozen: not collected inside the block"
+        fresh = Node()
+        fresh.self = fresh
+        fresh_ref = weakref.ref(fresh)
+        del fresh
+        gc.collect()
+        assert fresh_ref() is None, "what the block makes is collected as usual"
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None, "unfrozen: collected after the block"

@@ -287,6 +287,21 @@ def test_token_budget_batches_use_every_example_once_within_budget(lengths, budg
     assert list(sampler) == batches, "seeded, repeatable"
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 900))
+def test_consecutive_batches_keep_the_order_and_fill_the_budget(lengths, budget):
+    from lorakit.packing import consecutive_batches
+
+    batches = consecutive_batches(lengths, budget)
+    assert [i for b in batches for i in b] == list(range(len(lengths))), "every row once, in order"
+    for b, nxt in zip(batches, [*batches[1:], None]):
+        tokens = sum(lengths[i] for i in b)
+        assert len(b) == 1 or tokens <= budget, "within the budget (a long row: on its own)"
+        if nxt is not None:  # full: the next row would not have fitted
+            assert tokens + lengths[nxt[0]] > budget
+    assert consecutive_batches(lengths, budget) == batches
+
+
 def test_token_budget_order_changes_with_the_epoch():
     from lorakit.packing import TokenBudgetBatches
 

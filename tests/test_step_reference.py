@@ -324,3 +324,31 @@ def test_a_resumed_run_keeps_the_reference_mode_it_started_with(
     full, split = run_adapter(runs / "full"), run_adapter(runs / "split")
     assert all(full[k].equal(split[k]) for k in full), "the resume changed the reference mode"
     assert logged_steps(runs / "split")[-1]["loss"] == logged_steps(runs / "full")[-1]["loss"]
+
+
+def test_once_resumes_exactly_when_the_eval_batch_size_changes(
+    tmp_path, wide_model_dir, cli, monkeypatch
+):
+    """The reference computed once is recomputed by a resumed run, in batches that depend on
+    the pairs alone (``preference.REFERENCE_TOKENS``), not on ``per_device_eval_batch_size``,
+    which a resume may change: in bf16, where a CPU may round with the batch shape, the resumed
+    run still ends with the uninterrupted run's adapter."""
+    with_preference_source(monkeypatch)
+    recipe = _recipe(tmp_path, wide_model_dir, preference_records(60), "bf16")
+    runs = tmp_path / "runs"
+    common = [
+        'train.objective="dpo"',
+        'train.reference_logps="once"',
+        'train.lr_scheduler_type="constant"',
+        "train.save_steps=2",
+    ]
+    code, _, err = cli("run", recipe, "output.name=full", "train.max_steps=4", *common)
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "output.name=split", "train.max_steps=2", *common)
+    assert code == 0, err
+    resume = ("train.max_steps=4", "train.per_device_eval_batch_size=1", "--resume-from-checkpoint")
+    code, _, err = cli("run", recipe, "output.name=split", *common, *resume, "auto")
+    assert code == 0, err
+    assert "resuming" in err and "checkpoint-2" in err
+    full, split = run_adapter(runs / "full"), run_adapter(runs / "split")
+    assert all(full[k].equal(split[k]) for k in full), "the resumed reference differs"

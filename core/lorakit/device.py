@@ -9,9 +9,11 @@ matmul in both dtypes and keeps the faster. The answer is cached per CPU model a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +260,24 @@ def return_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+@contextlib.contextmanager
+def objects_frozen_for_gc() -> Iterator[None]:
+    """While the block runs, Python's cyclic garbage collector leaves alone the objects alive
+    when it starts (``gc.freeze``): the libraries, the model's modules, the data. A full
+    collection then scans only what the block made. accelerate's ``free_memory`` runs one at
+    the start of every ``Trainer.train`` (0.25 s over the ~570k objects of a run with torch,
+    transformers and TRL imported, measured on a 2-core Xeon), and so may Python itself when
+    the block allocates enough. They are unfrozen at the end, so what became garbage in
+    between is collected as usual afterwards."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def peak_memory_gb() -> float:

@@ -146,27 +146,32 @@ def mismatched_logps(
 
 
 def answer_reference_logps(
-    model: Any, rows: Sequence[Any], batch_size: int, device: str
+    model: Any, rows: Sequence[Any], device: str, budget: int | None = None
 ) -> list[float]:
     """Every answer's log-probability under ``model`` as it is now (the reference: the run's
-    start), in eval mode and without gradients, in fixed batches of ``batch_size`` (a resumed
-    run computes the same values)."""
+    start), in eval mode and without gradients, the answers in order, as many to a batch as
+    fit in ``budget`` tokens (:data:`lorakit.preference.REFERENCE_TOKENS`): batches that
+    depend on the answers alone, so a resumed run computes the same values."""
     import torch
 
     from lorakit.attention import packed_attention
     from lorakit.loss import accepts_logits_to_keep
-    from lorakit.packing import pack
+    from lorakit.packing import consecutive_batches, pack
+    from lorakit.preference import REFERENCE_TOKENS
     from lorakit.progress import bar
 
+    if not rows:  # no val split: not even a switch to eval mode (transformers re-kernelizes)
+        return []
     head_kwarg = accepts_logits_to_keep(model)
     target = next(model.parameters()).device
+    batches = consecutive_batches([len(r.input_ids) for r in rows], budget or REFERENCE_TOKENS)
     out: list[float] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), packed_attention(model, device):
-            for start in bar(range(0, len(rows), batch_size), desc="reference", unit="batch"):
-                chunk = rows[start : start + batch_size]
+            for part in bar(batches, desc="reference", unit="batch"):
+                chunk = [rows[i] for i in part]
                 batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chunk])
                 batch = {k: v.to(target) if torch.is_tensor(v) else v for k, v in batch.items()}
                 sums, _ = sequence_logps(model, batch, head_kwarg)

@@ -84,6 +84,24 @@ class RowDataset:
         return row_lengths(self.rows)
 
 
+def consecutive_batches(lengths: Sequence[int], budget: int) -> list[range]:
+    """Rows in their order, cut into batches of as many as fit in ``budget`` tokens (a row
+    longer than the budget is a batch of its own): the batches of a no-gradient pass over a
+    split, which depend on the rows alone."""
+    if budget < 1:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    out: list[range] = []
+    start, used = 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and used + n > budget:
+            out.append(range(start, i))
+            start, used = i, 0
+        used += n
+    if start < len(lengths):
+        out.append(range(start, len(lengths)))
+    return out
+
+
 class TokenBudgetBatches:
     """Micro-batches by tokens (``train.packing = true``): shuffled examples, each batch filled
     until the next example would pass ``budget`` tokens.

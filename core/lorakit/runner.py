@@ -425,6 +425,7 @@ def train(
     positions; return the trainer, its model trained."""
     from lorakit.attention import packed_attention
     from lorakit.checkpoints import checkpoint_step, load_checkpoint_adapter
+    from lorakit.device import objects_frozen_for_gc
     from lorakit.packing_probe import check_packing
     from lorakit.training import build_trainer, engine, planned_steps
 
@@ -471,6 +472,7 @@ def train(
         with (
             disk_full_is_an_error(run.checkpoints, "a checkpoint", lambda: _kept(run)),
             packed_attention(tm.model, tm.device),
+            objects_frozen_for_gc(),
         ):
             check_packing(recipe.train, tm.model, say)  # refuses rows whose examples mix
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -525,20 +527,19 @@ def reference_for(
 
     if tm.reference != "once":
         return None
-    size = recipe.train.per_device_eval_batch_size
     if recipe.train.objective == "kto":
         from lorakit.kto import answer_reference_logps
 
         n = len(data.train_rows) + len(data.val_rows)
         say(f"reference log-probabilities of {n} answers")
         return (
-            answer_reference_logps(tm.model, data.train_rows, size, tm.device),
-            answer_reference_logps(tm.model, data.val_rows, size, tm.device),
+            answer_reference_logps(tm.model, data.train_rows, tm.device),
+            answer_reference_logps(tm.model, data.val_rows, tm.device),
         )
     say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
     return (
-        reference_logps(tm.model, data.train_rows, size, tm.device),
-        reference_logps(tm.model, data.val_rows, size, tm.device),
+        reference_logps(tm.model, data.train_rows, tm.device),
+        reference_logps(tm.model, data.val_rows, tm.device),
     )
 
 
