@@ -152,3 +152,27 @@ def test_probe_on_the_gpu_paths():
             model = tiny(model_type, dtype).cuda()
             with packed_attention(model, "cuda"):
                 assert (probe(model) is None) == passes, (model_type, dtype)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_preference_run_on_a_leaking_architecture_stops_before_its_reference_pass(
+    tmp_path, cli, monkeypatch, objective
+):
+    """A pair's answers share a row whatever the batch sizes (KTO: an answer and its
+    mismatched row), and the reference pass packs several pairs: with one example per row
+    set, a leaking architecture is still refused, before anything is scored."""
+    from helpers import preference_records, unpaired_records, with_preference_source
+
+    with_preference_source(monkeypatch)
+    model_dir = _save_tiny_lfm2(tmp_path)
+    records = preference_records(16) if objective == "dpo" else unpaired_records(16)
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    recipe = tiny_recipe(tmp_path, model_dir, data, source="preference_jsonl")
+    size = 1 if objective == "dpo" else 2  # KTO's mismatched rows need two answers a batch
+    one = [f"train.per_device_train_batch_size={size}", "train.per_device_eval_batch_size=1"]
+    code, _, err = cli("run", recipe, "train.max_steps=2", f'train.objective="{objective}"', *one)
+    assert code == 2, err
+    assert "packed rows leak between examples" in err and f"objective '{objective}'" in err
+    assert 'objective = "sft"' in err, "the way out"
+    assert "reference log-probabilities of" not in err, "refused before the reference pass"
+    assert "Traceback" not in err

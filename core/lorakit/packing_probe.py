@@ -53,9 +53,12 @@ def probe_key(model: Any) -> tuple[str, str]:
 
 
 def rows_hold_several(train: Any) -> bool:
-    """Can a packed row of this ``[train]`` section hold more than one example?"""
+    """Can a packed row of this ``[train]`` section hold more than one example? Always with a
+    preference objective: a pair's two answers share a row (KTO: an answer and its mismatched
+    row), and the reference pass packs several pairs."""
     return bool(
-        train.packing
+        train.objective != "sft"
+        or train.packing
         or train.per_device_train_batch_size > 1
         or train.per_device_eval_batch_size > 1
     )
@@ -80,11 +83,24 @@ def check_packing(train: Any, model: Any, say: Any = None) -> None:
     started = time.perf_counter()
     leak = probe(model)
     if leak is not None:
-        raise ModelError(
+        found = (
             f"packed rows leak between examples on this {model_type} model (attention "
             f"{implementation}): changing the first example of a packed row changed the logits "
-            f"of the next one by up to {leak:.3g}, so training on packed rows would let "
-            "examples see each other",
+            f"of the next one by up to {leak:.3g}, so "
+        )
+        if train.objective != "sft":
+            raise ModelError(
+                found + f"objective {train.objective!r} would score each answer with the other "
+                "answers of its row in view: lorakit packs a pair's answers (KTO: an answer "
+                "and its mismatched row) into one row, whatever the batch sizes",
+                where="train.objective",
+                fix='train this architecture with objective = "sft" and one example per '
+                "row (train.per_device_train_batch_size=1 train.per_device_eval_batch_size=1 "
+                "train.packing=false), or pick a model whose layers keep packed examples "
+                "apart (llama, mistral, qwen2)",
+            )
+        raise ModelError(
+            found + "training on packed rows would let examples see each other",
             where="[train]",
             fix="train one example per row: train.per_device_train_batch_size=1 "
             "train.per_device_eval_batch_size=1 train.packing=false (raise "

@@ -429,6 +429,9 @@ def train(
     from lorakit.packing_probe import check_packing
     from lorakit.training import build_trainer, engine, planned_steps
 
+    with packed_attention(tm.model, tm.device):
+        # before anything packs rows (a preference run's reference pass does, before training)
+        check_packing(recipe.train, tm.model, say)  # refuses rows whose examples mix
     if recipe.train.objective == "sft":
         trainer = build_trainer(
             recipe,
@@ -474,7 +477,6 @@ def train(
             packed_attention(tm.model, tm.device),
             objects_frozen_for_gc(),
         ):
-            check_packing(recipe.train, tm.model, say)  # refuses rows whose examples mix
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
 
