@@ -294,11 +294,11 @@ def test_consecutive_batches_keep_the_order_and_fill_the_budget(lengths, budget)
 
     batches = consecutive_batches(lengths, budget)
     assert [i for b in batches for i in b] == list(range(len(lengths))), "every row once, in order"
-    for b, nxt in zip(batches, [*batches[1:], None], strict=True):
+    for k, b in enumerate(batches):
         tokens = sum(lengths[i] for i in b)
         assert len(b) == 1 or tokens <= budget, "within the budget (a long row: on its own)"
-        if nxt is not None:  # full: the next row would not have fitted
-            assert tokens + lengths[nxt[0]] > budget
+        if k + 1 < len(batches):  # full: the next row would not have fitted
+            assert tokens + lengths[batches[k + 1][0]] > budget
     assert consecutive_batches(lengths, budget) == batches
 
 
