@@ -258,3 +258,19 @@ def test_a_fresh_adapter_adds_nothing_so_the_reference_skips_it(tiny_model_dir):
         lora_b[0, 0] = 1e-3
     assert not adds_nothing(model)
     assert not adds_nothing(load_tiny_model(tiny_model_dir))  # no adapter at all
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_length", "budget"),
+    [(4, 512, 4096), (8, 192, 3072), (1, 256, 512), (64, 4096, 4096)],
+)
+def test_a_reference_batch_holds_no_more_tokens_than_a_training_micro_batch(
+    batch, max_length, budget
+):
+    """4096 packed tokens at most, and never more than a training micro-batch of pairs of up
+    to twice max_length: the reference pass needs no more memory than a training step."""
+    from lorakit.preference import reference_tokens
+    from lorakit.sections import TrainSection
+
+    train = TrainSection(per_device_train_batch_size=batch, max_length=max_length)
+    assert reference_tokens(train) == budget

@@ -233,10 +233,19 @@ def pair_losses(
     raise ValueError(f"unknown preference objective {o.name!r}")
 
 
-# A reference batch's packed tokens: a forward without gradients keeps one layer's activations
-# at a time, so this is far less memory than a training micro-batch, and large enough that the
-# matmuls run at the machine's rate (24 demo pairs: 2.5 s in batches of 4 pairs, 2.2 s in one).
+# A reference batch's packed tokens at most: large enough that the matmuls run at the machine's
+# rate (24 demo pairs: 2.5 s in batches of 4 pairs, 2.2 s in one; fp32, 2-core Xeon).
 REFERENCE_TOKENS = 4096
+
+
+def reference_tokens(train: Any) -> int:
+    """The token budget of a reference batch for a ``[train]`` section: :data:`REFERENCE_TOKENS`,
+    and never more than a training micro-batch can hold (``per_device_train_batch_size``
+    pairs, or KTO answers with their mismatched rows, of up to twice ``max_length``): a
+    forward without gradients over as many tokens as a training step's then needs less memory
+    than the step, which keeps its activations. Neither setting may change on a resume, so
+    a resumed run packs the same batches."""
+    return max(1, min(REFERENCE_TOKENS, 2 * train.per_device_train_batch_size * train.max_length))
 
 
 def reference_logps(

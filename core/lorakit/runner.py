@@ -525,23 +525,24 @@ def reference_for(
     starts (the base, or the ``from_adapter`` it starts from), once, before training (KTO:
     every answer's); None for the reference-free objectives, and where the trainer computes
     them in each step (``train.reference_logps``)."""
-    from lorakit.preference import reference_logps
+    from lorakit.preference import reference_logps, reference_tokens
 
     if tm.reference != "once":
         return None
+    budget = reference_tokens(recipe.train)
     if recipe.train.objective == "kto":
         from lorakit.kto import answer_reference_logps
 
         n = len(data.train_rows) + len(data.val_rows)
         say(f"reference log-probabilities of {n} answers")
         return (
-            answer_reference_logps(tm.model, data.train_rows, tm.device),
-            answer_reference_logps(tm.model, data.val_rows, tm.device),
+            answer_reference_logps(tm.model, data.train_rows, tm.device, budget),
+            answer_reference_logps(tm.model, data.val_rows, tm.device, budget),
         )
     say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
     return (
-        reference_logps(tm.model, data.train_rows, tm.device),
-        reference_logps(tm.model, data.val_rows, tm.device),
+        reference_logps(tm.model, data.train_rows, tm.device, budget),
+        reference_logps(tm.model, data.val_rows, tm.device, budget),
     )
 
 
