@@ -37,7 +37,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.packing import IGNORE_INDEX
-from lorakit.preference import Objective, StartWeights, StepReference, sequence_logps
+from lorakit.preference import (
+    REFERENCE_TOKENS,
+    Objective,
+    StartWeights,
+    StepReference,
+    sequence_logps,
+)
 
 
 def _first_label(labels: Sequence[int]) -> int:
@@ -146,25 +152,24 @@ def mismatched_logps(
 
 
 def answer_reference_logps(
-    model: Any, rows: Sequence[Any], device: str, budget: int | None = None
+    model: Any, rows: Sequence[Any], device: str, budget: int = REFERENCE_TOKENS
 ) -> list[float]:
     """Every answer's log-probability under ``model`` as it is now (the reference: the run's
     start), in eval mode and without gradients, the answers in order, as many to a batch as
-    fit in ``budget`` tokens (:data:`lorakit.preference.REFERENCE_TOKENS`): batches that
-    depend on the answers alone, so a resumed run computes the same values."""
+    fit in ``budget`` tokens (:func:`lorakit.preference.reference_tokens`): batches that
+    depend on the answers and the budget alone, so a resumed run computes the same values."""
     import torch
 
     from lorakit.attention import packed_attention
     from lorakit.loss import accepts_logits_to_keep
     from lorakit.packing import consecutive_batches, pack
-    from lorakit.preference import REFERENCE_TOKENS
     from lorakit.progress import bar
 
     if not rows:  # no val split: not even a switch to eval mode (transformers re-kernelizes)
         return []
     head_kwarg = accepts_logits_to_keep(model)
     target = next(model.parameters()).device
-    batches = consecutive_batches([len(r.input_ids) for r in rows], budget or REFERENCE_TOKENS)
+    batches = consecutive_batches([len(r.input_ids) for r in rows], budget)
     out: list[float] = []
     was_training = model.training
     model.eval()

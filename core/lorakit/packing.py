@@ -132,19 +132,8 @@ class TokenBudgetBatches:
 
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        out: list[list[int]] = []
-        current: list[int] = []
-        used = 0
-        for i in order:
-            n = self.lengths[i]
-            if current and used + n > self.budget:
-                out.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
-            out.append(current)
-        return out
+        batches = consecutive_batches([self.lengths[i] for i in order], self.budget)
+        return [[order[k] for k in part] for part in batches]
 
     def _tokens(self, batch: list[int]) -> int:
         return sum(self.lengths[i] for i in batch)

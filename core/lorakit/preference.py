@@ -245,7 +245,7 @@ def reference_tokens(train: Any) -> int:
     forward without gradients over as many tokens as a training step's then needs less memory
     than the step, which keeps its activations. Neither setting may change on a resume, so
     a resumed run packs the same batches."""
-    return max(1, min(REFERENCE_TOKENS, 2 * train.per_device_train_batch_size * train.max_length))
+    return min(REFERENCE_TOKENS, 2 * train.per_device_train_batch_size * train.max_length)
 
 
 def reference_logps(
@@ -255,8 +255,9 @@ def reference_logps(
     eval mode and without gradients: the reference a DPO run compares against, computed once
     before training (the starting adapter: a fresh one equals the base model exactly, since its
     B matrices are zero; a ``from_adapter`` run's is the SFT adapter). Pairs go in order, as
-    many to a batch as fit in ``budget`` packed tokens: the batches depend on the pairs alone
-    (not on a setting a resume may change), so a resumed run computes the same values."""
+    many to a batch as fit in ``budget`` packed tokens (:func:`reference_tokens`): the batches
+    depend on the pairs and the budget alone (not on a setting a resume may change), so a
+    resumed run computes the same values."""
     import torch
 
     from lorakit.attention import packed_attention
