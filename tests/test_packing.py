@@ -232,9 +232,16 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(
         assert code == 0, err
     a, b, c = (run_adapter(tmp_path / "runs" / n) for n in ("b4", "b2", "b1"))
     if compute_dtype == "fp32":
-        for k in a:  # summation order only
-            assert torch.allclose(a[k], b[k], atol=1e-6), k
-            assert torch.allclose(a[k], c[k], atol=1e-6), k
+        # Summation order only: the gradients differ by fp32 rounding (~1e-7 relative). Adam
+        # divides each element by its own magnitude, so an element whose gradient is within
+        # that noise of 0 may still move by up to 2 x lr a step (an AMD Zen 5's kernels moved
+        # one element of 8192 by 1.1e-6): elementwise bounds depend on the CPU's kernels.
+        # lora_B starts at 0, so it *is* the update; as a whole it must agree to 1e-4
+        # (measured 8e-6 there, <1e-6 on AMX). A grouping bug changes every gradient's
+        # weighting, the whole update and the step-1 loss.
+        for k in a:
+            for other in (b, c):
+                assert (a[k] - other[k]).norm() <= 1e-4 * a[k].norm(), k
         loss_rel = 1e-6
     else:
         # Grouping changes which examples share a packed row, so bf16 matmuls see other shapes
