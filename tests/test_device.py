@@ -37,6 +37,18 @@ def test_bf16_flags_are_timed_once_and_cached(monkeypatch, tmp_path):
     assert [v["bf16_gflops"] for v in cached.values()] == [200.0]
 
 
+def test_the_cached_dtype_choice_is_keyed_by_cpu_family_and_model():
+    """Zen 4 (bf16 ~1.9x fp32) and Zen 5 (~3.7x) both read "AMD EPYC" in a VM: the family and
+    model numbers keep their timings apart; only the first processor's block is read."""
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\n"
+    block += "model name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16\n\n"
+    zen4 = block.format(n=0, f=25, m=17) + block.format(n=1, f=26, m=2)
+    assert device._cpu_model(zen4) == "AMD EPYC (family 25 model 17)"
+    assert device._cpu_model(block.format(n=0, f=26, m=2)) == "AMD EPYC (family 26 model 2)"
+    assert device._cpu_model("model name\t: Some CPU\n") == "Some CPU"
+    assert device._cpu_model("") == "unknown"
+
+
 def test_bf16_flags_but_slow_bf16_stays_fp32(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(device, "cpu_flags", lambda: {"amx_bf16"})

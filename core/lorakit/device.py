@@ -81,14 +81,27 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name with its family and model numbers (from ``cpuinfo``, default
+    /proc/cpuinfo): VMs often show only a vendor line ("AMD EPYC" for Zen 4 and Zen 5 alike),
+    and the numbers tell those apart."""
+    fields: dict[str, str] = {}
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the end of the first processor's block
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def matmul_flops(dtype: Any, size: int = 1024, seconds: float = 0.3) -> float:
