@@ -35,6 +35,17 @@ def test_bf16_flags_are_timed_once_and_cached(monkeypatch, tmp_path):
     assert calls == [torch.float32, torch.bfloat16], "timed once, then read from the cache"
     cached = json.loads((tmp_path / "cpu_dtype.json").read_text())
     assert [v["bf16_gflops"] for v in cached.values()] == [200.0]
+    # the torch-free reader (`lorakit plan`/preflight) sees the same decision
+    from lorakit.preflight import _auto_dtype
+
+    assert device.cached_bf16_choice(torch.__version__) is True
+    assert _auto_dtype("cpu") == "bf16"
+    assert device.cached_bf16_choice("0.0-never-timed") is None
+    (tmp_path / "cpu_dtype.json").write_text(json.dumps({device._dtype_key("9"): []}))
+    assert device.cached_bf16_choice("9") is None, "an entry that is not a timing"
+    (tmp_path / "cpu_dtype.json").write_text("[1]")
+    assert device.cached_bf16_choice(torch.__version__) is None
+    assert _auto_dtype("cpu") == "fp32"
 
 
 def test_the_cached_dtype_choice_is_keyed_by_cpu_family_and_model():

@@ -212,7 +212,6 @@ def test_loss_does_not_depend_on_how_examples_are_grouped(
 ):
     """One micro-batch of 4, or 2 of 2 with gradient accumulation, or 4 of 1: the same examples
     per optimizer step give the same adapter (loss = summed token NLL / tokens of the step)."""
-
     records = chat_records(40)
     for i, r in enumerate(records):  # uneven answer lengths, so per-micro-batch means would differ
         r["messages"][1]["content"] += " ok" * (i % 7)

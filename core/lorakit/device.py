@@ -120,32 +120,57 @@ def matmul_flops(dtype: Any, size: int = 1024, seconds: float = 0.3) -> float:
             return 2 * size**3 * n / elapsed
 
 
+def _dtype_cache() -> Path:
+    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    return cache / "cpu_dtype.json"
+
+
+def _dtype_key(torch_version: str) -> str:
+    return f"{_cpu_model()}|torch {torch_version}"
+
+
+def _cached_dtype_rates() -> dict[str, Any]:
+    try:
+        known = json.loads(_dtype_cache().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def cached_bf16_choice(torch_version: str) -> bool | None:
+    """What :func:`cpu_bf16_is_faster` decided on this CPU with this torch, from its cache
+    alone (None: never timed); for callers that must not import torch."""
+    try:
+        return _bf16_wins(_cached_dtype_rates()[_dtype_key(torch_version)])
+    except (KeyError, TypeError):
+        return None  # never timed, or an entry that is not a timing
+
+
+def _bf16_wins(rates: dict[str, float]) -> bool:
+    return bool(rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"])
+
+
 def cpu_bf16_is_faster() -> bool:
     """True when this CPU has bf16 instructions and a timed bf16 matmul beats fp32."""
     if not any(flag in cpu_flags() for flag in BF16_FLAGS):
         return False
     import torch
 
-    key = f"{_cpu_model()}|torch {torch.__version__}"
-    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
-    path = cache / "cpu_dtype.json"
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
+    key = _dtype_key(torch.__version__)
+    known = _cached_dtype_rates()
     if key not in known:
         fp32 = matmul_flops(torch.float32)
         bf16 = matmul_flops(torch.bfloat16)
         known[key] = {"fp32_gflops": round(fp32 / 1e9, 1), "bf16_gflops": round(bf16 / 1e9, 1)}
+        path = _dtype_cache()
         try:
-            cache.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache only costs the timing again next run
-    rates = known[key]
-    return bool(rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"])
+    return _bf16_wins(known[key])
 
 
 def usable_cores() -> int:

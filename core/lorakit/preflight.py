@@ -8,7 +8,6 @@ Used by ``lorakit plan`` and at the start of ``lorakit run`` (:func:`check_memor
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -104,19 +103,17 @@ def _auto_dtype(device: str) -> str:
     cached measurement of ``lorakit.device`` said (fp32 when nothing was measured)."""
     if device == "cuda":
         return "bf16"
-    from lorakit.device import BF16_FLAGS, _cpu_model, cpu_flags
+    from lorakit.device import BF16_FLAGS, cached_bf16_choice, cpu_flags
 
     if not any(f in cpu_flags() for f in BF16_FLAGS):
         return "fp32"
     from importlib.metadata import PackageNotFoundError, version
 
-    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
     try:
-        known = json.loads((cache / "cpu_dtype.json").read_text(encoding="utf-8"))
-        rates = known[f"{_cpu_model()}|torch {version('torch')}"]
-    except (OSError, ValueError, KeyError, PackageNotFoundError):
+        torch_version = version("torch")
+    except PackageNotFoundError:
         return "fp32"
-    return "bf16" if rates["bf16_gflops"] > 1.1 * rates["fp32_gflops"] else "fp32"
+    return "bf16" if cached_bf16_choice(torch_version) else "fp32"
 
 
 def data_tokens(recipe: Recipe, components: Components) -> tuple[int, int, str]:
