@@ -7,7 +7,7 @@
 Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
 recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
 fused RMSNorm, packed attention), then runs the step by hand: packed micro-batches of 4
-examples in a seeded order, the supervised-only loss, backward, clipping, AdamW. No Trainer,
+examples (``--batch``) in a seeded order, the supervised-only loss, backward, clipping, AdamW. No Trainer,
 so what it times is the model's forward and backward and the optimizer, not logging or
 checkpoints.
 
@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--quant", default="none", choices=list(DTYPE_KEY))
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=4, help="examples a micro-batch (default 4)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", action="store_true")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -115,7 +116,7 @@ def main() -> None:
     profiler = None
     with packed_attention(model, "cpu"):
         for step in range(args.steps):
-            chosen = [rows[i] for i in order[step * 4 : (step + 1) * 4]]
+            chosen = [rows[i] for i in order[step * args.batch : (step + 1) * args.batch]]
             batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chosen])
             if args.profile and step == args.steps - 1:
                 from torch.profiler import ProfilerActivity, profile
