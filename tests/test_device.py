@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +126,58 @@ def test_objects_frozen_for_gc_spares_old_objects_and_collects_them_afterwards()
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert gone() is None, "unfrozen: collected after the block"
+
+
+LOADING_CHURN = """
+import os, sys
+import torch
+from lorakit import device
+
+os.environ["LORAKIT_MALLOC"] = "keep"
+assert device.configure_malloc() == "keep"
+
+
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) / 1024
+
+
+live = []
+before = anon_mb()
+with device.loading_memory():
+    with device.loading_memory():  # nested: only the outermost block acts
+        # what quantizing a checkpoint does: a large temporary per weight, a small result kept
+        for i in range(24):
+            temporary = torch.ones((32 + i) * 2**18)  # 32-55 MiB
+            live.append(torch.ones(2**18))  # 1 MiB
+            del temporary
+    inside = anon_mb() - before
+after_block = anon_mb() - before
+# keep's thresholds are back: a freed 64 MiB block stays in the heap for the next step
+again = torch.ones(2**24)
+del again
+kept = anon_mb() - before
+print(round(inside), round(after_block), round(kept))
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status") or not device._libc(),
+    reason="needs Linux and glibc",
+)
+def test_loading_memory_returns_what_loading_frees_and_then_keeps_again():
+    """Under LORAKIT_MALLOC=keep a heap pinned by small live blocks kept the freed temporaries
+    of a 4-bit load (1.7B shapes: up to 8.6 GB for 1.5 GB of tensors). Inside the block memory
+    follows the 24 MiB kept; after it, keep's 256 MiB mmap threshold holds again."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("LORAKIT_MALLOC", None)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", LOADING_CHURN], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    inside, after_block, kept = (int(x) for x in out)
+    assert inside <= 24 + 32, f"{inside} MiB resident after 24 MiB of live blocks"
+    assert after_block <= 24 + 32
+    assert kept >= after_block + 48, "a freed 64 MiB block went back to the OS: keep not restored"

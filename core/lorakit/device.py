@@ -216,6 +216,8 @@ MALLOC_MODES = ("keep", "return", "glibc")
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers in glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_malloc_in_effect: str | None = None  # what configure_malloc set in this process
+_loading_depth = 0
 
 
 def malloc_mode() -> str:
@@ -247,12 +249,15 @@ def configure_malloc() -> str | None:
     54 against 37 ms for 170 positions, the 135M step about 2% less time
     (``docs/performance.md``), at a peak RSS about 2% higher. ``return``: :func:`return_freed_memory`.
     """
+    global _malloc_in_effect
     mode = malloc_mode()
+    took: str | None = None
     if mode == "return":
-        return mode if return_freed_memory() else None
-    if mode == "keep":
-        return mode if keep_freed_memory() else None
-    return None
+        took = mode if return_freed_memory() else None
+    elif mode == "keep":
+        took = mode if keep_freed_memory() else None
+    _malloc_in_effect = took
+    return took
 
 
 def _mallopt() -> Any:
@@ -298,6 +303,64 @@ def return_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+@contextlib.contextmanager
+def loading_memory() -> Iterator[None]:
+    """Around loading (and quantizing) a model on CPU: freed memory goes back to the OS during
+    the block, and what the block left free in the heap is released at its end.
+
+    Quantizing a checkpoint while it loads makes a full-precision temporary of every weight
+    next to a small result that stays. Under ``LORAKIT_MALLOC=keep`` (blocks up to 256 MiB from
+    the heap) those temporaries are freed into a heap pinned by the results, and much of that
+    memory is never reused: loading SmolLM2-1.7B's shapes in 4-bit left 2.4-8.6 GB of
+    anonymous memory where the live tensors were 1.5 GB, varying run to run, so a QLoRA run's
+    peak RSS was set by loading, not training (``benchmarks/load_memory.py``). Inside the block
+    the mmap threshold is ``return``'s (each tensor of 128 KiB or more is its own mapping,
+    unmapped when freed); at its end ``malloc_trim`` gives back the free heap and ``keep``'s
+    thresholds come back for the steps. Under ``return`` only the trim runs; with ``glibc`` (or
+    a ``MALLOC_*`` variable the user set) nothing is changed; in a process that never called
+    :func:`configure_malloc` only the trim. Nested blocks act once, at the outermost."""
+    global _loading_depth
+    _loading_depth += 1
+    outermost = _loading_depth == 1
+    libc = _libc() if outermost else None
+    switched = bool(
+        libc is not None
+        and _malloc_in_effect == "keep"
+        and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )
+    try:
+        yield
+    finally:
+        _loading_depth -= 1
+        if libc is not None:
+            libc.malloc_trim(0)
+        if switched:
+            keep_freed_memory()
+
+
+def _user_owns_malloc() -> bool:
+    """True when glibc's malloc is the user's to set: ``LORAKIT_MALLOC=glibc`` or one of
+    glibc's own ``MALLOC_*`` variables."""
+    if any(n in os.environ for n in _MALLOC_ENV):
+        return True
+    return os.environ.get("LORAKIT_MALLOC", "").strip().lower() == "glibc"
+
+
+def _libc() -> Any:
+    """glibc through ctypes when it is this process's C library and its malloc is lorakit's
+    to touch (:func:`_user_owns_malloc`), else None."""
+    if _user_owns_malloc():
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 @contextlib.contextmanager

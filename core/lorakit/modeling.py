@@ -9,6 +9,7 @@ source turns it on. Network failures become a ``ModelError`` that says how to wo
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from lorakit.device import loading_memory
+
     kwargs = _common_kwargs(ref, recipe_dir)
     if quantized:
         kwargs.update(backend.load_kwargs(device))
@@ -99,16 +102,19 @@ def load_base_model(
     if "quantization_config" in kwargs and kwargs["quantization_config"] is not None:
         # One whole model per process: device_map="auto" cannot be combined with DDP.
         kwargs["device_map"] = {"": f"cuda:{local_rank()}" if device == "cuda" else device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _load_error(exc, ref, "model") from exc
-    if "device_map" not in kwargs:
-        model.to(f"cuda:{local_rank()}" if device == "cuda" else device)  # type: ignore[arg-type]
-    if quantized and isinstance(backend, FinishesLoading):
-        model = backend.finish_loading(model, device)
-    if device == "cpu" and quantized and backend.quantizes:
-        release_weights_file(model)
+    quantizing_on_cpu = device == "cpu" and quantized and backend.quantizes
+    # quantizing frees a full-precision copy of every weight: on CPU it goes back to the OS
+    with loading_memory() if quantizing_on_cpu else contextlib.nullcontext():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise _load_error(exc, ref, "model") from exc
+        if "device_map" not in kwargs:
+            model.to(f"cuda:{local_rank()}" if device == "cuda" else device)  # type: ignore[arg-type]
+        if quantized and isinstance(backend, FinishesLoading):
+            model = backend.finish_loading(model, device)
+        if quantizing_on_cpu:
+            release_weights_file(model)
     return model
 
 

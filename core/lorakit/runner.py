@@ -7,6 +7,7 @@ adapter, the evaluation), in the order they run. Read this file top to bottom.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,7 +314,7 @@ def load_for_training(
     ``compute_dtype``: what the quant backend's dtype resolves to on ``device``;
     ``reference``: when the reference log-probabilities are computed
     (:func:`resolve_reference`)."""
-    from lorakit.device import configure_malloc, configure_threads
+    from lorakit.device import configure_malloc, configure_threads, loading_memory
     from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
         attach_new_adapter,
@@ -359,35 +360,38 @@ def load_for_training(
             f'sees against the reference; set train.reference_logps = "every_step" or '
             f'quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
         )
-    residual = None
-    if quantizes_residual(recipe, backend):
-        # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
-        residual = compute_residual(data.ref, components, recipe.train.seed, recipe.recipe_dir)
-    model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
-    if residual is not None:
-        quantize_residual(model, residual)
-    model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    start_adapter = start_adapter_dir(recipe, data.ref)
-    if residual is not None:
-        model = attach_initial(model, components, recipe.train.seed, residual)
-        say(
-            f"{init_name(recipe.peft.options)} init on the fp32 base ({len(residual.weights)} "
-            "layers), only the residual quantized; the saved adapter is converted back"
-        )
-    elif start_adapter is None:
-        model = attach_new_adapter(model, components.peft, recipe.train.seed)
-        # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export
-        finish_init(
-            model,
-            components.peft,
-            model_path=data.ref.path,
-            train_rows=data.train_rows,
-            batch_size=recipe.train.per_device_train_batch_size,
-            say=say,
-        )
-    else:  # its own LoRA shape, trainable; [peft] is not used
-        say(f"starting from the adapter in {start_adapter} (its own LoRA settings)")
-        model = load_adapter(model, start_adapter, trainable=True)
+    # on CPU, what loading, quantizing and the adapter's init free goes back to the OS, not
+    # the heap (device.loading_memory: it set a QLoRA run's peak RSS before)
+    with loading_memory() if cpu else contextlib.nullcontext():
+        residual = None
+        if quantizes_residual(recipe, backend):
+            # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
+            residual = compute_residual(data.ref, components, recipe.train.seed, recipe.recipe_dir)
+        model = load_base_model(data.ref, backend, device, recipe_dir=recipe.recipe_dir)
+        if residual is not None:
+            quantize_residual(model, residual)
+        model = backend.prepare_for_training(model, recipe.train.gradient_checkpointing)
+        start_adapter = start_adapter_dir(recipe, data.ref)
+        if residual is not None:
+            model = attach_initial(model, components, recipe.train.seed, residual)
+            say(
+                f"{init_name(recipe.peft.options)} init on the fp32 base ({len(residual.weights)} "
+                "layers), only the residual quantized; the saved adapter is converted back"
+            )
+        elif start_adapter is None:
+            model = attach_new_adapter(model, components.peft, recipe.train.seed)
+            # LoftQ and EVA fit the adapter here; PiSSA/OLoRA keep their start for the export
+            finish_init(
+                model,
+                components.peft,
+                model_path=data.ref.path,
+                train_rows=data.train_rows,
+                batch_size=recipe.train.per_device_train_batch_size,
+                say=say,
+            )
+        else:  # its own LoRA shape, trainable; [peft] is not used
+            say(f"starting from the adapter in {start_adapter} (its own LoRA settings)")
+            model = load_adapter(model, start_adapter, trainable=True)
     if cpu:
         # nn.Dropout's mask costs as much as a matmul on CPU; same rate, a third of the cost;
         # and each LoRA layer's step as one autograd node in the compute dtype (fused_lora.py).
