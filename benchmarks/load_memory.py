@@ -1,16 +1,20 @@
-"""Memory while a model loads in 4-bit on CPU: with and without ``device.loading_memory``.
+"""Memory and time of a 4-bit model load on CPU: before and after ``device.loading_memory`` and
+``quantize_cpu``'s chunked quantization.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/load_memory.py [--model-path DIR]
         [--rounds 3] [--quant bnb-4bit|bnb-8bit]
 
-Each load runs in its own process, the two variants alternated for ``--rounds`` rounds, both
-under ``LORAKIT_MALLOC=keep`` as ``lorakit run`` sets it on CPU: ``heap`` loads with the
-thresholds left as they are (lorakit before the change), ``loading_memory`` inside the block
-``load_base_model`` now opens. A thread samples ``/proc/self/status`` every 50 ms; printed per
-load: seconds, the peak of anonymous memory (what the process holds; the mapped checkpoint's
-pages are file-backed, counted apart: the kernel can drop them), the peak RSS (both; what
-``ru_maxrss`` reports) and the anonymous memory left when the load is done. The default model is
-SmolLM2-1.7B's shapes with random weights, as ``bench_train.py --model-size 1.7b`` builds it.
+Each load runs in its own process, the variants alternated for ``--rounds`` rounds, all under
+``LORAKIT_MALLOC=keep`` as ``lorakit run`` sets it on CPU: ``heap`` loads with keep's thresholds
+and bitsandbytes' quantization kernel (lorakit before both changes), ``loading_memory`` with
+``device.loading_memory`` around the load and bitsandbytes' kernel, ``chunked`` as
+``load_base_model`` loads now (that block and ``quantize_cpu.quantize_4bit``). A thread samples
+``/proc/self/status`` every 50 ms; printed per load: seconds, the peak of anonymous memory (what
+the process holds; the mapped checkpoint's pages are file-backed, counted apart: the kernel can
+drop them), the peak RSS (both; what ``ru_maxrss`` reports) and the anonymous memory left when
+the load is done. The default model is SmolLM2-1.7B's shapes with random weights, as
+``bench_train.py --model-size 1.7b`` builds it. ``--quant bnb-8bit`` loads in 8-bit instead
+(bitsandbytes' own kernel in every variant: the chunked one is 4-bit only).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def child(model: str, quant: str, variant: str) -> None:
     sys.path[:0] = [str(REPO / "core"), str(REPO / "plugins")]
-    from lorakit import device
+    from lorakit import device, modeling, quantize_cpu
     from lorakit.catalog import default_catalog
     from lorakit.contracts import ModelRef
     from lorakit.modeling import load_base_model
@@ -54,8 +58,10 @@ def child(model: str, quant: str, variant: str) -> None:
 
     entry = default_catalog().get("quant", quant)
     backend = entry.factory(entry.options_class(compute_dtype="bf16"))
-    if variant == "heap":  # the block does nothing: lorakit before device.loading_memory
-        device.loading_memory = _no_block  # type: ignore[assignment]
+    if variant == "heap":  # lorakit before both changes
+        modeling.cpu_loading = _no_block  # type: ignore[assignment]
+    elif variant == "loading_memory":  # bitsandbytes' own quantization kernel
+        quantize_cpu.chunked_4bit_quantization = _no_block  # type: ignore[assignment]
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     started = time.perf_counter()
@@ -101,7 +107,7 @@ def main() -> None:
 
         model = str(model_folder("1.7b", REPO / "benchmarks" / "results"))
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'core'}:{REPO / 'plugins'}")
-    results: dict[str, list[dict[str, float]]] = {"heap": [], "loading_memory": []}
+    results: dict[str, list[dict[str, float]]] = {"heap": [], "loading_memory": [], "chunked": []}
     for r in range(args.rounds):
         for variant in results:
             out = subprocess.run(

@@ -168,7 +168,7 @@ print(round(inside), round(after_block), round(kept))
 )
 def test_loading_memory_returns_what_loading_frees_and_then_keeps_again():
     """Under LORAKIT_MALLOC=keep a heap pinned by small live blocks kept the freed temporaries
-    of a 4-bit load (1.7B shapes: up to 8.6 GB for 1.5 GB of tensors). Inside the block memory
+    of a 4-bit load (1.7B shapes: up to 6.6 GB left for 1.1 GB of tensors). Inside the block memory
     follows the 24 MiB kept; after it, keep's 256 MiB mmap threshold holds again."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env.pop("LORAKIT_MALLOC", None)

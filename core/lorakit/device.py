@@ -313,9 +313,10 @@ def loading_memory() -> Iterator[None]:
     Quantizing a checkpoint while it loads makes a full-precision temporary of every weight
     next to a small result that stays. Under ``LORAKIT_MALLOC=keep`` (blocks up to 256 MiB from
     the heap) those temporaries are freed into a heap pinned by the results, and much of that
-    memory is never reused: loading SmolLM2-1.7B's shapes in 4-bit left 2.4-8.6 GB of
-    anonymous memory where the live tensors were 1.5 GB, varying run to run, so a QLoRA run's
-    peak RSS was set by loading, not training (``benchmarks/load_memory.py``). Inside the block
+    memory is never reused: loading SmolLM2-1.7B's shapes in 4-bit left 2.8-6.6 GB of
+    anonymous memory where the live tensors were 1.1 GB, varying run to run, so a QLoRA run's
+    peak RSS was set by loading, not training (``benchmarks/load_memory.py``; the quantization
+    itself now works in chunks, ``lorakit.quantize_cpu``). Inside the block
     the mmap threshold is ``return``'s (each tensor of 128 KiB or more is its own mapping,
     unmapped when freed); at its end ``malloc_trim`` gives back the free heap and ``keep``'s
     thresholds come back for the steps. Under ``return`` only the trim runs; with ``glibc`` (or

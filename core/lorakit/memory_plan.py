@@ -39,9 +39,9 @@ safetensors file: they join RSS as the first forward pass touches them, not at l
 (the cached folder, no conversion) never sets the peak. A 4/8-bit model reads the whole file
 while quantizing; its unquantized tensors would stay views of the mapping and keep those pages
 (405 MiB of SmolLM2's 513 MiB) in RSS all run, so ``lorakit.modeling.release_weights_file``
-copies them out and the file's pages leave; the full-precision temporaries of the quantization
-go back to the OS as they are freed (``lorakit.device.loading_memory``), where the heap of
-``LORAKIT_MALLOC=keep`` had kept up to 3x the live tensors. Attention adds no ``L x L`` term: on CPU, SDPA
+copies them out and the file's pages leave; the quantization's temporaries are chunk-sized
+(``lorakit.quantize_cpu``) and go back to the OS when freed (``lorakit.device.loading_memory``),
+where the heap of ``LORAKIT_MALLOC=keep`` had kept up to 6x the live tensors. Attention adds no ``L x L`` term: on CPU, SDPA
 (``is_causal``, grouped KV heads included) runs PyTorch's flash kernel, which saves queries,
 keys, values, output and a log-sum-exp per row, linear in the example length. A run with one of glibc's ``MALLOC_*``
 variables set keeps its own allocator settings and is not covered by this model.

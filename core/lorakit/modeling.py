@@ -10,6 +10,7 @@ source turns it on. Network failures become a ``ModelError`` that says how to wo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,18 @@ def load_tokenizer(ref: ModelRef, *, recipe_dir: Path | None = None) -> Any:
     return tok
 
 
+@contextlib.contextmanager
+def cpu_loading() -> Iterator[None]:
+    """Around loading and quantizing a model on CPU: what the quantization frees goes back to
+    the OS (:func:`lorakit.device.loading_memory`) and 4-bit weights are quantized in chunks
+    (:mod:`lorakit.quantize_cpu`: bitsandbytes' bytes, 2-4x faster)."""
+    from lorakit.device import loading_memory
+    from lorakit.quantize_cpu import chunked_4bit_quantization
+
+    with loading_memory(), chunked_4bit_quantization():
+        yield
+
+
 def load_base_model(
     ref: ModelRef,
     backend: QuantBackend,
@@ -90,8 +103,6 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from lorakit.device import loading_memory
-
     kwargs = _common_kwargs(ref, recipe_dir)
     if quantized:
         kwargs.update(backend.load_kwargs(device))
@@ -103,8 +114,7 @@ def load_base_model(
         # One whole model per process: device_map="auto" cannot be combined with DDP.
         kwargs["device_map"] = {"": f"cuda:{local_rank()}" if device == "cuda" else device}
     quantizing_on_cpu = device == "cpu" and quantized and backend.quantizes
-    # quantizing frees a full-precision copy of every weight: on CPU it goes back to the OS
-    with loading_memory() if quantizing_on_cpu else contextlib.nullcontext():
+    with cpu_loading() if quantizing_on_cpu else contextlib.nullcontext():
         try:
             model = AutoModelForCausalLM.from_pretrained(ref.path, use_safetensors=True, **kwargs)
         except (OSError, ValueError) as exc:

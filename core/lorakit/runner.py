@@ -314,10 +314,11 @@ def load_for_training(
     ``compute_dtype``: what the quant backend's dtype resolves to on ``device``;
     ``reference``: when the reference log-probabilities are computed
     (:func:`resolve_reference`)."""
-    from lorakit.device import configure_malloc, configure_threads, loading_memory
+    from lorakit.device import configure_malloc, configure_threads
     from lorakit.lora_init import finish_init, init_name
     from lorakit.modeling import (
         attach_new_adapter,
+        cpu_loading,
         load_adapter,
         load_base_model,
         start_adapter_dir,
@@ -361,8 +362,9 @@ def load_for_training(
             f'quant.{setting} = "fp32" where small differences matter (docs/preference.md)'
         )
     # on CPU, what loading, quantizing and the adapter's init free goes back to the OS, not
-    # the heap (device.loading_memory: it set a QLoRA run's peak RSS before)
-    with loading_memory() if cpu else contextlib.nullcontext():
+    # the heap (device.loading_memory: it set a QLoRA run's peak RSS before), and 4-bit
+    # weights are quantized in chunks (quantize_cpu.py)
+    with cpu_loading() if cpu else contextlib.nullcontext():
         residual = None
         if quantizes_residual(recipe, backend):
             # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
