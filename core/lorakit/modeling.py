@@ -76,14 +76,14 @@ def load_tokenizer(ref: ModelRef, *, recipe_dir: Path | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def cpu_loading() -> Iterator[None]:
-    """Around loading and quantizing a model on CPU: what the quantization frees goes back to
-    the OS (:func:`lorakit.device.loading_memory`) and 4-bit weights are quantized in chunks
-    (:mod:`lorakit.quantize_cpu`: bitsandbytes' bytes, 2-4x faster)."""
+def cpu_loading(quantizing: bool = True) -> Iterator[None]:
+    """Around loading (and quantizing) a model on CPU: what loading frees goes back to the OS
+    (:func:`lorakit.device.loading_memory`), and with ``quantizing`` 4-bit weights are quantized
+    in chunks (:mod:`lorakit.quantize_cpu`: bitsandbytes' bytes, about 4x faster)."""
     from lorakit.device import loading_memory
     from lorakit.quantize_cpu import chunked_4bit_quantization
 
-    with loading_memory(), chunked_4bit_quantization():
+    with loading_memory(), chunked_4bit_quantization() if quantizing else contextlib.nullcontext():
         yield
 
 

@@ -364,7 +364,7 @@ def load_for_training(
     # on CPU, what loading, quantizing and the adapter's init free goes back to the OS, not
     # the heap (device.loading_memory: it set a QLoRA run's peak RSS before), and 4-bit
     # weights are quantized in chunks (quantize_cpu.py)
-    with cpu_loading() if cpu else contextlib.nullcontext():
+    with cpu_loading(backend.quantizes) if cpu else contextlib.nullcontext():
         residual = None
         if quantizes_residual(recipe, backend):
             # QPiSSA/QOLoRA: the init on the fp32 base first, then only its residual quantized
