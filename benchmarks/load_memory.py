@@ -1,8 +1,9 @@
 """Memory and time of a 4-bit model load on CPU: before and after ``device.loading_memory`` and
 ``quantize_cpu``'s chunked quantization.
 
-    PYTHONPATH=core:plugins .venv/bin/python benchmarks/load_memory.py [--model-path DIR]
-        [--rounds 3] [--quant bnb-4bit|bnb-8bit]
+    PYTHONPATH=core:plugins .venv/bin/python benchmarks/load_memory.py [--rounds 3]
+        [--model-size 1.7b|7b | --model-path DIR] [--quant bnb-4bit|bnb-8bit]
+        [--variants heap,loading_memory,chunked]
 
 Each load runs in its own process, the variants alternated for ``--rounds`` rounds, all under
 ``LORAKIT_MALLOC=keep`` as ``lorakit run`` sets it on CPU: ``heap`` loads with keep's thresholds
@@ -13,8 +14,10 @@ and bitsandbytes' quantization kernel (lorakit before both changes), ``loading_m
 the process holds; the mapped checkpoint's pages are file-backed, counted apart: the kernel can
 drop them), the peak RSS (both; what ``ru_maxrss`` reports) and the anonymous memory left when
 the load is done. The default model is SmolLM2-1.7B's shapes with random weights, as
-``bench_train.py --model-size 1.7b`` builds it. ``--quant bnb-8bit`` loads in 8-bit instead
-(bitsandbytes' own kernel in every variant: the chunked one is 4-bit only).
+``bench_train.py --model-size 1.7b`` builds it; ``--model-size 7b`` has Mistral-7B's layers
+(a 14 GB folder, built once; ``heap`` may need more RAM than a 24 GB machine has).
+``--quant bnb-8bit`` loads in 8-bit instead (bitsandbytes' own kernel in every variant: the
+chunked one is 4-bit only).
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ def _no_block():  # type: ignore[no-untyped-def]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-path", type=Path)
+    p.add_argument("--model-size", default="1.7b", help="a random-weight shape of model_sizes.py")
+    p.add_argument(
+        "--variants", default="heap,loading_memory,chunked", help="comma-separated, in this order"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quant", default="bnb-4bit", choices=["bnb-4bit", "bnb-8bit"])
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -105,9 +112,9 @@ def main() -> None:
         sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "core"), str(REPO / "plugins")]
         from model_sizes import model_folder
 
-        model = str(model_folder("1.7b", REPO / "benchmarks" / "results"))
+        model = str(model_folder(args.model_size, REPO / "benchmarks" / "results"))
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'core'}:{REPO / 'plugins'}")
-    results: dict[str, list[dict[str, float]]] = {"heap": [], "loading_memory": [], "chunked": []}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants.split(",")}
     for r in range(args.rounds):
         for variant in results:
             out = subprocess.run(

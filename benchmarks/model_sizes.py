@@ -36,6 +36,15 @@ SHAPES: dict[str, dict[str, int | float]] = {
         "num_key_value_heads": 32,
         "rope_theta": 130000.0,
     },
+    # Mistral-7B's layers (its own vocabulary is 32000 and untied; here 49152, tied)
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 1000000.0,
+    },
 }
 SIZES = ("135m", *SHAPES)
 COMPLETE = "BENCH_COMPLETE"
