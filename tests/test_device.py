@@ -163,7 +163,7 @@ print(round(inside), round(after_block), round(kept))
 
 
 @pytest.mark.skipif(
-    not os.path.exists("/proc/self/status") or not device._libc(),
+    not os.path.exists("/proc/self/status") or not device._glibc(),
     reason="needs Linux and glibc",
 )
 def test_loading_memory_returns_what_loading_frees_and_then_keeps_again():

@@ -260,15 +260,24 @@ def configure_malloc() -> str | None:
     return took
 
 
-def _mallopt() -> Any:
+def _glibc() -> Any:
+    """glibc through ctypes, or None where the C library is not glibc or the user set one of
+    glibc's own ``MALLOC_*`` variables (their settings win)."""
     if any(n in os.environ for n in _MALLOC_ENV):
-        return None  # the user's own glibc settings win
+        return None
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
     except (OSError, AttributeError):
         return None
+    return libc
+
+
+def _mallopt() -> Any:
+    libc = _glibc()
+    return None if libc is None else libc.mallopt
 
 
 def keep_freed_memory() -> bool:
@@ -324,8 +333,8 @@ def loading_memory() -> Iterator[None]:
     :func:`configure_malloc` only the trim. Nested blocks act once, at the outermost."""
     global _loading_depth
     _loading_depth += 1
-    outermost = _loading_depth == 1
-    libc = _libc() if outermost else None
+    left_alone = os.environ.get("LORAKIT_MALLOC", "").strip().lower() == "glibc"
+    libc = _glibc() if _loading_depth == 1 and not left_alone else None
     switched = bool(
         libc is not None
         and _malloc_in_effect == "keep"
@@ -339,29 +348,6 @@ def loading_memory() -> Iterator[None]:
             libc.malloc_trim(0)
         if switched:
             keep_freed_memory()
-
-
-def _user_owns_malloc() -> bool:
-    """True when glibc's malloc is the user's to set: ``LORAKIT_MALLOC=glibc`` or one of
-    glibc's own ``MALLOC_*`` variables."""
-    if any(n in os.environ for n in _MALLOC_ENV):
-        return True
-    return os.environ.get("LORAKIT_MALLOC", "").strip().lower() == "glibc"
-
-
-def _libc() -> Any:
-    """glibc through ctypes when it is this process's C library and its malloc is lorakit's
-    to touch (:func:`_user_owns_malloc`), else None."""
-    if _user_owns_malloc():
-        return None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc
 
 
 @contextlib.contextmanager
