@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="examples a micro-batch (default 4)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", action="store_true")
+    p.add_argument("--rows", type=int, default=40, help="operator rows in the profile table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument(
         "--model-path",
@@ -140,7 +141,9 @@ def main() -> None:
         print(f"tokens/s after 2 steps: {sum(tokens[2:]) / sum(times[2:]):.1f}")
     if profiler is not None:
         table = profiler.key_averages(group_by_input_shape=args.shapes).table(
-            sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40
+            sort_by="self_cpu_time_total",
+            row_limit=args.rows,
+            max_name_column_width=40,
         )
         print(table)
 

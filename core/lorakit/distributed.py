@@ -195,14 +195,15 @@ def _object_device() -> Any:
     return torch.device("cpu")
 
 
-def batch_plan(train: Any, world: int, lengths: list[int]) -> dict[str, Any]:
+def batch_plan(train: Any, world: int, lengths: list[int], merge_tokens: int = 0) -> dict[str, Any]:
     """How one optimizer step's batch is made up over ``world`` ranks, and the sampler padding.
 
     Every rank trains on its own micro-batches (``accelerate`` hands batch i to rank i mod N).
     When the batches of an epoch do not divide evenly among the ranks, the sampler completes the
     last round with examples from the start of the epoch: those are trained twice in that epoch,
     and counted here (``padding_examples_per_epoch``, or ``padding_batches_per_epoch`` for
-    token-budget batches, whose sizes vary).
+    token-budget batches, whose sizes vary). ``merge_tokens``: the micro-batches of a step run
+    merged into packed rows of up to that many tokens (:func:`lorakit.packing.merge_budget`).
     """
     import math
 
@@ -227,10 +228,22 @@ def batch_plan(train: Any, world: int, lengths: list[int]) -> dict[str, Any]:
         padded = world * math.ceil(batches / world) * per_device - len(lengths)
         plan["padding_examples_per_epoch"] = padded if world > 1 else 0
     plan["batches_per_epoch"] = batches
+    if merge_tokens:
+        plan["merged_micro_batch_tokens"] = merge_tokens
     return plan
 
 
 def describe(plan: dict[str, Any]) -> str:
+    text = _describe(plan)
+    if merged := plan.get("merged_micro_batch_tokens"):
+        text += (
+            f"; the micro-batches of a step run merged into packed rows of up to {merged} "
+            "tokens (train.merge_micro_batches: the same examples and loss, fewer passes)"
+        )
+    return text
+
+
+def _describe(plan: dict[str, Any]) -> str:
     n, b, a = (
         plan["world_size"],
         plan["per_device_train_batch_size"],

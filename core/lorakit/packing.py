@@ -102,6 +102,93 @@ def consecutive_batches(lengths: Sequence[int], budget: int) -> list[range]:
     return out
 
 
+# On a CPU a step of a few hundred tokens spends much of its time around the matmuls (per
+# operator dispatch, attention per example, elementwise passes), and that share falls as the
+# row grows: SmolLM2-135M's step trained 424, 447, 566 and 598 tokens/s with 1, 2, 4 and 8
+# examples a micro-batch (``benchmarks/profile_step.py --batch``, bf16, 2 cores; about 150,
+# 300, 600 and 1200 tokens), and 558 with 16. So the micro-batches of one optimizer step are
+# run as fewer packed rows of up to this many tokens (:func:`merge_budget`).
+MERGE_TOKENS = 1024
+MERGED = "lorakit_merged_into_another"  # the key of a micro-batch left empty by a merge
+
+
+def merge_budget(train: Any, device: str, world: int) -> int:
+    """Tokens up to which the micro-batches of one optimizer step are merged into one packed
+    row (0: not merged): on a CPU, in one process, for SFT with gradient accumulation and
+    without NEFTune (whose noise scales with the packed row's length), when the recipe asks
+    for it (``train.merge_micro_batches``). Never more than a micro-batch may already hold
+    (``per_device_train_batch_size x max_length``), so no merged row is longer than the
+    recipe's own longest micro-batch, and the memory plan's bound holds."""
+    if not (
+        getattr(train, "merge_micro_batches", False)
+        and device == "cpu"
+        and world == 1
+        and train.objective == "sft"
+        and train.gradient_accumulation_steps > 1
+        and not train.neftune_noise_alpha
+    ):
+        return 0
+    return min(MERGE_TOKENS, train.per_device_train_batch_size * train.max_length)
+
+
+def merge_packed(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One packed row from several of :func:`pack`'s, in order: the row ``pack`` builds from
+    all their examples (every key equal)."""
+    import torch
+
+    if not batches:
+        raise ValueError("cannot merge no micro-batches")
+    if len(batches) == 1:
+        return dict(batches[0])
+    bounds = [batches[0]["cu_seq_lens_q"]]
+    offset = int(batches[0]["input_ids"].shape[1])
+    for b in batches[1:]:
+        bounds.append(b["cu_seq_lens_q"][1:] + offset)
+        offset += int(b["input_ids"].shape[1])
+    cu = torch.cat(bounds)
+    longest = max(int(b["max_length_q"]) for b in batches)
+    return {
+        "input_ids": torch.cat([b["input_ids"] for b in batches], dim=1),
+        "position_ids": torch.cat([b["position_ids"] for b in batches], dim=1),
+        "labels": torch.cat([b["labels"] for b in batches], dim=1),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "row_index": torch.cat([b["row_index"] for b in batches]),
+    }
+
+
+def merge_micro_batches(batches: Sequence[Mapping[str, Any]], budget: int) -> list[Any]:
+    """The micro-batches of one optimizer step, consecutive ones merged into packed rows of up
+    to ``budget`` tokens (one already longer stays alone), as a list as long as ``batches``:
+    the merged rows last, each place a merge freed first, as an empty micro-batch (``MERGED``:
+    the trainer skips it). The Trainer counts micro-batches to know when a step ends, so their
+    number stays as it was.
+
+    As few rows as the budget allows, and of even sizes: the smallest budget that still gives
+    that few (8 micro-batches of 150 tokens under 1024 make two rows of 600, not 900 and 300).
+    """
+    import torch
+
+    sizes = [int(b["input_ids"].shape[1]) for b in batches]
+    groups = consecutive_batches(sizes, budget)
+    if len(groups) == len(batches):
+        return list(batches)
+    low, high = 1, budget  # consecutive_batches(sizes, high) makes len(groups) rows
+    while low < high:
+        mid = (low + high) // 2
+        if len(consecutive_batches(sizes, mid)) <= len(groups):
+            high = mid
+        else:
+            low = mid + 1
+    groups = consecutive_batches(sizes, high)
+    empty = torch.zeros((1, 0), dtype=torch.long)
+    freed = {"input_ids": empty, "labels": empty, MERGED: True}
+    merged = [merge_packed([batches[i] for i in g]) for g in groups]
+    return [dict(freed) for _ in range(len(batches) - len(merged))] + merged
+
+
 class TokenBudgetBatches:
     """Micro-batches by tokens (``train.packing = true``): shuffled examples, each batch filled
     until the next example would pass ``budget`` tokens.

@@ -116,11 +116,13 @@ def _auto_dtype(device: str) -> str:
     return "bf16" if cached_bf16_choice(torch_version) else "fp32"
 
 
-def data_tokens(recipe: Recipe, components: Components) -> tuple[int, int, str]:
+def data_tokens(recipe: Recipe, components: Components, merge: int = 0) -> tuple[int, int, str]:
     """Tokens and supervised positions of the largest micro-batch, and where they came from.
 
     With the model's tokenizer on disk the data is read and tokenized (torch-free); otherwise the
-    upper bound: ``batch x max_length`` tokens, all supervised.
+    upper bound: ``batch x max_length`` tokens, all supervised. ``merge``: the micro-batches of
+    a step are merged up to that many tokens (:func:`lorakit.packing.merge_budget`), so the
+    largest is also up to that many tokens of the step's longest examples.
     """
     t = recipe.train
     budget = t.per_device_train_batch_size * t.max_length
@@ -146,8 +148,14 @@ def data_tokens(recipe: Recipe, components: Components) -> tuple[int, int, str]:
     lengths = sorted((min(n, t.max_length) for n in stats.lengths), reverse=True)
     share = stats.supervised_tokens / max(1, stats.total_tokens)
     tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
+    if merge:  # the step's micro-batches merged up to ``merge`` tokens
+        step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        tokens = max(tokens, min(merge, sum(lengths[:step])))
     tokens = max(1, min(tokens, budget))
-    return tokens, round(tokens * share), f"from the data: {share:.0%} of tokens supervised"
+    note = f"from the data: {share:.0%} of tokens supervised"
+    if merge:
+        note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
+    return tokens, round(tokens * share), note
 
 
 def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: bool = True) -> Any:
@@ -160,7 +168,11 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
     if dtype == "auto":
         dtype = _auto_dtype(device)
     if read_data:
-        tokens, supervised, note = data_tokens(recipe, components)
+        from lorakit.distributed import world_size
+        from lorakit.packing import merge_budget
+
+        merge = merge_budget(recipe.train, device, world_size())  # `lorakit plan`: 1
+        tokens, supervised, note = data_tokens(recipe, components, merge)
     else:
         tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
         supervised, note = tokens, "upper bound"

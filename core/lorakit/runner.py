@@ -76,7 +76,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     start = find_start(run, recipe, resume)
     check_tasks(recipe)  # an unknown lm-eval task stops the run now, not after training
     malloc_mode()  # so does a misspelt LORAKIT_MALLOC, before the run folder is claimed
-    data = prepare_data(recipe, components, run, start)
+    data = prepare_data(recipe, components, run, start, device)
     compute_dtype = components.quant.compute_dtype(device)  # what `auto` picks on this machine
     reference = resolve_reference(recipe, compute_dtype, start)
     claim_run(run, recipe, components, data, start, loggers, reference, compute_dtype)
@@ -105,6 +105,9 @@ class Start:
     reference: str | None = None
     # the compute dtype a resumed run started with (run.json; None for older runs)
     compute_dtype: str | None = None
+    # the tokens up to which a resumed run merged its micro-batches (run.json's batch; 0: it
+    # did not, or it started before lorakit merged them)
+    merge_tokens: int = 0
 
 
 @attrs.frozen
@@ -165,9 +168,13 @@ def find_start(run: RunDir, recipe: Recipe, resume: str | None) -> Start:
     return Start(checkpoint, changed, **recorded)
 
 
-def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Start) -> RunData:
+def prepare_data(
+    recipe: Recipe, components: Components, run: RunDir, start: Start, device: str | None = None
+) -> RunData:
     """Phase 2: read the data and split it deterministically (every rank: it is cheap and
-    identical), load the tokenizer, format and tokenize with completion-only labels."""
+    identical), load the tokenizer, format and tokenize with completion-only labels. The batch
+    plan merges micro-batches as :func:`lorakit.packing.merge_budget` decides for ``device``
+    (None: the recipe's), or, in a resumed run, as the run started."""
     from lorakit.modeling import load_tokenizer, resolve_model
 
     t = recipe.train
@@ -216,9 +223,24 @@ def prepare_data(recipe: Recipe, components: Components, run: RunDir, start: Sta
         end_of_turn=formatter.end_of_turn(tokenizer),
         train_rows=train_rows,
         val_rows=val_rows,
-        batch=distributed.batch_plan(t, world_size(), row_lengths(train_rows)),
+        batch=distributed.batch_plan(
+            t, world_size(), row_lengths(train_rows), merge_tokens(recipe, start, device)
+        ),
         system_prompt=system,
     )
+
+
+def merge_tokens(recipe: Recipe, start: Start, device: str | None) -> int:
+    """Tokens up to which the micro-batches of a step are merged (0: not at all): what
+    :func:`lorakit.packing.merge_budget` gives here, except that a resumed run keeps what it
+    started with, so its resumed steps are those of an uninterrupted run (a run started before
+    lorakit merged micro-batches keeps not merging them)."""
+    from lorakit.device import resolve_device
+    from lorakit.packing import merge_budget
+
+    if start.checkpoint is not None:
+        return start.merge_tokens
+    return merge_budget(recipe.train, device or resolve_device(recipe.train.device), world_size())
 
 
 def claim_run(
@@ -448,6 +470,7 @@ def train(
             loggers,
             tm.device,
             tm.compute_dtype,
+            merge_tokens=data.batch.get("merged_micro_batch_tokens", 0),
         )
     else:  # pairs (KTO: answers); the reference log-probabilities first (DPO, KTO), from
         # the untrained adapter
@@ -674,11 +697,11 @@ def evaluate_trained(
 
 def _find_checkpoint(
     run: RunDir, spec: str, recipe: Recipe
-) -> tuple[Path, dict[str, Any], dict[str, str | None]]:
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Rank 0's choice of checkpoint, the settings the resume changes (refusing the others,
     and a different number of processes: it would change the global batch and the data order)
     and what the run.json recorded at the start: the reference mode and the compute dtype
-    (None where it has none)."""
+    (None where it has none), and the micro-batch merge (0 where it has none)."""
     checkpoint = run.resolve_checkpoint(
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
@@ -694,10 +717,12 @@ def _find_checkpoint(
             fix=f"resume with the same number of processes (--nproc {started}); the global "
             "batch and each rank's share of the data depend on it",
         )
-    recorded = {
+    recorded: dict[str, Any] = {
         field: value if isinstance(value := started_by.get(key), str) else None
         for field, key in (("reference", "reference_logps"), ("compute_dtype", "compute_dtype"))
     }
+    merged = started_by.get("batch", {}).get("merged_micro_batch_tokens", 0)
+    recorded["merge_tokens"] = merged if isinstance(merged, int) and merged > 0 else 0
     return checkpoint, changed, recorded
 
 

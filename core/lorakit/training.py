@@ -14,6 +14,8 @@ state, exact resume, DDP/FSDP/DeepSpeed through accelerate, callbacks) and repla
 - the loss is the summed token NLL divided by the supervised tokens of the whole optimizer step
   (all micro-batches, all ranks), so it does not depend on how examples were grouped into
   micro-batches or devices;
+- on a CPU, the micro-batches of one optimizer step run merged into fewer packed rows (up to
+  ``lorakit.packing.MERGE_TOKENS``): the same examples and loss, fewer and fuller passes;
 - nothing else runs per step: no entropy, no accuracy, no extra logits.
 
 Labels come from lorakit's tokenizer (completion-only, built from segment masks), so the tokens
@@ -30,7 +32,13 @@ from lorakit.callbacks import make_callbacks, step_line
 from lorakit.data.tokenize import Tokenized
 from lorakit.distributed import TIMEOUT_S, gather_to_main, world_size
 from lorakit.loss import accepts_logits_to_keep, diverged, evaluate_split_loss, supervised_nll
-from lorakit.packing import RowDataset, pack, token_budget_loader
+from lorakit.packing import (
+    MERGED,
+    RowDataset,
+    merge_micro_batches,
+    pack,
+    token_budget_loader,
+)
 from lorakit.recipe import Recipe
 from lorakit.tracking import Loggers
 
@@ -90,6 +98,7 @@ def training_args(
 
 
 def make_trainer_class() -> Any:
+    import torch
     from transformers import Trainer
 
     class LorakitTrainer(Trainer):
@@ -99,7 +108,12 @@ def make_trainer_class() -> Any:
         loss_is_scaled_for_ga = True
 
         def __init__(
-            self, *args: Any, token_budget: int = 0, trace: Any = None, **kwargs: Any
+            self,
+            *args: Any,
+            token_budget: int = 0,
+            trace: Any = None,
+            merge_tokens: int = 0,
+            **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self._trace = trace  # lorakit.rank_trace.RankTrace when LORAKIT_TRACE_DIR is set
@@ -109,11 +123,25 @@ def make_trainer_class() -> Any:
             self.model_accepts_loss_kwargs = True
             self._head_kwarg = accepts_logits_to_keep(self.model)
             self._token_budget = token_budget
+            self._merge_tokens = merge_tokens  # lorakit.packing.merge_budget; 0: off
 
         def get_train_dataloader(self) -> Any:
             if not self._token_budget:
                 return super().get_train_dataloader()
             return token_budget_loader(self, self._token_budget)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            """The micro-batches of one optimizer step and their supervised tokens, counted
+            before any merge; consecutive ones merged (:func:`merge_micro_batches`)."""
+            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self._merge_tokens and len(batches) > 1:
+                batches = merge_micro_batches(batches, self._merge_tokens)
+            return batches, items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if inputs.get(MERGED):  # its examples went into a merged micro-batch of this step
+                return torch.zeros((), device=self.args.device)
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._trace is not None:
@@ -184,6 +212,7 @@ def build_trainer(
     loggers: Loggers,
     device: str,
     compute_dtype: Any,
+    merge_tokens: int = 0,
 ) -> Any:
     return finish_trainer(
         make_trainer_class(),
@@ -196,6 +225,7 @@ def build_trainer(
         loggers,
         device,
         compute_dtype,
+        merge_tokens=merge_tokens,
     )
 
 

@@ -1,0 +1,219 @@
+"""Micro-batches of one optimizer step merged into fewer packed rows on CPU
+(``train.merge_micro_batches``): the same examples and loss, the same count of micro-batches for
+the Trainer, exact resume, and a memory plan that counts the merged rows."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import pytest
+import torch
+from helpers import chat_records, logged_steps, run_adapter, run_probe, tiny_recipe, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lorakit.packing import (
+    IGNORE_INDEX,
+    MERGE_TOKENS,
+    MERGED,
+    consecutive_batches,
+    merge_budget,
+    merge_micro_batches,
+    merge_packed,
+    pack,
+)
+
+example = st.lists(st.tuples(st.integers(0, 500), st.booleans()), min_size=1, max_size=20)
+micro_batches = st.lists(st.lists(example, min_size=1, max_size=4), min_size=1, max_size=6)
+
+
+def _rows(spec):
+    return [
+        {"input_ids": [t for t, _ in r], "labels": [t if s else IGNORE_INDEX for t, s in r]}
+        for r in spec
+    ]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@settings(max_examples=80, deadline=None)
+@given(micro_batches)
+def test_merged_rows_are_the_rows_pack_builds_from_all_their_examples(spec):
+    batches = [_rows(b) for b in spec]
+    _same(merge_packed([pack(b) for b in batches]), pack([r for b in batches for r in b]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(micro_batches, st.integers(1, 80))
+def test_a_step_keeps_its_examples_in_order_and_its_micro_batch_count(spec, budget):
+    batches = [pack(_rows(b)) for b in spec]
+    out = merge_micro_batches(batches, budget)
+    assert len(out) == len(batches), "the Trainer counts micro-batches to end a step"
+    freed = [b for b in out if b.get(MERGED)]
+    real = out[len(freed) :]
+    assert all(not b.get(MERGED) for b in real), "the emptied places come first"
+    assert all(b["input_ids"].numel() == 0 for b in freed)
+    _same(merge_packed(real), merge_packed(batches))  # every example once, in order
+    for b in real:  # within the budget, unless one micro-batch was longer on its own
+        n = b["input_ids"].shape[1]
+        assert n <= budget or any(n == x["input_ids"].shape[1] for x in batches)
+    if budget >= sum(b["input_ids"].shape[1] for b in batches):
+        assert len(real) == 1
+    sizes = [b["input_ids"].shape[1] for b in batches]
+    assert len(real) == len(consecutive_batches(sizes, budget)), "as few rows as fit"
+    if len(real) < len(batches):  # and even: a smaller largest merged row would need more rows
+        merged, left = [], iter(sizes)
+        for b in real:
+            n, parts = b["input_ids"].shape[1], 0
+            while n > 0:
+                n, parts = n - next(left), parts + 1
+            if parts > 1:
+                merged.append(b["input_ids"].shape[1])
+        assert len(consecutive_batches(sizes, max(merged) - 1)) > len(real)
+
+
+def test_merging_applies_on_cpu_to_one_process_sft_with_accumulation():
+    from lorakit.sections import TrainSection
+
+    t = TrainSection(per_device_train_batch_size=1, gradient_accumulation_steps=8, max_length=2048)
+    assert merge_budget(t, "cpu", 1) == MERGE_TOKENS
+    # never more tokens than the recipe's own micro-batch may hold
+    assert merge_budget(attrs.evolve(t, max_length=300), "cpu", 1) == 300
+    assert merge_budget(attrs.evolve(t, per_device_train_batch_size=2, max_length=300), "cpu", 1)
+    for off in (
+        merge_budget(t, "cuda", 1),
+        merge_budget(t, "cpu", 2),
+        merge_budget(attrs.evolve(t, gradient_accumulation_steps=1), "cpu", 1),
+        merge_budget(attrs.evolve(t, merge_micro_batches=False), "cpu", 1),
+        merge_budget(attrs.evolve(t, neftune_noise_alpha=5.0), "cpu", 1),
+        merge_budget(attrs.evolve(t, objective="dpo", beta=0.1), "cpu", 1),
+    ):
+        assert off == 0
+
+
+def test_a_resumed_run_merges_as_it_started(tmp_path, tiny_model_dir, chat_file):
+    from lorakit.recipe import load_recipe
+    from lorakit.runner import Start, merge_tokens
+
+    recipe = load_recipe(
+        tiny_recipe(tmp_path, tiny_model_dir, chat_file),
+        overrides=["train.gradient_accumulation_steps=4"],
+    )
+    assert merge_tokens(recipe, Start(), "cpu") == 4 * 64
+    resumed = Start(checkpoint=tmp_path / "checkpoint-2", merge_tokens=0)
+    assert merge_tokens(recipe, resumed, "cpu") == 0, "started before lorakit merged"
+    assert merge_tokens(recipe, attrs.evolve(resumed, merge_tokens=200), "cpu") == 200
+
+
+def _count_merges(monkeypatch):
+    import lorakit.packing as packing
+
+    seen = {"merged_rows": 0, "examples": 0}
+    original = packing.merge_packed
+
+    def counting(batches):
+        seen["merged_rows"] += 1
+        seen["examples"] += sum(len(b["row_index"]) for b in batches)
+        return original(batches)
+
+    monkeypatch.setattr(packing, "merge_packed", counting)
+    return seen
+
+
+@pytest.mark.slow
+def test_merged_micro_batches_train_what_separate_ones_do(
+    tmp_path, tiny_model_dir, cli, monkeypatch
+):
+    """1 example a micro-batch, 4 a step: merged into one packed row of up to 128 tokens
+    (about 4 examples of ~30) or run one by one, the steps see the same tokens and the same
+    losses, and the adapters agree to fp32 rounding (dropout off: its masks are drawn per
+    micro-batch, so with it the two runs draw different masks)."""
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    common = (
+        "train.per_device_train_batch_size=1",
+        "train.gradient_accumulation_steps=4",
+        "train.max_length=128",
+        "train.max_steps=5",
+        "train.save_steps=100",
+        "peft.dropout=0.0",
+        'eval.metrics=["eval_loss"]',
+    )
+    seen = _count_merges(monkeypatch)
+    code, out, err = cli("run", recipe, "output.name=merged", *common)
+    assert code == 0, err
+    assert "merged into packed rows of up to 128 tokens" in out + err
+    assert seen["merged_rows"] >= 5 and seen["examples"] >= 15, seen  # it really merged
+    batch = json.loads((tmp_path / "runs/merged/run.json").read_text())["batch"]
+    assert batch["merged_micro_batch_tokens"] == 128
+    seen.update(merged_rows=0, examples=0)
+    code, _, err = cli(
+        "run", recipe, "output.name=apart", "train.merge_micro_batches=false", *common
+    )
+    assert code == 0, err
+    assert seen["merged_rows"] == 0
+    merged, apart = logged_steps(tmp_path / "runs/merged"), logged_steps(tmp_path / "runs/apart")
+    assert [r["num_input_tokens_seen"] for r in merged] == [
+        r["num_input_tokens_seen"] for r in apart
+    ]
+    assert [r["loss"] for r in merged] == pytest.approx([r["loss"] for r in apart], rel=1e-5)
+    a, b = run_adapter(tmp_path / "runs/merged"), run_adapter(tmp_path / "runs/apart")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_a_merged_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir, cli):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    common = (
+        "train.per_device_train_batch_size=1",
+        "train.gradient_accumulation_steps=4",
+        "train.max_length=128",
+        "train.save_steps=2",
+        'train.lr_scheduler_type="constant"',
+        'eval.metrics=["eval_loss"]',
+    )
+    assert cli("run", recipe, "output.name=full", "train.max_steps=4", *common)[0] == 0
+    assert cli("run", recipe, "output.name=cut", "train.max_steps=2", *common)[0] == 0
+    code, out, err = cli(
+        "run",
+        recipe,
+        "output.name=cut",
+        "train.max_steps=4",
+        *common,
+        "--resume-from-checkpoint",
+        "auto",
+    )
+    assert code == 0, err
+    assert "merged into packed rows" in out + err
+    a, b = run_adapter(tmp_path / "runs/full"), run_adapter(tmp_path / "runs/cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed merged run differs"
+
+
+def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    tokens = {}
+    for merge in ("true", "false"):
+        res = run_probe(
+            "plan",
+            str(recipe),
+            "train.per_device_train_batch_size=1",
+            "train.gradient_accumulation_steps=4",
+            "train.max_length=128",
+            f"train.merge_micro_batches={merge}",
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr
+        line = next(x for x in res.stdout.splitlines() if "micro-batch" in x)
+        tokens[merge] = int(line.split("micro-batch ")[1].split(" tokens")[0])
+        assert ("merged up to 128 tokens" in res.stdout) == (merge == "true")
+    # 4 of the longest examples (~30 tokens each) against the longest one
+    assert tokens["false"] < tokens["true"] <= 128, tokens
