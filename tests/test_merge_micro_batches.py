@@ -217,3 +217,14 @@ def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
         assert ("merged up to 128 tokens" in res.stdout) == (merge == "true")
     # 4 of the longest examples (~30 tokens each) against the longest one
     assert tokens["false"] < tokens["true"] <= 128, tokens
+    res = run_probe(
+        "plan",
+        str(recipe),
+        "train.per_device_train_batch_size=1",
+        "train.gradient_accumulation_steps=4",
+        "train.max_length=128",
+        "--device-memory",
+        "1MB",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 1 and "train.merge_micro_batches = false" in res.stdout

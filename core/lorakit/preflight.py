@@ -174,6 +174,7 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
         merge = merge_budget(recipe.train, device, world_size())  # `lorakit plan`: 1
         tokens, supervised, note = data_tokens(recipe, components, merge)
     else:
+        merge = 0  # the upper bound already holds any merged row
         tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
         supervised, note = tokens, "upper bound"
     targets = peft["targets"]
@@ -192,6 +193,7 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
         eval_batch=recipe.eval.batch_size,
         eval_length=recipe.train.max_length + recipe.eval.max_new_tokens,
         cpu=device == "cpu",
+        merged=merge,
     )
     return make_plan(inputs), note
 
@@ -269,6 +271,11 @@ def summary(plan: Plan, capacity: int | None, where: str) -> str:
 def fixes(plan: Plan) -> str:
     i = plan.inputs
     out = []
+    if i.merged:
+        out.append(
+            f"train.merge_micro_batches = false (a step's micro-batches now merge up to "
+            f"{i.merged} tokens)"
+        )
     if i.tokens > 1:
         out.append(
             "a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps)"
