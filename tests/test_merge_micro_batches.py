@@ -128,15 +128,16 @@ def _count_merges(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "bnb-4bit"])
 def test_merged_micro_batches_train_what_separate_ones_do(
-    tmp_path, tiny_model_dir, cli, monkeypatch
+    tmp_path, tiny_model_dir, cli, monkeypatch, quant
 ):
     """1 example a micro-batch, 4 a step: merged into one packed row of up to 128 tokens
     (about 4 examples of ~30) or run one by one, the steps see the same tokens and the same
     losses, and the adapters agree to fp32 rounding (dropout off: its masks are drawn per
-    micro-batch, so with it the two runs draw different masks)."""
+    micro-batch, so with it the two runs draw different masks); over a 4-bit base too."""
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant)
     common = (
         "train.per_device_train_batch_size=1",
         "train.gradient_accumulation_steps=4",
