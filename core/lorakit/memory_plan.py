@@ -301,7 +301,8 @@ class PlanInputs:
     eval_batch: int
     eval_length: int  # prompt + generated tokens
     cpu: bool  # CPU runs: peak RSS includes the Python/torch runtime
-    merged: int = 0  # a step's micro-batches merged up to this many tokens (0: not merged)
+    # a step's micro-batches merged up to this many tokens, which sets ``tokens`` (0: not)
+    merged: int = 0
 
 
 @attrs.frozen

@@ -116,8 +116,11 @@ def _auto_dtype(device: str) -> str:
     return "bf16" if cached_bf16_choice(torch_version) else "fp32"
 
 
-def data_tokens(recipe: Recipe, components: Components, merge: int = 0) -> tuple[int, int, str]:
-    """Tokens and supervised positions of the largest micro-batch, and where they came from.
+def data_tokens(
+    recipe: Recipe, components: Components, merge: int = 0
+) -> tuple[int, int, str, bool]:
+    """Tokens and supervised positions of the largest micro-batch, where they came from, and
+    whether merging made it larger.
 
     With the model's tokenizer on disk the data is read and tokenized (torch-free); otherwise the
     upper bound: ``batch x max_length`` tokens, all supervised. ``merge``: the micro-batches of
@@ -133,7 +136,7 @@ def data_tokens(recipe: Recipe, components: Components, merge: int = 0) -> tuple
 
         folder, note = find_tokenizer_folder(components.model_source, recipe.model.name)
         if folder is None:
-            return budget, budget, f"upper bound, no data read ({note})"
+            return budget, budget, f"upper bound, no data read ({note})", False
         splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
         stats = lint(
             splits.train,
@@ -144,18 +147,19 @@ def data_tokens(recipe: Recipe, components: Components, merge: int = 0) -> tuple
         )
     except Exception as exc:  # the plan must never block on the data: fall back to the bound
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return budget, budget, f"upper bound, data not read: {first}"
+        return budget, budget, f"upper bound, data not read: {first}", False
     lengths = sorted((min(n, t.max_length) for n in stats.lengths), reverse=True)
     share = stats.supervised_tokens / max(1, stats.total_tokens)
     tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
+    tokens = max(1, min(tokens, budget))
+    apart = tokens
     if merge:  # the step's micro-batches merged up to ``merge`` tokens
         step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        tokens = max(tokens, min(merge, sum(lengths[:step])))
-    tokens = max(1, min(tokens, budget))
+        tokens = max(tokens, min(merge, sum(lengths[:step]), budget))
     note = f"from the data: {share:.0%} of tokens supervised"
     if merge:
         note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
-    return tokens, round(tokens * share), note
+    return tokens, round(tokens * share), note, tokens > apart
 
 
 def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: bool = True) -> Any:
@@ -172,7 +176,8 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
         from lorakit.packing import merge_budget
 
         merge = merge_budget(recipe.train, device, world_size())  # `lorakit plan`: 1
-        tokens, supervised, note = data_tokens(recipe, components, merge)
+        tokens, supervised, note, raised = data_tokens(recipe, components, merge)
+        merge = merge if raised else 0  # a fix only where merging sets the micro-batch
     else:
         merge = 0  # the upper bound already holds any merged row
         tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
