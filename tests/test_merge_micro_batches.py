@@ -9,7 +9,15 @@ import json
 import attrs
 import pytest
 import torch
-from helpers import chat_records, logged_steps, run_adapter, run_probe, tiny_recipe, write_jsonl
+from helpers import (
+    chat_records,
+    logged_steps,
+    resume_split_run,
+    run_adapter,
+    run_probe,
+    tiny_recipe,
+    write_jsonl,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lorakit.packing import (
@@ -21,6 +29,13 @@ from lorakit.packing import (
     merge_micro_batches,
     merge_packed,
     pack,
+)
+
+# 1 example a micro-batch, 4 a step, rows of up to 128 tokens: about 4 examples of ~30 merge
+FOUR_OF_ONE = (
+    "train.per_device_train_batch_size=1",
+    "train.gradient_accumulation_steps=4",
+    "train.max_length=128",
 )
 
 example = st.lists(st.tuples(st.integers(0, 500), st.booleans()), min_size=1, max_size=20)
@@ -139,9 +154,7 @@ def test_merged_micro_batches_train_what_separate_ones_do(
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data, quant=quant)
     common = (
-        "train.per_device_train_batch_size=1",
-        "train.gradient_accumulation_steps=4",
-        "train.max_length=128",
+        *FOUR_OF_ONE,
         "train.max_steps=5",
         "train.save_steps=100",
         "peft.dropout=0.0",
@@ -173,29 +186,19 @@ def test_merged_micro_batches_train_what_separate_ones_do(
 def test_a_merged_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir, cli):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
     recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
-    common = (
-        "train.per_device_train_batch_size=1",
-        "train.gradient_accumulation_steps=4",
-        "train.max_length=128",
+    common = [
+        *FOUR_OF_ONE,
         "train.save_steps=2",
         'train.lr_scheduler_type="constant"',
         'eval.metrics=["eval_loss"]',
-    )
+    ]
     assert cli("run", recipe, "output.name=full", "train.max_steps=4", *common)[0] == 0
-    assert cli("run", recipe, "output.name=cut", "train.max_steps=2", *common)[0] == 0
-    code, out, err = cli(
-        "run",
-        recipe,
-        "output.name=cut",
-        "train.max_steps=4",
-        *common,
-        "--resume-from-checkpoint",
-        "auto",
-    )
-    assert code == 0, err
-    assert "merged into packed rows" in out + err
-    a, b = run_adapter(tmp_path / "runs/full"), run_adapter(tmp_path / "runs/cut")
-    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed merged run differs"
+    split = resume_split_run(cli, recipe, tmp_path / "runs", common)
+    history = json.loads((tmp_path / "runs/split/run.json").read_text())["history"]
+    assert history[-1]["event"] == "resume"
+    assert history[-1]["batch"]["merged_micro_batch_tokens"] == 128, "the resume merged"
+    full = run_adapter(tmp_path / "runs/full")
+    assert all(torch.equal(full[k], split[k]) for k in full), "a resumed merged run differs"
 
 
 def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
@@ -204,13 +207,7 @@ def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
     tokens = {}
     for merge in ("true", "false"):
         res = run_probe(
-            "plan",
-            str(recipe),
-            "train.per_device_train_batch_size=1",
-            "train.gradient_accumulation_steps=4",
-            "train.max_length=128",
-            f"train.merge_micro_batches={merge}",
-            cwd=tmp_path,
+            "plan", str(recipe), *FOUR_OF_ONE, f"train.merge_micro_batches={merge}", cwd=tmp_path
         )
         assert res.returncode == 0, res.stderr
         line = next(x for x in res.stdout.splitlines() if "micro-batch" in x)
@@ -218,14 +215,5 @@ def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
         assert ("merged up to 128 tokens" in res.stdout) == (merge == "true")
     # 4 of the longest examples (~30 tokens each) against the longest one
     assert tokens["false"] < tokens["true"] <= 128, tokens
-    res = run_probe(
-        "plan",
-        str(recipe),
-        "train.per_device_train_batch_size=1",
-        "train.gradient_accumulation_steps=4",
-        "train.max_length=128",
-        "--device-memory",
-        "1MB",
-        cwd=tmp_path,
-    )
+    res = run_probe("plan", str(recipe), *FOUR_OF_ONE, "--device-memory", "1MB", cwd=tmp_path)
     assert res.returncode == 1 and "train.merge_micro_batches = false" in res.stdout

@@ -120,7 +120,7 @@ def merge_budget(train: Any, device: str, world: int) -> int:
     (``per_device_train_batch_size x max_length``), so no merged row is longer than the
     recipe's own longest micro-batch, and the memory plan's bound holds."""
     if not (
-        getattr(train, "merge_micro_batches", False)
+        train.merge_micro_batches
         and device == "cpu"
         and world == 1
         and train.objective == "sft"
