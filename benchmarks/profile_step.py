@@ -11,7 +11,9 @@ examples (``--batch``) in a seeded order, the supervised-only loss, backward, cl
 so what it times is the model's forward and backward and the optimizer, not logging or
 checkpoints.
 
-Prints the seconds and tokens of each step and the tokens/s after the first two; with
+Prints the seconds and tokens (each example whole, a shared prefix counted in every example
+that starts with it; ``--share-prefix off`` packs every example whole, as a GPU does) of each
+step and the tokens/s after the first two; with
 ``--profile`` the last step runs under torch.profiler and the table of operators by self CPU
 time follows (``--shapes``: grouped by input shape, to tell a [T, 576] x [576, 1536] matmul
 from a rank-16 one). Run it on a quiet machine, and compare two versions interleaved.
@@ -62,6 +64,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40, help="operator rows in the profile table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument(
+        "--share-prefix",
+        choices=["on", "off"],
+        default="on",
+        help="each row's common prefix once (lorakit.prefix_sharing), as a CPU run does",
+    )
+    p.add_argument(
         "--model-path",
         type=Path,
         help="a local model folder, e.g. one bench_train --model-size built (default: embedded)",
@@ -80,6 +88,7 @@ def main() -> None:
     from lorakit.loss import supervised_nll
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.packing import pack
+    from lorakit.prefix_sharing import share_row_prefix
     from lorakit.recipe import load_recipe
 
     recipe_path = Path(tempfile.mkdtemp()) / "profile.toml"
@@ -119,6 +128,8 @@ def main() -> None:
         for step in range(args.steps):
             chosen = [rows[i] for i in order[step * args.batch : (step + 1) * args.batch]]
             batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chosen])
+            if args.share_prefix == "on":
+                batch = share_row_prefix(batch)
             if args.profile and step == args.steps - 1:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -131,10 +142,10 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - started)
-            tokens.append(sum(len(r.input_ids) for r in chosen))
+            tokens.append(sum(len(r.input_ids) for r in chosen))  # each example whole
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-    print(f"{args.quant}, compute {args.dtype}, {threads} threads")
+    print(f"{args.quant}, compute {args.dtype}, {threads} threads, share prefix {args.share_prefix}")
     print("step s:", " ".join(f"{t:.3f}" for t in times))
     print("tokens:", " ".join(str(t) for t in tokens))
     if len(times) > 2:

@@ -63,6 +63,22 @@ def varlen_sdpa(
     if unsupported:
         raise RuntimeError(f"{NAME} attention does not implement {', '.join(unsupported)}")
     pair_prompts = kwargs.get("pair_prompt_lens")
+    row_prefix = kwargs.get("row_prefix_len")
+    if row_prefix is not None:  # lorakit.prefix_sharing: a prefix the row's examples share
+        if query.is_cuda:
+            raise RuntimeError(f"{NAME} attention shares a row's prefix on CPU only")
+        return _row_prefix(
+            query,
+            key,
+            value,
+            cu_seq_lens_q,
+            row_prefix,
+            pair_prompts,
+            module,
+            dropout,
+            scaling,
+            sliding_window,
+        )
     if pair_prompts is not None:
         if query.is_cuda:
             raise RuntimeError(f"{NAME} attention shares pair prompts on CPU only")
@@ -153,6 +169,41 @@ def _pairs_sharing_prompts(
     ):
         pieces.append(_causal_sdpa(q, k, v, p, scaling, gqa, block=first, prompt=n))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _row_prefix(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu: Any,
+    prefix: Any,
+    pair_prompts: Any,
+    module: Any,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> tuple[Any, None]:
+    """A row whose examples share their first ``prefix`` positions
+    (:func:`lorakit.prefix_sharing.attend`)."""
+    from lorakit.prefix_sharing import attend
+
+    gqa = key.shape[1] != query.shape[1]
+    p = p_drop(module, dropout)
+
+    def sdpa(q: Any, k: Any, v: Any, block: int | None, prompt: int) -> Any:
+        return _causal_sdpa(q, k, v, p, scaling, gqa, block=block, prompt=prompt)
+
+    out = attend(
+        query,
+        key,
+        value,
+        cu.tolist(),
+        int(prefix),
+        None if pair_prompts is None else pair_prompts.tolist(),
+        sliding_window,
+        sdpa,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -195,7 +195,9 @@ def _object_device() -> Any:
     return torch.device("cpu")
 
 
-def batch_plan(train: Any, world: int, lengths: list[int], merge_tokens: int = 0) -> dict[str, Any]:
+def batch_plan(
+    train: Any, world: int, lengths: list[int], merge_tokens: int = 0, share_prefix: bool = False
+) -> dict[str, Any]:
     """How one optimizer step's batch is made up over ``world`` ranks, and the sampler padding.
 
     Every rank trains on its own micro-batches (``accelerate`` hands batch i to rank i mod N).
@@ -204,6 +206,8 @@ def batch_plan(train: Any, world: int, lengths: list[int], merge_tokens: int = 0
     and counted here (``padding_examples_per_epoch``, or ``padding_batches_per_epoch`` for
     token-budget batches, whose sizes vary). ``merge_tokens``: the micro-batches of a step run
     merged into packed rows of up to that many tokens (:func:`lorakit.packing.merge_budget`).
+    ``share_prefix``: each packed row computes its examples' common prefix once
+    (:mod:`lorakit.prefix_sharing`).
     """
     import math
 
@@ -230,6 +234,8 @@ def batch_plan(train: Any, world: int, lengths: list[int], merge_tokens: int = 0
     plan["batches_per_epoch"] = batches
     if merge_tokens:
         plan["merged_micro_batch_tokens"] = merge_tokens
+    if share_prefix:
+        plan["shared_prefix"] = True
     return plan
 
 
@@ -240,6 +246,8 @@ def describe(plan: dict[str, Any]) -> str:
             f"; the micro-batches of a step run merged into packed rows of up to {merged} "
             "tokens (train.merge_micro_batches: the same examples and loss, fewer passes)"
         )
+    if plan.get("shared_prefix"):
+        text += "; the prefix a row's examples share is computed once (train.share_prefix)"
     return text
 
 

@@ -16,13 +16,15 @@ from typing import Any
 from lorakit.data.tokenize import IGNORE_INDEX
 
 # what the attention function reads of a packed batch (``pair_prompt_lens``: preference pairs
-# packed with their prompt once, lorakit.preference.pack_pairs)
+# packed with their prompt once, lorakit.preference.pack_pairs; ``row_prefix_len``: a prefix
+# the row's examples share, lorakit.prefix_sharing)
 PACKED_KWARGS = (
     "cu_seq_lens_q",
     "cu_seq_lens_k",
     "max_length_q",
     "max_length_k",
     "pair_prompt_lens",
+    "row_prefix_len",
 )
 
 

@@ -176,6 +176,8 @@ def sequence_logps(model: Any, batch: dict[str, Any], head_kwarg: bool = True) -
     counts = torch.zeros(n_seq, dtype=torch.float32, device=keep.device).index_add(
         0, seq, torch.ones_like(token_logps)
     )
+    if "row_prefix_len" in batch:  # the first sequence is a prefix the others share
+        return sums[1:], counts[1:]
     return sums, counts
 
 
@@ -249,7 +251,11 @@ def reference_tokens(train: Any) -> int:
 
 
 def reference_logps(
-    model: Any, rows: Sequence[Any], device: str, budget: int = REFERENCE_TOKENS
+    model: Any,
+    rows: Sequence[Any],
+    device: str,
+    budget: int = REFERENCE_TOKENS,
+    share_prefix: bool = False,
 ) -> list[tuple[float, float]]:
     """The (chosen, rejected) log-probabilities of every pair under ``model`` as it is now, in
     eval mode and without gradients: the reference a DPO run compares against, computed once
@@ -257,12 +263,14 @@ def reference_logps(
     B matrices are zero; a ``from_adapter`` run's is the SFT adapter). Pairs go in order, as
     many to a batch as fit in ``budget`` packed tokens (:func:`reference_tokens`): the batches
     depend on the pairs and the budget alone (not on a setting a resume may change), so a
-    resumed run computes the same values."""
+    resumed run computes the same values. ``share_prefix``: each batch's common prompt prefix
+    once (:mod:`lorakit.prefix_sharing`), as the run's training rows do."""
     import torch
 
     from lorakit.attention import packed_attention
     from lorakit.loss import accepts_logits_to_keep
     from lorakit.packing import consecutive_batches
+    from lorakit.prefix_sharing import share_row_prefix
     from lorakit.progress import bar
 
     if not rows:  # no val split: not even a switch to eval mode (transformers re-kernelizes)
@@ -284,6 +292,8 @@ def reference_logps(
         with torch.no_grad(), packed_attention(model, device), off:
             for part in bar(consecutive_batches(tokens, budget), desc="reference", unit="batch"):
                 batch = pack_pairs([pairs[i] for i in part], share_prompt=share)
+                if share_prefix:
+                    batch = share_row_prefix(batch)
                 batch = {
                     k: v.to(_device(model)) if torch.is_tensor(v) else v for k, v in batch.items()
                 }

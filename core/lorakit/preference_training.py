@@ -217,10 +217,12 @@ def build_preference_trainer(
     loggers: Loggers,
     device: str,
     compute_dtype: Any,
+    share_prefix: bool = False,
 ) -> Any:
     """The trainer for a pair objective; ``reference``: the train and eval pairs' reference
-    log-probabilities computed once (DPO), else None (DPO: computed in each step). KTO's is
-    :func:`lorakit.kto_training.build_kto_trainer`."""
+    log-probabilities computed once (DPO), else None (DPO: computed in each step);
+    ``share_prefix``: the pairs of a row share their prompts' common prefix
+    (:mod:`lorakit.prefix_sharing`). KTO's is :func:`lorakit.kto_training.build_kto_trainer`."""
     from lorakit.training import finish_trainer
 
     objective = Objective.from_train(recipe.train)
@@ -238,4 +240,5 @@ def build_preference_trainer(
         compute_dtype,
         objective=objective,
         reference_in_step=objective.needs_reference and reference is None,
+        share_prefix=share_prefix,
     )

@@ -108,6 +108,9 @@ class Start:
     # the tokens up to which a resumed run merged its micro-batches (run.json's batch; 0: it
     # did not, or it started before lorakit merged them)
     merge_tokens: int = 0
+    # whether a resumed run's rows shared their examples' common prefix (run.json's batch;
+    # False: they did not, or it started before lorakit shared them)
+    share_prefix: bool = False
 
 
 @attrs.frozen
@@ -224,7 +227,11 @@ def prepare_data(
         train_rows=train_rows,
         val_rows=val_rows,
         batch=distributed.batch_plan(
-            t, world_size(), row_lengths(train_rows), merge_tokens(recipe, start, device)
+            t,
+            world_size(),
+            row_lengths(train_rows),
+            merge_tokens(recipe, start, device),
+            share_prefix(recipe, start, device),
         ),
         system_prompt=system,
     )
@@ -241,6 +248,18 @@ def merge_tokens(recipe: Recipe, start: Start, device: str | None) -> int:
     if start.checkpoint is not None:
         return start.merge_tokens
     return merge_budget(recipe.train, device or resolve_device(recipe.train.device), world_size())
+
+
+def share_prefix(recipe: Recipe, start: Start, device: str | None) -> bool:
+    """Whether packed rows share their examples' common prefix
+    (:func:`lorakit.prefix_sharing.shares_row_prefix`), except that a resumed run keeps what it
+    started with (one started before lorakit shared prefixes keeps packing examples whole)."""
+    from lorakit.device import resolve_device
+    from lorakit.prefix_sharing import shares_row_prefix
+
+    if start.checkpoint is not None:
+        return start.share_prefix
+    return shares_row_prefix(recipe.train, device or resolve_device(recipe.train.device))
 
 
 def claim_run(
@@ -471,13 +490,15 @@ def train(
             tm.device,
             tm.compute_dtype,
             merge_tokens=data.batch.get("merged_micro_batch_tokens", 0),
+            share_prefix=data.batch.get("shared_prefix", False),
         )
     else:  # pairs (KTO: answers); the reference log-probabilities first (DPO, KTO), from
         # the untrained adapter
         from lorakit.kto_training import build_kto_trainer
         from lorakit.preference_training import build_preference_trainer
 
-        build = build_kto_trainer if recipe.train.objective == "kto" else build_preference_trainer
+        kto = recipe.train.objective == "kto"
+        build = build_kto_trainer if kto else build_preference_trainer
         trainer = build(
             recipe,
             tm.model,
@@ -488,6 +509,7 @@ def train(
             loggers,
             tm.device,
             tm.compute_dtype,
+            **({} if kto else {"share_prefix": data.batch.get("shared_prefix", False)}),
         )
     running = engine(trainer)
     if running:  # what accelerate really runs: FSDP asked for on a CPU would say DDP here
@@ -569,9 +591,10 @@ def reference_for(
             answer_reference_logps(tm.model, data.val_rows, tm.device, budget),
         )
     say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
+    shared = data.batch.get("shared_prefix", False)
     return (
-        reference_logps(tm.model, data.train_rows, tm.device, budget),
-        reference_logps(tm.model, data.val_rows, tm.device, budget),
+        reference_logps(tm.model, data.train_rows, tm.device, budget, shared),
+        reference_logps(tm.model, data.val_rows, tm.device, budget, shared),
     )
 
 
@@ -701,7 +724,8 @@ def _find_checkpoint(
     """Rank 0's choice of checkpoint, the settings the resume changes (refusing the others,
     and a different number of processes: it would change the global batch and the data order)
     and what the run.json recorded at the start: the reference mode and the compute dtype
-    (None where it has none), and the micro-batch merge (0 where it has none)."""
+    (None where it has none), the micro-batch merge (0 where it has none) and the prefix
+    sharing (False where it has none)."""
     checkpoint = run.resolve_checkpoint(
         spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
     )
@@ -723,6 +747,7 @@ def _find_checkpoint(
     }
     merged = started_by.get("batch", {}).get("merged_micro_batch_tokens", 0)
     recorded["merge_tokens"] = merged if isinstance(merged, int) and merged > 0 else 0
+    recorded["share_prefix"] = started_by.get("batch", {}).get("shared_prefix") is True
     return checkpoint, changed, recorded
 
 

@@ -181,6 +181,13 @@ class TrainSection:
         "sft, no NEFTune",
         recorded_when_set=True,
     )
+    share_prefix: bool = option(
+        True,
+        doc="on CPU: the prefix every example of a packed row starts with (a chat template's "
+        "system prompt, a fixed instruction) goes through the model once per row, not once per "
+        "example: the same loss, fewer positions; sft, dpo, orpo and simpo, no NEFTune",
+        recorded_when_set=True,
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = option(
         "auto", doc="where to train; auto picks cuda when available, else cpu"
     )

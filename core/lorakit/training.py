@@ -16,6 +16,8 @@ state, exact resume, DDP/FSDP/DeepSpeed through accelerate, callbacks) and repla
   micro-batches or devices;
 - on a CPU, the micro-batches of one optimizer step run merged into fewer packed rows (up to
   ``lorakit.packing.MERGE_TOKENS``): the same examples and loss, fewer and fuller passes;
+- on a CPU, the prefix every example of a row starts with (a template's system prompt) goes
+  through the model once per row (``lorakit.prefix_sharing``);
 - nothing else runs per step: no entropy, no accuracy, no extra logits.
 
 Labels come from lorakit's tokenizer (completion-only, built from segment masks), so the tokens
@@ -39,6 +41,7 @@ from lorakit.packing import (
     pack,
     token_budget_loader,
 )
+from lorakit.prefix_sharing import data_tokens, share_row_prefix
 from lorakit.recipe import Recipe
 from lorakit.tracking import Loggers
 
@@ -113,6 +116,7 @@ def make_trainer_class() -> Any:
             token_budget: int = 0,
             trace: Any = None,
             merge_tokens: int = 0,
+            share_prefix: bool = False,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
@@ -124,6 +128,7 @@ def make_trainer_class() -> Any:
             self._head_kwarg = accepts_logits_to_keep(self.model)
             self._token_budget = token_budget
             self._merge_tokens = merge_tokens  # lorakit.packing.merge_budget; 0: off
+            self._share_prefix = share_prefix  # lorakit.prefix_sharing.shares_row_prefix
 
         def get_train_dataloader(self) -> Any:
             if not self._token_budget:
@@ -136,7 +141,16 @@ def make_trainer_class() -> Any:
             batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
             if self._merge_tokens and len(batches) > 1:
                 batches = merge_micro_batches(batches, self._merge_tokens)
+            if self._share_prefix:  # each row's common prefix computed once
+                batches = [b if b.get(MERGED) else share_row_prefix(b) for b in batches]
             return batches, items
+
+        def _track_num_input_tokens(self, inputs):
+            """Tokens seen: every example whole, a shared prefix counted in each."""
+            if self.args.include_num_input_tokens_seen == "no":
+                return
+            seen = torch.tensor(data_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if inputs.get(MERGED):  # its examples went into a merged micro-batch of this step
@@ -213,6 +227,7 @@ def build_trainer(
     device: str,
     compute_dtype: Any,
     merge_tokens: int = 0,
+    share_prefix: bool = False,
 ) -> Any:
     return finish_trainer(
         make_trainer_class(),
@@ -226,6 +241,7 @@ def build_trainer(
         device,
         compute_dtype,
         merge_tokens=merge_tokens,
+        share_prefix=share_prefix,
     )
 
 
