@@ -145,7 +145,9 @@ def main() -> None:
             tokens.append(sum(len(r.input_ids) for r in chosen))  # each example whole
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-    print(f"{args.quant}, compute {args.dtype}, {threads} threads, share prefix {args.share_prefix}")
+    print(
+        f"{args.quant}, compute {args.dtype}, {threads} threads, share prefix {args.share_prefix}"
+    )
     print("step s:", " ".join(f"{t:.3f}" for t in times))
     print("tokens:", " ".join(str(t) for t in tokens))
     if len(times) > 2:
