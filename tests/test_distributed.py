@@ -103,6 +103,7 @@ def test_two_ranks_write_one_run_folder_whose_adapter_loads_with_peft(two_ranks,
         "global_batch_size": 8,
         "padding_examples_per_epoch": 1,  # 31 examples in 8 batches of 4 over 2 ranks
         "batches_per_epoch": 8,
+        "shared_prefix": True,  # each rank's rows share their examples' prefix on CPU
     }
     log = two_ranks["log"]
     assert log.count("global batch 8") == 1, "printed once, by rank 0"

@@ -335,3 +335,21 @@ def test_a_dpo_run_sharing_prompts_across_pairs_trains_what_whole_pairs_do(
             assert [r[key] for r in shared] == pytest.approx(
                 [r[key] for r in whole], rel=1e-4, abs=3e-6
             ), (mode, key)
+
+
+def test_a_sliding_window_is_checked_against_each_example_whole():
+    """An example of 10 shared + 20 own positions is 30 long for a model's sliding window,
+    though its own part is 20."""
+    import types
+
+    from lorakit.attention import varlen_sdpa
+    from lorakit.errors import RunError
+
+    q = torch.randn(1, 2, 10 + 20 + 5, 8)
+    cu = torch.tensor([0, 10, 30, 35], dtype=torch.int32)
+    module = types.SimpleNamespace(training=False)
+    args = {"cu_seq_lens_q": cu, "row_prefix_len": torch.tensor(10, dtype=torch.int32)}
+    out, _ = varlen_sdpa(module, q, q, q, None, sliding_window=30, **args)
+    assert out.shape == (1, 35, 2, 8)
+    with pytest.raises(RunError, match="sliding attention window of 29"):
+        varlen_sdpa(module, q, q, q, None, sliding_window=29, **args)

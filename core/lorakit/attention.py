@@ -194,16 +194,17 @@ def _row_prefix(
     def sdpa(q: Any, k: Any, v: Any, block: int | None, prompt: int) -> Any:
         return _causal_sdpa(q, k, v, p, scaling, gqa, block=block, prompt=prompt)
 
-    out = attend(
-        query,
-        key,
-        value,
-        cu.tolist(),
-        int(prefix),
-        None if pair_prompts is None else pair_prompts.tolist(),
-        sliding_window,
-        sdpa,
-    )
+    bounds, n = cu.tolist(), int(prefix)
+    prompts = None if pair_prompts is None else pair_prompts.tolist()
+    if sliding_window is not None:  # the longest sequence as it would be whole
+        seqs = [b - a for a, b in itertools.pairwise(bounds[1:])]
+        if prompts is None:
+            longest = n + max(seqs)
+        else:
+            longest = max(max(n + seqs[2 * i], p + seqs[2 * i + 1]) for i, p in enumerate(prompts))
+        if longest > sliding_window:
+            raise _window_error(sliding_window)
+    out = attend(query, key, value, bounds, n, prompts, sdpa)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -134,7 +134,6 @@ def attend(
     bounds: list[int],
     prefix: int,
     pair_prompts: list[int] | None,
-    sliding_window: int | None,
     sdpa: Any,
 ) -> Any:
     """Attention over a row laid out by :func:`share_row_prefix` (``[1, heads, T, dim]`` in and
@@ -165,10 +164,6 @@ def attend(
             )
             for i, n in enumerate(pair_prompts)
         ]
-    if sliding_window is not None and prefix + max(u[0] for u in units) > sliding_window:
-        from lorakit.attention import _window_error
-
-        raise _window_error(sliding_window)
     lengths = [prefix] + [u[0] for u in units]
     qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
     pieces = []
