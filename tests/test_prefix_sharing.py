@@ -158,10 +158,13 @@ def _nll_and_grads(model, batch):
     return nll.detach().float(), grads
 
 
-def test_the_model_computes_each_example_as_whole(lora_model):
+@pytest.mark.parametrize("tails", [[20, 35, 9, 50], [5, 9, 3]])
+def test_the_model_computes_each_example_as_whole(lora_model, tails):
     """fp32: the same per-token NLL and LoRA gradients with the prefix shared (float sums in
-    another order: to 1e-5 of their scale)."""
-    whole = pack(_rows_sharing(14, [20, 35, 9, 50]))
+    another order: to 1e-5 of their scale); examples longer than the prefix attend with its
+    queries in one causal call, shorter ones through a mask (and, where no example is longer,
+    the prefix attends on its own)."""
+    whole = pack(_rows_sharing(14, tails))
     shared = share_row_prefix(whole)
     assert int(shared[PREFIX_KEY]) == 14
     lora_model.train()

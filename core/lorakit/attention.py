@@ -191,8 +191,8 @@ def _row_prefix(
     gqa = key.shape[1] != query.shape[1]
     p = p_drop(module, dropout)
 
-    def sdpa(q: Any, k: Any, v: Any, block: int | None, prompt: int) -> Any:
-        return _causal_sdpa(q, k, v, p, scaling, gqa, block=block, prompt=prompt)
+    def sdpa(q: Any, k: Any, v: Any, block: int | None, prompt: int, context: int) -> Any:
+        return _causal_sdpa(q, k, v, p, scaling, gqa, block=block, prompt=prompt, context=context)
 
     bounds, n = cu.tolist(), int(prefix)
     prompts = None if pair_prompts is None else pair_prompts.tolist()
@@ -237,15 +237,22 @@ def _causal_sdpa(
     gqa: bool,
     block: int | None = None,
     prompt: int = 0,
+    context: int = 0,
 ) -> Any:
-    """Causal SDPA over one example; with ``block``, over one pair (:func:`pair_mask`)."""
+    """Causal SDPA over one example; with ``block``, over one pair (:func:`pair_mask`); with
+    ``context``, the keys and values open with that many positions (a shared prefix,
+    :mod:`lorakit.prefix_sharing`) that every query sees."""
     import torch
     import torch.nn.functional as F
 
     dtype = q.dtype
-    if dtype == torch.bfloat16 and q.shape[2] <= FP32_ATTENTION_MAX:
+    if dtype == torch.bfloat16 and k.shape[2] <= FP32_ATTENTION_MAX:
         q, k, v = q.float(), k.float(), v.float()
     mask = None if block is None else pair_mask(q.shape[2], block, prompt, q.device)
+    if context:
+        own = mask if mask is not None else pair_mask(q.shape[2], q.shape[2], 0, q.device)
+        seen = torch.ones((q.shape[2], context), dtype=torch.bool, device=q.device)
+        mask = torch.cat([seen, own], dim=1)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=scaling, enable_gqa=gqa
     )

@@ -137,18 +137,23 @@ def attend(
     sdpa: Any,
 ) -> Any:
     """Attention over a row laid out by :func:`share_row_prefix` (``[1, heads, T, dim]`` in and
-    out). Each example (SFT), or each pair's chosen and rejected sequences (``pair_prompts``:
-    each pair's prompt length as packed whole), attends as it would whole: the prefix's
-    queries, keys and values are put back in front of it for one causal call
-    (``sdpa(q, k, v, block, prompt)``, :func:`lorakit.attention._causal_sdpa`), whose output
-    for the prefix is kept from the first call only. A causal call without a mask lets the
-    kernel skip the blocks above the diagonal; keys in front of shorter queries would need an
-    explicit mask, and the kernel then computes every block."""
+    out): each example (SFT), or each pair's chosen and rejected sequences (``pair_prompts``:
+    each pair's prompt length as packed whole), attends to the prefix's keys and values put
+    back in front of its own, as it would whole. ``sdpa(q, k, v, block, prompt, context)`` is
+    one call of :func:`lorakit.attention._causal_sdpa`.
+
+    Two ways to make that call. An unmasked causal call lets PyTorch's kernel skip the blocks
+    above the diagonal, and an explicit mask makes it compute every block, so an example at
+    least as long as the prefix puts the prefix's queries back too, for one causal call over
+    the example whole (the prefix's output is kept from one of them); a shorter example, and
+    every pair (whose attention needs a mask anyway), sends only its own queries, with a mask
+    that opens the prefix to all of them. The prefix attends to itself alone (causal) unless a
+    whole-example call already computed it."""
     import torch
 
     if bounds[0] != 0 or bounds[1] != prefix or bounds[-1] != query.shape[2]:
         raise RuntimeError("lorakit's packed attention: the shared prefix does not open the row")
-    units: list[tuple[int, int | None, int]]  # positions after the prefix, pair block, prompt
+    units: list[tuple[int, int | None, int]]  # own positions, pair block, the pair's prompt
     if pair_prompts is None:
         units = [(bounds[i + 1] - bounds[i], None, 0) for i in range(1, len(bounds) - 1)]
     else:
@@ -157,18 +162,22 @@ def attend(
                 "lorakit's packed attention: the pair boundaries do not cover the row"
             )
         units = [
-            (
-                bounds[2 * i + 3] - bounds[2 * i + 1],
-                prefix + bounds[2 * i + 2] - bounds[2 * i + 1],
-                n,
-            )
+            (bounds[2 * i + 3] - bounds[2 * i + 1], bounds[2 * i + 2] - bounds[2 * i + 1], n)
             for i, n in enumerate(pair_prompts)
         ]
     lengths = [prefix] + [u[0] for u in units]
     qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
+    head: Any = None  # the prefix's own output
     pieces = []
-    for i, (block, prompt) in enumerate((u[1], u[2]) for u in units):
-        q, k, v = (torch.cat([t[0], t[i + 1]], dim=2) for t in (qs, ks, vs))
-        out = sdpa(q, k, v, block, prompt)
-        pieces.append(out if i == 0 else out[:, :, prefix:])
-    return torch.cat(pieces, dim=2)
+    for (own, block, prompt), q, k, v in zip(units, qs[1:], ks[1:], vs[1:], strict=True):
+        k, v = torch.cat([ks[0], k], dim=2), torch.cat([vs[0], v], dim=2)
+        if block is None and own >= prefix:
+            out = sdpa(torch.cat([qs[0], q], dim=2), k, v, None, 0, 0)
+            first, out = out.split([prefix, own], dim=2)
+            head = first if head is None else head
+        else:
+            out = sdpa(q, k, v, block, prompt - prefix if block is not None else 0, prefix)
+        pieces.append(out)
+    if head is None:
+        head = sdpa(qs[0], ks[0], vs[0], None, 0, 0)
+    return torch.cat([head, *pieces], dim=2)
