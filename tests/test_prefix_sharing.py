@@ -255,11 +255,12 @@ def test_a_run_sharing_prefixes_trains_what_whole_examples_do(
     assert code == 0, err
     assert seen["rows"] >= 4, seen  # it really shared
     assert "computed once (train.share_prefix)" in out + err
+    assert "fewer; train.share_prefix)" in out + err  # the positions it saved, said
     assert json.loads((tmp_path / "runs/shared/run.json").read_text())["batch"]["shared_prefix"]
     seen["rows"] = 0
-    code, _, err = cli("run", recipe, "output.name=whole", "train.share_prefix=false", *common)
+    code, out, err = cli("run", recipe, "output.name=whole", "train.share_prefix=false", *common)
     assert code == 0, err
-    assert seen["rows"] == 0
+    assert seen["rows"] == 0 and "computed once" not in out + err and "fewer;" not in out + err
     shared, whole = logged_steps(tmp_path / "runs/shared"), logged_steps(tmp_path / "runs/whole")
     assert [r["num_input_tokens_seen"] for r in shared] == [
         r["num_input_tokens_seen"] for r in whole

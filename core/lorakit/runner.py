@@ -529,6 +529,12 @@ def train(
             objects_frozen_for_gc(),
         ):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        tokens, positions = trainer.positions
+        if positions < tokens:
+            say(
+                f"a shared prefix: {positions:,} positions computed for {tokens:,} tokens "
+                f"({1 - positions / tokens:.0%} fewer; train.share_prefix)"
+            )
     return trainer
 
 

@@ -129,6 +129,8 @@ def make_trainer_class() -> Any:
             self._token_budget = token_budget
             self._merge_tokens = merge_tokens  # lorakit.packing.merge_budget; 0: off
             self._share_prefix = share_prefix  # lorakit.prefix_sharing.shares_row_prefix
+            # this process's training tokens (examples whole) and the positions computed
+            self.positions = [0, 0]
 
         def get_train_dataloader(self) -> Any:
             if not self._token_budget:
@@ -147,9 +149,12 @@ def make_trainer_class() -> Any:
 
         def _track_num_input_tokens(self, inputs):
             """Tokens seen: every example whole, a shared prefix counted in each."""
+            tokens = data_tokens(inputs)
+            self.positions[0] += tokens
+            self.positions[1] += int(inputs["input_ids"].numel())
             if self.args.include_num_input_tokens_seen == "no":
                 return
-            seen = torch.tensor(data_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            seen = torch.tensor(tokens, device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
 
         def training_step(self, model, inputs, num_items_in_batch=None):
