@@ -3,6 +3,7 @@ KTOTrainer) on the same pairs.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
         [--model-path DIR] [--dtype fp32|bf16] [--objective dpo|kto] [--reference auto|both]
+        [--accumulation 1|2|4]
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
 ``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
@@ -25,6 +26,8 @@ pairs file as KTO data; TRL gets the same answers as unpaired rows, each pair's 
 8 answers a step, TRL's ``kto`` loss with its KL estimate on both sides; TRL's KTOTrainer
 walks its data in order (its KL rows are built from fixed neighbours) where lorakit shuffles,
 so the two loss curves see the answers in another order and agree only at the first step.
+``--accumulation A`` (DPO): the step's 4 pairs as A micro-batches of 4/A pairs, for both
+(lorakit then merges them on CPU, ``train.merge_micro_batches``).
 Throughput is given per wall-clock second and per CPU second of
 the timed span (``time.process_time``, all threads): on a shared machine the CPU time is the
 steadier one. Peak memory is each process's peak RSS. Each contender runs in its own process, one after the
@@ -63,7 +66,13 @@ def model_path(arg: str | None) -> str:
 
 
 def run_lorakit(
-    folder: Path, model: str, steps: int, dtype: str, objective: str, reference: str = "auto"
+    folder: Path,
+    model: str,
+    steps: int,
+    dtype: str,
+    objective: str,
+    reference: str = "auto",
+    accumulation: int = 1,
 ) -> dict:
     from lorakit import catalog, runner
 
@@ -90,7 +99,8 @@ objective = "{objective}"
 reference_logps = "{reference}"
 beta = 0.1
 max_steps = {steps}
-per_device_train_batch_size = {4 if objective == "dpo" else 8}
+per_device_train_batch_size = {(4 if objective == "dpo" else 8) // accumulation}
+gradient_accumulation_steps = {accumulation}
 per_device_eval_batch_size = 4
 learning_rate = 5e-6
 save_steps = 1000
@@ -153,7 +163,9 @@ name = "lorakit"
     }
 
 
-def run_trl(folder: Path, model: str, steps: int, dtype: str, objective: str) -> dict:
+def run_trl(
+    folder: Path, model: str, steps: int, dtype: str, objective: str, accumulation: int = 1
+) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -187,7 +199,7 @@ def run_trl(folder: Path, model: str, steps: int, dtype: str, objective: str) ->
         "dpo": (
             DPOConfig,
             DPOTrainer,
-            {"loss_type": ["sigmoid"], "per_device_train_batch_size": 4},
+            {"loss_type": ["sigmoid"], "per_device_train_batch_size": 4 // accumulation},
         ),
         "kto": (KTOConfig, KTOTrainer, {"loss_type": "kto", "per_device_train_batch_size": 8}),
     }[objective]
@@ -205,6 +217,7 @@ def run_trl(folder: Path, model: str, steps: int, dtype: str, objective: str) ->
         gradient_checkpointing=False,
         seed=42,
         dataloader_num_workers=0,
+        gradient_accumulation_steps=accumulation,
         **extra,
     )
     lora = LoraConfig(
@@ -238,12 +251,14 @@ def tokens_of(folder: Path, model: str) -> int:
     return total
 
 
-def child(which: str, folder: Path, model: str, steps: int, dtype: str, objective: str) -> None:
+def child(
+    which: str, folder: Path, model: str, steps: int, dtype: str, objective: str, accumulation: int
+) -> None:
     if which == "trl":
-        out = run_trl(folder, model, steps, dtype, objective)
+        out = run_trl(folder, model, steps, dtype, objective, accumulation)
     else:  # lorakit (its auto), lorakit_once, lorakit_every_step
         reference = which.removeprefix("lorakit").removeprefix("_") or "auto"
-        out = run_lorakit(folder, model, steps, dtype, objective, reference)
+        out = run_lorakit(folder, model, steps, dtype, objective, reference, accumulation)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -262,14 +277,29 @@ def main() -> None:
         help="lorakit's train.reference_logps: its auto (bf16: every_step, fp32: once), or "
         "both every_step and once as two contenders",
     )
+    ap.add_argument(
+        "--accumulation",
+        type=int,
+        choices=[1, 2, 4],
+        default=1,
+        help="DPO: the 4 pairs of a step as this many micro-batches (default 1)",
+    )
     ap.add_argument("--child", choices=["lorakit", "lorakit_once", "lorakit_every_step", "trl"])
     ap.add_argument("--folder")
     args = ap.parse_args()
     if args.child:
         child(
-            args.child, Path(args.folder), args.model_path, args.steps, args.dtype, args.objective
+            args.child,
+            Path(args.folder),
+            args.model_path,
+            args.steps,
+            args.dtype,
+            args.objective,
+            args.accumulation,
         )
         return
+    if args.accumulation > 1 and args.objective != "dpo":
+        ap.error("--accumulation is for --objective dpo")
     model = model_path(args.model_path)
     mine = ["lorakit_every_step", "lorakit_once"] if args.reference == "both" else ["lorakit"]
     results: dict[str, list[dict]] = {k: [] for k in (*mine, "trl")}
@@ -281,7 +311,7 @@ def main() -> None:
                 pairs_file(folder, args.steps * 4)
                 cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder)]
                 cmd += ["--model-path", model, "--steps", str(args.steps), "--dtype", args.dtype]
-                cmd += ["--objective", args.objective]
+                cmd += ["--objective", args.objective, "--accumulation", str(args.accumulation)]
                 env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -305,7 +335,7 @@ def main() -> None:
             f"{k} / TRL: throughput x{best[k] / best['trl']:.2f} (wall clock), "
             f"x{cpu[k] / cpu['trl']:.2f} (per CPU second), "
             f"peak RSS x{rss[k] / rss['trl']:.2f} ({args.objective}, {args.steps} steps of "
-            f"4 pairs, {args.reps} round(s), {args.dtype}, "
+            f"4 pairs in {args.accumulation} micro-batch(es), {args.reps} round(s), {args.dtype}, "
             f"CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
         )
 

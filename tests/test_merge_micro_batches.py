@@ -94,7 +94,7 @@ def test_a_step_keeps_its_examples_in_order_and_its_micro_batch_count(spec, budg
         assert len(consecutive_batches(sizes, max(merged) - 1)) > len(real)
 
 
-def test_merging_applies_on_cpu_to_one_process_sft_with_accumulation():
+def test_merging_applies_on_cpu_to_one_process_sft_and_pairs_with_accumulation():
     from lorakit.sections import TrainSection
 
     t = TrainSection(per_device_train_batch_size=1, gradient_accumulation_steps=8, max_length=2048)
@@ -102,13 +102,18 @@ def test_merging_applies_on_cpu_to_one_process_sft_with_accumulation():
     # never more tokens than the recipe's own micro-batch may hold
     assert merge_budget(attrs.evolve(t, max_length=300), "cpu", 1) == 300
     assert merge_budget(attrs.evolve(t, per_device_train_batch_size=2, max_length=300), "cpu", 1)
+    for pairs in ("dpo", "orpo", "simpo"):  # a sum over pairs, like SFT's over tokens
+        assert merge_budget(attrs.evolve(t, objective=pairs), "cpu", 1) == MERGE_TOKENS
+        # a micro-batch of pairs may hold two sides of up to max_length
+        short = attrs.evolve(t, objective=pairs, max_length=300)
+        assert merge_budget(short, "cpu", 1) == 600
     for off in (
         merge_budget(t, "cuda", 1),
         merge_budget(t, "cpu", 2),
         merge_budget(attrs.evolve(t, gradient_accumulation_steps=1), "cpu", 1),
         merge_budget(attrs.evolve(t, merge_micro_batches=False), "cpu", 1),
         merge_budget(attrs.evolve(t, neftune_noise_alpha=5.0), "cpu", 1),
-        merge_budget(attrs.evolve(t, objective="dpo", beta=0.1), "cpu", 1),
+        merge_budget(attrs.evolve(t, objective="kto", per_device_train_batch_size=2), "cpu", 1),
     ):
         assert off == 0
 
@@ -217,3 +222,88 @@ def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
     assert tokens["false"] < tokens["true"] <= 128, tokens
     res = run_probe("plan", str(recipe), *FOUR_OF_ONE, "--device-memory", "1MB", cwd=tmp_path)
     assert res.returncode == 1 and "train.merge_micro_batches = false" in res.stdout
+
+
+pair = st.tuples(
+    st.lists(st.integers(0, 500), min_size=1, max_size=8),  # prompt
+    st.lists(st.integers(0, 500), min_size=1, max_size=6),  # chosen answer
+    st.lists(st.integers(0, 500), min_size=1, max_size=6),  # rejected answer
+    st.floats(-50, 0),
+)
+
+
+def _pair_rows(spec):
+    return [
+        {
+            "chosen_ids": p + c,
+            "chosen_labels": [IGNORE_INDEX] * len(p) + c,
+            "rejected_ids": p + r,
+            "rejected_labels": [IGNORE_INDEX] * len(p) + r,
+            "index": i,
+            "reference": (ref, ref - 1.0),
+        }
+        for i, (p, c, r, ref) in enumerate(spec)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(pair, min_size=1, max_size=3), min_size=1, max_size=4), st.booleans())
+def test_merged_pair_rows_are_the_rows_pack_pairs_builds_from_all_their_pairs(spec, share):
+    from lorakit.preference import pack_pairs
+
+    rows = _pair_rows([p for b in spec for p in b])
+    batches, start = [], 0
+    for b in spec:
+        batches.append(pack_pairs(rows[start : start + len(b)], share_prompt=share))
+        start += len(b)
+    _same(merge_packed(batches), pack_pairs(rows, share_prompt=share))
+
+
+@pytest.mark.slow
+def test_merged_pair_micro_batches_train_what_separate_ones_do(
+    tmp_path, tiny_model_dir, cli, monkeypatch
+):
+    """DPO, 1 pair a micro-batch and 4 a step, the reference once and in each step: merged
+    (rows of up to 2 x 128 tokens: two pairs of ~115, their common system prompt shared) or
+    apart, the same losses and rewards (dropout off)."""
+    from helpers import preference_records, with_preference_source
+
+    with_preference_source(monkeypatch)
+    system = {"role": "system", "content": "Answer with one JSON object and nothing else."}
+    pairs = [{**r, "prompt": [system, *r["prompt"]]} for r in preference_records(24)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, source="preference_jsonl")
+    seen = _count_merges(monkeypatch)
+    for mode in ("once", "every_step"):
+        common = (
+            *FOUR_OF_ONE,
+            'train.objective="dpo"',
+            "train.beta=0.1",
+            f'train.reference_logps="{mode}"',
+            "train.max_steps=3",
+            "train.save_steps=100",
+            "peft.dropout=0.0",
+            'eval.metrics=["eval_loss"]',
+        )
+        seen.update(merged_rows=0, examples=0)
+        code, out, err = cli("run", recipe, f"output.name=merged-{mode}", *common)
+        assert code == 0, err
+        assert "merged into packed rows of up to 256 tokens" in out + err
+        assert seen["merged_rows"] >= 3 and seen["examples"] >= 6, seen
+        assert "fewer; train.share_prefix)" in out + err  # and shared their prefix
+        code, _, err = cli(
+            "run",
+            recipe,
+            f"output.name=apart-{mode}",
+            "train.merge_micro_batches=false",
+            *common,
+        )
+        assert code == 0, err
+        merged = logged_steps(tmp_path / f"runs/merged-{mode}")
+        apart = logged_steps(tmp_path / f"runs/apart-{mode}")
+        # (not the reward accuracy: at the first step policy and reference are equal, and which
+        # reward is larger comes down to float order)
+        for key in ("loss", "rewards/margins", "rewards/chosen", "num_input_tokens_seen"):
+            assert [r[key] for r in merged] == pytest.approx(
+                [r[key] for r in apart], rel=1e-4, abs=3e-6
+            ), (mode, key)

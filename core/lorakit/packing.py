@@ -110,30 +110,36 @@ def consecutive_batches(lengths: Sequence[int], budget: int) -> list[range]:
 # run as fewer packed rows of up to this many tokens (:func:`merge_budget`).
 MERGE_TOKENS = 1024
 MERGED = "lorakit_merged_into_another"  # the key of a micro-batch left empty by a merge
+# objectives whose micro-batches merge: SFT's examples, and DPO/ORPO/SimPO's pairs (their loss
+# is a sum over pairs); KTO's mismatched rows are drawn per micro-batch
+MERGING_OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 
 
 def merge_budget(train: Any, device: str, world: int) -> int:
     """Tokens up to which the micro-batches of one optimizer step are merged into one packed
-    row (0: not merged): on a CPU, in one process, for SFT with gradient accumulation and
-    without NEFTune (whose noise scales with the packed row's length), when the recipe asks
-    for it (``train.merge_micro_batches``). Never more than a micro-batch may already hold
-    (``per_device_train_batch_size x max_length``), so no merged row is longer than the
+    row (0: not merged): on a CPU, in one process, for SFT, DPO, ORPO or SimPO with gradient
+    accumulation and without NEFTune (whose noise scales with the packed row's length), when
+    the recipe asks for it (``train.merge_micro_batches``). Never more than a micro-batch may
+    already hold (``per_device_train_batch_size x max_length``, twice that for pairs, which
+    have two sides of up to ``max_length`` each), so no merged row is longer than the
     recipe's own longest micro-batch, and the memory plan's bound holds."""
     if not (
         train.merge_micro_batches
         and device == "cpu"
         and world == 1
-        and train.objective == "sft"
+        and train.objective in MERGING_OBJECTIVES
         and train.gradient_accumulation_steps > 1
         and not train.neftune_noise_alpha
     ):
         return 0
-    return min(MERGE_TOKENS, train.per_device_train_batch_size * train.max_length)
+    sides = 1 if train.objective == "sft" else 2
+    return min(MERGE_TOKENS, sides * train.per_device_train_batch_size * train.max_length)
 
 
 def merge_packed(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One packed row from several of :func:`pack`'s, in order: the row ``pack`` builds from
-    all their examples (every key equal)."""
+    """One packed row from several of :func:`pack`'s (or
+    :func:`lorakit.preference.pack_pairs`'), in order: the row they build from all their
+    examples (every key equal)."""
     import torch
 
     if not batches:
@@ -147,7 +153,7 @@ def merge_packed(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         offset += int(b["input_ids"].shape[1])
     cu = torch.cat(bounds)
     longest = max(int(b["max_length_q"]) for b in batches)
-    return {
+    out = {
         "input_ids": torch.cat([b["input_ids"] for b in batches], dim=1),
         "position_ids": torch.cat([b["position_ids"] for b in batches], dim=1),
         "labels": torch.cat([b["labels"] for b in batches], dim=1),
@@ -157,6 +163,33 @@ def merge_packed(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "max_length_k": longest,
         "row_index": torch.cat([b["row_index"] for b in batches]),
     }
+    if "pairs" in batches[0]:
+        out.update(_merged_pairs(batches))
+    return out
+
+
+def _merged_pairs(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The keys of pair batches (:func:`lorakit.preference.pack_pairs`) merged: the pair count,
+    each pair's shared prompt length (0 for a pair packed whole: its rejected side then
+    attends to itself alone, which is right for a whole sequence) and reference values."""
+    import torch
+
+    out: dict[str, Any] = {"pairs": sum(b["pairs"] for b in batches)}
+    if any("pair_prompt_lens" in b for b in batches):
+        out["pair_prompt_lens"] = torch.cat(
+            [
+                b["pair_prompt_lens"]
+                if "pair_prompt_lens" in b
+                else torch.zeros(int(b["pairs"]), dtype=torch.int32)
+                for b in batches
+            ]
+        )
+    with_reference = ["reference" in b for b in batches]
+    if any(with_reference) and not all(with_reference):
+        raise ValueError("cannot merge pair batches with and without reference values")
+    if all(with_reference):
+        out["reference"] = torch.cat([b["reference"] for b in batches])
+    return out
 
 
 def merge_micro_batches(batches: Sequence[Mapping[str, Any]], budget: int) -> list[Any]:

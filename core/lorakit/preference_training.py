@@ -218,11 +218,14 @@ def build_preference_trainer(
     device: str,
     compute_dtype: Any,
     share_prefix: bool = False,
+    merge_tokens: int = 0,
 ) -> Any:
     """The trainer for a pair objective; ``reference``: the train and eval pairs' reference
     log-probabilities computed once (DPO), else None (DPO: computed in each step);
     ``share_prefix``: the pairs of a row share their prompts' common prefix
-    (:mod:`lorakit.prefix_sharing`). KTO's is :func:`lorakit.kto_training.build_kto_trainer`."""
+    (:mod:`lorakit.prefix_sharing`); ``merge_tokens``: a step's micro-batches merged up to
+    that many tokens (:func:`lorakit.packing.merge_budget`). KTO's is
+    :func:`lorakit.kto_training.build_kto_trainer`."""
     from lorakit.training import finish_trainer
 
     objective = Objective.from_train(recipe.train)
@@ -241,4 +244,5 @@ def build_preference_trainer(
         objective=objective,
         reference_in_step=objective.needs_reference and reference is None,
         share_prefix=share_prefix,
+        merge_tokens=merge_tokens,
     )

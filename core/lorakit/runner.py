@@ -509,7 +509,14 @@ def train(
             loggers,
             tm.device,
             tm.compute_dtype,
-            **({} if kto else {"share_prefix": data.batch.get("shared_prefix", False)}),
+            **(
+                {}
+                if kto
+                else {
+                    "share_prefix": data.batch.get("shared_prefix", False),
+                    "merge_tokens": data.batch.get("merged_micro_batch_tokens", 0),
+                }
+            ),
         )
     running = engine(trainer)
     if running:  # what accelerate really runs: FSDP asked for on a CPU would say DDP here
