@@ -3,7 +3,7 @@ KTOTrainer) on the same pairs.
 
     PYTHONPATH=core:plugins .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--reps 1]
         [--model-path DIR] [--dtype fp32|bf16] [--objective dpo|kto] [--reference auto|both]
-        [--accumulation 1|2|4]
+        [--accumulation 1|2|4] [--merge on|off]
 
 Both train the same model (default: the embedded SmolLM2-135M-Instruct, converted once by
 ``lorakit run``'s smollm2 plugin into $LORAKIT_CACHE) with LoRA r=16 (alpha 32, dropout 0.05) on
@@ -27,7 +27,8 @@ pairs file as KTO data; TRL gets the same answers as unpaired rows, each pair's 
 walks its data in order (its KL rows are built from fixed neighbours) where lorakit shuffles,
 so the two loss curves see the answers in another order and agree only at the first step.
 ``--accumulation A`` (DPO): the step's 4 pairs as A micro-batches of 4/A pairs, for both
-(lorakit then merges them on CPU, ``train.merge_micro_batches``).
+(lorakit then merges them on CPU, ``train.merge_micro_batches``; ``--merge off`` runs them
+apart).
 Throughput is given per wall-clock second and per CPU second of
 the timed span (``time.process_time``, all threads): on a shared machine the CPU time is the
 steadier one. Peak memory is each process's peak RSS. Each contender runs in its own process, one after the
@@ -73,6 +74,7 @@ def run_lorakit(
     objective: str,
     reference: str = "auto",
     accumulation: int = 1,
+    merge: str = "on",
 ) -> dict:
     from lorakit import catalog, runner
 
@@ -101,6 +103,7 @@ beta = 0.1
 max_steps = {steps}
 per_device_train_batch_size = {(4 if objective == "dpo" else 8) // accumulation}
 gradient_accumulation_steps = {accumulation}
+merge_micro_batches = {"true" if merge == "on" else "false"}
 per_device_eval_batch_size = 4
 learning_rate = 5e-6
 save_steps = 1000
@@ -252,13 +255,20 @@ def tokens_of(folder: Path, model: str) -> int:
 
 
 def child(
-    which: str, folder: Path, model: str, steps: int, dtype: str, objective: str, accumulation: int
+    which: str,
+    folder: Path,
+    model: str,
+    steps: int,
+    dtype: str,
+    objective: str,
+    accumulation: int,
+    merge: str,
 ) -> None:
     if which == "trl":
         out = run_trl(folder, model, steps, dtype, objective, accumulation)
     else:  # lorakit (its auto), lorakit_once, lorakit_every_step
         reference = which.removeprefix("lorakit").removeprefix("_") or "auto"
-        out = run_lorakit(folder, model, steps, dtype, objective, reference, accumulation)
+        out = run_lorakit(folder, model, steps, dtype, objective, reference, accumulation, merge)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -284,6 +294,7 @@ def main() -> None:
         default=1,
         help="DPO: the 4 pairs of a step as this many micro-batches (default 1)",
     )
+    ap.add_argument("--merge", choices=["on", "off"], default="on")
     ap.add_argument("--child", choices=["lorakit", "lorakit_once", "lorakit_every_step", "trl"])
     ap.add_argument("--folder")
     args = ap.parse_args()
@@ -296,6 +307,7 @@ def main() -> None:
             args.dtype,
             args.objective,
             args.accumulation,
+            args.merge,
         )
         return
     if args.accumulation > 1 and args.objective != "dpo":
@@ -312,6 +324,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder)]
                 cmd += ["--model-path", model, "--steps", str(args.steps), "--dtype", args.dtype]
                 cmd += ["--objective", args.objective, "--accumulation", str(args.accumulation)]
+                cmd += ["--merge", args.merge]
                 env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -335,7 +348,8 @@ def main() -> None:
             f"{k} / TRL: throughput x{best[k] / best['trl']:.2f} (wall clock), "
             f"x{cpu[k] / cpu['trl']:.2f} (per CPU second), "
             f"peak RSS x{rss[k] / rss['trl']:.2f} ({args.objective}, {args.steps} steps of "
-            f"4 pairs in {args.accumulation} micro-batch(es), {args.reps} round(s), {args.dtype}, "
+            f"4 pairs in {args.accumulation} micro-batch(es), merge {args.merge}, "
+            f"{args.reps} round(s), {args.dtype}, "
             f"CPU threads {os.environ.get('OMP_NUM_THREADS', 'all')})"
         )
 
