@@ -177,8 +177,9 @@ class TrainSection:
         True,
         doc="on CPU, with gradient_accumulation_steps > 1: run the micro-batches of an optimizer "
         "step as fewer packed rows of up to 1024 tokens (never more than batch size x "
-        "max_length): the same examples and loss, faster on small micro-batches; one process, "
-        "sft, no NEFTune",
+        "max_length, twice that for pairs): the same examples and loss, faster on small "
+        "micro-batches, at the memory of the longer row; one process, sft, dpo, orpo and simpo, "
+        "no NEFTune",
         recorded_when_set=True,
     )
     share_prefix: bool = option(
