@@ -292,6 +292,8 @@ def test_a_resumed_run_shares_as_it_started(tmp_path, tiny_model_dir, chat_file)
     resumed = Start(checkpoint=tmp_path / "checkpoint-2")
     assert not share_prefix(recipe, resumed, "cpu"), "started before lorakit shared prefixes"
     assert share_prefix(recipe, attrs.evolve(resumed, share_prefix=True), "cpu")
+    # resumed on a GPU, whose attention kernels know nothing of a shared prefix: whole rows
+    assert not share_prefix(recipe, attrs.evolve(resumed, share_prefix=True), "cuda")
 
 
 @pytest.mark.slow

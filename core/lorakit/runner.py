@@ -253,13 +253,16 @@ def merge_tokens(recipe: Recipe, start: Start, device: str | None) -> int:
 def share_prefix(recipe: Recipe, start: Start, device: str | None) -> bool:
     """Whether packed rows share their examples' common prefix
     (:func:`lorakit.prefix_sharing.shares_row_prefix`), except that a resumed run keeps what it
-    started with (one started before lorakit shared prefixes keeps packing examples whole)."""
+    started with (one started before lorakit shared prefixes keeps packing examples whole),
+    where it can: a run resumed on a GPU packs examples whole (its attention kernels know
+    nothing of a shared prefix)."""
     from lorakit.device import resolve_device
     from lorakit.prefix_sharing import shares_row_prefix
 
+    here = shares_row_prefix(recipe.train, device or resolve_device(recipe.train.device))
     if start.checkpoint is not None:
-        return start.share_prefix
-    return shares_row_prefix(recipe.train, device or resolve_device(recipe.train.device))
+        return start.share_prefix and here
+    return here
 
 
 def claim_run(
@@ -538,9 +541,10 @@ def train(
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         tokens, positions = trainer.positions
         if positions < tokens:
+            whose = " of this rank's rows" if world_size() > 1 else ""
             say(
-                f"a shared prefix: {positions:,} positions computed for {tokens:,} tokens "
-                f"({1 - positions / tokens:.0%} fewer; train.share_prefix)"
+                f"a shared prefix: {positions:,} positions computed for {tokens:,} tokens"
+                f"{whose} ({1 - positions / tokens:.0%} fewer; train.share_prefix)"
             )
     return trainer
 
@@ -604,10 +608,11 @@ def reference_for(
             answer_reference_logps(tm.model, data.val_rows, tm.device, budget),
         )
     say(f"reference log-probabilities of {len(data.train_rows) + len(data.val_rows)} pairs")
+    # the val pairs' as evaluation scores them: whole rows
     shared = data.batch.get("shared_prefix", False)
     return (
         reference_logps(tm.model, data.train_rows, tm.device, budget, shared),
-        reference_logps(tm.model, data.val_rows, tm.device, budget, shared),
+        reference_logps(tm.model, data.val_rows, tm.device, budget),
     )
 
 

@@ -128,7 +128,10 @@ def make_trainer_class() -> Any:
             self._head_kwarg = accepts_logits_to_keep(self.model)
             self._token_budget = token_budget
             self._merge_tokens = merge_tokens  # lorakit.packing.merge_budget; 0: off
-            self._share_prefix = share_prefix  # lorakit.prefix_sharing.shares_row_prefix
+            # lorakit.prefix_sharing.shares_row_prefix; only where this transformers counts tokens
+            # seen through the method overridden below, so that the count stays the examples'
+            # tokens (a version without it would count the positions computed)
+            self._share_prefix = share_prefix and hasattr(Trainer, "_track_num_input_tokens")
             # this process's training tokens (examples whole) and the positions computed
             self.positions = [0, 0]
 
