@@ -35,8 +35,9 @@ from typing import Any
 
 from lorakit.data.tokenize import IGNORE_INDEX
 
-# Shorter common prefixes are left in each example: the prefix costs the row an extra
-# attention call per layer, worth it only when it saves more than a few positions
+# Shorter common prefixes are left in each example: sharing costs each example a copy of the
+# prefix's keys and values (and queries) per layer, worth it only when it saves more than a
+# few positions
 MIN_SHARED = 8
 # the batch key holding the tokens of the row's examples as packed whole
 DATA_TOKENS = "lorakit_data_tokens"
