@@ -18,9 +18,7 @@ per micro-batch). Prints one line per run and the ratio merged / apart per batch
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,35 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import DEFAULT_DATA, lorakit_records, throughput, write_recipe
+from bench_train import DEFAULT_DATA, lorakit_setting_run
 
 
 def run(folder: Path, batch: int, accumulation: int, merge: bool, args: argparse.Namespace) -> dict:
     tag = f"b{batch}-{'merged' if merge else 'apart'}-{time.time_ns()}"
-    recipe = write_recipe(folder, tag, args.data, "none", args.steps, args.model_path)
-    cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe)]
-    cmd += [
+    overrides = [
         f"train.per_device_train_batch_size={batch}",
         f"train.gradient_accumulation_steps={accumulation}",
         f"train.merge_micro_batches={'true' if merge else 'false'}",
         f'quant.dtype="{args.dtype}"',
     ]
-    err = folder / f"{tag}.err"
-    with err.open("w") as e:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=e)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{tag} failed:\n{err.read_text()[-3000:]}")
-    log = err.read_text(errors="replace")
-    if merge and "merged into packed rows" not in log:
-        raise SystemExit(f"{tag}: lorakit did not merge (not a CPU run?)\n{log[-2000:]}")
-    records = lorakit_records(folder / "runs" / tag)
-    return {
-        "tps": throughput(records, args.warmup),
-        "rss_gb": usage.ru_maxrss / 1024 / 1024,
-        "loss": records[-1]["loss"],
-        "tokens": records[-1]["tokens"],
-    }
+    said = "merged into packed rows" if merge else None
+    return lorakit_setting_run(folder, tag, args.data, args, overrides, said)
 
 
 def main() -> None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import DEFAULT_DATA, lorakit_records, throughput, write_recipe
+from bench_train import DEFAULT_DATA, lorakit_setting_run
 
 # a made-up support assistant's standing instructions (about 150 SmolLM2 tokens)
 SYSTEM = (
@@ -67,29 +65,13 @@ def data_for(kind: str, folder: Path, source: Path) -> Path:
 
 def run(folder: Path, data: Path, kind: str, share: bool, args: argparse.Namespace) -> dict:
     tag = f"{kind}-{'shared' if share else 'whole'}-{time.time_ns()}"
-    recipe = write_recipe(folder, tag, data, "none", args.steps, args.model_path)
-    cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe)]
-    cmd += [
+    overrides = [
         f"train.per_device_train_batch_size={args.batch}",
         f"train.share_prefix={'true' if share else 'false'}",
         f'quant.dtype="{args.dtype}"',
     ]
-    err = folder / f"{tag}.err"
-    with err.open("w") as e:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=e)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{tag} failed:\n{err.read_text()[-3000:]}")
-    log = err.read_text(errors="replace")
-    if share and "computed once (train.share_prefix)" not in log:
-        raise SystemExit(f"{tag}: lorakit did not share prefixes (not a CPU run?)\n{log[-2000:]}")
-    records = lorakit_records(folder / "runs" / tag)
-    return {
-        "tps": throughput(records, args.warmup),
-        "rss_gb": usage.ru_maxrss / 1024 / 1024,
-        "loss": records[-1]["loss"],
-        "tokens": records[-1]["tokens"],
-    }
+    said = "computed once (train.share_prefix)" if share else None
+    return lorakit_setting_run(folder, tag, data, args, overrides, said)
 
 
 def main() -> None:

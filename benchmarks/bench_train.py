@@ -247,6 +247,38 @@ def run_contender(
     }
 
 
+def lorakit_setting_run(
+    folder: Path,
+    tag: str,
+    data: Path,
+    args: argparse.Namespace,
+    overrides: list[str],
+    must_say: str | None,
+) -> dict[str, Any]:
+    """One `lorakit run` of this benchmark's recipe with ``overrides`` (``args``: ``steps``,
+    ``warmup``, ``model_path``), for the benchmarks that compare one setting on and off;
+    ``must_say``: text its log must hold (the setting took effect). Useful tokens/s after
+    ``args.warmup`` steps, peak RSS (wait4), final loss and tokens."""
+    recipe = write_recipe(folder, tag, data, "none", args.steps, args.model_path)
+    cmd = [sys.executable, "-m", "lorakit.cli.main", "run", str(recipe), *overrides]
+    err = folder / f"{tag}.err"
+    with err.open("w") as e:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=e)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{tag} failed:\n{err.read_text()[-3000:]}")
+    log = err.read_text(errors="replace")
+    if must_say is not None and must_say not in log:
+        raise SystemExit(f"{tag}: {must_say!r} is not in its log (not a CPU run?)\n{log[-2000:]}")
+    records = lorakit_records(folder / "runs" / tag)
+    return {
+        "tps": throughput(records, args.warmup),
+        "rss_gb": usage.ru_maxrss / 1024 / 1024,
+        "loss": records[-1]["loss"],
+        "tokens": records[-1]["tokens"],
+    }
+
+
 def torch_cuda_available() -> bool:
     import torch
 
