@@ -3,7 +3,9 @@
 transformers lets a model's attention be swapped by name (``AttentionInterface``). lorakit
 registers ``lorakit_varlen``: the packed row is cut at the example boundaries that the packing
 collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
-``scaled_dot_product_attention`` with ``is_causal=True``. Compared with one block-diagonal mask
+``scaled_dot_product_attention`` with ``is_causal=True`` (in a bf16 run, examples of 96 to 640
+tokens go through :mod:`lorakit.math_attention` instead: whole-example matmuls in bf16, faster
+there than the kernel). Compared with one block-diagonal mask
 over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask.
 That loop is for CPUs. On a GPU a call per example and layer costs more in launches and host
 syncs than the attention itself (SmolLM2-135M on an H100, separate runs of
@@ -224,7 +226,7 @@ def pair_mask(total: int, first: int, prompt: int, device: Any = None) -> Any:
 # PyTorch's CPU flash kernel is slower in bf16 than in fp32 for short sequences: forward and
 # backward of one example, 9 heads of 64, on 2 AMX cores: 3.1 ms in bf16 against 1.4 ms in
 # fp32 at 133 tokens, about equal at 300, 12.1 against 15.0 ms at 600. So a bf16 run's examples
-# up to this length attend in fp32 (which also keeps the softmax and its sums in fp32).
+# up to this length that the kernel takes (shorter than math_attention.MIN_KEYS) attend in fp32.
 FP32_ATTENTION_MAX = 384
 
 
@@ -241,18 +243,25 @@ def _causal_sdpa(
 ) -> Any:
     """Causal SDPA over one example; with ``block``, over one pair (:func:`pair_mask`); with
     ``context``, the keys and values open with that many positions (a shared prefix,
-    :mod:`lorakit.prefix_sharing`) that every query sees."""
+    :mod:`lorakit.prefix_sharing`) that every query sees. bf16 examples of the lengths
+    :mod:`lorakit.math_attention` takes go there, with the same mask."""
     import torch
     import torch.nn.functional as F
 
-    dtype = q.dtype
-    if dtype == torch.bfloat16 and k.shape[2] <= FP32_ATTENTION_MAX:
-        q, k, v = q.float(), k.float(), v.float()
+    from lorakit import math_attention
+
     mask = None if block is None else pair_mask(q.shape[2], block, prompt, q.device)
     if context:
         own = mask if mask is not None else pair_mask(q.shape[2], q.shape[2], 0, q.device)
         seen = torch.ones((q.shape[2], context), dtype=torch.bool, device=q.device)
         mask = torch.cat([seen, own], dim=1)
+    if math_attention.applies(q, k, p):
+        if mask is None:
+            mask = pair_mask(q.shape[2], q.shape[2], 0, q.device)
+        return math_attention.attention(q, k, v, mask, scaling)
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and k.shape[2] <= FP32_ATTENTION_MAX:
+        q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=scaling, enable_gqa=gqa
     )

@@ -1,0 +1,166 @@
+"""lorakit.math_attention: one example's attention as batched matmuls (bf16 runs on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def _inputs(dtype, heads, kv_heads, tq, tk, dim=64, size=2.0, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, tq, dim, generator=g) * size
+    k = torch.randn(1, kv_heads, tk, dim, generator=g) * size
+    v = torch.randn(1, kv_heads, tk, dim, generator=g)
+    out_grad = torch.randn(1, heads, tq, dim, generator=g)
+    return [t.to(dtype) for t in (q, k, v, out_grad)]
+
+
+def _mask(kind, tq, tk):
+    """True where a query may attend: causal, causal after a shared context, or a pair."""
+    import torch
+    from lorakit.attention import pair_mask
+
+    if kind == "causal":
+        return pair_mask(tq, tq, 0)
+    if kind == "context":  # tk - tq keys every query sees, then causal (prefix sharing)
+        seen = torch.ones((tq, tk - tq), dtype=torch.bool)
+        return torch.cat([seen, pair_mask(tq, tq, 0)], dim=1)
+    return pair_mask(tq, tq // 2, tq // 4)  # a preference pair: prompt + chosen, rejected
+
+
+def _reference(q, k, v, allowed):
+    """SDPA with an explicit mask, keys and values repeated for grouped heads."""
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def _run(fn, q, k, v, out_grad, allowed):
+    import torch
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, allowed)
+    return [out.detach(), *torch.autograd.grad(out, leaves, out_grad)]
+
+
+def _attend(q, k, v, allowed):
+    from lorakit.math_attention import attention
+
+    return attention(q, k, v, allowed, None)
+
+
+@pytest.mark.parametrize("kind", ["causal", "context", "pair"])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_the_arithmetic_is_attention_in_fp64(kind, heads, kv_heads):
+    """In fp64 every rounding the bf16 path relies on is exact, so this checks the formulas:
+    masks, grouped heads, the log-sum-exp recovered from softmax, the backward's constant
+    columns. Output and all three gradients equal SDPA's to fp64 precision."""
+    import torch
+
+    tq, tk = 40, 40 if kind != "context" else 52
+    q, k, v, out_grad = _inputs(torch.float64, heads, kv_heads, tq, tk, dim=16)
+    allowed = _mask(kind, tq, tk)
+    got = _run(_attend, q, k, v, out_grad, allowed)
+    want = _run(_reference, q, k, v, out_grad, allowed)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max(), name
+
+
+def _relative_errors(got, want):
+    return [
+        float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(got, want, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["causal", "context", "pair"])
+def test_bf16_is_as_close_to_exact_attention_as_the_flash_kernel(kind):
+    """SmolLM2's heads, 160 queries, logits of the size trained models reach (inputs x2). The
+    reference is fp64 attention of the same bf16 inputs; PyTorch's bf16 SDPA (flash kernel: fp32
+    scores and softmax, P and dS rounded to bf16) is the yardstick. bf16 keeps 8 bits (2^-9 =
+    2e-3 relative per rounding) and a gradient here goes through three or four roundings (the
+    recomputed P, dO V^T - delta, their product, the matmul's output), so each result stays
+    within 1.5e-2 of its largest entry, and the worst of the four within 1.5x the kernel's worst
+    (measured: dq ~2.7x the kernel's, dk and dv below it)."""
+    import torch
+
+    tq, tk = 160, 160 if kind != "context" else 184
+    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, tq, tk)
+    allowed = _mask(kind, tq, tk)
+    want = _run(_reference, *(t.double() for t in (q, k, v, out_grad)), allowed)
+    ours = _relative_errors(_run(_attend, q, k, v, out_grad, allowed), want)
+    flash = _relative_errors(_run(_reference, q, k, v, out_grad, allowed), want)
+    assert max(ours) < 1.5e-2 and max(ours) <= 1.5 * max(flash), (ours, flash)
+
+
+def test_bf16_results_are_the_same_bits_every_time():
+    import torch
+
+    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, 120, 120)
+    allowed = _mask("causal", 120, 120)
+    first = _run(_attend, q, k, v, out_grad, allowed)
+    second = _run(_attend, q, k, v, out_grad, allowed)
+    assert all(a.equal(b) for a, b in zip(first, second, strict=True))
+
+
+def test_it_takes_bf16_cpu_calls_of_its_lengths_only():
+    import torch
+    from lorakit.math_attention import MAX_KEYS, MIN_KEYS, applies
+
+    def call(dtype, keys, dropout=0.0):
+        q = torch.zeros(1, 2, keys, 8, dtype=dtype)
+        return applies(q, q, dropout)
+
+    assert call(torch.bfloat16, MIN_KEYS) and call(torch.bfloat16, MAX_KEYS)
+    assert not call(torch.bfloat16, MIN_KEYS - 1)  # short: the kernel's fewer calls win
+    assert not call(torch.bfloat16, MAX_KEYS + 1)  # long: the kernel skips the masked half
+    assert not call(torch.float32, MIN_KEYS)  # fp32: the kernel is as fast
+    assert not call(torch.bfloat16, MIN_KEYS, dropout=0.1)  # no attention dropout here
+
+
+def test_packed_rows_in_bf16_attend_through_it_as_each_example_alone(monkeypatch):
+    """lorakit_varlen on a bf16 row of examples shorter than, within and longer than the
+    lengths this path takes: each piece goes where it belongs, and the row's output and
+    gradients match each example alone in fp64 to bf16 precision."""
+    import itertools
+
+    import torch
+    from lorakit import math_attention
+    from lorakit.attention import varlen_sdpa
+
+    calls = []
+    real = math_attention.attention
+    monkeypatch.setattr(
+        math_attention,
+        "attention",
+        lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw),
+    )
+    monkeypatch.setattr(math_attention, "MAX_KEYS", 150)
+    bounds = [0, 40, 160, 360, 460]
+
+    class Module(torch.nn.Module):
+        pass
+
+    total = bounds[-1]
+    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, total, total, size=1.0)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+
+    def row(q, k, v, _):
+        return varlen_sdpa(Module().eval(), q, k, v, None, cu_seq_lens_q=cu)[0].transpose(1, 2)
+
+    def alone(q, k, v, _):
+        pieces = [
+            _reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], _mask("causal", b - a, b - a))
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return torch.cat(pieces, dim=2)
+
+    got = _run(row, q, k, v, out_grad, None)
+    assert calls == [120, 100]  # 40 is too short, 200 too long for this path
+    want = _run(alone, *(t.double() for t in (q, k, v, out_grad)), None)
+    for name, error in zip(("out", "dq", "dk", "dv"), _relative_errors(got, want), strict=True):
+        assert error < 1.5e-2, name
