@@ -82,3 +82,45 @@ def test_the_mask_keeps_exactly_the_numbers_at_or_above_the_threshold(t):
 def test_a_zero_rate_mask_keeps_everything():
     keep = FastDropout(0.0).keep_bytes(torch.Size([5, 3]), torch.device("cpu"))
     assert keep.dtype == torch.uint8 and bool(keep.all())
+
+
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 on a Python uint32, the reference for the int32 tensor version."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_cpu_hash_is_lowbias32_on_every_kind_of_word():
+    """int32 tensors shift arithmetically and wrap on overflow: the tensor hash must still be the
+    uint32 one, for words with the top bit set too."""
+    from lorakit.fast_dropout import mix
+
+    words = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x12345678, 0xDEADBEEF, 65535, 65536]
+    as_int32 = torch.tensor(
+        [w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32
+    )
+    got = [int(v) & 0xFFFFFFFF for v in mix(as_int32.clone())]
+    assert got == [_lowbias32(w) for w in words]
+
+
+def test_cpu_masks_are_uniform_and_uncorrelated():
+    """The 16-bit numbers behind the masks: every bit set half the time, no correlation between
+    neighbours or between two masks (2^20 numbers: sd of a bit's mean 1e-3, of a correlation
+    1e-3)."""
+    from lorakit.fast_dropout import random_numbers
+
+    torch.manual_seed(3)
+    n = 1 << 20
+    a = random_numbers(n, torch.device("cpu"))
+    b = random_numbers(n, torch.device("cpu"))
+    bits = torch.stack([(a.int() >> i) & 1 for i in range(16)]).float().mean(dim=1)
+    assert bits.sub(0.5).abs().max() < 5e-3
+    af, bf = a.float(), b.float()
+    assert torch.corrcoef(torch.stack([af[:-1], af[1:]]))[0, 1].abs() < 5e-3
+    assert torch.corrcoef(torch.stack([af, bf]))[0, 1].abs() < 5e-3
+    assert not torch.equal(a, b)
+    torch.manual_seed(3)
+    assert torch.equal(random_numbers(n, torch.device("cpu")), a), "seeded"
