@@ -124,3 +124,20 @@ def test_cpu_masks_are_uniform_and_uncorrelated():
     assert not torch.equal(a, b)
     torch.manual_seed(3)
     assert torch.equal(random_numbers(n, torch.device("cpu")), a), "seeded"
+
+
+def test_a_mask_larger_than_the_kept_counter_takes_a_key_per_block(monkeypatch):
+    """The kept hashed counter stops growing at COUNTER_WORDS; a larger mask hashes it once per
+    block with a key of its own, so no block repeats another, and the result stays seeded."""
+    from lorakit import fast_dropout
+
+    monkeypatch.setattr(fast_dropout, "COUNTER_WORDS", 1024)
+    monkeypatch.setattr(fast_dropout, "_counter_mix", None)
+    torch.manual_seed(4)
+    numbers = fast_dropout.random_numbers(5000, torch.device("cpu"))  # 2500 words: 3 blocks
+    assert numbers.numel() == 5000 and fast_dropout._counter_mix.numel() == 1024
+    words = numbers.view(torch.int32)
+    assert not torch.equal(words[:1024], words[1024:2048])
+    assert not torch.equal(words[:452], words[2048:2500])
+    torch.manual_seed(4)
+    assert torch.equal(fast_dropout.random_numbers(5000, torch.device("cpu")), numbers)

@@ -13,9 +13,9 @@ in about 1.5 ns, which was still the largest single operation of a bf16 step aft
 mask takes one 32-bit key from torch's seeded generator and makes its words as
 ``mix(mix(i) ^ key)`` for ``i = 0, 1, ...``: ``mix`` is a 32-bit integer hash with strong
 avalanche (Chris Wellons' "lowbias32": xor-shift, multiply, xor-shift, multiply, xor-shift), and
-``mix(i)`` is computed once and kept, so a mask costs one hash pass over its words (0.11 ms
-there) and the key makes each mask a different stream, as a counter-based generator (Philox on
-GPUs) does. Runs stay reproducible and resumable, since the keys come from torch's generator
+``mix(i)`` is computed once and kept (up to ``COUNTER_WORDS`` words; a larger mask takes a key
+per block of that many), so a mask costs one hash pass over its words (0.11 ms there) and the
+key makes each mask a different stream, as a counter-based generator (Philox on GPUs) does. Runs stay reproducible and resumable, since the keys come from torch's generator
 in order. Other devices draw their words from torch's generator.
 
 The mask is applied as a multiply by a 0/1 tensor of the input's dtype, made from the mask's
@@ -85,9 +85,15 @@ def mix(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
 
 
+# the hashed counter is kept up to this many words (16 MiB); a larger mask takes a key per
+# block of this many words, so the kept memory does not grow with the largest layer
+COUNTER_WORDS = 1 << 22
+
+
 def random_numbers(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` random int16 numbers: on CPU from one key drawn from torch's generator (see the
-    module's docstring), elsewhere from torch's generator directly."""
+    """``n`` random int16 numbers: on CPU from keys drawn from torch's generator, one per
+    :data:`COUNTER_WORDS` 32-bit words (see the module's docstring), elsewhere from torch's
+    generator directly."""
     global _counter_mix
     if device.type != "cpu":
         words = torch.randint(
@@ -95,11 +101,22 @@ def random_numbers(n: int, device: torch.device) -> torch.Tensor:
         )
         return words.view(torch.int16)[:n]
     count = (n + 1) // 2
-    if _counter_mix is None or _counter_mix.numel() < count:
-        size = max(count, 2 * (0 if _counter_mix is None else _counter_mix.numel()))
+    if _counter_mix is None or _counter_mix.numel() < min(count, COUNTER_WORDS):
+        size = min(
+            COUNTER_WORDS, max(count, 2 * (0 if _counter_mix is None else _counter_mix.numel()))
+        )
         _counter_mix = mix(torch.arange(size, dtype=torch.int32))
-    key = int(torch.randint(-(2**31), 2**31 - 1, (1,), dtype=torch.int64))
-    return mix(_counter_mix[:count].bitwise_xor(key)).view(torch.int16)[:n]
+    blocks = -(-count // COUNTER_WORDS)
+    keys = torch.randint(-(2**31), 2**31 - 1, (blocks,), dtype=torch.int64).tolist()
+    if blocks == 1:
+        words = mix(_counter_mix[:count].bitwise_xor(keys[0]))
+    else:
+        words = torch.empty(count, dtype=torch.int32)
+        for b, key in enumerate(keys):
+            block = words[b * COUNTER_WORDS : (b + 1) * COUNTER_WORDS]
+            torch.bitwise_xor(_counter_mix[: block.numel()], key, out=block)
+            mix(block)
+    return words.view(torch.int16)[:n]
 
 
 def at_or_above(numbers: torch.Tensor, t: int) -> torch.Tensor:
