@@ -78,7 +78,7 @@ def main() -> None:
         q, k, v, g = inputs(n, dt, seed=1, size=2.0)
         qkv = [x.requires_grad_() for x in (q, k, v)]
         out = fn(*qkv)
-        return [out, *torch.autograd.grad(out, qkv, g)]
+        return [out.detach(), *torch.autograd.grad(out, qkv, g)]
 
     print(f"{args.dtype}, {threads} threads, heads {h} (kv {kvh}) x {d}")
     print("length | flash ms | math ms | flash / math | error flash (o, dq, dk, dv) | error math")
