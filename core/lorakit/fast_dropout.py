@@ -15,8 +15,9 @@ mask takes one 32-bit key from torch's seeded generator and makes its words as
 avalanche (Chris Wellons' "lowbias32": xor-shift, multiply, xor-shift, multiply, xor-shift), and
 ``mix(i)`` is computed once and kept (up to ``COUNTER_WORDS`` words; a larger mask takes a key
 per block of that many), so a mask costs one hash pass over its words (0.11 ms there) and the
-key makes each mask a different stream, as a counter-based generator (Philox on GPUs) does. Runs stay reproducible and resumable, since the keys come from torch's generator
-in order. Other devices draw their words from torch's generator.
+key makes each mask a different stream, as a counter-based generator (Philox on GPUs) does.
+Runs stay reproducible and resumable, since the keys come from torch's generator in order.
+Other devices draw their words from torch's generator.
 
 The mask is applied as a multiply by a 0/1 tensor of the input's dtype, made from the mask's
 bytes: PyTorch's CPU kernels for ``where`` with a bool mask, and for converting a bool tensor,
@@ -55,8 +56,8 @@ class FastDropout(torch.nn.Module):
         n = shape.numel()
         if self.threshold == 0:
             return torch.ones(shape, dtype=torch.uint8, device=device)
-        numbers = random_numbers(n, torch.device(device)).view(shape)
         # uniform over [-32768, 32767]
+        numbers = random_numbers(n, torch.device(device)).view(shape)
         return at_or_above(numbers, self.threshold - LEVELS // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,14 +109,11 @@ def random_numbers(n: int, device: torch.device) -> torch.Tensor:
         _counter_mix = mix(torch.arange(size, dtype=torch.int32))
     blocks = -(-count // COUNTER_WORDS)
     keys = torch.randint(-(2**31), 2**31 - 1, (blocks,), dtype=torch.int64).tolist()
-    if blocks == 1:
-        words = mix(_counter_mix[:count].bitwise_xor(keys[0]))
-    else:
-        words = torch.empty(count, dtype=torch.int32)
-        for b, key in enumerate(keys):
-            block = words[b * COUNTER_WORDS : (b + 1) * COUNTER_WORDS]
-            torch.bitwise_xor(_counter_mix[: block.numel()], key, out=block)
-            mix(block)
+    words = torch.empty(count, dtype=torch.int32)
+    for b, key in enumerate(keys):
+        block = words[b * COUNTER_WORDS : (b + 1) * COUNTER_WORDS]
+        torch.bitwise_xor(_counter_mix[: block.numel()], key, out=block)
+        mix(block)
     return words.view(torch.int16)[:n]
 
 
