@@ -89,6 +89,46 @@ def test_under_autocast_the_gradients_are_autocasts(keep, monkeypatch):
     assert (got_grad - ref_grad).abs().max() <= 4 * 2**-8 * ref_grad.abs().max()
 
 
+@pytest.mark.parametrize("keep", ["probabilities", "recompute"])
+def test_an_fp32_head_with_a_bf16_matmul_is_the_bf16_head(keep, monkeypatch):
+    """A CPU QLoRA model's fp32 head computing in bf16 (``matmul_dtype``): the NLL and the
+    hidden states' gradient of the same head with its input and weight rounded to bf16."""
+    import torch
+    from lorakit import fused_head
+
+    monkeypatch.setattr(fused_head, "KEEP_ELEMENTS", 1 << 30 if keep == "probabilities" else 0)
+    results = []
+    for fused in (False, True):
+        hidden, weight, b, targets, scale = _inputs("fp32", True, weight_grad=False)
+        with torch.no_grad():
+            hidden.mul_(4)  # logits of a trained model's size: bf16 rounding shows
+        if fused:
+            nll = fused_head.HeadNLL.apply(hidden, weight, b, targets, True, torch.bfloat16)
+        else:
+            low = torch.bfloat16
+            nll = _unfused(hidden.to(low), weight.to(low), b.to(low), targets)
+        (nll * scale).sum().backward()
+        results.append((nll.detach(), hidden.grad))
+    (ref, ref_grad), (got, got_grad) = results
+    assert got.dtype == got_grad.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    # the fp32 head's own logits differ from these by bf16 rounding: what the check can see
+    exact = _unfused(hidden.detach(), weight, b, targets)
+    assert (exact - got).abs().max() > 1e-4
+    assert (got_grad - ref_grad).abs().max() <= 4 * 2**-8 * ref_grad.abs().max()
+
+
+def test_only_a_bf16_4bit_model_gets_a_bf16_head_matmul(tiny):
+    import torch
+    from lorakit.fused_head import head_matmul_dtype, plain_head
+    from transformers import AutoModelForCausalLM
+
+    for dtype in (torch.float32, torch.bfloat16):
+        base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=dtype)
+        head = plain_head(base)
+        assert head is not None and head_matmul_dtype(base, head) is None
+
+
 def test_probabilities_are_kept_only_for_a_backward(monkeypatch):
     """Under no_grad (evaluation, DPO's reference) nothing is kept; with grad they are."""
     import torch

@@ -117,3 +117,39 @@ def test_dequantized_merge_reproduces_the_trained_model_in_each_dtype(
         assert rows["merged"]["max_abs_logit_diff"] < 5e-4, rows
     else:
         assert_reproduces_bf16_training(rows)
+
+
+def test_a_bf16_4bit_model_attends_and_scores_in_bf16(
+    tmp_path, tiny_model_dir, chat_file, compute_dtype
+):
+    """QLoRA keeps fp32 activations; where the 4-bit layers compute in bf16, attention and the
+    head's matmul do too (as in a bf16 LoRA run), and nowhere else."""
+    import torch
+    from lorakit.attention import matmul_dtype, varlen_sdpa
+    from lorakit.fused_head import head_matmul_dtype, plain_head
+
+    _, model = _load(tmp_path, tiny_model_dir, chat_file, compute_dtype)
+    low = torch.bfloat16 if compute_dtype == "bf16" else None
+    head = plain_head(model)
+    assert head is not None and head.weight.dtype == torch.float32
+    assert head_matmul_dtype(model, head) == low
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    heads, kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    q = torch.randn(1, heads, 150, attn.head_dim, generator=g, requires_grad=True)
+    k = torch.randn(1, kv, 150, attn.head_dim, generator=g, requires_grad=True)
+    v = torch.randn(1, kv, 150, attn.head_dim, generator=g, requires_grad=True)
+    assert matmul_dtype(attn, q) == low
+    assert matmul_dtype(attn, q.detach().to(torch.bfloat16)) is None
+    cu = torch.tensor([0, 40, 150])
+    out, _ = varlen_sdpa(attn, q, k, v, None, scaling=attn.scaling, cu_seq_lens_q=cu)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+
+    class Plain(torch.nn.Module):  # an attention module without 4-bit projections
+        pass
+
+    args = [t.detach().to(low or torch.float32) for t in (q, k, v)]
+    ref, _ = varlen_sdpa(Plain(), *args, None, scaling=attn.scaling, cu_seq_lens_q=cu)
+    assert out.detach().equal(ref.float())

@@ -53,6 +53,67 @@ def varlen_sdpa(
     cache: generation), logit soft-capping, sinks or position biases it does not implement, and a
     sliding window shorter than an example.
     """
+    low = matmul_dtype(module, query)
+    if low is None:
+        return _varlen_sdpa(
+            module,
+            query,
+            key,
+            value,
+            dropout,
+            scaling,
+            cu_seq_lens_q,
+            sliding_window,
+            softcap,
+            **kwargs,
+        )
+    out, _ = _varlen_sdpa(
+        module,
+        query.to(low),
+        key.to(low),
+        value.to(low),
+        dropout,
+        scaling,
+        cu_seq_lens_q,
+        sliding_window,
+        softcap,
+        **kwargs,
+    )
+    return out.to(query.dtype), None
+
+
+def matmul_dtype(module: Any, query: Any) -> Any:
+    """The dtype a CPU QLoRA model's attention computes in: the compute dtype of its 4-bit
+    projections where that is bf16 and the activations are fp32, else None (attention in the
+    activations' dtype).
+
+    In QLoRA only the 4-bit layers' matmuls run in the compute dtype; the residual stream, the
+    norms and the LoRA weights stay fp32. On a CPU with fast bf16 an fp32 attention would then
+    be most of the difference between a QLoRA step and a LoRA step (docs/performance.md), so
+    the attention's matmuls follow the projections': q, k and v rounded to bf16 once, as a LoRA
+    run's are, and the output back to fp32.
+    """
+    import torch
+
+    if query.dtype != torch.float32 or query.device.type != "cpu":
+        return None
+    from lorakit.fused_lora import bf16_4bit_layer
+
+    return torch.bfloat16 if bf16_4bit_layer(getattr(module, "q_proj", None)) else None
+
+
+def _varlen_sdpa(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    dropout: float,
+    scaling: float | None,
+    cu_seq_lens_q: Any,
+    sliding_window: int | None,
+    softcap: float | None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     import torch
 
     if cu_seq_lens_q is None or query.shape[0] != 1:

@@ -63,8 +63,13 @@ class HeadNLL(torch.autograd.Function):
         bias: Any,
         targets: torch.Tensor,
         for_backward: bool = True,
+        matmul_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
+        # the head's matmul in ``matmul_dtype`` (a CPU QLoRA model's fp32 head in bf16): the
+        # weight converted once a forward and kept for backward, each block's input as it goes
+        low = _converted(weight, bias, matmul_dtype)
+        ctx.low = low
         n, vocab = flat.shape[0], weight.shape[0]
         rows = _block_rows(vocab)
         nll = torch.empty(n, dtype=torch.float32, device=flat.device)
@@ -83,7 +88,7 @@ class HeadNLL(torch.autograd.Function):
         probs = torch.empty((n, vocab), dtype=torch.float32, device=flat.device) if keep else None
         for start in range(0, n, rows):
             end = start + rows
-            logits = F.linear(flat[start:end], weight, bias).float()
+            logits = _linear(flat[start:end], weight, bias, low).float()
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:end, None]).squeeze(1)
             nll[start:end] = lse[start:end] - picked
@@ -108,6 +113,7 @@ class HeadNLL(torch.autograd.Function):
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         )
         kept, ctx.probs = ctx.probs, None
+        low, ctx.low = ctx.low, None
         rows = _block_rows(weight.shape[0])
         for start in range(0, flat.shape[0], rows):
             end = start + rows
@@ -118,17 +124,17 @@ class HeadNLL(torch.autograd.Function):
             else:
                 device, autocast, autocast_dtype = ctx.autocast
                 with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-                    probs = F.linear(block, weight, bias).float()
+                    probs = _linear(block, weight, bias, low).float()
                 probs.sub_(lse[start:end, None]).exp_()
             index = torch.arange(probs.shape[0], device=probs.device)
             probs[index, targets[start:end]] -= 1.0
             probs.mul_(grad[start:end, None])
-            g = probs.to(weight.dtype)
             if grad_h is not None:
-                grad_h[start:end] = g @ weight
+                w = weight if low is None else low[0]
+                grad_h[start:end] = probs.to(w.dtype) @ w
             if grad_w is not None:
                 # products of the bf16 values are exact in fp32: accumulate there, round once
-                grad_w.addmm_(g.t().float(), block.float())
+                grad_w.addmm_(probs.to(weight.dtype).t().float(), block.float())
             if grad_b is not None:
                 grad_b += probs.sum(0)
         if grad_h is not None:
@@ -137,7 +143,20 @@ class HeadNLL(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _converted(weight: torch.Tensor, bias: Any, dtype: torch.dtype | None) -> Any:
+    """``(weight, bias)`` in ``dtype``, or None where the head computes in its own dtype."""
+    if dtype is None or dtype == weight.dtype:
+        return None
+    return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Any, low: Any) -> torch.Tensor:
+    if low is None:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(low[0].dtype), *low)
 
 
 def plain_head(model: Any) -> torch.nn.Linear | None:
@@ -159,14 +178,42 @@ def plain_head(model: Any) -> torch.nn.Linear | None:
     return head
 
 
+def head_matmul_dtype(model: Any, head: torch.nn.Linear) -> torch.dtype | None:
+    """bf16 for the fp32 head of a CPU QLoRA model whose 4-bit layers compute in bf16, else
+    None (the head's own dtype).
+
+    In QLoRA the weights bitsandbytes leaves unquantized stay fp32 (``bnb-4bit``), the head
+    among them; on a CPU with fast bf16 its fp32 matmul would then cost a QLoRA step about a
+    tenth more than the same step with LoRA, whose head is bf16 (docs/performance.md). Like the
+    4-bit layers' matmuls, the head's then runs in bf16 with fp32 accumulation: its input and
+    weight rounded to bf16, its logits to bf16 and then fp32, as a bf16 LoRA run's are.
+    """
+    from lorakit.fused_lora import bf16_4bit_layer, is_4bit_layer
+
+    if head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return None
+    for module in model.modules():
+        if is_4bit_layer(module):
+            return torch.bfloat16 if bf16_4bit_layer(module) else None
+    return None
+
+
 @contextlib.contextmanager
-def head_computes_nll(head: torch.nn.Linear, targets: torch.Tensor) -> Iterator[None]:
+def head_computes_nll(
+    head: torch.nn.Linear, targets: torch.Tensor, matmul_dtype: torch.dtype | None = None
+) -> Iterator[None]:
     """For one forward, ``head`` returns the NLL of ``targets`` (fp32, one per position it is
-    given, shaped ``[..., 1]``) instead of logits."""
+    given, shaped ``[..., 1]``) instead of logits; with ``matmul_dtype`` its matmul runs in that
+    dtype (:func:`head_matmul_dtype`)."""
 
     def nll_forward(hidden: torch.Tensor) -> torch.Tensor:
         nll = HeadNLL.apply(
-            hidden, head.weight, head.bias, targets.reshape(-1), torch.is_grad_enabled()
+            hidden,
+            head.weight,
+            head.bias,
+            targets.reshape(-1),
+            torch.is_grad_enabled(),
+            matmul_dtype,
         )
         return nll.view(*hidden.shape[:-1], 1)
 

@@ -145,6 +145,22 @@ def _is_bnb(module: Any, name: str) -> bool:
     )
 
 
+def is_4bit_layer(module: Any) -> bool:
+    """``module`` is a bitsandbytes 4-bit layer."""
+    return _is_bnb(module, "Linear4bit")
+
+
+def bf16_4bit_layer(layer: Any) -> bool:
+    """``layer`` (or the base layer a PEFT adapter wraps) is a bitsandbytes 4-bit layer that
+    computes in bf16."""
+    base = getattr(layer, "base_layer", layer)
+    return (
+        _is_bnb(base, "Linear4bit")
+        and getattr(base, "compute_type_is_set", False)
+        and getattr(base, "compute_dtype", None) == torch.bfloat16
+    )
+
+
 def _fusable_4bit(base: Any, x: torch.Tensor) -> bool:
     """A bitsandbytes ``Linear4bit`` in training layout (not repacked for CPU inference), with
     its compute dtype set and no trained bias: what :class:`Lora4bit` and :class:`Base4bit`

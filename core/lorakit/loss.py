@@ -50,7 +50,7 @@ def supervised_token_nll(
     """
     import torch.nn.functional as F
 
-    from lorakit.fused_head import head_computes_nll, plain_head
+    from lorakit.fused_head import head_computes_nll, head_matmul_dtype, plain_head
 
     targets = batch["labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
@@ -59,7 +59,7 @@ def supervised_token_nll(
     if head is None:
         logits, _, _ = supervised_logits(model, batch, head_kwarg, keep)
         return F.cross_entropy(logits.float(), kept_targets, reduction="none"), keep
-    with head_computes_nll(head, kept_targets):
+    with head_computes_nll(head, kept_targets, head_matmul_dtype(model, head)):
         out = _forward(model, batch, keep)
     return out.logits.reshape(-1), keep
 
