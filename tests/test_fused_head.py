@@ -154,12 +154,14 @@ def test_probabilities_are_kept_only_for_a_backward(monkeypatch):
     assert "forward" not in vars(head)
 
 
-def test_a_second_backward_recomputes_what_the_first_used_up():
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_a_second_backward_recomputes_what_the_first_used_up(matmul_dtype):
     import torch
     from lorakit.fused_head import HeadNLL
 
+    low = getattr(torch, matmul_dtype) if matmul_dtype else None
     hidden, weight, _, targets, scale = _inputs("fp32", False, weight_grad=True)
-    loss = (HeadNLL.apply(hidden, weight, None, targets) * scale).sum()
+    loss = (HeadNLL.apply(hidden, weight, None, targets, True, low) * scale).sum()
     first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
     second = torch.autograd.grad(loss, (hidden, weight))
     for a, b in zip(first, second, strict=True):

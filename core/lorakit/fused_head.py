@@ -15,8 +15,11 @@ states, one fp32 logsumexp per position and, where they fit in 256 MB
 (:data:`KEEP_ELEMENTS`), the fp32 probabilities; larger batches recompute each block's logits in
 backward instead. Backward turns each block into ``softmax - onehot`` in place, scaled by the
 incoming gradient, and multiplies back by the head's weight in its dtype: the gradient the
-unfused path computes, without the vocabulary-wide temporaries. The fp32 logits, their rounding and the reduction order within a
-row are the unfused path's, so the results agree to fp32 rounding (``tests/test_fused_head.py``).
+unfused path computes, without the vocabulary-wide temporaries. The fp32 logits, their
+rounding and the reduction order within a row are the unfused path's, so the results agree to
+fp32 rounding (``tests/test_fused_head.py``). A CPU QLoRA model's fp32 head computes in bf16
+where its 4-bit layers do (:func:`head_matmul_dtype`): the weight converted once a forward,
+each block's input as it goes.
 
 :func:`head_computes_nll` makes a model's own head module return this NLL in place of logits for
 one forward, so the model's forward (and anything wrapping the head module: hooks, sharding)
@@ -113,7 +116,7 @@ class HeadNLL(torch.autograd.Function):
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         )
         kept, ctx.probs = ctx.probs, None
-        low, ctx.low = ctx.low, None
+        low = ctx.low  # kept: a second backward recomputes the logits from it
         rows = _block_rows(weight.shape[0])
         for start in range(0, flat.shape[0], rows):
             end = start + rows

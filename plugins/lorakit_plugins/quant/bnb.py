@@ -50,7 +50,9 @@ def _unquantized_dtype() -> Any:
     fp32, in every load: peft's ``prepare_model_for_kbit_training`` casts them to fp32 for
     training, so a model loaded with them in bf16 for evaluation, generation or export would be
     another function than the one trained (the head's logits rounded to bf16 among others).
-    Only the quantized layers' matmuls run in the compute dtype.
+    The quantized layers' matmuls run in the compute dtype; on a CPU whose compute dtype is
+    bf16, so do attention's and the loss's head matmul (``lorakit.attention.matmul_dtype``,
+    ``lorakit.fused_head.head_matmul_dtype``), from these fp32 weights and activations.
     """
     import torch
 
