@@ -156,8 +156,8 @@ def bf16_4bit_layer(layer: Any) -> bool:
     base = getattr(layer, "base_layer", layer)
     return (
         _is_bnb(base, "Linear4bit")
-        and getattr(base, "compute_type_is_set", False)
-        and getattr(base, "compute_dtype", None) == torch.bfloat16
+        and base.compute_type_is_set
+        and base.compute_dtype == torch.bfloat16
     )
 
 
