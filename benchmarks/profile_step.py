@@ -1,8 +1,8 @@
 """Where a training step's time goes: lorakit's step on real data, timed and profiled.
 
     .venv/bin/python benchmarks/profile_step.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
-        [--steps 10] [--profile] [--shapes] [--stack N]
-        [--data ../shared/data/alpaca_seed_chat.jsonl] [--model-path DIR]
+        [--steps 10] [--profile] [--shapes] [--data ../shared/data/alpaca_seed_chat.jsonl]
+        [--model-path DIR]
 
 Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
 recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
@@ -16,8 +16,7 @@ that starts with it; ``--share-prefix off`` packs every example whole, as a GPU 
 step and the tokens/s after the first two; with
 ``--profile`` the last step runs under torch.profiler and the table of operators by self CPU
 time follows (``--shapes``: grouped by input shape, to tell a [T, 576] x [576, 1536] matmul
-from a rank-16 one; ``--stack N``: by the N innermost Python frames that called each operator,
-to find which line converts a dtype). Run it on a quiet machine, and compare two versions interleaved.
+from a rank-16 one). Run it on a quiet machine, and compare two versions interleaved.
 """
 
 from __future__ import annotations
@@ -63,13 +62,6 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shapes", action="store_true")
     p.add_argument("--rows", type=int, default=40, help="operator rows in the profile table")
-    p.add_argument(
-        "--stack",
-        type=int,
-        default=0,
-        help="with --profile: group the operators by their N innermost Python frames (where an "
-        "operator is called from, e.g. which line converts a dtype)",
-    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument(
         "--share-prefix",
@@ -141,11 +133,7 @@ def main() -> None:
             if args.profile and step == args.steps - 1:
                 from torch.profiler import ProfilerActivity, profile
 
-                profiler = profile(
-                    activities=[ProfilerActivity.CPU],
-                    record_shapes=args.shapes,
-                    with_stack=args.stack > 0,
-                )
+                profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes)
                 profiler.__enter__()
             started = time.perf_counter()
             nll, n = supervised_nll(model, batch)
@@ -165,9 +153,7 @@ def main() -> None:
     if len(times) > 2:
         print(f"tokens/s after 2 steps: {sum(tokens[2:]) / sum(times[2:]):.1f}")
     if profiler is not None:
-        table = profiler.key_averages(
-            group_by_input_shape=args.shapes, group_by_stack_n=args.stack
-        ).table(
+        table = profiler.key_averages(group_by_input_shape=args.shapes).table(
             sort_by="self_cpu_time_total",
             row_limit=args.rows,
             max_name_column_width=40,
