@@ -13,6 +13,7 @@ from lorakit.device import return_freed_memory
 from lorakit.memory_plan import (
     PlanInputs,
     dequant_bytes,
+    head_copy_bytes,
     lora_params,
     make_plan,
     parse_size,
@@ -100,6 +101,31 @@ def test_plan_terms_and_checkpointing():
     eight_bit = make_plan(PlanInputs(**{**base, "optim": "paged_adamw_8bit"}))
     assert eight_bit.optimizer == 2 * plan.trainable
     assert plan.peak > eight_bit.peak
+
+
+def test_a_cpu_4bit_bf16_plan_counts_the_heads_bf16_copy():
+    shape = shape_from_config(MISTRAL_7B)
+    assert head_copy_bytes(shape, "nf4", "bf16", cpu=True) == 32000 * 4096 * 2
+    assert head_copy_bytes(shape, "nf4", "bf16", cpu=False) == 0  # GPUs keep the fp32 head
+    assert head_copy_bytes(shape, "nf4", "fp32", cpu=True) == 0
+    assert head_copy_bytes(shape, "none", "bf16", cpu=True) == 0  # the head is bf16 already
+    base = dict(
+        shape=shape,
+        r=16,
+        targets="all-linear",
+        dora=False,
+        scheme="nf4",
+        double_quant=True,
+        dtype="bf16",
+        optim="adamw_torch",
+        checkpointing=True,
+        tokens=2048,
+        supervised=1024,
+        eval_batch=1,
+        eval_length=2048,
+    )
+    cpu, gpu = make_plan(PlanInputs(cpu=True, **base)), make_plan(PlanInputs(cpu=False, **base))
+    assert cpu.logits - gpu.logits == 32000 * 4096 * 2
 
 
 def test_dequant_scratch_is_the_largest_linear_weight_for_kbit_only():

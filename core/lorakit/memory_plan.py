@@ -18,7 +18,8 @@ Where the numbers come from:
   intermediate and key/value widths; with gradient checkpointing only each layer's input is kept,
   plus one layer recomputed during backward.
 - logits: only at supervised positions (``logits_to_keep``): the fp32 log-softmax kept for
-  backward, its gradient and the gradient of the logits.
+  backward, its gradient and the gradient of the logits; a CPU 4-bit model computing in bf16
+  adds the head weight's bf16 copy (:func:`head_copy_bytes`).
 - k-bit dequantization scratch: a 4/8-bit layer dequantizes its weight to the compute dtype for
   each matmul (forward and backward) and frees it after, so one copy of the largest linear
   weight is live at a time (235 MB in fp32 for Mistral-7B's MLP, 3.5 MB for SmolLM2-135M).
@@ -258,6 +259,15 @@ def logits_bytes(shape: ModelShape, supervised: int, elem: int) -> int:
     return int(everything * (4 + 4 + 4 + (elem if elem != 4 else 0)))
 
 
+def head_copy_bytes(shape: ModelShape, scheme: str, dtype: str, cpu: bool) -> int:
+    """A CPU 4-bit model computing in bf16: the fused head converts the fp32 head weight to
+    bf16 once a forward and keeps it until the backward (``fused_head.head_matmul_dtype``)."""
+    four_bit = scheme in ("nf4", "fp4")
+    if not (cpu and four_bit and dtype == "bf16" and shape.model_type in PLAIN_HEAD_MODELS):
+        return 0
+    return shape.vocab * shape.hidden * 2
+
+
 def dequant_bytes(shape: ModelShape, scheme: str, elem: int) -> int:
     """The largest linear weight dequantized to the compute dtype (k-bit layers only): live
     during one matmul at a time, forward or backward."""
@@ -339,7 +349,7 @@ def make_plan(i: PlanInputs) -> Plan:
     optimizer, known = optimizer_bytes(i.optim, trainable)
     act = activation_bytes(s, i.tokens, elem, i.checkpointing)
     other = activation_bytes(s, i.tokens, elem, not i.checkpointing)
-    logits = logits_bytes(s, i.supervised, elem)
+    logits = logits_bytes(s, i.supervised, elem) + head_copy_bytes(s, i.scheme, i.dtype, i.cpu)
     kv = kv_cache_bytes(s, i.eval_batch, i.eval_length, elem)
     dequant = dequant_bytes(s, i.scheme, elem)
     runtime = CPU_RUNTIME_BYTES if i.cpu else 0
