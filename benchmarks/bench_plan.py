@@ -102,7 +102,7 @@ MODES = {"return": {"LORAKIT_MALLOC": "return"}, "glibc": {"LORAKIT_MALLOC": "gl
 RUNTIME_PROBE = """
 import resource
 from lorakit.cli.main import _quiet_libraries
-_quiet_libraries()
+_quiet_libraries("run")
 import torch, transformers, peft, bitsandbytes, lorakit.runner, lorakit.training
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 """

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/memory_stages.py RECIPE [KEY=VALUE ...] [--steps 2]
 
 Follows `lorakit run`'s own path (runner.py steps 2-10: data, tokenizer, the fixed mmap
-threshold unless ``--glibc-default``, model load, k-bit preparation, adapter, LoRA dropout swap,
-lorakit's Trainer with packed attention) and prints, for every stage, the process's RSS after it, the peak RSS *during* it (``VmHWM``, reset before each
+threshold unless ``--glibc-default``, model load, k-bit preparation, adapter, fast dropout,
+fused LoRA layers and RMSNorm, lorakit's Trainer with packed attention; rows packed whole, without
+``train.share_prefix``) and prints, for every stage, the process's RSS after it, the peak RSS *during* it (``VmHWM``, reset before each
 stage through ``/proc/self/clear_refs``), glibc's bytes in use and free-but-kept
 (``mallinfo2``), and in the forward pass the bytes autograd saved for backward
 (``saved_tensors_hooks``, each storage counted once). Memory only; no timing.
@@ -91,7 +92,7 @@ def main() -> None:
     reset_peak()
     from lorakit.cli.main import _quiet_libraries
 
-    _quiet_libraries()
+    _quiet_libraries("run")
     import torch
     import transformers
     from lorakit.attention import packed_attention
@@ -141,8 +142,14 @@ def main() -> None:
     mark("prepared for training", f"parameter bytes {params / MiB:.0f} MiB")
     model = attach_new_adapter(model, parts.peft, t.seed)
     from lorakit.fast_dropout import use_fast_dropout
+    from lorakit.fused_lora import use_fused_lora
+    from lorakit.fused_norm import use_fused_norm
 
+    # as runner.py does on CPU: fast dropout masks, each LoRA layer (and 4-bit layer) as one
+    # autograd node, RMSNorm as one node
     use_fast_dropout(model)
+    use_fused_lora(model)
+    use_fused_norm(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mark("adapter attached", f"{trainable:,} trainable")
 

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import run_probe, tiny_recipe
@@ -300,3 +301,43 @@ def test_a_misspelt_malloc_mode_stops_the_run_before_it_claims_a_folder(
     assert "Traceback" not in out + err
     runs = tmp_path / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "no run folder left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant,dtype", [("none", "fp32"), ("none", "bf16"), ("bnb-4bit", "bf16")])
+def test_the_activation_fit_matches_a_measured_forward(quant, dtype, tmp_path, data_tokenizer_dir):
+    """A shape the fit never saw (benchmarks/fit_activations.py): one layer's saved bytes per
+    token, measured on lorakit's own forward (2 against 4 layers), within 3% of the plan's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fit_activations
+    from lorakit.memory_plan import activation_bytes, shape_from_config
+
+    hidden, inter, heads, kv, lengths = 320, 896, 5, 1, [150, 120]
+    measured = [
+        fit_activations.saved_bytes(
+            fit_activations.model_folder(
+                tmp_path, hidden, inter, heads, kv, layers, str(data_tokenizer_dir)
+            ),
+            quant,
+            dtype,
+            lengths,
+        )
+        for layers in (2, 4)
+    ]
+    per_layer = (measured[1] - measured[0]) / (2 * sum(lengths))
+    shape = shape_from_config(
+        {
+            "model_type": "llama",
+            "vocab_size": 49152,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": 1,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": 64,
+            "tie_word_embeddings": True,
+        }
+    )
+    elem = 4 if dtype == "fp32" else 2
+    planned = activation_bytes(shape, 1, elem, False, kbit=quant != "none")
+    assert abs(planned - per_layer) <= 0.03 * per_layer, (planned, per_layer)

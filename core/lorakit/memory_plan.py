@@ -15,8 +15,9 @@ Where the numbers come from:
 - activations: bytes autograd keeps per token and layer, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on lorakit's own forward (packed rows, varlen
   SDPA, LoRA dropout on every linear layer), fitted as a linear function of the hidden,
-  intermediate and key/value widths; with gradient checkpointing only each layer's input is kept,
-  plus one layer recomputed during backward.
+  intermediate and key/value widths (``benchmarks/fit_activations.py``) for fp32, bf16, and
+  bf16 over a k-bit base (QLoRA: an fp32 residual stream); with gradient checkpointing only each
+  layer's input is kept, plus one layer recomputed during backward.
 - logits: only at supervised positions (``logits_to_keep``): the fp32 log-softmax kept for
   backward, its gradient and the gradient of the logits; a CPU 4-bit model computing in bf16
   adds the head weight's bf16 copy (:func:`head_copy_bytes`).
@@ -88,9 +89,18 @@ OPTIMIZER_BYTES: dict[str, float] = {
 }
 
 # Saved-for-backward bytes per token per decoder layer (see module docstring):
-# a_hidden * hidden + a_inter * intermediate + a_kv * kv_width + constant, by compute dtype.
-_ACT = {4: (49.75, 17.0, 8.0, 0.0), 2: (43.5, 11.0, 4.0, 120.0)}
-# With gradient checkpointing: the layer input (and a byte of bookkeeping) per token and layer.
+# a_hidden * hidden + a_inter * intermediate + a_kv * kv_width + constant, by compute dtype
+# bytes and whether the base is k-bit (its residual stream, norms and MLP activations stay
+# fp32). Fitted by benchmarks/fit_activations.py (2026-12-07, exact on its five shapes; rows
+# of 200-token examples): fp32 is the same with or without a k-bit base.
+_ACT = {
+    (4, False): (46.06, 17.0, 8.0, 456.0),
+    (4, True): (46.06, 17.0, 8.0, 456.0),
+    (2, False): (26.42, 9.12, 4.08, 632.0),
+    (2, True): (42.06, 17.0, 4.0, 856.0),
+}
+# With gradient checkpointing: the layer input (and a byte of bookkeeping) per token and layer,
+# by the residual stream's bytes (fp32 over a k-bit base).
 _ACT_CKPT = {4: 5.0, 2: 3.0}
 
 
@@ -226,12 +236,16 @@ def optimizer_bytes(optim: str, trainable: int) -> tuple[int, bool]:
     return int(trainable * (8 if per is None else per)), per is not None
 
 
-def activation_bytes(shape: ModelShape, tokens: int, elem: int, checkpointing: bool) -> int:
-    """Bytes kept for backward for a micro-batch of ``tokens`` packed tokens."""
-    a_h, a_i, a_kv, c = _ACT[4 if elem >= 4 else 2]
+def activation_bytes(
+    shape: ModelShape, tokens: int, elem: int, checkpointing: bool, kbit: bool = False
+) -> int:
+    """Bytes kept for backward for a micro-batch of ``tokens`` packed tokens; ``kbit``: over a
+    4/8-bit base, whose residual stream stays fp32 whatever the compute dtype."""
+    wide = 4 if elem >= 4 else 2
+    a_h, a_i, a_kv, c = _ACT[(wide, kbit)]
     per_layer = a_h * shape.hidden + a_i * shape.intermediate + a_kv * shape.kv_width + c
     if checkpointing:
-        kept = shape.layers * tokens * (_ACT_CKPT[4 if elem >= 4 else 2] * shape.hidden + 1)
+        kept = shape.layers * tokens * (_ACT_CKPT[4 if kbit else wide] * shape.hidden + 1)
         return int(kept + tokens * per_layer)  # plus one layer recomputed in backward
     return int(shape.layers * tokens * per_layer)
 
@@ -347,8 +361,9 @@ def make_plan(i: PlanInputs) -> Plan:
     weights = weight_bytes(s, i.scheme, i.double_quant, i.dtype)
     lora, grads = 4 * trainable, 4 * trainable
     optimizer, known = optimizer_bytes(i.optim, trainable)
-    act = activation_bytes(s, i.tokens, elem, i.checkpointing)
-    other = activation_bytes(s, i.tokens, elem, not i.checkpointing)
+    kbit = i.scheme in ("nf4", "fp4", "int8")
+    act = activation_bytes(s, i.tokens, elem, i.checkpointing, kbit)
+    other = activation_bytes(s, i.tokens, elem, not i.checkpointing, kbit)
     logits = logits_bytes(s, i.supervised, elem) + head_copy_bytes(s, i.scheme, i.dtype, i.cpu)
     kv = kv_cache_bytes(s, i.eval_batch, i.eval_length, elem)
     dequant = dequant_bytes(s, i.scheme, elem)
