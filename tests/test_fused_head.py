@@ -89,33 +89,47 @@ def test_under_autocast_the_gradients_are_autocasts(keep, monkeypatch):
     assert (got_grad - ref_grad).abs().max() <= 4 * 2**-8 * ref_grad.abs().max()
 
 
+@pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("keep", ["probabilities", "recompute"])
-def test_an_fp32_head_with_a_bf16_matmul_is_the_bf16_head(keep, monkeypatch):
+def test_an_fp32_head_with_a_bf16_matmul_is_the_bf16_head(keep, weight_grad, monkeypatch):
     """A CPU QLoRA model's fp32 head computing in bf16 (``matmul_dtype``): the NLL and the
-    hidden states' gradient of the same head with its input and weight rounded to bf16."""
+    gradients of the same head with its input and weight rounded to bf16."""
     import torch
     from lorakit import fused_head
 
     monkeypatch.setattr(fused_head, "KEEP_ELEMENTS", 1 << 30 if keep == "probabilities" else 0)
+    low = torch.bfloat16
     results = []
     for fused in (False, True):
-        hidden, weight, b, targets, scale = _inputs("fp32", True, weight_grad=False)
+        hidden, weight, b, targets, scale = _inputs("fp32", True, weight_grad=weight_grad)
         with torch.no_grad():
             hidden.mul_(4)  # logits of a trained model's size: bf16 rounding shows
         if fused:
-            nll = fused_head.HeadNLL.apply(hidden, weight, b, targets, True, torch.bfloat16)
+            nll = fused_head.HeadNLL.apply(hidden, weight, b, targets, True, low)
         else:
-            low = torch.bfloat16
             nll = _unfused(hidden.to(low), weight.to(low), b.to(low), targets)
         (nll * scale).sum().backward()
-        results.append((nll.detach(), hidden.grad))
-    (ref, ref_grad), (got, got_grad) = results
-    assert got.dtype == got_grad.dtype == torch.float32
+        grads = [hidden.grad] + ([weight.grad, b.grad] if weight_grad else [])
+        results.append((nll.detach(), grads))
+        if fused:  # the bf16 copy went with the other saved tensors
+            with pytest.raises(RuntimeError):
+                nll.grad_fn.saved_tensors  # noqa: B018
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
     # the fp32 head's own logits differ from these by bf16 rounding: what the check can see
-    exact = _unfused(hidden.detach(), weight, b, targets)
+    exact = _unfused(hidden.detach(), weight.detach(), b.detach(), targets)
     assert (exact - got).abs().max() > 1e-4
-    assert (got_grad - ref_grad).abs().max() <= 4 * 2**-8 * ref_grad.abs().max()
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        assert (g - r).abs().max() <= 4 * 2**-8 * r.abs().max()
+    if weight_grad:
+        # the weight's gradient from the same bf16 operands, element by element: the unfused
+        # path rounds it to bf16 (the cast's backward) where the fused one keeps the fp32 sum,
+        # so within bf16's rounding (2**-8) and a little; one from the fp32 input and
+        # probabilities instead misses by 5% of an element
+        g, r = got_grads[1], ref_grads[1]
+        assert ((g - r).abs() <= 2**-7 * r.abs() + 1e-4 * r.abs().max()).all()
 
 
 def test_only_a_bf16_4bit_model_gets_a_bf16_head_matmul(tiny):

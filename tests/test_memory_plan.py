@@ -129,6 +129,33 @@ def test_a_cpu_4bit_bf16_plan_counts_the_heads_bf16_copy():
     assert cpu.logits - gpu.logits == 32000 * 4096 * 2
 
 
+def test_activations_follow_the_residual_streams_dtype():
+    """bf16 LoRA keeps bf16 activations; QLoRA in bf16 keeps an fp32 residual stream (more);
+    an 8-bit base keeps fp32 activations and attention, counted as fp32."""
+    shape = shape_from_config(MISTRAL_7B)
+    base = dict(
+        shape=shape,
+        r=16,
+        targets="all-linear",
+        dora=False,
+        double_quant=True,
+        optim="adamw_torch",
+        checkpointing=False,
+        tokens=2048,
+        supervised=1024,
+        eval_batch=1,
+        eval_length=2048,
+        cpu=True,
+    )
+    act = {
+        (scheme, dtype): make_plan(PlanInputs(scheme=scheme, dtype=dtype, **base)).activations
+        for scheme in ("none", "nf4", "int8")
+        for dtype in ("fp32", "bf16")
+    }
+    assert act["none", "bf16"] < act["nf4", "bf16"] < act["none", "fp32"]
+    assert act["int8", "bf16"] == act["int8", "fp32"] == act["none", "fp32"] == act["nf4", "fp32"]
+
+
 def test_dequant_scratch_is_the_largest_linear_weight_for_kbit_only():
     shape = shape_from_config(MISTRAL_7B)
     assert dequant_bytes(shape, "nf4", 2) == 4096 * 14336 * 2  # the MLP projections

@@ -92,7 +92,9 @@ def matmul_dtype(module: Any, query: Any) -> Any:
     norms and the LoRA weights stay fp32. On a CPU with fast bf16 an fp32 attention would then
     be most of the difference between a QLoRA step and a LoRA step (docs/performance.md), so
     the attention's matmuls follow the projections': q, k and v rounded to bf16 once, as a LoRA
-    run's are, and the output back to fp32.
+    run's are, and the output back to fp32. Examples that a bf16 LoRA run attends in fp32
+    (under ``math_attention.MIN_KEYS`` tokens) are attended in fp32 here too, from the rounded
+    values: the same numbers as in LoRA, not a speed-up.
     """
     import torch
 
@@ -100,7 +102,9 @@ def matmul_dtype(module: Any, query: Any) -> Any:
         return None
     from lorakit.fused_lora import bf16_4bit_layer
 
-    return torch.bfloat16 if bf16_4bit_layer(getattr(module, "q_proj", None)) else None
+    # q_proj in Llama, Mistral, Qwen, Gemma, OLMo; q, k and v as one qkv_proj in Phi-3
+    proj = getattr(module, "q_proj", None) or getattr(module, "qkv_proj", None)
+    return torch.bfloat16 if bf16_4bit_layer(proj) else None
 
 
 def _varlen_sdpa(

@@ -70,9 +70,10 @@ class HeadNLL(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         # the head's matmul in ``matmul_dtype`` (a CPU QLoRA model's fp32 head in bf16): the
-        # weight converted once a forward and kept for backward, each block's input as it goes
+        # weight converted once a forward and saved for backward (freed with the other saved
+        # tensors), each block's input as it goes
         low = _converted(weight, bias, matmul_dtype)
-        ctx.low = low
+        ctx.low = low is not None
         n, vocab = flat.shape[0], weight.shape[0]
         rows = _block_rows(vocab)
         nll = torch.empty(n, dtype=torch.float32, device=flat.device)
@@ -97,7 +98,7 @@ class HeadNLL(torch.autograd.Function):
             nll[start:end] = lse[start:end] - picked
             if probs is not None:
                 torch.exp(logits.sub_(lse[start:end, None]), out=probs[start:end])
-        ctx.save_for_backward(flat, weight, bias, targets, lse)
+        ctx.save_for_backward(flat, weight, bias, targets, lse, *(low or (None, None)))
         ctx.hidden_shape = hidden.shape
         ctx.probs = probs  # used up by the first backward; a second one recomputes
         return nll
@@ -105,7 +106,8 @@ class HeadNLL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        flat, weight, bias, targets, lse = ctx.saved_tensors
+        flat, weight, bias, targets, lse, low_weight, low_bias = ctx.saved_tensors
+        low = (low_weight, low_bias) if ctx.low else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.float()
         grad_h = torch.empty_like(flat) if need_h else None
@@ -116,7 +118,6 @@ class HeadNLL(torch.autograd.Function):
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         )
         kept, ctx.probs = ctx.probs, None
-        low = ctx.low  # kept: a second backward recomputes the logits from it
         rows = _block_rows(weight.shape[0])
         for start in range(0, flat.shape[0], rows):
             end = start + rows
@@ -132,12 +133,12 @@ class HeadNLL(torch.autograd.Function):
             index = torch.arange(probs.shape[0], device=probs.device)
             probs[index, targets[start:end]] -= 1.0
             probs.mul_(grad[start:end, None])
+            w = weight if low is None else low[0]  # the weight the forward multiplied by
             if grad_h is not None:
-                w = weight if low is None else low[0]
                 grad_h[start:end] = probs.to(w.dtype) @ w
             if grad_w is not None:
                 # products of the bf16 values are exact in fp32: accumulate there, round once
-                grad_w.addmm_(probs.to(weight.dtype).t().float(), block.float())
+                grad_w.addmm_(probs.to(w.dtype).t().float(), block.to(w.dtype).float())
             if grad_b is not None:
                 grad_b += probs.sum(0)
         if grad_h is not None:

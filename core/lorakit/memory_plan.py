@@ -92,7 +92,10 @@ OPTIMIZER_BYTES: dict[str, float] = {
 # a_hidden * hidden + a_inter * intermediate + a_kv * kv_width + constant, by compute dtype
 # bytes and whether the base is k-bit (its residual stream, norms and MLP activations stay
 # fp32). Fitted by benchmarks/fit_activations.py (2026-12-07, exact on its five shapes; rows
-# of 200-token examples): fp32 is the same with or without a k-bit base.
+# of 200-token examples): fp32 is the same with or without a k-bit base. In bf16 the constant
+# holds the example's attention mask (2 bytes per key: 400 at 200 tokens), which grows with the
+# example up to 640 tokens; examples under 96 tokens keep fp32 q, k, v and output instead of
+# bf16 (about +7% at a 4096 hidden size).
 _ACT = {
     (4, False): (46.06, 17.0, 8.0, 456.0),
     (4, True): (46.06, 17.0, 8.0, 456.0),
@@ -361,9 +364,12 @@ def make_plan(i: PlanInputs) -> Plan:
     weights = weight_bytes(s, i.scheme, i.double_quant, i.dtype)
     lora, grads = 4 * trainable, 4 * trainable
     optimizer, known = optimizer_bytes(i.optim, trainable)
-    kbit = i.scheme in ("nf4", "fp4", "int8")
-    act = activation_bytes(s, i.tokens, elem, i.checkpointing, kbit)
-    other = activation_bytes(s, i.tokens, elem, not i.checkpointing, kbit)
+    # an 8-bit base keeps fp32 activations and attention whatever the compute dtype (only the
+    # 4-bit layers move attention to bf16): counted as fp32, not measured
+    kbit = i.scheme in ("nf4", "fp4")
+    act_elem = 4 if i.scheme == "int8" else elem
+    act = activation_bytes(s, i.tokens, act_elem, i.checkpointing, kbit)
+    other = activation_bytes(s, i.tokens, act_elem, not i.checkpointing, kbit)
     logits = logits_bytes(s, i.supervised, elem) + head_copy_bytes(s, i.scheme, i.dtype, i.cpu)
     kv = kv_cache_bytes(s, i.eval_batch, i.eval_length, elem)
     dequant = dequant_bytes(s, i.scheme, elem)

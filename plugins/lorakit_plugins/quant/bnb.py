@@ -49,10 +49,12 @@ def _unquantized_dtype() -> Any:
 
     fp32, in every load: peft's ``prepare_model_for_kbit_training`` casts them to fp32 for
     training, so a model loaded with them in bf16 for evaluation, generation or export would be
-    another function than the one trained (the head's logits rounded to bf16 among others).
+    another function than the one trained (embeddings and norms rounded to bf16, among others).
     The quantized layers' matmuls run in the compute dtype; on a CPU whose compute dtype is
     bf16, so do attention's and the loss's head matmul (``lorakit.attention.matmul_dtype``,
     ``lorakit.fused_head.head_matmul_dtype``), from these fp32 weights and activations.
+    Generation computes attention and the head in fp32 from the same weights: the trained
+    function up to bf16 rounding.
     """
     import torch
 
