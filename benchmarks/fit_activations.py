@@ -100,7 +100,9 @@ def _embedded_tokenizer() -> str:
     return str(resolve_model(parts.model_source).path)
 
 
-def saved_bytes(folder: Path, quant: str, dtype: str, lengths: list[int]) -> int:
+def saved_bytes(
+    folder: Path, quant: str, dtype: str, lengths: list[int], data: Path = DEFAULT_DATA
+) -> int:
     """Bytes one training forward of a packed row (examples of ``lengths``) keeps for
     backward, parameters left out, each storage once; loaded as `lorakit run` loads it."""
     import torch
@@ -119,7 +121,7 @@ def saved_bytes(folder: Path, quant: str, dtype: str, lengths: list[int]) -> int
     recipe.write_text(
         RECIPE.format(
             model=folder,
-            data=DEFAULT_DATA,
+            data=data,
             quant=quant,
             dtype_key=DTYPE_KEY[quant],
             dtype=dtype,

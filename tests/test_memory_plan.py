@@ -332,7 +332,9 @@ def test_a_misspelt_malloc_mode_stops_the_run_before_it_claims_a_folder(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant,dtype", [("none", "fp32"), ("none", "bf16"), ("bnb-4bit", "bf16")])
-def test_the_activation_fit_matches_a_measured_forward(quant, dtype, tmp_path, data_tokenizer_dir):
+def test_the_activation_fit_matches_a_measured_forward(
+    quant, dtype, tmp_path, data_tokenizer_dir, chat_file
+):
     """A shape the fit never saw (benchmarks/fit_activations.py): one layer's saved bytes per
     token, measured on lorakit's own forward (2 against 4 layers), within 3% of the plan's."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -348,6 +350,7 @@ def test_the_activation_fit_matches_a_measured_forward(quant, dtype, tmp_path, d
             quant,
             dtype,
             lengths,
+            chat_file,  # the recipe needs a data source; the forward does not read it
         )
         for layers in (2, 4)
     ]
