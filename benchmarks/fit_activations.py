@@ -57,12 +57,11 @@ HEAD_DIM = 64
 SETTINGS = [("none", "fp32"), ("none", "bf16"), ("bnb-4bit", "fp32"), ("bnb-4bit", "bf16")]
 
 
-def model_folder(
-    root: Path, hidden: int, inter: int, heads: int, kv: int, layers: int, tokenizer_from: str
-) -> Path:
-    """A random-weight Llama of this shape saved in ``root`` (once), with a tokenizer."""
+def model_folder(root: Path, hidden: int, inter: int, heads: int, kv: int, layers: int) -> Path:
+    """A random-weight Llama of this shape saved in ``root`` (once; loading it for a forward
+    needs no tokenizer)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = root / f"h{hidden}-i{inter}-kv{kv}-l{layers}"
     if folder.exists():
@@ -80,24 +79,7 @@ def model_folder(
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     return folder
-
-
-def _embedded_tokenizer() -> str:
-    from lorakit.catalog import default_catalog
-    from lorakit.components import build_components
-    from lorakit.modeling import resolve_model
-    from lorakit.recipe import load_recipe
-
-    path = Path(tempfile.mkdtemp()) / "embedded.toml"
-    path.write_text(
-        f'[model]\nplugin = "smollm2-135m-instruct"\n[[data.sources]]\nplugin = "chat_jsonl"\n'
-        f'path = "{DEFAULT_DATA}"\n'
-    )
-    catalog = default_catalog()
-    parts = build_components(load_recipe(path, catalog=catalog), catalog)
-    return str(resolve_model(parts.model_source).path)
 
 
 def saved_bytes(
@@ -176,7 +158,6 @@ def main() -> None:
     lengths = [int(x) for x in args.tokens.split(",")]
     tokens = sum(lengths)
     root = Path(tempfile.mkdtemp(prefix="fit_activations-"))
-    tokenizer_from = _embedded_tokenizer()
     design = np.array([[h, i, kv * HEAD_DIM, 1.0] for h, i, _, kv in SHAPES])
     print(f"a packed row of {tokens} tokens ({args.tokens}); bytes per token and layer")
     for quant, dtype in SETTINGS:
@@ -184,7 +165,7 @@ def main() -> None:
         for hidden, inter, heads, kv in SHAPES:
             two, four = (
                 saved_bytes(
-                    model_folder(root, hidden, inter, heads, kv, n, tokenizer_from),
+                    model_folder(root, hidden, inter, heads, kv, n),
                     quant,
                     dtype,
                     lengths,

@@ -76,10 +76,11 @@ def test_quantized_bytes_per_weight():
     assert 3.3 * 2**30 < linear < 3.4 * 2**30
 
 
-def test_plan_terms_and_checkpointing():
-    shape = shape_from_config(MISTRAL_7B)
-    base = dict(
-        shape=shape,
+def _mistral_plan(**changes):
+    """The plan of an r=16 all-linear LoRA on Mistral-7B: NF4 + double quant, bf16, AdamW,
+    gradient checkpointing, 2048 tokens (1024 supervised), on a GPU; ``changes`` override."""
+    inputs = dict(
+        shape=shape_from_config(MISTRAL_7B),
         r=16,
         targets="all-linear",
         dora=False,
@@ -88,18 +89,23 @@ def test_plan_terms_and_checkpointing():
         dtype="bf16",
         optim="adamw_torch",
         checkpointing=True,
-        tokens=8192,
-        supervised=8192,
-        eval_batch=8,
-        eval_length=2176,
+        tokens=2048,
+        supervised=1024,
+        eval_batch=1,
+        eval_length=2048,
         cpu=False,
     )
-    plan = make_plan(PlanInputs(**base))
+    return make_plan(PlanInputs(**{**inputs, **changes}))
+
+
+def test_plan_terms_and_checkpointing():
+    big = dict(tokens=8192, supervised=8192, eval_batch=8, eval_length=2176)
+    plan = _mistral_plan(**big)
     assert plan.trainable == 41_943_040
     assert plan.optimizer == 8 * plan.trainable
     assert plan.activations < plan.activations_other / 5
     assert plan.kv_cache == 2 * 32 * 1024 * 2 * 8 * 2176
-    eight_bit = make_plan(PlanInputs(**{**base, "optim": "paged_adamw_8bit"}))
+    eight_bit = _mistral_plan(**big, optim="paged_adamw_8bit")
     assert eight_bit.optimizer == 2 * plan.trainable
     assert plan.peak > eight_bit.peak
 
@@ -110,45 +116,17 @@ def test_a_cpu_4bit_bf16_plan_counts_the_heads_bf16_copy():
     assert head_copy_bytes(shape, "nf4", "bf16", cpu=False) == 0  # GPUs keep the fp32 head
     assert head_copy_bytes(shape, "nf4", "fp32", cpu=True) == 0
     assert head_copy_bytes(shape, "none", "bf16", cpu=True) == 0  # the head is bf16 already
-    base = dict(
-        shape=shape,
-        r=16,
-        targets="all-linear",
-        dora=False,
-        scheme="nf4",
-        double_quant=True,
-        dtype="bf16",
-        optim="adamw_torch",
-        checkpointing=True,
-        tokens=2048,
-        supervised=1024,
-        eval_batch=1,
-        eval_length=2048,
-    )
-    cpu, gpu = make_plan(PlanInputs(cpu=True, **base)), make_plan(PlanInputs(cpu=False, **base))
+    cpu, gpu = _mistral_plan(cpu=True), _mistral_plan(cpu=False)
     assert cpu.logits - gpu.logits == 32000 * 4096 * 2
 
 
 def test_activations_follow_the_residual_streams_dtype():
     """bf16 LoRA keeps bf16 activations; QLoRA in bf16 keeps an fp32 residual stream (more);
     an 8-bit base keeps fp32 activations and attention, counted as fp32."""
-    shape = shape_from_config(MISTRAL_7B)
-    base = dict(
-        shape=shape,
-        r=16,
-        targets="all-linear",
-        dora=False,
-        double_quant=True,
-        optim="adamw_torch",
-        checkpointing=False,
-        tokens=2048,
-        supervised=1024,
-        eval_batch=1,
-        eval_length=2048,
-        cpu=True,
-    )
     act = {
-        (scheme, dtype): make_plan(PlanInputs(scheme=scheme, dtype=dtype, **base)).activations
+        (scheme, dtype): _mistral_plan(
+            scheme=scheme, dtype=dtype, checkpointing=False, cpu=True
+        ).activations
         for scheme in ("none", "nf4", "int8")
         for dtype in ("fp32", "bf16")
     }
@@ -161,27 +139,12 @@ def test_dequant_scratch_is_the_largest_linear_weight_for_kbit_only():
     assert dequant_bytes(shape, "nf4", 2) == 4096 * 14336 * 2  # the MLP projections
     assert dequant_bytes(shape, "int8", 4) == 4096 * 14336 * 4
     assert dequant_bytes(shape, "none", 4) == 0
-    base = dict(
-        shape=shape,
-        r=16,
-        targets="all-linear",
-        dora=False,
-        double_quant=True,
-        dtype="bf16",
-        optim="adamw_torch",
-        checkpointing=True,
-        tokens=2048,
-        supervised=1024,
-        eval_batch=1,
-        eval_length=2048,
-        cpu=False,
-    )
-    nf4 = make_plan(PlanInputs(scheme="nf4", **base))
+    nf4 = _mistral_plan(scheme="nf4")
     assert nf4.dequant == 4096 * 14336 * 2
     assert nf4.train_peak - nf4.dequant == (
         nf4.weights + nf4.lora + nf4.optimizer + nf4.grads + nf4.activations + nf4.logits
     )
-    assert make_plan(PlanInputs(scheme="none", **base)).dequant == 0
+    assert _mistral_plan(scheme="none").dequant == 0
 
 
 # the probes compare lorakit's settings with glibc's own defaults, which a MALLOC_* variable in
@@ -332,9 +295,7 @@ def test_a_misspelt_malloc_mode_stops_the_run_before_it_claims_a_folder(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant,dtype", [("none", "fp32"), ("none", "bf16"), ("bnb-4bit", "bf16")])
-def test_the_activation_fit_matches_a_measured_forward(
-    quant, dtype, tmp_path, data_tokenizer_dir, chat_file
-):
+def test_the_activation_fit_matches_a_measured_forward(quant, dtype, tmp_path, chat_file):
     """A shape the fit never saw (benchmarks/fit_activations.py): one layer's saved bytes per
     token, measured on lorakit's own forward (2 against 4 layers), within 3% of the plan's."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -344,9 +305,7 @@ def test_the_activation_fit_matches_a_measured_forward(
     hidden, inter, heads, kv, lengths = 320, 896, 5, 1, [150, 120]
     measured = [
         fit_activations.saved_bytes(
-            fit_activations.model_folder(
-                tmp_path, hidden, inter, heads, kv, layers, str(data_tokenizer_dir)
-            ),
+            fit_activations.model_folder(tmp_path, hidden, inter, heads, kv, layers),
             quant,
             dtype,
             lengths,

@@ -54,20 +54,7 @@ def varlen_sdpa(
     cache: generation), logit soft-capping, sinks or position biases it does not implement, and a
     sliding window shorter than an example.
     """
-    low = matmul_dtype(module, query)
-    if low is None:
-        return _varlen_sdpa(
-            module,
-            query,
-            key,
-            value,
-            dropout,
-            scaling,
-            cu_seq_lens_q,
-            sliding_window,
-            softcap,
-            **kwargs,
-        )
+    low = matmul_dtype(module, query) or query.dtype  # .to() of the same dtype: no copy
     out, _ = _varlen_sdpa(
         module,
         query.to(low),
