@@ -168,7 +168,7 @@ def _varlen_sdpa(
     # backward writes its piece into a zero tensor of the whole row and adds those up
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
     pieces = [
-        _causal_sdpa(q, k, v, p, scaling, gqa)
+        _causal_sdpa(q, k, v, p, scaling, gqa, row=cu_seq_lens_q)
         for q, k, v in zip(
             query.split(lengths, dim=2),
             key.split(lengths, dim=2),
@@ -222,7 +222,7 @@ def _pairs_sharing_prompts(
         (bounds[2 * i + 1] - bounds[2 * i] for i in range(len(shared))),
         strict=True,
     ):
-        pieces.append(_causal_sdpa(q, k, v, p, scaling, gqa, block=first, prompt=n))
+        pieces.append(_causal_sdpa(q, k, v, p, scaling, gqa, block=first, prompt=n, row=cu))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -247,7 +247,9 @@ def _row_prefix(
     p = p_drop(module, dropout)
 
     def sdpa(q: Any, k: Any, v: Any, block: int | None, prompt: int, context: int) -> Any:
-        return _causal_sdpa(q, k, v, p, scaling, gqa, block=block, prompt=prompt, context=context)
+        return _causal_sdpa(
+            q, k, v, p, scaling, gqa, block=block, prompt=prompt, context=context, row=cu
+        )
 
     bounds, n = cu.tolist(), int(prefix)
     prompts = None if pair_prompts is None else pair_prompts.tolist()
@@ -276,6 +278,54 @@ def pair_mask(total: int, first: int, prompt: int, device: Any = None) -> Any:
     return causal & (same | (second[:, None] & (pos[None, :] < prompt)))
 
 
+def _mask(q: Any, block: int | None, prompt: int, context: int) -> Any:
+    """The mask :func:`_causal_sdpa` attends ``q``'s example with: None (plain causal: the
+    kernel's own), a pair's, or either after ``context`` positions every query sees."""
+    import torch
+
+    mask = None if block is None else pair_mask(q.shape[2], block, prompt, q.device)
+    if context:
+        own = mask if mask is not None else pair_mask(q.shape[2], q.shape[2], 0, q.device)
+        seen = torch.ones((q.shape[2], context), dtype=torch.bool, device=q.device)
+        mask = torch.cat([seen, own], dim=1)
+    return mask
+
+
+def _math_bias(q: Any, block: int | None, prompt: int, context: int) -> tuple[Any, Any]:
+    from lorakit import math_attention
+
+    mask = _mask(q, block, prompt, context)
+    if mask is None:
+        mask = pair_mask(q.shape[2], q.shape[2], 0, q.device)
+    return math_attention.mask_bias(mask, q.dtype)
+
+
+class _RowMasks:
+    """The masks of the last packed row's examples. Every layer attends the same examples
+    with the same masks, so they are built in the first layer and reused by the others (and
+    by the backward, which keeps one copy instead of one a layer). The row is known by its
+    boundaries tensor, which transformers hands every layer as the same object; held weakly,
+    so a new row (a new tensor) starts afresh. Masks are never written to."""
+
+    def __init__(self) -> None:
+        self._row: Any = None
+        self._masks: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, row: Any, key: tuple[Any, ...], build: Any) -> Any:
+        import weakref
+
+        if row is None:
+            return build()
+        if self._row is None or self._row() is not row:
+            self._row, self._masks = weakref.ref(row), {}
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
+
+
+_ROW_MASKS = _RowMasks()
+
+
 # PyTorch's CPU flash kernel is slower in bf16 than in fp32 for short sequences: forward and
 # backward of one example, 9 heads of 64, on 2 AMX cores: 3.1 ms in bf16 against 1.4 ms in
 # fp32 at 133 tokens, about equal at 300, 12.1 against 15.0 ms at 600. So a bf16 run's examples
@@ -293,25 +343,28 @@ def _causal_sdpa(
     block: int | None = None,
     prompt: int = 0,
     context: int = 0,
+    row: Any = None,
 ) -> Any:
     """Causal SDPA over one example; with ``block``, over one pair (:func:`pair_mask`); with
     ``context``, the keys and values open with that many positions (a shared prefix,
     :mod:`lorakit.prefix_sharing`) that every query sees. bf16 examples of the lengths
-    :mod:`lorakit.math_attention` takes go there, with the same mask."""
+    :mod:`lorakit.math_attention` takes go there, with the same mask. ``row``: the packed row's
+    boundaries tensor, the same object in every layer: its masks are built once
+    (:class:`_RowMasks`)."""
     import torch
     import torch.nn.functional as F
 
     from lorakit import math_attention
 
-    mask = None if block is None else pair_mask(q.shape[2], block, prompt, q.device)
-    if context:
-        own = mask if mask is not None else pair_mask(q.shape[2], q.shape[2], 0, q.device)
-        seen = torch.ones((q.shape[2], context), dtype=torch.bool, device=q.device)
-        mask = torch.cat([seen, own], dim=1)
     if math_attention.applies(q, k, p):
-        if mask is None:
-            mask = pair_mask(q.shape[2], q.shape[2], 0, q.device)
-        return math_attention.attention(q, k, v, mask, scaling)
+        key = (q.shape[2], block, prompt, context, q.device, q.dtype)
+        bias = _ROW_MASKS.get(row, key, lambda: _math_bias(q, block, prompt, context))
+        return math_attention.attention(q, k, v, None, scaling, bias=bias)
+    mask = _ROW_MASKS.get(
+        row,
+        (q.shape[2], block, prompt, context, q.device),
+        lambda: _mask(q, block, prompt, context),
+    )
     dtype = q.dtype
     if dtype == torch.bfloat16 and k.shape[2] <= FP32_ATTENTION_MAX:
         q, k, v = q.float(), k.float(), v.float()

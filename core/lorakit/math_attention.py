@@ -57,21 +57,39 @@ def applies(query: Any, key: Any, dropout: float) -> bool:
     )
 
 
-def attention(query: Any, key: Any, value: Any, allowed: Any, scale: float | None) -> Any:
+def attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    allowed: Any,
+    scale: float | None,
+    bias: tuple[Any, Any] | None = None,
+) -> Any:
     """``query`` ``[1, heads, Tq, dim]``, ``key``/``value`` ``[1, kv_heads, Tk, dim]``, ``allowed``
     ``[Tq, Tk]`` (True: query i may attend to key j; every query at least one key). Returns
-    ``[1, heads, Tq, dim]`` in the query's dtype."""
-    import torch
-
+    ``[1, heads, Tq, dim]`` in the query's dtype. ``bias``: :func:`mask_bias` of ``allowed``
+    if the caller keeps it (every layer of a packed row attends its examples with the same
+    masks: :mod:`lorakit.attention` builds them once a row)."""
     _, heads, tq, dim = query.shape
     groups = key.shape[1]
     if scale is None:
         scale = dim**-0.5
-    q = query[0].reshape(groups, (heads // groups) * tq, dim)
-    wide = torch.promote_types(query.dtype, torch.float32)
-    bias = torch.zeros(allowed.shape, dtype=wide).masked_fill_(~allowed, float("-inf"))
-    out = _Attention.apply(q, key[0], value[0], bias, float(scale))
+    # squeeze, not [0]: the backward of a view is a view, an index's writes a zero tensor
+    q = query.squeeze(0).reshape(groups, (heads // groups) * tq, dim)
+    wide, low = bias if bias is not None else mask_bias(allowed, query.dtype)
+    out = _Attention.apply(q, key.squeeze(0), value.squeeze(0), wide, low, float(scale))
     return out.view(1, heads, tq, dim)
+
+
+def mask_bias(allowed: Any, dtype: Any) -> tuple[Any, Any]:
+    """``allowed`` as additive biases (0 where a query may attend, ``-inf`` where not): fp32 for
+    the forward's fp32 scores, and ``dtype`` for the backward's recomputed ones."""
+    import torch
+
+    wide = torch.promote_types(dtype, torch.float32)
+    bias = torch.zeros(allowed.shape, dtype=wide, device=allowed.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias, bias.to(dtype)
 
 
 def _scores(q: Any, k: Any, bias: Any, scale: float) -> Any:
@@ -122,11 +140,10 @@ def _make_function() -> Any:
 
     class AttentionFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, scale: float) -> Any:
-            s = _scores(q, k, bias, scale)
+        def forward(ctx: Any, q: Any, k: Any, v: Any, wide: Any, bias: Any, scale: float) -> Any:
+            s = _scores(q, k, wide, scale)
             p = torch.softmax(s, dim=-1)
             ctx.scale = scale
-            bias = bias.to(q.dtype)
             # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
             lse = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
             out = torch.bmm(p.to(q.dtype), v)
@@ -145,6 +162,6 @@ def _make_function() -> Any:
             ds = dp.mul_(p)
             dq = torch.bmm(ds, k).mul_(ctx.scale)
             dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale)
-            return dq, dk, dv, None, None
+            return dq, dk, dv, None, None, None
 
     return AttentionFunction
