@@ -291,7 +291,7 @@ def _mask(q: Any, block: int | None, prompt: int, context: int) -> Any:
     return mask
 
 
-def _math_bias(q: Any, block: int | None, prompt: int, context: int) -> Any:
+def _math_bias(q: Any, block: int | None, prompt: int, context: int) -> tuple[Any, Any]:
     from lorakit import math_attention
 
     mask = _mask(q, block, prompt, context)

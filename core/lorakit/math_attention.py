@@ -7,27 +7,23 @@ is faster than in bf16), and attention was a quarter of SmolLM2-135M's step on 2
 EPYC with AVX512-BF16. Here each example's attention is one autograd node of whole-example
 matmuls, the 16-bit ones in bf16 (``benchmarks/bench_attention.py`` times both paths):
 
-- forward: the scores ``S = scale * Q K^T`` once in bf16, every head of a key/value group in
-  one matmul (grouped-query attention needs no repeated keys), with ``-inf`` where the mask
-  forbids, for each row's largest score ``m`` only; then ``E = exp(S - m)`` in bf16 (below),
-  ``O = (E V) / rowsum(E)`` with the sum in fp32 and the division on the output, and the
-  log-sum-exp of each row kept: ``m + log rowsum(E)``;
+- forward: scores ``S = scale * Q K^T`` in fp32 with ``-inf`` where the mask forbids, every head
+  of a key/value group in one matmul (grouped-query attention needs no repeated keys); ``P =
+  softmax(S)`` in fp32, rounded to bf16 once for ``O = P V``; the log-sum-exp of each row is
+  kept (from softmax's largest entry: ``max P = exp(max S - lse)``);
 - backward: ``P`` recomputed in bf16 from ``Q``, ``K`` and that log-sum-exp; ``dV = P^T dO``;
   ``dS = P * (dO V^T - rowsum(dO * O))``; ``dQ = scale * dS K``; ``dK = scale * dS^T Q``.
   Nothing quadratic in the length is kept from forward to backward, as with the flash kernel,
   so the memory of a step does not change.
 
-A bf16 matmul accumulates in fp32 and rounds its output once. The terms of ``S - m``, of ``S -
-lse`` and of ``dO V^T - rowsum(dO * O)`` cancel where the result matters, so the per-row
-constant joins the matmul as two extra columns (its bf16 part and its bf16 rest) against
-columns of ones: the difference is formed in the fp32 accumulator and rounded once, close to
-0 where ``E`` or ``P`` is large. ``m`` needs no precision (it only centres the scores), so the
-first matmul's bf16 rounding is harmless. The result is about as close to fp64 attention as
-PyTorch's bf16 flash kernel (fp32 scores and softmax, ``P`` and ``dS`` rounded to bf16):
-3-8e-3 of each tensor's largest entry, the worst of the four within 1.05-1.4x the kernel's
-worst (``tests/test_math_attention.py``). Until 2026-12-07 the forward computed the scores
-in fp32 (one fp32 matmul: 6x a bf16 one on an AMD Zen 5, ~10x on AMX) and its softmax in
-fp32; that was 1.1-1.5x slower from 150 to 600 tokens and its output 1.2-1.4x closer to fp64.
+A bf16 matmul accumulates in fp32 and rounds its output once. In the backward the two large
+terms of ``S - lse`` and of ``dO V^T - rowsum(dO * O)`` cancel, so the per-row constant joins the
+matmul as two extra columns (its bf16 part and its bf16 rest) against columns of ones: the
+difference is formed in the fp32 accumulator and rounded once, close to 0 where ``P`` is large.
+The result is as close to fp64 attention as PyTorch's bf16 flash kernel (fp32 scores and
+softmax, ``P`` and ``dS`` rounded to bf16): 3-7e-3 of each tensor's largest entry, dQ a little
+further and dK and dV a little closer than the kernel's (``tests/test_math_attention.py``). It
+is less precise than the fp32 attention bf16 runs used before, by about 2x on dQ and dK.
 
 It computes the masked half of every score matrix and a few dozen small operations per call,
 so :func:`applies` keeps it to examples from :data:`MIN_KEYS` to :data:`MAX_KEYS` keys; shorter
@@ -39,12 +35,11 @@ from __future__ import annotations
 from typing import Any
 
 # an example's attention runs here from MIN_KEYS to MAX_KEYS keys. Its speed against the flash
-# kernel as lorakit calls it (fp32 up to 384 keys, bf16 above), forward and backward, 9 heads of
-# 64, 2 cores of an AMD EPYC (Zen 5) with AVX512-BF16 (benchmarks/bench_attention.py,
-# 2026-12-07): 0.53x at 64 keys (the dozens of small operations cost more than the arithmetic),
-# 0.92x at 96, 1.20x at 128, 1.59x at 300, 1.68x at 640, 1.24x at 768, 1.0x from 896 to 1280
-# (the kernel skips the masked half of the scores). In a packed row its masks are built once
-# for all layers, which the benchmark's single calls do not show.
+# kernel as lorakit called it before (fp32 up to 384 keys, bf16 above), forward and backward, 9
+# heads of 64, 2 cores of an AMD EPYC with AVX512-BF16 (benchmarks/bench_attention.py): 0.76x at
+# 64 keys (the dozens of small operations cost more than the arithmetic), 1.06x at 96, 1.35x at
+# 128, 1.44x at 150, 1.82x at 300, 1.4-1.6x at 512, 1.04x at 768, 0.99x at 1024 (the kernel skips
+# the masked half of the scores)
 MIN_KEYS = 96
 MAX_KEYS = 640
 
@@ -68,7 +63,7 @@ def attention(
     value: Any,
     allowed: Any,
     scale: float | None,
-    bias: Any = None,
+    bias: tuple[Any, Any] | None = None,
 ) -> Any:
     """``query`` ``[1, heads, Tq, dim]``, ``key``/``value`` ``[1, kv_heads, Tk, dim]``, ``allowed``
     ``[Tq, Tk]`` (True: query i may attend to key j; every query at least one key). Returns
@@ -81,19 +76,32 @@ def attention(
         scale = dim**-0.5
     # squeeze, not [0]: the backward of a view is a view, an index's writes a zero tensor
     q = query.squeeze(0).reshape(groups, (heads // groups) * tq, dim)
-    if bias is None:
-        bias = mask_bias(allowed, query.dtype)
-    out = _Attention.apply(q, key.squeeze(0), value.squeeze(0), bias, float(scale))
+    wide, low = bias if bias is not None else mask_bias(allowed, query.dtype)
+    out = _Attention.apply(q, key.squeeze(0), value.squeeze(0), wide, low, float(scale))
     return out.view(1, heads, tq, dim)
 
 
-def mask_bias(allowed: Any, dtype: Any) -> Any:
-    """``allowed`` as an additive bias in ``dtype``: 0 where a query may attend, ``-inf``
-    where not."""
+def mask_bias(allowed: Any, dtype: Any) -> tuple[Any, Any]:
+    """``allowed`` as additive biases (0 where a query may attend, ``-inf`` where not): fp32 for
+    the forward's fp32 scores, and ``dtype`` for the backward's recomputed ones."""
     import torch
 
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, float("-inf"))
+    wide = torch.promote_types(dtype, torch.float32)
+    bias = torch.zeros(allowed.shape, dtype=wide, device=allowed.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias, bias.to(dtype)
+
+
+def _scores(q: Any, k: Any, bias: Any, scale: float) -> Any:
+    """fp32 ``scale * q k^T + bias``: ``[groups, heads_per_group * Tq, Tk]``; ``bias`` ``[Tq, Tk]``
+    is 0 where a query may attend and ``-inf`` where not."""
+    import torch
+
+    groups, n, _ = q.shape
+    wide = torch.promote_types(q.dtype, torch.float32)
+    s = torch.bmm(q.to(wide) * scale, k.to(wide).transpose(1, 2))
+    s.view(groups, n // bias.shape[0], *bias.shape).add_(bias)
+    return s
 
 
 class _Attention:
@@ -121,31 +129,24 @@ def _make_function() -> Any:
     def with_ones(x: Any) -> Any:
         return torch.cat([x, x.new_ones((*x.shape[:-1], 2))], dim=-1)
 
-    def exps(q: Any, k: Any, bias: Any, c: Any, scale: float) -> Any:
-        """bf16 ``exp(scale * q k^T + bias - c)``, ``c`` one fp32 value per row. ``-c / scale``
-        joins the matmul as a constant column, so each score is rounded once, after ``c`` is
-        taken off: close to 0 where the result is large, where bf16 is precise."""
-        s = torch.bmm(with_constant(q, c.div(-scale)), with_ones(k).transpose(1, 2))
+    def recompute(q: Any, k: Any, bias: Any, lse: Any, scale: float) -> Any:
+        """bf16 ``P = exp(scale * q k^T + bias - lse)``. ``-lse / scale`` joins the matmul as a
+        constant column, so each score is rounded once, after the log-sum-exp is taken off:
+        close to 0 where P is large, where bf16 is precise."""
+        s = torch.bmm(with_constant(q, lse.div(-scale)), with_ones(k).transpose(1, 2))
         view = s.view(s.shape[0], s.shape[1] // bias.shape[0], *bias.shape)
         torch.add(bias, view, alpha=scale, out=view)
         return s.exp_()
 
     class AttentionFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, scale: float) -> Any:
-            # each row's largest score from bf16-rounded scores (close enough: it only
-            # centres the next matmul's), then the scores again less it, as in the backward
-            rough = torch.bmm(q, k.transpose(1, 2))
-            rows = rough.view(rough.shape[0], rough.shape[1] // bias.shape[0], *bias.shape)
-            rows.add_(bias)
-            wide = torch.promote_types(q.dtype, torch.float32)
-            top = rough.to(wide).amax(-1, keepdim=True).mul_(scale)
-            p = exps(q, k, bias, top, scale)  # exp(s - top): 1 at the largest, in (0, 1]
-            z = p.sum(-1, keepdim=True, dtype=wide)
-            lse = top.add_(z.log())
-            # normalised on the output: [.., dim] values instead of the [.., Tk] weights
-            out = torch.bmm(p, v).mul_(z.reciprocal_())  # fp32 factor, rounded once
+        def forward(ctx: Any, q: Any, k: Any, v: Any, wide: Any, bias: Any, scale: float) -> Any:
+            s = _scores(q, k, wide, scale)
+            p = torch.softmax(s, dim=-1)
             ctx.scale = scale
+            # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
+            lse = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
+            out = torch.bmm(p.to(q.dtype), v)
             ctx.save_for_backward(q, k, v, out, bias, lse)
             return out
 
@@ -154,7 +155,7 @@ def _make_function() -> Any:
             q, k, v, out, bias, lse = ctx.saved_tensors
             grad = grad.contiguous()
             delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
-            p = exps(q, k, bias, lse, ctx.scale)  # P again, from the log-sum-exp
+            p = recompute(q, k, bias, lse, ctx.scale)
             dv = torch.bmm(p.transpose(1, 2), grad)
             # dO V^T - delta rounded once, as above: -delta joins the matmul as a column
             dp = torch.bmm(with_constant(grad, delta.neg_()), with_ones(v).transpose(1, 2))
