@@ -105,87 +105,6 @@ def _delta_backward(
     return grad_x, grad_a, grad_b
 
 
-class LoraLinear(torch.autograd.Function):
-    """A frozen 16-bit base ``nn.Linear`` and its LoRA delta as one node (CPU, bf16 or fp16):
-    ``base(x) + scale * (dropout(x) @ a.T) @ b.T``.
-
-    Apart, the base's output and the delta are two tensors that a third pass adds, and the
-    backward adds the base's input gradient to the LoRA branch's (after the branch's two
-    passes for the dropout). Here the delta's second matmul accumulates into the base's
-    output (``addmm``: ``scale`` applied and the sum formed in the matmul's fp32 accumulator,
-    rounded once), and the LoRA branch's input gradient into the base's (``addmm``; with
-    dropout one ``addcmul`` applies mask and scale while adding). The dropout masks are drawn
-    where and as :class:`LoraDelta` draws them. fp32 keeps the separate node: there it is
-    PEFT's result bit for bit.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: float,
-        drop: Any,
-    ) -> torch.Tensor:
-        dtype = x.dtype
-        a_c, b_c = a.to(dtype), b.to(dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.nn.functional.linear(flat, weight, bias)  # what the base layer computes
-        keep = None
-        if drop is not None:
-            keep = drop.keep_bytes(flat.shape, flat.device)
-            flat = (flat * drop.scale).mul_(ones_where_kept(keep, dtype))
-        h = flat @ a_c.t()  # [tokens, r]
-        out.addmm_(h, b_c.t(), alpha=scale)
-        ctx.save_for_backward(flat, h, a_c, b_c, keep, weight)
-        ctx.scale = scale
-        ctx.drop_scale = drop.scale if drop is not None else 1.0
-        ctx.x_shape = x.shape
-        ctx.param_dtypes = (a.dtype, b.dtype)
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        flat, h, a_c, b_c, keep, weight = ctx.saved_tensors
-        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
-        g_h = torch.mm(g, b_c).mul_(ctx.scale)  # [tokens, r]
-        grad_a = grad_b = grad_x = None
-        if need_b:
-            grad_b = torch.mm(g.t(), h).mul_(ctx.scale).to(ctx.param_dtypes[1])
-        if need_a:
-            grad_a = torch.mm(g_h.t(), flat).to(ctx.param_dtypes[0])
-        if need_x:
-            grad_x = torch.mm(g, weight)  # the base's input gradient
-            if keep is None:
-                grad_x.addmm_(g_h, a_c)
-            else:
-                mask = ones_where_kept(keep, grad_x.dtype)
-                grad_x.addcmul_(torch.mm(g_h, a_c), mask, value=ctx.drop_scale)
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
-
-
-def _fusable_dense(base: Any, x: torch.Tensor) -> bool:
-    """A plain frozen ``nn.Linear`` computing in bf16 or fp16 on CPU, no hooks of its own:
-    what :class:`LoraLinear` computes."""
-    weight = getattr(base, "weight", None)
-    bias = getattr(base, "bias", None)
-    return (
-        type(base) is torch.nn.Linear
-        and x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight is not None
-        and weight.dtype == x.dtype
-        and not weight.requires_grad
-        and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
-        and not (base._forward_hooks or base._forward_pre_hooks)
-    )
-
-
 class _SharedCast:
     """The last input converted to the compute dtype. q, k and v (and gate and up) read the
     same tensor: over 4-bit layers it is converted once instead of once per layer. Holds the
@@ -359,8 +278,6 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     base = self.base_layer
     if _fusable_4bit(base, x):
         return Lora4bit.apply(x, base.weight, base.bias, *lora, base.compute_dtype)
-    if _fusable_dense(base, x):
-        return LoraLinear.apply(x, base.weight, base.bias, *lora)
     result = base(x)
     delta = LoraDelta.apply(x, *lora)
     return result + delta.to(result.dtype)
