@@ -53,15 +53,12 @@ max_length = 2048
 """
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose the model, data and step (shared with ``step_ablation.py``)."""
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--quant", default="none", choices=list(DTYPE_KEY))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=4, help="examples a micro-batch (default 4)")
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--shapes", action="store_true")
-    p.add_argument("--rows", type=int, default=40, help="operator rows in the profile table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument(
         "--share-prefix",
@@ -74,10 +71,64 @@ def main() -> None:
         type=Path,
         help="a local model folder, e.g. one bench_train --model-size built (default: embedded)",
     )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--shapes", action="store_true")
+    p.add_argument("--rows", type=int, default=40, help="operator rows in the profile table")
     args = p.parse_args()
 
     import torch
     from lorakit.attention import packed_attention
+    from lorakit.loss import supervised_nll
+
+    run = setup(args)
+    model, rows, order, params, opt = run.model, run.rows, run.order, run.params, run.opt
+    times, tokens = [], []
+    profiler = None
+    with packed_attention(model, "cpu"):
+        for step in range(args.steps):
+            chosen = [rows[i] for i in order[step * args.batch : (step + 1) * args.batch]]
+            batch = run.batch(chosen)
+            if args.profile and step == args.steps - 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes)
+                profiler.__enter__()
+            started = time.perf_counter()
+            nll, n = supervised_nll(model, batch)
+            (nll / max(n, 1)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+            tokens.append(sum(len(r.input_ids) for r in chosen))  # each example whole
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+    print(
+        f"{args.quant}, compute {args.dtype}, {run.threads} threads,"
+        f" share prefix {args.share_prefix}"
+    )
+    print("step s:", " ".join(f"{t:.3f}" for t in times))
+    print("tokens:", " ".join(str(t) for t in tokens))
+    if len(times) > 2:
+        print(f"tokens/s after 2 steps: {sum(tokens[2:]) / sum(times[2:]):.1f}")
+    if profiler is not None:
+        table = profiler.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by="self_cpu_time_total",
+            row_limit=args.rows,
+            max_name_column_width=40,
+        )
+        print(table)
+
+
+def setup(args: argparse.Namespace) -> argparse.Namespace:
+    """The model as ``lorakit run`` builds it for training, the tokenized rows, a seeded order,
+    the optimizer, and ``batch(examples)``: a packed row as the step sees it."""
+    import torch
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples
@@ -85,7 +136,6 @@ def main() -> None:
     from lorakit.fast_dropout import use_fast_dropout
     from lorakit.fused_lora import use_fused_lora
     from lorakit.fused_norm import use_fused_norm
-    from lorakit.loss import supervised_nll
     from lorakit.modeling import attach_new_adapter, load_base_model, load_tokenizer, resolve_model
     from lorakit.packing import pack
     from lorakit.prefix_sharing import share_row_prefix
@@ -122,43 +172,13 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=2e-4)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
 
-    times, tokens = [], []
-    profiler = None
-    with packed_attention(model, "cpu"):
-        for step in range(args.steps):
-            chosen = [rows[i] for i in order[step * args.batch : (step + 1) * args.batch]]
-            batch = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chosen])
-            if args.share_prefix == "on":
-                batch = share_row_prefix(batch)
-            if args.profile and step == args.steps - 1:
-                from torch.profiler import ProfilerActivity, profile
+    def batch(chosen: list) -> dict:
+        row = pack([{"input_ids": r.input_ids, "labels": r.labels} for r in chosen])
+        return share_row_prefix(row) if args.share_prefix == "on" else row
 
-                profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes)
-                profiler.__enter__()
-            started = time.perf_counter()
-            nll, n = supervised_nll(model, batch)
-            (nll / max(n, 1)).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - started)
-            tokens.append(sum(len(r.input_ids) for r in chosen))  # each example whole
-            if profiler is not None:
-                profiler.__exit__(None, None, None)
-    print(
-        f"{args.quant}, compute {args.dtype}, {threads} threads, share prefix {args.share_prefix}"
+    return argparse.Namespace(
+        model=model, rows=rows, order=order, params=params, opt=opt, threads=threads, batch=batch
     )
-    print("step s:", " ".join(f"{t:.3f}" for t in times))
-    print("tokens:", " ".join(str(t) for t in tokens))
-    if len(times) > 2:
-        print(f"tokens/s after 2 steps: {sum(tokens[2:]) / sum(times[2:]):.1f}")
-    if profiler is not None:
-        table = profiler.key_averages(group_by_input_shape=args.shapes).table(
-            sort_by="self_cpu_time_total",
-            row_limit=args.rows,
-            max_name_column_width=40,
-        )
-        print(table)
 
 
 if __name__ == "__main__":
