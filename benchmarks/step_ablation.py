@@ -21,7 +21,7 @@ layer builds its own.
 row's largest score from bf16 scores and then ``exp(S - m)`` with ``m`` taken off inside the
 matmul's accumulator (:func:`bf16_scores_forward`), instead of fp32 scores and softmax. In
 isolation its forward was 1.2-1.5x faster from 150 to 600 tokens; in the step on an AMD Zen 5
-(AVX512-BF16) it measured +0.4% and -0.1% (LoRA), -1.9% and +0.4% (QLoRA), with an output
+(AVX512-BF16) it measured +0.4% and -0.3% (LoRA), -1.9% and +0.4% (QLoRA), with an output
 1.2-1.4x further from fp64, so it was not kept. Where fp32 matmuls cost ~10x bf16 ones (AMX)
 it may pay: run this there.
 
