@@ -165,3 +165,32 @@ def test_packed_rows_in_bf16_attend_through_it_as_each_example_alone(monkeypatch
     want = _run(alone, *(t.double() for t in (q, k, v, out_grad)), None)
     for name, error in zip(("out", "dq", "dk", "dv"), _relative_errors(got, want), strict=True):
         assert error < 1.5e-2, name
+
+
+def test_a_rows_masks_are_kept_for_that_row_only():
+    """attention._RowMasks: one build per key while the same row (the same boundaries tensor)
+    comes back, a fresh start for another row, and nothing kept once the row is gone."""
+    import gc
+    import weakref
+
+    import torch
+    from lorakit.attention import _RowMasks
+
+    masks, built = _RowMasks(), []
+
+    def build():
+        built.append(1)
+        return torch.zeros(4, 4)
+
+    row = torch.tensor([0, 4])
+    first = masks.get(row, ("a",), build)
+    assert masks.get(row, ("a",), build) is first and len(built) == 1
+    masks.get(row, ("b",), build)
+    assert len(built) == 2
+    other = torch.tensor([0, 4])  # equal values, another row
+    assert masks.get(other, ("a",), build) is not first and len(built) == 3
+    kept = weakref.ref(masks.get(other, ("a",), build))
+    del other
+    gc.collect()
+    assert kept() is None, "the masks go with their row"
+    assert masks.get(None, ("a",), build) is not None and len(built) == 4  # no row: not kept

@@ -207,6 +207,44 @@ def test_bf16_attention_matmuls_compute_each_example_as_whole(lora_model, monkey
         assert (ga[name].float() - gb[name].float()).abs().max() <= 3e-2 * scale, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_masks_are_built_once_for_all_layers_and_change_nothing(
+    lora_model, monkeypatch, dtype
+):
+    """Every layer attends a row's examples with the same masks, so lorakit builds them in the
+    first layer only (attention._RowMasks, keyed by the row's boundaries tensor, which
+    transformers hands every layer as the same object). Built in every layer instead, the
+    per-token NLL and the gradients are the same bits; and the count of masks built is that of
+    the row's distinct example shapes, not that times the layers. In bf16 every example goes
+    through math_attention (its minimum length lowered for the tiny model); in fp32 the flash
+    kernel takes the masked ones (the examples after the shared prefix)."""
+    import copy
+
+    from lorakit import attention, math_attention
+
+    class EveryLayer:
+        def get(self, row, key, build):
+            return build()
+
+    built = []
+    real = attention._mask
+    monkeypatch.setattr(attention, "_mask", lambda q, *a: built.append(q.shape[2]) or real(q, *a))
+    monkeypatch.setattr(math_attention, "MIN_KEYS", 8)
+    model = copy.deepcopy(lora_model).to(dtype).train()
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    row = share_row_prefix(pack(_rows_sharing(14, [20, 35, 9, 50])))
+    once, g_once = _nll_and_grads(model, row)
+    shapes = len(set(built))
+    assert 0 < len(built) == shapes <= 4, built
+    built.clear()
+    monkeypatch.setattr(attention, "_ROW_MASKS", EveryLayer())
+    every, g_every = _nll_and_grads(model, row)
+    assert len(built) == layers * shapes
+    assert once.equal(every)
+    assert all(g_once[name].equal(g_every[name]) for name in g_once)
+
+
 def test_pairs_share_a_prefix_across_pairs_and_score_as_whole(lora_model):
     """Pairs packed with their prompt once, and the prompts' common prefix once for the row:
     each sequence's log-probability is what it is as two whole sequences."""

@@ -305,7 +305,8 @@ class _RowMasks:
     with the same masks, so they are built in the first layer and reused by the others (and
     by the backward, which keeps one copy instead of one a layer). The row is known by its
     boundaries tensor, which transformers hands every layer as the same object; held weakly,
-    so a new row (a new tensor) starts afresh. Masks are never written to."""
+    so a new row (a new tensor) starts afresh, and the masks go when the row does. Masks are
+    never written to."""
 
     def __init__(self) -> None:
         self._row: Any = None
@@ -317,10 +318,14 @@ class _RowMasks:
         if row is None:
             return build()
         if self._row is None or self._row() is not row:
-            self._row, self._masks = weakref.ref(row), {}
+            self._row, self._masks = weakref.ref(row, self._forget), {}
         if key not in self._masks:
             self._masks[key] = build()
         return self._masks[key]
+
+    def _forget(self, ref: Any) -> None:
+        if ref is self._row:
+            self._row, self._masks = None, {}
 
 
 _ROW_MASKS = _RowMasks()
