@@ -207,7 +207,7 @@ def test_bf16_attention_matmuls_compute_each_example_as_whole(lora_model, monkey
         assert (ga[name].float() - gb[name].float()).abs().max() <= 3e-2 * scale, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_rows_masks_are_built_once_for_all_layers_and_change_nothing(
     lora_model, monkeypatch, dtype
 ):
