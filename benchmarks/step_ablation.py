@@ -112,6 +112,8 @@ def main() -> None:
     )
     p.set_defaults(steps=30)
     args = p.parse_args()
+    if args.steps < 3:
+        p.error("--steps: at least 3 (the first two batches are not timed)")
     switches = args.switch or list(SWITCHES)
 
     import torch
@@ -148,8 +150,9 @@ def main() -> None:
     print("| variant | tokens/s | speed against all off |")
     print("|---|---|---|")
     for name, _ in variants:
-        rate = tokens / seconds[name] if seconds[name] else float("nan")
-        print(f"| {name} | {rate:.1f} | {seconds['all off'] / seconds[name]:.3f}x |")
+        print(
+            f"| {name} | {tokens / seconds[name]:.1f} | {seconds['all off'] / seconds[name]:.3f}x |"
+        )
 
 
 if __name__ == "__main__":
