@@ -93,9 +93,10 @@ OPTIMIZER_BYTES: dict[str, float] = {
 # bytes and whether the base is k-bit (its residual stream, norms and MLP activations stay
 # fp32). Fitted by benchmarks/fit_activations.py (2026-12-07, exact on its five shapes; rows
 # of 200-token examples): fp32 is the same with or without a k-bit base. In bf16 the constant
-# holds the example's attention mask (2 bytes per key: 400 at 200 tokens), which grows with the
-# example up to 640 tokens; examples under 96 tokens keep fp32 q, k, v and output instead of
-# bf16 (about +7% at a 4096 hidden size).
+# held each layer's copy of the example's attention mask (2 bytes per key: 400 at 200 tokens);
+# since the masks are kept once a row for all layers (attention._RowMasks, fitted before it),
+# a bf16 plan counts that ~1% more than a run keeps: erring high, not refitted. Examples under
+# 96 tokens keep fp32 q, k, v and output instead of bf16 (about +7% at a 4096 hidden size).
 _ACT = {
     (4, False): (46.06, 17.0, 8.0, 456.0),
     (4, True): (46.06, 17.0, 8.0, 456.0),
