@@ -24,6 +24,26 @@ from helpers import (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), give each worker its own cores.
+
+    Each worker and every process it starts (``lorakit run``, torchrun and its ranks) may run
+    only on its share of this machine's cores, so lorakit's thread count (``usable_cores``)
+    divides them as it would on a smaller machine. Two workers whose OpenMP teams both spin on
+    the same 2 cores would run each other's training 8-20x slower.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = cores[int(worker[2:]) % count :: count] if len(cores) >= count else cores
+    os.sched_setaffinity(0, share)
+    import torch
+
+    torch.set_num_threads(len(share))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with the tiny random Llama and its tokenizer (``helpers.build_tiny_model``)."""

@@ -3,6 +3,7 @@ take those objects, so each works with a plugin object built by hand: no Recipe,
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import attrs
@@ -221,3 +222,36 @@ def test_an_adapter_from_another_lorakit_version_is_noted_once(tmp_path, tiny_mo
     prepare_inference(recipe, parts, adapter)
     err = capsys.readouterr().err
     assert err.count("made by lorakit 0.0.1") == 1, err
+
+
+def test_the_embedded_models_conversion_never_deletes_a_folder_another_process_put_in_place(
+    tmp_path,
+):
+    """Two processes may convert the embedded model at once (two runs started together on a
+    fresh machine, two test workers): the one that finishes second keeps the first one's
+    folder, which the first may be loading from; a folder a killed conversion left incomplete
+    is replaced."""
+    from lorakit_plugins.models.smollm2 import COMPLETE, put_in_place
+
+    def conversion(name: str, complete: bool = True) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(name)
+        if complete:
+            (folder / COMPLETE).write_text("converted\n")
+        return folder
+
+    target = tmp_path / "smollm2-135m-instruct"
+    first = conversion("first")
+    put_in_place(first, target)
+    assert (target / "model.safetensors").read_text() == "first" and not first.exists()
+
+    second = conversion("second")
+    put_in_place(second, target)
+    assert (target / "model.safetensors").read_text() == "first"
+    assert second.exists()  # the caller deletes its own temp folder
+
+    (target / COMPLETE).unlink()  # as a conversion killed halfway leaves it
+    third = conversion("third")
+    put_in_place(third, target)
+    assert (target / "model.safetensors").read_text() == "third" and (target / COMPLETE).is_file()

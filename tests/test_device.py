@@ -162,6 +162,7 @@ print(round(inside), round(after_block), round(kept))
 """
 
 
+@pytest.mark.slow  # its child imports torch: 2-3 s of CPU, at conftest's limit for unmarked tests
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/status") or not device._glibc(),
     reason="needs Linux and glibc",

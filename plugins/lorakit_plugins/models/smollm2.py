@@ -66,12 +66,28 @@ def convert(gguf: Path, target: Path) -> None:
         fresh.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / COMPLETE).write_text(f"converted from {gguf.name}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        put_in_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def put_in_place(tmp: Path, target: Path) -> None:
+    """Move the finished conversion ``tmp`` to ``target``, unless another process got there first.
+
+    Two processes may convert at once (two runs started together on a fresh machine, test
+    workers); the one that finishes second keeps the first one's folder, which the first may
+    already be loading from, and its own ``tmp`` is left for the caller to delete.
+    """
+    if (target / COMPLETE).is_file():
+        return
+    if target.exists():  # a conversion killed before it was complete
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process put its folder there between the two lines above
+        if not (target / COMPLETE).is_file():
+            raise
 
 
 def ensure_cached() -> Path:
