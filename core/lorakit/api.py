@@ -133,6 +133,7 @@ __all__ = [
     "example_problem",
     "expand_files",
     "flatten",
+    "gguf_parsed_once",
     "hookimpl",
     "hub_token",
     "iter_json_lines",
@@ -154,6 +155,15 @@ def dtype_from_name(name: str, device: str) -> Any:
     from lorakit.device import dtype_from_name as impl
 
     return impl(name, device)
+
+
+def gguf_parsed_once() -> Any:
+    """A context manager inside which transformers' ``gguf_file=`` loaders parse each GGUF file
+    once: a model source that loads a GGUF's config, tokenizer and weights (three parses of
+    every vocabulary string otherwise) pays for one."""
+    from lorakit.export.gguf_parity import parsed_once
+
+    return parsed_once()
 
 
 def chat_environment() -> Any:

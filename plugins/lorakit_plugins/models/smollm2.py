@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import attrs
-from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl
+from lorakit.api import ModelError, ModelRef, RegisterModelSource, gguf_parsed_once, hookimpl
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE = "LORAKIT_COMPLETE"
@@ -53,10 +53,11 @@ def convert(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        with gguf_parsed_once():  # one parse of the file for the tokenizer, config and weights
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
