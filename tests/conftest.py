@@ -23,6 +23,24 @@ from helpers import (
     write_jsonl,
 )
 
+# A worker's peak memory, with room to spare: the largest process of a whole `-n 2` run (a
+# worker, or a run it started) peaked at 3.3 GB resident (2026-12-07).
+WORKER_MEMORY_GB = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core this process may use, as many as the memory holds."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    available_gb = 0.0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available_gb = int(line.split()[1]) / 2**20
+    except OSError:
+        return max(1, cores or 1)
+    return max(1, min(cores or 1, int(available_gb // WORKER_MEMORY_GB)))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs ``-n auto``), give each worker its own cores.
