@@ -35,11 +35,15 @@ lint: setup
 	$(BIN)/mypy
 
 # One pytest worker per core, each pinned to its own (tests/conftest.py), and an idle worker
-# takes tests queued for the other: about half the wall time of one process on 2 cores.
+# takes tests queued for the other: about half the wall time of one process on 2 cores. A
+# worker trains with one thread per core it has, so the tests marked all_cores (bit-identical
+# runs, resume, eval invariance) then run in one process with every core's threads, as users
+# train.
 TEST_WORKERS ?= auto
 
 test: lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not all_cores"
+	$(BIN)/pytest -q -m all_cores
 
 DEMO_RECIPE ?= recipes/smollm2_qlora.toml
 DEMO_RUN    ?= runs/smollm2_qlora

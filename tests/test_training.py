@@ -53,6 +53,7 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, chat_file, c
     assert all((run / "checkpoints" / c / "LORAKIT_COMPLETE").is_file() for c in ckpts)
 
 
+@pytest.mark.all_cores
 def test_same_seed_gives_identical_adapters(
     tmp_path, tiny_model_dir, chat_file, cli, compute_dtype
 ):
@@ -68,6 +69,7 @@ def test_same_seed_gives_identical_adapters(
     assert any(not a[k].equal(c[k]) for k in a), "a different seed must change the adapter"
 
 
+@pytest.mark.all_cores
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, chat_file, cli, compute_dtype):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, dtype=compute_dtype)
     common = ['train.lr_scheduler_type="constant"', "train.save_steps=2"]
@@ -157,6 +159,7 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, chat_file, cli, monkeypatc
     assert code == 2 and "someorg/not-a-model" in err and "HF_HUB_OFFLINE" in err
 
 
+@pytest.mark.all_cores
 @pytest.mark.parametrize("quant", ["bnb-4bit", "bnb-8bit", "none"])
 def test_mid_training_eval_leaves_training_unchanged(
     tmp_path, tiny_model_dir, cli, quant, compute_dtype
