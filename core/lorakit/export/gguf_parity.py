@@ -66,7 +66,7 @@ def parsed_once() -> Iterator[None]:
     the same model (SmolLM2-135M's F32 file, imports warm: 11 s to 4 s). Both
     are gguf-py's own objects, looked up by transformers when it loads. A tokenizer loaded
     from the same file inside the block reuses the reader too (``lorakit.api.gguf_parsed_once``
-    for plugins: the embedded model's conversion, 39 s to 12 s)."""
+    for plugins: the embedded model's conversion, 39 s to 10-12 s)."""
     import functools
 
     import gguf as gguf_module

@@ -82,7 +82,9 @@ def put_in_place(tmp: Path, target: Path) -> None:
     """
     if (target / COMPLETE).is_file():
         return
-    if target.exists():  # a conversion killed before it was complete
+    # a conversion killed halfway (the marker checked again: another process may have just
+    # put its folder there)
+    if target.exists() and not (target / COMPLETE).is_file():
         shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(tmp, target)
