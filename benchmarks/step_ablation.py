@@ -49,19 +49,12 @@ def bf16_scores_forward(
     (as the backward recomputes ``P``), ``O = (E V) / rowsum(E)`` with the sum in fp32, and
     the log-sum-exp ``m + log rowsum(E)`` kept for the backward."""
     import torch
-
-    def with_constant(x: Any, c: Any) -> Any:
-        high = c.to(x.dtype)
-        return torch.cat([x, high, (c - high.to(c.dtype)).to(x.dtype)], dim=-1)
+    from lorakit.math_attention import _exp_scores
 
     rough = torch.bmm(q, k.transpose(1, 2))
     rough.view(rough.shape[0], rough.shape[1] // bias.shape[0], *bias.shape).add_(bias)
     top = rough.to(wide.dtype).amax(-1, keepdim=True).mul_(scale)
-    ones = torch.cat([k, k.new_ones((*k.shape[:-1], 2))], dim=-1)
-    e = torch.bmm(with_constant(q, top.div(-scale)), ones.transpose(1, 2))
-    view = e.view(e.shape[0], e.shape[1] // bias.shape[0], *bias.shape)
-    torch.add(bias, view, alpha=scale, out=view)
-    e.exp_()
+    e = _exp_scores(q, k, bias, top, scale)  # exp(S - m), as the backward recomputes P
     z = e.sum(-1, keepdim=True, dtype=wide.dtype)
     lse = top.add_(z.log())
     out = torch.bmm(e, v).mul_(z.reciprocal_())

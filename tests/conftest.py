@@ -31,16 +31,12 @@ WORKER_MEMORY_GB = 4
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the suite also runs without xdist
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core this process may use, as many as the memory holds."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    available_gb = 0.0
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available_gb = int(line.split()[1]) / 2**20
-    except OSError:
-        return max(1, cores or 1)
-    return max(1, min(cores or 1, int(available_gb // WORKER_MEMORY_GB)))
+    from lorakit.device import available_memory, usable_cores
+
+    available = available_memory()
+    if available is None:
+        return usable_cores()
+    return max(1, min(usable_cores(), available // (WORKER_MEMORY_GB * 2**30)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -180,6 +180,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int | None:
+    """Bytes of RAM available now (``MemAvailable``), or None where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def configure_threads(requested: int = 0) -> int:
     """Set torch's intra-op threads so the processes of this machine do not oversubscribe it.
 

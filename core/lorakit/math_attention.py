@@ -116,27 +116,37 @@ class _Attention:
         return cls._fn.apply(*args)
 
 
-def _make_function() -> Any:
+def _with_constant(x: Any, c: Any) -> Any:
+    """``[x, high(c), rest(c)]`` along the last axis, in bf16: ``c`` (fp32, one per row) as a
+    bf16 part and the bf16 rest, 16 of its bits. With :func:`_with_ones` on the other side, a
+    matmul adds ``c`` to each row's products inside its fp32 accumulator."""
     import torch
 
-    def with_constant(x: Any, c: Any) -> Any:
-        """``[x, high(c), rest(c)]`` along the last axis, in bf16: ``c`` (fp32, one per row) as a
-        bf16 part and the bf16 rest, 16 of its bits. With :func:`with_ones` on the other side,
-        a matmul adds ``c`` to each row's products inside its fp32 accumulator."""
-        high = c.to(x.dtype)
-        return torch.cat([x, high, (c - high.to(c.dtype)).to(x.dtype)], dim=-1)
+    high = c.to(x.dtype)
+    return torch.cat([x, high, (c - high.to(c.dtype)).to(x.dtype)], dim=-1)
 
-    def with_ones(x: Any) -> Any:
-        return torch.cat([x, x.new_ones((*x.shape[:-1], 2))], dim=-1)
 
-    def recompute(q: Any, k: Any, bias: Any, lse: Any, scale: float) -> Any:
-        """bf16 ``P = exp(scale * q k^T + bias - lse)``. ``-lse / scale`` joins the matmul as a
-        constant column, so each score is rounded once, after the log-sum-exp is taken off:
-        close to 0 where P is large, where bf16 is precise."""
-        s = torch.bmm(with_constant(q, lse.div(-scale)), with_ones(k).transpose(1, 2))
-        view = s.view(s.shape[0], s.shape[1] // bias.shape[0], *bias.shape)
-        torch.add(bias, view, alpha=scale, out=view)
-        return s.exp_()
+def _with_ones(x: Any) -> Any:
+    import torch
+
+    return torch.cat([x, x.new_ones((*x.shape[:-1], 2))], dim=-1)
+
+
+def _exp_scores(q: Any, k: Any, bias: Any, c: Any, scale: float) -> Any:
+    """bf16 ``exp(scale * q k^T + bias - c)``, ``c`` one fp32 value per row (the backward's
+    log-sum-exp, which makes it ``P``). ``-c / scale`` joins the matmul as a constant column,
+    so each score is rounded once, after ``c`` is taken off: close to 0 where the result is
+    large, where bf16 is precise."""
+    import torch
+
+    s = torch.bmm(_with_constant(q, c.div(-scale)), _with_ones(k).transpose(1, 2))
+    view = s.view(s.shape[0], s.shape[1] // bias.shape[0], *bias.shape)
+    torch.add(bias, view, alpha=scale, out=view)
+    return s.exp_()
+
+
+def _make_function() -> Any:
+    import torch
 
     class AttentionFunction(torch.autograd.Function):
         @staticmethod
@@ -155,10 +165,10 @@ def _make_function() -> Any:
             q, k, v, out, bias, lse = ctx.saved_tensors
             grad = grad.contiguous()
             delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
-            p = recompute(q, k, bias, lse, ctx.scale)
+            p = _exp_scores(q, k, bias, lse, ctx.scale)  # P again, from the log-sum-exp
             dv = torch.bmm(p.transpose(1, 2), grad)
             # dO V^T - delta rounded once, as above: -delta joins the matmul as a column
-            dp = torch.bmm(with_constant(grad, delta.neg_()), with_ones(v).transpose(1, 2))
+            dp = torch.bmm(_with_constant(grad, delta.neg_()), _with_ones(v).transpose(1, 2))
             ds = dp.mul_(p)
             dq = torch.bmm(ds, k).mul_(ctx.scale)
             dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale)

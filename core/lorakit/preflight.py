@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from lorakit.components import Components
 from lorakit.console import say
 from lorakit.contracts import DescribesMemory, ReadsModelConfig
+from lorakit.device import available_memory
 from lorakit.errors import LorakitError, ModelError, RecipeError, RunError
 from lorakit.memory_plan import (
     Plan,
@@ -76,12 +76,9 @@ def detect_device(recipe: Recipe) -> tuple[str, str, int | None]:
             pass
     if wanted == "cuda":
         return "cuda", "CUDA (size unknown)", None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return "cpu", "CPU RAM available now", int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = available_memory()
+    if available is not None:
+        return "cpu", "CPU RAM available now", available
     return "cpu", "CPU RAM (size unknown)", None
 
 
