@@ -37,6 +37,16 @@ def test_eval_mode_and_zero_rate_are_the_identity():
         FastDropout(1.0)
 
 
+def test_a_rate_that_rounds_to_one_keeps_one_level():
+    # nn.Dropout(0.999995) is valid; its rate rounds to 65536/65536 here, which kept nothing
+    # and divided the scale by zero
+    drop = FastDropout(0.999995).train()
+    assert drop.rate == 65535 / 65536 and drop.scale == 65536.0
+    torch.manual_seed(0)
+    y = drop(torch.ones(1 << 20))
+    assert torch.isfinite(y).all() and 0 < (y != 0).sum() < 100
+
+
 def test_gradient_is_masked_and_scaled():
     torch.manual_seed(1)
     drop = FastDropout(0.25).train()

@@ -42,7 +42,9 @@ class FastDropout(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
-        self.threshold = round(p * LEVELS)  # numbers below this (of 65536) are dropped
+        # numbers below this (of 65536) are dropped; a p within 1/131072 of 1 would round to
+        # dropping everything (and divide by zero below): it drops 65535 of 65536 instead
+        self.threshold = min(round(p * LEVELS), LEVELS - 1)
         self.scale = LEVELS / (LEVELS - self.threshold)
 
     @property
