@@ -14,6 +14,8 @@ the same supervised positions for all of them). The model (``model_sizes.py``):
     --model-size 1.7b   random weights with SmolLM2-1.7B's shapes (hidden 2048, 24 layers)
     --model-size 7b     random weights with Mistral-7B's layers (hidden 4096, 32 layers; a
                         14 GB folder, minutes a step on 2 cores: for loading and memory checks)
+    --model-size 135m-narrow  SmolLM2-135M's layers, heads and vocabulary at width 72: what
+                        a 135M step costs apart from its width (its ceiling columns mean little)
     --model-path DIR    a local model folder instead (save_pretrained, safetensors)
 
 A step's speed does not depend on the weight values, so 360m and 1.7b are built once from a

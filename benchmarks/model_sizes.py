@@ -2,7 +2,8 @@
 
 ``135m`` is the embedded SmolLM2-135M-Instruct (converted once by the ``smollm2-135m-instruct``
 model plugin). ``360m`` and ``1.7b`` are random-weight models with SmolLM2-360M's and
-SmolLM2-1.7B's shapes: a step's speed depends on the shapes, not on the weight values, and no
+SmolLM2-1.7B's shapes, ``135m-narrow`` one with SmolLM2-135M's layers, heads, vocabulary and
+operators at width 72 (see :data:`SHAPES`): a step's speed depends on the shapes, not on the weight values, and no
 network is needed. Each is built once from the embedded model's config with the shape keys
 replaced, saved with ``save_pretrained`` (safetensors, bf16 as on the Hub) together with the
 embedded model's tokenizer (same vocabulary, same chat template), and then trained like any
@@ -35,6 +36,19 @@ SHAPES: dict[str, dict[str, int | float]] = {
         "num_attention_heads": 32,
         "num_key_value_heads": 32,
         "rope_theta": 130000.0,
+    },
+    # SmolLM2-135M's structure (30 layers, 9 heads over 3 KV heads, the same vocabulary and
+    # operators) at width 72: heads of 8, an MLP of 96. Its step costs what a 135M step costs
+    # apart from its width: each operator's call, the autograd graph, attention's per-score
+    # work (scores, softmax: quadratic in an example's length, not in the width), the head's
+    # softmax over the vocabulary, the optimizer. Faster matmuls (AMX) do not shrink that part.
+    "135m-narrow": {
+        "hidden_size": 72,
+        "intermediate_size": 96,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 100000.0,
     },
     # Mistral-7B's layers (its own vocabulary is 32000 and untied; here 49152, tied)
     "7b": {

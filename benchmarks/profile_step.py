@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
         [--steps 10] [--profile] [--shapes] [--data ../shared/data/alpaca_seed_chat.jsonl]
-        [--model-path DIR]
+        [--model-path DIR | --model-size 135m-narrow]
 
 Builds the embedded SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o as `lorakit run` does (the
 recipe's quant backend and compute dtype, k-bit preparation, fast dropout, fused LoRA layers,
@@ -17,6 +17,12 @@ step and the tokens/s after the first two; with
 ``--profile`` the last step runs under torch.profiler and the table of operators by self CPU
 time follows (``--shapes``: grouped by input shape, to tell a [T, 576] x [576, 1536] matmul
 from a rank-16 one). Run it on a quiet machine, and compare two versions interleaved.
+
+``--model-size`` trains a model of ``model_sizes.py`` instead (built once, random weights).
+``135m-narrow`` is the 135M model's structure at width 72: its tokens/s is what the 135M step
+could reach if every operation whose cost grows with the width (the matmuls, the elementwise
+passes over activations) cost nothing. On a CPU whose matmuls are fast (AMX), that is the
+part of the step that remains.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model-path",
         type=Path,
         help="a local model folder, e.g. one bench_train --model-size built (default: embedded)",
+    )
+    p.add_argument(
+        "--model-size",
+        help="a model of model_sizes.py instead of --model-path: 360m, 1.7b, 135m-narrow, ...",
     )
 
 
@@ -136,6 +146,16 @@ def setup(args: argparse.Namespace) -> argparse.Namespace:
     """The model as ``lorakit run`` builds it for training, the tokenized rows, a seeded order,
     the optimizer, and ``batch(examples)``: a packed row as the step sees it."""
     import torch
+
+    if args.model_size:
+        import model_sizes
+
+        if args.model_path or args.model_size not in model_sizes.SHAPES:
+            raise SystemExit(
+                f"--model-size {args.model_size}: expected one of {', '.join(model_sizes.SHAPES)}"
+                ", and no --model-path"
+            )
+        args.model_path = model_sizes.model_folder(args.model_size, REPO / "benchmarks" / "results")
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components
     from lorakit.data.pipeline import DataReport, load_splits, tokenize_examples

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/step_ablation.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
         [--steps 30] [--switch row_masks --switch bf16_scores]
-        [--model-path DIR] [--data ../shared/data/alpaca_seed_chat.jsonl]
+        [--model-path DIR | --model-size 1.7b] [--data ../shared/data/alpaca_seed_chat.jsonl]
 
 This VM's speed drifts by 10-25% from minute to minute, so two separate runs (or two runs of
 ``profile_step.py`` alternated) cannot tell a 3% change from noise. Here one model, built as

@@ -53,6 +53,14 @@ def test_sized_configs_have_smollm2_shapes(size, params):
     assert "_model_name_or_path" not in config
 
 
+def test_narrow_config_keeps_the_135m_structure():
+    config = model_sizes.sized_config(EMBEDDED_135M, "135m-narrow")
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert config[key] == EMBEDDED_135M[key], key
+    assert config["hidden_size"] == 72 and config["head_dim"] == 8
+    assert config["intermediate_size"] < config["hidden_size"] * 2
+
+
 def test_training_matmuls_add_backward_shapes_and_merge_equal_ones():
     forward = ceiling.linear_shapes(EMBEDDED_135M)
     both = ceiling.training_matmuls(forward)
