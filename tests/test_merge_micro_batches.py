@@ -224,6 +224,27 @@ def test_the_plan_counts_the_merged_rows(tmp_path, tiny_model_dir):
     assert res.returncode == 1 and "train.merge_micro_batches = false" in res.stdout
 
 
+def test_a_resume_that_does_not_fit_is_planned_and_advised_as_a_resume(
+    tmp_path, tiny_model_dir, cli
+):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data)
+    args = ("run", recipe, *FOUR_OF_ONE, "output.name=resumed", "--device-memory", "1MB")
+    code, _out, err = cli(*args)
+    assert code == 2 and "try train.merge_micro_batches = false" in err
+    # the folder of a run that started before lorakit merged micro-batches: its run.json
+    # records no merge, so its resume does not merge, and a resume refuses any change to what
+    # is trained (the plan's fixes but the eval batch are for a new run)
+    folder = tmp_path / "runs" / "resumed"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"batch": {"world_size": 1}}))
+    code, _out, err = cli(*args, "--resume-from-checkpoint", "auto")
+    assert code == 2 and "memory plan predicts" in err
+    assert "merge_micro_batches" not in err, "planned as merging, which the resume does not"
+    assert "start a new run in another output.dir with a smaller train." in err
+    assert "try " not in err and "Traceback" not in err
+
+
 pair = st.tuples(
     st.lists(st.integers(0, 500), min_size=1, max_size=8),  # prompt
     st.lists(st.integers(0, 500), min_size=1, max_size=6),  # chosen answer

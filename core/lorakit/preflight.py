@@ -159,9 +159,16 @@ def data_tokens(
     return tokens, round(tokens * share), note, tokens > apart
 
 
-def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: bool = True) -> Any:
+def plan_recipe(
+    recipe: Recipe,
+    components: Components,
+    device: str,
+    read_data: bool = True,
+    merge: int | None = None,
+) -> Any:
     """The :class:`Plan` for ``recipe`` (its built ``components``) on ``device`` and a note on
-    the micro-batch size."""
+    the micro-batch size. ``merge``: the tokens a step's micro-batches merge up to (a resumed
+    run's, from its run.json); None: what a run started now would merge."""
     shape = shape_from_config(model_config(components.model_source, recipe.model.name))
     quant = _spec(components.quant, "quant", recipe.quant.name)
     peft = _spec(components.peft, "peft", recipe.peft.name)
@@ -172,7 +179,8 @@ def plan_recipe(recipe: Recipe, components: Components, device: str, read_data: 
         from lorakit.distributed import world_size
         from lorakit.packing import merge_budget
 
-        merge = merge_budget(recipe.train, device, world_size())  # `lorakit plan`: 1
+        if merge is None:
+            merge = merge_budget(recipe.train, device, world_size())  # `lorakit plan`: 1
         tokens, supervised, note, raised = data_tokens(recipe, components, merge)
         merge = merge if raised else 0  # a fix only where merging sets the micro-batch
     else:
@@ -270,7 +278,24 @@ def summary(plan: Plan, capacity: int | None, where: str) -> str:
     )
 
 
-def fixes(plan: Plan) -> str:
+def fixes(plan: Plan, resuming: bool = False) -> str:
+    """What would make ``plan`` fit, for the fix of an error. A resume refuses every change to
+    what is trained (:data:`lorakit.rundir.RESUME_SAFE`), so for one only a smaller eval batch
+    is offered to the run as it is; the rest is for a new run."""
+    out = _changes(plan)
+    if not resuming:
+        return "; ".join(out)
+    parts = [f"{f} (a resume accepts [eval] changes)" for f in out if "[eval]" in f]
+    others = [f for f in out if "[eval]" not in f]
+    if others:
+        parts.append(
+            f"start a new run in another output.dir with {'; '.join(others)} (a resume keeps "
+            "the settings the run started with)"
+        )
+    return "; or ".join(parts)
+
+
+def _changes(plan: Plan) -> list[str]:
     i = plan.inputs
     out = []
     if i.merged:
@@ -291,7 +316,24 @@ def fixes(plan: Plan) -> str:
         out.append('train.optim = "adamw_8bit" (GPU) or "sgd"')
     if plan.eval_peak > plan.train_peak:
         out.append("a smaller [eval].batch_size")
-    return "; ".join(out)
+    return out
+
+
+def resumed_merge(recipe: Recipe) -> int | None:
+    """The tokens up to which a resumed run of ``recipe`` merges a step's micro-batches, as its
+    run.json recorded at the start (0: it does not merge); None where its folder has no
+    readable run.json (the resume will say so itself)."""
+    from lorakit.rundir import RunDir, read_json
+
+    path = RunDir(recipe.run_dir).run_json
+    try:
+        batch = read_json(path).get("batch", {}) if path.is_file() else None
+    except LorakitError:
+        return None
+    if not isinstance(batch, dict):
+        return None
+    merged = batch.get("merged_micro_batch_tokens", 0)
+    return merged if isinstance(merged, int) and merged > 0 else 0
 
 
 def check_memory(
@@ -302,11 +344,14 @@ def check_memory(
     processes: int | None,
     ignore: bool,
     recipe_arg: str,
+    resuming: bool = False,
 ) -> None:
     """At the start of ``lorakit run``: say the plan's one-line summary; refuse to start (a
     ``RunError``) when it predicts no fit, unless ``ignore``. ``processes``: ranks on this
     machine (``--nproc``; else ``LOCAL_WORLD_SIZE``); on CPU they share its memory.
-    ``recipe_arg``: the recipe as the user named it, for the fix."""
+    ``recipe_arg``: the recipe as the user named it, for the fix. ``resuming``: the run
+    continues from a checkpoint, so it merges micro-batches as it started and its fixes are
+    those a resume accepts."""
     device, where, size = capacity(recipe, device_memory)
     ranks = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device == "cpu" and size is not None and ranks > 1:
@@ -317,7 +362,8 @@ def check_memory(
         # does not fit is the data read for the real micro-batch size.
         plan, _note = plan_recipe(recipe, components, device, read_data=False)
         if size is not None and plan.peak > size:
-            plan, _note = plan_recipe(recipe, components, device)
+            merge = resumed_merge(recipe) if resuming else None
+            plan, _note = plan_recipe(recipe, components, device, merge=merge)
     except (LorakitError, ValueError) as exc:
         say(f"memory plan skipped: {exc}")
         return
@@ -326,6 +372,7 @@ def check_memory(
         raise RunError(
             f"the memory plan predicts a peak of {gb(plan.peak)} (training {gb(plan.train_peak)},"
             f" generation {gb(plan.eval_peak)}) but {where} offers {gb(size)}",
-            fix=f"try {fixes(plan)}; see `lorakit plan {recipe_arg}`, or pass "
-            "--ignore-memory-plan to start anyway",
+            fix=f"{'' if resuming else 'try '}{fixes(plan, resuming)}; see `lorakit plan "
+            f"{recipe_arg}`, or pass --ignore-memory-plan to {'resume' if resuming else 'start'}"
+            " anyway",
         )

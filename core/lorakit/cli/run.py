@@ -74,6 +74,7 @@ def run(args) -> int:
             processes=args.nproc,
             ignore=args.ignore_memory_plan,
             recipe_arg=args.recipe,
+            resuming=args.resume_from_checkpoint is not None,
         )
     if launcher:
         os.environ[PREFLIGHT_DONE] = "1"
