@@ -2,8 +2,8 @@
 
 ``135m`` is the embedded SmolLM2-135M-Instruct (converted once by the ``smollm2-135m-instruct``
 model plugin). ``360m`` and ``1.7b`` are random-weight models with SmolLM2-360M's and
-SmolLM2-1.7B's shapes, ``135m-narrow`` one with SmolLM2-135M's layers, heads, vocabulary and
-operators at width 72 (see :data:`SHAPES`): a step's speed depends on the shapes, not on the weight values, and no
+SmolLM2-1.7B's shapes; ``135m-narrow`` and ``1.7b-narrow`` have the layers, heads, vocabulary and
+operators of SmolLM2-135M and -1.7B with heads of size 8 (see :data:`SHAPES`): a step's speed depends on the shapes, not on the weight values, and no
 network is needed. Each is built once from the embedded model's config with the shape keys
 replaced, saved with ``save_pretrained`` (safetensors, bf16 as on the Hub) together with the
 embedded model's tokenizer (same vocabulary, same chat template), and then trained like any
@@ -49,6 +49,15 @@ SHAPES: dict[str, dict[str, int | float]] = {
         "num_attention_heads": 9,
         "num_key_value_heads": 3,
         "rope_theta": 100000.0,
+    },
+    # SmolLM2-1.7B's structure (24 layers, 32 heads) the same way: width 256, heads of 8
+    "1.7b-narrow": {
+        "hidden_size": 256,
+        "intermediate_size": 96,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "rope_theta": 130000.0,
     },
     # Mistral-7B's layers (its own vocabulary is 32000 and untied; here 49152, tied)
     "7b": {

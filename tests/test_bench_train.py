@@ -53,12 +53,13 @@ def test_sized_configs_have_smollm2_shapes(size, params):
     assert "_model_name_or_path" not in config
 
 
-def test_narrow_config_keeps_the_135m_structure():
-    config = model_sizes.sized_config(EMBEDDED_135M, "135m-narrow")
+@pytest.mark.parametrize("size", ["135m", "1.7b"])
+def test_a_narrow_config_keeps_its_models_structure_with_heads_of_8(size):
+    wide = EMBEDDED_135M if size == "135m" else model_sizes.sized_config(EMBEDDED_135M, size)
+    config = model_sizes.sized_config(EMBEDDED_135M, f"{size}-narrow")
     for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
-        assert config[key] == EMBEDDED_135M[key], key
-    assert config["hidden_size"] == 72 and config["head_dim"] == 8
-    assert config["intermediate_size"] < config["hidden_size"] * 2
+        assert config[key] == wide[key], key
+    assert config["head_dim"] == 8 and config["intermediate_size"] <= 96
 
 
 def test_training_matmuls_add_backward_shapes_and_merge_equal_ones():
