@@ -369,10 +369,11 @@ def check_memory(
         return
     say(summary(plan, size, where))
     if size is not None and plan.peak > size and not ignore:
+        advice = fixes(plan, resuming)
+        lead = f"{'' if resuming else 'try '}{advice}; " if advice else ""
         raise RunError(
             f"the memory plan predicts a peak of {gb(plan.peak)} (training {gb(plan.train_peak)},"
             f" generation {gb(plan.eval_peak)}) but {where} offers {gb(size)}",
-            fix=f"{'' if resuming else 'try '}{fixes(plan, resuming)}; see `lorakit plan "
-            f"{recipe_arg}`, or pass --ignore-memory-plan to {'resume' if resuming else 'start'}"
-            " anyway",
+            fix=f"{lead}see `lorakit plan {recipe_arg}`, or pass --ignore-memory-plan to "
+            f"{'resume' if resuming else 'start'} anyway",
         )
