@@ -7,11 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import read_context, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lorakit.contracts import Example, Message
+from lorakit.data.paths import reporting_skips
+from lorakit.errors import DataError
 from lorakit_plugins.sources.chat_jsonl import ChatJsonlOptions, ChatJsonlSource
 from lorakit_plugins.sources.instruction_jsonl import (
     InstructionJsonlOptions,
@@ -159,6 +162,42 @@ def test_markdown_include_exclude_and_front_matter_meta(tmp_path):
     (got,) = read(MarkdownSource(opts), tmp_path)
     assert got.id == "a.md" and got.text == "# A\n"
     assert got.meta["tags"] == ["x", "y"] and got.meta["split"] == "val"
+
+
+@pytest.mark.parametrize("pattern", ["drafts", "drafts/**", "**/drafts/**", "drafts/"])
+def test_markdown_exclude_skips_a_folder_at_every_depth(tmp_path, pattern):
+    # pathlib's match read ** as one folder: drafts/sub/d.md was trained on, without a word
+    for rel in ("a.md", "drafts/d.md", "drafts/sub/d.md", "x/drafts/sub/deep/d.md", "mydrafts.md"):
+        (tmp_path / "docs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / rel).write_text(f"# {rel}\n")
+    got = read(MarkdownSource(MarkdownOptions(path="docs", exclude=(pattern,))), tmp_path)
+    assert sorted(e.id for e in got) == ["a.md", "mydrafts.md"]
+
+
+def test_markdown_reads_folders_behind_links_and_reports_what_it_skips(tmp_path):
+    (tmp_path / "outside" / "linked").mkdir(parents=True)
+    (tmp_path / "outside" / "linked" / "l.md").write_text("# L\n")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\n")
+    (docs / "linkdir").symlink_to(tmp_path / "outside" / "linked")
+    (docs / "loop").symlink_to(docs)  # back to a folder already read
+    (docs / "dangling.md").symlink_to(tmp_path / "nowhere.md")
+    lines: list[str] = []
+    with reporting_skips(lines.append):  # the data report's warnings in a real read
+        got = read(MarkdownSource(MarkdownOptions(path="docs")), tmp_path)
+    assert sorted(e.id for e in got) == ["a.md", "linkdir/l.md"]
+    skipped = "\n".join(lines)
+    assert "dangling.md: a symbolic link to nothing" in skipped
+    assert "loop: a folder already read" in skipped
+
+
+@pytest.mark.parametrize("glob", ["", "/etc/*"])
+def test_an_empty_or_absolute_glob_is_refused_by_name(tmp_path, glob):
+    write_jsonl(tmp_path / "data" / "a.jsonl", [])
+    with pytest.raises(DataError, match=r"pattern .* is (empty|absolute)") as err:
+        read(ChatJsonlSource(ChatJsonlOptions(path="data", glob=glob)), tmp_path)
+    assert err.value.where == "[data.sources].glob"
 
 
 sections = st.dictionaries(

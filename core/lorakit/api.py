@@ -21,10 +21,10 @@ they exchange are ``Example``/``Message``/``ToolCall``, ``Rendered``/``Segment``
 ``ModelRef``. Errors a
 person can act on are ``DataError``, ``ModelError``, ``PluginError`` (each with ``where`` and
 ``fix``). Shared helpers read files the way the built-in sources do (``iter_json_lines``,
-``read_text_file``, ``expand_files``, ``resolve_path``, ``parse_meta``), read tools and tool
-calls written as JSON (``tools_from_json``, ``tool_calls_from_json``) and check a record
-against the contract (``example_problem``); ``read_source`` runs a source outside a recipe,
-for a plugin's own tests.
+``read_text_file``, ``expand_files``, ``matching_files``, ``resolve_path``, ``parse_meta``),
+read tools and tool calls written as JSON (``tools_from_json``, ``tool_calls_from_json``) and
+check a record against the contract (``example_problem``); ``read_source`` runs a source
+outside a recipe, for a plugin's own tests.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from lorakit.contracts import (
     ToolCall,
 )
 from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
-from lorakit.data.paths import expand_files, refuse_special
+from lorakit.data.paths import expand_files, matching_files, refuse_special
 from lorakit.data.paths import resolve as resolve_path
 from lorakit.data.textfile import read_text_file
 from lorakit.data.tools import tool_calls_from_json, tools_from_json
@@ -138,6 +138,7 @@ __all__ = [
     "hub_token",
     "iter_json_lines",
     "loads_strict",
+    "matching_files",
     "option",
     "parse_meta",
     "read_source",

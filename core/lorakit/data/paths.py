@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -65,9 +67,14 @@ def resolve(recipe_dir: Path, path: str) -> Path:
 
 
 def expand_files(
-    recipe_dir: Path, path: str, glob: str, key: str, exclude: tuple[str, ...] = ()
+    recipe_dir: Path,
+    path: str,
+    glob: str | Sequence[str],
+    key: str,
+    exclude: Sequence[str] = (),
 ) -> list[Path]:
-    """One file, or the files under a folder matching ``glob`` (sorted, so order is stable)."""
+    """One file, or the files under a folder matching ``glob`` and no ``exclude`` pattern
+    (:func:`matching_files`; sorted, so order is stable)."""
     root = resolve(recipe_dir, path)
     if root.is_file():
         return [root]
@@ -78,22 +85,110 @@ def expand_files(
             where=f"[data.sources].{key}",
             fix="paths are relative to the recipe file's folder; check the spelling",
         )
-    files = []
-    for f in sorted(root.glob(glob)):
-        if any(f.match(x) for x in exclude):
-            continue
-        what = _not_a_file(f)
-        if what is not None:
-            _skipped(f, what)
-        elif f.is_file():
-            files.append(f)
+    files = matching_files(root, glob, exclude)
     if not files:
+        shown = glob if isinstance(glob, str) else ", ".join(glob)
         raise DataError(
-            f"folder {root} has no files matching {glob!r}",
+            f"folder {root} has no files matching {shown!r}",
             where=f"[data.sources].{key}",
             fix="point at the right folder, or set glob to the pattern your files follow",
         )
     return files
+
+
+def matching_files(
+    root: Path, include: str | Sequence[str], exclude: Sequence[str] = (), option: str = "glob"
+) -> list[Path]:
+    """The regular files under the folder ``root`` whose path from ``root`` matches an
+    ``include`` pattern and no ``exclude`` one, sorted by that path.
+
+    An include pattern is a glob from ``root`` (``*.jsonl``: the top folder only;
+    ``**/*.md``: any depth, ``**`` being any number of folders, none included). An exclude
+    pattern matches the end of a path, whole names at a time, and a folder it matches excludes
+    everything under it: ``drafts``, ``drafts/**`` and ``**/drafts/**`` all skip every file under
+    any folder named drafts. Folders reached through symbolic links are read (a link back to a
+    folder already read is skipped and reported); entries that match but are not regular files
+    (FIFOs, devices, links to nothing) are reported and never opened. ``option``: the name of
+    the include option, for errors."""
+    patterns = [include] if isinstance(include, str) else list(include)
+    for pattern in [*patterns, *exclude]:
+        if not pattern.strip() or Path(pattern).is_absolute():
+            raise DataError(
+                f"pattern {pattern!r} is {'empty' if not pattern.strip() else 'absolute'}",
+                where=f"[data.sources].{option if pattern in patterns else 'exclude'}",
+                fix="give a pattern relative to path, e.g. '*.jsonl' or '**/*.md'",
+            )
+    wanted = [_pattern_regex(p, anchored=True) for p in patterns]
+    unwanted = [_pattern_regex(p, anchored=False) for p in exclude]
+
+    def skipped(rel: str) -> bool:
+        parts = rel.split("/")
+        # the file, or a folder above it
+        return any(
+            r.fullmatch("/".join(parts[:n])) for r in unwanted for n in range(1, len(parts) + 1)
+        )
+
+    found: list[tuple[str, Path]] = []
+    seen = {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        here = Path(folder)
+        for d in list(dirs):
+            real = os.path.realpath(here / d)
+            if real in seen:
+                dirs.remove(d)
+                rel = (here / d).relative_to(root).as_posix()
+                if not skipped(rel):
+                    _skipped(here / d, "a folder already read (a symbolic link loop)")
+            else:
+                seen.add(real)
+        for name in names:
+            f = here / name
+            rel = f.relative_to(root).as_posix()
+            if not any(r.fullmatch(rel) for r in wanted) or skipped(rel):
+                continue
+            what = _not_a_file(f)
+            if what is not None:
+                _skipped(f, what)
+            elif f.is_file():
+                found.append((rel, f))
+    return [f for _, f in sorted(found)]
+
+
+def _pattern_regex(pattern: str, anchored: bool) -> re.Pattern[str]:
+    """A glob as a regex over ``/``-separated paths: ``**`` any number of whole names (none
+    included), ``*`` and ``?`` within one name, ``[...]`` a class. ``anchored``: from the start
+    of the path, else from any name boundary."""
+    out = []
+    parts = pattern.strip("/").split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+        else:
+            out.append(_name_regex(part) + ("" if last else "/"))
+    return re.compile(("" if anchored else "(?:.*/)?") + "".join(out), re.DOTALL)
+
+
+def _name_regex(part: str) -> str:
+    """One name's glob (``*``, ``?``, ``[...]``, ``[!...]``) as a regex that never crosses ``/``."""
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        end = part.find("]", i + 2 if part[i + 1 : i + 2] in ("!", "]") else i + 1)
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and end != -1:
+            body = part[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            out.append("[" + ("^/" if negate else "") + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def refuse_special(path: Path, key: str) -> None:

@@ -37,6 +37,7 @@ from lorakit.api import (
     RegisterSource,
     SourceContext,
     hookimpl,
+    matching_files,
     option,
     read_text_file,
     refuse_special,
@@ -132,7 +133,10 @@ class MarkdownOptions:
     include: list[str] = option(
         factory=lambda: ("**/*.md", "**/*.markdown"), doc="globs of files to read, under path"
     )
-    exclude: list[str] = option(factory=tuple, doc="globs of files to skip (e.g. **/drafts/**)")
+    exclude: list[str] = option(
+        factory=tuple,
+        doc="globs of files to skip; a folder that matches skips all under it (e.g. drafts)",
+    )
     chunk: bool = option(
         True,
         doc="cut documents longer than train.max_length into chunks that fit (false: the "
@@ -157,18 +161,7 @@ class MarkdownSource:
                 where="[data.sources].path",
                 fix="paths are relative to the recipe file's folder; check the spelling",
             )
-        found: set[Path] = set()
-        for pattern in self.options.include:
-            found.update(f for f in root.glob(pattern) if f.is_file())
-        rel = {f: f.relative_to(root) for f in found}
-        files = sorted(
-            (
-                f
-                for f in found
-                if not any(rel[f].match(x) or f.match(x) for x in self.options.exclude)
-            ),
-            key=lambda f: rel[f].as_posix(),
-        )
+        files = matching_files(root, self.options.include, self.options.exclude, "include")
         if not files:
             raise DataError(
                 f"folder {root} has no markdown files matching {', '.join(self.options.include)}",
