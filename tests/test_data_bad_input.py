@@ -101,6 +101,21 @@ def instruction_file(*records: object) -> Callable[[Path], dict]:
     return make
 
 
+def report_duplicate_section(folder: Path) -> dict:
+    (folder / "reports").mkdir()
+    (folder / "reports" / "r.json").write_text(
+        '{"sections": {"RESULTS": {"improved": "one"}, "RESULTS": {"improved": "two"}}}'
+    )
+    return {"plugin": "report_json", "path": "reports"}
+
+
+def report_misspelt_section(folder: Path) -> dict:
+    (folder / "reports").mkdir()
+    body = {"INTRODUCTION": {"improved": "i"}, "RESULTS": {"improved": "r"}}
+    (folder / "reports" / "r.json").write_text(json.dumps({"sections": body}))
+    return {"plugin": "report_json", "path": "reports", "sections": ["INTRODUCTION", "RESULT"]}
+
+
 CASES = {
     "malformed json": (
         chat_file(lines(GOOD, b'{"id": "x", "messages": [}')),
@@ -193,6 +208,17 @@ CASES = {
     "instruction missing output": (
         instruction_file({"instruction": "do it"}),
         "missing field 'output'",
+        "ins.jsonl:1",
+    ),
+    "report duplicate section": (report_duplicate_section, "duplicate key 'RESULTS'", "r.json"),
+    "report misspelt section": (
+        report_misspelt_section,
+        "sections 'RESULT' are in none of the reports",
+        "[data.sources].sections",
+    ),
+    "instruction null output": (
+        instruction_file({"instruction": "do it", "output": None}),
+        "output is null",
         "ins.jsonl:1",
     ),
     "instruction unknown field": (

@@ -140,3 +140,16 @@ def test_check_says_when_no_training_example_is_left(tmp_path, data_tokenizer_di
     assert "longer than 8 tokens: dropped" in out
     assert "no training example is left" in err and "lorakit run` would stop" in err, err
     assert "max_length" in err
+
+
+def test_check_fails_where_an_overlength_error_would_stop_the_run(
+    tmp_path, data_tokenizer_dir, cli
+):
+    # a CI gate on `lorakit check` passed (exit 0) where `lorakit run` then stopped
+    recipe = chat_recipe(
+        tmp_path, format={"plugin": "chatml"}, train={"max_length": 8}, data={"overlength": "error"}
+    )
+    code, out, err = cli("check", recipe, "--tokenizer", data_tokenizer_dir)
+    assert code == 2 and "Traceback" not in err, err
+    assert "an error: `lorakit run` would stop" in out
+    assert "20 examples are longer than train.max_length=8" in err and "overlength" in err, err

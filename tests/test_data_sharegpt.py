@@ -136,6 +136,14 @@ def test_llama_factory_function_calls_observations_and_tools(tmp_path):
         ({"conversations": [{"from": "human", "value": 3}]}, "value must be a string, got int"),
         ({"conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
         ({"conversations": ["hi"]}, "turn 0 must be an object"),
+        (  # trained on, an empty reply teaches the model to say nothing
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+            "turn 1: empty assistant reply",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]},
+            "turn 1: empty assistant reply",
+        ),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, record, message):

@@ -247,6 +247,9 @@ def test_parse_size(text, size):
     assert parse_size(text) == size
     with pytest.raises(ValueError):
         parse_size("lots")
+    with pytest.raises(ValueError, match=r"no unit; write e\.g\. 24GB"):
+        parse_size("24")  # 24 bytes was never what was meant
+    assert parse_size("24B") == 24
 
 
 def test_plan_cli_reads_config_only_without_torch(tmp_path, tiny_model_dir, chat_file):

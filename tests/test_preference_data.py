@@ -174,6 +174,10 @@ def test_multi_turn_hh_prompts_keep_earlier_turns(tmp_path):
         ),
         ({"chosen": "plain text", "rejected": "other"}, "not an HH conversation"),
         ({"prompt": "q", "chosen": ["a", "b"], "rejected": "y"}, "must be a {role, content}"),
+        (  # a tool turn needs the tool call before it, which a pair cannot hold
+            {"prompt": [{"role": "tool", "content": "r"}], "chosen": "x", "rejected": "y"},
+            "has role 'tool'",
+        ),
     ],
 )
 def test_bad_pairs_are_named_by_file_and_line(tmp_path, record, reason):

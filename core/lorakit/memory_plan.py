@@ -303,10 +303,13 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE
 
 
 def parse_size(text: str) -> int:
-    """``24GB`` / ``24GiB`` / ``512MB`` -> bytes (GB and GiB both mean 2**30, like nvidia-smi)."""
+    """``24GB`` / ``24GiB`` / ``512MB`` -> bytes (GB and GiB both mean 2**30, like nvidia-smi).
+    A bare number is refused: ``24`` would be 24 bytes, never what was meant."""
     m = _SIZE.match(text)
     if not m:
         raise ValueError(f"{text!r} is not a memory size; write e.g. 24GB or 512MB")
+    if not m.group(2) and not text.strip().upper().endswith("B"):
+        raise ValueError(f"{text!r} has no unit; write e.g. {text.strip()}GB or {text.strip()}MB")
     power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * 1024**power)
 

@@ -123,6 +123,14 @@ def run(args) -> int:
         )
         for block in show(splits.train[: args.show], formatter, tokenizer, color):
             print(block)
+    if recipe.data.overlength == "error" and stats.over_length:
+        raise DataError(
+            f"{stats.over_length} examples are longer than train.max_length="
+            f"{recipe.train.max_length}: `lorakit run` would stop at the first",
+            where="[data].overlength",
+            fix="raise train.max_length, shorten those examples, or set [data] overlength = "
+            '"drop" or "truncate"',
+        )
     kto = recipe.train.objective == "kto"  # its answers were counted above
     if (
         not kto

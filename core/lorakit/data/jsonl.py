@@ -64,9 +64,11 @@ def loads_strict(text: str, **kwargs: Any) -> Any:
     """``json.loads`` for untrusted data: strict JSON only, as a ``ValueError`` when refused.
 
     Refuses (``JsonRefused``, with a fix) NaN/Infinity, numbers over ``MAX_NUMBER_DIGITS``
-    digits, nesting too deep to parse, and lone UTF-16 surrogates (``"\\ud800"``, which no
-    file can store as UTF-8); malformed JSON raises ``json.JSONDecodeError`` as usual.
+    digits, a key given twice in one object, nesting too deep to parse, and lone UTF-16
+    surrogates (``"\\ud800"``, which no file can store as UTF-8); malformed JSON raises
+    ``json.JSONDecodeError`` as usual.
     """
+    kwargs.setdefault("object_pairs_hook", _no_duplicate_keys)
     try:
         value = json.loads(text, parse_int=_number, parse_constant=_no_constant, **kwargs)
     except RecursionError:
@@ -87,11 +89,13 @@ def loads_strict(text: str, **kwargs: Any) -> Any:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; a key given twice is refused (``json.loads`` would keep the
+    last value and drop the first without a word)."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {dup!r}")
+        raise JsonRefused(f"duplicate key {dup!r}", "keep one value per key")
     return out
 
 
@@ -130,7 +134,7 @@ def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]
                     fix="convert it: jq -c '.[]' file.json > file.jsonl",
                 )
             try:
-                record = loads_strict(text, object_pairs_hook=_no_duplicate_keys)
+                record = loads_strict(text)
             except json.JSONDecodeError as exc:
                 ctx.reject(
                     f"malformed JSON: {exc.msg} (column {exc.colno})",
@@ -142,7 +146,11 @@ def iter_json_lines(path: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]
                 ctx.reject(f"refused JSON: {exc}", where, exc.fix)
                 continue
             except ValueError as exc:
-                ctx.reject(f"malformed JSON: {exc}", where, "keep one value per key")
+                ctx.reject(
+                    f"malformed JSON: {exc}",
+                    where,
+                    'fix the line, or set [data] on_error = "skip" to skip bad lines',
+                )
                 continue
             seen_any = True
             yield where, record

@@ -83,6 +83,9 @@ class InstructionJsonlSource:
                 return None
         for key in ("instruction", "input", "output", "system"):
             value = record.get(key)
+            if value is None and key in ("instruction", "output"):
+                ctx.reject(f"{key} is null", where, f'give "{key}" text, or drop the record')
+                return None
             if value is not None and not isinstance(value, str):
                 ctx.reject(
                     f"{key} must be a string, got {type(value).__name__}", where, "use plain text"

@@ -202,7 +202,9 @@ def _conversation(value: Any, field: str, as_role: str | None) -> tuple[Message,
         if not isinstance(m, Mapping) or set(m) - {"role", "content"}:
             raise _Bad(f"{field}[{i}] must be a {{role, content}} object", "keep role and content")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES or not isinstance(content, str):
+        # a tool turn needs the assistant's tool call before it, which these records cannot
+        # hold (role and content only)
+        if role not in ROLES or role == "tool" or not isinstance(content, str):
             raise _Bad(
                 f"{field}[{i}] has role {role!r} and {type(content).__name__} content",
                 "roles are system, user and assistant, content is text",

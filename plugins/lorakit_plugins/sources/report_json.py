@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
 from lorakit.api import (
+    DataError,
     Example,
     JsonRefused,
     RegisterSource,
@@ -70,10 +72,23 @@ class ReportJsonSource:
 
     def __init__(self, options: ReportJsonOptions):
         self.options = options
+        self._found: set[str] = set()  # the section names the last read saw, upper case
 
     def read(self, ctx: SourceContext) -> Iterator[Example]:
         root = resolve_path(ctx.recipe_dir, self.options.path)
         base = root if root.is_dir() else root.parent
+        self._found = set()
+        yield from self._read(ctx, root, base)
+        missing = [s for s in self.options.sections if s.upper() not in self._found]
+        if missing and self._found:
+            raise DataError(
+                f"sections {', '.join(map(repr, missing))} are in none of the reports under {root}",
+                where="[data.sources].sections",
+                fix=f"the reports have {', '.join(sorted(self._found))}: correct the names, or "
+                "remove them",
+            )
+
+    def _read(self, ctx: SourceContext, root: Path, base: Path) -> Iterator[Example]:
         for file in expand_files(ctx.recipe_dir, self.options.path, self.options.glob, "path"):
             text = read_text_file(file, ctx, "report")
             if text is None:
@@ -121,6 +136,7 @@ class ReportJsonSource:
             return None
         wanted = {s.upper() for s in self.options.sections}
         parts: list[tuple[str, str]] = []
+        self._found.update(str(name).upper() for name in body)
         for name, value in body.items():
             if wanted and name.upper() not in wanted:
                 continue
@@ -143,7 +159,15 @@ class ReportJsonSource:
             if value.strip():
                 parts.append((name, value))
         if not parts:
-            ctx.reject("report has no non-empty section text", where, "fill in the sections")
+            if wanted and not wanted & {str(name).upper() for name in body}:
+                ctx.reject(
+                    f"report has none of the sections {', '.join(sorted(wanted))}",
+                    where,
+                    f"its sections are {', '.join(map(str, body)) or 'none'}: correct "
+                    "[data.sources].sections, or fill in the report",
+                )
+            else:
+                ctx.reject("report has no non-empty section text", where, "fill in the sections")
             return None
         meta = parse_meta(report, where, ctx)
         if meta is None:

@@ -243,6 +243,9 @@ class ShareGptSource:
         message = turn_message(target, content, turn, i)
         if isinstance(message, str):
             return message, "see the chat contract in docs/data.md"
+        if message.role == "assistant" and not message.content.strip() and not message.tool_calls:
+            # trained on, it teaches the model to answer with nothing
+            return f"turn {i}: empty assistant reply", "fill in the reply or drop the record"
         return message
 
 
