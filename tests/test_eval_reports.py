@@ -185,3 +185,17 @@ def test_prompt_and_reference(messages, expected):
         assert got is None
     else:
         assert len(got[0]) == expected[0] and got[1] == expected[1]
+
+
+def test_a_metrics_file_with_a_line_cut_short_is_read_around_it(tmp_path):
+    # a full disk or a killed process leaves half a line, and training carries on after it:
+    # export and eval crashed on it with a JSON traceback
+    from lorakit.evaluation.plot import read_curves
+    from lorakit.export.contents import _last_eval
+    from lorakit.rundir import RunDir
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n\n{"step": 2, "eval_loss": 1.5}\n[1]\n'
+    )
+    assert read_curves(tmp_path / "metrics.jsonl") == ([(1, 2.0)], [(2, 1.5)])
+    assert _last_eval(RunDir(tmp_path)) == {"step": 2, "eval_loss": 1.5}

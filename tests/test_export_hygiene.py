@@ -158,3 +158,21 @@ def test_planted_claim_link_is_refused(tmp_path, cli):
     code, _out, err = cli("export", run)
     assert code == 2 and "symbolic link" in err
     shutil.rmtree(run)
+
+
+def test_export_of_a_recipe_file_is_refused_by_name(tmp_path, cli):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nplugin = "smollm2-135m-instruct"\n')
+    code, _out, err = cli("export", recipe)
+    assert code == 2 and "Traceback" not in err, err  # was NotADirectoryError
+    assert "not a lorakit run folder" in err and "recipe .toml" not in err, err
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_export_out_dot_writes_into_the_current_folder(tiny_run, tmp_path, cli, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _out, err = cli("export", tiny_run, "--out", ".")
+    assert code == 0, err  # was a ValueError after the whole export: '.' has no name
+    assert (here / "adapter" / "adapter_model.safetensors").is_file()

@@ -46,8 +46,9 @@ def open_run(run_dir: Path, catalog: Catalog, overrides: tuple[str, ...] = ()) -
     return recipe
 
 
-def run_folder(run_dir: Path) -> RunDir:
-    """``run_dir`` as a run folder; ``RunError`` when it is none (no ``run.json``)."""
+def run_folder(run_dir: Path, recipe_too: bool = True) -> RunDir:
+    """``run_dir`` as a run folder; ``RunError`` when it is none (no ``run.json``).
+    ``recipe_too``: the command also takes a recipe file (its fix says so)."""
     run = RunDir(run_dir)
     if not run.exists():
         from lorakit.lora_init import checkpoint_refusal
@@ -55,7 +56,8 @@ def run_folder(run_dir: Path) -> RunDir:
         checkpoint_refusal(Path(run_dir), "pass the run folder")
         raise RunError(
             f"{run_dir} is not a lorakit run folder (no run.json)",
-            fix="pass a folder under runs/ written by `lorakit run`, or a recipe .toml",
+            fix="pass a folder under runs/ written by `lorakit run`"
+            + (", or a recipe .toml" if recipe_too else ""),
         )
     return run
 

@@ -78,6 +78,21 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, mask(text) + "\n")
 
 
+def metric_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``. A line that is not a JSON object is left out:
+    an append cut short (a full disk, a killed process) leaves half a line, and training
+    carries on after it, so the file is read around it rather than refused."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object lorakit wrote into a run folder (run.json, resolved.json, reports, an
     adapter's lorakit.json). One that is not valid JSON, or not an object (edited by hand, or

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -10,10 +9,9 @@ def read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tuple
     """(train points, eval points) as (step, loss)."""
     train: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    from lorakit.rundir import metric_records
+
+    for rec in metric_records(metrics_path):
         step = int(rec.get("step", 0))
         if isinstance(rec.get("loss"), (int, float)):
             train.append((step, float(rec["loss"])))

@@ -7,7 +7,6 @@ needs (the generation config, the parity records).
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from lorakit.components import Components
 from lorakit.contracts import HasSystemPrompt
 from lorakit.errors import LorakitError
 from lorakit.export.adapter_io import META, read_meta
-from lorakit.rundir import RunDir, read_json, write_json
+from lorakit.rundir import RunDir, metric_records, read_json, write_json
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -25,11 +24,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def _last_eval(run: RunDir) -> dict[str, Any] | None:
     if not run.metrics.is_file():
         return None
-    last = None
-    for line in run.metrics.read_text(encoding="utf-8").splitlines():
-        if '"eval_loss"' in line:
-            last = json.loads(line)
-    return last
+    evals = [r for r in metric_records(run.metrics) if "eval_loss" in r]
+    return evals[-1] if evals else None
 
 
 def _hub_id(loaded: Any) -> str:

@@ -113,6 +113,11 @@ def export_run(
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
     merged GGUF files, or with ``gguf_base_only`` GGUF files of the base as trained); return
     the paths. A run a live ``lorakit run`` holds is refused."""
+    from lorakit.load_run import run_folder
+
+    run_folder(Path(run_dir), recipe_too=False)  # a recipe file or a missing folder
+    if out is not None:
+        out = Path(out).resolve()  # `--out .` has no name to put a temporary folder beside
     options = ExportOptions(
         merge, dtype, merge_base, out, overwrite, tuple(gguf_types), gguf_base_only
     )
@@ -188,7 +193,7 @@ def _open_run(run_dir: Path, catalog: Catalog | None) -> Session:
     from lorakit.load_run import run_folder
     from lorakit.session import open_session
 
-    run_folder(run_dir)  # a recipe file or a missing folder: "not a lorakit run folder"
+    run_folder(run_dir, recipe_too=False)  # a recipe file or a missing folder
     return open_session(run_dir, runs=True, catalog=catalog)
 
 
