@@ -199,3 +199,20 @@ def test_a_metrics_file_with_a_line_cut_short_is_read_around_it(tmp_path):
     )
     assert read_curves(tmp_path / "metrics.jsonl") == ([(1, 2.0)], [(2, 1.5)])
     assert _last_eval(RunDir(tmp_path)) == {"step": 2, "eval_loss": 1.5}
+
+
+def test_a_metric_plugin_that_fails_is_named_not_a_traceback():
+    from lorakit.errors import PluginError
+    from lorakit.evaluation.scoring import _score
+
+    class Bad:
+        kind = "loss"
+
+        def score(self, nll, n):
+            return nll / 0
+
+    with pytest.raises(
+        PluginError, match=r"metric 'bad' failed to score \(ZeroDivisionError"
+    ) as err:
+        _score("bad", Bad(), 1.0, 1)
+    assert err.value.where == "[eval].metrics"

@@ -41,6 +41,26 @@ def test_no_quantizer_is_a_clear_error_with_the_install_line(monkeypatch, tmp_pa
         preflight_types(["q6_k"])
 
 
+def test_a_quantizer_that_cannot_run_is_named_before_the_export(monkeypatch, tmp_path):
+    from lorakit.errors import RunError
+    from lorakit.export.gguf_export import preflight_types
+    from lorakit.export.llama_quantize import ENV, Quantizer, quantize
+
+    script = tmp_path / "llama-quantize"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    monkeypatch.setenv(ENV, str(script))
+    with pytest.raises(RunError, match="is not executable"):  # was a PermissionError traceback
+        preflight_types(["q4_k_m"])
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(b"\x7fELF" + bytes(60))  # executable bit, but no program this machine runs
+    foreign.chmod(0o755)
+    target = tmp_path / "out.gguf"
+    with pytest.raises(RunError, match="could not be started") as err:
+        quantize(Quantizer(foreign, "executable"), tmp_path / "in.gguf", target, "q4_k_m")
+    assert "built for this machine" in err.value.fix and not target.exists()
+
+
 def test_quantizer_is_found_in_a_folder_or_on_path(monkeypatch, tmp_path):
     from lorakit.export.llama_quantize import ENV, find_quantizer
 

@@ -176,3 +176,26 @@ def test_export_out_dot_writes_into_the_current_folder(tiny_run, tmp_path, cli, 
     code, _out, err = cli("export", tiny_run, "--out", ".")
     assert code == 0, err  # was a ValueError after the whole export: '.' has no name
     assert (here / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_a_run_without_its_adapter_says_to_resume_it(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "adapter")  # stopped after a checkpoint, before the adapter was saved
+    checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"))[-1]
+    for args in (("export", run), ("export", checkpoint), ("eval", run)):
+        code, _out, err = cli(*args)
+        assert code == 2 and "Traceback" not in err, err
+        # the advice went round in circles: "or a checkpoint" / "pass the run folder"
+        assert "--resume-from-checkpoint auto" in err and "train it first" not in err, err
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_evaluating_only_empty_splits_fails(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "data" / "splits" / "test.jsonl").write_text("")  # a run whose test split is empty
+    code, _out, err = cli("eval", run, 'eval.splits=["test"]')
+    # it said "nothing to evaluate" and exited 0, leaving an earlier report as if current
+    assert code == 2 and "the test split of" in err and "holds no examples" in err, err

@@ -104,9 +104,14 @@ def checkpoint_refusal(folder: Path, use: str, *, only_rewritten: bool = False) 
             f"{folder.name.removeprefix('checkpoint-')}, train a run with that train.max_steps",
         )
     if not only_rewritten:
+        from lorakit.rundir import no_adapter_fix
+
+        final = (run / "adapter" / "adapter_config.json").is_file()
         raise RunError(
             f"{folder} is {folder.name} of the run {run}, not a run folder",
-            fix=f"{use} ({run}); its adapter/ is the final adapter",
+            fix=f"{use} ({run}); its adapter/ is the final adapter"
+            if final
+            else f"{use} ({run}) once it has its adapter/: {no_adapter_fix(run)}",
         )
 
 

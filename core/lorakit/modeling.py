@@ -225,9 +225,14 @@ def check_adapter_dir(adapter_dir: Path) -> None:
     config = adapter_dir / "adapter_config.json"
     weights = adapter_dir / "adapter_model.safetensors"
     if not config.is_file() or not weights.is_file():
+        from lorakit.rundir import no_adapter_fix
+
+        is_run = (adapter_dir.parent / "run.json").is_file() and adapter_dir.name == "adapter"
         raise RunError(
             f"no adapter in {adapter_dir} (need adapter_config.json and adapter_model.safetensors)",
-            fix="point at a run folder's adapter/ or a checkpoint; train first with `lorakit run`",
+            fix=no_adapter_fix(adapter_dir.parent)
+            if is_run
+            else "point at a run folder's adapter/; train first with `lorakit run`",
         )
     from safetensors import safe_open
 

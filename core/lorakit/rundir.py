@@ -78,6 +78,20 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, mask(text) + "\n")
 
 
+def no_adapter_fix(run_dir: Path) -> str:
+    """The fix for a run folder without its final adapter: resume it when a checkpoint was
+    kept (its training stopped before the end), else train it."""
+    run = RunDir(run_dir)
+    done = run.complete_checkpoints() if run.exists() else []
+    if done:
+        return (
+            f"its training stopped after {done[-1].name}, before the adapter was saved: continue "
+            "it with `lorakit run RECIPE --resume-from-checkpoint auto` (RECIPE: the file it "
+            f"was started from; {run.recipe} is a copy of it), then use the run folder"
+        )
+    return "train it first with `lorakit run RECIPE`"
+
+
 def metric_records(path: Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``. A line that is not a JSON object is left out:
     an append cut short (a full disk, a killed process) leaves half a line, and training

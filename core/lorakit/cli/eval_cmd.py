@@ -54,8 +54,16 @@ def run(args) -> int:
     report = evaluate_run(
         recipe, session.components, run_dir, adapter=True, baseline=baseline, say=say
     )
-    if report is not None:
-        print(f"done: {report}")
+    if report is None:  # every split asked for is empty: nothing was scored or written
+        splits = list(recipe.eval.splits)
+        raise RunError(
+            f"nothing was evaluated: the {' and '.join(splits)} split"
+            f"{'s' if len(splits) > 1 else ''} of {run_dir} "
+            f"{'hold' if len(splits) > 1 else 'holds'} no examples",
+            fix='name a split that has examples (eval.splits=["val"]); an eval report already '
+            "in the run folder is from an earlier evaluation and was left as it was",
+        )
+    print(f"done: {report}")
     return 0
 
 

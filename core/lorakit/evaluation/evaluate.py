@@ -39,7 +39,7 @@ from lorakit.evaluation.harness import HarnessPlan, HarnessScores, plan_harness,
 from lorakit.evaluation.sets import EvalSet
 from lorakit.qpissa import adapter_off
 from lorakit.recipe import Recipe
-from lorakit.rundir import RunDir, read_json
+from lorakit.rundir import RunDir, no_adapter_fix, read_json
 
 BASELINE_DIR = "baseline"
 REPORT = "eval_report.json"
@@ -440,9 +440,7 @@ def evaluate_run(
     run = RunDir(run_dir)
     adapter_dir = run.adapter if adapter else None
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-        raise RunError(
-            f"{run_dir} has no trained adapter", fix="train it first with `lorakit run RECIPE`"
-        )
+        raise RunError(f"{run_dir} has no trained adapter", fix=no_adapter_fix(run_dir))
     with_base = (recipe.eval.baseline if baseline is None else baseline) or not adapter
     loaded = prepare_inference(recipe, components, adapter_dir, ref=ref)
     plan = plan_eval(

@@ -124,6 +124,23 @@ def preference_metrics(margins: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _score(name: str, metric: Any, *args: Any) -> float:
+    """``metric.score(*args)``; a metric plugin that fails is named, not a traceback."""
+    from lorakit.errors import LorakitError, PluginError
+
+    try:
+        return float(metric.score(*args))
+    except LorakitError:
+        raise
+    except Exception as exc:  # a plugin's bug: name it, keep the cause for --debug
+        raise PluginError(
+            f"metric {name!r} failed to score ({type(exc).__name__}: {exc})",
+            where="[eval].metrics",
+            fix="this is a bug in the metric plugin: report it to its author, or leave the "
+            "metric out of [eval].metrics",
+        ) from exc
+
+
 def score_model(
     model: Any,
     tokenizer: Any,
@@ -147,7 +164,7 @@ def score_model(
         values: dict[str, float] = {}
         if loss_metrics:
             nll, n = loss_sums(model, s.rows, loss_batch_size)
-            values.update({k: float(m.score(nll, n)) for k, m in loss_metrics.items()})
+            values.update({k: _score(k, m, nll, n) for k, m in loss_metrics.items()})
         gens: list[Generation] = []
         if gen_metrics and s.prompts:
             gens = generate(
@@ -161,7 +178,7 @@ def score_model(
             texts = [g.text for g in gens]
             stopped = [g.stopped for g in gens]
             for k, m in gen_metrics.items():
-                values[k] = float(m.score(texts, s.references, stopped))
+                values[k] = _score(k, m, texts, s.references, stopped)
         margins: list[float] = []
         if s.pairs:
             margins = pair_margins(model, s.pairs, loss_batch_size, normalized_pairs)

@@ -113,9 +113,6 @@ def export_run(
     """Export the adapter of ``run_dir`` (with ``merge`` a merged model, with ``gguf_types``
     merged GGUF files, or with ``gguf_base_only`` GGUF files of the base as trained); return
     the paths. A run a live ``lorakit run`` holds is refused."""
-    from lorakit.load_run import run_folder
-
-    run_folder(Path(run_dir), recipe_too=False)  # a recipe file or a missing folder
     if out is not None:
         out = Path(out).resolve()  # `--out .` has no name to put a temporary folder beside
     options = ExportOptions(

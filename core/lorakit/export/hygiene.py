@@ -28,7 +28,9 @@ def run_at_rest(run_dir: Path) -> Iterator[None]:
     claim = Path(run_dir) / ".lorakit-claim"
     try:
         fd = os.open(claim, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:  # never claimed (a recipe, a copied folder): nothing runs there
+    # never claimed (a copied folder), or not a folder at all (a recipe file: refused by name
+    # once the claim is known to be free): nothing runs there
+    except (FileNotFoundError, NotADirectoryError):
         yield
         return
     except OSError as exc:

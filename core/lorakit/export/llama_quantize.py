@@ -64,7 +64,13 @@ def find_quantizer() -> Quantizer:
                 "library, nor a folder holding one",
                 fix=f"point {ENV} at one, or install one: {INSTALL}",
             )
-        return Quantizer(found, "library" if ".so" in found.name else "executable")
+        kind = "library" if ".so" in found.name else "executable"
+        if kind == "executable" and not os.access(found, os.X_OK):
+            raise RunError(
+                f"{ENV}={configured}: {found} is not executable",
+                fix=f"chmod +x it, or point {ENV} at a working llama-quantize: {INSTALL}",
+            )
+        return Quantizer(found, kind)
     exe = shutil.which("llama-quantize")
     if exe:
         return Quantizer(Path(exe), "executable")
@@ -83,7 +89,14 @@ def quantize(quantizer: Quantizer, source: Path, target: Path, gguf_type: str) -
     else:
         cmd = [sys.executable, "-m", __name__, str(quantizer.path), str(source), str(target)]
         cmd.append(str(ftype))
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:  # not a program this machine runs (another architecture, a script)
+        raise RunError(
+            f"llama.cpp's quantizer {quantizer.path} could not be started ({exc.strerror}); "
+            "nothing was exported",
+            fix=f"point {ENV} at a llama-quantize built for this machine: {INSTALL}",
+        ) from exc
     if done.returncode != 0 or not target.is_file():
         target.unlink(missing_ok=True)
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
