@@ -199,3 +199,15 @@ def test_evaluating_only_empty_splits_fails(tiny_run, tmp_path, cli):
     code, _out, err = cli("eval", run, 'eval.splits=["test"]')
     # it said "nothing to evaluate" and exited 0, leaving an earlier report as if current
     assert code == 2 and "the test split of" in err and "holds no examples" in err, err
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_a_damaged_adapter_config_is_refused_not_exported(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text()[:120])  # cut short
+    code, _out, err = cli("export", run, "--out", tmp_path / "e")
+    # it was copied into the export, exit 0; eval and generate then failed with a traceback
+    assert code == 2 and "adapter_config.json is not valid JSON" in err, err
+    assert not (tmp_path / "e").exists()

@@ -234,6 +234,23 @@ def check_adapter_dir(adapter_dir: Path) -> None:
             if is_run
             else "point at a run folder's adapter/; train first with `lorakit run`",
         )
+    import json
+
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        settings = exc
+    if not isinstance(settings, dict) or not isinstance(settings.get("peft_type"), str):
+        what = (
+            f"not valid JSON ({settings})"
+            if isinstance(settings, Exception)
+            else ("not a PEFT adapter config (no peft_type)")
+        )
+        raise RunError(
+            f"{config} is {what}",
+            fix="the file is truncated or corrupt; copy the adapter again from where it was "
+            "trained, or use an earlier checkpoint",
+        )
     from safetensors import safe_open
 
     try:
