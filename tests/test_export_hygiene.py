@@ -211,3 +211,14 @@ def test_a_damaged_adapter_config_is_refused_not_exported(tiny_run, tmp_path, cl
     # it was copied into the export, exit 0; eval and generate then failed with a traceback
     assert code == 2 and "adapter_config.json is not valid JSON" in err, err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_a_missing_tokenizer_file_is_named(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "adapter" / "tokenizer.json").unlink()
+    for args in (("export", run, "--out", tmp_path / "e"), ("generate", run, "--prompt", "hi")):
+        code, _out, err = cli(*args)
+        # was a ValueError traceback from transformers
+        assert code == 2 and "tokenizer saved with the adapter" in err and "Traceback" not in err

@@ -178,12 +178,21 @@ class ModelDirTarget(Target):
         from lorakit.device import resolve_device
 
         self.device = resolve_device("auto")
+        from lorakit.rundir import read_json
+
+        # read_json: a damaged lorakit.json is a RunError naming the file
         self.meta = (
-            json.loads((folder / "lorakit.json").read_text())
-            if (folder / "lorakit.json").is_file()
-            else {}
+            read_json(folder / "lorakit.json") if (folder / "lorakit.json").is_file() else {}
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:  # a file of it missing or damaged
+            raise RunError(
+                f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200]})",
+                fix="a tokenizer file is missing or damaged: export the run again "
+                "(lorakit export RUN --merge)",
+            ) from exc
         if not getattr(self.tokenizer, "chat_template", None):
             raise RunError(
                 f"{folder} has a tokenizer without a chat template",

@@ -131,9 +131,18 @@ def prepare_inference(
         from transformers import AutoTokenizer
 
         # the adapter's copy of the tokenizer needs the same trust as the model it came from
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(adapter_dir), trust_remote_code=ref.trust_remote_code
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(adapter_dir), trust_remote_code=ref.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:  # a file of it missing or damaged
+            raise RunError(
+                f"the tokenizer saved with the adapter in {adapter_dir} cannot be loaded "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})",
+                fix="a tokenizer file is missing or damaged: copy the adapter folder again "
+                "from where it was trained (tokenizer.json, tokenizer_config.json beside "
+                "adapter_config.json)",
+            ) from exc
     else:
         tokenizer = load_tokenizer(ref, recipe_dir=recipe.recipe_dir)
     formatter = components.formatter
