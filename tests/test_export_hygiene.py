@@ -222,3 +222,22 @@ def test_a_missing_tokenizer_file_is_named(tiny_run, tmp_path, cli):
         code, _out, err = cli(*args)
         # was a ValueError traceback from transformers
         assert code == 2 and "tokenizer saved with the adapter" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
+def test_an_export_uses_the_base_as_found_here_not_the_training_machines_path(
+    tiny_run, tmp_path, cli
+):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta_file = run / "adapter" / "lorakit.json"
+    meta = json.loads(meta_file.read_text())
+    here = meta["base_model_path"]
+    meta["base_model_path"] = "/home/alice/.cache/lorakit/model"  # trained on another machine
+    meta_file.write_text(json.dumps(meta))
+    code, _out, err = cli("export", run, "--merge", "--out", tmp_path / "e")
+    assert code == 0, err
+    merged = json.loads((tmp_path / "e" / "merged" / "lorakit.json").read_text())
+    assert merged["base_model_path"] == here  # what `generate --compare` loads

@@ -63,8 +63,10 @@ def export_meta(run: RunDir, loaded: Any, components: Components) -> tuple[dict[
     formatter = loaded.formatter
     if isinstance(formatter, HasSystemPrompt) and formatter.system_prompt is not None:
         meta["system_prompt"] = formatter.system_prompt
-    base_path = meta.get("base_model_path") or loaded.ref.path
-    meta.setdefault("base_model_path", base_path)
+    # the base as resolved on this machine: the path recorded at training is the training
+    # machine's (another user's cache, another mount), kept only where nothing resolves here
+    base_path = loaded.ref.path or meta.get("base_model_path")
+    meta["base_model_path"] = base_path
     return meta, base_path
 
 
