@@ -252,3 +252,19 @@ lm_eval_batch_size = 4
     assert code == 2
     assert "'tiny_mcq' is not an lm-eval task (did you mean 'tiny_mc'?)" in err
     assert not (tmp_path / "runs" / "typo" / "adapter").exists()
+
+
+def test_a_task_whose_data_cannot_be_fetched_is_named(monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lorakit.errors import RunError
+    from lorakit.evaluation import harness
+
+    def offline(**_kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    monkeypatch.setattr(harness, "_model_class", lambda: lambda **_kwargs: object())
+    plan = harness.HarnessPlan(("arc_easy",), None, 4, None, 1)
+    with pytest.raises(RunError, match="could not load the data of arc_easy") as err:
+        harness.score_tasks(object(), object(), plan, manager=None)
+    assert "--lm-eval-include" in err.value.fix  # was a ConnectionError traceback

@@ -149,15 +149,25 @@ def score_tasks(model: Any, tokenizer: Any, plan: HarnessPlan, manager: Any) -> 
         lm = _model_class()(
             pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=plan.batch_size
         )
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(plan.tasks),
-            task_manager=manager,
-            limit=plan.limit,
-            num_fewshot=plan.num_fewshot,
-            log_samples=False,
-            bootstrap_iters=0,  # no stderr: the comparison is base vs tuned on the same items
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(plan.tasks),
+                task_manager=manager,
+                limit=plan.limit,
+                num_fewshot=plan.num_fewshot,
+                log_samples=False,
+                bootstrap_iters=0,  # no stderr: base vs tuned on the same items
+            )
+        except (OSError, ConnectionError) as exc:  # the task's dataset is not here
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise RunError(
+                f"lm-eval could not load the data of {', '.join(plan.tasks)} "
+                f"({type(exc).__name__}: {first})",
+                fix="lm-eval downloads each task's dataset from the Hugging Face Hub on first "
+                "use: run once where the Hub is reachable (the datasets cache keeps it), or "
+                "name local task YAMLs with --lm-eval-include",
+            ) from exc
     if out is None:  # only on a non-zero rank of a distributed lm-eval run
         raise RunError("lm-eval returned no results", fix="run the evaluation in one process")
     return parse_results(out)

@@ -65,7 +65,7 @@ def export_meta(run: RunDir, loaded: Any, components: Components) -> tuple[dict[
         meta["system_prompt"] = formatter.system_prompt
     # the base as resolved on this machine: the path recorded at training is the training
     # machine's (another user's cache, another mount), kept only where nothing resolves here
-    base_path = loaded.ref.path or meta.get("base_model_path")
+    base_path = str(loaded.ref.path or meta.get("base_model_path") or "")
     meta["base_model_path"] = base_path
     return meta, base_path
 
