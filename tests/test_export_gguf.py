@@ -187,12 +187,15 @@ def test_unsupported_architecture_is_named_and_nothing_written(tiny_export, tmp_
     from lorakit.cli.main import main
 
     run = _copy_run(tiny_export[0], tmp_path)
-    model = Path(shutil.copytree(tiny_export[0].parents[1] / "model", tmp_path / "model"))
+    original = tiny_export[0].parents[1] / "model"
+    model = Path(shutil.copytree(original, tmp_path / "model"))
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "qwen3"}))
-    meta_path = run / "adapter" / "lorakit.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "base_model_path": str(model)}))
+    # a run of that model: its recipe, resolved settings and adapter all name the copy
+    for name in ("recipe.toml", "resolved.json", "adapter/lorakit.json"):
+        text = (run / name).read_text()
+        assert str(original) in text, name
+        (run / name).write_text(text.replace(str(original), str(model)))
     assert main(["export", str(run), "--gguf"]) == 2
     err = capsys.readouterr().err
     assert "'qwen3' architecture" in err and "fix:" in err and "Traceback" not in err

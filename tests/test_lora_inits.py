@@ -317,6 +317,11 @@ def test_a_checkpoint_folder_is_not_a_run_folder(tmp_path, cli):
     checkpoint.mkdir(parents=True)
     (run / "run.json").write_text("{}")
     (run / "resolved.json").write_text(json.dumps({"peft": {"r": 4}}))
+    code, _, err = cli("export", checkpoint)
+    # no adapter/ yet (stopped before the end): the run folder would be refused too
+    assert code == 2 and "once it has its adapter/" in err, err
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
     for verb in (["eval"], ["generate", "--prompt", "hi"], ["export"]):
         code, _, err = cli(verb[0], checkpoint, *verb[1:])
         assert code == 2 and "checkpoint-2 of the run" in err, err
