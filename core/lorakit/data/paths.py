@@ -132,13 +132,14 @@ def matching_files(
     seen = {os.path.realpath(root)}
     for folder, dirs, names in os.walk(root, followlinks=True):
         here = Path(folder)
+        dirs.sort()  # which of two paths to one folder is read does not depend on the listing
         for d in list(dirs):
             real = os.path.realpath(here / d)
             if real in seen:
                 dirs.remove(d)
                 rel = (here / d).relative_to(root).as_posix()
                 if not skipped(rel):
-                    _skipped(here / d, "a folder already read (a symbolic link loop)")
+                    _skipped(here / d, "a folder already read (a link to it, or a loop)")
             else:
                 seen.add(real)
         for name in names:
@@ -183,6 +184,8 @@ def _name_regex(part: str) -> str:
             body = part[i + 1 : end]
             negate = body.startswith("!")
             body = body[1:] if negate else body
+            if not negate and body.startswith("^"):
+                body = "\\" + body  # a literal ^, as fnmatch reads it
             out.append("[" + ("^/" if negate else "") + body.replace("\\", "\\\\") + "]")
             i = end
         else:
