@@ -244,7 +244,7 @@ def check_adapter_dir(adapter_dir: Path) -> None:
         what = (
             f"not valid JSON ({settings})"
             if isinstance(settings, Exception)
-            else ("not a PEFT adapter config (no peft_type)")
+            else "not a PEFT adapter config (no peft_type)"
         )
         raise RunError(
             f"{config} is {what}",
