@@ -79,18 +79,15 @@ def markdown_bad_front_matter(folder: Path) -> dict:
     return {"plugin": "markdown", "path": "docs"}
 
 
-def report_malformed(folder: Path) -> dict:
-    (folder / "reports").mkdir()
-    (folder / "reports" / "r.json").write_text(
-        '{\n  "sections": {\n    "A": {"improved": "x"},,\n  }\n}'
-    )
-    return {"plugin": "report_json", "path": "reports"}
+def report_file(text: str, **options: object) -> Callable[[Path], dict]:
+    """A folder holding one report ``r.json`` of ``text``; ``options``: the source's options."""
 
+    def make(folder: Path) -> dict:
+        (folder / "reports").mkdir()
+        (folder / "reports" / "r.json").write_text(text)
+        return {"plugin": "report_json", "path": "reports", **options}
 
-def report_missing_field(folder: Path) -> dict:
-    (folder / "reports").mkdir()
-    (folder / "reports" / "r.json").write_text(json.dumps({"sections": {"A": {"original": "x"}}}))
-    return {"plugin": "report_json", "path": "reports"}
+    return make
 
 
 def instruction_file(*records: object) -> Callable[[Path], dict]:
@@ -99,21 +96,6 @@ def instruction_file(*records: object) -> Callable[[Path], dict]:
         return {"plugin": "instruction_jsonl", "path": "ins.jsonl"}
 
     return make
-
-
-def report_duplicate_section(folder: Path) -> dict:
-    (folder / "reports").mkdir()
-    (folder / "reports" / "r.json").write_text(
-        '{"sections": {"RESULTS": {"improved": "one"}, "RESULTS": {"improved": "two"}}}'
-    )
-    return {"plugin": "report_json", "path": "reports"}
-
-
-def report_misspelt_section(folder: Path) -> dict:
-    (folder / "reports").mkdir()
-    body = {"INTRODUCTION": {"improved": "i"}, "RESULTS": {"improved": "r"}}
-    (folder / "reports" / "r.json").write_text(json.dumps({"sections": body}))
-    return {"plugin": "report_json", "path": "reports", "sections": ["INTRODUCTION", "RESULT"]}
 
 
 CASES = {
@@ -175,7 +157,11 @@ CASES = {
         "front matter is not valid YAML: mapping values are not allowed",
         "a.md:3",
     ),
-    "report malformed json": (report_malformed, "malformed JSON", "r.json:3"),
+    "report malformed json": (
+        report_file('{\n  "sections": {\n    "A": {"improved": "x"},,\n  }\n}'),
+        "malformed JSON",
+        "r.json:3",
+    ),
     "deeply nested json": (
         chat_file(
             lines(GOOD, b'{"id": "deep", "messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
@@ -204,15 +190,28 @@ CASES = {
         "duplicate id 'good' (first seen at",
         "data.jsonl:1",
     ),
-    "report missing field": (report_missing_field, "has no 'improved' field", "r.json"),
+    "report missing field": (
+        report_file(json.dumps({"sections": {"A": {"original": "x"}}})),
+        "has no 'improved' field",
+        "r.json",
+    ),
     "instruction missing output": (
         instruction_file({"instruction": "do it"}),
         "missing field 'output'",
         "ins.jsonl:1",
     ),
-    "report duplicate section": (report_duplicate_section, "duplicate key 'RESULTS'", "r.json"),
+    "report duplicate section": (
+        report_file('{"sections": {"RESULTS": {"improved": "1"}, "RESULTS": {"improved": "2"}}}'),
+        "duplicate key 'RESULTS'",
+        "r.json",
+    ),
     "report misspelt section": (
-        report_misspelt_section,
+        report_file(
+            json.dumps(
+                {"sections": {"INTRODUCTION": {"improved": "i"}, "RESULTS": {"improved": "r"}}}
+            ),
+            sections=["INTRODUCTION", "RESULT"],
+        ),
         "sections 'RESULT' are in none of the reports",
         "[data.sources].sections",
     ),

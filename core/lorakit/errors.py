@@ -66,6 +66,13 @@ class RunError(LorakitError):
     """A run folder, checkpoint or adapter is missing, incomplete or would be overwritten."""
 
 
+def cause(exc: BaseException, limit: int = 200) -> str:
+    """A library's exception in one line for a lorakit error: its class and the first line of
+    its message (at most ``limit`` characters), or the class alone when it has no message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
 def closest(name: str, known: Iterable[str]) -> str | None:
     """The known name closest to a misspelled ``name`` (for "did you mean ...?"), or None."""
     close = difflib.get_close_matches(name, list(known), n=1)

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from lorakit.contracts import Message
-from lorakit.errors import DataError, RunError
+from lorakit.errors import DataError, RunError, cause
 
 # --------------------------------------------------------------------------- prompts
 
@@ -188,8 +188,7 @@ class ModelDirTarget(Target):
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:  # a file of it missing or damaged
             raise RunError(
-                f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0][:200]})",
+                f"the tokenizer in {folder} cannot be loaded ({cause(exc)})",
                 fix="a tokenizer file is missing or damaged: export the run again "
                 "(lorakit export RUN --merge)",
             ) from exc

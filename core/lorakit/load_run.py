@@ -17,7 +17,7 @@ import attrs
 from lorakit.catalog import Catalog
 from lorakit.components import Components
 from lorakit.contracts import ModelRef
-from lorakit.errors import RunError
+from lorakit.errors import RunError, cause
 from lorakit.export.adapter_io import read_meta, stop_token_ids
 from lorakit.recipe import Recipe, load_recipe, validate
 from lorakit.recipe_toml import apply_overrides, read_toml
@@ -138,7 +138,7 @@ def prepare_inference(
         except (OSError, ValueError) as exc:  # a file of it missing or damaged
             raise RunError(
                 f"the tokenizer saved with the adapter in {adapter_dir} cannot be loaded "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})",
+                f"({cause(exc)})",
                 fix="a tokenizer file is missing or damaged: copy the adapter folder again "
                 "from where it was trained (tokenizer.json, tokenizer_config.json beside "
                 "adapter_config.json)",

@@ -323,17 +323,13 @@ def resumed_merge(recipe: Recipe) -> int | None:
     """The tokens up to which a resumed run of ``recipe`` merges a step's micro-batches, as its
     run.json recorded at the start (0: it does not merge); None where its folder has no
     readable run.json (the resume will say so itself)."""
-    from lorakit.rundir import RunDir, read_json
+    from lorakit.rundir import RunDir, read_json, recorded_merge
 
     path = RunDir(recipe.run_dir).run_json
     try:
-        batch = read_json(path).get("batch", {}) if path.is_file() else None
+        return recorded_merge(read_json(path)) if path.is_file() else None
     except LorakitError:
         return None
-    if not isinstance(batch, dict):
-        return None
-    merged = batch.get("merged_micro_batch_tokens", 0)
-    return merged if isinstance(merged, int) and merged > 0 else 0
 
 
 def check_memory(

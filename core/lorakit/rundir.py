@@ -92,6 +92,14 @@ def no_adapter_fix(run_dir: Path) -> str:
     return "train it first with `lorakit run RECIPE`"
 
 
+def recorded_merge(started: Mapping[str, Any]) -> int:
+    """The tokens up to which a run merges a step's micro-batches, as its run.json (``started``)
+    recorded at the start; 0 where it does not (or started before lorakit merged them)."""
+    batch = started.get("batch")
+    merged = batch.get("merged_micro_batch_tokens", 0) if isinstance(batch, Mapping) else 0
+    return merged if isinstance(merged, int) and merged > 0 else 0
+
+
 def metric_records(path: Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``. A line that is not a JSON object is left out:
     an append cut short (a full disk, a killed process) leaves half a line, and training

@@ -43,7 +43,7 @@ from lorakit.fidelity import (
     with_default_system,
 )
 from lorakit.recipe import Recipe
-from lorakit.rundir import RunDir, read_json, write_json
+from lorakit.rundir import RunDir, read_json, recorded_merge, write_json
 from lorakit.secrets import credentials_warning, masked_keys
 from lorakit.tracking import Loggers, log_outputs, run_info
 
@@ -763,8 +763,7 @@ def _find_checkpoint(
         field: value if isinstance(value := started_by.get(key), str) else None
         for field, key in (("reference", "reference_logps"), ("compute_dtype", "compute_dtype"))
     }
-    merged = started_by.get("batch", {}).get("merged_micro_batch_tokens", 0)
-    recorded["merge_tokens"] = merged if isinstance(merged, int) and merged > 0 else 0
+    recorded["merge_tokens"] = recorded_merge(started_by)
     recorded["share_prefix"] = started_by.get("batch", {}).get("shared_prefix") is True
     return checkpoint, changed, recorded
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from lorakit.errors import RunError, closest
+from lorakit.errors import RunError, cause, closest
 from lorakit.evaluation.numbers import fmt
 from lorakit.qpissa import adapter_off
 from lorakit.recipe import LM_EVAL_INSTALL, Recipe
@@ -160,10 +160,8 @@ def score_tasks(model: Any, tokenizer: Any, plan: HarnessPlan, manager: Any) -> 
                 bootstrap_iters=0,  # no stderr: base vs tuned on the same items
             )
         except (OSError, ConnectionError) as exc:  # the task's dataset is not here
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise RunError(
-                f"lm-eval could not load the data of {', '.join(plan.tasks)} "
-                f"({type(exc).__name__}: {first})",
+                f"lm-eval could not load the data of {', '.join(plan.tasks)} ({cause(exc)})",
                 fix="lm-eval downloads each task's dataset from the Hugging Face Hub on first "
                 "use: run once where the Hub is reachable (the datasets cache keeps it), or "
                 "name local task YAMLs with --lm-eval-include",

@@ -136,7 +136,8 @@ class ReportJsonSource:
             return None
         wanted = {s.upper() for s in self.options.sections}
         parts: list[tuple[str, str]] = []
-        self._found.update(str(name).upper() for name in body)
+        names = {str(name).upper() for name in body}
+        self._found |= names
         for name, value in body.items():
             if wanted and name.upper() not in wanted:
                 continue
@@ -159,7 +160,7 @@ class ReportJsonSource:
             if value.strip():
                 parts.append((name, value))
         if not parts:
-            if wanted and not wanted & {str(name).upper() for name in body}:
+            if wanted and not wanted & names:
                 ctx.reject(
                     f"report has none of the sections {', '.join(sorted(wanted))}",
                     where,
