@@ -56,7 +56,14 @@ def main() -> None:
         allowed = torch.ones(n, n, dtype=torch.bool).tril_()
         return math_attention.attention(q, k, v, allowed, None)
 
-    contenders = {"flash": flash, "math": math}
+    def whole(q, k, v):
+        # math_attention before it cut long examples into blocks of queries: all in one
+        n = q.shape[2]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril_()
+        masks = math_attention.mask_bias(allowed, q.dtype)._replace(blocks=((0, n, n),))
+        return math_attention.attention(q, k, v, None, None, bias=masks)
+
+    contenders = {"flash": flash, "whole": whole, "math": math}
 
     def inputs(n, dt, seed=0, size=1.0):
         g = torch.Generator().manual_seed(seed)
@@ -81,7 +88,10 @@ def main() -> None:
         return [out.detach(), *torch.autograd.grad(out, qkv, g)]
 
     print(f"{args.dtype}, {threads} threads, heads {h} (kv {kvh}) x {d}")
-    print("length | flash ms | math ms | flash / math | error flash (o, dq, dk, dv) | error math")
+    print(
+        "length | blocks | flash ms | whole ms | math ms | flash / math | whole / math "
+        "| error flash (o, dq, dk, dv) | error whole | error math"
+    )
     for n in args.lengths:
         reps = max(3, 2000 // n)
         times: dict[str, list[float]] = {c: [] for c in contenders}
@@ -103,8 +113,12 @@ def main() -> None:
                 f"{float((a.double() - b).abs().max() / b.abs().max()):.1e}"
                 for a, b in zip(got, ref, strict=True)
             )
-        f, m = statistics.median(times["flash"]), statistics.median(times["math"])
-        print(f"{n} | {f:.2f} | {m:.2f} | {f / m:.2f}x | {errs['flash']} | {errs['math']}")
+        f, w, m = (statistics.median(times[c]) for c in ("flash", "whole", "math"))
+        blocks = math_attention.block_count(n, n)
+        print(
+            f"{n} | {blocks} | {f:.2f} | {w:.2f} | {m:.2f} | {f / m:.2f}x | {w / m:.2f}x "
+            f"| {errs['flash']} | {errs['whole']} | {errs['math']}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What each of lorakit's CPU step changes is worth, measured in one process.
 
     .venv/bin/python benchmarks/step_ablation.py [--dtype bf16|fp32] [--quant none|bnb-4bit]
-        [--steps 30] [--switch row_masks --switch bf16_scores]
+        [--steps 30] [--switch row_masks --switch query_blocks --switch bf16_scores]
         [--model-path DIR | --model-size 1.7b] [--data ../shared/data/alpaca_seed_chat.jsonl]
 
 This VM's speed drifts by 10-25% from minute to minute, so two separate runs (or two runs of
@@ -16,6 +16,11 @@ against ``all off``.
 The switches. ``row_masks`` is lorakit's code as it is, and off is what came before it: the
 attention masks of a packed row built once for all layers (``attention._RowMasks``); off, every
 layer builds its own.
+
+``query_blocks`` is lorakit's code as it is: ``math_attention`` attends an example of
+2 x ``BLOCK_QUERIES`` queries or more in blocks of queries, each against only the keys it may
+see, and takes examples up to 2048 keys; off, every example in one block, and examples above 640
+keys to PyTorch's flash kernel, as before it.
 
 ``bf16_scores`` is a candidate, not in lorakit: on, ``math_attention``'s forward takes each
 row's largest score from bf16 scores and then ``exp(S - m)`` with ``m`` taken off inside the
@@ -38,28 +43,27 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-SWITCHES = ("row_masks", "bf16_scores")
+SWITCHES = ("row_masks", "query_blocks", "bf16_scores")
 
 
-def bf16_scores_forward(
-    ctx: Any, q: Any, k: Any, v: Any, wide: Any, bias: Any, scale: float
-) -> Any:
+def bf16_scores_forward(ctx: Any, q: Any, k: Any, v: Any, masks: Any, scale: float) -> Any:
     """The candidate forward: each row's largest score ``m`` from bf16-rounded scores, then
     ``E = exp(S - m)`` in bf16 with ``-m / scale`` joined to the matmul as a constant column
     (as the backward recomputes ``P``), ``O = (E V) / rowsum(E)`` with the sum in fp32, and
     the log-sum-exp ``m + log rowsum(E)`` kept for the backward."""
     import torch
-    from lorakit.math_attention import _exp_scores
+    from lorakit.math_attention import _exp_scores, _with_ones
 
+    wide, bias = masks.wide, masks.low  # the example whole, in one block
     rough = torch.bmm(q, k.transpose(1, 2))
     rough.view(rough.shape[0], rough.shape[1] // bias.shape[0], *bias.shape).add_(bias)
     top = rough.to(wide.dtype).amax(-1, keepdim=True).mul_(scale)
-    e = _exp_scores(q, k, bias, top, scale)  # exp(S - m), as the backward recomputes P
+    e = _exp_scores(q, _with_ones(k), bias, top, scale)  # exp(S - m), as the backward's P
     z = e.sum(-1, keepdim=True, dtype=wide.dtype)
     lse = top.add_(z.log())
     out = torch.bmm(e, v).mul_(z.reciprocal_())
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, bias, lse)
+    ctx.scale, ctx.masks = scale, masks
+    ctx.save_for_backward(q, k, v, out, lse)
     return out
 
 
@@ -74,9 +78,9 @@ def switcher() -> Any:
 
     function = math_attention._make_function()
     math_attention._Attention._fn = function
+    block_queries, max_keys = math_attention.BLOCK_QUERIES, math_attention.MAX_KEYS
     # name: (owner, attribute, value when on, value when off)
     saved = {
-        "row_masks": (attention, "_ROW_MASKS", attention._ROW_MASKS, _NoRowMasks()),
         "bf16_scores": (
             function,
             "forward",
@@ -88,6 +92,11 @@ def switcher() -> Any:
     def apply(on: set[str]) -> None:
         for name, (owner, attr, new, old) in saved.items():
             setattr(owner, attr, new if name in on else old)
+        blocks = "query_blocks" in on
+        math_attention.BLOCK_QUERIES = block_queries if blocks else 1 << 30
+        math_attention.MAX_KEYS = max_keys if blocks else 640
+        # a fresh cache each time: a row's masks hold its blocks of queries
+        attention._ROW_MASKS = attention._RowMasks() if "row_masks" in on else _NoRowMasks()
 
     return apply
 
@@ -135,7 +144,7 @@ def main() -> None:
                     seconds[name] += time.perf_counter() - started
             if step >= 2:
                 tokens += sum(len(r.input_ids) for r in chosen)
-    apply({"row_masks"})  # lorakit as it is
+    apply({"row_masks", "query_blocks"})  # lorakit as it is
     print(
         f"{args.quant}, compute {args.dtype}, {run.threads} threads, "
         f"{args.steps - 2} batches of {args.batch} timed ({tokens} tokens), variants alternated"

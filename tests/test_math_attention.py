@@ -54,15 +54,21 @@ def _attend(q, k, v, allowed):
     return attention(q, k, v, allowed, None)
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("kind", ["causal", "context", "pair"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
-def test_the_arithmetic_is_attention_in_fp64(kind, heads, kv_heads):
+def test_the_arithmetic_is_attention_in_fp64(kind, heads, kv_heads, blocks, monkeypatch):
     """In fp64 every rounding the bf16 path relies on is exact, so this checks the formulas:
     masks, grouped heads, the log-sum-exp recovered from softmax, the backward's constant
-    columns. Output and all three gradients equal SDPA's to fp64 precision."""
+    columns, and queries attended in blocks against only the keys each block may see (their
+    key gradients added up over the blocks). Output and all three gradients equal SDPA's to
+    fp64 precision."""
     import torch
+    from lorakit import math_attention
 
     tq, tk = 40, 40 if kind != "context" else 52
+    monkeypatch.setattr(math_attention, "BLOCK_QUERIES", tq // blocks)
+    assert len(math_attention.query_blocks(_mask(kind, tq, tk))) == blocks
     q, k, v, out_grad = _inputs(torch.float64, heads, kv_heads, tq, tk, dim=16)
     allowed = _mask(kind, tq, tk)
     got = _run(_attend, q, k, v, out_grad, allowed)
@@ -98,11 +104,52 @@ def test_bf16_is_as_close_to_exact_attention_as_the_flash_kernel(kind):
     assert max(ours) < 1.5e-2 and max(ours) <= 2 * max(flash), (ours, flash)
 
 
-def test_bf16_results_are_the_same_bits_every_time():
+@pytest.mark.parametrize("kind", ["causal", "context", "pair"])
+def test_bf16_in_blocks_of_queries_is_as_close_to_exact_attention_as_the_flash_kernel(kind):
+    """A long example attends in blocks of queries (:data:`BLOCK_QUERIES` each), each against
+    the keys up to its last query's, its key and value gradients added up in fp32 and rounded
+    once: the same bound as in one block (the test above), at a length of several blocks."""
+    import torch
+    from lorakit import math_attention
+
+    tq, tk = 500, 500 if kind != "context" else 540
+    allowed = _mask(kind, tq, tk)
+    assert len(math_attention.query_blocks(allowed)) >= 2
+    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, tq, tk)
+    want = _run(_reference, *(t.double() for t in (q, k, v, out_grad)), allowed)
+    ours = _relative_errors(_run(_attend, q, k, v, out_grad, allowed), want)
+    flash = _relative_errors(_run(_reference, q, k, v, out_grad, allowed), want)
+    assert max(ours) < 1.5e-2 and max(ours) <= 2 * max(flash), (ours, flash)
+
+
+@pytest.mark.parametrize("kind", ["causal", "context", "pair"])
+def test_query_blocks_cover_the_queries_and_every_key_they_may_see(kind):
+    import torch
+    from lorakit.math_attention import BLOCK_QUERIES, query_blocks
+
+    for tq in (BLOCK_QUERIES - 1, BLOCK_QUERIES, 2 * BLOCK_QUERIES + 7, 5 * BLOCK_QUERIES):
+        tk = tq + (24 if kind == "context" else 0)
+        allowed = _mask(kind, tq, tk)
+        blocks = query_blocks(allowed)
+        assert len(blocks) == max(1, tq // BLOCK_QUERIES)
+        assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]]
+        assert blocks[-1][1] == tq and blocks[-1][2] == tk
+        for a, b, keys in blocks:
+            assert not allowed[a:b, keys:].any() and allowed[a:b, keys - 1].any()
+        if len(blocks) > 1:  # what the blocks save: the first block's later keys
+            assert blocks[0][2] < tk
+    # an unusual mask (a late query that sees only the first key) still gets every key it sees
+    allowed = torch.ones(2 * BLOCK_QUERIES, 2 * BLOCK_QUERIES, dtype=torch.bool).tril_()
+    allowed[0, :] = True
+    assert query_blocks(allowed)[0][2] == 2 * BLOCK_QUERIES
+
+
+@pytest.mark.parametrize("tq", [120, 500])
+def test_bf16_results_are_the_same_bits_every_time(tq):
     import torch
 
-    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, 120, 120)
-    allowed = _mask("causal", 120, 120)
+    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, tq, tq)
+    allowed = _mask("causal", tq, tq)
     first = _run(_attend, q, k, v, out_grad, allowed)
     second = _run(_attend, q, k, v, out_grad, allowed)
     assert all(a.equal(b) for a, b in zip(first, second, strict=True))
@@ -118,7 +165,7 @@ def test_it_takes_bf16_cpu_calls_of_its_lengths_only():
 
     assert call(torch.bfloat16, MIN_KEYS) and call(torch.bfloat16, MAX_KEYS)
     assert not call(torch.bfloat16, MIN_KEYS - 1)  # short: the kernel's fewer calls win
-    assert not call(torch.bfloat16, MAX_KEYS + 1)  # long: the kernel skips the masked half
+    assert not call(torch.bfloat16, MAX_KEYS + 1)  # longer: the masks would take memory
     assert not call(torch.float32, MIN_KEYS)  # fp32: the kernel is as fast
     assert not call(torch.bfloat16, MIN_KEYS, dropout=0.1)  # no attention dropout here
 

@@ -3,9 +3,9 @@
 transformers lets a model's attention be swapped by name (``AttentionInterface``). lorakit
 registers ``lorakit_varlen``: the packed row is cut at the example boundaries that the packing
 collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
-``scaled_dot_product_attention`` with ``is_causal=True`` (in a bf16 run, examples of 96 to 640
-tokens go through :mod:`lorakit.math_attention` instead: whole-example matmuls in bf16, faster
-there than the kernel; a CPU QLoRA model's fp32 q, k and v are rounded to bf16 first where its
+``scaled_dot_product_attention`` with ``is_causal=True`` (in a bf16 run, examples of 96 to 2048
+tokens go through :mod:`lorakit.math_attention` instead: batched matmuls in bf16, long examples
+a block of queries at a time, faster there than the kernel; a CPU QLoRA model's fp32 q, k and v are rounded to bf16 first where its
 4-bit layers compute in bf16, :func:`matmul_dtype`). Compared with one block-diagonal mask
 over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask.
 That loop is for CPUs. On a GPU a call per example and layer costs more in launches and host
@@ -291,7 +291,7 @@ def _mask(q: Any, block: int | None, prompt: int, context: int) -> Any:
     return mask
 
 
-def _math_bias(q: Any, block: int | None, prompt: int, context: int) -> tuple[Any, Any]:
+def _math_bias(q: Any, block: int | None, prompt: int, context: int) -> Any:
     from lorakit import math_attention
 
     mask = _mask(q, block, prompt, context)

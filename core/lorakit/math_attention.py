@@ -4,8 +4,8 @@ PyTorch's CPU flash kernel (``scaled_dot_product_attention``) walks an example i
 queries and keys with small matmuls. On a CPU with fast bf16 that costs far more than the
 arithmetic: before this module a bf16 run attended in fp32 up to 384 tokens (where the kernel
 is faster than in bf16), and attention was a quarter of SmolLM2-135M's step on 2 cores of an AMD
-EPYC with AVX512-BF16. Here each example's attention is one autograd node of whole-example
-matmuls, the 16-bit ones in bf16 (``benchmarks/bench_attention.py`` times both paths):
+EPYC with AVX512-BF16. Here each example's attention is one autograd node of batched matmuls
+over the whole example (or over blocks of its queries, below), the 16-bit ones in bf16 (``benchmarks/bench_attention.py`` times both paths):
 
 - forward: scores ``S = scale * Q K^T`` in fp32 with ``-inf`` where the mask forbids, every head
   of a key/value group in one matmul (grouped-query attention needs no repeated keys); ``P =
@@ -25,23 +25,37 @@ softmax, ``P`` and ``dS`` rounded to bf16): 3-7e-3 of each tensor's largest entr
 further and dK and dV a little closer than the kernel's (``tests/test_math_attention.py``). It
 is less precise than the fp32 attention bf16 runs used before, by about 2x on dQ and dK.
 
-It computes the masked half of every score matrix and a few dozen small operations per call,
-so :func:`applies` keeps it to examples from :data:`MIN_KEYS` to :data:`MAX_KEYS` keys; shorter
-and longer ones go to the flash kernel. fp32 runs keep the kernel, which is as fast there.
+An example of ``2 x BLOCK_QUERIES`` queries or more is attended in blocks of about
+:data:`BLOCK_QUERIES` queries (:func:`query_blocks`), each against the keys up to the last one
+its queries may see: under a causal mask the first block of two computes a quarter of the scores
+instead of half, and the blocks together about ``(n + 1) / 2n`` of the whole matrix. The rows of
+a block are independent in the forward; in the backward each block adds its share to the key and
+value gradients in fp32, which are rounded to bf16 once. Each block costs a few dozen small
+operations, so shorter examples stay whole.
+
+Below :data:`MIN_KEYS` those operations cost more than the arithmetic and the flash kernel takes
+the example; above :data:`MAX_KEYS` too, since the row keeps each example's mask (6 bytes a
+query and key). fp32 runs keep the kernel, which is as fast there.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, NamedTuple
 
 # an example's attention runs here from MIN_KEYS to MAX_KEYS keys. Its speed against the flash
 # kernel as lorakit called it before (fp32 up to 384 keys, bf16 above), forward and backward, 9
 # heads of 64, 2 cores of an AMD EPYC with AVX512-BF16 (benchmarks/bench_attention.py): 0.76x at
-# 64 keys (the dozens of small operations cost more than the arithmetic), 1.06x at 96, 1.35x at
-# 128, 1.44x at 150, 1.82x at 300, 1.4-1.6x at 512, 1.04x at 768, 0.99x at 1024 (the kernel skips
-# the masked half of the scores)
+# 64 keys (the dozens of small operations cost more than the arithmetic), 1.06-1.10x at 96,
+# 1.35x at 128, 1.44x at 150, 1.8x at 300; in blocks of queries 1.8x at 400-640, 1.4x at 1536
+# and 1.3-1.4x at 2048 and 3072 (whole, it fell to 0.99x at 1024, as the kernel skips the masked
+# half of the scores). A 2048-key example's masks take 25 MB, once a row for all layers.
 MIN_KEYS = 96
-MAX_KEYS = 640
+MAX_KEYS = 2048
+# queries a block (query_blocks): against one block, 0.95-1.03x at 300 queries in two blocks,
+# 1.07-1.2x at 400-450, 1.2-1.3x at 640 in three, 1.5-1.6x at 1024-2048 (blocks of 128: 0.85-0.9x
+# at 200 in two, no better at 640-2048; 256: no better)
+BLOCK_QUERIES = 192
 
 
 def applies(query: Any, key: Any, dropout: float) -> bool:
@@ -63,7 +77,7 @@ def attention(
     value: Any,
     allowed: Any,
     scale: float | None,
-    bias: tuple[Any, Any] | None = None,
+    bias: Masks | None = None,
 ) -> Any:
     """``query`` ``[1, heads, Tq, dim]``, ``key``/``value`` ``[1, kv_heads, Tk, dim]``, ``allowed``
     ``[Tq, Tk]`` (True: query i may attend to key j; every query at least one key). Returns
@@ -76,20 +90,54 @@ def attention(
         scale = dim**-0.5
     # squeeze, not [0]: the backward of a view is a view, an index's writes a zero tensor
     q = query.squeeze(0).reshape(groups, (heads // groups) * tq, dim)
-    wide, low = bias if bias is not None else mask_bias(allowed, query.dtype)
-    out = _Attention.apply(q, key.squeeze(0), value.squeeze(0), wide, low, float(scale))
+    masks = bias if bias is not None else mask_bias(allowed, query.dtype)
+    out = _Attention.apply(q, key.squeeze(0), value.squeeze(0), masks, float(scale))
     return out.view(1, heads, tq, dim)
 
 
-def mask_bias(allowed: Any, dtype: Any) -> tuple[Any, Any]:
-    """``allowed`` as additive biases (0 where a query may attend, ``-inf`` where not): fp32 for
-    the forward's fp32 scores, and ``dtype`` for the backward's recomputed ones."""
+class Masks(NamedTuple):
+    """One mask as :func:`attention` uses it: additive biases (0 where a query may attend,
+    ``-inf`` where not) in fp32 for the forward's fp32 scores and in the compute dtype for the
+    backward's recomputed ones, and the blocks of queries it attends one at a time:
+    ``(first query, end, keys)``, the block's queries seeing none of the keys from ``keys``
+    on."""
+
+    wide: Any
+    low: Any
+    blocks: tuple[tuple[int, int, int], ...]
+
+
+def mask_bias(allowed: Any, dtype: Any) -> Masks:
+    """:class:`Masks` of ``allowed`` for a run in ``dtype``."""
     import torch
 
     wide = torch.promote_types(dtype, torch.float32)
     bias = torch.zeros(allowed.shape, dtype=wide, device=allowed.device)
     bias.masked_fill_(~allowed, float("-inf"))
-    return bias, bias.to(dtype)
+    return Masks(bias, bias.to(dtype), query_blocks(allowed))
+
+
+def query_blocks(allowed: Any) -> tuple[tuple[int, int, int], ...]:
+    """The queries of ``allowed`` cut into :func:`block_count` blocks of about equal size, each
+    with the keys up to its queries' last allowed one. Under a causal mask (or one that opens
+    with keys every query sees) a block of early queries needs only the early keys: the scores
+    of the others are masked, and computing them is most of the cost of a long example."""
+    import torch
+
+    tq, tk = allowed.shape
+    count = block_count(tq, tk)
+    if count == 1:
+        return ((0, tq, tk),)
+    # one past each query's last allowed key
+    last = tk - allowed.flip(-1).to(torch.int32).argmax(-1)
+    cuts = [round(i * tq / count) for i in range(count + 1)]
+    return tuple((a, b, int(last[a:b].max())) for a, b in itertools.pairwise(cuts))
+
+
+def block_count(tq: int, tk: int) -> int:
+    """How many blocks of queries an example's attention runs in: one per
+    :data:`BLOCK_QUERIES` queries, since each block adds a few dozen small operations."""
+    return max(1, tq // BLOCK_QUERIES)
 
 
 def _scores(q: Any, k: Any, bias: Any, scale: float) -> Any:
@@ -132,17 +180,26 @@ def _with_ones(x: Any) -> Any:
     return torch.cat([x, x.new_ones((*x.shape[:-1], 2))], dim=-1)
 
 
-def _exp_scores(q: Any, k: Any, bias: Any, c: Any, scale: float) -> Any:
-    """bf16 ``exp(scale * q k^T + bias - c)``, ``c`` one fp32 value per row (the backward's
+def _exp_scores(q: Any, k1: Any, bias: Any, c: Any, scale: float) -> Any:
+    """bf16 ``exp(scale * q k^T + bias - c)`` (``k1``: ``k`` with :func:`_with_ones`' columns), ``c`` one fp32 value per row (the backward's
     log-sum-exp, which makes it ``P``). ``-c / scale`` joins the matmul as a constant column,
     so each score is rounded once, after ``c`` is taken off: close to 0 where the result is
     large, where bf16 is precise."""
     import torch
 
-    s = torch.bmm(_with_constant(q, c.div(-scale)), _with_ones(k).transpose(1, 2))
+    s = torch.bmm(_with_constant(q, c.div(-scale)), k1.transpose(1, 2))
     view = s.view(s.shape[0], s.shape[1] // bias.shape[0], *bias.shape)
     torch.add(bias, view, alpha=scale, out=view)
     return s.exp_()
+
+
+def _block(x: Any, heads: int, tq: int, a: int, b: int) -> Any:
+    """Queries ``a`` to ``b`` of ``x`` (``[groups, heads * tq, n]``, a key/value group's heads one
+    after the other) as ``[groups, heads * (b - a), n]``: a view of the whole, else a copy."""
+    if a == 0 and b == tq:
+        return x
+    groups = x.shape[0]
+    return x.view(groups, heads, tq, -1)[:, :, a:b].reshape(groups, heads * (b - a), -1)
 
 
 def _make_function() -> Any:
@@ -150,28 +207,83 @@ def _make_function() -> Any:
 
     class AttentionFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, wide: Any, bias: Any, scale: float) -> Any:
-            s = _scores(q, k, wide, scale)
-            p = torch.softmax(s, dim=-1)
-            ctx.scale = scale
-            # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
-            lse = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
-            out = torch.bmm(p.to(q.dtype), v)
-            ctx.save_for_backward(q, k, v, out, bias, lse)
+        def forward(ctx: Any, q: Any, k: Any, v: Any, masks: Masks, scale: float) -> Any:
+            groups, rows, _ = q.shape
+            tq = masks.wide.shape[0]
+            heads = rows // tq  # a key/value group's
+            whole = len(masks.blocks) == 1
+            out: Any = None if whole else q.new_empty(groups, heads, tq, v.shape[-1])
+            lse: Any = None if whole else masks.wide.new_empty(groups, heads, tq, 1)
+            for a, b, keys in masks.blocks:
+                s = _scores(_block(q, heads, tq, a, b), k[:, :keys], masks.wide[a:b, :keys], scale)
+                p = torch.softmax(s, dim=-1)
+                # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
+                m = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
+                o = torch.bmm(p.to(q.dtype), v[:, :keys])
+                if whole:
+                    out, lse = o, m
+                else:
+                    out[:, :, a:b] = o.view(groups, heads, b - a, -1)
+                    lse[:, :, a:b] = m.view(groups, heads, b - a, 1)
+            out, lse = out.view(groups, rows, -1), lse.view(groups, rows, 1)
+            ctx.scale, ctx.masks = scale, masks
+            ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            q, k, v, out, bias, lse = ctx.saved_tensors
+            q, k, v, out, lse = ctx.saved_tensors
+            masks, scale = ctx.masks, ctx.scale
+            groups, rows, _ = q.shape
+            tq = masks.wide.shape[0]
+            heads = rows // tq
             grad = grad.contiguous()
-            delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
-            p = _exp_scores(q, k, bias, lse, ctx.scale)  # P again, from the log-sum-exp
-            dv = torch.bmm(p.transpose(1, 2), grad)
-            # dO V^T - delta rounded once, as above: -delta joins the matmul as a column
-            dp = torch.bmm(_with_constant(grad, delta.neg_()), _with_ones(v).transpose(1, 2))
-            ds = dp.mul_(p)
-            dq = torch.bmm(ds, k).mul_(ctx.scale)
-            dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale)
-            return dq, dk, dv, None, None, None
+            k1, v1 = _with_ones(k), _with_ones(v)
+            if len(masks.blocks) == 1:
+                return (
+                    *_block_grads(q, k, v, k1, v1, grad, out, lse, masks.low, scale),
+                    None,
+                    None,
+                )
+            dq = q.new_empty(groups, heads, tq, q.shape[-1])
+            # a key's gradient adds up over the blocks in fp32, rounded once at the end
+            dk = masks.wide.new_zeros(k.shape)
+            dv = masks.wide.new_zeros(v.shape)
+            for a, b, keys in masks.blocks:
+                q_b, g_b, o_b, l_b = (_block(t, heads, tq, a, b) for t in (q, grad, out, lse))
+                dq_b, dk_b, dv_b = _block_grads(
+                    q_b,
+                    k[:, :keys],
+                    v[:, :keys],
+                    k1[:, :keys],
+                    v1[:, :keys],
+                    g_b,
+                    o_b,
+                    l_b,
+                    masks.low[a:b, :keys],
+                    scale,
+                )
+                dq[:, :, a:b] = dq_b.view(groups, heads, b - a, -1)
+                dk[:, :keys] += dk_b
+                dv[:, :keys] += dv_b
+            return dq.view(groups, rows, -1), dk.to(k.dtype), dv.to(v.dtype), None, None
 
     return AttentionFunction
+
+
+def _block_grads(
+    q: Any, k: Any, v: Any, k1: Any, v1: Any, grad: Any, out: Any, lse: Any, bias: Any, scale: float
+) -> tuple[Any, Any, Any]:
+    """dQ, dK and dV of one block of queries against its keys (``k1``, ``v1``: ``k`` and ``v``
+    with :func:`_with_ones`' columns)."""
+    import torch
+
+    delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
+    p = _exp_scores(q, k1, bias, lse, scale)  # P again, from the log-sum-exp
+    dv = torch.bmm(p.transpose(1, 2), grad)
+    # dO V^T - delta rounded once, as above: -delta joins the matmul as a column
+    dp = torch.bmm(_with_constant(grad, delta.neg_()), v1.transpose(1, 2))
+    ds = dp.mul_(p)
+    dq = torch.bmm(ds, k).mul_(scale)
+    dk = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
+    return dq, dk, dv
