@@ -24,7 +24,8 @@ keys to PyTorch's flash kernel, as before it.
 
 ``bf16_scores`` is a candidate, not in lorakit: on, ``math_attention``'s forward takes each
 row's largest score from bf16 scores and then ``exp(S - m)`` with ``m`` taken off inside the
-matmul's accumulator (:func:`bf16_scores_forward`), instead of fp32 scores and softmax. In
+matmul's accumulator (:func:`bf16_scores_block`, for each block of queries), instead of fp32
+scores and softmax. In
 isolation its forward was 1.2-1.5x faster from 150 to 600 tokens; in the step on an AMD Zen 5
 (AVX512-BF16) it measured +0.4% and -0.3% (LoRA), -1.9% and +0.4% (QLoRA), with an output
 1.2-1.4x further from fp64, so it was not kept. Where fp32 matmuls cost ~10x bf16 ones (AMX)
@@ -46,25 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SWITCHES = ("row_masks", "query_blocks", "bf16_scores")
 
 
-def bf16_scores_forward(ctx: Any, q: Any, k: Any, v: Any, masks: Any, scale: float) -> Any:
-    """The candidate forward: each row's largest score ``m`` from bf16-rounded scores, then
-    ``E = exp(S - m)`` in bf16 with ``-m / scale`` joined to the matmul as a constant column
-    (as the backward recomputes ``P``), ``O = (E V) / rowsum(E)`` with the sum in fp32, and
-    the log-sum-exp ``m + log rowsum(E)`` kept for the backward."""
+def bf16_scores_block(q: Any, k: Any, v: Any, wide: Any, low: Any, scale: float) -> Any:
+    """The candidate for ``math_attention._block_forward``: each row's largest score ``m`` from
+    bf16-rounded scores, then ``E = exp(S - m)`` in bf16 with ``-m / scale`` joined to the
+    matmul as a constant column (as the backward recomputes ``P``), ``O = (E V) / rowsum(E)``
+    with the sum in fp32, and the log-sum-exp ``m + log rowsum(E)`` kept for the backward."""
     import torch
     from lorakit.math_attention import _exp_scores, _with_ones
 
-    wide, bias = masks.wide, masks.low  # the example whole, in one block
     rough = torch.bmm(q, k.transpose(1, 2))
-    rough.view(rough.shape[0], rough.shape[1] // bias.shape[0], *bias.shape).add_(bias)
+    rough.view(rough.shape[0], rough.shape[1] // low.shape[0], *low.shape).add_(low)
     top = rough.to(wide.dtype).amax(-1, keepdim=True).mul_(scale)
-    e = _exp_scores(q, _with_ones(k), bias, top, scale)  # exp(S - m), as the backward's P
+    e = _exp_scores(q, _with_ones(k), low, top, scale)  # exp(S - m), as the backward's P
     z = e.sum(-1, keepdim=True, dtype=wide.dtype)
-    lse = top.add_(z.log())
-    out = torch.bmm(e, v).mul_(z.reciprocal_())
-    ctx.scale, ctx.masks = scale, masks
-    ctx.save_for_backward(q, k, v, out, lse)
-    return out
+    return torch.bmm(e, v).mul_(z.reciprocal()), top.add_(z.log())
 
 
 class _NoRowMasks:
@@ -76,16 +72,14 @@ def switcher() -> Any:
     """``apply(on)``: set each switch named in ``on`` on, every other off."""
     from lorakit import attention, math_attention
 
-    function = math_attention._make_function()
-    math_attention._Attention._fn = function
     block_queries, max_keys = math_attention.BLOCK_QUERIES, math_attention.MAX_KEYS
     # name: (owner, attribute, value when on, value when off)
     saved = {
         "bf16_scores": (
-            function,
-            "forward",
-            staticmethod(bf16_scores_forward),
-            function.__dict__["forward"],
+            math_attention,
+            "_block_forward",
+            bf16_scores_block,
+            math_attention._block_forward,
         ),
     }
 

@@ -215,11 +215,14 @@ def _make_function() -> Any:
             out: Any = None if whole else q.new_empty(groups, heads, tq, v.shape[-1])
             lse: Any = None if whole else masks.wide.new_empty(groups, heads, tq, 1)
             for a, b, keys in masks.blocks:
-                s = _scores(_block(q, heads, tq, a, b), k[:, :keys], masks.wide[a:b, :keys], scale)
-                p = torch.softmax(s, dim=-1)
-                # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
-                m = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
-                o = torch.bmm(p.to(q.dtype), v[:, :keys])
+                o, m = _block_forward(
+                    _block(q, heads, tq, a, b),
+                    k[:, :keys],
+                    v[:, :keys],
+                    masks.wide[a:b, :keys],
+                    masks.low[a:b, :keys],
+                    scale,
+                )
                 if whole:
                     out, lse = o, m
                 else:
@@ -269,6 +272,18 @@ def _make_function() -> Any:
             return dq.view(groups, rows, -1), dk.to(k.dtype), dv.to(v.dtype), None, None
 
     return AttentionFunction
+
+
+def _block_forward(q: Any, k: Any, v: Any, wide: Any, low: Any, scale: float) -> tuple[Any, Any]:
+    """The output of one block of queries against its keys, and each row's log-sum-exp (fp32).
+    ``wide``, ``low``: the block's mask biases (:class:`Masks`)."""
+    import torch
+
+    s = _scores(q, k, wide, scale)
+    p = torch.softmax(s, dim=-1)
+    # the log-sum-exp from softmax's largest entry: max(p) = exp(max(s) - lse)
+    lse = s.amax(-1, keepdim=True).sub_(p.amax(-1, keepdim=True).log_())
+    return torch.bmm(p.to(q.dtype), v), lse
 
 
 def _block_grads(
