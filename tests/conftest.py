@@ -88,12 +88,14 @@ def compute_dtype(request, monkeypatch) -> str:
     (emulated, slowly, where the CPU lacks it; the tiny model keeps that cheap).
 
     In bf16, examples from 16 keys attend through ``lorakit.math_attention`` (from 96 in a
-    real run), so the tiny test examples take the path that real bf16 examples take.
+    real run), and from 32 queries in blocks of 16 (from 384 in blocks of 192 in a real run),
+    so the tiny test examples take the paths that real bf16 examples take.
     """
     if request.param == "bf16":
         from lorakit import math_attention
 
         monkeypatch.setattr(math_attention, "MIN_KEYS", 16)
+        monkeypatch.setattr(math_attention, "BLOCK_QUERIES", 16)
     return request.param
 
 

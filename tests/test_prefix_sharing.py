@@ -176,13 +176,18 @@ def test_the_model_computes_each_example_as_whole(lora_model, tails):
         assert (ga[name] - gb[name]).abs().max() <= 1e-5 * scale + 1e-7, name
 
 
-def test_bf16_attention_matmuls_compute_each_example_as_whole(lora_model, monkeypatch):
+@pytest.mark.parametrize("block_queries", [None, 8], ids=["one_block", "query_blocks"])
+def test_bf16_attention_matmuls_compute_each_example_as_whole(
+    lora_model, monkeypatch, block_queries
+):
     """bf16, with every example through lorakit.math_attention (its minimum length lowered for
     the tiny model): the longer examples' whole causal calls and the shorter one's masked call
     after the prefix give the per-token NLL and gradients of the whole row, and both stay near
     the fp32 model's. bf16 keeps 8 bits (2^-9 relative per rounding) and each activation is
     rounded a few times: measured, the NLL the same to the last bit shared or whole and 2.2e-3
-    from fp32, the gradients within 6.4e-3 of their largest entry (bounds: 1e-2 and 3e-2)."""
+    from fp32, the gradients within 6.4e-3 of their largest entry (bounds: 1e-2 and 3e-2). With
+    ``block_queries`` the examples attend in blocks of that many queries, the masked one too
+    (the blocks follow its mask: the prefix, then causal)."""
     import copy
 
     from lorakit import math_attention
@@ -190,6 +195,8 @@ def test_bf16_attention_matmuls_compute_each_example_as_whole(lora_model, monkey
     calls = []
     real = math_attention.attention
     monkeypatch.setattr(math_attention, "MIN_KEYS", 8)
+    if block_queries:
+        monkeypatch.setattr(math_attention, "BLOCK_QUERIES", block_queries)
     monkeypatch.setattr(
         math_attention, "attention", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k)
     )
@@ -199,6 +206,8 @@ def test_bf16_attention_matmuls_compute_each_example_as_whole(lora_model, monkey
     a, ga = _nll_and_grads(model, whole)
     b, gb = _nll_and_grads(model, shared)
     assert 9 in calls, "the example shorter than the prefix attends after it, through a mask"
+    if block_queries:
+        assert max(calls) >= 2 * block_queries, calls
     lora_model.train()
     exact, _ = _nll_and_grads(lora_model, whole)
     assert (a - b).abs().max() < 1e-2 and (a - exact).abs().max() < 1e-2
