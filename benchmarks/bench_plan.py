@@ -97,6 +97,12 @@ CONFIGS = {
             "train.gradient_checkpointing=true",
         ],
     ),
+    # long examples in bf16: math_attention's blocks of queries and each example's masks, kept
+    # once a row (run it with --data of long examples, e.g. 8-turn chats of ~950 tokens)
+    "LoRA bf16, batch 1 x 2048": (
+        "none",
+        ['quant.dtype="bf16"', "train.per_device_train_batch_size=1", "train.max_length=2048"],
+    ),
 }
 MODES = {"return": {"LORAKIT_MALLOC": "return"}, "glibc": {"LORAKIT_MALLOC": "glibc"}}
 RUNTIME_PROBE = """
@@ -139,7 +145,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-3)")
+    parser.add_argument("--only", default="", help="comma-separated configuration numbers (0-4)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/alpaca_seed_chat.jsonl"))
     args = parser.parse_args()
     data = Path(args.data).resolve()
