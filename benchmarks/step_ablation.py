@@ -51,7 +51,9 @@ def bf16_scores_block(q: Any, k: Any, v: Any, wide: Any, low: Any, scale: float)
     """The candidate for ``math_attention._block_forward``: each row's largest score ``m`` from
     bf16-rounded scores, then ``E = exp(S - m)`` in bf16 with ``-m / scale`` joined to the
     matmul as a constant column (as the backward recomputes ``P``), ``O = (E V) / rowsum(E)``
-    with the sum in fp32, and the log-sum-exp ``m + log rowsum(E)`` kept for the backward."""
+    with the sum in fp32, and the log-sum-exp ``m + log rowsum(E)`` kept for the backward.
+    It joins the columns of ones to ``k`` for each block (lorakit's backward does it once a
+    call): a small handicap to the candidate."""
     import torch
     from lorakit.math_attention import _exp_scores, _with_ones
 

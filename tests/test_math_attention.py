@@ -157,11 +157,22 @@ def test_bf16_results_are_the_same_bits_every_time(tq):
 
 def test_it_takes_bf16_cpu_calls_of_its_lengths_only():
     import torch
-    from lorakit.math_attention import MAX_KEYS, MIN_KEYS, applies
+    from lorakit.math_attention import (
+        BLOCK_QUERIES,
+        MAX_KEYS,
+        MIN_KEYS,
+        WHOLE_MAX_KEYS,
+        applies,
+    )
 
-    def call(dtype, keys, dropout=0.0):
-        q = torch.zeros(1, 2, keys, 8, dtype=dtype)
-        return applies(q, q, dropout)
+    def call(dtype, keys, dropout=0.0, queries=None):
+        q = torch.zeros(1, 2, keys if queries is None else queries, 8, dtype=dtype)
+        return applies(q, torch.zeros(1, 2, keys, 8, dtype=dtype), dropout)
+
+    # a short example after a long shared prefix: in blocks only from two blocks of queries
+    assert call(torch.bfloat16, WHOLE_MAX_KEYS, queries=20)
+    assert not call(torch.bfloat16, WHOLE_MAX_KEYS + 1, queries=2 * BLOCK_QUERIES - 1)
+    assert call(torch.bfloat16, MAX_KEYS, queries=2 * BLOCK_QUERIES)
 
     assert call(torch.bfloat16, MIN_KEYS) and call(torch.bfloat16, MAX_KEYS)
     assert not call(torch.bfloat16, MIN_KEYS - 1)  # short: the kernel's fewer calls win

@@ -3,8 +3,8 @@
 transformers lets a model's attention be swapped by name (``AttentionInterface``). lorakit
 registers ``lorakit_varlen``: the packed row is cut at the example boundaries that the packing
 collator passes along (``cu_seq_lens_q``) and each piece goes through PyTorch's
-``scaled_dot_product_attention`` with ``is_causal=True`` (in a bf16 run, examples of 96 to 2048
-tokens go through :mod:`lorakit.math_attention` instead: batched matmuls in bf16, long examples
+``scaled_dot_product_attention`` with ``is_causal=True`` (in a bf16 run, examples of 96 to 640
+tokens, and from 384 to 2048, go through :mod:`lorakit.math_attention` instead: batched matmuls in bf16, long examples
 a block of queries at a time, faster there than the kernel; a CPU QLoRA model's fp32 q, k and v are rounded to bf16 first where its
 4-bit layers compute in bf16, :func:`matmul_dtype`). Compared with one block-diagonal mask
 over the whole row this costs sum(L_i^2) instead of (sum L_i)^2 and never builds a T x T mask.

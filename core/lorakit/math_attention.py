@@ -30,12 +30,16 @@ An example of ``2 x BLOCK_QUERIES`` queries or more is attended in blocks of abo
 its queries may see: under a causal mask the first block of two computes a quarter of the scores
 instead of half, and the blocks together about ``(n + 1) / 2n`` of the whole matrix. The rows of
 a block are independent in the forward; in the backward each block adds its share to the key and
-value gradients in fp32, which are rounded to bf16 once. Each block costs a few dozen small
-operations, so shorter examples stay whole.
+value gradients (each share rounded to bf16 by its matmul, as CPU matmuls have no fp32 output
+for bf16 inputs) in fp32, rounded to bf16 again at the end: dV about 15% further from fp64 than in
+one block, dK 5% (rms), still closer than the kernel's. Each block costs a few dozen small
+operations, so shorter examples stay whole, and its scores are temporaries of ``heads x 192 x
+keys`` fp32 values, a few of them at a time (about 200 MB at 32 heads and 2048 keys, freed
+with the call).
 
 Below :data:`MIN_KEYS` those operations cost more than the arithmetic and the flash kernel takes
 the example; above :data:`MAX_KEYS` too, since the row keeps each example's mask (6 bytes a
-query and key). fp32 runs keep the kernel, which is as fast there.
+query and key), and above :data:`WHOLE_MAX_KEYS` when the example is too short for blocks. fp32 runs keep the kernel, which is as fast there.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ from typing import Any, NamedTuple
 # half of the scores). A 2048-key example's masks take 25 MB, once a row for all layers.
 MIN_KEYS = 96
 MAX_KEYS = 2048
+# a call of fewer queries than two blocks (one block) takes at most this many keys: a short
+# example after a long shared prefix (20 queries, 2048 keys) was measured less precise than the
+# kernel there (its worst error 0.9-2.4x the kernel's over 8 seeds), and its speed was not
+WHOLE_MAX_KEYS = 640
 # queries a block (query_blocks): against one block, 0.95-1.03x at 300 queries in two blocks,
 # 1.07-1.2x at 400-450, 1.2-1.3x at 640 in three, 1.5-1.6x at 1024-2048 (blocks of 128: 0.85-0.9x
 # at 200 in two, no better at 640-2048; 256: no better)
@@ -60,14 +68,17 @@ BLOCK_QUERIES = 192
 
 def applies(query: Any, key: Any, dropout: float) -> bool:
     """Whether :func:`attention` takes this call: bf16 on CPU, no attention dropout, and from
-    :data:`MIN_KEYS` to :data:`MAX_KEYS` keys. In fp32 PyTorch's flash kernel is as fast."""
+    :data:`MIN_KEYS` to :data:`WHOLE_MAX_KEYS` keys, or up to :data:`MAX_KEYS` for an example
+    long enough to attend in blocks of queries. In fp32 PyTorch's flash kernel is as fast."""
     import torch
 
+    keys = key.shape[-2]
     return (
         query.device.type == "cpu"
         and query.dtype == torch.bfloat16
         and dropout == 0.0
-        and MIN_KEYS <= key.shape[-2] <= MAX_KEYS
+        and MIN_KEYS <= keys <= MAX_KEYS
+        and (keys <= WHOLE_MAX_KEYS or block_count(query.shape[-2], keys) > 1)
     )
 
 
@@ -249,7 +260,8 @@ def _make_function() -> Any:
                     None,
                 )
             dq = q.new_empty(groups, heads, tq, q.shape[-1])
-            # a key's gradient adds up over the blocks in fp32, rounded once at the end
+            # a key's gradient adds up over the blocks in fp32 (each block's share is rounded to
+            # bf16 by its matmul), rounded again at the end
             dk = masks.wide.new_zeros(k.shape)
             dv = masks.wide.new_zeros(v.shape)
             for a, b, keys in masks.blocks:
