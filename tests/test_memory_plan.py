@@ -333,3 +333,38 @@ def test_the_activation_fit_matches_a_measured_forward(quant, dtype, tmp_path, c
     elem = 4 if dtype == "fp32" else 2
     planned = activation_bytes(shape, 1, elem, False, kbit=quant != "none")
     assert abs(planned - per_layer) <= 0.03 * per_layer, (planned, per_layer)
+
+
+def test_a_pair_objectives_micro_batch_holds_both_sides(tmp_path, tiny_model_dir):
+    """DPO, ORPO and SimPO pack both sides of each pair into a micro-batch (each up to
+    max_length): the plan counts both, from the data and in its upper bound, so a run it
+    lets start is not sized for half its rows."""
+    from helpers import preference_records, write_jsonl
+    from lorakit.catalog import default_catalog
+    from lorakit.components import build_components
+    from lorakit.preflight import data_tokens, plan_recipe
+    from lorakit.recipe import load_recipe
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(12))
+    path = tiny_recipe(tmp_path, tiny_model_dir, pairs, source="preference_jsonl")
+    catalog = default_catalog()
+    sft = load_recipe(path, (), catalog)  # the chosen conversations only
+    one_side, _, _, _ = data_tokens(sft, build_components(sft, catalog))
+    for objective in ("dpo", "orpo", "simpo"):
+        recipe = load_recipe(path, (f'train.objective="{objective}"',), catalog)
+        components = build_components(recipe, catalog)
+        tokens, supervised, note, _ = data_tokens(recipe, components)
+        assert "pairs, both sides" in note
+        # both sides of the same 4 pairs: about twice the chosen side alone (rejected answers
+        # are near misses of the same length), never over the two-sided bound
+        assert 1.8 * one_side <= tokens <= 2 * 4 * 64, (objective, tokens, one_side)
+        assert 0 < supervised < tokens
+        bound, _ = plan_recipe(recipe, components, "cpu", read_data=False)
+        assert bound.inputs.tokens == 2 * 4 * 64
+    kto = load_recipe(path, ('train.objective="kto"',), catalog)  # one answer a row
+    bound, _ = plan_recipe(kto, build_components(kto, catalog), "cpu", read_data=False)
+    assert bound.inputs.tokens == 4 * 64
+    res = run_probe("plan", str(path), 'train.objective="dpo"', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "pairs, both sides" in res.stdout
+    assert "HEAVY:\n" in res.stderr, "plan must not import torch/transformers"

@@ -68,6 +68,13 @@ def test_bad_objective_options_name_their_key(tmp_path):
     assert "train.simpo_gamma = 1.0 is not used by objective = 'dpo'" in found[0]
     found = problems(tmp_path, 'loss_type = "ipo"')
     assert "train.loss_type = 'ipo' is not used by objective = 'sft'" in found[0]
+    # conservative DPO smooths the sigmoid loss only: IPO and hinge would train without it
+    for loss in ("ipo", "hinge"):
+        found = problems(
+            tmp_path, f'objective = "dpo"\nloss_type = "{loss}"\nlabel_smoothing = 0.1'
+        )
+        assert f"train.label_smoothing = 0.1 is not used by loss_type = '{loss}'" in found[0]
+    assert recipe(tmp_path, 'objective = "dpo"\nlabel_smoothing = 0.1').train.label_smoothing == 0.1
 
 
 # --------------------------------------------------------------------------- contract

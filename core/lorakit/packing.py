@@ -122,8 +122,7 @@ def merge_budget(train: Any, device: str, world: int) -> int:
     the recipe asks for it (``train.merge_micro_batches``). Never more than a micro-batch may
     already hold (``per_device_train_batch_size x max_length``, twice that for pairs, which
     have two sides of up to ``max_length`` each), so no merged row is longer than the
-    recipe's own longest micro-batch (for SFT, what the memory plan bounds; the plan counts a
-    micro-batch of pairs as ``batch x max_length`` tokens, merged or not)."""
+    recipe's own longest micro-batch (what the memory plan bounds: for pairs, both sides)."""
     if not (
         train.merge_micro_batches
         and device == "cpu"

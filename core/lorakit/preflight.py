@@ -120,12 +120,18 @@ def data_tokens(
     whether merging made it larger.
 
     With the model's tokenizer on disk the data is read and tokenized (torch-free); otherwise the
-    upper bound: ``batch x max_length`` tokens, all supervised. ``merge``: the micro-batches of
-    a step are merged up to that many tokens (:func:`lorakit.packing.merge_budget`), so the
-    largest is also up to that many tokens of the step's longest examples.
+    upper bound: ``batch x max_length`` tokens, all supervised, twice that for a pair objective
+    (DPO, ORPO, SimPO: a micro-batch holds both sides of its pairs, each up to ``max_length``;
+    read from the data, a pair is both sides whole, as a GPU packs them). ``merge``: the
+    micro-batches of a step are merged up to that many tokens
+    (:func:`lorakit.packing.merge_budget`), so the largest is also up to that many tokens of the
+    step's longest examples.
     """
     t = recipe.train
-    budget = t.per_device_train_batch_size * t.max_length
+    pairs = t.objective in PAIR_OBJECTIVES
+    budget = (2 if pairs else 1) * t.per_device_train_batch_size * t.max_length
+    if pairs:
+        return _pair_tokens(recipe, components, merge, budget)
     try:
         from lorakit.data.lint import lint
         from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
@@ -159,6 +165,52 @@ def data_tokens(
     return tokens, round(tokens * share), note, tokens > apart
 
 
+# the objectives whose micro-batch rows hold both sides of each pair
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
+
+
+def _pair_tokens(
+    recipe: Recipe, components: Components, merge: int, budget: int
+) -> tuple[int, int, str, bool]:
+    """:func:`data_tokens` for a pair objective: the pairs' lengths, both sides counted."""
+    t = recipe.train
+    try:
+        from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
+        from lorakit.data.pairs import tokenize_pairs
+        from lorakit.data.pipeline import DataReport, load_splits
+
+        folder, note = find_tokenizer_folder(components.model_source, recipe.model.name)
+        if folder is None:
+            return budget, budget, f"upper bound, no data read ({note})", False
+        splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
+        rows = tokenize_pairs(
+            splits.train,
+            components.formatter,
+            LiteTokenizer(folder),
+            t.max_length,
+            "drop",  # the plan counts what trains; `check` and `run` report the drops
+            DataReport(),
+        )
+    except Exception as exc:  # the plan must never block on the data: fall back to the bound
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return budget, budget, f"upper bound, data not read: {first}", False
+    if not rows:
+        return budget, budget, "upper bound, no pair in the data", False
+    lengths = sorted((r.length for r in rows), reverse=True)
+    supervised = sum(r.chosen.n_supervised + r.rejected.n_supervised for r in rows)
+    share = supervised / max(1, sum(lengths))
+    tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
+    tokens = max(1, min(tokens, budget))
+    apart = tokens
+    if merge:
+        step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        tokens = max(tokens, min(merge, sum(lengths[:step]), budget))
+    note = f"from the data: pairs, both sides; {share:.0%} of tokens supervised"
+    if merge:
+        note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
+    return tokens, round(tokens * share), note, tokens > apart
+
+
 def plan_recipe(
     recipe: Recipe,
     components: Components,
@@ -185,7 +237,8 @@ def plan_recipe(
         merge = merge if raised else 0  # a fix only where merging sets the micro-batch
     else:
         merge = 0  # the upper bound already holds any merged row
-        tokens = recipe.train.per_device_train_batch_size * recipe.train.max_length
+        sides = 2 if recipe.train.objective in PAIR_OBJECTIVES else 1
+        tokens = sides * recipe.train.per_device_train_batch_size * recipe.train.max_length
         supervised, note = tokens, "upper bound"
     targets = peft["targets"]
     inputs = PlanInputs(

@@ -283,6 +283,12 @@ class TrainSection:
                     f"{self.objective!r} (only by {', '.join(used_by)}){hint}; remove it or "
                     f"set train.objective"
                 )
+        if self.objective == "dpo" and self.loss_type != "sigmoid" and self.label_smoothing:
+            raise ValueError(
+                f"train.label_smoothing = {self.label_smoothing!r} is not used by loss_type = "
+                f"{self.loss_type!r} (only by 'sigmoid', DPO's own loss); remove it or set "
+                "train.loss_type = 'sigmoid'"
+            )
         if (
             self.objective == "kto"
             and self.kto_loss == "kto"
