@@ -167,6 +167,12 @@ def test_multi_turn_hh_prompts_keep_earlier_turns(tmp_path):
         ({"prompt": "q", "chosen": "", "rejected": "x"}, "chosen answer is empty"),
         ({"prompt": "q", "chosen": "x", "rejected": "  "}, "rejected answer is empty"),
         ({"prompt": "q", "chosen": "x"}, "no 'rejected' field"),
+        ({"prompt": " ", "chosen": "x", "rejected": "y"}, "the prompt is empty"),
+        (
+            {"prompt": [{"role": "user", "content": ""}], "chosen": "x", "rejected": "y"},
+            "the prompt is empty",
+        ),
+        ({"prompt": "q", "chosen": {"a": 1}, "rejected": "y"}, '"role": "assistant"'),
         ({"prompt": "q", "chosen": "x", "rejected": "y", "score": 1}, "unknown field(s) score"),
         (
             {

@@ -13,8 +13,8 @@
   (``false``); ``prompt`` and ``completion`` as above (strings or messages).
 
 ``id`` (a string or integer) and ``meta`` are optional; without an id the pair's is a hash of
-its content, stable when rows are added. Every problem names the file and line: a side that is
-empty, chosen identical to rejected, two conversations whose prompts differ, a last turn that
+its content, stable when rows are added. Every problem names the file and line: a side or a prompt
+that is empty, chosen identical to rejected, two conversations whose prompts differ, a last turn that
 is not the assistant's, a label that is not a boolean. Each pair becomes an ``Example`` whose
 ``messages`` end with the chosen turn and whose ``rejected`` holds the rejected one; an unpaired
 answer one whose ``messages`` end with the answer and whose ``label`` says which kind it is.
@@ -195,7 +195,7 @@ def _conversation(value: Any, field: str, as_role: str | None) -> tuple[Message,
     if not isinstance(value, list) or not value:
         raise _Bad(
             f"{field} must be a string or a non-empty list of messages",
-            'e.g. [{"role": "user", "content": "..."}]',
+            f'e.g. [{{"role": "{as_role or "user"}", "content": "..."}}]',
         )
     out = []
     for i, m in enumerate(value):
@@ -250,6 +250,8 @@ def _check_order(prompt: tuple[Message, ...]) -> None:
             )
     if not prompt or prompt[-1].role != "user":
         raise _Bad("the prompt must end with a user turn", "end the prompt with the question")
+    if not any(m.content.strip() for m in prompt if m.role == "user"):
+        raise _Bad("the prompt is empty", "give the question the answers reply to")
 
 
 def _content_id(
