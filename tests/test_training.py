@@ -430,3 +430,21 @@ def test_resuming_a_run_of_another_lorakit_version_says_so_once(
     code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
     assert code == 0, err
     assert err.count("made by lorakit 0.0.1") == 1, err
+
+
+def test_the_val_splits_drops_are_reported_with_the_training_splits(tmp_path, tiny_model_dir, cli):
+    """Over-length examples are dropped from the validation split as from the training split,
+    and counted alike: printed by `run` and saved in data_report.json, never silently."""
+    records = chat_records(40)
+    for r in records[::2]:  # every other answer far over max_length
+        r["messages"][-1]["content"] = " ".join(["red"] * 200)
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra='name = "drops"')
+    code, out, err = cli("run", recipe, "train.max_steps=1", "data.val_fraction=0.5")
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "drops" / "data_report.json").read_text())
+    val = {k: n for k, n in report["dropped"].items() if k.endswith("(val split)")}
+    train = {k: n for k, n in report["dropped"].items() if k not in val}
+    assert val and train, report["dropped"]
+    assert sum(val.values()) + sum(train.values()) <= 20  # the long ones, some in test
+    assert "(val split)" in out + err

@@ -196,7 +196,13 @@ def prepare_data(
         t.objective, tokenize_pairs
     )
     train_rows = tokenize(splits.train, formatter, tokenizer, t.max_length, overlength, report)
-    val_rows = tokenize(splits.val, formatter, tokenizer, t.max_length, overlength, DataReport())
+    val_report = DataReport()
+    val_rows = tokenize(splits.val, formatter, tokenizer, t.max_length, overlength, val_report)
+    # the validation split's drops, printed and saved with the training split's
+    for reason, n in val_report.dropped.items():
+        report.dropped[f"{reason} (val split)"] += n
+    if val_report.truncated:
+        report.warnings.append(f"truncated {val_report.truncated} val examples to train.max_length")
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
