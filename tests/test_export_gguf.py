@@ -464,3 +464,26 @@ def _tensor_names(folder: Path) -> set[str]:
     from gguf import GGUFReader
 
     return {t.name for t in GGUFReader(str(folder / "smol-F32.gguf")).tensors}
+
+
+def test_a_special_token_that_is_also_unk_keeps_its_id():
+    """GPT-2-style tokenizers (and SmolLM2's base) use ``<|endoftext|>`` as unk, bos and eos at
+    once. Its id is the unk id, and it must still be written as BOS and EOS (llama.cpp falls
+    back to its own defaults where they are missing, and stops on the wrong token); an id of 0
+    is an id, not a missing one. A token the tokenizer does not have is left out."""
+    from helpers import _train_bpe
+    from lorakit.export.gguf_vocab import read_vocab
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [m["content"] for r in chat_records(50) for m in r["messages"]]
+    trained = _train_bpe(corpus, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 300)
+    end = "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=trained, unk_token=end, bos_token=end, eos_token=end
+    )
+    assert tok.unk_token_id == tok.bos_token_id == tok.eos_token_id == 0
+    vocab = read_vocab(tok, len(tok), "<|im_end|>")
+    assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (0, 0, 0)
+    assert vocab.eot_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert read_vocab(tok, len(tok), end).eot_id == 0  # raw text: the end of turn is eos
+    assert read_vocab(tok, len(tok), "<|no_such_token|>").eot_id == 0  # unknown: eos instead

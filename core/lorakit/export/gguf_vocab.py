@@ -138,12 +138,18 @@ def read_vocab(tokenizer: Any, vocab_size: int, end_of_turn: str | None) -> Voca
         merges = []
 
     def token_id(token: str | None) -> int | None:
+        """The token's id; None where the tokenizer does not have it (it maps an unknown token
+        to the unk id, which is then no answer; the unk token itself is one: GPT-2's
+        ``<|endoftext|>`` is unk, bos and eos at once)."""
         if not token:
             return None
         value = tokenizer.convert_tokens_to_ids(token)
-        return value if isinstance(value, int) and value != tokenizer.unk_token_id else None
+        if not isinstance(value, int):
+            return None
+        return None if value == tokenizer.unk_token_id and token != tokenizer.unk_token else value
 
     bos_id, eos_id = token_id(tokenizer.bos_token), token_id(tokenizer.eos_token)
+    eot_id = token_id(end_of_turn)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
@@ -156,7 +162,7 @@ def read_vocab(tokenizer: Any, vocab_size: int, end_of_turn: str | None) -> Voca
         eos_id=eos_id,
         unk_id=tokenizer.unk_token_id,
         pad_id=tokenizer.pad_token_id,
-        eot_id=token_id(end_of_turn) or eos_id,
+        eot_id=eos_id if eot_id is None else eot_id,  # id 0 is an id
         add_bos=_adds(tokenizer, bos_id, first=True),
         add_eos=_adds(tokenizer, eos_id, first=False),
         chat_template=template,
