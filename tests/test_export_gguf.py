@@ -398,6 +398,26 @@ def test_adapter_gguf_refuses_what_llamacpp_cannot_hold():
     assert lora_scale({**base, "use_rslora": True}) == 8.0
 
 
+def test_an_adapter_with_lora_on_the_embeddings_skips_the_adapter_gguf(tmp_path):
+    """PEFT saves LoRA on an embedding as lora_embedding_A/B (and may save a layer whole),
+    which llama.cpp's LoRA format cannot hold: the adapter GGUF is skipped with the reason, as
+    for DoRA, instead of failing the whole export (the merged GGUF holds everything)."""
+    import torch
+    from lorakit.export.gguf_adapter import unsupported_tensors
+    from safetensors.torch import save_file
+
+    lora = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4),
+    }
+    save_file(lora, str(tmp_path / "adapter_model.safetensors"))
+    assert unsupported_tensors(tmp_path) is None
+    embed = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 32)}
+    save_file({**lora, **embed}, str(tmp_path / "adapter_model.safetensors"))
+    reason = unsupported_tensors(tmp_path)
+    assert reason and "embed_tokens.lora_embedding_A" in reason and "merged GGUF" in reason
+
+
 # --------------------------------------------------------------------------- embedded SmolLM2
 
 

@@ -38,6 +38,24 @@ def unsupported_reason(adapter_config: dict[str, Any]) -> str | None:
     return None
 
 
+def unsupported_tensors(adapter_dir: Path) -> str | None:
+    """Why the adapter's tensors cannot be a llama.cpp LoRA GGUF, or None when each is a LoRA A
+    or B matrix: LoRA on embeddings (``lora_embedding_A``/``B``) and base layers PEFT saved
+    with the adapter are not, and llama.cpp's LoRA format holds nothing else."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        keys = f.keys()
+        other = [k for k in keys if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if not other:
+        return None
+    return (
+        f"the adapter holds {len(other)} tensors that are not LoRA A/B matrices of linear "
+        f"layers (e.g. {other[0]}: LoRA on the embeddings, or a layer saved whole), which "
+        "llama.cpp's LoRA format does not hold; the merged GGUF holds them"
+    )
+
+
 def lora_scale(adapter_config: dict[str, Any]) -> float:
     r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
     return alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
@@ -167,7 +185,7 @@ def export_adapter_gguf(
     from lorakit.rundir import read_json
 
     adapter_config = read_json(run.adapter / "adapter_config.json")
-    reason = unsupported_reason(adapter_config)
+    reason = unsupported_reason(adapter_config) or unsupported_tensors(run.adapter)
     if reason is not None:
         say(f"no adapter GGUF: {reason}")
         return {"written": False, "reason": reason}
