@@ -73,6 +73,50 @@ def test_out_folder_rules(tmp_path):
         check_out_dir(a_file, overwrite=True)
 
 
+def test_staging_where_it_cannot_be_made_is_a_clear_error(tmp_path):
+    """An --out under a file (or in a folder nobody can write to) is refused by name: it was a
+    FileExistsError traceback."""
+    from lorakit.export.folder import ExportOptions, _staging
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    staging = _staging(a_file / "sub" / "out", ExportOptions())
+    with pytest.raises(RunError, match="cannot make the folder") as info:
+        staging.__enter__()
+    assert info.value.where == "--out" and "choose --out" in info.value.fix
+    assert a_file.read_text() == "x"
+
+
+def test_an_exports_leftover_staging_folders_go_only_when_their_process_is_gone(tmp_path):
+    """A killed export leaves its staging folder (as large as the export) beside --out; the
+    next export to that folder removes it, unless its process still runs (a second export to
+    the same folder at the same time)."""
+    import os
+    import subprocess
+    import sys
+
+    from lorakit.export.folder import ExportOptions, _staging
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = int(gone.stdout)
+    out = tmp_path / "export"
+    left = [tmp_path / f".export.tmp-{dead}-abc", tmp_path / f".export.old-{dead}"]
+    running = tmp_path / f".export.tmp-{os.getpid()}-xyz"
+    others = [tmp_path / ".export.tmp-nopid", tmp_path / ".other.tmp-1-a"]
+    for folder in (*left, running, *others):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+    with _staging(out, ExportOptions()) as tmp:
+        assert tmp.name.startswith(f".export.tmp-{os.getpid()}-")
+    assert not any(p.exists() for p in left)
+    assert running.is_dir() and all(p.is_dir() for p in others)
+
+
 def _card(**kw) -> str:
     args = {
         "kind": "merged",

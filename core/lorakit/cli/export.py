@@ -64,6 +64,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from lorakit.cli.run import terminate_like_ctrl_c
     from lorakit.export.folder import export_run
 
     if args.gguf_type and not args.gguf:
@@ -89,16 +90,18 @@ def run(args) -> int:
             fix=f"add --merge: lorakit export {args.run_dir} --merge --merge-base {args.merge_base}",
         )
 
-    result = export_run(
-        Path(args.run_dir),
-        merge=args.merge,
-        dtype=args.dtype,
-        merge_base=args.merge_base or "original",
-        out=args.out,
-        overwrite=args.overwrite,
-        gguf_types=tuple(dict.fromkeys(args.gguf_type or ["f16"])) if args.gguf else (),
-        gguf_base_only=args.base_only,
-    )
+    # SIGTERM (kill, a scheduler's stop) as Ctrl-C: the unfinished export folder is removed
+    with terminate_like_ctrl_c():
+        result = export_run(
+            Path(args.run_dir),
+            merge=args.merge,
+            dtype=args.dtype,
+            merge_base=args.merge_base or "original",
+            out=args.out,
+            overwrite=args.overwrite,
+            gguf_types=tuple(dict.fromkeys(args.gguf_type or ["f16"])) if args.gguf else (),
+            gguf_base_only=args.base_only,
+        )
     print(f"adapter: {result.adapter}")
     if result.merged is not None:
         print(f"merged:  {result.merged}")

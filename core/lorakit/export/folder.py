@@ -32,8 +32,8 @@ import attrs
 from lorakit import __version__
 from lorakit.catalog import Catalog
 from lorakit.console import say as console_say
-from lorakit.diskfull import disk_full_is_an_error
-from lorakit.errors import RunError
+from lorakit.diskfull import disk_full_is_an_error, is_disk_full
+from lorakit.errors import RunError, cause
 from lorakit.export.hygiene import follow_umask, run_at_rest
 from lorakit.rundir import RunDir, write_json
 from lorakit.session import Session
@@ -209,8 +209,17 @@ def _prepare_inference(session: Session, run: RunDir, say: Callable[[str], None]
 @contextlib.contextmanager
 def _staging(out: Path, opts: ExportOptions) -> Iterator[Path]:
     """A temporary sibling of ``out`` to build the export in, removed unless published; a full
-    disk is one clear error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    disk is one clear error, and so is a parent folder that cannot be made. Staging folders an
+    earlier export left (killed before it could clean up) are removed first."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(
+            f"cannot make the folder {out.parent} for the export ({cause(exc)})",
+            where="--out",
+            fix="choose --out inside a folder you can write to",
+        ) from exc
+    _remove_stale_staging(out)
     had_export = out.exists()
     with disk_full_is_an_error(
         out,
@@ -220,13 +229,46 @@ def _staging(out: Path, opts: ExportOptions) -> Iterator[Path]:
         + "; the run folder is unchanged",
         fix="free some space (or export elsewhere with --out DIR) and run the same command again",
     ):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            raise RunError(
+                f"cannot write in {out.parent} for the export ({cause(exc)})",
+                where="--out",
+                fix="choose --out inside a folder you can write to",
+            ) from exc
         try:
             yield tmp
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             gc.collect()
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders (``.NAME.tmp-PID-*``) and replaced exports
+    (``.NAME.old-PID``) of exports to ``out`` whose process is gone: killed before they could
+    clean up, they would otherwise stay for good beside the export, as large as it. A folder
+    of a process still running (another export to the same folder) is left alone."""
+    for stale in out.parent.glob(f".{out.name}.*"):
+        kind, _, rest = stale.name[len(out.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _publish_export(tmp: Path, out: Path, run_dir: Path, opts: ExportOptions) -> None:
