@@ -316,3 +316,62 @@ def test_export_never_overwrites_silently(exported, tmp_path, capsys):
     assert "not a lorakit export" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lora_on_a_tied_head_or_embedding_merges_into_that_side_only(target):
+    """SmolLM2 ties its head to its embeddings. LoRA on one of them trained a delta for that
+    side only; merged into the shared tensor it changed both (the parity check then refused
+    every such export). Untied first, the merged model computes what the adapter did."""
+    import torch
+    from lorakit.export.merge import merge_adapter, untie_adapted_embeddings
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied_model():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config).eval()
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # a trained adapter, not zeros
+        return peft.eval()
+
+    ids = torch.arange(1, 17)[None]
+    model = tied_model()
+    with torch.no_grad():
+        want = model(ids).logits
+    assert untie_adapted_embeddings(model)
+    assert not model.config.tie_word_embeddings
+    merged = merge_adapter(model)
+    head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
+    assert head.weight is not embed.weight
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max() < 1e-4
+    if target == "lm_head":  # without untying, the shared tensor takes the delta on both sides
+        careless = merge_adapter(tied_model())
+        with torch.no_grad():
+            assert (careless(ids).logits - want).abs().max() > 1e-2
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    assert not untie_adapted_embeddings(
+        get_peft_model(plain, LoraConfig(r=4, target_modules=["q_proj"]))
+    )

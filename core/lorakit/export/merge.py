@@ -74,6 +74,40 @@ def _keep_tied_embeddings_honest(model: Any) -> None:
     config.tie_word_embeddings = False
 
 
+def untie_adapted_embeddings(model: Any) -> bool:
+    """Give the output head its own weight where it is tied to the input embeddings and the
+    adapter (a PEFT model) adapts either of them; True if it did.
+
+    A tied model (SmolLM2) shares one tensor between the embeddings and the head, and LoRA on
+    ``lm_head`` (or on ``embed_tokens``) trained a delta for one side only. Merged into the
+    shared tensor it would change both; untied first, the merge changes the adapted side and
+    the export holds both tensors (``tie_word_embeddings`` off), which is the function trained.
+    The logits do not change."""
+    import torch
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return False
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return False
+
+    def plain(layer: Any) -> Any:
+        return getattr(layer, "base_layer", layer)
+
+    adapted = any(
+        hasattr(layer, "lora_A") or hasattr(layer, "lora_embedding_A") for layer in (inp, out)
+    )
+    head = plain(out)
+    if not adapted or plain(inp).weight is not head.weight:
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    text_config.tie_word_embeddings = False
+    config.tie_word_embeddings = False
+    return True
+
+
 def merge_adapter(peft_model: Any) -> Any:
     """``merge_and_unload(safe_merge=True)`` on an fp32 base; returns the plain model."""
     try:
@@ -217,6 +251,7 @@ def base_with_adapter_fp32(
             )
         base = _dequantized_base(loaded, say)
         model = load_adapter(base, run.adapter, trainable=False)
+        _untie(model, say)
         model.eval()
         unmerged = probe_logits(model, probes)
         row = report.add("unmerged", "dequantized fp32 base + adapter (unmerged)", unmerged)
@@ -233,10 +268,19 @@ def base_with_adapter_fp32(
             recipe_dir=recipe.recipe_dir,
         )
         model = load_adapter(base, run.adapter, trainable=False)
+        _untie(model, say)
         model.eval()
         unmerged = probe_logits(model, probes)
         report = ParityReport(probes, unmerged, "fp32 unquantized base + adapter (unmerged)")
     return model, report, unmerged
+
+
+def _untie(model: Any, say: Callable[[str], None]) -> None:
+    if untie_adapted_embeddings(model):
+        say(
+            "the adapter adapts the embeddings or the head, which the base ties together: the "
+            "merged model holds both (tie_word_embeddings off)"
+        )
 
 
 def _as_trained_logits(loaded: Any, run: Any, probes: Any) -> list[Any]:
