@@ -72,6 +72,17 @@ def test_out_folder_rules(tmp_path):
     with pytest.raises(RunError, match="not a folder"):
         check_out_dir(a_file, overwrite=True)
 
+    # an export whose marker lists what it wrote: --overwrite replaces exactly that
+    listed = tmp_path / "listed"
+    (listed / "adapter").mkdir(parents=True)
+    (listed / "adapter" / "adapter_model.safetensors").write_text("x")
+    (listed / MARKER).write_text(json.dumps({"files": ["adapter/adapter_model.safetensors"]}))
+    check_out_dir(listed, overwrite=True)
+    (listed / "NOTES.md").write_text("mine")  # the user's own file, added since
+    (listed / "adapter" / "extra.txt").write_text("mine")
+    with pytest.raises(RunError, match=r"did not write \(NOTES\.md, adapter/extra\.txt\)"):
+        check_out_dir(listed, overwrite=True)
+
 
 def test_staging_where_it_cannot_be_made_is_a_clear_error(tmp_path):
     """An --out under a file (or in a folder nobody can write to) is refused by name: it was a

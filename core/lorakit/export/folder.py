@@ -72,6 +72,35 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
             fix="pass --overwrite to replace it (the new export is swapped in only once complete), "
             "or choose another folder with --out",
         )
+    added = _added_files(out)
+    if added:
+        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise RunError(
+            f"export target {out} holds files the lorakit export there did not write ({shown}); "
+            "--overwrite would delete them",
+            fix="move them out of the folder, or choose another folder with --out",
+        )
+
+
+def _added_files(out: Path) -> list[str]:
+    """Files in the export folder ``out`` that its export did not write (its marker lists
+    what it wrote; an export by a lorakit before that list: none known)."""
+    from lorakit.rundir import read_json
+
+    try:
+        written = read_json(out / MARKER).get("files")
+    except Exception:  # a damaged marker: nothing known, as before the list
+        return []
+    if not isinstance(written, list):
+        return []
+    present = _files(out)
+    return sorted(set(present) - set(written) - {MARKER})
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+    )
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -283,6 +312,8 @@ def _publish_export(tmp: Path, out: Path, run_dir: Path, opts: ExportOptions) ->
             "dtype": opts.dtype if opts.merge else None,
             "gguf": list(opts.gguf_types),
             "gguf_base_only": opts.gguf_base_only,
+            # what this export wrote: --overwrite refuses to delete anything else
+            "files": _files(tmp),
         },
     )
     follow_umask(tmp)  # mkdtemp made it 0700: readable as the user's umask says
