@@ -108,3 +108,83 @@ def test_a_four_trial_sweep_prunes_ranks_and_resumes(tmp_path, tiny_model_dir, c
     with sqlite3.connect(folder / "study.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 5
     assert (folder / "t004" / "run.json").is_file()
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False], ids=["json_match", "eval_loss"])
+def test_pruning_stops_the_trials_with_the_highest_eval_loss_whatever_the_metrics_direction(
+    tmp_path, higher_is_better
+):
+    """The study runs in the main metric's direction (json_match: maximize) while trials are
+    pruned on their eval loss: a loss reported as it is made a maximizing study prune the
+    trials with the lowest loss and keep the worst. Reported in the study's direction, the
+    highest loss is pruned either way, and the ranking shows the losses as they were."""
+    from types import SimpleNamespace as NS
+
+    import optuna
+    from lorakit.sweep import loss_in_direction
+    from lorakit.sweep_study import open_study, ranking
+
+    folder = tmp_path / "s-sweep"
+    folder.mkdir()
+    sweep = NS(
+        folder=folder,
+        storage=f"sqlite:///{folder}/study.db",
+        spec=NS(sweep=NS(pruner="median", reduction_factor=3, seed=0, sampler="random"), space=()),
+        recipe=NS(train=NS(eval_steps=2)),
+        metric="json_match" if higher_is_better else "eval_loss",
+        higher_is_better=higher_is_better,
+    )
+    study = open_study(sweep)
+    pruned = {}
+    for loss in (1.0, 1.0, 1.0, 1.0, 0.2, 3.0):
+        trial = study.ask()
+        trial.report(loss_in_direction(sweep, loss), 2)
+        pruned[loss] = trial.should_prune()
+        if pruned[loss]:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.5 if higher_is_better else loss)
+    assert pruned[3.0] and not pruned[0.2]
+    losses = [r["eval_losses"]["2"] for r in ranking(sweep, study)]
+    assert sorted(losses) == [0.2, 1.0, 1.0, 1.0, 1.0, 3.0]
+
+
+def test_a_sweep_ranks_the_trained_adapter_not_the_one_it_started_from(tmp_path):
+    """A preference run from an SFT adapter reports the start adapter's scores before the
+    tuned ones ("role": "start"); ranking a trial on the first adapter row gave every trial
+    the same value. A trial whose evaluation scored nothing fails with the split named."""
+    from lorakit.errors import RunError
+
+    results = [
+        {"adapter": None, "split": "val", "metrics": {"eval_loss": 2.0}},
+        {"adapter": "/sft/adapter", "role": "start", "split": "val", "metrics": {"eval_loss": 1.5}},
+        {"adapter": str(tmp_path / "adapter"), "split": "val", "metrics": {"eval_loss": 0.7}},
+    ]
+    (tmp_path / "eval_report.json").write_text(json.dumps({"results": results}))
+    assert metric_value(tmp_path, "eval_loss", "val") == 0.7
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunError, match="scored nothing on val") as info:
+        metric_value(empty, "eval_loss", "val")
+    assert info.value.where == "[sweep].split"
+
+
+def test_a_sweep_without_examples_to_rank_on_stops_before_any_trial(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """An empty ranking split (here val_fraction 0) let every trial train and then crash with
+    a traceback; it is refused before the first trial, and no splits are kept for it."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "novals"\n')
+    (tmp_path / "sweep.toml").write_text(SPACE)
+    code, _out, err = cli(
+        "sweep",
+        recipe,
+        "data.val_fraction=0.0",
+        "train.eval_steps=2",
+        "--space",
+        tmp_path / "sweep.toml",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "[sweep].split" in err and "data.val_fraction above 0" in err
+    folder = tmp_path / "runs" / "novals-sweep"
+    assert not (folder / "data").exists() and not (folder / "t000").exists()

@@ -130,11 +130,17 @@ def prepare(sweep: Sweep, say: Callable[[str], None]) -> SourceComponent:
         # Read back through the prepared source once, so the saved examples are exactly what
         # every trial reads (same meta, same fingerprint: the baseline is reusable).
         again = load_splits([_prepared(read)], sweep.recipe.data, sweep.recipe.recipe_dir)
+        _require_examples(
+            sweep, again, f"give it examples (e.g. data.{sweep.split}_fraction above 0)"
+        )
         write_splits(run.splits, again)
         saved = read_split_files(run.splits)
         assert saved is not None
     else:
         say(f"reusing the prepared splits in {run.splits}")
+    _require_examples(
+        sweep, saved, "start the sweep in a new folder (output.name) with examples in it"
+    )
     prepared = _prepared(saved)
     if (
         sweep.recipe.eval.baseline
@@ -146,6 +152,17 @@ def prepare(sweep: Sweep, say: Callable[[str], None]) -> SourceComponent:
         components = attrs.evolve(session.components, sources=(prepared,))
         evaluate_run(sweep.recipe, components, sweep.folder, adapter=False, say=console)
     return prepared
+
+
+def _require_examples(sweep: Sweep, splits: Any, fix: str) -> None:
+    """Refuse a sweep whose ranking split is empty: every trial would train, then fail."""
+    if not len(splits.get(sweep.split)):
+        raise RunError(
+            f"the {sweep.split} split the sweep ranks trials on holds no example, so no trial "
+            "could be scored",
+            where="[sweep].split",
+            fix=f"{fix}, or rank on another split with [sweep] split",
+        )
 
 
 def suggest(trial: Any, param: Param) -> Any:
@@ -164,11 +181,27 @@ def suggest(trial: Any, param: Param) -> Any:
     )
 
 
+def loss_in_direction(sweep: Sweep, loss: float) -> float:
+    """An eval loss as the study compares values (its direction is the main metric's); its own
+    inverse."""
+    return -loss if sweep.higher_is_better else loss
+
+
 def metric_value(run_dir: Path, metric: str, split: str) -> float:
-    """The tuned model's ``metric`` on ``split`` in the run's eval_report.json."""
-    report = read_json(run_dir / "eval_report.json")
+    """The tuned model's ``metric`` on ``split`` in the run's eval_report.json (not the base's,
+    nor a preference run's starting adapter's: ``"role": "start"``)."""
+    path = run_dir / "eval_report.json"
+    if not path.is_file():
+        raise RunError(
+            f"the trial wrote no {path.name}: its evaluation scored nothing on {split}",
+            where="[sweep].split",
+            fix="give the split examples (e.g. data.val_fraction above 0), or rank on another "
+            "split with [sweep] split",
+        )
+    report = read_json(path)
     for res in report.get("results", []):
-        if res.get("adapter") and res.get("split") == split and metric in res.get("metrics", {}):
+        tuned = res.get("adapter") and not res.get("role")
+        if tuned and res.get("split") == split and metric in res.get("metrics", {}):
             return float(res["metrics"][metric])
     raise RunError(
         f"{run_dir / 'eval_report.json'} has no {metric} for the tuned model on {split}",
@@ -209,7 +242,9 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
             loss = metrics.get("eval_loss")
             if sweep.spec.sweep.pruner == "off" or not isinstance(loss, (int, float)):
                 return
-            trial.report(float(loss), step)
+            # the study runs in the main metric's direction: a loss is reported negated where
+            # that metric is higher-is-better, so the pruner stops the trials losing most
+            trial.report(loss_in_direction(sweep, float(loss)), step)
             if trial.should_prune():
                 say(f"trial {name}: pruned at step {step} (eval_loss {loss:.4f})")
                 raise optuna.TrialPruned(f"eval_loss {loss:.4f} at step {step}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lorakit.errors import LorakitError, RunError
-from lorakit.sweep import Sweep, objective, prepare
+from lorakit.sweep import Sweep, loss_in_direction, objective, prepare
 
 
 def _optuna() -> Any:
@@ -114,7 +114,10 @@ def ranking(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
             sweep.metric: t.value if t.state == state.COMPLETE else None,
             "params": dict(t.params),
             "run": t.user_attrs.get("run", ""),
-            "eval_losses": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "eval_losses": {
+                str(k): loss_in_direction(sweep, v)
+                for k, v in sorted(t.intermediate_values.items())
+            },
         }
         for t in study.get_trials(deepcopy=False)
     ]
