@@ -85,6 +85,20 @@ def test_json_match_and_field_accuracy(catalog):
     assert metric(catalog, "json_match").score(["nope"], ['{"a": 1}'], [True]) == 0.0
 
 
+def test_json_metrics_compare_as_json_does(catalog):
+    """``true`` is not ``1`` (Python's == says it is), a whole-text array is compared whole
+    (not reduced to its first object), and 1 and 1.0 are one number."""
+    match, fields = metric(catalog, "json_match"), metric(catalog, "json_field_accuracy")
+    assert match.score(['{"in_stock": 1}'], ['{"in_stock": true}'], [True]) == 0.0
+    assert match.score(['{"a": [false, 2]}'], ['{"a": [0, 2]}'], [True]) == 0.0
+    assert match.score(['{"qty": 1.0}'], ['{"qty": 1}'], [True]) == 1.0
+    assert match.score(['[{"a": 1}]'], ['[{"a": 1}, {"a": 2}]'], [True]) == 0.0
+    assert match.score(['[{"a": 1}, {"a": 2}]'], ['[{"a": 1}, {"a": 2}]'], [True]) == 1.0
+    assert match.score(['Sure: {"a": 1} done'], ['{"a": 1}'], [True]) == 1.0
+    pred = '{"a": 1, "b": 0, "c": "x"}'
+    assert fields.score([pred], ['{"a": true, "b": false, "c": "x"}'], [True]) == 1 / 3
+
+
 def test_token_f1(catalog):
     m = metric(catalog, "token_f1")
     # pred tokens: the cat sat (3); ref: the cat sat down (4); common 3 -> P=1, R=.75, F1=6/7
