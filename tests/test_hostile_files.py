@@ -34,7 +34,18 @@ def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", "[1, 2]", '{"results": 3}', '{"results": [1]}', '{"results": [{"metrics": []}]}'],
+    [
+        "{not json",
+        "[1, 2]",
+        '{"results": 3}',
+        '{"results": [1]}',
+        '{"results": [{"metrics": []}]}',
+        # hand-edited values: a metric that is not a number, kinds that are not an object
+        '{"results": [{"split": "val", "adapter": "a", "metrics": {"json_match": "abc"}}]}',
+        '{"results": [{"split": "val", "metrics": {"eval_loss": [1]}}]}',
+        '{"results": [{"split": "val", "metrics": {"eval_loss": true}}]}',
+        '{"results": [], "metric_kinds": []}',
+    ],
 )
 def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):
     report = tmp_path / "runs" / "r1" / "eval_report.json"

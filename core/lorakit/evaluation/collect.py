@@ -38,6 +38,17 @@ def read_report(path: Path) -> dict[str, Any]:
             " with a metrics table)",
             fix=fix,
         )
+    for res in results:
+        for name, value in res.get("metrics", {}).items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number or value is None):
+                raise RunError(
+                    f"{path}: metric {name!r} of split {res.get('split')!r} is "
+                    f"{type(value).__name__} {value!r:.40}, not a number",
+                    fix=fix,
+                )
+    if not isinstance(report.get("metric_kinds", {}), dict):
+        raise RunError(f"{path}: metric_kinds is not an object", fix=fix)
     return report
 
 
