@@ -304,10 +304,16 @@ def test_export_never_overwrites_silently(exported, tmp_path, capsys):
     assert (export / "merged").is_dir()  # untouched by the refusal
     out = tmp_path / "again"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    (out / "adapter" / "stale.txt").write_text("old")
     assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "adapter" / "stale.txt").exists()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # a file the user added to the export is not deleted with it: named, and the export kept
+    (out / "adapter" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
+    assert "adapter/notes.txt" in capsys.readouterr().err
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+    (out / "adapter" / "notes.txt").unlink()
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     # A folder lorakit did not write is never replaced, even with --overwrite.
     foreign = tmp_path / "mine"
     foreign.mkdir()

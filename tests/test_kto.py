@@ -432,7 +432,11 @@ PROPS = settings(
 )
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
 unpaired = st.fixed_dictionaries(
-    {"prompt": text, "completion": text.filter(lambda s: s.strip()), "label": st.booleans()}
+    {
+        "prompt": text.filter(lambda s: s.strip()),
+        "completion": text.filter(lambda s: s.strip()),
+        "label": st.booleans(),
+    }
 )
 
 
