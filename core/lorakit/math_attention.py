@@ -5,7 +5,8 @@ queries and keys with small matmuls. On a CPU with fast bf16 that costs far more
 arithmetic: before this module a bf16 run attended in fp32 up to 384 tokens (where the kernel
 is faster than in bf16), and attention was a quarter of SmolLM2-135M's step on 2 cores of an AMD
 EPYC with AVX512-BF16. Here each example's attention is one autograd node of batched matmuls
-over the whole example (or over blocks of its queries, below), the 16-bit ones in bf16 (``benchmarks/bench_attention.py`` times both paths):
+over the whole example (or over blocks of its queries, below), the 16-bit ones in bf16
+(``benchmarks/bench_attention.py`` times both paths):
 
 - forward: scores ``S = scale * Q K^T`` in fp32 with ``-inf`` where the mask forbids, every head
   of a key/value group in one matmul (grouped-query attention needs no repeated keys); ``P =
@@ -39,7 +40,8 @@ with the call).
 
 Below :data:`MIN_KEYS` those operations cost more than the arithmetic and the flash kernel takes
 the example; above :data:`MAX_KEYS` too, since the row keeps each example's mask (6 bytes a
-query and key), and above :data:`WHOLE_MAX_KEYS` when the example is too short for blocks. fp32 runs keep the kernel, which is as fast there.
+query and key), and above :data:`WHOLE_MAX_KEYS` when the example is too short for blocks.
+fp32 runs keep the kernel, which is as fast there.
 """
 
 from __future__ import annotations
@@ -192,10 +194,10 @@ def _with_ones(x: Any) -> Any:
 
 
 def _exp_scores(q: Any, k1: Any, bias: Any, c: Any, scale: float) -> Any:
-    """bf16 ``exp(scale * q k^T + bias - c)`` (``k1``: ``k`` with :func:`_with_ones`' columns), ``c`` one fp32 value per row (the backward's
-    log-sum-exp, which makes it ``P``). ``-c / scale`` joins the matmul as a constant column,
-    so each score is rounded once, after ``c`` is taken off: close to 0 where the result is
-    large, where bf16 is precise."""
+    """bf16 ``exp(scale * q k^T + bias - c)`` (``k1``: ``k`` with :func:`_with_ones`' columns),
+    ``c`` one fp32 value per row (the backward's log-sum-exp, which makes it ``P``). ``-c /
+    scale`` joins the matmul as a constant column, so each score is rounded once, after ``c``
+    is taken off: close to 0 where the result is large, where bf16 is precise."""
     import torch
 
     s = torch.bmm(_with_constant(q, c.div(-scale)), k1.transpose(1, 2))

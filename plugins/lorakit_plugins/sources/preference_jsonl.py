@@ -13,9 +13,9 @@
   (``false``); ``prompt`` and ``completion`` as above (strings or messages).
 
 ``id`` (a string or integer) and ``meta`` are optional; without an id the pair's is a hash of
-its content, stable when rows are added. Every problem names the file and line: a side or a prompt
-that is empty, chosen identical to rejected, two conversations whose prompts differ, a last turn that
-is not the assistant's, a label that is not a boolean. Each pair becomes an ``Example`` whose
+its content, stable when rows are added. Every problem names the file and line: a side or a
+prompt that is empty, chosen identical to rejected, two conversations whose prompts differ, a
+last turn that is not the assistant's, a label that is not a boolean. Each pair becomes an ``Example`` whose
 ``messages`` end with the chosen turn and whose ``rejected`` holds the rejected one; an unpaired
 answer one whose ``messages`` end with the answer and whose ``label`` says which kind it is.
 """
