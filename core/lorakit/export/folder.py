@@ -281,8 +281,11 @@ def _remove_stale_staging(out: Path) -> None:
     (``.NAME.old-PID``) of exports to ``out`` whose process is gone: killed before they could
     clean up, they would otherwise stay for good beside the export, as large as it. A folder
     of a process still running (another export to the same folder) is left alone."""
-    for stale in out.parent.glob(f".{out.name}.*"):
-        kind, _, rest = stale.name[len(out.name) + 2 :].partition("-")
+    prefix = f".{out.name}."
+    for stale in out.parent.iterdir():
+        if not stale.name.startswith(prefix):  # not a glob: the name may hold [ or *
+            continue
+        kind, _, rest = stale.name[len(prefix) :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
