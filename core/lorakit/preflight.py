@@ -151,15 +151,23 @@ def data_tokens(
     except Exception as exc:  # the plan must never block on the data: fall back to the bound
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return budget, budget, f"upper bound, data not read: {first}", False
-    lengths = sorted((min(n, t.max_length) for n in stats.lengths), reverse=True)
+    lengths = [min(n, t.max_length) for n in stats.lengths]
     share = stats.supervised_tokens / max(1, stats.total_tokens)
+    return _largest_micro_batch(t, lengths, share, merge, budget, "")
+
+
+def _largest_micro_batch(
+    t: Any, lengths: list[int], share: float, merge: int, budget: int, what: str
+) -> tuple[int, int, str, bool]:
+    """:func:`data_tokens`' answer from the rows' ``lengths`` and supervised ``share``."""
+    lengths = sorted(lengths, reverse=True)
     tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
     tokens = max(1, min(tokens, budget))
     apart = tokens
     if merge:  # the step's micro-batches merged up to ``merge`` tokens
         step = t.per_device_train_batch_size * t.gradient_accumulation_steps
         tokens = max(tokens, min(merge, sum(lengths[:step]), budget))
-    note = f"from the data: {share:.0%} of tokens supervised"
+    note = f"from the data: {what}{share:.0%} of tokens supervised"
     if merge:
         note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
     return tokens, round(tokens * share), note, tokens > apart
@@ -196,19 +204,10 @@ def _pair_tokens(
         return budget, budget, f"upper bound, data not read: {first}", False
     if not rows:
         return budget, budget, "upper bound, no pair in the data", False
-    lengths = sorted((r.length for r in rows), reverse=True)
+    lengths = [r.length for r in rows]
     supervised = sum(r.chosen.n_supervised + r.rejected.n_supervised for r in rows)
     share = supervised / max(1, sum(lengths))
-    tokens = budget if t.packing else sum(lengths[: t.per_device_train_batch_size])
-    tokens = max(1, min(tokens, budget))
-    apart = tokens
-    if merge:
-        step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        tokens = max(tokens, min(merge, sum(lengths[:step]), budget))
-    note = f"from the data: pairs, both sides; {share:.0%} of tokens supervised"
-    if merge:
-        note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
-    return tokens, round(tokens * share), note, tokens > apart
+    return _largest_micro_batch(t, lengths, share, merge, budget, "pairs, both sides; ")
 
 
 def plan_recipe(
