@@ -121,7 +121,7 @@ def main() -> None:
                 for a, b in zip(got, ref, strict=True)
             )
         f, w, m = (statistics.median(times[c]) for c in ("flash", "whole", "math"))
-        blocks = math_attention.block_count(n, n)
+        blocks = math_attention.block_count(n)
         print(
             f"{n} | {blocks} | {f:.2f} | {w:.2f} | {m:.2f} | {f / m:.2f}x | {w / m:.2f}x "
             f"| {errs['flash']} | {errs['whole']} | {errs['math']}"

@@ -84,37 +84,25 @@ def _relative_errors(got, want):
 
 
 @pytest.mark.parametrize("kind", ["causal", "context", "pair"])
-def test_bf16_is_as_close_to_exact_attention_as_the_flash_kernel(kind):
-    """SmolLM2's heads, 160 queries, logits of the size trained models reach (inputs x2). The
-    reference is fp64 attention of the same bf16 inputs; PyTorch's bf16 SDPA (flash kernel: fp32
-    scores and softmax, P and dS rounded to bf16) is the yardstick. bf16 keeps 8 bits (2^-9 =
-    2e-3 relative per rounding) and a gradient here goes through three or four roundings (the
+@pytest.mark.parametrize(("tq", "context"), [(160, 24), (500, 40)], ids=["one_block", "blocks"])
+def test_bf16_is_as_close_to_exact_attention_as_the_flash_kernel(kind, tq, context):
+    """SmolLM2's heads, logits of the size trained models reach (inputs x2). The reference is
+    fp64 attention of the same bf16 inputs; PyTorch's bf16 SDPA (flash kernel: fp32 scores and
+    softmax, P and dS rounded to bf16) is the yardstick. bf16 keeps 8 bits (2^-9 = 2e-3
+    relative per rounding) and a gradient here goes through three or four roundings (the
     recomputed P, dO V^T - delta, their product, the matmul's output), so each result stays
     within 1.5e-2 of its largest entry, and the worst of the four within 2x the kernel's worst
-    (measured on an AMD Zen 5: 0.93x, 1.22x and 1.20x for the three masks; dq ~2.7x the
-    kernel's, dk and dv at or below it). Another CPU's kernels round in another order."""
-    import torch
-
-    tq, tk = 160, 160 if kind != "context" else 184
-    q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, tq, tk)
-    allowed = _mask(kind, tq, tk)
-    want = _run(_reference, *(t.double() for t in (q, k, v, out_grad)), allowed)
-    ours = _relative_errors(_run(_attend, q, k, v, out_grad, allowed), want)
-    flash = _relative_errors(_run(_reference, q, k, v, out_grad, allowed), want)
-    assert max(ours) < 1.5e-2 and max(ours) <= 2 * max(flash), (ours, flash)
-
-
-@pytest.mark.parametrize("kind", ["causal", "context", "pair"])
-def test_bf16_in_blocks_of_queries_is_as_close_to_exact_attention_as_the_flash_kernel(kind):
-    """A long example attends in blocks of queries (:data:`BLOCK_QUERIES` each), each against
-    the keys up to its last query's, its key and value gradients added up in fp32 and rounded
-    once: the same bound as in one block (the test above), at a length of several blocks."""
+    (measured on an AMD Zen 5 at 160 queries: 0.93x, 1.22x and 1.20x for the three masks; dq
+    ~2.7x the kernel's, dk and dv at or below it). Another CPU's kernels round in another
+    order. At 500 queries the example attends in blocks of queries, each against the keys up
+    to its last query's, its key and value gradients added up over the blocks: the same
+    bound."""
     import torch
     from lorakit import math_attention
 
-    tq, tk = 500, 500 if kind != "context" else 540
+    tk = tq + context if kind == "context" else tq
     allowed = _mask(kind, tq, tk)
-    assert len(math_attention.query_blocks(allowed)) >= 2
+    assert (len(math_attention.query_blocks(allowed)) > 1) == (tq == 500)
     q, k, v, out_grad = _inputs(torch.bfloat16, 9, 3, tq, tk)
     want = _run(_reference, *(t.double() for t in (q, k, v, out_grad)), allowed)
     ours = _relative_errors(_run(_attend, q, k, v, out_grad, allowed), want)

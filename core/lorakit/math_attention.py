@@ -80,7 +80,7 @@ def applies(query: Any, key: Any, dropout: float) -> bool:
         and query.dtype == torch.bfloat16
         and dropout == 0.0
         and MIN_KEYS <= keys <= MAX_KEYS
-        and (keys <= WHOLE_MAX_KEYS or block_count(query.shape[-2], keys) > 1)
+        and (keys <= WHOLE_MAX_KEYS or block_count(query.shape[-2]) > 1)
     )
 
 
@@ -138,7 +138,7 @@ def query_blocks(allowed: Any) -> tuple[tuple[int, int, int], ...]:
     import torch
 
     tq, tk = allowed.shape
-    count = block_count(tq, tk)
+    count = block_count(tq)
     if count == 1:
         return ((0, tq, tk),)
     # one past each query's last allowed key
@@ -147,7 +147,7 @@ def query_blocks(allowed: Any) -> tuple[tuple[int, int, int], ...]:
     return tuple((a, b, int(last[a:b].max())) for a, b in itertools.pairwise(cuts))
 
 
-def block_count(tq: int, tk: int) -> int:
+def block_count(tq: int) -> int:
     """How many blocks of queries an example's attention runs in: one per
     :data:`BLOCK_QUERIES` queries, since each block adds a few dozen small operations."""
     return max(1, tq // BLOCK_QUERIES)

@@ -113,6 +113,10 @@ def _auto_dtype(device: str) -> str:
     return "bf16" if cached_bf16_choice(torch_version) else "fp32"
 
 
+# the objectives whose micro-batch rows hold both sides of each pair
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
+
+
 def data_tokens(
     recipe: Recipe, components: Components, merge: int = 0
 ) -> tuple[int, int, str, bool]:
@@ -130,10 +134,7 @@ def data_tokens(
     t = recipe.train
     pairs = t.objective in PAIR_OBJECTIVES
     budget = (2 if pairs else 1) * t.per_device_train_batch_size * t.max_length
-    if pairs:
-        return _pair_tokens(recipe, components, merge, budget)
     try:
-        from lorakit.data.lint import lint
         from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
         from lorakit.data.pipeline import DataReport, load_splits
 
@@ -141,19 +142,43 @@ def data_tokens(
         if folder is None:
             return budget, budget, f"upper bound, no data read ({note})", False
         splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
-        stats = lint(
-            splits.train,
-            components.formatter,
-            LiteTokenizer(folder),
-            t.max_length,
-            recipe.data.overlength,
-        )
+        read = _pair_lengths if pairs else _example_lengths
+        lengths, share = read(recipe, components, splits.train, LiteTokenizer(folder))
     except Exception as exc:  # the plan must never block on the data: fall back to the bound
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return budget, budget, f"upper bound, data not read: {first}", False
-    lengths = [min(n, t.max_length) for n in stats.lengths]
+    if pairs and not lengths:
+        return budget, budget, "upper bound, no pair in the data", False
+    what = "pairs, both sides; " if pairs else ""
+    return _largest_micro_batch(t, lengths, share, merge, budget, what)
+
+
+def _example_lengths(
+    recipe: Recipe, components: Components, train: Any, tokenizer: Any
+) -> tuple[list[int], float]:
+    """Each training example's tokens (up to ``max_length``) and the supervised share."""
+    from lorakit.data.lint import lint
+
+    t = recipe.train
+    stats = lint(train, components.formatter, tokenizer, t.max_length, recipe.data.overlength)
     share = stats.supervised_tokens / max(1, stats.total_tokens)
-    return _largest_micro_batch(t, lengths, share, merge, budget, "")
+    return [min(n, t.max_length) for n in stats.lengths], share
+
+
+def _pair_lengths(
+    recipe: Recipe, components: Components, train: Any, tokenizer: Any
+) -> tuple[list[int], float]:
+    """Each training pair's tokens, both sides whole, and the supervised share."""
+    from lorakit.data.pairs import tokenize_pairs
+    from lorakit.data.pipeline import DataReport
+
+    # the plan counts what trains; `check` and `run` report the drops
+    rows = tokenize_pairs(
+        train, components.formatter, tokenizer, recipe.train.max_length, "drop", DataReport()
+    )
+    lengths = [r.length for r in rows]
+    supervised = sum(r.chosen.n_supervised + r.rejected.n_supervised for r in rows)
+    return lengths, supervised / max(1, sum(lengths))
 
 
 def _largest_micro_batch(
@@ -171,43 +196,6 @@ def _largest_micro_batch(
     if merge:
         note += f"; a step's micro-batches merged up to {merge} tokens (train.merge_micro_batches)"
     return tokens, round(tokens * share), note, tokens > apart
-
-
-# the objectives whose micro-batch rows hold both sides of each pair
-PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
-
-
-def _pair_tokens(
-    recipe: Recipe, components: Components, merge: int, budget: int
-) -> tuple[int, int, str, bool]:
-    """:func:`data_tokens` for a pair objective: the pairs' lengths, both sides counted."""
-    t = recipe.train
-    try:
-        from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
-        from lorakit.data.pairs import tokenize_pairs
-        from lorakit.data.pipeline import DataReport, load_splits
-
-        folder, note = find_tokenizer_folder(components.model_source, recipe.model.name)
-        if folder is None:
-            return budget, budget, f"upper bound, no data read ({note})", False
-        splits = load_splits(components.sources, recipe.data, recipe.recipe_dir, DataReport())
-        rows = tokenize_pairs(
-            splits.train,
-            components.formatter,
-            LiteTokenizer(folder),
-            t.max_length,
-            "drop",  # the plan counts what trains; `check` and `run` report the drops
-            DataReport(),
-        )
-    except Exception as exc:  # the plan must never block on the data: fall back to the bound
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return budget, budget, f"upper bound, data not read: {first}", False
-    if not rows:
-        return budget, budget, "upper bound, no pair in the data", False
-    lengths = [r.length for r in rows]
-    supervised = sum(r.chosen.n_supervised + r.rejected.n_supervised for r in rows)
-    share = supervised / max(1, sum(lengths))
-    return _largest_micro_batch(t, lengths, share, merge, budget, "pairs, both sides; ")
 
 
 def plan_recipe(
