@@ -144,6 +144,41 @@ def test_gguf_reads_back_as_the_merged_model(tiny_export, tmp_path):
 
 
 @pytest.mark.slow  # trains the tiny model (once per module)
+def test_merge_and_gguf_share_one_fp32_merge(tiny_export, tmp_path, monkeypatch):
+    """``--merge --gguf`` loads and merges the fp32 base once (a 28 GB load for a 7B model),
+    and writes the GGUF files from it before ``--merge`` casts it: with ``--dtype bf16`` the
+    f32 file is still the fp32 merge, byte for byte the one ``--gguf`` alone writes."""
+    import lorakit.export.merge as merge
+    from gguf import GGUFReader
+    from lorakit.cli.main import main
+    from safetensors import safe_open
+
+    merges = []
+    real = merge.merge_fp32
+
+    def counted(*args, **kwargs):
+        merges.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "merge_fp32", counted)
+    run, export = tiny_export
+    out = tmp_path / "both"
+    argv = ["export", str(run), "--merge", "--dtype", "bf16", "--gguf", "--gguf-type", "f32"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert len(merges) == 1
+    alone = {t.name: t.data for t in GGUFReader(str(export / "gguf" / "recipe-F32.gguf")).tensors}
+    both = {t.name: t.data for t in GGUFReader(str(out / "gguf" / "recipe-F32.gguf")).tensors}
+    assert alone.keys() == both.keys()
+    assert all((alone[k] == both[k]).all() for k in alone)
+    (weights,) = (out / "merged").glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        assert {str(f.get_slice(k).get_dtype()) for k in names} == {"BF16"}
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["dtype"] == "bf16" and "merged_in_memory" in parity["comparisons"]
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_chat_template_renders_every_training_example(tiny_export):
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components

@@ -124,12 +124,15 @@ def write_merged_folder(
     dtype: str,
     merge_base: str,
     say: Callable[[str], None],
+    merge: Callable[..., Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``merged/`` and ``parity.json``; return the parity record and the merge's settings."""
-    from lorakit.export.merge import merge_base_label, write_merged
+    from lorakit.export.merge import merge_base_label, merge_fp32, write_merged
 
     merge_info = {"merge_base": merge_base_label(merge_base, loaded.recipe), "dtype": dtype}
-    parity = write_merged(run, loaded, tmp / "merged", dtype, gen, say, merge_base)
+    parity = write_merged(
+        run, loaded, tmp / "merged", dtype, gen, say, merge_base, merge or merge_fp32
+    )
     write_json(tmp / "merged" / META, {**meta, **merge_info})
     write_json(tmp / "parity.json", parity)
     return parity, merge_info
@@ -146,6 +149,7 @@ def write_gguf_folder(
     merge_base: str,
     base_only: bool,
     say: Callable[[str], None],
+    merge: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """``gguf/``: the files, their ``parity.json`` and model card; return the parity record."""
     from lorakit.export.gguf_export import write_gguf_export
@@ -161,6 +165,7 @@ def write_gguf_folder(
         merge_base,
         base_only,
         quantizer,
+        merge,
     )
     write_json(folder / "parity.json", gguf_parity)
     (folder / "README.md").write_text(

@@ -157,6 +157,7 @@ def _export_run(
     import transformers
 
     from lorakit.export import contents
+    from lorakit.export.merge import SharedMerge
     from lorakit.modeling import check_adapter_dir
 
     transformers.logging.set_verbosity_error()
@@ -178,17 +179,13 @@ def _export_run(
     with _staging(out, opts) as tmp:
         # 3. The adapter export: byte copies of the checked weights, tokenizer, stop tokens.
         gen = contents.write_adapter(run, loaded, meta, base_path, tmp / "adapter", say)
-        # 4. The merged model, merged in fp32 (on the original or the dequantized base), with
-        #    parity numbers.
-        parity: dict[str, Any] | None = None
-        merge_info: dict[str, Any] | None = None
-        if opts.merge:
-            parity, merge_info = contents.write_merged_folder(
-                run, loaded, meta, gen, tmp, opts.dtype, opts.merge_base, say
-            )
-        # 5. GGUF files of the merged model (+ the adapter alone), each read back and compared.
+        # 4. GGUF files of the merged model (+ the adapter alone), each read back and compared.
+        #    With --merge too, the fp32 merge is made once and used by both, the GGUF files
+        #    first: the merged folder then casts it to its export dtype.
+        gguf = bool(opts.gguf_types) and vocab is not None
+        merge = SharedMerge(uses=2 if opts.merge and gguf and not opts.gguf_base_only else 1)
         gguf_parity = None
-        if opts.gguf_types and vocab is not None:
+        if gguf:
             gguf_parity = contents.write_gguf_folder(
                 run,
                 loaded,
@@ -200,6 +197,15 @@ def _export_run(
                 opts.merge_base,
                 opts.gguf_base_only,
                 say,
+                merge,
+            )
+        # 5. The merged model, merged in fp32 (on the original or the dequantized base), with
+        #    parity numbers.
+        parity: dict[str, Any] | None = None
+        merge_info: dict[str, Any] | None = None
+        if opts.merge:
+            parity, merge_info = contents.write_merged_folder(
+                run, loaded, meta, gen, tmp, opts.dtype, opts.merge_base, say, merge
             )
         # 6. Model cards and the export marker, then move the finished export into place.
         contents.write_cards(tmp, cards, parity, merge_info)

@@ -83,8 +83,10 @@ def write_gguf_export(
     merge_base: str = "original",
     base_only: bool = False,
     quantizer: Quantizer | None = None,
+    merge: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Write and check every GGUF file into ``folder``; return the ``parity.json`` record.
+    ``merge``: how the merged model is made (``merge.SharedMerge`` when ``--merge`` uses it too).
 
     ``base_only``: the files hold the base as trained (dequantized for a quantized run)
     instead of the merged model; each is also read back with the run's adapter attached and
@@ -107,7 +109,7 @@ def write_gguf_export(
         merge_base = base_merge_base(loaded)
         source = base_source(run, loaded, probes, say)
     else:
-        source = merged_source(run, loaded, probes, say, merge_base)
+        source = merged_source(run, loaded, probes, say, merge_base, merge)
     files: dict[str, Any] = {}
     llama_rows: dict[str, Any] = {}
     checks: _TokenizerChecks | None = None

@@ -25,13 +25,19 @@ class Source:
 
 
 def merged_source(
-    run: Any, loaded: Any, probes: Any, say: Callable[[str], None], merge_base: str
+    run: Any,
+    loaded: Any,
+    probes: Any,
+    say: Callable[[str], None],
+    merge_base: str,
+    merge: Callable[..., Any] | None = None,
 ) -> Source:
-    """The merged fp32 model, exactly as ``--merge`` makes it."""
+    """The merged fp32 model, exactly as ``--merge`` makes it (``merge``: a
+    ``merge.SharedMerge`` that ``--merge`` then reuses; default ``merge_fp32``)."""
     from lorakit.export.merge import _check_tolerance, merge_fp32
     from lorakit.export.parity import ParityReport, probe_logits
 
-    merged, first, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
+    merged, first, unmerged = (merge or merge_fp32)(run, loaded, probes, say, merge_base)
     reference = probe_logits(merged, probes)
     report = ParityReport(probes, reference, "merged fp32 model (transformers, in memory)")
     row = report.add(

@@ -214,6 +214,34 @@ def merge_fp32(
     return merge_adapter(model), report, unmerged
 
 
+Merged = tuple[Any, Any, list[Any]]  # (merged model, parity report, unmerged probe logits)
+
+
+class SharedMerge:
+    """:func:`merge_fp32` for an export that uses the merged fp32 model more than once
+    (``--merge --gguf``): the first call loads and merges, the later ones get the same model
+    (merging a 7B base in fp32 is a 28 GB load and minutes of CPU), and the last one lets it
+    go. Whoever takes it must not change it in place before the last use: the GGUF files are
+    written from it before ``--merge`` casts it to its export dtype."""
+
+    def __init__(self, uses: int) -> None:
+        self._uses = uses
+        self._merged: Merged | None = None
+
+    def __call__(
+        self,
+        run: Any,
+        loaded: Any,
+        probes: Any,
+        say: Callable[[str], None],
+        merge_base: str = "original",
+    ) -> Merged:
+        merged = self._merged or merge_fp32(run, loaded, probes, say, merge_base)
+        self._uses -= 1
+        self._merged = merged if self._uses > 0 else None
+        return merged
+
+
 def base_with_adapter_fp32(
     run: Any,
     loaded: Any,
@@ -303,15 +331,17 @@ def write_merged(
     generation_config: Any,
     say: Callable[[str], None],
     merge_base: str = "original",
+    merge: Callable[..., Merged] = merge_fp32,
 ) -> dict[str, Any]:
-    """Merge, cast, save to ``folder``, measure parity; return the parity record."""
+    """Merge (``merge``: a :class:`SharedMerge` when the GGUF export merged already), cast,
+    save to ``folder``, measure parity; return the parity record."""
     from transformers import AutoModelForCausalLM
 
     from lorakit.export.parity import build_probes, probe_logits
 
     device = loaded.device
     probes = build_probes(run.path, loaded.formatter, loaded.tokenizer)
-    merged, report, unmerged = merge_fp32(run, loaded, probes, say, merge_base)
+    merged, report, unmerged = merge(run, loaded, probes, say, merge_base)
     if dtype_name != "fp32":
         # Check the merge itself before the cast blurs it; for fp32 the reload below does.
         logits = probe_logits(merged, probes)
