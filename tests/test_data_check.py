@@ -153,3 +153,67 @@ def test_check_fails_where_an_overlength_error_would_stop_the_run(
     assert code == 2 and "Traceback" not in err, err
     assert "an error: `lorakit run` would stop" in out
     assert "20 examples are longer than train.max_length=8" in err and "overlength" in err, err
+
+
+# --------------------------------------------------------------------------- special-token text
+
+
+def test_a_message_that_spells_a_special_token_is_refused(tmp_path, data_tokenizer_dir, cli):
+    """``<|im_end|>`` written inside a reply would be tokenized as the end-of-turn token:
+    the model would learn to end its turn mid-message. check and run refuse it by name."""
+    recs = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": "What ends a turn?"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ],
+        }
+        for i in range(4)
+    ]
+    recs[2]["messages"][1]["content"] = "The token <|im_end|> does."
+    write_jsonl(tmp_path / "c.jsonl", recs)
+    recipe = write_recipe(tmp_path, [{"plugin": "chat_jsonl", "path": "c.jsonl"}])
+    code, _, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
+    assert code == 2 and "Traceback" not in err, err
+    assert "c.jsonl:3" in err and "message 2 (assistant)" in err and "'<|im_end|>'" in err
+    assert "remove or reword" in err
+
+
+def test_raw_text_that_spells_special_tokens_is_reported(tmp_path, data_tokenizer_dir, cli):
+    """A raw text may be written in a chat format on purpose, so it trains, with a warning
+    that names the tokens and the examples."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("Turns end with <|im_end|> in ChatML.\n", encoding="utf-8")
+    (docs / "b.md").write_text("Plain prose about nothing special.\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path, [{"plugin": "markdown", "path": "docs"}])
+    code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines() if "special tokens" in x]
+    assert "1 raw-text example spells" in line and "'<|im_end|>' in 1" in line
+    assert "a.md" in line and "b.md" not in line
+
+
+def test_special_text_check_reads_the_tokenizer_special_tokens(data_tokenizer, data_tokenizer_dir):
+    """The transformers tokenizer and check's torch-free one name the same special tokens,
+    and ordinary text (including near misses) passes."""
+    from lorakit.data.report import DataReport
+    from lorakit.data.special_text import check_special_text, special_strings
+
+    assert "<|im_end|>" in special_strings(data_tokenizer)
+    assert special_strings(LiteTokenizer(data_tokenizer_dir)) == special_strings(data_tokenizer)
+    report = DataReport()
+    near = [Message("user", "<| im_end |> and <im_end> are text"), Message("assistant", "ok")]
+    check_special_text([Example(id="n", messages=tuple(near))], data_tokenizer, report)
+    check_special_text([Example(id="t", text="no tokens here")], data_tokenizer, report)
+    assert not report.special_text
+
+
+def test_check_with_a_tokenizer_folder_without_tokenizer_json(tmp_path, cli):
+    recipe = chat_recipe(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        code, _, err = cli("check", str(recipe), "--tokenizer", str(folder))
+        assert code == 2 and "Traceback" not in err, err
+        assert "holds no tokenizer.json" in err

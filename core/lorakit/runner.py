@@ -203,6 +203,9 @@ def prepare_data(
         report.dropped[f"{reason} (val split)"] += n
     if val_report.truncated:
         report.warnings.append(f"truncated {val_report.truncated} val examples to train.max_length")
+    special = val_report.special_text_warning()
+    if special:
+        report.warnings.append(f"val split: {special}")
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"

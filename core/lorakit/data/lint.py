@@ -66,6 +66,9 @@ class LintStats:
             )
         for reason, n in sorted(self.report.dropped.items()):
             out.append(f"would drop {n} examples: {reason}")
+        special = self.report.special_text_warning()
+        if special:
+            out.append(f"warning: {special}")
         if self.report.truncated:
             out.append(f"would truncate {self.report.truncated} examples")
         share = self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0

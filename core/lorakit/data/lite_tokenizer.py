@@ -31,11 +31,35 @@ class LiteTokenizer:
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
-        self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        path = self.folder / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(
+                f"{self.folder} holds no tokenizer.json",
+                where=str(self.folder),
+                fix="pass a model folder with a tokenizer.json (--tokenizer FOLDER), or leave "
+                "--tokenizer out to use the recipe's model",
+            )
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise DataError(
+                f"{path} cannot be read as a tokenizer: {exc}",
+                where=str(path),
+                fix="pass a folder whose tokenizer.json a transformers tokenizer saved",
+            ) from None
         self._tok.no_truncation()  # counts must be the full lengths, like transformers' call
         self._tok.no_padding()
         cfg_path = self.folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        except (ValueError, OSError) as exc:
+            raise DataError(
+                f"{cfg_path} cannot be read: {exc}",
+                where=str(cfg_path),
+                fix="pass a folder whose tokenizer_config.json a transformers tokenizer saved",
+            ) from None
+        if not isinstance(cfg, dict):
+            cfg = {}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.pad_token = _token_text(cfg.get("pad_token")) or self.eos_token
@@ -56,6 +80,10 @@ class LiteTokenizer:
     def all_special_tokens(self) -> list[str]:
         names = (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
         return [t for t in dict.fromkeys(names) if t]
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, Any]:
+        return dict(self._tok.get_added_tokens_decoder())
 
     def get_added_vocab(self) -> dict[str, int]:
         return dict(self._added)

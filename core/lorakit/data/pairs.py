@@ -22,6 +22,7 @@ import attrs
 
 from lorakit.contracts import Example, Rendered, Segment
 from lorakit.data.report import DataReport, example_where
+from lorakit.data.special_text import check_special_text
 from lorakit.data.tokenize import Tokenized, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -76,6 +77,7 @@ def tokenize_pairs(
                     fix="a preference objective trains on pairs: read them with plugin = "
                     '"preference_jsonl", or set train.objective = "sft"',
                 )
+        check_special_text(chunk, tokenizer, report)
         chosen = tokenize_batch(
             [final_answer_only(formatter.render(ex, tokenizer)) for ex in chunk], tokenizer
         )

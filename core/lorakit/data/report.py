@@ -31,6 +31,29 @@ class DataReport:
     # Facts a source reported about what it read (``SourceContext.note``), per source label:
     # a Hugging Face dataset's fingerprint, revision and rows.
     sources_info: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    # raw texts that spell a special token (``special_text.py``): token -> examples, and the
+    # first few examples' ids
+    special_text: Counter = attrs.field(factory=Counter)
+    special_text_ids: list[str] = attrs.field(factory=list)
+
+    def note_special_text(self, token: str, example_id: str) -> None:
+        self.special_text[token] += 1
+        if len(self.special_text_ids) < 5:
+            self.special_text_ids.append(example_id)
+
+    def special_text_warning(self) -> str | None:
+        if not self.special_text:
+            return None
+        n = sum(self.special_text.values())
+        tokens = ", ".join(f"{t!r} in {k}" for t, k in self.special_text.most_common(4))
+        more = " ..." if n > len(self.special_text_ids) else ""
+        return (
+            f"{n} raw-text example{'s spell' if n > 1 else ' spells'} the tokenizer's special "
+            "tokens "
+            f"({tokens}; {', '.join(self.special_text_ids)}{more}): they are trained as those "
+            "control tokens, which is right for text already in a chat format and wrong for "
+            "prose that mentions them (reword them there)"
+        )
 
     def lines(self) -> list[str]:
         out = [f"source {name}: {n} examples" for name, n in self.per_source.items()]
@@ -51,6 +74,9 @@ class DataReport:
                 "chunks that fit train.max_length"
             )
         out += [f"warning: {w}" for w in self.warnings]
+        special = self.special_text_warning()
+        if special:
+            out.append(f"warning: {special}")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -60,7 +86,7 @@ class DataReport:
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
             "chunked": dict(self.chunked),
-            "warnings": list(self.warnings),
+            "warnings": [*self.warnings, *filter(None, [self.special_text_warning()])],
             **({"sources_info": self.sources_info} if self.sources_info else {}),
         }
 

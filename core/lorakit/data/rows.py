@@ -15,6 +15,7 @@ from lorakit.contracts import Example
 from lorakit.data.chunk_rows import chunk_document
 from lorakit.data.report import DataReport
 from lorakit.data.row_files import RowWriter, TokenRows
+from lorakit.data.special_text import check_special_text
 from lorakit.data.tokenize import Tokenized, encode_with_offsets, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -110,6 +111,7 @@ def render_and_tokenize(
             sum(ex.label is False for ex in examples)
         )
         examples = [ex for ex in examples if ex.label is not False]
+    check_special_text(examples, tokenizer, report)
     long = [_chunkable(ex) and len(ex.text or "") > max_length for ex in examples]
     short = [ex for ex, is_long in zip(examples, long, strict=True) if not is_long]
     rows = iter(tokenize_batch([formatter.render(ex, tokenizer) for ex in short], tokenizer))

@@ -22,6 +22,7 @@ import attrs
 from lorakit.contracts import Example
 from lorakit.data.pairs import BATCH, final_answer_only
 from lorakit.data.report import DataReport, example_where
+from lorakit.data.special_text import check_special_text
 from lorakit.data.tokenize import Tokenized, tokenize_batch
 from lorakit.errors import DataError
 from lorakit.progress import bar
@@ -75,6 +76,7 @@ def tokenize_answers(
     kept: list[AnswerRow] = []
     it = iter(bar(examples, desc="formatting answers", unit="example"))
     while chunk := list(itertools.islice(it, BATCH)):
+        check_special_text(chunk, tokenizer, report)
         answers = [a for ex in chunk for a in labelled_answers(ex)]
         rows = tokenize_batch(
             [final_answer_only(formatter.render(ex, tokenizer)) for ex, _ in answers], tokenizer
