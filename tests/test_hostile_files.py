@@ -64,7 +64,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 
 def test_a_yaml_alias_bomb_in_markdown_front_matter_is_refused(tmp_path):
-    front, message = BOMB, "uses a YAML alias"
+    front, message = BOMB, "front matter: a YAML alias"
     import subprocess
     import sys
 
@@ -90,8 +90,12 @@ def test_a_yaml_alias_bomb_in_markdown_front_matter_is_refused(tmp_path):
     [
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 32 levels deep"),
         (BOMB, "a YAML alias"),
+        (
+            "distributed_type: MULTI_GPU\nnum_processes: 2\nnum_processes: 8\n",
+            "accelerate.yaml:3: num_processes: given twice",
+        ),
     ],
-    ids=["nested 5000 deep", "alias bomb"],
+    ids=["nested 5000 deep", "alias bomb", "a key twice"],
 )
 def test_a_hostile_launch_config_is_refused(content, message, tmp_path):
     import subprocess
@@ -116,3 +120,52 @@ def test_a_hostile_launch_config_is_refused(content, message, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "accelerate.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "front",
+    ["split: test\ntags: [a]\nsplit: train\n", "meta:\n  lang: en\n  lang: de\n"],
+    ids=["top level", "nested"],
+)
+def test_a_key_given_twice_in_front_matter_is_refused(front, tmp_path, cli):
+    """YAML keeps a repeated key's last value: ``split: test`` then ``split: train`` would
+    have put a document pinned to test into train without a word."""
+    from helpers import write_recipe
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(f"---\n{front}---\nBody text here.\n")
+    (tmp_path / "docs" / "b.md").write_text("---\nsplit: train\ntags: [a, a]\n---\nOther.\n")
+    recipe = write_recipe(tmp_path, [{"plugin": "markdown", "path": "docs"}])
+    code, _, err = cli("check", str(recipe))
+    assert code == 2 and "Traceback" not in err, err
+    assert "a.md" in err and "given twice" in err and "b.md" not in err
+
+
+def test_a_key_given_twice_in_a_tools_file_is_refused(tmp_path, cli):
+    """``"required": ["city"]`` then ``"required": []``: a plain JSON reader kept the empty
+    list, and tool calls without the required argument passed the check."""
+    from helpers import write_jsonl, write_recipe
+
+    (tmp_path / "tools.json").write_text(
+        '[{"type": "function", "function": {"name": "get_weather", "description": "W", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '
+        '"required": ["city"], "required": []}}}]'
+    )
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "id": "a",
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ],
+            }
+        ],
+    )
+    recipe = write_recipe(
+        tmp_path, [{"plugin": "chat_jsonl", "path": "d.jsonl", "tools": "tools.json"}]
+    )
+    code, _, err = cli("check", str(recipe))
+    assert code == 2 and "Traceback" not in err, err
+    assert "tools.json" in err and "duplicate key 'required'" in err

@@ -80,6 +80,7 @@ from lorakit.hookspecs import (
 )
 from lorakit.options import option
 from lorakit.rundir import RunDir
+from lorakit.safe_yaml import YamlRefused, refuse_unsafe_yaml
 from lorakit.secrets import hub_token
 from lorakit.tracking import flatten
 
@@ -128,6 +129,7 @@ __all__ = [
     "SourceContext",
     "ToolCall",
     "Turn",
+    "YamlRefused",
     "chat_environment",
     "dtype_from_name",
     "example_problem",
@@ -144,6 +146,7 @@ __all__ = [
     "read_source",
     "read_text_file",
     "refuse_special",
+    "refuse_unsafe_yaml",
     "resolve_path",
     "tool_calls_from_json",
     "tools_from_json",

@@ -20,6 +20,7 @@ import yaml
 from lorakit import accelerate_keys as keys
 from lorakit.errors import LorakitError, closest
 from lorakit.launch_recipe import check_against_recipe, check_gpu_engine
+from lorakit.safe_yaml import YamlRefused, refuse_unsafe_yaml
 
 SUFFIXES = (".yaml", ".yml", ".json")
 GPU_ONLY = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
@@ -65,24 +66,16 @@ def is_launch_config(path: str | Path) -> bool:
 MAX_DEPTH = 32  # accelerate configs nest two levels (fsdp_config: ...)
 
 
-def _refuse_aliases_and_depth(path: Path, text: str) -> None:
-    """Walk the YAML events (JSON is YAML) before building anything: nothing is expanded, nothing
-    recurses. An alias can turn a few hundred bytes into billions of items, and nesting
-    thousands deep exhausts the recursion limit; an accelerate config needs neither."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        at = f"{path}:{event.start_mark.line + 1}" if event.start_mark is not None else str(path)
-        problem = None
-        if isinstance(event, yaml.AliasEvent):
-            problem = "a YAML alias (*name)\n    fix: write the value out instead"
-        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                problem = f"nested more than {MAX_DEPTH} levels deep\n    fix: flatten it"
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-        if problem:
-            raise LaunchConfigError([f"{at}: {problem}"], source=str(path))
+def _refuse_unsafe(path: Path, text: str) -> None:
+    """No alias and no nesting deeper than an accelerate config needs (``safe_yaml.py``;
+    JSON is YAML), before anything is built. A key given twice is reported by :func:`_lines`
+    with its dotted name."""
+    try:
+        refuse_unsafe_yaml(text, MAX_DEPTH, yaml.SafeLoader, repeated_keys=False)
+    except YamlRefused as exc:
+        raise LaunchConfigError(
+            [f"{path}:{exc.line + 1}: {exc.problem}\n    fix: {exc.fix}"], source=str(path)
+        ) from None
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -97,7 +90,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
             "config file (accelerate config writes one; configs/ has an FSDP example)",
         ) from None
     try:
-        _refuse_aliases_and_depth(path, text)
+        _refuse_unsafe(path, text)
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         lines = _lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except json.JSONDecodeError as exc:

@@ -5,7 +5,6 @@ the last check of a built example, so a bad record is a ``file:line`` error, not
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,11 @@ from typing import Any
 from lorakit.api import (
     DataError,
     Example,
+    JsonRefused,
     Message,
     SourceContext,
     example_problem,
+    loads_strict,
     resolve_path,
     tool_calls_from_json,
     tools_from_json,
@@ -72,7 +73,11 @@ def tools_file(recipe_dir: Path, path: str) -> tuple[Any, ...] | None:
     file = resolve_path(recipe_dir, path)
     where = "[data.sources].tools"
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = loads_strict(file.read_text(encoding="utf-8-sig"))  # a BOM is not JSON
+    except JsonRefused as exc:
+        raise DataError(
+            f"the tools file {file}: refused JSON: {exc}", where=where, fix=exc.fix
+        ) from None
     except OSError as exc:
         raise DataError(
             f"cannot read the tools file {file}: {exc.strerror or exc}",

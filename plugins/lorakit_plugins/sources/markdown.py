@@ -36,11 +36,13 @@ from lorakit.api import (
     Example,
     RegisterSource,
     SourceContext,
+    YamlRefused,
     hookimpl,
     matching_files,
     option,
     read_text_file,
     refuse_special,
+    refuse_unsafe_yaml,
     resolve_path,
 )
 
@@ -71,39 +73,17 @@ def _json_safe(value: Any) -> Any:
 MAX_FRONT_MATTER_DEPTH = 32
 
 
-def _refuse_aliases_and_depth(events: Any) -> None:
-    """Walk the YAML events (linear, nothing expanded) before building anything: an alias can
-    expand a few hundred bytes into billions of items (a "billion laughs"), and deep nesting
-    exhausts the recursion limit. Front matter is a few plain keys; it needs neither."""
-    import yaml
-
-    depth = 0
-    for event in events:
-        line = event.start_mark.line if event.start_mark is not None else 0
-        if isinstance(event, yaml.AliasEvent):
-            raise FrontMatterError(
-                "front matter uses a YAML alias (*name); write the value out instead", line
-            )
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_FRONT_MATTER_DEPTH:
-                raise FrontMatterError(
-                    f"front matter is nested more than {MAX_FRONT_MATTER_DEPTH} levels deep;"
-                    " flatten it",
-                    line,
-                )
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-
-
 def parse_front_matter(block: str) -> dict[str, Any]:
     """Parse a YAML front-matter block into a JSON-safe mapping; raise ``FrontMatterError``."""
     import yaml
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        _refuse_aliases_and_depth(yaml.parse(block, Loader=loader))
+        # no alias, no deep nesting, no key given twice (safe_yaml.py), before building
+        refuse_unsafe_yaml(block, MAX_FRONT_MATTER_DEPTH)
         data = yaml.load(block, Loader=loader)  # a safe loader: plain data only
+    except YamlRefused as exc:
+        raise FrontMatterError(f"front matter: {exc.problem}; {exc.fix}", exc.line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
