@@ -27,6 +27,36 @@ def test_redact():
     assert redact("nothing", None) == "nothing"
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://alice:{}@127.0.0.1:1/path",
+        'tracking_uri = "http://alice:{}@mlflow.example"',
+        "{{'uri': 'http://alice:{}@h', 'mail': 'a@b.c'}}",
+        '{{"uri":"http://alice:{}@h","next":"x@y"}}',
+    ],
+)
+def test_a_url_password_is_masked_whatever_characters_it_holds(template):
+    """A password with ' " # ? / @ (which a URL should percent-encode, and people do not)
+    was printed and written as it was: the pattern stopped at those characters."""
+    import string
+
+    from lorakit.secrets import mask
+
+    for ch in string.printable.strip():
+        password = f"Sup{ch}3r{ch}x"
+        masked = mask(template.format(password))
+        assert "Sup" not in masked and "3r" not in masked, (ch, masked)
+        assert "alice:***@" in masked
+    # what is not a userinfo stays as it was
+    for text in (
+        "http://host/path@x",
+        "see http://host:8080/ and mail a@b.com",
+        "https://registry.npmjs.org/@scope/pkg",
+    ):
+        assert mask(text) == text
+
+
 @pytest.mark.slow
 def test_token_never_written_to_run_folder(tmp_path, monkeypatch, tiny_model_dir, chat_file, cli):
 

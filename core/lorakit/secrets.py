@@ -57,10 +57,10 @@ def redact(text: str, token: str | None) -> str:
 
 
 MASK = "***"
-# scheme://user:password@ or scheme://token@ (the userinfo of a URL)
-_USERINFO = re.compile(
-    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/?#@:'\"]*)(?::(?P<pw>[^\s/?#'\"]*))?@"
-)
+# where a URL starts; its userinfo is found by _mask_userinfo
+_SCHEME = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://")
+# a quote that closes a quoted value (what follows it in TOML, JSON, Python reprs)
+_CLOSING_QUOTE = re.compile(r"['\"](?=[\s,;:}\])]|$)")
 # ?token=..., &password=... in a query string
 _QUERY = re.compile(
     r"(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|passwd|secret|sig)=)[^&#\s'\"]+",
@@ -71,17 +71,39 @@ _SECRET_ENV = re.compile(
 )
 
 
-def _userinfo(m: re.Match[str]) -> str:
-    if m.group("pw") is None:  # a lone user part is often a token (https://TOKEN@host)
-        return f"{m.group('head')}{MASK}@"
-    return f"{m.group('head')}{m.group('user')}:{MASK}@"
+def _mask_userinfo(text: str) -> str:
+    """``scheme://user:password@`` as ``scheme://user:***@`` and ``scheme://token@`` as
+    ``scheme://***@``. The password may hold any character but whitespace (a URL should
+    percent-encode ``/ ? # @ ' "`` in it, and people do not), so the userinfo runs to the last
+    ``@`` before whitespace or a closing quote, as urllib's ``urlsplit`` reads a netloc."""
+    out, pos = [], 0
+    for m in _SCHEME.finditer(text):
+        if m.start() < pos:
+            continue
+        run = re.match(r"\S*", text[m.end() :])
+        candidate = run.group(0) if run else ""
+        close = _CLOSING_QUOTE.search(candidate)
+        if close:
+            candidate = candidate[: close.start()]
+        at = candidate.rfind("@")
+        if at < 0:
+            continue
+        user, colon, _ = candidate[:at].partition(":")
+        if not colon and any(c in user for c in "/?#"):
+            continue  # an @ in a path or a query, not a userinfo
+        if any(c in user for c in "/?#'\""):
+            continue
+        out.append(text[pos : m.end()])
+        out.append(f"{user}:{MASK}@" if colon else f"{MASK}@")  # a lone user is often a token
+        pos = m.end() + at + 1
+    return "".join(out) + text[pos:] if out else text
 
 
 def mask(text: str) -> str:
     """``text`` with URL credentials, secret query values and the values of secret-named
     environment variables (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, ...) replaced by ``***``."""
     if "://" in text:
-        text = _USERINFO.sub(_userinfo, text)
+        text = _mask_userinfo(text)
     if "=" in text:
         text = _QUERY.sub(lambda m: m.group("key") + MASK, text)
     for name, value in os.environ.items():
