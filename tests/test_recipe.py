@@ -44,6 +44,16 @@ def test_defaults_fill_in(tmp_path):
     assert r.sources[0].options.path == "chat.jsonl"
 
 
+def test_a_run_named_after_its_recipe_file_stays_under_output_dir(tmp_path):
+    """A file named "...toml" has the stem "..": its run folder was output.dir's parent, and
+    prepare wrote data/splits/ there."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD, "...toml"))
+    assert "[output].name: unset" in str(info.value) and "no '..'" in str(info.value)
+    assert load_recipe(write(tmp_path, GOOD, "...toml"), ["output.name=ok"]).name == "ok"
+    assert load_recipe(write(tmp_path, GOOD, "my recipe (v2).toml")).name == "my recipe (v2)"
+
+
 def test_all_problems_reported_at_once(tmp_path):
     text = GOOD.replace("r = 8", 'r = "8"') + "\n[train]\nlerning_rate = 1e-4\n"
     text = text.replace('plugin = "bnb-4bit"', 'plugin = "bnb-4bti"')

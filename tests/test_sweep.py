@@ -55,6 +55,34 @@ def test_the_space_file_is_checked_with_key_paths(tmp_path, tiny_model_dir, chat
     assert "[sweep].metric: 'bleu'" in text and "train.eval_steps" in text
 
 
+def test_a_study_stays_a_folder_of_its_own_under_output_dir(tmp_path, tiny_model_dir, chat_file):
+    """``[sweep] name = "../x"`` wrote the study outside output.dir, and a name that is a
+    run's folder wrote the trials and study.db among that run's files."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    space = tmp_path / "s.toml"
+    space.write_text('[sweep]\nname = "../escaped"\n[space."peft.r"]\nchoices = [2]\n')
+    with pytest.raises(RecipeError) as err:
+        read_space(space)
+    assert "[sweep].name" in "\n".join(err.value.problems) and "no '..'" in str(err.value)
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    space.write_text('[sweep]\nname = "r1"\npruner = "off"\n[space."peft.r"]\nchoices = [2]\n')
+    with pytest.raises(RecipeError) as err:
+        open_sweep(recipe, [f"output.dir={json.dumps(str(tmp_path / 'runs'))}"], read_space(space))
+    assert "is a run's folder" in str(err.value)
+
+
+def test_a_string_choice_reaches_the_trial_as_written():
+    """An emoji choice was trained as its JSON escape: TOML reads no surrogate escapes, and
+    the override fell back to the escaped text as a raw string."""
+    from lorakit.recipe_toml import parse_override
+    from lorakit.sweep_space import toml_value
+
+    for value in ["Be brief 😀", 'say "hi"\\n', "ünïcode", ["a", "😀"]]:
+        assert parse_override(f"format.system_prompt={toml_value(value)}")[1] == value
+
+
 @pytest.mark.slow
 def test_a_four_trial_sweep_prunes_ranks_and_resumes(tmp_path, tiny_model_dir, chat_file, cli):
     recipe = tiny_recipe(

@@ -36,6 +36,7 @@ from lorakit.sections import (
     LogSection,
     OutputSection,
     TrainSection,
+    run_name_problem,
 )
 from lorakit.toml_limits import limit_problems
 
@@ -370,6 +371,15 @@ def validate(
         problems += errs
         parts["data"] = obj
 
+    output = parts.get("output")
+    if output is not None and output.name is None and not path.stem.strip("."):
+        # a file named "...toml" would name its run ".." (output.dir's parent); any other
+        # file name is one path component, kept as it is (spaces included)
+        problems.append(
+            f"[output].name: unset, so the run is named after the recipe file, but "
+            f"{run_name_problem(path.stem)}; set output.name (e.g. output.name=my-run) or "
+            "rename the file"
+        )
     problems += _combination_problems(catalog, parts)
     if problems:
         raise RecipeError(problems, source=str(path))

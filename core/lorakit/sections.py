@@ -46,12 +46,21 @@ def _finite(_inst, attribute, value):
         raise ValueError(f"must be a finite number, got {value}")
 
 
-def _run_name(_inst, attribute, value):
+def run_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a folder under output.dir, or None: one path component, so
+    a run (or a sweep's study) never lands outside output.dir or in another run's folder."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
-        raise ValueError(
+        return (
             f"{value!r} is not a run folder name: use one path component of letters, digits, "
             "'.', '_' and '-' that starts with a letter or digit (no '/', no '..')"
         )
+    return None
+
+
+def _run_name(_inst, attribute, value):
+    problem = run_name_problem(value)
+    if problem:
+        raise ValueError(problem)
 
 
 # transformers' ``OptimizerNames`` values, kept here so that ``lorakit check`` validates

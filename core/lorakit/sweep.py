@@ -103,8 +103,18 @@ def open_sweep(recipe_path: str | Path, overrides: Sequence[str], spec: SweepSpe
     if problems:
         raise RecipeError(problems, source=str(spec.path))
     name = spec.sweep.name or f"{recipe.name}-sweep"
+    folder = (recipe.output_dir / name).resolve()
+    if (folder / "run.json").exists():
+        raise RecipeError(
+            [
+                f"[sweep].name: {folder} is a run's folder, not a study's; a study there would "
+                "write its trials and database among that run's files. Name the study: "
+                '[sweep] name = "NAME-sweep"'
+            ],
+            source=str(spec.path),
+        )
     return Sweep(
-        folder=(recipe.output_dir / name).resolve(),
+        folder=folder,
         recipe_path=Path(recipe_path),
         overrides=tuple(overrides),
         spec=spec,

@@ -35,10 +35,23 @@ from lorakit.recipe_toml import read_toml
 PRUNERS = ("hyperband", "successive_halving", "median", "off")
 
 
+def _study_name(value: str) -> None:
+    """A study's folder is a name under output.dir, as a run's is."""
+    from lorakit.sections import run_name_problem
+
+    problem = run_name_problem(value) if value else None
+    if problem:
+        raise ValueError(problem)
+
+
 @attrs.frozen
 class SweepSection:
     trials: int = option(8, doc="trials in the study, all processes together", validator=v.ge(1))
-    name: str = option("", doc="the study and its folder under output.dir (empty: <recipe>-sweep)")
+    name: str = option(
+        "",
+        doc="the study and its folder under output.dir (empty: <recipe>-sweep)",
+        validator=lambda _inst, _attribute, value: _study_name(value),
+    )
     metric: str = option(
         "", doc="what ranks trials (empty: the recipe's first [eval] metric, else eval_loss)"
     )
@@ -152,4 +165,7 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
-    return json.dumps(value)
+    # the characters themselves: TOML reads no \ud83d\ude00 surrogate escapes, and the
+    # override would fall back to the escaped text as a raw string (an emoji choice trained
+    # as its JSON escape)
+    return json.dumps(value, ensure_ascii=False)
