@@ -10,7 +10,7 @@ import attrs
 import pytest
 from helpers import chat_records, write_jsonl
 from lorakit import api
-from lorakit.catalog import Entry, build_catalog, make_manager
+from lorakit.catalog import Entry, build_catalog, default_catalog, make_manager
 from lorakit.components import build_components
 from lorakit.contracts import ModelRef
 from lorakit.data.pipeline import DataReport, load_splits
@@ -255,3 +255,33 @@ def test_the_embedded_models_conversion_never_deletes_a_folder_another_process_p
     third = conversion("third")
     put_in_place(third, target)
     assert (target / "model.safetensors").read_text() == "third" and (target / COMPLETE).is_file()
+
+
+def test_a_local_model_path_is_read_from_the_recipe_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """``[model] path = "../model"`` meant the working directory's ../model: a recipe run
+    from another folder trained on whatever folder had that name there. Relative paths are
+    the recipe folder's, as data paths are; the working directory only serves a path the
+    recipe folder does not have (recipes written for the old reading keep working)."""
+    import shutil
+
+    from lorakit.modeling import resolve_model
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "model")
+    (project / "recipes").mkdir()
+    write_jsonl(project / "chat.jsonl", chat_records(4))
+    recipe = project / "recipes" / "r.toml"
+    recipe.write_text(
+        '[model]\nplugin = "local"\npath = "../model"\n'
+        '[[data.sources]]\nplugin = "chat_jsonl"\npath = "../chat.jsonl"\n'
+    )
+    elsewhere = tmp_path / "elsewhere" / "cwd"
+    shutil.copytree(tiny_model_dir, elsewhere.parent / "model")  # a decoy at cwd's ../model
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    parts = build_components(load_recipe(recipe), default_catalog())
+    assert Path(resolve_model(parts.model_source).path) == (project / "model").resolve()
+    # a folder only the working directory has is still found there
+    (project / "model").rename(project / "moved")
+    parts = build_components(load_recipe(recipe), default_catalog())
+    assert Path(resolve_model(parts.model_source).path) == (elsewhere.parent / "model").resolve()

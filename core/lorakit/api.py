@@ -16,9 +16,9 @@ The contracts each kind of plugin follows are the protocols below (``DataSource`
 ``Formatter``, ``ModelSource``, ``QuantBackend``, ``PeftMethod``, ``Metric`` in its two kinds
 ``LossMetric`` and ``GenerationMetric``, ``ExperimentLogger``), and the optional capabilities a
 plugin may add (``FinishesLoading``, ``DescribesMemory``, ``ComputeDtypeSwitch``,
-``FindsTokenizer``, ``ReadsModelConfig``, ``HasSystemPrompt``, ``RequiresModules``); the records
-they exchange are ``Example``/``Message``/``ToolCall``, ``Rendered``/``Segment`` and
-``ModelRef``. Errors a
+``FindsTokenizer``, ``ReadsModelConfig``, ``UsesRecipeFolder``, ``HasSystemPrompt``,
+``RequiresModules``); the records they exchange are ``Example``/``Message``/``ToolCall``,
+``Rendered``/``Segment`` and ``ModelRef``. Errors a
 person can act on are ``DataError``, ``ModelError``, ``PluginError`` (each with ``where`` and
 ``fix``). Shared helpers read files the way the built-in sources do (``iter_json_lines``,
 ``read_text_file``, ``expand_files``, ``matching_files``, ``resolve_path``, ``parse_meta``),
@@ -60,6 +60,7 @@ from lorakit.contracts import (
     Segment,
     SourceContext,
     ToolCall,
+    UsesRecipeFolder,
 )
 from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
 from lorakit.data.paths import expand_files, matching_files, refuse_special
@@ -129,6 +130,7 @@ __all__ = [
     "SourceContext",
     "ToolCall",
     "Turn",
+    "UsesRecipeFolder",
     "YamlRefused",
     "chat_environment",
     "dtype_from_name",

@@ -25,6 +25,7 @@ from lorakit.contracts import (
     ModelSource,
     PeftMethod,
     QuantBackend,
+    UsesRecipeFolder,
 )
 from lorakit.errors import LorakitError, PluginError, RecipeError
 from lorakit.recipe import PluginChoice, Recipe, metric_choices
@@ -130,6 +131,9 @@ def build_components(recipe: Recipe, catalog: Catalog) -> Components:
         loggers=b.loggers(recipe.loggers),
     )
     b.check(str(recipe.path))
+    for part in (parts.model_source, parts.formatter, parts.quant, parts.peft):
+        if isinstance(part, UsesRecipeFolder):  # relative paths mean the recipe's folder
+            part.use_recipe_folder(recipe.recipe_dir)
     return parts
 
 

@@ -308,6 +308,15 @@ class FindsTokenizer(Protocol):
 
 
 @runtime_checkable
+class UsesRecipeFolder(Protocol):
+    """Optional for a plugin whose options name files: the core hands it the recipe file's
+    folder after building it, so a relative path means the same wherever lorakit runs (as
+    data source paths do: ``SourceContext.recipe_dir``)."""
+
+    def use_recipe_folder(self, folder: Path) -> None: ...
+
+
+@runtime_checkable
 class ReadsModelConfig(Protocol):
     """Optional for a model source: the model's config.json as a dict (or the same keys from
     GGUF metadata), without loading weights, for `lorakit plan`."""

@@ -11,7 +11,10 @@ from lorakit.api import ModelError, ModelRef, RegisterModelSource, hookimpl, opt
 
 @attrs.frozen
 class LocalOptions:
-    path: str = option(doc="folder with config.json, tokenizer and *.safetensors weights")
+    path: str = option(
+        doc="folder with config.json, tokenizer and *.safetensors weights (relative to the "
+        "recipe file, like data paths)"
+    )
     trust_remote_code: bool = option(
         False, doc="run Python code shipped in the folder (only for folders you trust)"
     )
@@ -22,9 +25,23 @@ class LocalSource:
 
     def __init__(self, options: LocalOptions):
         self.options = options
+        self._recipe_folder: Path | None = None
+
+    def use_recipe_folder(self, folder: Path) -> None:
+        self._recipe_folder = folder
+
+    def folder(self) -> Path:
+        """``path``, a relative one read from the recipe's folder (the working directory is
+        only used when the recipe's folder has no such folder and it has: a recipe written
+        for lorakit's earlier, working-directory reading keeps working; never one of two)."""
+        path = Path(self.options.path).expanduser()
+        if path.is_absolute() or self._recipe_folder is None:
+            return path
+        beside = self._recipe_folder / path
+        return path if not beside.is_dir() and path.is_dir() else beside
 
     def tokenizer_folder(self) -> tuple[Path | None, str]:
-        folder = Path(self.options.path).expanduser()
+        folder = self.folder()
         return (
             (folder, "")
             if (folder / "tokenizer.json").is_file()
@@ -33,7 +50,7 @@ class LocalSource:
 
     def model_config(self) -> dict:
         """The folder's config.json (config only: ``lorakit plan`` loads no weights)."""
-        file = Path(self.options.path).expanduser() / "config.json"
+        file = self.folder() / "config.json"
         try:
             return json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -44,7 +61,7 @@ class LocalSource:
             ) from None
 
     def resolve(self) -> ModelRef:
-        path = Path(self.options.path).expanduser()
+        path = self.folder()
         if not path.is_dir():
             raise ModelError(
                 f"model folder {path} does not exist",
