@@ -1,5 +1,6 @@
-"""Entry points that fail to load stop nothing; LORAKIT_PLUGINS / LORAKIT_DISABLE_PLUGINS choose
-what loads; a name registered twice names the packages to uninstall.
+"""Entry points that fail to load or to register stop nothing; LORAKIT_PLUGINS /
+LORAKIT_DISABLE_PLUGINS choose what loads; a name registered twice names the packages to
+uninstall.
 
 Each test installs a real distribution for ``importlib.metadata`` to find: a ``.dist-info``
 folder with an ``entry_points.txt`` on ``sys.path``, as pip would leave it.
@@ -130,3 +131,107 @@ def test_a_name_registered_twice_names_both_packages(site, cli):
     assert code == 2 and "Traceback" not in err
     assert "registered twice" in err and "package lorakit 0.1.0" in err
     assert "package lorakit-dup 0.1" in err and "pip uninstall" in err
+
+
+_SOURCE = """
+import attrs
+from lorakit.api import hookimpl
+
+
+class Good:
+    Options = attrs.make_class("GoodOptions", {})
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "code", "reason"),
+    [
+        (
+            "fake_raises",
+            """
+            @hookimpl
+            def lorakit_register_formatters(register):
+                register("fakefmt", Good)  # dropped too: the plugin is skipped whole
+
+            @hookimpl
+            def lorakit_register_sources(register):
+                register("csvx", Good)
+                raise RuntimeError("hook exploded")
+            """,
+            "RuntimeError: hook exploded",
+        ),
+        (
+            "fake_none_options",
+            """
+            class Bad:
+                Options = None
+
+            @hookimpl
+            def lorakit_register_formatters(register):
+                register("fakefmt", Good)
+
+            @hookimpl
+            def lorakit_register_sources(register):
+                register("csvx", Bad)
+            """,
+            "source 'csvx' from source_csvx has no attrs Options class",
+        ),
+        (
+            "fake_plain_options",
+            """
+            class Bad:
+                class Options:  # a plain class, not attrs
+                    pass
+
+            @hookimpl
+            def lorakit_register_sources(register):
+                register("fakefmt_unused", Good)
+                register("csvx", Bad)
+            """,
+            "source 'csvx' from source_csvx has no attrs Options class",
+        ),
+    ],
+)
+def test_a_plugin_that_fails_to_register_is_skipped_and_named(
+    site, tmp_path, cli, module, code, reason
+):
+    _install(
+        site,
+        "fake-badreg",
+        {"source_csvx": module},
+        {module: _SOURCE + textwrap.dedent(code)},
+    )
+    code_, out, err = cli("plugins")
+    assert code_ == 0 and "Traceback" not in err, err
+    assert f"plugin source_csvx (fake-badreg 0.1) failed to register: {reason}" in out
+    assert "chat_jsonl" in out and "fakefmt" not in out  # the others load; it loads nothing
+    assert "`pip uninstall fake-badreg`" in err and "LORAKIT_DISABLE_PLUGINS=source_csvx" in err
+
+    code_, _, err = cli("check", _recipe(tmp_path, "chat_jsonl"))
+    assert code_ == 0, err
+    code_, _, err = cli("check", _recipe(tmp_path, "csvx"))
+    assert code_ == 2 and "Traceback" not in err
+    assert 'source plugin "csvx" is not loaded: plugin source_csvx (fake-badreg 0.1)' in err
+    assert reason in err and "pip uninstall fake-badreg" in err and "pip install -U" in err
+
+
+def test_a_built_in_plugin_that_fails_to_register_is_lorakits_bug(site, cli):
+    _install(
+        site,
+        "lorakit",
+        {"source_fake_builtin": "fake_builtin_raises"},
+        {
+            "fake_builtin_raises": """
+            from lorakit.api import hookimpl
+
+            @hookimpl
+            def lorakit_register_sources(register):
+                raise RuntimeError("hook exploded")
+            """
+        },
+    )
+    code, _, err = cli("plugins")
+    assert code == 2 and "Traceback" not in err
+    assert "built-in plugin source_fake_builtin (lorakit 0.1) failed to register" in err
+    assert "RuntimeError: hook exploded" in err and "bug in lorakit" in err
+    assert "LORAKIT_DISABLE_PLUGINS=source_fake_builtin" in err
