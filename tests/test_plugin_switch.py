@@ -72,33 +72,35 @@ def test_a_broken_plugin_is_listed_and_stops_nothing(site, tmp_path, cli, monkey
     assert "failed to load" not in out + err
 
 
+_METRIC = """
+import attrs
+from lorakit.api import hookimpl
+
+class Extra:
+    Options = attrs.make_class("ExtraOptions", {})
+    kind = "loss"
+    higher_is_better = False
+
+    def __init__(self, options):
+        pass
+
+    def score(self, nll, n):
+        return 0.0
+
+@hookimpl
+def lorakit_register_metrics(register):
+    for name in NAMES:
+        register(name, Extra)
+"""
+
+
+def _install_metrics(site, dist: str, entry_point: str, names: list[str]) -> None:
+    module = entry_point + "_module"
+    _install(site, dist, {entry_point: module}, {module: f"NAMES = {names!r}\n{_METRIC}"})
+
+
 def test_lorakit_plugins_limits_third_party_plugins(site, cli, monkeypatch):
-    _install(
-        site,
-        "lorakit-extra",
-        {"metric_extra": "lorakit_extra_metric"},
-        {
-            "lorakit_extra_metric": """
-            import attrs
-            from lorakit.api import hookimpl
-
-            class Extra:
-                Options = attrs.make_class("ExtraOptions", {})
-                kind = "loss"
-                higher_is_better = False
-
-                def __init__(self, options):
-                    pass
-
-                def score(self, nll, n):
-                    return 0.0
-
-            @hookimpl
-            def lorakit_register_metrics(register):
-                register("extra", Extra)
-            """
-        },
-    )
+    _install_metrics(site, "lorakit-extra", "metric_extra", ["extra"])
     from lorakit.catalog import default_catalog, reset_default_catalog
 
     assert "extra" in default_catalog().names("metric")
@@ -235,3 +237,60 @@ def test_a_built_in_plugin_that_fails_to_register_is_lorakits_bug(site, cli):
     assert "built-in plugin source_fake_builtin (lorakit 0.1) failed to register" in err
     assert "RuntimeError: hook exploded" in err and "bug in lorakit" in err
     assert "LORAKIT_DISABLE_PLUGINS=source_fake_builtin" in err
+
+
+@pytest.mark.parametrize("name", ["chat_jsonl", "Chat-JSONL", "source_chat_jsonl"])
+def test_disable_takes_the_name_a_recipe_uses_or_the_entry_point(
+    site, tmp_path, cli, monkeypatch, name
+):
+    monkeypatch.setenv("LORAKIT_DISABLE_PLUGINS", name)
+    code, out, err = cli("plugins", "--kind", "source")
+    assert code == 0 and "matches no plugin" not in err, err
+    rows = [line.split()[1] for line in out.split("\n\n")[0].splitlines()[1:]]
+    assert "chat_jsonl" not in rows and "sharegpt" in rows
+    assert "switched off" in out.split("\n\n")[1]
+    code, _, err = cli("check", _recipe(tmp_path, "chat_jsonl"))
+    assert code == 2 and "Traceback" not in err
+    # by its name, the name is known to be switched off; by entry point, it was never imported
+    by_entry_point = name.startswith("source_")
+    said = "source_chat_jsonl" if by_entry_point else 'source plugin "chat_jsonl" is not loaded'
+    assert said in err and "switched off" in err
+
+
+def test_a_plugin_name_switches_off_that_name_only(site, cli, monkeypatch):
+    _install_metrics(site, "lorakit-two", "metric_two", ["first", "second"])
+    monkeypatch.setenv("LORAKIT_DISABLE_PLUGINS", "first")
+    code, out, err = cli("plugins", "--kind", "metric")
+    assert code == 0, err
+    assert "metric first of plugin metric_two (lorakit-two 0.1) switched off" in out
+    second = next(line for line in out.splitlines() if line.startswith("metric     second"))
+    assert second.split() == ["metric", "second", "metric_two", "lorakit-two", "0.1"]
+
+
+def test_lorakit_plugins_takes_a_plugin_name(site, monkeypatch):
+    _install_metrics(site, "lorakit-pick", "metric_pick", ["picked", "not_picked"])
+    _install_metrics(site, "lorakit-other", "metric_other", ["other"])
+    monkeypatch.setenv("LORAKIT_PLUGINS", "picked")
+    from lorakit.catalog import default_catalog
+
+    catalog = default_catalog()
+    names = catalog.names("metric")
+    assert "picked" in names and "json_match" in names  # built-ins always load
+    assert "not_picked" not in names and "other" not in names
+    assert "plugin metric_other (lorakit-other 0.1) switched off" in [
+        s.line() for s in catalog.skipped
+    ]
+    assert catalog.unmatched == []
+
+
+def test_a_name_that_matches_nothing_is_said_once_with_the_closest(site, cli, monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_PLUGINS", "chat_jsnl")
+    monkeypatch.setenv("LORAKIT_PLUGINS", "zzz_nothing")
+    code, out, err = cli("plugins")
+    assert code == 0
+    assert "LORAKIT_DISABLE_PLUGINS: 'chat_jsnl' matches no plugin" in err
+    assert "did you mean 'chat_jsonl'?" in err
+    assert "LORAKIT_PLUGINS: 'zzz_nothing' matches no plugin" in err
+    assert "chat_jsonl" in out  # nothing was switched off
+    code, _, err = cli("plugins")
+    assert code == 0 and "matches no plugin" not in err  # once per process
