@@ -164,6 +164,9 @@ def _plugin_choice(
     if not isinstance(name, str):
         return None, [f"{path}.plugin: expected a string, got {name!r}"]
     if name not in catalog.entries[kind]:
+        missing = catalog.not_loaded(kind, name)
+        if missing is not None:
+            return None, [f"{path}.plugin: {missing[0]}; {missing[1]}"]
         return None, [
             f'{path}.plugin: unknown {kind} plugin "{name}"; {catalog.suggest(kind, name)}'
         ]
@@ -190,7 +193,10 @@ def _named_choices(
     problems: list[str] = []
     known = catalog.names(kind)
     for i, name in enumerate(names):
-        if name not in known:
+        missing = catalog.not_loaded(kind, name) if name not in known else None
+        if missing is not None:
+            problems.append(f"{list_key}[{i}]: {missing[0]}; {missing[1]}")
+        elif name not in known:
             close = closest(name, known)
             hint = f"did you mean {close!r}? " if close else ""
             problems.append(

@@ -1,5 +1,7 @@
-"""``lorakit plugins``: every installed plugin with its kind, name and distribution, then the
-entry points that were not loaded (failed to import, or switched off) with the reason."""
+"""``lorakit plugins``: every installed plugin with its kind, its name (as a recipe writes it),
+the entry point that registers it and its package (the three names LORAKIT_PLUGINS and
+LORAKIT_DISABLE_PLUGINS take), then the entry points or names that were not loaded (failed to
+import or to register, or switched off) with the reason."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ def run(args) -> int:
     catalog = default_catalog()
     rows = [e for e in catalog.all() if not args.kind or e.kind == args.kind]
     width = max((len(e.name) for e in rows), default=4)
-    print(f"{'KIND':<10} {'NAME':<{width}}  FROM")
+    points = max((len(e.plugin) for e in rows), default=11)
+    print(f"{'KIND':<10} {'NAME':<{width}}  {'ENTRY POINT':<{points}}  PACKAGE")
     for e in rows:
-        dist = f"{e.distribution} {e.version}" if e.distribution else e.plugin
-        print(f"{e.kind:<10} {e.name:<{width}}  {dist}")
+        package = f"{e.distribution} {e.version}" if e.distribution else "-"
+        print(f"{e.kind:<10} {e.name:<{width}}  {e.plugin:<{points}}  {package}")
         if args.verbose and e.options_class is not None:
             for name, typ, default, doc in describe_options(e.options_class):
                 print(f"{'':<10}   {name} = {default}  ({typ}) {doc}")
