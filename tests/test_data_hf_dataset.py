@@ -193,3 +193,15 @@ def test_tools_stored_as_a_json_string_column(tmp_path):
     opts = {"path": "t.jsonl", "messages_column": "conversations"}
     [ex], _ = read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
     assert ex.tools[0]["function"]["name"] == "add" and ex.messages[1].tool_calls[0].name == "add"
+
+
+def test_a_system_or_tools_column_that_is_not_there_is_an_error(tmp_path):
+    # the system prompt was silently the template's default, the tools silently none
+    (tmp_path / "d.csv").write_text("q,a,sys\nWhat is 2+2?,four,Be terse.\n")
+    opts = {"path": "d.csv", "prompt_column": "q", "response_column": "a"}
+    for key in ("system_column", "tools_column"):
+        with pytest.raises(DataError, match=r"has no column 'system' \(columns: q, a, sys\)"):
+            read_source(HfDatasetSource, {**opts, key: "system"}, recipe_dir=tmp_path)
+    # the default tools column is read only where it exists
+    [ex], _ = read_source(HfDatasetSource, {**opts, "system_column": "sys"}, recipe_dir=tmp_path)
+    assert ex.messages[0] == Message("system", "Be terse.") and ex.tools is None

@@ -60,6 +60,7 @@ OFFLINE_FIX = (
     'the folder here and set path = "{folder}" instead of name; or set HF_HUB_OFFLINE=1 to '
     "read a copy already in the Hugging Face cache"
 )
+TOOLS_COLUMN = "tools"  # read when a row has it; another name must be a column
 
 
 @attrs.frozen
@@ -84,7 +85,9 @@ class HfDatasetOptions:
     system_column: str = option("", doc="column holding a system prompt (optional)")
     text_column: str = option("", doc="column holding raw text (a text example per row)")
     id_column: str = option("", doc="column holding the id (empty: a content hash)")
-    tools_column: str = option("tools", doc="column holding the row's tools (when present)")
+    tools_column: str = option(
+        TOOLS_COLUMN, doc="column holding the row's tools (the default: when present)"
+    )
     meta_columns: list[str] = option(attrs.Factory(list), doc="columns copied into meta")
     roles: dict[str, str] = option(
         attrs.Factory(dict), doc="speaker -> role for messages_column, as in the sharegpt source"
@@ -253,11 +256,10 @@ class HfDatasetSource:
         self, row: Mapping[str, Any], where: str, ctx: SourceContext, tools: Any
     ) -> Example | None:
         o = self.options
-        missing = [
-            c
-            for c in (o.text_column, o.prompt_column, o.response_column, o.id_column)
-            if c and c not in row
-        ]
+        named = (o.text_column, o.prompt_column, o.response_column, o.system_column, o.id_column)
+        missing = [c for c in named if c and c not in row]
+        if o.tools_column not in ("", TOOLS_COLUMN) and o.tools_column not in row:
+            missing.append(o.tools_column)  # the default is read only where the column exists
         if not (o.text_column or o.prompt_column) and o.messages_column not in row:
             missing.append(o.messages_column)
         if missing:
@@ -265,7 +267,7 @@ class HfDatasetSource:
                 f"{self.label} has no column {missing[0]!r} (columns: {', '.join(row)})",
                 where=f"{KEY}",
                 fix="map the columns: messages_column, or prompt_column and response_column, "
-                "or text_column",
+                "or text_column (system_column, id_column and tools_column name columns too)",
             )
         rid = row.get(o.id_column) if o.id_column else None
         if rid is None or rid == "":
