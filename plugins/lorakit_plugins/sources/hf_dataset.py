@@ -112,6 +112,7 @@ class HfDatasetSource:
     def __init__(self, options: HfDatasetOptions):
         self.options = options
         self.turns = ShareGptSource(ShareGptOptions(path="", roles=dict(options.roles)))
+        self.builder = ""  # the builder that read the data files ("" for the Hub or a folder)
 
     @property
     def label(self) -> str:
@@ -241,9 +242,15 @@ class HfDatasetSource:
                     "of file per source",
                 )
             builder = kinds.pop() or "json"
+        self.builder = builder
         kwargs: dict[str, Any] = {}
-        if builder == "csv" and all(suffix_of(f) == ".tsv" for f in files):
-            kwargs["sep"] = "\t"
+        if builder == "csv":
+            if all(suffix_of(f) == ".tsv" for f in files):
+                kwargs["sep"] = "\t"
+            # the text columns as written: pandas would read 4 as an int and 0.10 as 0.1
+            o = self.options
+            text = (o.prompt_column, o.response_column, o.system_column, o.text_column)
+            kwargs["converters"] = {c: str for c in text if c}
         return datasets.load_dataset(
             builder,
             data_files={"train": [str(f) for f in files]},
@@ -279,8 +286,9 @@ class HfDatasetSource:
             return None
         if o.text_column:
             value = row[o.text_column]
-            if not isinstance(value, str) or not value.strip():
-                ctx.reject(f"{o.text_column} is empty or not text", where, "drop the row")
+            problem = self._not_text(o.text_column, value)
+            if problem:
+                ctx.reject(problem[0], where, problem[1])
                 return None
             return checked_example(Example(id=str(rid), text=value, meta=meta), where, ctx)
         messages = self._messages(row, where, ctx)
@@ -308,13 +316,34 @@ class HfDatasetSource:
         out = []
         for role, column in parts.items():
             value = row.get(column) if column else None
-            if role == "system" and not value:
+            if role == "system" and (value is None or value == ""):
                 continue
-            if not isinstance(value, str) or (role != "system" and not value.strip()):
-                ctx.reject(f"{column} is empty or not text", where, "fill it in or drop the row")
-                return None
-            out.append(Message(role, value))
+            problem = self._not_text(column, value)
+            if isinstance(value, str) and (problem is None or role == "system"):
+                out.append(Message(role, value))  # a blank system prompt is kept, as written
+                continue
+            reason, fix = problem or ("", "")
+            ctx.reject(reason, where, fix)
+            return None
         return out
+
+    def _not_text(self, column: str, value: Any) -> tuple[str, str] | None:
+        """What is wrong with a text column's value (reason, fix), or None for text."""
+        if isinstance(value, str):
+            return None if value.strip() else (f"{column} is empty", "fill it in or drop the row")
+        if value is None:
+            missing = ""
+            if self.builder == "csv":
+                missing = " (CSV reads an empty cell, and NA, N/A, null, None or NaN, as missing)"
+            return f"{column} is empty", "fill it in or drop the row" + missing
+        kind = type(value).__name__
+        fix = (
+            f'write it as a JSON string ("{column}": "...")'
+            if self.builder == "json"
+            else "store the column as text (strings) in the dataset"
+        )
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"{column} is {article} {kind}, not text", fix
 
     def _meta(self, row: Mapping[str, Any], where: str, ctx: SourceContext) -> dict | None:
         meta: dict[str, Any] = {"source": where}
