@@ -158,3 +158,29 @@ def test_broken_json_array_names_the_line(tmp_path):
     with pytest.raises(DataError, match="malformed JSON") as err:
         read_source(ShareGptSource, {"path": "s.json"}, recipe_dir=tmp_path)
     assert err.value.where == f"{tmp_path / 's.json'}:3"
+
+
+def test_fields_the_user_wrote_are_read_or_refused_never_ignored(tmp_path):
+    q, a = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
+    weight_fix = "lorakit trains on every assistant turn and on no other turn"
+    cases = [  # each was read as if the field were not there
+        ({"system": 5, "conversations": [q, a]}, "system must be a string, got int", "as text"),
+        ({"conversations": [q, {**a, "weight": 0}]}, "weight 0 on an assistant turn", weight_fix),
+        ({"conversations": [{**q, "weight": 1}, a]}, "turn 0: weight 1 on a user turn", weight_fix),
+        ({"conversations": [q, {**a, "weight": 0.5}]}, "weight 0.5 on an assistant", weight_fix),
+        (
+            {"conversations": [q, {**a, "loss": False}]},
+            r"turn 1 has unknown field\(s\) loss",
+            "only",
+        ),
+    ]
+    for record, message, fix in cases:
+        write_jsonl(tmp_path / "s.jsonl", [record])
+        with pytest.raises(DataError, match=message) as err:
+            read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+        assert err.value.where.startswith(f"{tmp_path / 's.jsonl'}:1") and fix in err.value.fix
+    # a weight that says what lorakit does, or a null (OpenHermes writes "weight": null)
+    turns = [{**q, "weight": 0}, {**a, "weight": 1}, {**q, "weight": None}, {**a, "weight": None}]
+    write_jsonl(tmp_path / "s.jsonl", [{"system": None, "conversations": turns}])
+    [ex], _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert [m.role for m in ex.messages] == ["user", "assistant", "user", "assistant"]

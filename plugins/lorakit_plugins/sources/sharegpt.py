@@ -6,7 +6,9 @@ too: ``messages`` instead of ``conversations``, ``role``/``content`` instead of
 ``from``/``value`` (found per record, or named in the options), a top-level ``system`` prompt
 and ``tools`` list (LLaMA-Factory), ``function_call`` turns (a JSON call, or a list of calls)
 and ``observation`` turns (the tool's result). Roles map through ``DEFAULT_ROLES`` plus the
-recipe's ``roles`` table; a role mapped to ``"skip"`` is left out.
+recipe's ``roles`` table; a role mapped to ``"skip"`` is left out. Any other turn key is an
+error, and so is an Axolotl ``weight`` that asks for anything but lorakit's own supervision
+(every assistant turn, nothing else): the chat contract has no unsupervised assistant turn.
 
 Ids: the record's ``id`` when present, else ``"sha-"`` + 16 hex digits of the SHA-256 of the
 conversation (stable; identical conversations collide and are reported as duplicates).
@@ -39,6 +41,7 @@ from lorakit.api import (
 )
 
 from lorakit_plugins.sources._messages import (
+    TURN_EXTRAS,
     checked_example,
     record_tools,
     tools_file,
@@ -63,6 +66,13 @@ DEFAULT_ROLES = {
     "function_call": "function_call",
 }
 TARGETS = ("system", "user", "assistant", "tool", "function_call", "skip")
+# Axolotl's per-turn "weight": 1 trains on the turn, 0 does not. lorakit trains on every
+# assistant turn and nothing else, so a weight is read only where it says just that.
+WEIGHT_FIX = (
+    "lorakit trains on every assistant turn and on no other turn: remove the weight; to leave "
+    "an assistant turn out of training, end the conversation before it (drop it and the turns "
+    "after it, or split the record into one conversation per reply you want trained)"
+)
 
 
 def _roles(_inst: Any, _attr: Any, value: dict[str, str]) -> None:
@@ -183,7 +193,14 @@ class ShareGptSource:
     ) -> list[Message] | None:
         system = record.get(self.options.system_key)
         out: list[Message] = []
-        if isinstance(system, str) and system.strip():
+        if system is not None and not isinstance(system, str):
+            ctx.reject(
+                f"{self.options.system_key} must be a string, got {type(system).__name__}",
+                where,
+                "write the system prompt as text, or leave it out",
+            )
+            return None
+        if system and system.strip():
             out.append(Message("system", system))
         for i, turn in enumerate(turns):
             message = self._turn(turn, i)
@@ -218,6 +235,15 @@ class ShareGptSource:
         content_key = (
             opts.content_key if opts.content_key != "auto" else _first(turn, "value", "content")
         )
+        # a key with a null value is nothing written (Arrow fills other turns' keys with nulls)
+        known = (role_key, content_key, *TURN_EXTRAS, "weight")
+        unknown = sorted(str(k) for k, x in turn.items() if x is not None and k not in known)
+        if unknown:
+            return f"turn {i} has unknown field(s) {', '.join(unknown)}", (
+                f"keep only {role_key} and {content_key} (plus tool_calls, reasoning_content, "
+                "tool_call_id, name, weight); put the text in them, or set role_key / content_key "
+                "to the fields that hold it"
+            )
         speaker = turn.get(role_key)
         target = self.roles.get(speaker) if isinstance(speaker, str) else None
         if target is None:
@@ -227,6 +253,12 @@ class ShareGptSource:
             )
         if target == "skip":
             return None
+        weight = turn.get("weight")
+        if weight is not None:
+            trained = target in ("assistant", "function_call")
+            if isinstance(weight, bool) or weight not in (0, 1) or bool(weight) != trained:
+                what = "an assistant" if trained else f"a {target}"
+                return f"turn {i}: weight {weight!r} on {what} turn", WEIGHT_FIX
         content = turn.get(content_key)
         if content is None:
             content = ""
