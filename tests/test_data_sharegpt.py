@@ -184,3 +184,25 @@ def test_fields_the_user_wrote_are_read_or_refused_never_ignored(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"system": None, "conversations": turns}])
     [ex], _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
     assert [m.role for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_auto_format_reads_a_pretty_printed_record_and_one_line_records(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    # read as JSONL before: "one.json:1: malformed JSON: Expecting property name"
+    (tmp_path / "one.json").write_text(json.dumps(rec, indent=2), encoding="utf-8")
+    [ex], _ = read_source(ShareGptSource, {"path": "one.json"}, recipe_dir=tmp_path)
+    assert ex.messages[1] == Message("assistant", "a")
+    assert ex.meta["source"].startswith(f"{tmp_path / 'one.json'}[0]")
+    (tmp_path / "lines.json").write_text(f"\n{json.dumps(rec)}\n{json.dumps(rec)}\n")
+    got, _ = read_source(ShareGptSource, {"path": "lines.json"}, recipe_dir=tmp_path)
+    assert [g.meta["source"].split(" ")[0] for g in got] == [
+        f"{tmp_path / 'lines.json'}:2",
+        f"{tmp_path / 'lines.json'}:3",
+    ]
+    (tmp_path / "array.json").write_text("\ufeff" + json.dumps([rec, rec]), encoding="utf-8")
+    got, _ = read_source(ShareGptSource, {"path": "array.json"}, recipe_dir=tmp_path)
+    assert len(got) == 2 and "array.json[1]" in got[1].meta["source"]
+    (tmp_path / "bad.json").write_text('{\n  "conversations": [oops]\n}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed JSON") as err:
+        read_source(ShareGptSource, {"path": "bad.json"}, recipe_dir=tmp_path)
+    assert err.value.where == f"{tmp_path / 'bad.json'}:2"

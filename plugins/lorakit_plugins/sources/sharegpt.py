@@ -1,7 +1,7 @@
 """``sharegpt``: ShareGPT conversations, as the Hub, Axolotl and LLaMA-Factory hold them.
 
 A record is ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}``,
-in a JSONL file (one per line) or a JSON file (an array of them). The usual variants are read
+in a JSONL file (one per line) or a JSON file (an array of them, or one record). The usual variants are read
 too: ``messages`` instead of ``conversations``, ``role``/``content`` instead of
 ``from``/``value`` (found per record, or named in the options), a top-level ``system`` prompt
 and ``tools`` list (LLaMA-Factory), ``function_call`` turns (a JSON call, or a list of calls)
@@ -65,6 +65,7 @@ DEFAULT_ROLES = {
     "ipython": "tool",
     "function_call": "function_call",
 }
+MAX_LINE_BYTES = 16 * 2**20  # the longest first line read to tell JSONL from JSON
 TARGETS = ("system", "user", "assistant", "tool", "function_call", "skip")
 # Axolotl's per-turn "weight": 1 trains on the turn, 0 does not. lorakit trains on every
 # assistant turn and nothing else, so a weight is read only where it says just that.
@@ -105,7 +106,8 @@ class ShareGptOptions:
     )
     format: Literal["auto", "json", "jsonl"] = option(
         "auto",
-        doc='file format ("auto": .jsonl is JSONL, else a JSON array unless a line is a record)',
+        doc='file format ("auto": .jsonl, or a first line that is a whole object, is JSONL; '
+        "else one JSON document, an array or an object)",
     )
 
 
@@ -127,9 +129,7 @@ class ShareGptSource:
     def _records(self, file: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]:
         fmt = self.options.format
         if fmt == "auto":
-            with file.open("rb") as f:
-                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-            fmt = "jsonl" if file.suffix == ".jsonl" or not head.startswith(b"[") else "json"
+            fmt = "jsonl" if file.suffix == ".jsonl" or _first_line_is_a_record(file) else "json"
         if fmt == "jsonl":
             yield from iter_json_lines(file, ctx)
             return
@@ -279,6 +279,24 @@ class ShareGptSource:
             # trained on, it teaches the model to answer with nothing
             return f"turn {i}: empty assistant reply", "fill in the reply or drop the record"
         return message
+
+
+def _first_line_is_a_record(file: Path) -> bool:
+    """Whether the first non-blank line is a whole JSON object (JSONL); not for an array or a
+    document spread over lines, read as one JSON value. An empty file, or one that is not a
+    regular file, counts as JSONL, whose reader reports it."""
+    if not file.is_file():
+        return True
+    with file.open("rb") as f:
+        for raw in iter(lambda: f.readline(MAX_LINE_BYTES), b""):
+            line = raw.removeprefix(b"\xef\xbb\xbf").strip()  # a BOM, as the readers accept
+            if not line:
+                continue
+            try:
+                return isinstance(json.loads(line), dict)
+            except (ValueError, RecursionError):  # also a line cut at the limit, not UTF-8
+                return False
+    return True
 
 
 def _first(turn: Mapping[str, Any], *keys: str) -> str:
