@@ -74,6 +74,12 @@ def test_content_hash_ids_and_duplicates(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [rec, rec])
     got, _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
     assert got[0].id == got[1].id and got[0].id.startswith("sha-") and len(got[0].id) == 20
+    assert got[0].id == "sha-aab7a093e4017777"  # the ids of records without tools stay as they were
+    # the same turns with other tools are another record (it was a duplicate id)
+    tools = [[{"name": f, "parameters": {"type": "object"}}] for f in ("add", "mul")]
+    write_jsonl(tmp_path / "s.jsonl", [{**rec, "tools": t} for t in tools])
+    got, _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert len({g.id for g in got} | {"sha-aab7a093e4017777"}) == 3
 
 
 def test_role_mapping_skip_and_merge(tmp_path):

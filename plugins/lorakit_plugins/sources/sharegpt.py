@@ -11,7 +11,8 @@ error, and so is an Axolotl ``weight`` that asks for anything but lorakit's own 
 (every assistant turn, nothing else): the chat contract has no unsupervised assistant turn.
 
 Ids: the record's ``id`` when present, else ``"sha-"`` + 16 hex digits of the SHA-256 of the
-conversation (stable; identical conversations collide and are reported as duplicates).
+system prompt, the turns and the record's own tools when it has some (stable; identical
+conversations collide and are reported as duplicates).
 Problems name ``file:line`` (JSONL) or ``file[index]`` (a JSON array).
 """
 
@@ -172,7 +173,10 @@ class ShareGptSource:
             return None
         rid = record.get(opts.id_key)
         if rid is None:
-            blob = json.dumps([record.get(opts.system_key), turns], sort_keys=True, default=str)
+            hashed = [record.get(opts.system_key), turns]
+            if record.get(opts.tools_key) not in (None, "", []):  # ids without tools unchanged
+                hashed.append(record[opts.tools_key])
+            blob = json.dumps(hashed, sort_keys=True, default=str)
             rid = "sha-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
             ctx.reject(f"{opts.id_key} must be a non-empty string", where, "or leave it out")
