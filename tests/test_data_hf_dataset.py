@@ -239,3 +239,17 @@ def test_numbers_in_text_columns_are_read_as_written_from_csv_and_named_elsewher
             HfDatasetSource, {**opts, "path": "e.csv", "system_column": ""}, recipe_dir=tmp_path
         )
     assert "NA, N/A, null, None or NaN, as missing" in err.value.fix
+
+
+def test_a_bad_meta_value_gets_a_fix_about_meta_columns(tmp_path):
+    # the fix was about message order: "roles: system first, user/assistant alternating"
+    (tmp_path / "d.csv").write_text("q,a,split\nhi,yo,validation\n")
+    opts = {
+        "path": "d.csv",
+        "prompt_column": "q",
+        "response_column": "a",
+        "meta_columns": ["split"],
+    }
+    with pytest.raises(DataError, match=r"meta.split is 'validation'") as err:
+        read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
+    assert "leave the column out of meta_columns" in err.value.fix and "roles" not in err.value.fix

@@ -212,3 +212,23 @@ def test_auto_format_reads_a_pretty_printed_record_and_one_line_records(tmp_path
     with pytest.raises(DataError, match="malformed JSON") as err:
         read_source(ShareGptSource, {"path": "bad.json"}, recipe_dir=tmp_path)
     assert err.value.where == f"{tmp_path / 'bad.json'}:2"
+
+
+def test_the_fix_is_about_the_kind_of_problem(tmp_path):
+    # every problem got the fix about message order, a tool call to an unknown tool too
+    q, a = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
+    call = {"from": "function_call", "value": json.dumps({"name": "mul", "arguments": {}})}
+    tools = [{"name": "add", "parameters": {"type": "object"}}]
+    cases = [  # (record, in the fix, not in it)
+        (
+            {"conversations": [q, call, {"from": "tool", "value": "1"}, a], "tools": tools},
+            "one of the example's tools",
+            "alternating",
+        ),
+        ({"conversations": [a]}, "user/assistant alternating", "tools"),
+    ]
+    for record, fix, not_fix in cases:
+        write_jsonl(tmp_path / "s.jsonl", [record])
+        with pytest.raises(DataError) as err:
+            read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+        assert fix in err.value.fix and not_fix not in err.value.fix, err.value

@@ -60,6 +60,10 @@ OFFLINE_FIX = (
     'the folder here and set path = "{folder}" instead of name; or set HF_HUB_OFFLINE=1 to '
     "read a copy already in the Hugging Face cache"
 )
+META_FIX = (
+    "meta_columns copy columns into meta, where split must be train, val or test and tags a list "
+    "of strings: leave the column out of meta_columns (assign_split pins a dataset's split)"
+)
 TOOLS_COLUMN = "tools"  # read when a row has it; another name must be a column
 
 
@@ -290,7 +294,9 @@ class HfDatasetSource:
             if problem:
                 ctx.reject(problem[0], where, problem[1])
                 return None
-            return checked_example(Example(id=str(rid), text=value, meta=meta), where, ctx)
+            return checked_example(
+                Example(id=str(rid), text=value, meta=meta), where, ctx, META_FIX
+            )
         messages = self._messages(row, where, ctx)
         if messages is None:
             return None
@@ -298,7 +304,7 @@ class HfDatasetSource:
         if not ok:
             return None
         example = Example(id=str(rid), messages=tuple(messages), meta=meta, tools=own or tools)
-        return checked_example(example, where, ctx)
+        return checked_example(example, where, ctx, META_FIX)
 
     def _messages(
         self, row: Mapping[str, Any], where: str, ctx: SourceContext
