@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import write_recipe
+from helpers import REPO, write_recipe
 
 GOOD = {
     "id": "good",
@@ -274,6 +274,10 @@ def test_skipping_an_empty_file_is_reported(tmp_path, cli):
     code, out, _ = cli("check", str(write_recipe(tmp_path, sources, data={"on_error": "skip"})))
     assert code == 0
     assert "file holds no records" in out
+    # docs/data.md's table said "(fatal)" for an empty file
+    doc = (REPO / "docs" / "data.md").read_text(encoding="utf-8")
+    [row] = [line for line in doc.splitlines() if line.startswith("| empty file")]
+    assert 'on_error = "skip"' in row and "always fatal" in row.split("file holds no records")[1]
 
 
 def test_debug_shows_the_traceback(tmp_path, cli):

@@ -217,3 +217,31 @@ def test_check_with_a_tokenizer_folder_without_tokenizer_json(tmp_path, cli):
         code, _, err = cli("check", str(recipe), "--tokenizer", str(folder))
         assert code == 2 and "Traceback" not in err, err
         assert "holds no tokenizer.json" in err
+
+
+def test_check_says_which_split_drops_come_from_and_counts_the_trained_rows(
+    tmp_path, data_tokenizer_dir, cli
+):
+    # the drops of val examples read as training drops, and their tokens were in the share
+    def chat(i: int, answer: str, split: str) -> dict:
+        msgs = [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": answer},
+        ]
+        return {"id": f"c{i}", "messages": msgs, "meta": {"split": split}}
+
+    train = [chat(i, f"answer {i}", "train") for i in range(4)]
+    long = [chat(i, "answer " * 200, "val") for i in (4, 5)]
+    write_jsonl(tmp_path / "c.jsonl", train + long)
+    source = {"plugin": "chat_jsonl", "path": "c.jsonl"}
+    sections = {"format": {"plugin": "chatml"}, "train": {"max_length": 64}}
+    recipe = write_recipe(tmp_path, [source], **sections)
+    code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
+    assert code == 0, err
+    assert '2 examples longer than 64 tokens: dropped ([data] overlength = "drop"; val 2)' in out
+    assert "would drop 2 examples: longer than train.max_length=64 (val split)" in out
+    [share] = [line for line in out.splitlines() if "supervised tokens:" in line]
+    assert "in the 4 training rows as trained" in share
+    write_jsonl(tmp_path / "c.jsonl", train)  # the val examples' tokens were never counted
+    code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
+    assert code == 0 and share in out.splitlines(), out

@@ -193,3 +193,63 @@ def test_tools_stored_as_a_json_string_column(tmp_path):
     opts = {"path": "t.jsonl", "messages_column": "conversations"}
     [ex], _ = read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
     assert ex.tools[0]["function"]["name"] == "add" and ex.messages[1].tool_calls[0].name == "add"
+
+
+def test_a_system_or_tools_column_that_is_not_there_is_an_error(tmp_path):
+    # the system prompt was silently the template's default, the tools silently none
+    (tmp_path / "d.csv").write_text("q,a,sys\nWhat is 2+2?,four,Be terse.\n")
+    opts = {"path": "d.csv", "prompt_column": "q", "response_column": "a"}
+    for key in ("system_column", "tools_column"):
+        with pytest.raises(DataError, match=r"has no column 'system' \(columns: q, a, sys\)"):
+            read_source(HfDatasetSource, {**opts, key: "system"}, recipe_dir=tmp_path)
+    # the default tools column is read only where it exists
+    [ex], _ = read_source(HfDatasetSource, {**opts, "system_column": "sys"}, recipe_dir=tmp_path)
+    assert ex.messages[0] == Message("system", "Be terse.") and ex.tools is None
+
+
+def test_numbers_in_text_columns_are_read_as_written_from_csv_and_named_elsewhere(tmp_path):
+    # pandas read the column as int64 ("a is empty or not text"), and would make 0.10 0.1
+    (tmp_path / "d.csv").write_text("q,a,sys\nWhat is 2+2?,4,7\nAnd 1/10?,0.10,\nPad 7?,007,\n")
+    opts = {"path": "d.csv", "prompt_column": "q", "response_column": "a", "system_column": "sys"}
+    for stream in (False, True):
+        got, _ = read_source(HfDatasetSource, {**opts, "streaming": stream}, recipe_dir=tmp_path)
+        assert [[m.content for m in g.messages] for g in got] == [
+            ["7", "What is 2+2?", "4"],
+            ["And 1/10?", "0.10"],
+            ["Pad 7?", "007"],
+        ]
+    (tmp_path / "t.csv").write_text("doc\n3.140\n")
+    [doc], _ = read_source(
+        HfDatasetSource, {"path": "t.csv", "text_column": "doc"}, recipe_dir=tmp_path
+    )
+    assert doc.text == "3.140"
+    # a JSON number is what the user wrote: named with its type and how to write text
+    write_jsonl(tmp_path / "j" / "d.jsonl", [{"q": "What is 2+2?", "a": 4}])
+    with pytest.raises(DataError, match=r"a is an int, not text") as err:
+        read_source(
+            HfDatasetSource, {**opts, "path": "j", "system_column": ""}, recipe_dir=tmp_path
+        )
+    assert 'write it as a JSON string ("a": "...")' in err.value.fix
+    write_jsonl(tmp_path / "k" / "d.jsonl", [{"doc": 2.5}])
+    with pytest.raises(DataError, match=r"doc is a float, not text"):
+        read_source(HfDatasetSource, {"path": "k", "text_column": "doc"}, recipe_dir=tmp_path)
+    (tmp_path / "e.csv").write_text("q,a\nWhy?,NA\n")
+    with pytest.raises(DataError, match=r"a is empty") as err:
+        read_source(
+            HfDatasetSource, {**opts, "path": "e.csv", "system_column": ""}, recipe_dir=tmp_path
+        )
+    assert "NA, N/A, null, None or NaN, as missing" in err.value.fix
+
+
+def test_a_bad_meta_value_gets_a_fix_about_meta_columns(tmp_path):
+    # the fix was about message order: "roles: system first, user/assistant alternating"
+    (tmp_path / "d.csv").write_text("q,a,split\nhi,yo,validation\n")
+    opts = {
+        "path": "d.csv",
+        "prompt_column": "q",
+        "response_column": "a",
+        "meta_columns": ["split"],
+    }
+    with pytest.raises(DataError, match=r"meta.split is 'validation'") as err:
+        read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
+    assert "leave the column out of meta_columns" in err.value.fix and "roles" not in err.value.fix

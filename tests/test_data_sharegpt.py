@@ -74,6 +74,12 @@ def test_content_hash_ids_and_duplicates(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [rec, rec])
     got, _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
     assert got[0].id == got[1].id and got[0].id.startswith("sha-") and len(got[0].id) == 20
+    assert got[0].id == "sha-aab7a093e4017777"  # the ids of records without tools stay as they were
+    # the same turns with other tools are another record (it was a duplicate id)
+    tools = [[{"name": f, "parameters": {"type": "object"}}] for f in ("add", "mul")]
+    write_jsonl(tmp_path / "s.jsonl", [{**rec, "tools": t} for t in tools])
+    got, _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert len({g.id for g in got} | {"sha-aab7a093e4017777"}) == 3
 
 
 def test_role_mapping_skip_and_merge(tmp_path):
@@ -158,3 +164,71 @@ def test_broken_json_array_names_the_line(tmp_path):
     with pytest.raises(DataError, match="malformed JSON") as err:
         read_source(ShareGptSource, {"path": "s.json"}, recipe_dir=tmp_path)
     assert err.value.where == f"{tmp_path / 's.json'}:3"
+
+
+def test_fields_the_user_wrote_are_read_or_refused_never_ignored(tmp_path):
+    q, a = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
+    weight_fix = "lorakit trains on every assistant turn and on no other turn"
+    cases = [  # each was read as if the field were not there
+        ({"system": 5, "conversations": [q, a]}, "system must be a string, got int", "as text"),
+        ({"conversations": [q, {**a, "weight": 0}]}, "weight 0 on an assistant turn", weight_fix),
+        ({"conversations": [{**q, "weight": 1}, a]}, "turn 0: weight 1 on a user turn", weight_fix),
+        ({"conversations": [q, {**a, "weight": 0.5}]}, "weight 0.5 on an assistant", weight_fix),
+        (
+            {"conversations": [q, {**a, "loss": False}]},
+            r"turn 1 has unknown field\(s\) loss",
+            "only",
+        ),
+    ]
+    for record, message, fix in cases:
+        write_jsonl(tmp_path / "s.jsonl", [record])
+        with pytest.raises(DataError, match=message) as err:
+            read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+        assert err.value.where.startswith(f"{tmp_path / 's.jsonl'}:1") and fix in err.value.fix
+    # a weight that says what lorakit does, or a null (OpenHermes writes "weight": null)
+    turns = [{**q, "weight": 0}, {**a, "weight": 1}, {**q, "weight": None}, {**a, "weight": None}]
+    write_jsonl(tmp_path / "s.jsonl", [{"system": None, "conversations": turns}])
+    [ex], _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+    assert [m.role for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_auto_format_reads_a_pretty_printed_record_and_one_line_records(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    # read as JSONL before: "one.json:1: malformed JSON: Expecting property name"
+    (tmp_path / "one.json").write_text(json.dumps(rec, indent=2), encoding="utf-8")
+    [ex], _ = read_source(ShareGptSource, {"path": "one.json"}, recipe_dir=tmp_path)
+    assert ex.messages[1] == Message("assistant", "a")
+    assert ex.meta["source"].startswith(f"{tmp_path / 'one.json'}[0]")
+    (tmp_path / "lines.json").write_text(f"\n{json.dumps(rec)}\n{json.dumps(rec)}\n")
+    got, _ = read_source(ShareGptSource, {"path": "lines.json"}, recipe_dir=tmp_path)
+    assert [g.meta["source"].split(" ")[0] for g in got] == [
+        f"{tmp_path / 'lines.json'}:2",
+        f"{tmp_path / 'lines.json'}:3",
+    ]
+    (tmp_path / "array.json").write_text("\ufeff" + json.dumps([rec, rec]), encoding="utf-8")
+    got, _ = read_source(ShareGptSource, {"path": "array.json"}, recipe_dir=tmp_path)
+    assert len(got) == 2 and "array.json[1]" in got[1].meta["source"]
+    (tmp_path / "bad.json").write_text('{\n  "conversations": [oops]\n}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed JSON") as err:
+        read_source(ShareGptSource, {"path": "bad.json"}, recipe_dir=tmp_path)
+    assert err.value.where == f"{tmp_path / 'bad.json'}:2"
+
+
+def test_the_fix_is_about_the_kind_of_problem(tmp_path):
+    # every problem got the fix about message order, a tool call to an unknown tool too
+    q, a = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
+    call = {"from": "function_call", "value": json.dumps({"name": "mul", "arguments": {}})}
+    tools = [{"name": "add", "parameters": {"type": "object"}}]
+    cases = [  # (record, in the fix, not in it)
+        (
+            {"conversations": [q, call, {"from": "tool", "value": "1"}, a], "tools": tools},
+            "one of the example's tools",
+            "alternating",
+        ),
+        ({"conversations": [a]}, "user/assistant alternating", "tools"),
+    ]
+    for record, fix, not_fix in cases:
+        write_jsonl(tmp_path / "s.jsonl", [record])
+        with pytest.raises(DataError) as err:
+            read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
+        assert fix in err.value.fix and not_fix not in err.value.fix, err.value

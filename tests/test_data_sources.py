@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import read_context, write_jsonl
+from helpers import read_context, write_jsonl, write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lorakit.contracts import Example, Message
@@ -76,7 +76,7 @@ def test_instruction_jsonl_maps_every_record_in_order(recs, tmp_path):
     assert len(got) == len(recs) and not ctx.report.skipped
     for g, r in zip(got, recs, strict=True):
         inp = r.get("input") or ""
-        assert g.id == content_id(r["instruction"], inp, r["output"])
+        assert g.id == content_id(r["instruction"], inp, r["output"], r.get("system") or "")
         user = r["instruction"] + ("\n\n" + inp if inp else "")
         want = ([Message("system", r["system"])] if r.get("system") else []) + [
             Message("user", user),
@@ -93,6 +93,21 @@ def test_instruction_ids_are_stable_and_explicit_ids_win(tmp_path):
     got = read(InstructionJsonlSource(InstructionJsonlOptions(path="i.jsonl")), tmp_path)
     assert got[0].id.startswith("sha-") and len(got[0].id) == 20
     assert got[0].id == content_id("a", "", "b") and got[1].id == "mine"
+
+
+def test_instruction_ids_tell_system_prompts_apart_and_keep_the_ids_they_had(tmp_path, cli):
+    # the same instruction and output under two system prompts: reported as duplicate ids
+    recs = [{"instruction": "a", "output": "b", "system": s} for s in ("Be terse.", "Be kind.")]
+    write_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "output": "b"}, *recs])
+    got = read(InstructionJsonlSource(InstructionJsonlOptions(path="i.jsonl")), tmp_path)
+    assert got[0].id == "sha-2d8dbcddf40617a6"  # as before: a record without a system prompt
+    assert len({g.id for g in got}) == 3
+    # identical records: their ids collide; the fix is an "id" field, not "rename one"
+    write_jsonl(tmp_path / "i.jsonl", [recs[0], recs[0]])
+    source = {"plugin": "instruction_jsonl", "path": "i.jsonl"}
+    code, _, err = cli("check", str(write_recipe(tmp_path, [source])))
+    assert code == 2 and "duplicate id 'sha-" in err and 'add an "id" field' in err, err
+    assert "rename one" not in err
 
 
 md_text = st.text(alphabet="abc XY#\n.-*", min_size=1, max_size=200).filter(lambda s: s.strip())

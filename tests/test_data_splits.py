@@ -146,3 +146,14 @@ def test_runs_stay_inside_output_dir_and_home_is_expanded(tmp_path, cli, monkeyp
     assert code == 0, err
     assert (home / "x" / "recipe" / "data" / "splits" / "train.jsonl").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_the_split_seed_doc_says_the_split_follows_the_content_not_the_id():
+    import attrs
+    from lorakit.sections import DataSection
+
+    # the doc said "depends only on its id and this": renaming an example moves nothing
+    doc = attrs.fields(DataSection).split_seed.metadata["doc"]
+    assert "content" in doc and "only on its id" not in doc
+    a, b = ex(1), Example(id="renamed", messages=ex(1).messages)
+    assert content_key(a) == content_key(b)

@@ -115,7 +115,9 @@ class DataSection:
         0.1, doc="share of examples held out for test", validator=_fraction
     )
     split_seed: int = option(
-        1234, doc="seed of the split hash; an example's split depends only on its id and this"
+        1234,
+        doc="seed of the split hash; an example's split depends only on its content (not its id "
+        "or meta) and this",
     )
     on_error: Literal["fail", "skip"] = option(
         "fail", doc="bad records: fail with file:line, or skip them and report each skip"

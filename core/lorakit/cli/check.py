@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.common import add_recipe_args
-from lorakit.contracts import HasSystemPrompt
+from lorakit.contracts import SPLITS, HasSystemPrompt
 from lorakit.data.pipeline import (
     DataReport,
-    apply_overlength,
-    iter_tokenized,
     load_splits,
     require_training_examples,
 )
@@ -53,7 +51,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lorakit.data.lint import lint, show
+    from lorakit.data.lint import LintStats, lint, show
     from lorakit.data.lite_tokenizer import LiteTokenizer, find_tokenizer_folder
 
     if is_launch_config(args.recipe) and not args.launch_config:
@@ -92,8 +90,10 @@ def run(args) -> int:
         return 0
     tokenizer = LiteTokenizer(folder)
     formatter = components.formatter
-    examples = itertools.chain(splits.train, splits.val, splits.test)  # streamed
-    stats = lint(examples, formatter, tokenizer, recipe.train.max_length, recipe.data.overlength)
+    t, overlength = recipe.train, recipe.data.overlength
+    stats = LintStats()  # each split apart (streamed), so its drops are told apart
+    for name in SPLITS:
+        lint(splits.get(name), formatter, tokenizer, t.max_length, overlength, name, stats)
     print(f"format {recipe.format.name}, tokenizer {folder}:")
     for line in stats.lines(recipe.train.max_length, recipe.data.overlength):
         print(f"  {line}")
@@ -125,18 +125,14 @@ def run(args) -> int:
             print(block)
     if recipe.data.overlength == "error" and stats.over_length:
         raise DataError(
-            f"{stats.over_length} examples are longer than train.max_length="
+            f"{sum(stats.over_length.values())} examples are longer than train.max_length="
             f"{recipe.train.max_length}: `lorakit run` would stop at the first",
             where="[data].overlength",
             fix="raise train.max_length, shorten those examples, or set [data] overlength = "
             '"drop" or "truncate"',
         )
     kto = recipe.train.objective == "kto"  # its answers were counted above
-    if (
-        not kto
-        and stats.report.dropped
-        and not _kept_training_rows(splits.train, formatter, tokenizer, recipe)
-    ):
+    if not kto and len(splits.train) and not stats.kept["train"]:
         raise DataError(
             "no training example is left after formatting: `lorakit run` would stop",
             where="[data]",
@@ -144,16 +140,6 @@ def run(args) -> int:
             "shorten the examples, or add examples that fit",
         )
     return 0
-
-
-def _kept_training_rows(train, formatter, tokenizer, recipe) -> int:
-    """How many training examples survive formatting, as ``run`` counts them (only computed
-    when the lint dropped some)."""
-    t, report = recipe.train, DataReport()
-    return sum(
-        len(apply_overlength(pieces, rows, t.max_length, "drop", report))
-        for pieces, rows in iter_tokenized(train, formatter, tokenizer, t.max_length, report)
-    )
 
 
 def _print_pairs(splits, formatter, tokenizer, recipe) -> None:

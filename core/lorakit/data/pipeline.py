@@ -80,6 +80,11 @@ class Splits:
         return self._memo["fingerprint"]
 
 
+def _content(ex: Example) -> dict:
+    """What an example holds besides its id and meta, as JSON data."""
+    return {k: v for k, v in ex.to_json().items() if k not in ("id", "meta")}
+
+
 class _SeenIds:
     """Ids seen so far, as 64-bit hashes pointing at the example (read back to confirm a match,
     so a hash collision is never taken for a duplicate): ~100 bytes an id, not the ids."""
@@ -133,7 +138,11 @@ def iter_examples(
                 ctx.reject(
                     f"duplicate id {ex.id!r} (first seen at {example_where(first)})",
                     where,
-                    "ids must be unique across all sources; rename one",
+                    "both hold the same example: drop one, or give each its own id to keep both "
+                    '(a record without an "id" field gets one made from its content: add an "id" '
+                    "field)"
+                    if _content(first) == _content(ex)
+                    else "ids must be unique across all sources; rename one",
                 )
                 continue
             seen.add(ex.id, index)

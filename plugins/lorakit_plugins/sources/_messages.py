@@ -96,16 +96,37 @@ def tools_file(recipe_dir: Path, path: str) -> tuple[Any, ...] | None:
         ) from None
 
 
-def checked_example(example: Example, where: str, ctx: SourceContext) -> Example | None:
+def checked_example(
+    example: Example, where: str, ctx: SourceContext, meta_fix: str = ""
+) -> Example | None:
     """``example``, or None after ``ctx.reject`` when it breaks the contract (an unknown tool,
-    arguments against the schema, turns out of order)."""
+    arguments against the schema, turns out of order, a bad meta value), with the fix for that
+    kind of problem (``meta_fix``: the source's own, where meta does not come from a field)."""
     problem = example_problem(example)
     if problem:
-        ctx.reject(
-            problem,
-            where,
-            "fix the record (roles: system first, user/assistant alternating, tool results "
-            "after an assistant turn with tool_calls; calls match the example's tools)",
-        )
+        ctx.reject(problem, where, _fix_for(problem, meta_fix))
         return None
     return example
+
+
+def _fix_for(problem: str, meta_fix: str) -> str:
+    """The fix for a problem ``example_problem`` found, by what it is about."""
+    if problem.startswith("meta"):
+        return meta_fix or (
+            'fix the record\'s "meta": split is train, val or test (or absent), tags a list of '
+            "strings, values JSON data"
+        )
+    if problem.startswith("tools"):
+        return (
+            'write tools as [{"type": "function", "function": {"name", "description", '
+            '"parameters"}}], each name once'
+        )
+    if ".tool_calls" in problem:
+        return (
+            "make the call name one of the example's tools with arguments its parameters "
+            "schema accepts, or add the tool to the record's tools (or the source's tools file)"
+        )
+    return (
+        "fix the record's turns (roles: system first, user/assistant alternating, tool results "
+        "after an assistant turn with tool_calls)"
+    )

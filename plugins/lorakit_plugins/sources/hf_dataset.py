@@ -60,6 +60,11 @@ OFFLINE_FIX = (
     'the folder here and set path = "{folder}" instead of name; or set HF_HUB_OFFLINE=1 to '
     "read a copy already in the Hugging Face cache"
 )
+META_FIX = (
+    "meta_columns copy columns into meta, where split must be train, val or test and tags a list "
+    "of strings: leave the column out of meta_columns (assign_split pins a dataset's split)"
+)
+TOOLS_COLUMN = "tools"  # read when a row has it; another name must be a column
 
 
 @attrs.frozen
@@ -84,7 +89,9 @@ class HfDatasetOptions:
     system_column: str = option("", doc="column holding a system prompt (optional)")
     text_column: str = option("", doc="column holding raw text (a text example per row)")
     id_column: str = option("", doc="column holding the id (empty: a content hash)")
-    tools_column: str = option("tools", doc="column holding the row's tools (when present)")
+    tools_column: str = option(
+        TOOLS_COLUMN, doc="column holding the row's tools (the default: when present)"
+    )
     meta_columns: list[str] = option(attrs.Factory(list), doc="columns copied into meta")
     roles: dict[str, str] = option(
         attrs.Factory(dict), doc="speaker -> role for messages_column, as in the sharegpt source"
@@ -109,6 +116,7 @@ class HfDatasetSource:
     def __init__(self, options: HfDatasetOptions):
         self.options = options
         self.turns = ShareGptSource(ShareGptOptions(path="", roles=dict(options.roles)))
+        self.builder = ""  # the builder that read the data files ("" for the Hub or a folder)
 
     @property
     def label(self) -> str:
@@ -238,9 +246,15 @@ class HfDatasetSource:
                     "of file per source",
                 )
             builder = kinds.pop() or "json"
+        self.builder = builder
         kwargs: dict[str, Any] = {}
-        if builder == "csv" and all(suffix_of(f) == ".tsv" for f in files):
-            kwargs["sep"] = "\t"
+        if builder == "csv":
+            if all(suffix_of(f) == ".tsv" for f in files):
+                kwargs["sep"] = "\t"
+            # the text columns as written: pandas would read 4 as an int and 0.10 as 0.1
+            o = self.options
+            text = (o.prompt_column, o.response_column, o.system_column, o.text_column)
+            kwargs["converters"] = {c: str for c in text if c}
         return datasets.load_dataset(
             builder,
             data_files={"train": [str(f) for f in files]},
@@ -253,11 +267,10 @@ class HfDatasetSource:
         self, row: Mapping[str, Any], where: str, ctx: SourceContext, tools: Any
     ) -> Example | None:
         o = self.options
-        missing = [
-            c
-            for c in (o.text_column, o.prompt_column, o.response_column, o.id_column)
-            if c and c not in row
-        ]
+        named = (o.text_column, o.prompt_column, o.response_column, o.system_column, o.id_column)
+        missing = [c for c in named if c and c not in row]
+        if o.tools_column not in ("", TOOLS_COLUMN) and o.tools_column not in row:
+            missing.append(o.tools_column)  # the default is read only where the column exists
         if not (o.text_column or o.prompt_column) and o.messages_column not in row:
             missing.append(o.messages_column)
         if missing:
@@ -265,7 +278,7 @@ class HfDatasetSource:
                 f"{self.label} has no column {missing[0]!r} (columns: {', '.join(row)})",
                 where=f"{KEY}",
                 fix="map the columns: messages_column, or prompt_column and response_column, "
-                "or text_column",
+                "or text_column (system_column, id_column and tools_column name columns too)",
             )
         rid = row.get(o.id_column) if o.id_column else None
         if rid is None or rid == "":
@@ -277,10 +290,13 @@ class HfDatasetSource:
             return None
         if o.text_column:
             value = row[o.text_column]
-            if not isinstance(value, str) or not value.strip():
-                ctx.reject(f"{o.text_column} is empty or not text", where, "drop the row")
+            problem = self._not_text(o.text_column, value)
+            if problem:
+                ctx.reject(problem[0], where, problem[1])
                 return None
-            return checked_example(Example(id=str(rid), text=value, meta=meta), where, ctx)
+            return checked_example(
+                Example(id=str(rid), text=value, meta=meta), where, ctx, META_FIX
+            )
         messages = self._messages(row, where, ctx)
         if messages is None:
             return None
@@ -288,7 +304,7 @@ class HfDatasetSource:
         if not ok:
             return None
         example = Example(id=str(rid), messages=tuple(messages), meta=meta, tools=own or tools)
-        return checked_example(example, where, ctx)
+        return checked_example(example, where, ctx, META_FIX)
 
     def _messages(
         self, row: Mapping[str, Any], where: str, ctx: SourceContext
@@ -306,13 +322,34 @@ class HfDatasetSource:
         out = []
         for role, column in parts.items():
             value = row.get(column) if column else None
-            if role == "system" and not value:
+            if role == "system" and (value is None or value == ""):
                 continue
-            if not isinstance(value, str) or (role != "system" and not value.strip()):
-                ctx.reject(f"{column} is empty or not text", where, "fill it in or drop the row")
-                return None
-            out.append(Message(role, value))
+            problem = self._not_text(column, value)
+            if isinstance(value, str) and (problem is None or role == "system"):
+                out.append(Message(role, value))  # a blank system prompt is kept, as written
+                continue
+            reason, fix = problem or ("", "")
+            ctx.reject(reason, where, fix)
+            return None
         return out
+
+    def _not_text(self, column: str, value: Any) -> tuple[str, str] | None:
+        """What is wrong with a text column's value (reason, fix), or None for text."""
+        if isinstance(value, str):
+            return None if value.strip() else (f"{column} is empty", "fill it in or drop the row")
+        if value is None:
+            missing = ""
+            if self.builder == "csv":
+                missing = " (CSV reads an empty cell, and NA, N/A, null, None or NaN, as missing)"
+            return f"{column} is empty", "fill it in or drop the row" + missing
+        kind = type(value).__name__
+        fix = (
+            f'write it as a JSON string ("{column}": "...")'
+            if self.builder == "json"
+            else "store the column as text (strings) in the dataset"
+        )
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"{column} is {article} {kind}, not text", fix
 
     def _meta(self, row: Mapping[str, Any], where: str, ctx: SourceContext) -> dict | None:
         meta: dict[str, Any] = {"source": where}

@@ -7,8 +7,9 @@ conversation: an optional system message, a user turn holding the instruction fo
 the output.
 
 Ids: the ``id`` field when present, else ``"sha-"`` + the first 16 hex digits of the SHA-256 of
-the instruction, input and output (NUL-separated). The hash is stable across runs and machines,
-so identical records get identical ids and are reported as duplicates. With ``strict = true``
+the instruction, input and output, and the system prompt when there is one (NUL-separated). The
+hash is stable across runs and machines, so identical records get identical ids and are reported
+as duplicates. With ``strict = true``
 (the default) fields outside the schema are an error; with false they are ignored.
 """
 
@@ -34,8 +35,10 @@ from lorakit.api import (
 FIELDS = ("instruction", "input", "output", "system", "id", "meta")
 
 
-def content_id(instruction: str, input_: str, output: str) -> str:
-    blob = "\0".join((instruction, input_, output)).encode("utf-8")
+def content_id(instruction: str, input_: str, output: str, system: str = "") -> str:
+    # the system prompt only when there is one: ids of records without one stay as they were
+    parts = (instruction, input_, output, system) if system else (instruction, input_, output)
+    blob = "\0".join(parts).encode("utf-8")
     return "sha-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -104,7 +107,7 @@ class InstructionJsonlSource:
             return None
         rid = record.get("id")
         if rid is None:
-            rid = content_id(instruction, input_, output)
+            rid = content_id(instruction, input_, output, system)
         elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
             ctx.reject(
                 "id must be a non-empty string", where, 'use "id": "unique-name" or leave it out'

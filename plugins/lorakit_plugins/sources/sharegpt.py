@@ -1,15 +1,18 @@
 """``sharegpt``: ShareGPT conversations, as the Hub, Axolotl and LLaMA-Factory hold them.
 
 A record is ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}``,
-in a JSONL file (one per line) or a JSON file (an array of them). The usual variants are read
+in a JSONL file (one per line) or a JSON file (an array of them, or one record). The usual variants are read
 too: ``messages`` instead of ``conversations``, ``role``/``content`` instead of
 ``from``/``value`` (found per record, or named in the options), a top-level ``system`` prompt
 and ``tools`` list (LLaMA-Factory), ``function_call`` turns (a JSON call, or a list of calls)
 and ``observation`` turns (the tool's result). Roles map through ``DEFAULT_ROLES`` plus the
-recipe's ``roles`` table; a role mapped to ``"skip"`` is left out.
+recipe's ``roles`` table; a role mapped to ``"skip"`` is left out. Any other turn key is an
+error, and so is an Axolotl ``weight`` that asks for anything but lorakit's own supervision
+(every assistant turn, nothing else): the chat contract has no unsupervised assistant turn.
 
 Ids: the record's ``id`` when present, else ``"sha-"`` + 16 hex digits of the SHA-256 of the
-conversation (stable; identical conversations collide and are reported as duplicates).
+system prompt, the turns and the record's own tools when it has some (stable; identical
+conversations collide and are reported as duplicates).
 Problems name ``file:line`` (JSONL) or ``file[index]`` (a JSON array).
 """
 
@@ -39,6 +42,7 @@ from lorakit.api import (
 )
 
 from lorakit_plugins.sources._messages import (
+    TURN_EXTRAS,
     checked_example,
     record_tools,
     tools_file,
@@ -62,7 +66,15 @@ DEFAULT_ROLES = {
     "ipython": "tool",
     "function_call": "function_call",
 }
+MAX_LINE_BYTES = 16 * 2**20  # the longest first line read to tell JSONL from JSON
 TARGETS = ("system", "user", "assistant", "tool", "function_call", "skip")
+# Axolotl's per-turn "weight": 1 trains on the turn, 0 does not. lorakit trains on every
+# assistant turn and nothing else, so a weight is read only where it says just that.
+WEIGHT_FIX = (
+    "lorakit trains on every assistant turn and on no other turn: remove the weight; to leave "
+    "an assistant turn out of training, end the conversation before it (drop it and the turns "
+    "after it, or split the record into one conversation per reply you want trained)"
+)
 
 
 def _roles(_inst: Any, _attr: Any, value: dict[str, str]) -> None:
@@ -95,7 +107,8 @@ class ShareGptOptions:
     )
     format: Literal["auto", "json", "jsonl"] = option(
         "auto",
-        doc='file format ("auto": .jsonl is JSONL, else a JSON array unless a line is a record)',
+        doc='file format ("auto": .jsonl, or a first line that is a whole object, is JSONL; '
+        "else one JSON document, an array or an object)",
     )
 
 
@@ -117,9 +130,7 @@ class ShareGptSource:
     def _records(self, file: Path, ctx: SourceContext) -> Iterator[tuple[str, Any]]:
         fmt = self.options.format
         if fmt == "auto":
-            with file.open("rb") as f:
-                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-            fmt = "jsonl" if file.suffix == ".jsonl" or not head.startswith(b"[") else "json"
+            fmt = "jsonl" if file.suffix == ".jsonl" or _first_line_is_a_record(file) else "json"
         if fmt == "jsonl":
             yield from iter_json_lines(file, ctx)
             return
@@ -162,7 +173,10 @@ class ShareGptSource:
             return None
         rid = record.get(opts.id_key)
         if rid is None:
-            blob = json.dumps([record.get(opts.system_key), turns], sort_keys=True, default=str)
+            hashed = [record.get(opts.system_key), turns]
+            if record.get(opts.tools_key) not in (None, "", []):  # ids without tools unchanged
+                hashed.append(record[opts.tools_key])
+            blob = json.dumps(hashed, sort_keys=True, default=str)
             rid = "sha-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
             ctx.reject(f"{opts.id_key} must be a non-empty string", where, "or leave it out")
@@ -183,7 +197,14 @@ class ShareGptSource:
     ) -> list[Message] | None:
         system = record.get(self.options.system_key)
         out: list[Message] = []
-        if isinstance(system, str) and system.strip():
+        if system is not None and not isinstance(system, str):
+            ctx.reject(
+                f"{self.options.system_key} must be a string, got {type(system).__name__}",
+                where,
+                "write the system prompt as text, or leave it out",
+            )
+            return None
+        if system and system.strip():
             out.append(Message("system", system))
         for i, turn in enumerate(turns):
             message = self._turn(turn, i)
@@ -218,6 +239,15 @@ class ShareGptSource:
         content_key = (
             opts.content_key if opts.content_key != "auto" else _first(turn, "value", "content")
         )
+        # a key with a null value is nothing written (Arrow fills other turns' keys with nulls)
+        known = (role_key, content_key, *TURN_EXTRAS, "weight")
+        unknown = sorted(str(k) for k, x in turn.items() if x is not None and k not in known)
+        if unknown:
+            return f"turn {i} has unknown field(s) {', '.join(unknown)}", (
+                f"keep only {role_key} and {content_key} (plus tool_calls, reasoning_content, "
+                "tool_call_id, name, weight); put the text in them, or set role_key / content_key "
+                "to the fields that hold it"
+            )
         speaker = turn.get(role_key)
         target = self.roles.get(speaker) if isinstance(speaker, str) else None
         if target is None:
@@ -227,6 +257,12 @@ class ShareGptSource:
             )
         if target == "skip":
             return None
+        weight = turn.get("weight")
+        if weight is not None:
+            trained = target in ("assistant", "function_call")
+            if isinstance(weight, bool) or weight not in (0, 1) or bool(weight) != trained:
+                what = "an assistant" if trained else f"a {target}"
+                return f"turn {i}: weight {weight!r} on {what} turn", WEIGHT_FIX
         content = turn.get(content_key)
         if content is None:
             content = ""
@@ -247,6 +283,24 @@ class ShareGptSource:
             # trained on, it teaches the model to answer with nothing
             return f"turn {i}: empty assistant reply", "fill in the reply or drop the record"
         return message
+
+
+def _first_line_is_a_record(file: Path) -> bool:
+    """Whether the first non-blank line is a whole JSON object (JSONL); not for an array or a
+    document spread over lines, read as one JSON value. An empty file, or one that is not a
+    regular file, counts as JSONL, whose reader reports it."""
+    if not file.is_file():
+        return True
+    with file.open("rb") as f:
+        for raw in iter(lambda: f.readline(MAX_LINE_BYTES), b""):
+            line = raw.removeprefix(b"\xef\xbb\xbf").strip()  # a BOM, as the readers accept
+            if not line:
+                continue
+            try:
+                return isinstance(json.loads(line), dict)
+            except (ValueError, RecursionError):  # also a line cut at the limit, not UTF-8
+                return False
+    return True
 
 
 def _first(turn: Mapping[str, Any], *keys: str) -> str:
