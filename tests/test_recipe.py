@@ -209,3 +209,17 @@ def test_a_negative_eval_max_examples_is_a_recipe_error(tmp_path):
     assert len(found) == 1 and found[0].startswith("[eval].max_examples"), found
     assert "0 or more" in found[0]
     assert load_recipe(write(tmp_path, GOOD), ["eval.max_examples=0"]).eval.max_examples == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "unset"),
+    [("save_total_limit", "keep every checkpoint"), ("eval_steps", "evaluate only at the end")],
+)
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_count_of_checkpoints_or_eval_steps_below_one_is_a_recipe_error(
+    tmp_path, key, unset, value
+):
+    found = problems(tmp_path, GOOD, f"train.{key}={value}")
+    assert len(found) == 1 and found[0].startswith(f"[train].{key}: must be 1 or more"), found
+    assert unset in found[0]
+    assert getattr(load_recipe(write(tmp_path, GOOD), [f"train.{key}=1"]).train, key) == 1

@@ -92,6 +92,16 @@ def _not_negative_count(_inst, attribute, value):
         )
 
 
+def _at_least_one(unset: str):
+    """A validator for an optional count: 1 or more; its message says what unset means."""
+
+    def check(_inst, attribute, value):
+        if value < 1:
+            raise ValueError(f"must be 1 or more, got {value}; {unset}")
+
+    return check
+
+
 def _fraction(_inst, attribute, value):
     if not 0.0 <= value < 1.0:
         raise ValueError(f"must be at least 0 and below 1, got {value}")
@@ -159,10 +169,14 @@ class TrainSection:
     logging_steps: int = option(1, doc="log loss every N steps", validator=v.ge(1))
     save_steps: int = option(50, doc="write a checkpoint every N steps", validator=v.ge(1))
     save_total_limit: int | None = option(
-        None, doc="keep only the newest N checkpoints of this run (unset: keep all)"
+        None,
+        doc="keep only the newest N checkpoints of this run (unset: keep all)",
+        validator=v.optional(_at_least_one("leave it unset to keep every checkpoint")),
     )
     eval_steps: int | None = option(
-        None, doc="also evaluate val loss every N steps (unset: only at the end)"
+        None,
+        doc="also evaluate val loss every N steps (unset: only at the end)",
+        validator=v.optional(_at_least_one("leave it unset to evaluate only at the end")),
     )
     gradient_checkpointing: bool = option(
         False, doc="trade compute for memory (non-reentrant, safe with LoRA and DDP)"
