@@ -223,3 +223,35 @@ def test_a_count_of_checkpoints_or_eval_steps_below_one_is_a_recipe_error(
     assert len(found) == 1 and found[0].startswith(f"[train].{key}: must be 1 or more"), found
     assert unset in found[0]
     assert getattr(load_recipe(write(tmp_path, GOOD), [f"train.{key}=1"]).train, key) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            'peft.rank_pattern={q_proj="32"}',
+            '[peft].rank_pattern.q_proj: expected an integer, got "32"',
+        ),
+        (
+            "peft.rank_pattern={q_proj=1.5}",
+            "[peft].rank_pattern.q_proj: expected an integer, got 1.5",
+        ),
+        ("peft.alpha_pattern={v_proj=true}", "[peft].alpha_pattern.v_proj: expected an integer"),
+        ("peft.rank_pattern={q_proj=0}", "[peft].rank_pattern.q_proj: must be 1 or more"),
+        ("peft.alpha_pattern={q_proj=-8}", "[peft].alpha_pattern.q_proj: must be 1 or more"),
+        ('peft.rank_pattern={"layers.0.q_proj"=0}', '[peft].rank_pattern."layers.0.q_proj": must'),
+        ("peft.rank_pattern=3", "[peft].rank_pattern: expected a table of integers, got 3"),
+        ("log.options={mlflow=2}", "[log].options.mlflow: expected a table, got 2"),
+    ],
+)
+def test_each_value_of_a_table_option_is_checked_at_its_own_key(tmp_path, override, expected):
+    found = problems(tmp_path, GOOD, override)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_rank_and_alpha_patterns_in_range_are_kept(tmp_path):
+    r = load_recipe(
+        write(tmp_path, GOOD), ["peft.rank_pattern={q_proj=32}", "peft.alpha_pattern={q_proj=64}"]
+    )
+    assert r.peft.options.rank_pattern == {"q_proj": 32}
+    assert r.peft.options.alpha_pattern == {"q_proj": 64}

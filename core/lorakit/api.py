@@ -78,7 +78,7 @@ from lorakit.hookspecs import (
     RegisterSource,
     hookimpl,
 )
-from lorakit.options import option
+from lorakit.options import each_value, option
 from lorakit.rundir import RunDir
 from lorakit.safe_yaml import YamlRefused, refuse_unsafe_yaml
 from lorakit.secrets import hub_token
@@ -132,6 +132,7 @@ __all__ = [
     "YamlRefused",
     "chat_environment",
     "dtype_from_name",
+    "each_value",
     "example_problem",
     "expand_files",
     "flatten",

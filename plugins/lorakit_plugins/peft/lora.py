@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
-from lorakit.api import RegisterPeftMethod, hookimpl, option
+from lorakit.api import RegisterPeftMethod, each_value, hookimpl, option
 
 
 def _targets(_inst, _attr, value):
@@ -29,6 +29,12 @@ def _targets(_inst, _attr, value):
         raise ValueError(
             'the list is empty; name modules like ["q_proj", "v_proj"] or use "all-linear"'
         )
+
+
+def _at_least_one(_inst, _attr, value):
+    # a rank or alpha in rank_pattern / alpha_pattern: the range r and alpha have
+    if value < 1:
+        raise ValueError(f"must be 1 or more (like r and alpha), got {value}")
 
 
 @attrs.frozen
@@ -92,11 +98,13 @@ class LoraOptions:
     rank_pattern: dict[str, int] = option(
         factory=dict,
         doc='per-module rank overriding r, by name or regex: {"q_proj" = 32}',
+        validator=each_value(_at_least_one),
         recorded_when_set=True,
     )
     alpha_pattern: dict[str, int] = option(
         factory=dict,
         doc='per-module alpha overriding alpha, by name or regex: {"q_proj" = 64}',
+        validator=each_value(_at_least_one),
         recorded_when_set=True,
     )
     modules_to_save: list[str] = option(
@@ -127,10 +135,6 @@ class LoraOptions:
                 f"lora_plus_ratio = {self.lora_plus_ratio}: LoRA+ trains B faster than A; "
                 "use 0 (off) or a ratio of at least 1 (16 in the paper)"
             )
-        for key in ("rank_pattern", "alpha_pattern"):
-            for name, value in getattr(self, key).items():
-                if value < 1:
-                    raise ValueError(f"{key}.{name} = {value}: expected an integer of at least 1")
         if (
             (self.init in REWRITES_BASE or self.loftq_iter > 1)
             and self.use_rslora
