@@ -255,3 +255,20 @@ def test_rank_and_alpha_patterns_in_range_are_kept(tmp_path):
     )
     assert r.peft.options.rank_pattern == {"q_proj": 32}
     assert r.peft.options.alpha_pattern == {"q_proj": 64}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["peft.lora_plus_ratio=inf"],
+        ["peft.lora_plus_ratio=nan"],
+        ["peft.dropout=nan"],
+        ['quant.plugin="bnb-8bit"', "quant.threshold=inf"],
+        ['quant.plugin="bnb-8bit"', "quant.threshold=nan"],
+    ],
+)
+def test_non_finite_plugin_numbers_are_recipe_errors(tmp_path, overrides):
+    """LoRA+ at an infinite ratio passed check and made the adapter NaN after training began."""
+    found = problems(tmp_path, GOOD, *overrides)
+    key = overrides[-1].split("=")[0].replace("peft.", "[peft].").replace("quant.", "[quant].")
+    assert len(found) == 1 and found[0].startswith(f"{key}: must be a finite number"), found

@@ -78,7 +78,7 @@ from lorakit.hookspecs import (
     RegisterSource,
     hookimpl,
 )
-from lorakit.options import each_value, option
+from lorakit.options import each_value, finite, option
 from lorakit.rundir import RunDir
 from lorakit.safe_yaml import YamlRefused, refuse_unsafe_yaml
 from lorakit.secrets import hub_token
@@ -135,6 +135,7 @@ __all__ = [
     "each_value",
     "example_problem",
     "expand_files",
+    "finite",
     "flatten",
     "gguf_parsed_once",
     "hookimpl",

@@ -9,6 +9,7 @@ problems, each prefixed with its key path, so a recipe reports all mistakes at o
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -39,6 +40,12 @@ class NestedProblem(ValueError, TypeError):
 def key_path(keys: tuple[str, ...]) -> str:
     """``keys`` as TOML writes a dotted key: bare where it can be, quoted where it must."""
     return ".".join(k if _BARE_KEY.fullmatch(k) else json.dumps(k) for k in keys)
+
+
+def finite(_inst: Any, attribute: Any, value: float) -> None:
+    """A validator for a number option: refuses ``inf`` and ``nan`` (which TOML can spell)."""
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
 
 
 def each_value(*validators: Any) -> Any:

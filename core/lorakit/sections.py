@@ -13,6 +13,7 @@ from typing import Literal
 import attrs
 from attrs import validators as v
 
+from lorakit.options import finite as _finite
 from lorakit.options import option
 
 Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
@@ -39,11 +40,6 @@ DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
-
-
-def _finite(_inst, attribute, value):
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
 
 
 def _run_name(_inst, attribute, value):

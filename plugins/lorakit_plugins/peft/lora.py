@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
-from lorakit.api import RegisterPeftMethod, each_value, hookimpl, option
+from lorakit.api import RegisterPeftMethod, each_value, finite, hookimpl, option
 
 
 def _targets(_inst, _attr, value):
@@ -46,7 +46,9 @@ class LoraOptions:
         validator=v.ge(1),
     )
     dropout: float = option(
-        0.05, doc="dropout on the adapter input during training", validator=[v.ge(0.0), v.lt(1.0)]
+        0.05,
+        doc="dropout on the adapter input during training",
+        validator=[finite, v.ge(0.0), v.lt(1.0)],
     )
     target_modules: str | list[str] = option(
         "all-linear",
@@ -92,7 +94,7 @@ class LoraOptions:
         0.0,
         doc="LoRA+: B's learning rate is this many times A's (the paper suggests 16); "
         "0: one learning rate",
-        validator=v.ge(0.0),
+        validator=[finite, v.ge(0.0)],
         recorded_when_set=True,
     )
     rank_pattern: dict[str, int] = option(
