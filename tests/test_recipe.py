@@ -150,6 +150,36 @@ def test_every_shipped_recipe_validates(recipe):
     load_recipe(recipe, catalog=default_catalog())
 
 
+def _doc_toml_blocks() -> list[tuple[str, str]]:
+    import re
+
+    blocks = []
+    for doc in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]:
+        text = doc.read_text(encoding="utf-8")
+        for m in re.finditer(r"^```toml\n(.*?)^```", text, re.S | re.M):
+            line = text[: m.start()].count("\n") + 1
+            blocks.append((f"{doc.relative_to(REPO)}:{line}", m.group(1)))
+    return blocks
+
+
+@pytest.mark.parametrize(("where", "block"), _doc_toml_blocks(), ids=lambda x: x.split("\n")[0])
+def test_every_toml_example_in_the_docs_validates(tmp_path, where, block):
+    """A recipe example the docs show is one `lorakit check` accepts (with a model and data
+    added where it has none); a sweep.toml example is a valid space."""
+    if block.lstrip().startswith("# sweep.toml"):
+        from lorakit.sweep_space import read_space
+
+        read_space(write(tmp_path, block, "sweep.toml"))
+        return
+    (tmp_path / "lm_tasks").mkdir()  # the folder evaluation.md's lm_eval_include names
+    if "data.sources" not in block:
+        block += '\n[[data.sources]]\nplugin = "chat_jsonl"\npath = "chat.jsonl"\n'
+    try:
+        load_recipe(write(tmp_path, block), catalog=default_catalog())
+    except RecipeError as exc:
+        pytest.fail(f"{where}: {exc}")
+
+
 def test_non_finite_rates_and_negative_seed_are_recipe_errors(tmp_path):
     found = problems(
         tmp_path,
