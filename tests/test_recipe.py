@@ -302,3 +302,21 @@ def test_non_finite_plugin_numbers_are_recipe_errors(tmp_path, overrides):
     found = problems(tmp_path, GOOD, *overrides)
     key = overrides[-1].split("=")[0].replace("peft.", "[peft].").replace("quant.", "[quant].")
     assert len(found) == 1 and found[0].startswith(f"{key}: must be a finite number"), found
+
+
+@pytest.mark.parametrize(
+    ("splits", "expected"),
+    [
+        ('["val", "val"]', "'val' is listed twice; list each split once"),
+        ('["val", "test", "test"]', "'test' is listed twice"),
+        ("[]", 'the list is empty; name the splits to score, e.g. ["val"]'),
+        ('["vall"]', "unknown split 'vall'; use train, val or test"),
+    ],
+)
+def test_eval_splits_listed_twice_empty_or_unknown_are_recipe_errors(tmp_path, splits, expected):
+    """A split listed twice was scored twice (duplicate rows in eval_report.json); an empty list
+    passed check and the run said 'nothing to evaluate: splits  are empty'."""
+    found = problems(tmp_path, GOOD, f"eval.splits={splits}")
+    assert len(found) == 1 and found[0].startswith(f"[eval].splits: {expected}"), found
+    ok = load_recipe(write(tmp_path, GOOD), ['eval.splits=["test", "val"]'])
+    assert ok.eval.splits == ("test", "val")

@@ -340,6 +340,20 @@ class TrainSection:
         return out
 
 
+def _eval_splits(_inst, attribute, value):
+    bad = [s for s in value if s not in ("train", "val", "test")]
+    if bad:
+        raise ValueError(f"unknown split {bad[0]!r}; use train, val or test")
+    if not value:
+        raise ValueError(
+            'the list is empty; name the splits to score, e.g. ["val"] or ["val", "test"] '
+            "(eval.max_examples = 0 scores no example)"
+        )
+    twice = sorted({s for s in value if value.count(s) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice; list each split once")
+
+
 @attrs.frozen
 class EvalSection:
     metrics: list[str] | None = option(
@@ -347,7 +361,9 @@ class EvalSection:
         doc="metric plugins to compute (lorakit plugins); unset: the metrics that declare "
         "themselves the default (built in: eval_loss and perplexity)",
     )
-    splits: list[str] = option(factory=lambda: ("val",), doc="splits to evaluate: val and/or test")
+    splits: list[str] = option(
+        factory=lambda: ("val",), doc="splits to evaluate: val and/or test", validator=_eval_splits
+    )
     max_new_tokens: int = option(
         128, doc="generation budget for generation metrics", validator=v.ge(1)
     )
@@ -393,11 +409,6 @@ class EvalSection:
         validator=v.optional(v.ge(0)),
     )
     lm_eval_batch_size: int = option(8, doc="batch size for lm-eval requests", validator=v.ge(1))
-
-    def __attrs_post_init__(self) -> None:
-        bad = [s for s in self.splits if s not in ("train", "val", "test")]
-        if bad:
-            raise ValueError(f"splits: unknown split {bad[0]!r}; use train, val or test")
 
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: without the lm-eval keys when no lm-eval
