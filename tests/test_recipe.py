@@ -320,3 +320,16 @@ def test_eval_splits_listed_twice_empty_or_unknown_are_recipe_errors(tmp_path, s
     assert len(found) == 1 and found[0].startswith(f"[eval].splits: {expected}"), found
     ok = load_recipe(write(tmp_path, GOOD), ['eval.splits=["test", "val"]'])
     assert ok.eval.splits == ("test", "val")
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    ["chat_jsonl", "instruction_jsonl", "markdown", "preference_jsonl", "report_json", "sharegpt"],
+)
+def test_an_empty_source_path_is_a_recipe_error(tmp_path, plugin):
+    """path = "" was the recipe's own folder, read recursively (run outputs included)."""
+    found = problems(tmp_path, GOOD, f'data.sources.0.plugin="{plugin}"', 'data.sources.0.path=""')
+    assert len(found) == 1 and found[0].startswith("[data.sources.0].path: the path is empty"), (
+        found
+    )
+    assert '"." for its own folder' in found[0]

@@ -62,7 +62,7 @@ from lorakit.contracts import (
     ToolCall,
 )
 from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
-from lorakit.data.paths import expand_files, matching_files, refuse_special
+from lorakit.data.paths import expand_files, matching_files, non_empty_path, refuse_special
 from lorakit.data.paths import resolve as resolve_path
 from lorakit.data.textfile import read_text_file
 from lorakit.data.tools import tool_calls_from_json, tools_from_json
@@ -143,6 +143,7 @@ __all__ = [
     "iter_json_lines",
     "loads_strict",
     "matching_files",
+    "non_empty_path",
     "option",
     "parse_meta",
     "read_source",
