@@ -333,3 +333,35 @@ def test_an_empty_source_path_is_a_recipe_error(tmp_path, plugin):
         found
     )
     assert '"." for its own folder' in found[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "got", "quoted"),
+    [
+        ("output.name=2024-01-01", "2024-01-01 (a TOML date)", "2024-01-01"),
+        ("output.name=123", "123", "123"),
+        ("train.from_adapter=true", "true", "true"),
+        ("data.sources.0.path=1.5", "1.5", "1.5"),
+    ],
+)
+def test_an_unquoted_override_where_a_string_is_expected_says_to_quote_it(
+    tmp_path, override, got, quoted
+):
+    """output.name=2024-01-01 said 'expected a string, got datetime.date(2024, 1, 1)' and
+    nothing about the shell and TOML quoting that makes it a string."""
+    key = override.split("=")[0]
+    section, _, name = key.rpartition(".")
+    found = problems(tmp_path, GOOD, override)
+    assert found == [
+        f"[{section}].{name}: expected a string, got {got}; quote it: "
+        f'{key}=\'"{quoted}"\' (in a recipe file: {name} = "{quoted}")'
+    ]
+    r = load_recipe(
+        write(tmp_path, GOOD), ["output.name='2024-01-01'", 'train.from_adapter="true"']
+    )
+    assert r.name == "2024-01-01" and r.train.from_adapter == "true"
+
+
+def test_the_quoting_hint_is_only_for_the_option_s_own_value(tmp_path):
+    found = problems(tmp_path, GOOD, "eval.splits=[2024-01-01]", "peft.lora_plus_ratio=true")
+    assert not any("quote it" in p for p in found), found

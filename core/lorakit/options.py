@@ -8,6 +8,7 @@ problems, each prefixed with its key path, so a recipe reports all mistakes at o
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -35,6 +36,22 @@ class NestedProblem(ValueError, TypeError):
         super().__init__(message)
         self.keys = keys
         self.message = message
+
+
+class NotAString(TypeError):
+    """A string option got a TOML number, boolean or date: ``2024-01-01`` or ``123`` unquoted.
+    :func:`structure` adds how to quote it."""
+
+    def __init__(self, message: str, value: Any):
+        super().__init__(message)
+        self.value = value
+
+
+def _quote_hint(path: str, key: str, value: Any) -> str:
+    """How to write ``value`` as a string, in the recipe and as a command-line override."""
+    text = value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else _show(value)
+    override = f"{path.strip('[]')}.{key}"
+    return f'; quote it: {override}=\'"{text}"\' (in a recipe file: {key} = "{text}")'
 
 
 def key_path(keys: tuple[str, ...]) -> str:
@@ -136,6 +153,9 @@ def _show(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list" if value else "[]"
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        kind = "date and time" if isinstance(value, datetime.datetime) else type(value).__name__
+        return f"{value.isoformat()} (a TOML {kind})"
     return repr(value)
 
 
@@ -163,7 +183,10 @@ def convert(value: Any, tp: Any) -> Any:
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             inner = args[0] if args else Any
-            return tuple(convert(v, inner) for v in value)
+            try:
+                return tuple(convert(v, inner) for v in value)
+            except NotAString as exc:  # the quoting hint is for the option's own value
+                raise TypeError(str(exc)) from None
     elif origin in (dict, Mapping) or tp in (dict, Mapping):
         if isinstance(value, Mapping):
             inner = args[1] if args[1:] else Any
@@ -191,7 +214,20 @@ def convert(value: Any, tp: Any) -> Any:
             raise nested
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise TypeError(f"expected {describe_type(tp)}, got {_show(value)}")
+    message = f"expected {describe_type(tp)}, got {_show(value)}"
+    if _takes_string(tp) and isinstance(value, _UNQUOTED):
+        raise NotAString(message, value)
+    raise TypeError(message)
+
+
+# what an unquoted override or TOML value becomes where a string was meant
+_UNQUOTED = (bool, int, float, datetime.date, datetime.time)
+
+
+def _takes_string(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
 
 
 def fields_of(cls: type) -> tuple[attrs.Attribute, ...]:
@@ -221,6 +257,9 @@ def structure(
             value = convert(value, fld.type)
         except NestedProblem as exc:
             problems.append(f"{path}.{key}.{key_path(exc.keys)}: {exc.message}")
+            continue
+        except NotAString as exc:
+            problems.append(f"{path}.{key}: {exc}{_quote_hint(path, key, exc.value)}")
             continue
         except TypeError as exc:
             problems.append(f"{path}.{key}: {exc}")
