@@ -94,3 +94,13 @@ def test_console_script_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "lorakit")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run" in res.stdout and "check" in res.stdout
+
+
+@pytest.mark.parametrize("count", ["-2", "-1", "two"])
+def test_check_show_takes_a_count_of_zero_or_more(cli, tmp_path, chat_file, count):
+    """--show -2 printed every example but the last two (a negative slice)."""
+    recipe = tmp_path / "ok.toml"
+    recipe.write_text(f'[[data.sources]]\nplugin = "chat_jsonl"\npath = "{chat_file}"\n')
+    code, out, err = cli("check", recipe, "--show", count)
+    assert code == 2 and "Traceback" not in err and not out
+    assert f"argument --show: '{count}' is not a number of examples: use 0 or more" in err

@@ -336,6 +336,36 @@ def test_nproc_under_a_launcher_is_a_clear_error(cli, monkeypatch, tmp_path):
     assert code == 2 and "already runs under a launcher" in err
 
 
+@pytest.mark.parametrize("port", ["0", "-1", "65536", "99999"])
+def test_a_master_port_outside_1_to_65535_is_refused_before_torchrun(cli, tmp_path, port):
+    code, out, err = cli("run", tmp_path / "r.toml", "--nproc", "2", "--master-port", port)
+    assert code == 2 and "Traceback" not in out + err
+    assert f"--master-port {port}: give a TCP port from 1 to 65535" in err
+
+
+def test_a_given_master_port_is_passed_as_it_is():
+    from argparse import Namespace
+
+    from lorakit.launch import resume_line, torchrun_argv
+
+    args = Namespace(
+        recipe="r.toml",
+        overrides=[],
+        resume_from_checkpoint=None,
+        debug=False,
+        nproc=1,
+        nnodes=2,
+        node_rank=0,
+        master_addr="10.0.0.1",
+        master_port=1,
+    )
+    line = torchrun_argv(args)
+    assert line[line.index("--master-port") + 1] == "1"
+    assert "--master-port 1 " in resume_line(args)
+    unset = torchrun_argv(Namespace(**{**vars(args), "master_port": None}))
+    assert unset[unset.index("--master-port") + 1] == "29500"
+
+
 # ----------------------------------------------------------------------------- killed ranks
 
 

@@ -208,3 +208,17 @@ def test_commands_on_a_run_refuse_links_planted_in_it(tmp_path, tiny_model_dir, 
         (run / planted).unlink()
         (run / planted).write_text("")
     assert not (run / "export").exists()
+
+
+def test_an_empty_path_is_refused_where_sources_resolve_paths(tmp_path):
+    """Path("") is the recipe's folder: a source (a third-party one too) that resolves an empty
+    path through lorakit.api gets an error naming its key, not the folder read recursively."""
+    from lorakit.api import DataError, expand_files, resolve_path
+
+    write_jsonl(tmp_path / "old-run.jsonl", chat_records(2))
+    with pytest.raises(DataError, match="the path is empty") as info:
+        expand_files(tmp_path, "", "**/*.jsonl", "path")
+    assert info.value.where == "[data.sources].path" and '"."' in (info.value.fix or "")
+    with pytest.raises(DataError, match="the path is empty"):
+        resolve_path(tmp_path, "")
+    assert expand_files(tmp_path, ".", "**/*.jsonl", "path") == [tmp_path / "old-run.jsonl"]

@@ -33,7 +33,7 @@ def _check(cli, recipe: Path, *overrides: str) -> str:
             ['peft.init="olora"', "peft.use_rslora=true", "peft.rank_pattern={q_proj=8}"],
             ["use_rslora", "rank_pattern", "PEFT refuses"],
         ),
-        ("none", ["peft.rank_pattern={q_proj=0}"], ["rank_pattern.q_proj = 0"]),
+        ("none", ["peft.rank_pattern={q_proj=0}"], ["[peft].rank_pattern.q_proj: must be 1"]),
         ("none", ['peft.init="svd"'], ["[peft].init"]),
         ("none", ["train.neftune_noise_alpha=-1"], ["[train].neftune_noise_alpha"]),
     ],

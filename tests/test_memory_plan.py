@@ -263,6 +263,38 @@ def test_plan_cli_reads_config_only_without_torch(tmp_path, tiny_model_dir, chat
     assert res.returncode == 1 and "does NOT fit" in res.stdout and "to fit:" in res.stdout
 
 
+def test_plan_refuses_a_target_module_the_model_does_not_have(tmp_path, tiny_model_dir, chat_file):
+    """plan printed 0 trainable parameters and exit 0 for a misspelt name that run refuses."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    res = run_probe("plan", str(recipe), 'peft.target_modules=["q_projj", "v_proj"]', cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "'q_projj' in target_modules matches no module of this model" in res.stderr
+    assert 'use "all-linear" or some of: down_proj, gate_proj, k_proj, lm_head' in res.stderr
+    assert "HEAVY:\n" in res.stderr, "plan must not import torch/transformers"
+    for ok in ('["v_proj", "lm_head"]', '["model.layers.1.mlp.down_proj"]', '["self_attn.q_proj"]'):
+        res = run_probe("plan", str(recipe), f"peft.target_modules={ok}", cwd=tmp_path)
+        assert res.returncode == 0, (ok, res.stderr)
+
+
+def test_the_plan_s_module_names_are_the_loaded_model_s(tiny_model_dir):
+    """layout_module_names lists every module of the loaded Llama layout: plan never refuses a
+    name that run accepts."""
+    import json
+
+    from helpers import load_tiny_model
+    from lorakit.memory_plan import shape_from_config
+    from lorakit.target_modules import layout_linear_names, layout_module_names
+
+    shape = shape_from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    model = load_tiny_model(tiny_model_dir)
+    loaded = {n for n, _ in model.named_modules() if n}
+    assert loaded <= set(layout_module_names(shape) or ())
+    linear = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"
+    }
+    assert sorted(linear) == layout_linear_names()
+
+
 def test_run_refuses_when_the_plan_does_not_fit(tmp_path, tiny_model_dir, chat_file, cli):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
     code, _out, err = cli("run", recipe, "--device-memory", "1MB")

@@ -160,6 +160,36 @@ def test_every_shipped_recipe_validates(recipe):
     load_recipe(recipe, catalog=default_catalog())
 
 
+def _doc_toml_blocks() -> list[tuple[str, str]]:
+    import re
+
+    blocks = []
+    for doc in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]:
+        text = doc.read_text(encoding="utf-8")
+        for m in re.finditer(r"^```toml\n(.*?)^```", text, re.S | re.M):
+            line = text[: m.start()].count("\n") + 1
+            blocks.append((f"{doc.relative_to(REPO)}:{line}", m.group(1)))
+    return blocks
+
+
+@pytest.mark.parametrize(("where", "block"), _doc_toml_blocks(), ids=lambda x: x.split("\n")[0])
+def test_every_toml_example_in_the_docs_validates(tmp_path, where, block):
+    """A recipe example the docs show is one `lorakit check` accepts (with a model and data
+    added where it has none); a sweep.toml example is a valid space."""
+    if block.lstrip().startswith("# sweep.toml"):
+        from lorakit.sweep_space import read_space
+
+        read_space(write(tmp_path, block, "sweep.toml"))
+        return
+    (tmp_path / "lm_tasks").mkdir()  # the folder evaluation.md's lm_eval_include names
+    if "data.sources" not in block:
+        block += '\n[[data.sources]]\nplugin = "chat_jsonl"\npath = "chat.jsonl"\n'
+    try:
+        load_recipe(write(tmp_path, block), catalog=default_catalog())
+    except RecipeError as exc:
+        pytest.fail(f"{where}: {exc}")
+
+
 def test_non_finite_rates_and_negative_seed_are_recipe_errors(tmp_path):
     found = problems(
         tmp_path,
@@ -219,3 +249,129 @@ def test_a_negative_eval_max_examples_is_a_recipe_error(tmp_path):
     assert len(found) == 1 and found[0].startswith("[eval].max_examples"), found
     assert "0 or more" in found[0]
     assert load_recipe(write(tmp_path, GOOD), ["eval.max_examples=0"]).eval.max_examples == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "unset"),
+    [("save_total_limit", "keep every checkpoint"), ("eval_steps", "evaluate only at the end")],
+)
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_count_of_checkpoints_or_eval_steps_below_one_is_a_recipe_error(
+    tmp_path, key, unset, value
+):
+    found = problems(tmp_path, GOOD, f"train.{key}={value}")
+    assert len(found) == 1 and found[0].startswith(f"[train].{key}: must be 1 or more"), found
+    assert unset in found[0]
+    assert getattr(load_recipe(write(tmp_path, GOOD), [f"train.{key}=1"]).train, key) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            'peft.rank_pattern={q_proj="32"}',
+            '[peft].rank_pattern.q_proj: expected an integer, got "32"',
+        ),
+        (
+            "peft.rank_pattern={q_proj=1.5}",
+            "[peft].rank_pattern.q_proj: expected an integer, got 1.5",
+        ),
+        ("peft.alpha_pattern={v_proj=true}", "[peft].alpha_pattern.v_proj: expected an integer"),
+        ("peft.rank_pattern={q_proj=0}", "[peft].rank_pattern.q_proj: must be 1 or more"),
+        ("peft.alpha_pattern={q_proj=-8}", "[peft].alpha_pattern.q_proj: must be 1 or more"),
+        ('peft.rank_pattern={"layers.0.q_proj"=0}', '[peft].rank_pattern."layers.0.q_proj": must'),
+        ("peft.rank_pattern=3", "[peft].rank_pattern: expected a table of integers, got 3"),
+        ("log.options={mlflow=2}", "[log].options.mlflow: expected a table, got 2"),
+    ],
+)
+def test_each_value_of_a_table_option_is_checked_at_its_own_key(tmp_path, override, expected):
+    found = problems(tmp_path, GOOD, override)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_rank_and_alpha_patterns_in_range_are_kept(tmp_path):
+    r = load_recipe(
+        write(tmp_path, GOOD), ["peft.rank_pattern={q_proj=32}", "peft.alpha_pattern={q_proj=64}"]
+    )
+    assert r.peft.options.rank_pattern == {"q_proj": 32}
+    assert r.peft.options.alpha_pattern == {"q_proj": 64}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["peft.lora_plus_ratio=inf"],
+        ["peft.lora_plus_ratio=nan"],
+        ["peft.dropout=nan"],
+        ['quant.plugin="bnb-8bit"', "quant.threshold=inf"],
+        ['quant.plugin="bnb-8bit"', "quant.threshold=nan"],
+    ],
+)
+def test_non_finite_plugin_numbers_are_recipe_errors(tmp_path, overrides):
+    """LoRA+ at an infinite ratio passed check and made the adapter NaN after training began."""
+    found = problems(tmp_path, GOOD, *overrides)
+    key = overrides[-1].split("=")[0].replace("peft.", "[peft].").replace("quant.", "[quant].")
+    assert len(found) == 1 and found[0].startswith(f"{key}: must be a finite number"), found
+
+
+@pytest.mark.parametrize(
+    ("splits", "expected"),
+    [
+        ('["val", "val"]', "'val' is listed twice; list each split once"),
+        ('["val", "test", "test"]', "'test' is listed twice"),
+        ("[]", 'the list is empty; name the splits to score, e.g. ["val"]'),
+        ('["vall"]', "unknown split 'vall'; use train, val or test"),
+    ],
+)
+def test_eval_splits_listed_twice_empty_or_unknown_are_recipe_errors(tmp_path, splits, expected):
+    """A split listed twice was scored twice (duplicate rows in eval_report.json); an empty list
+    passed check and the run said 'nothing to evaluate: splits  are empty'."""
+    found = problems(tmp_path, GOOD, f"eval.splits={splits}")
+    assert len(found) == 1 and found[0].startswith(f"[eval].splits: {expected}"), found
+    ok = load_recipe(write(tmp_path, GOOD), ['eval.splits=["test", "val"]'])
+    assert ok.eval.splits == ("test", "val")
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    ["chat_jsonl", "instruction_jsonl", "markdown", "preference_jsonl", "report_json", "sharegpt"],
+)
+def test_an_empty_source_path_is_a_recipe_error(tmp_path, plugin):
+    """path = "" was the recipe's own folder, read recursively (run outputs included)."""
+    found = problems(tmp_path, GOOD, f'data.sources.0.plugin="{plugin}"', 'data.sources.0.path=""')
+    assert len(found) == 1 and found[0].startswith("[data.sources.0].path: the path is empty"), (
+        found
+    )
+    assert '"." for its own folder' in found[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "got", "quoted"),
+    [
+        ("output.name=2024-01-01", "2024-01-01 (a TOML date)", "2024-01-01"),
+        ("output.name=123", "123", "123"),
+        ("train.from_adapter=true", "true", "true"),
+        ("data.sources.0.path=1.5", "1.5", "1.5"),
+    ],
+)
+def test_an_unquoted_override_where_a_string_is_expected_says_to_quote_it(
+    tmp_path, override, got, quoted
+):
+    """output.name=2024-01-01 said 'expected a string, got datetime.date(2024, 1, 1)' and
+    nothing about the shell and TOML quoting that makes it a string."""
+    key = override.split("=")[0]
+    section, _, name = key.rpartition(".")
+    found = problems(tmp_path, GOOD, override)
+    assert found == [
+        f"[{section}].{name}: expected a string, got {got}; quote it: "
+        f'{key}=\'"{quoted}"\' (in a recipe file: {name} = "{quoted}")'
+    ]
+    r = load_recipe(
+        write(tmp_path, GOOD), ["output.name='2024-01-01'", 'train.from_adapter="true"']
+    )
+    assert r.name == "2024-01-01" and r.train.from_adapter == "true"
+
+
+def test_the_quoting_hint_is_only_for_the_option_s_own_value(tmp_path):
+    found = problems(tmp_path, GOOD, "eval.splits=[2024-01-01]", "peft.lora_plus_ratio=true")
+    assert not any("quote it" in p for p in found), found

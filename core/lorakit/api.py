@@ -63,7 +63,7 @@ from lorakit.contracts import (
     UsesRecipeFolder,
 )
 from lorakit.data.jsonl import JsonRefused, iter_json_lines, loads_strict, parse_meta
-from lorakit.data.paths import expand_files, matching_files, refuse_special
+from lorakit.data.paths import expand_files, matching_files, non_empty_path, refuse_special
 from lorakit.data.paths import resolve as resolve_path
 from lorakit.data.textfile import read_text_file
 from lorakit.data.tools import tool_calls_from_json, tools_from_json
@@ -79,7 +79,7 @@ from lorakit.hookspecs import (
     RegisterSource,
     hookimpl,
 )
-from lorakit.options import option
+from lorakit.options import each_value, finite, option
 from lorakit.rundir import RunDir
 from lorakit.safe_yaml import YamlRefused, refuse_unsafe_yaml
 from lorakit.secrets import hub_token
@@ -134,8 +134,10 @@ __all__ = [
     "YamlRefused",
     "chat_environment",
     "dtype_from_name",
+    "each_value",
     "example_problem",
     "expand_files",
+    "finite",
     "flatten",
     "gguf_parsed_once",
     "hookimpl",
@@ -143,6 +145,7 @@ __all__ = [
     "iter_json_lines",
     "loads_strict",
     "matching_files",
+    "non_empty_path",
     "option",
     "parse_meta",
     "read_source",

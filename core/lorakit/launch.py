@@ -16,6 +16,7 @@ from typing import Any
 from lorakit.errors import RunError
 
 WORKER = ("-m", "lorakit.cli.main", "run")
+DEFAULT_PORT = 29500
 
 
 def wants_launch(args: Any) -> bool:
@@ -46,9 +47,14 @@ def torchrun_argv(args: Any) -> list[str]:
             "--master-addr",
             args.master_addr,
             "--master-port",
-            str(args.master_port or 29500),
+            str(master_port(args)),
         ]
     return [*head, "--nproc-per-node", str(nproc), "--max-restarts", "0", *worker_argv(args)]
+
+
+def master_port(args: Any) -> int:
+    """``--master-port``, or torchrun's usual 29500 when it is not given (several machines)."""
+    return DEFAULT_PORT if args.master_port is None else int(args.master_port)
 
 
 def check_launch(args: Any) -> None:
@@ -66,6 +72,11 @@ def check_launch(args: Any) -> None:
         problems.append(f"--nnodes {args.nnodes}: give 1 or more machines")
     if not 0 <= args.node_rank < max(args.nnodes, 1):
         problems.append(f"--node-rank {args.node_rank}: give 0 to {args.nnodes - 1}")
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        problems.append(
+            f"--master-port {args.master_port}: give a TCP port from 1 to 65535 (leave it out "
+            f"for any free port on one machine, {DEFAULT_PORT} on several)"
+        )
     if problems:
         raise RunError("; ".join(problems), fix="see lorakit run --help")
 
@@ -140,5 +151,5 @@ def resume_line(args: Any) -> str:
     line = ["lorakit", "run", str(args.recipe), *args.overrides, "--nproc", str(args.nproc or 1)]
     if args.nnodes > 1:
         line += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
-        line += ["--master-addr", args.master_addr, "--master-port", str(args.master_port or 29500)]
+        line += ["--master-addr", args.master_addr, "--master-port", str(master_port(args))]
     return shlex.join([*line, "--resume-from-checkpoint", "auto"])

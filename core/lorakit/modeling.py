@@ -183,17 +183,13 @@ def _linear_names(model: Any) -> list[str]:
 def _check_target_modules(model: Any, targets: Any) -> None:
     """Every name in a list of ``target_modules`` matches a module (as PEFT matches: the full
     name or its last dotted parts); PEFT itself only fails when none matches."""
+    from lorakit.target_modules import target_modules_error, unmatched
+
     if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT's rules
         return
-    names = [n for n, _ in model.named_modules()]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
-        raise ModelError(
-            f"{', '.join(map(repr, sorted(unmatched)))} in target_modules matches no module "
-            "of this model",
-            where="[peft].target_modules",
-            fix=f'use "all-linear" or some of: {", ".join(_linear_names(model))}',
-        )
+    missing = unmatched((n for n, _ in model.named_modules()), list(targets))
+    if missing:
+        raise target_modules_error(missing, _linear_names(model))
 
 
 def attach_new_adapter(

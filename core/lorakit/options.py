@@ -8,6 +8,10 @@ problems, each prefixed with its key path, so a recipe reports all mistakes at o
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +22,64 @@ import attrs
 from lorakit.errors import closest
 
 _MISSING = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class NestedProblem(ValueError, TypeError):
+    """A value inside an option's table is wrong: ``keys`` is its path below the option.
+
+    :func:`structure` reports it at the full key path (``[peft].rank_pattern.q_proj: ...``).
+    A ``TypeError`` (for :func:`convert`) and a ``ValueError`` (for validators) both.
+    """
+
+    def __init__(self, keys: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = keys
+        self.message = message
+
+
+class NotAString(TypeError):
+    """A string option got a TOML number, boolean or date: ``2024-01-01`` or ``123`` unquoted.
+    :func:`structure` adds how to quote it."""
+
+    def __init__(self, message: str, value: Any):
+        super().__init__(message)
+        self.value = value
+
+
+def _quote_hint(path: str, key: str, value: Any) -> str:
+    """How to write ``value`` as a string, in the recipe and as a command-line override."""
+    text = value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else _show(value)
+    override = f"{path.strip('[]')}.{key}"
+    return f'; quote it: {override}=\'"{text}"\' (in a recipe file: {key} = "{text}")'
+
+
+def key_path(keys: tuple[str, ...]) -> str:
+    """``keys`` as TOML writes a dotted key: bare where it can be, quoted where it must."""
+    return ".".join(k if _BARE_KEY.fullmatch(k) else json.dumps(k) for k in keys)
+
+
+def finite(_inst: Any, attribute: Any, value: float) -> None:
+    """A validator for a number option: refuses ``inf`` and ``nan`` (which TOML can spell)."""
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+
+
+def each_value(*validators: Any) -> Any:
+    """A validator for a table option that runs ``validators`` on each of its values; a value
+    they refuse is reported at its own key (``[peft].rank_pattern.q_proj: ...``)."""
+
+    def check(inst: Any, attribute: Any, value: Mapping[str, Any]) -> None:
+        for key, item in value.items():
+            for validator in validators:
+                try:
+                    validator(inst, attribute, item)
+                except NestedProblem as exc:
+                    raise NestedProblem((str(key), *exc.keys), exc.message) from exc
+                except (ValueError, TypeError) as exc:
+                    raise NestedProblem((str(key),), _validator_message(exc, item)) from exc
+
+    return check
 
 
 def option(
@@ -62,7 +124,9 @@ def describe_type(tp: Any) -> str:
         return "one of " + ", ".join(_show(a) for a in args)
     if origin in (list, tuple):
         return f"a list of {_plural(describe_type(args[0]))}" if args else "a list"
-    if origin in (dict, Mapping):
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if args[1:] and args[1] is not Any:
+            return f"a table of {_plural(describe_type(args[1]))}"
         return "a table"
     if origin in (Union, types.UnionType):
         parts = [describe_type(a) for a in args if a is not type(None)]
@@ -89,6 +153,9 @@ def _show(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list" if value else "[]"
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        kind = "date and time" if isinstance(value, datetime.datetime) else type(value).__name__
+        return f"{value.isoformat()} (a TOML {kind})"
     return repr(value)
 
 
@@ -116,21 +183,51 @@ def convert(value: Any, tp: Any) -> Any:
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             inner = args[0] if args else Any
-            return tuple(convert(v, inner) for v in value)
-    elif origin in (dict, Mapping):
+            try:
+                return tuple(convert(v, inner) for v in value)
+            except NotAString as exc:  # the quoting hint is for the option's own value
+                raise TypeError(str(exc)) from None
+    elif origin in (dict, Mapping) or tp in (dict, Mapping):
         if isinstance(value, Mapping):
-            return dict(value)
+            inner = args[1] if args[1:] else Any
+            out = {}
+            for key, item in value.items():
+                try:
+                    out[key] = convert(item, inner)
+                except NestedProblem as exc:
+                    raise NestedProblem((str(key), *exc.keys), exc.message) from exc
+                except TypeError as exc:
+                    raise NestedProblem((str(key),), str(exc)) from exc
+            return out
     elif origin in (Union, types.UnionType):
+        nested: NestedProblem | None = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return convert(value, arg)
+            except NestedProblem as exc:  # the table matched, a value inside it did not
+                nested = nested or exc
             except TypeError:
                 continue
+        if nested is not None:
+            raise nested
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise TypeError(f"expected {describe_type(tp)}, got {_show(value)}")
+    message = f"expected {describe_type(tp)}, got {_show(value)}"
+    if _takes_string(tp) and isinstance(value, _UNQUOTED):
+        raise NotAString(message, value)
+    raise TypeError(message)
+
+
+# what an unquoted override or TOML value becomes where a string was meant
+_UNQUOTED = (bool, int, float, datetime.date, datetime.time)
+
+
+def _takes_string(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
 
 
 def fields_of(cls: type) -> tuple[attrs.Attribute, ...]:
@@ -158,12 +255,21 @@ def structure(
         fld = flds[key]
         try:
             value = convert(value, fld.type)
+        except NestedProblem as exc:
+            problems.append(f"{path}.{key}.{key_path(exc.keys)}: {exc.message}")
+            continue
+        except NotAString as exc:
+            problems.append(f"{path}.{key}: {exc}{_quote_hint(path, key, exc.value)}")
+            continue
         except TypeError as exc:
             problems.append(f"{path}.{key}: {exc}")
             continue
         if fld.validator is not None:
             try:
                 fld.validator(None, fld, value)
+            except NestedProblem as exc:
+                problems.append(f"{path}.{key}.{key_path(exc.keys)}: {exc.message}")
+                continue
             except (ValueError, TypeError) as exc:
                 problems.append(f"{path}.{key}: {_validator_message(exc, value)}")
                 continue

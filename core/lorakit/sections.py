@@ -13,6 +13,7 @@ from typing import Literal
 import attrs
 from attrs import validators as v
 
+from lorakit.options import finite as _finite
 from lorakit.options import option
 
 Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
@@ -39,11 +40,6 @@ DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1}
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
-
-
-def _finite(_inst, attribute, value):
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
 
 
 def run_name_problem(value: str) -> str | None:
@@ -99,6 +95,16 @@ def _not_negative_count(_inst, attribute, value):
         raise ValueError(
             f"must be 0 or more, got {value}; leave it unset to score every example (0 scores none)"
         )
+
+
+def _at_least_one(unset: str):
+    """A validator for an optional count: 1 or more; its message says what unset means."""
+
+    def check(_inst, attribute, value):
+        if value < 1:
+            raise ValueError(f"must be 1 or more, got {value}; {unset}")
+
+    return check
 
 
 def _fraction(_inst, attribute, value):
@@ -170,10 +176,14 @@ class TrainSection:
     logging_steps: int = option(1, doc="log loss every N steps", validator=v.ge(1))
     save_steps: int = option(50, doc="write a checkpoint every N steps", validator=v.ge(1))
     save_total_limit: int | None = option(
-        None, doc="keep only the newest N checkpoints of this run (unset: keep all)"
+        None,
+        doc="keep only the newest N checkpoints of this run (unset: keep all)",
+        validator=v.optional(_at_least_one("leave it unset to keep every checkpoint")),
     )
     eval_steps: int | None = option(
-        None, doc="also evaluate val loss every N steps (unset: only at the end)"
+        None,
+        doc="also evaluate val loss every N steps (unset: only at the end)",
+        validator=v.optional(_at_least_one("leave it unset to evaluate only at the end")),
     )
     gradient_checkpointing: bool = option(
         False, doc="trade compute for memory (non-reentrant, safe with LoRA and DDP)"
@@ -341,6 +351,20 @@ class TrainSection:
         return out
 
 
+def _eval_splits(_inst, attribute, value):
+    bad = [s for s in value if s not in ("train", "val", "test")]
+    if bad:
+        raise ValueError(f"unknown split {bad[0]!r}; use train, val or test")
+    if not value:
+        raise ValueError(
+            'the list is empty; name the splits to score, e.g. ["val"] or ["val", "test"] '
+            "(eval.max_examples = 0 scores no example)"
+        )
+    twice = sorted({s for s in value if value.count(s) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice; list each split once")
+
+
 @attrs.frozen
 class EvalSection:
     metrics: list[str] | None = option(
@@ -348,7 +372,9 @@ class EvalSection:
         doc="metric plugins to compute (lorakit plugins); unset: the metrics that declare "
         "themselves the default (built in: eval_loss and perplexity)",
     )
-    splits: list[str] = option(factory=lambda: ("val",), doc="splits to evaluate: val and/or test")
+    splits: list[str] = option(
+        factory=lambda: ("val",), doc="splits to evaluate: val and/or test", validator=_eval_splits
+    )
     max_new_tokens: int = option(
         128, doc="generation budget for generation metrics", validator=v.ge(1)
     )
@@ -394,11 +420,6 @@ class EvalSection:
         validator=v.optional(v.ge(0)),
     )
     lm_eval_batch_size: int = option(8, doc="batch size for lm-eval requests", validator=v.ge(1))
-
-    def __attrs_post_init__(self) -> None:
-        bad = [s for s in self.splits if s not in ("train", "val", "test")]
-        if bad:
-            raise ValueError(f"splits: unknown split {bad[0]!r}; use train, val or test")
 
     def plain(self) -> dict[str, object]:
         """The section as resolved.json records it: without the lm-eval keys when no lm-eval

@@ -9,6 +9,7 @@ Token statistics need the model's tokenizer: it is read from a local folder with
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -27,6 +28,18 @@ from lorakit.secrets import credentials_warning, masked_keys
 from lorakit.session import open_session
 
 
+def _examples_to_show(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of examples: use 0 or more (0: show none)"
+        )
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="validate a recipe and its data without loading a model")
     add_recipe_args(p, "path to a TOML recipe, or an accelerate config (.yaml/.json) alone")
@@ -37,7 +50,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--show",
-        type=int,
+        type=_examples_to_show,
         default=0,
         metavar="N",
         help="print N formatted training examples with the supervised text marked",

@@ -31,6 +31,25 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_targets(plan) -> None:
+    """Refuse a target_modules name that matches no module of the config's layout, as
+    ``lorakit run`` refuses it once the model is loaded (where the layout is known)."""
+    from lorakit.target_modules import (
+        layout_linear_names,
+        layout_module_names,
+        target_modules_error,
+        unmatched,
+    )
+
+    targets = plan.inputs.targets
+    names = layout_module_names(plan.inputs.shape)
+    if names is None or isinstance(targets, str):  # an unknown layout; "all-linear"
+        return
+    missing = unmatched(names, targets)
+    if missing:
+        raise target_modules_error(missing, layout_linear_names())
+
+
 def run(args) -> int:
     from lorakit.memory_plan import gb
     from lorakit.preflight import (
@@ -46,6 +65,7 @@ def run(args) -> int:
     device, where, size = capacity(session.recipe, args.device_memory)
     plan, note = plan_recipe(session.recipe, session.components, device, read_data=not args.no_data)
     i, s = plan.inputs, plan.inputs.shape
+    _check_targets(plan)
     print(
         f"model: {s.model_type or 'decoder'} {s.layers} layers, hidden {s.hidden}, "
         f"intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads} kv, vocab {s.vocab}"

@@ -27,6 +27,16 @@ def reporting_skips(report: Callable[[str], None]) -> Iterator[None]:
         _SKIPS.reset(token)
 
 
+EMPTY_PATH_FIX = 'give a file or folder, relative to the recipe file ("." for its own folder)'
+
+
+def non_empty_path(_inst: object, attribute: object, value: str) -> None:
+    """A validator for a source's ``path`` option: an empty path is refused when the recipe is
+    checked (``resolve`` refuses it too, when the source reads)."""
+    if not value:
+        raise ValueError(f"the path is empty; {EMPTY_PATH_FIX}")
+
+
 def _not_a_file(path: Path) -> str | None:
     """What ``path`` is when it matched a glob but is not a regular file (never opened: a FIFO
     would block, a device never ends), or None for a regular file or a folder."""
@@ -61,7 +71,16 @@ def _skipped(path: Path, what: str) -> None:
         say(f"warning: {line}")
 
 
-def resolve(recipe_dir: Path, path: str) -> Path:
+def resolve(recipe_dir: Path, path: str, key: str = "path") -> Path:
+    """``path`` from the recipe, relative to the recipe file's folder. An empty path is refused:
+    ``Path("")`` is ``.``, so it would read the recipe's whole folder (run outputs included);
+    ``key`` names the option in that error."""
+    if not path:
+        raise DataError(
+            "the path is empty",
+            where=f"[data.sources].{key}",
+            fix=EMPTY_PATH_FIX,
+        )
     p = Path(path).expanduser()
     return p if p.is_absolute() else recipe_dir / p
 
@@ -75,7 +94,7 @@ def expand_files(
 ) -> list[Path]:
     """One file, or the files under a folder matching ``glob`` and no ``exclude`` pattern
     (:func:`matching_files`; sorted, so order is stable)."""
-    root = resolve(recipe_dir, path)
+    root = resolve(recipe_dir, path, key)
     if root.is_file():
         return [root]
     refuse_special(root, key)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import validators as v
-from lorakit.api import RegisterPeftMethod, hookimpl, option
+from lorakit.api import RegisterPeftMethod, each_value, finite, hookimpl, option
 
 
 def _targets(_inst, _attr, value):
@@ -31,6 +31,12 @@ def _targets(_inst, _attr, value):
         )
 
 
+def _at_least_one(_inst, _attr, value):
+    # a rank or alpha in rank_pattern / alpha_pattern: the range r and alpha have
+    if value < 1:
+        raise ValueError(f"must be 1 or more (like r and alpha), got {value}")
+
+
 @attrs.frozen
 class LoraOptions:
     r: int = option(16, doc="adapter rank; higher: more capacity, more memory", validator=v.ge(1))
@@ -40,7 +46,9 @@ class LoraOptions:
         validator=v.ge(1),
     )
     dropout: float = option(
-        0.05, doc="dropout on the adapter input during training", validator=[v.ge(0.0), v.lt(1.0)]
+        0.05,
+        doc="dropout on the adapter input during training",
+        validator=[finite, v.ge(0.0), v.lt(1.0)],
     )
     target_modules: str | list[str] = option(
         "all-linear",
@@ -86,17 +94,19 @@ class LoraOptions:
         0.0,
         doc="LoRA+: B's learning rate is this many times A's (the paper suggests 16); "
         "0: one learning rate",
-        validator=v.ge(0.0),
+        validator=[finite, v.ge(0.0)],
         recorded_when_set=True,
     )
     rank_pattern: dict[str, int] = option(
         factory=dict,
         doc='per-module rank overriding r, by name or regex: {"q_proj" = 32}',
+        validator=each_value(_at_least_one),
         recorded_when_set=True,
     )
     alpha_pattern: dict[str, int] = option(
         factory=dict,
         doc='per-module alpha overriding alpha, by name or regex: {"q_proj" = 64}',
+        validator=each_value(_at_least_one),
         recorded_when_set=True,
     )
     modules_to_save: list[str] = option(
@@ -127,10 +137,6 @@ class LoraOptions:
                 f"lora_plus_ratio = {self.lora_plus_ratio}: LoRA+ trains B faster than A; "
                 "use 0 (off) or a ratio of at least 1 (16 in the paper)"
             )
-        for key in ("rank_pattern", "alpha_pattern"):
-            for name, value in getattr(self, key).items():
-                if value < 1:
-                    raise ValueError(f"{key}.{name} = {value}: expected an integer of at least 1")
         if (
             (self.init in REWRITES_BASE or self.loftq_iter > 1)
             and self.use_rslora

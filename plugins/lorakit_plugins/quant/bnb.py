@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
-from lorakit.api import DtypeName, RegisterQuantizer, dtype_from_name, hookimpl, option
+from attrs import validators as v
+from lorakit.api import DtypeName, RegisterQuantizer, dtype_from_name, finite, hookimpl, option
 
 
 def _pin_4bit_layers(model: Any) -> None:
@@ -133,7 +134,11 @@ class Bnb4bit:
 
 @attrs.frozen
 class Bnb8bitOptions:
-    threshold: float = option(6.0, doc="LLM.int8() outlier threshold")
+    threshold: float = option(
+        6.0,
+        doc="LLM.int8() outlier threshold (0: no outlier decomposition)",
+        validator=[finite, v.ge(0.0)],
+    )
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto",
         doc="dtype of the non-quantized parts; auto: bf16 where measured fast, else fp32 (CPU) "

@@ -22,6 +22,7 @@ from lorakit.api import (
     expand_files,
     hookimpl,
     iter_json_lines,
+    non_empty_path,
     option,
     parse_meta,
 )
@@ -37,7 +38,10 @@ from lorakit_plugins.sources._messages import (
 
 @attrs.frozen
 class ChatJsonlOptions:
-    path: str = option(doc="a .jsonl file, or a folder of them (relative to the recipe file)")
+    path: str = option(
+        doc="a .jsonl file, or a folder of them (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     glob: str = option("**/*.jsonl", doc="which files to read when path is a folder")
     tools: str = option(
         "", doc="a JSON file listing the tools of every conversation without its own tools"

@@ -115,7 +115,8 @@ class HfDatasetSource:
 
     def __init__(self, options: HfDatasetOptions):
         self.options = options
-        self.turns = ShareGptSource(ShareGptOptions(path="", roles=dict(options.roles)))
+        # sharegpt's turn parser for messages_column; its path is never read here
+        self.turns = ShareGptSource(ShareGptOptions(path=".", roles=dict(options.roles)))
         self.builder = ""  # the builder that read the data files ("" for the Hub or a folder)
 
     @property

@@ -28,6 +28,7 @@ from lorakit.api import (
     expand_files,
     hookimpl,
     iter_json_lines,
+    non_empty_path,
     option,
     parse_meta,
 )
@@ -44,7 +45,10 @@ def content_id(instruction: str, input_: str, output: str, system: str = "") -> 
 
 @attrs.frozen
 class InstructionJsonlOptions:
-    path: str = option(doc="a .jsonl file, or a folder of them (relative to the recipe file)")
+    path: str = option(
+        doc="a .jsonl file, or a folder of them (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     glob: str = option("**/*.jsonl", doc="which files to read when path is a folder")
     input_separator: str = option("\n\n", doc="text between the instruction and the input")
     strict: bool = option(True, doc="fields outside the schema are an error (false: ignored)")

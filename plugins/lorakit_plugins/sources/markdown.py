@@ -39,6 +39,7 @@ from lorakit.api import (
     YamlRefused,
     hookimpl,
     matching_files,
+    non_empty_path,
     option,
     read_text_file,
     refuse_special,
@@ -109,7 +110,10 @@ def split_front_matter(text: str) -> tuple[str | None, str]:
 
 @attrs.frozen
 class MarkdownOptions:
-    path: str = option(doc="a folder of markdown files, or one file (relative to the recipe file)")
+    path: str = option(
+        doc="a folder of markdown files, or one file (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     include: list[str] = option(
         factory=lambda: ("**/*.md", "**/*.markdown"), doc="globs of files to read, under path"
     )

@@ -38,6 +38,7 @@ from lorakit.api import (
     expand_files,
     hookimpl,
     iter_json_lines,
+    non_empty_path,
     option,
     parse_meta,
 )
@@ -49,7 +50,10 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 @attrs.frozen
 class PreferenceJsonlOptions:
-    path: str = option(doc="a .jsonl file, or a folder of them (relative to the recipe file)")
+    path: str = option(
+        doc="a .jsonl file, or a folder of them (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     glob: str = option("**/*.jsonl", doc="which files to read when path is a folder")
 
 

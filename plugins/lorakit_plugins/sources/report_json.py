@@ -43,6 +43,7 @@ from lorakit.api import (
     expand_files,
     hookimpl,
     loads_strict,
+    non_empty_path,
     option,
     parse_meta,
     read_text_file,
@@ -56,7 +57,10 @@ def render_report(sections: list[tuple[str, str]]) -> str:
 
 @attrs.frozen
 class ReportJsonOptions:
-    path: str = option(doc="a .json report, or a folder of them (relative to the recipe file)")
+    path: str = option(
+        doc="a .json report, or a folder of them (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     glob: str = option("**/*.json", doc="which files to read when path is a folder")
     sections: list[str] = option(
         factory=tuple, doc='section names to keep, e.g. ["INTRODUCTION", "RESULTS"] (empty: all)'

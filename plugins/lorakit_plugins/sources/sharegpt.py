@@ -35,6 +35,7 @@ from lorakit.api import (
     hookimpl,
     iter_json_lines,
     loads_strict,
+    non_empty_path,
     option,
     parse_meta,
     read_text_file,
@@ -85,7 +86,10 @@ def _roles(_inst: Any, _attr: Any, value: dict[str, str]) -> None:
 
 @attrs.frozen
 class ShareGptOptions:
-    path: str = option(doc="a .json/.jsonl file, or a folder of them (relative to the recipe file)")
+    path: str = option(
+        doc="a .json/.jsonl file, or a folder of them (relative to the recipe file)",
+        validator=non_empty_path,
+    )
     glob: str = option("**/*.json*", doc="which files to read when path is a folder")
     conversations_key: str = option(
         "auto", doc='the list of turns ("auto": conversations, else messages)'
