@@ -104,3 +104,20 @@ def test_check_show_takes_a_count_of_zero_or_more(cli, tmp_path, chat_file, coun
     code, out, err = cli("check", recipe, "--show", count)
     assert code == 2 and "Traceback" not in err and not out
     assert f"argument --show: '{count}' is not a number of examples: use 0 or more" in err
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """``lorakit plugins | head -1``: the pipe closes before lorakit has written everything;
+    that ends lorakit quietly (141, as a shell reports SIGPIPE), not with a traceback."""
+    main = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", main, "plugins"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before lorakit writes its first line (it is still importing)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err

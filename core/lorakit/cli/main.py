@@ -102,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not exc.fix and not getattr(exc, "problems", None):
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader of stdout went away (lorakit plan RECIPE | head): no traceback; point
+        # stdout at /dev/null so the interpreter's own flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as exc:
         from lorakit.diskfull import is_disk_full
 
