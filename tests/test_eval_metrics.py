@@ -113,6 +113,34 @@ def test_rouge_l(catalog):
     assert m.score(["x y", "a b"], ["x y", "c d"], [True, True]) == pytest.approx(0.5)
 
 
+def test_rouge_l_ascii_scores_are_rouge_scores_own(catalog):
+    """Punctuation and ``_`` separate words and are not tokens, as in rouge-score's tokenizer."""
+    m, stemmed = metric(catalog, "rouge_l"), metric(catalog, "rouge_l", use_stemmer=True)
+    pred, ref = "The cats were running, fast!", "the cat runs fast"
+    # LCS "the fast": P = 2/5, R = 2/4 -> F = 4/9; stemmed, "the cat run fast": P = 4/5, R = 1
+    assert m.score([pred], [ref], [True]) == pytest.approx(4 / 9)
+    assert stemmed.score([pred], [ref], [True]) == pytest.approx(8 / 9)
+    assert m.score(["don't_stop me-now"], ["Don't stop me now."], [True]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "text", ["東京は日本の首都です", "Привет мир", "नमस्ते दुनिया", "naïve café", "서울은 수도다"]
+)
+def test_rouge_l_scores_identical_text_1_in_any_script(catalog, text):
+    """rouge-score's own tokenizer keeps only [a-z0-9]: these all scored 0 against themselves."""
+    for m in (metric(catalog, "rouge_l"), metric(catalog, "rouge_l", use_stemmer=True)):
+        assert m.score([text], [text], [True]) == 1.0
+
+
+def test_rouge_l_matches_chinese_and_japanese_by_character(catalog):
+    from lorakit_plugins.metrics.rouge_l import words
+
+    assert words("東京は首都 Tokyo, café") == ["東", "京", "は", "首", "都", "tokyo", "café"]
+    # 8 of the reference's 10 characters, in order: P = 1, R = 0.8 -> F = 8/9
+    got = metric(catalog, "rouge_l").score(["東京は日本の首都"], ["東京は日本の首都です"], [True])
+    assert got == pytest.approx(8 / 9)
+
+
 def test_bleu(catalog):
     m = metric(catalog, "bleu")
     same = "the quick brown fox jumps over the lazy dog"
