@@ -144,11 +144,25 @@ def test_rouge_l_matches_chinese_and_japanese_by_character(catalog):
 def test_bleu(catalog):
     m = metric(catalog, "bleu")
     same = "the quick brown fox jumps over the lazy dog"
-    assert m.score([same], [same], [True]) == pytest.approx(1.0)
+    assert m.score([same], [same], [True]) == 1.0
     assert m.score(["completely unrelated words here"], [same], [True]) == pytest.approx(0.0)
     # 4 of 5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams, no brevity penalty (5 vs 5)
     got = m.score(["a b c d x"], ["a b c d e"], [True])
     assert got == pytest.approx((0.8 * 0.75 * (2 / 3) * 0.5) ** 0.25, rel=1e-6)
+    # corpus statistics, pooled over both: 13/14, 11/12, 9/10, 7/8 (unchanged by effective order)
+    got = m.score([same, "a b c d x"], [same, "a b c d e"], [True] * 2)
+    assert got == pytest.approx((13 / 14 * 11 / 12 * 9 / 10 * 7 / 8) ** 0.25, rel=1e-9)
+
+
+def test_bleu_of_a_perfect_model_on_short_answers_is_1(catalog):
+    """With no 4-gram in any prediction plain BLEU was 0 (log of 0/0), whatever the model said."""
+    m = metric(catalog, "bleu")
+    assert m.score(["the red car"], ["the red car"], [True]) == 1.0
+    assert m.score(["red", "yes"], ["red", "yes"], [True, True]) == 1.0
+    # unigrams 3/3, bigrams 1/1, no trigram in the predictions; brevity penalty exp(1 - 4/3)
+    got = m.score(["red car", "yes"], ["the red car", "yes"], [True, True])
+    assert got == pytest.approx(math.exp(1 - 4 / 3), rel=1e-9)
+    assert m.score(["red", "blue"], ["red", "green"], [True, True]) == pytest.approx(0.5)
 
 
 def test_stops(catalog):
