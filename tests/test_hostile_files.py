@@ -78,6 +78,13 @@ def test_generate_file_not_utf_8_after_a_byte_order_mark_names_the_byte(tmp_path
         '{"results": [{"split": "val", "metrics": {"eval_loss": [1]}}]}',
         '{"results": [{"split": "val", "metrics": {"eval_loss": true}}]}',
         '{"results": [], "metric_kinds": []}',
+        # the fields a row is named and told apart by: a TypeError traceback in compare
+        '{"run": "a", "results": [{"model": 5, "adapter": null, "split": "val", "metrics": {}}]}',
+        '{"results": [{"model": "m", "adapter": ["x"], "split": "val", "metrics": {"m": 1}}]}',
+        '{"results": [{"model": "m", "split": 3, "metrics": {"m": 1.0}}]}',
+        '{"results": [{"model": "m", "split": "val", "role": {}, "metrics": {}}]}',
+        '{"run": 7, "results": [{"model": "m", "split": "val", "metrics": {}}]}',
+        '{"baseline_key": [1], "results": [{"model": "m", "split": "val", "metrics": {}}]}',
     ],
 )
 def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):
