@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from lorakit.catalog import build_catalog, make_manager
@@ -104,6 +105,17 @@ def test_token_f1(catalog):
     # pred tokens: the cat sat (3); ref: the cat sat down (4); common 3 -> P=1, R=.75, F1=6/7
     assert m.score(["The cat sat"], ["the cat sat down"], [True]) == pytest.approx(6 / 7)
     assert m.score(["", "x"], ["", "y"], [True, True]) == pytest.approx(0.5)
+
+
+def test_token_f1_is_not_squad_normalised(catalog):
+    """What docs/evaluation.md says of it: punctuation is a token and articles are kept."""
+    m = metric(catalog, "token_f1")
+    # the cat . vs cat: P = 1/3, R = 1 -> F1 = 0.5 (SQuAD's normalisation would give 1)
+    assert m.score(["The cat."], ["cat"], [True]) == pytest.approx(0.5)
+    assert m.score(["a dog"], ["the dog"], [True]) == pytest.approx(0.5)
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    (row,) = [line for line in doc.splitlines() if line.startswith("| `token_f1` |")]
+    assert "SQuAD-style" not in row and "`The cat.` against `cat` is 0.5" in row
 
 
 def test_rouge_l(catalog):
