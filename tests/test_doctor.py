@@ -100,6 +100,31 @@ def test_doctor_cli_writes_a_golden_record_and_uses_the_newest_one(tmp_path, mon
     assert code == 0 and "no golden record for lorakit" in out and "doctor-0.0.9.json" in out
 
 
+def test_doctor_json_prints_one_json_document_and_the_lines_on_stderr(tmp_path, monkeypatch, cli):
+    """With --json the step lines and the verdict went to stdout after the record: not JSON."""
+    monkeypatch.setattr(doctor, "GOLDEN_DIR", tmp_path)
+    (tmp_path / f"doctor-{__version__}.json").write_text(json.dumps(golden()))
+    monkeypatch.setattr(doctor, "micro_run", lambda log=None: drifted(golden()))
+    code, out, err = cli("doctor", "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert data["steps"] == drifted(golden())["steps"]
+    verdict = data["verdict"]
+    assert verdict["ok"] is False and verdict["golden"] == f"doctor-{__version__}.json"
+    assert len(verdict["problems"]) == doctor.STEPS
+    installed = golden()["versions"]["transformers"]
+    assert verdict["changed_versions"] == {
+        "transformers": {"recorded": installed, "installed": "4.57.1"}
+    }
+    assert "DRIFT" in err and "step 1 loss" in err
+    monkeypatch.setattr(doctor, "micro_run", lambda log=None: golden())
+    code, out, err = cli("doctor", "--json")
+    assert code == 0 and json.loads(out)["verdict"]["ok"] is True and "ok: " in err
+    monkeypatch.setattr(doctor, "micro_run", lambda log=None: {**golden(), "lorakit": "0.0.8"})
+    code, out, _ = cli("doctor", "--json", "--write-golden")
+    assert code == 0 and json.loads(out)["golden_written"] == str(tmp_path / "doctor-0.0.8.json")
+
+
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_the_micro_run_on_this_stack_matches_the_golden_record():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from lorakit.catalog import build_catalog, make_manager
@@ -106,6 +107,17 @@ def test_token_f1(catalog):
     assert m.score(["", "x"], ["", "y"], [True, True]) == pytest.approx(0.5)
 
 
+def test_token_f1_is_not_squad_normalised(catalog):
+    """What docs/evaluation.md says of it: punctuation is a token and articles are kept."""
+    m = metric(catalog, "token_f1")
+    # the cat . vs cat: P = 1/3, R = 1 -> F1 = 0.5 (SQuAD's normalisation would give 1)
+    assert m.score(["The cat."], ["cat"], [True]) == pytest.approx(0.5)
+    assert m.score(["a dog"], ["the dog"], [True]) == pytest.approx(0.5)
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    (row,) = [line for line in doc.splitlines() if line.startswith("| `token_f1` |")]
+    assert "SQuAD-style" not in row and "`The cat.` against `cat` is 0.5" in row
+
+
 def test_rouge_l(catalog):
     m = metric(catalog, "rouge_l")
     # LCS of "a b c d" and "a c d e" is "a c d": P = R = 3/4 -> F = 0.75
@@ -113,14 +125,56 @@ def test_rouge_l(catalog):
     assert m.score(["x y", "a b"], ["x y", "c d"], [True, True]) == pytest.approx(0.5)
 
 
+def test_rouge_l_ascii_scores_are_rouge_scores_own(catalog):
+    """Punctuation and ``_`` separate words and are not tokens, as in rouge-score's tokenizer."""
+    m, stemmed = metric(catalog, "rouge_l"), metric(catalog, "rouge_l", use_stemmer=True)
+    pred, ref = "The cats were running, fast!", "the cat runs fast"
+    # LCS "the fast": P = 2/5, R = 2/4 -> F = 4/9; stemmed, "the cat run fast": P = 4/5, R = 1
+    assert m.score([pred], [ref], [True]) == pytest.approx(4 / 9)
+    assert stemmed.score([pred], [ref], [True]) == pytest.approx(8 / 9)
+    assert m.score(["don't_stop me-now"], ["Don't stop me now."], [True]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "text", ["東京は日本の首都です", "Привет мир", "नमस्ते दुनिया", "naïve café", "서울은 수도다"]
+)
+def test_rouge_l_scores_identical_text_1_in_any_script(catalog, text):
+    """rouge-score's own tokenizer keeps only [a-z0-9]: these all scored 0 against themselves."""
+    for m in (metric(catalog, "rouge_l"), metric(catalog, "rouge_l", use_stemmer=True)):
+        assert m.score([text], [text], [True]) == 1.0
+
+
+def test_rouge_l_matches_chinese_and_japanese_by_character(catalog):
+    from lorakit_plugins.metrics.rouge_l import words
+
+    assert words("東京は首都 Tokyo, café") == ["東", "京", "は", "首", "都", "tokyo", "café"]
+    # 8 of the reference's 10 characters, in order: P = 1, R = 0.8 -> F = 8/9
+    got = metric(catalog, "rouge_l").score(["東京は日本の首都"], ["東京は日本の首都です"], [True])
+    assert got == pytest.approx(8 / 9)
+
+
 def test_bleu(catalog):
     m = metric(catalog, "bleu")
     same = "the quick brown fox jumps over the lazy dog"
-    assert m.score([same], [same], [True]) == pytest.approx(1.0)
+    assert m.score([same], [same], [True]) == 1.0
     assert m.score(["completely unrelated words here"], [same], [True]) == pytest.approx(0.0)
     # 4 of 5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams, no brevity penalty (5 vs 5)
     got = m.score(["a b c d x"], ["a b c d e"], [True])
     assert got == pytest.approx((0.8 * 0.75 * (2 / 3) * 0.5) ** 0.25, rel=1e-6)
+    # corpus statistics, pooled over both: 13/14, 11/12, 9/10, 7/8 (unchanged by effective order)
+    got = m.score([same, "a b c d x"], [same, "a b c d e"], [True] * 2)
+    assert got == pytest.approx((13 / 14 * 11 / 12 * 9 / 10 * 7 / 8) ** 0.25, rel=1e-9)
+
+
+def test_bleu_of_a_perfect_model_on_short_answers_is_1(catalog):
+    """With no 4-gram in any prediction plain BLEU was 0 (log of 0/0), whatever the model said."""
+    m = metric(catalog, "bleu")
+    assert m.score(["the red car"], ["the red car"], [True]) == 1.0
+    assert m.score(["red", "yes"], ["red", "yes"], [True, True]) == 1.0
+    # unigrams 3/3, bigrams 1/1, no trigram in the predictions; brevity penalty exp(1 - 4/3)
+    got = m.score(["red car", "yes"], ["the red car", "yes"], [True, True])
+    assert got == pytest.approx(math.exp(1 - 4 / 3), rel=1e-9)
+    assert m.score(["red", "blue"], ["red", "green"], [True, True]) == pytest.approx(0.5)
 
 
 def test_stops(catalog):

@@ -216,3 +216,93 @@ def test_a_metric_plugin_that_fails_is_named_not_a_traceback():
     ) as err:
         _score("bad", Bad(), 1.0, 1)
     assert err.value.where == "[eval].metrics"
+
+
+def _strict_json(text: str):
+    """JSON as every other reader takes it: the bare tokens NaN and Infinity are not JSON."""
+
+    def refuse(token: str):
+        raise AssertionError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _write_nan(folder: Path) -> None:
+    metrics = build_metrics(default_catalog(), EvalSection(metrics=["eval_loss", "json_match"]))
+    info = {"run": "r", "model": "tiny", "adapter": None, "config_hash": "h"}
+    info |= {"data_fingerprint": "f", "baseline_key": "k"}
+    nan = float("nan")
+    base = [_result(["a", "b"], [True, True], {"eval_loss": nan, "json_match": float("inf")})]
+    write_outputs(folder, info, [_set()], metrics, base, None, 1.0)
+
+
+def test_reports_and_compare_write_nan_as_null(tmp_path, cli):
+    """``nan`` (nothing scored) went out as the bare token NaN, which is not JSON."""
+    _write_nan(tmp_path / "runs" / "r")
+    text = (tmp_path / "runs" / "r" / "eval_report.json").read_text()
+    assert _strict_json(text)["results"][0]["metrics"] == {"eval_loss": None, "json_match": None}
+    code, out, err = cli("compare", tmp_path / "runs", "--json")
+    assert code == 0, err
+    assert _strict_json(out)[0]["metrics"] == {"eval_loss": None, "json_match": None}
+    code, out, err = cli("compare", tmp_path / "runs")
+    assert code == 0, err
+    assert "| r | tiny | (base) | val | 2 |  |  |" in out, out
+
+
+def test_compare_json_of_a_report_written_with_nan_tokens_is_json(tmp_path, cli):
+    """Reports written before NaN became null are still read; compare prints null for them."""
+    (tmp_path / "r").mkdir()
+    report = {"run": "r", "results": [{"model": "m", "adapter": None, "split": "val"}]}
+    report["results"][0]["metrics"] = {"eval_loss": float("nan"), "stops": 0.5}
+    (tmp_path / "r" / "eval_report.json").write_text(json.dumps(report))
+    code, out, err = cli("compare", tmp_path, "--json")
+    assert code == 0, err
+    assert _strict_json(out)[0]["metrics"] == {"eval_loss": None, "stops": 0.5}
+
+
+def test_a_null_metric_read_back_is_nan_again(tmp_path):
+    """The readers of a report (baseline reuse, sweeps, loggers) take null as they took NaN."""
+    import math
+
+    from lorakit.evaluation.canary import cached_canary
+    from lorakit.evaluation.evaluate import cached_results
+    from lorakit.evaluation.harness import HarnessScores, cached_harness
+    from lorakit.sweep import metric_value
+    from lorakit.tracking import final_metrics
+
+    report = {
+        "results": [
+            {"model": "m", "adapter": None, "split": "val", "metrics": {"json_match": None}},
+            {"model": "m", "adapter": None, "split": "general", "metrics": {"general_loss": None}},
+            {"model": "m", "adapter": None, "split": "lm_eval/t", "metrics": {"acc": None}},
+            {"model": "m", "adapter": "a", "split": "val", "metrics": {"json_match": None}},
+        ],
+        "canary": {"digest": "c"},
+        "lm_eval": {"digest": "h", "higher_is_better": {"acc": True}},
+    }
+    for r in report["results"]:
+        r["counts"] = {"examples": 2}
+    (base,) = cached_results(report, [], [_set()])
+    assert math.isnan(base.metrics["json_match"])
+    assert math.isnan(cached_canary(report, "c")["general_loss"])
+    harness = cached_harness(report, "h")
+    assert math.isnan(harness["t"]["metrics"]["acc"])
+    scores = HarnessScores(None, "0", harness, None)  # type: ignore[arg-type]
+    assert scores.kinds() == ({"acc": "generation"}, {"acc": True})
+    assert all(math.isnan(v) for v in final_metrics(report).values())
+    assert len(final_metrics(report)) == 4
+    (tmp_path / "eval_report.json").write_text(json.dumps(report))
+    assert math.isnan(metric_value(tmp_path, "json_match", "val"))
+
+
+def test_metrics_jsonl_writes_a_diverged_loss_as_null(tmp_path):
+    from lorakit.evaluation.plot import read_curves
+    from lorakit.tracking import Loggers
+
+    loggers = Loggers(say=print)
+    loggers.metrics_file = tmp_path / "metrics.jsonl"
+    loggers.log_metrics(1, {"loss": 2.0, "grad_norm": float("inf")})
+    loggers.log_metrics(2, {"loss": float("nan"), "grad_norm": 1.0})
+    rows = [_strict_json(line) for line in loggers.metrics_file.read_text().splitlines()]
+    assert [(r["loss"], r["grad_norm"]) for r in rows] == [(2.0, None), (None, 1.0)]
+    assert read_curves(loggers.metrics_file) == ([(1, 2.0)], [])

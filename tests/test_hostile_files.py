@@ -33,6 +33,39 @@ def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        # a byte-order mark (Notepad): it went into the first prompt, or was refused as
+        # "Unexpected UTF-8 BOM" with no fix
+        ("p.txt", b"\xef\xbb\xbfhello\r\nworld\n", ["hello", "world"]),
+        ("p.jsonl", b'\xef\xbb\xbf{"messages": [{"role": "user", "content": "hi"}]}\n', ["hi"]),
+        # U+2028 is valid inside a JSON string; splitlines() cut the line there
+        ("p.jsonl", '{"prompt": "a\u2028b\u2029c\x85d"}\n'.encode(), ["a\u2028b\u2029c\x85d"]),
+        ("p.txt", "a\u2028b\n".encode(), ["a\u2028b"]),
+    ],
+)
+def test_generate_file_reads_byte_order_marks_and_unicode_separators(
+    name, content, expected, tmp_path
+):
+    from lorakit.generation import read_prompts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    prompts = read_prompts([], path)
+    assert [p.messages[-1].content for p in prompts] == expected
+
+
+def test_generate_file_not_utf_8_after_a_byte_order_mark_names_the_byte(tmp_path):
+    from lorakit.errors import DataError
+    from lorakit.generation import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfab\xff\n")
+    with pytest.raises(DataError, match="not UTF-8 \\(byte 5\\)"):
+        read_prompts([], path)
+
+
+@pytest.mark.parametrize(
     "content",
     [
         "{not json",
@@ -45,6 +78,13 @@ def test_generate_file_that_is_not_a_text_file_says_what_it_is(kind, tmp_path):
         '{"results": [{"split": "val", "metrics": {"eval_loss": [1]}}]}',
         '{"results": [{"split": "val", "metrics": {"eval_loss": true}}]}',
         '{"results": [], "metric_kinds": []}',
+        # the fields a row is named and told apart by: a TypeError traceback in compare
+        '{"run": "a", "results": [{"model": 5, "adapter": null, "split": "val", "metrics": {}}]}',
+        '{"results": [{"model": "m", "adapter": ["x"], "split": "val", "metrics": {"m": 1}}]}',
+        '{"results": [{"model": "m", "split": 3, "metrics": {"m": 1.0}}]}',
+        '{"results": [{"model": "m", "split": "val", "role": {}, "metrics": {}}]}',
+        '{"run": 7, "results": [{"model": "m", "split": "val", "metrics": {}}]}',
+        '{"baseline_key": [1], "results": [{"model": "m", "split": "val", "metrics": {}}]}',
     ],
 )
 def test_compare_names_a_malformed_eval_report(content, tmp_path, cli):

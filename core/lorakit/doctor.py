@@ -34,7 +34,8 @@ import attrs
 
 from lorakit import __version__
 from lorakit.errors import RunError
-from lorakit.rundir import read_json, stack_versions, version_changes
+from lorakit.evaluation.numbers import nan_for_null
+from lorakit.rundir import json_text, read_json, stack_versions, version_changes
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
@@ -146,8 +147,8 @@ def micro_run(log: Callable[[str], None] | None = None) -> dict[str, Any]:
                     log(line)
         seconds = time.perf_counter() - started
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-        steps = [
-            {"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"]}
+        steps = [  # null: a NaN or infinity (metrics.jsonl writes them so), compared as NaN
+            {"step": r["step"], **nan_for_null({"loss": r["loss"], "grad_norm": r["grad_norm"]})}
             for r in rows
             if "loss" in r and "grad_norm" in r
         ]
@@ -262,5 +263,5 @@ def write_golden(record: dict[str, Any], folder: Path | None = None) -> Path:
     folder = folder or GOLDEN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"doctor-{record['lorakit']}.json"
-    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(json_text(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

@@ -10,6 +10,7 @@ the base model too.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -67,7 +68,12 @@ MAX_PROMPT_FILE = 64 * 2**20  # prompts, not a data set: `lorakit eval` scores f
 
 
 def _prompt_lines(file: Path) -> list[str]:
-    """The lines of ``--file``; a FIFO or device (``/dev/zero``) is refused without being read."""
+    """The lines of ``--file``; a FIFO or device (``/dev/zero``) is refused without being read.
+
+    A UTF-8 byte-order mark (Windows editors write one) is dropped, not read into the first
+    prompt or refused by the JSON parser. Lines end at a line feed (read in text mode, CR LF and
+    CR are one) and nowhere else: JSON allows U+2028, U+2029 and the other characters
+    ``str.splitlines`` also splits at inside a string."""
     fix = "pass a regular text or .jsonl file to --file"
     if not file.exists():
         raise DataError(f"prompt file {file} does not exist", fix=fix)
@@ -80,11 +86,14 @@ def _prompt_lines(file: Path) -> list[str]:
             fix="generate for fewer prompts at a time, or score a data set with lorakit eval",
         )
     try:
-        return file.read_text(encoding="utf-8").splitlines()
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
+        with file.open("rb") as f:  # the decoder counts from after the mark
+            at = exc.start + (len(codecs.BOM_UTF8) if f.read(3) == codecs.BOM_UTF8 else 0)
         raise DataError(
-            f"prompt file {file} is not UTF-8 (byte {exc.start})", fix="save it as UTF-8"
+            f"prompt file {file} is not UTF-8 (byte {at})", fix="save it as UTF-8"
         ) from None
+    return text.split("\n")
 
 
 def read_prompts(prompts: list[str], file: Path | None) -> list[Prompt]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -71,10 +72,30 @@ STACK = (
 )
 
 
+def finite(data: Any) -> Any:
+    """``data`` with every NaN and infinity (in dicts, lists and tuples) as None: JSON has no
+    such numbers, and ``json.dumps`` would write the bare tokens ``NaN`` / ``Infinity`` that
+    other JSON readers (jq, JavaScript, most languages) refuse. A reader of lorakit's files
+    takes null where a number belongs as "not a number" (``evaluation.numbers.nan_for_null``)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def json_text(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``data`` that is valid JSON: non-finite numbers written as null."""
+    return json.dumps(finite(data), allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a killed process never leaves half a file), secrets masked
-    (``lorakit.secrets.mask``: overrides and settings may carry URL credentials)."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    (``lorakit.secrets.mask``: overrides and settings may carry URL credentials); NaN and
+    infinities as null (:func:`finite`)."""
+    text = json_text(data, indent=2, sort_keys=False, default=str)
     write_text(path, mask(text) + "\n")
 
 

@@ -25,6 +25,7 @@ from lorakit.catalog import Entry
 from lorakit.components import Components, SourceComponent
 from lorakit.contracts import SPLITS, Example
 from lorakit.errors import RecipeError, RunError
+from lorakit.evaluation.numbers import nan_for_null
 from lorakit.recipe import Recipe
 from lorakit.rundir import read_json
 from lorakit.session import open_session
@@ -212,7 +213,8 @@ def metric_value(run_dir: Path, metric: str, split: str) -> float:
     for res in report.get("results", []):
         tuned = res.get("adapter") and not res.get("role")
         if tuned and res.get("split") == split and metric in res.get("metrics", {}):
-            return float(res["metrics"][metric])
+            # null: written for NaN (nothing scored); Optuna takes a NaN value as a failed trial
+            return float(nan_for_null(res["metrics"])[metric])
     raise RunError(
         f"{run_dir / 'eval_report.json'} has no {metric} for the tuned model on {split}",
         fix="check [eval] metrics and splits",

@@ -4,13 +4,13 @@ its pruner and sampler, the loop that runs trials until the study has enough, th
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from lorakit.errors import LorakitError, RunError
+from lorakit.rundir import json_text
 from lorakit.sweep import Sweep, loss_in_direction, objective, prepare
 
 
@@ -133,7 +133,7 @@ def ranking(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
         return (order.get(r["state"], 2), 0, sign * value, r["trial"])
 
     ranked = sorted(rows, key=key)
-    (sweep.folder / "sweep.json").write_text(json.dumps(ranked, indent=2) + "\n")
+    (sweep.folder / "sweep.json").write_text(json_text(ranked, indent=2) + "\n")
     return ranked
 
 

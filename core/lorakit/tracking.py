@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.contracts import LogRun
-from lorakit.rundir import RunDir, flatten_keys, read_json, stack_versions
+from lorakit.evaluation.numbers import nan_for_null
+from lorakit.rundir import RunDir, flatten_keys, json_text, read_json, stack_versions
 
 if TYPE_CHECKING:
     from lorakit.recipe import Recipe
@@ -43,7 +44,7 @@ def final_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for result in report.get("results", []):
         label = "base" if result.get("adapter") is None else "tuned"
-        for name, value in (result.get("metrics") or {}).items():
+        for name, value in nan_for_null(result.get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"final/{label}/{result['split']}/{name}"] = float(value)
     return out
@@ -149,7 +150,8 @@ class Loggers:
         reads it), then queued to every logger."""
         wall_time = time.time()
         if self.metrics_file is not None:
-            line = json.dumps(metrics_record(step, metrics, wall_time)) + "\n"
+            # a diverged loss or grad norm (NaN, inf) as null: every line stays JSON
+            line = json_text(metrics_record(step, metrics, wall_time)) + "\n"
             try:
                 # never appended through a link planted in the run folder (O_NOFOLLOW)
                 flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)

@@ -5,12 +5,12 @@ folder the report came from (its path under RUNS_DIR when two folders share a na
 stored in the report follows in brackets when it differs, as in a copied run), ``examples`` the
 number of examples scored. A base-model row appears once even when both a baseline report and a
 run report hold it. ``--json`` prints a list of ``{run, run_name (stored in the report),
-examples, model, adapter (null for the base model), split, metrics}``.
+examples, model, adapter (null for the base model), split, metrics}``; a metric that is not a
+number (NaN: nothing scored) is null.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lorakit.errors import RunError
     from lorakit.evaluation.collect import collect_rows, markdown_table
+    from lorakit.rundir import json_text
 
     root = Path(args.runs_dir)
     if not root.is_dir():
@@ -31,7 +32,7 @@ def run(args) -> int:
     rows = collect_rows(root)
     if args.json:
         keep = ("run", "run_name", "examples", "model", "adapter", "split", "metrics")
-        print(json.dumps([{k: r[k] for k in keep} for r in rows], indent=2))
+        print(json_text([{k: r[k] for k in keep} for r in rows], indent=2))
         return 0
     if not rows:
         raise RunError(

@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 
 from lorakit.data.tokenize import Tokenized
-from lorakit.evaluation.numbers import fmt
+from lorakit.evaluation.numbers import fmt, nan_for_null
 
 SPLIT = "general"  # the results row the canary writes (never a data split's name)
 TOPICS = 12  # pages of Python's documentation, evenly spread over the topics
@@ -244,5 +244,5 @@ def cached_canary(report: dict[str, Any], digest: str) -> dict[str, float] | Non
     for entry in report.get("results", []):
         if entry.get("split") == SPLIT and entry.get("adapter") is None:
             metrics = entry.get("metrics")
-            return dict(metrics) if isinstance(metrics, dict) else None
+            return nan_for_null(metrics) if isinstance(metrics, dict) else None
     return None

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+TEXT_FIELDS = ("run", "created", "config_hash", "baseline_key")  # of a report
+RESULT_TEXT_FIELDS = ("model", "adapter", "split", "role")  # of each of its results
+
 
 def find_reports(root: Path) -> list[Path]:
     """Reports under ``root``; a run's own report before its baseline/ report."""
@@ -38,6 +41,17 @@ def read_report(path: Path) -> dict[str, Any]:
             " with a metrics table)",
             fix=fix,
         )
+    # the fields rows are named and told apart by: text or null (a number there was a
+    # TypeError in the table, a list one in telling reports apart)
+    fields = [(key, report.get(key)) for key in TEXT_FIELDS]
+    for i, res in enumerate(results):
+        fields += [(f"results[{i}].{key}", res.get(key)) for key in RESULT_TEXT_FIELDS]
+    for where, value in fields:
+        if not (value is None or isinstance(value, str)):
+            raise RunError(
+                f"{path}: {where} is {type(value).__name__} {value!r:.40}, not a string or null",
+                fix=fix,
+            )
     for res in results:
         for name, value in res.get("metrics", {}).items():
             number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -36,6 +36,7 @@ from lorakit.evaluation.canary import (
     score_canary,
 )
 from lorakit.evaluation.harness import HarnessPlan, HarnessScores, plan_harness, score_harness
+from lorakit.evaluation.numbers import nan_for_null
 from lorakit.evaluation.sets import EvalSet
 from lorakit.qpissa import adapter_off
 from lorakit.recipe import Recipe
@@ -516,7 +517,7 @@ def cached_results(
         gens = [
             Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids if i in by_id
         ]
-        out.append(SplitResult(s.split, entry["metrics"], entry["counts"], gens))
+        out.append(SplitResult(s.split, nan_for_null(entry["metrics"]), entry["counts"], gens))
     return out
 
 

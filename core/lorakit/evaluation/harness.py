@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from lorakit.errors import RunError, cause, closest
-from lorakit.evaluation.numbers import fmt
+from lorakit.evaluation.numbers import fmt, nan_for_null
 from lorakit.qpissa import adapter_off
 from lorakit.recipe import LM_EVAL_INSTALL, Recipe
 
@@ -349,7 +349,7 @@ def cached_harness(report: dict[str, Any], digest: str) -> dict[str, Any] | None
     for entry in report.get("results", []):
         split = entry.get("split") or ""
         if split.startswith(PREFIX) and entry.get("adapter") is None:
-            metrics = dict(entry.get("metrics") or {})
+            metrics = nan_for_null(entry.get("metrics") or {})
             out[split[len(PREFIX) :]] = {
                 "metrics": metrics,
                 "higher_is_better": {n: bool(higher.get(n, True)) for n in metrics},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 
 def fmt(value: float | None, kind: str) -> str:
@@ -10,3 +12,9 @@ def fmt(value: float | None, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{100 * value:.1f}" if kind == "generation" else f"{value:.4f}"
+
+
+def nan_for_null(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A metric table read back from a report: null (how lorakit writes NaN, which JSON lacks:
+    ``rundir.finite``) is NaN again, so a value read back reads as the one that was written."""
+    return {name: math.nan if value is None else value for name, value in metrics.items()}

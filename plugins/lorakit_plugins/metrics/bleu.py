@@ -1,4 +1,10 @@
-"""``bleu``: corpus BLEU from ``sacrebleu``, divided by 100 so it reads as a fraction."""
+"""``bleu``: corpus BLEU from ``sacrebleu``, divided by 100 so it reads as a fraction.
+
+With sacrebleu's *effective order*: the geometric mean runs over the n-gram orders (up to 4) that
+the predictions have at all. Plain BLEU takes the log of a 4-gram precision of 0/0 when every
+answer is shorter than 4 tokens, so a perfect model scored 0 on short answers. Once any
+prediction has 4 tokens, every order is counted and the score is plain corpus BLEU.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ class Bleu(GenerationMetric):
             [list(references)],
             tokenize=self.options.tokenize,
             lowercase=self.options.lowercase,
+            use_effective_order=True,
         )
-        return float(result.score) / 100.0
+        # sacrebleu gives 100.00000000000004 for a perfect match: a fraction stays <= 1
+        return min(float(result.score) / 100.0, 1.0)
 
 
 @hookimpl

@@ -1,7 +1,9 @@
-"""``token_f1``: SQuAD-style bag-of-tokens F1 between prediction and reference, averaged.
+"""``token_f1``: bag-of-tokens F1 between prediction and reference, averaged over examples.
 
-Tokens are lower-cased words and single punctuation marks; a pair that is empty on both sides
-scores 1, empty on one side scores 0.
+Tokens are lower-cased runs of ``\\w`` (letters, digits, ``_``, any script) and single punctuation
+marks or symbols. Unlike SQuAD's F1 nothing is dropped: punctuation counts and articles are kept
+(``f1("The cat.", "cat")`` is 0.5). A pair that is empty on both sides scores 1, empty on one
+side scores 0.
 """
 
 from __future__ import annotations
