@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_recipe
+from helpers import chat_records, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,33 @@ def test_downstream_uses_the_settings_the_adapter_was_trained_with(
     assert code == 2 and "Traceback" not in err, err
     assert "format.plugin ('chat_template' -> 'instruction')" in err, err
     assert json.loads((run / "eval_report.json").read_text())["results"] == again
+
+
+def test_a_baseline_is_reused_only_with_the_same_eval_rows(tmp_path, tiny_model_dir, cli):
+    """A baseline scored with data.overlength=drop kept fewer eval_loss rows than a run with
+    truncate scores: reusing it compared base and tuned over different rows."""
+    records = chat_records(40)
+    for i, r in enumerate(records[:8]):  # 8 val examples, half of them over max_length
+        r["meta"] = {"split": "val"}
+        if i % 2 == 0:
+            r["messages"][0]["content"] += " The quick brown fox jumps over the lazy dog." * 3
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    extra = 'name = "ol"\n[eval]\nmetrics = ["eval_loss"]\ncanary = false\n'
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra=extra)
+    code, _, err = cli("baseline", recipe, "data.overlength=drop")
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "data.overlength=truncate", "train.max_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" not in err
+    report = json.loads((tmp_path / "runs" / "ol" / "eval_report.json").read_text())
+    base, tuned = report["results"]
+    assert base["counts"]["loss_examples"] == tuned["counts"]["loss_examples"]
+
+    # the same eval rows: reused
+    code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")
+    assert code == 0, err
+    assert "reusing the baseline" not in err  # the run wrote no baseline folder of its own
+    code, _, err = cli("baseline", recipe, "data.overlength=truncate")
+    assert code == 0, err
+    code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")
+    assert code == 0 and "reusing the baseline" in err, err

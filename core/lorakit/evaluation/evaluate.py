@@ -46,8 +46,14 @@ REPORT = "eval_report.json"
 PREDICTIONS = "predictions.jsonl"
 
 
-def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
-    """Everything the base model's scores depend on; equal keys mean a reusable baseline."""
+def baseline_key(recipe: Recipe, data_fingerprint: str, sets_digest: str = "") -> str:
+    """Everything the base model's scores depend on; equal keys mean a reusable baseline.
+
+    ``sets_digest`` (:func:`sets_digest`) is what is scored, exactly: the rows kept for the
+    loss and how they were cut, the rendered prompts and references. It holds what the recipe's
+    keys cannot show (the tokenizer and chat template in the model folder, what the formatter
+    renders); the recipe's keys say how the base is scored (metrics and their options,
+    generation settings)."""
     from lorakit.options import to_plain
     from lorakit.sections import LM_EVAL_KEYS
 
@@ -57,12 +63,53 @@ def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
         "quant": recipe.quant.to_plain(),
         "format": recipe.format.to_plain(),
         "eval": ev,
+        "metrics": [m.to_plain() for m in recipe.metrics],  # the resolved plugins and options
         "max_length": recipe.train.max_length,
+        "overlength": eval_overlength(recipe.data.overlength),
+        "objective": recipe.train.objective,
         "data": data_fingerprint,
+        "sets": sets_digest,
     }
-    if recipe.train.objective != "sft":  # pairs are scored too (SFT keys stay as they were)
-        blob["objective"] = recipe.train.objective
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_overlength(policy: str) -> str:
+    """The over-long policy an eval split is prepared with: ``error`` must not stop a run, so
+    an eval split drops (and counts) what training would have refused."""
+    return "drop" if policy == "error" else policy
+
+
+def sets_digest(sets: list[EvalSet]) -> str:
+    """A digest of exactly what :func:`evaluate` scores: each set's loss rows (ids and labels),
+    pairs, answers, prompts and references."""
+    from array import array
+
+    h = hashlib.sha256()
+
+    def tokens(values: Any) -> None:
+        data = array("i", values).tobytes()
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    def text(value: str) -> None:
+        data = value.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    for s in sets:
+        text(s.split)
+        for row in s.rows:
+            tokens(row.input_ids)
+            tokens(row.labels)
+        for pair in s.pairs:
+            for side in (pair.chosen, pair.rejected):
+                tokens(side.input_ids)
+                tokens(side.labels)
+        for answer in s.answers:
+            tokens(answer.input_ids)
+            tokens(answer.labels)
+            text(str(answer.desirable))
+        for value in (*s.ids, *s.prompts, *s.references):
+            text(value)
+    return h.hexdigest()[:16]
 
 
 def _cached_baseline(folder: Path, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
@@ -120,10 +167,11 @@ class EvalPlan:
     model_label: str
     canary: Canary | None = None  # general text and instructions ([eval].canary)
     harness: HarnessPlan | None = None  # lm-evaluation-harness tasks ([eval].lm_eval_tasks)
+    sets_digest: str = ""  # sets_digest(sets), computed once
 
     @property
     def baseline_key(self) -> str:
-        return baseline_key(self.recipe, self.data_fingerprint)
+        return baseline_key(self.recipe, self.data_fingerprint, self.sets_digest)
 
 
 def plan_eval(
@@ -148,7 +196,7 @@ def plan_eval(
             formatter,
             tokenizer,
             max_length=recipe.train.max_length,
-            overlength=recipe.data.overlength,
+            overlength=eval_overlength(recipe.data.overlength),
             max_examples=ev.max_examples,
             generation=needs_generation(metrics),
             pairs=recipe.train.objective != "sft",
@@ -172,6 +220,7 @@ def plan_eval(
         if ev.canary
         else None,
         harness=plan_harness(recipe),
+        sets_digest=sets_digest(sets),
     )
 
 
