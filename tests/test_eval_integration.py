@@ -168,3 +168,31 @@ def test_a_baseline_is_reused_only_with_the_same_eval_rows(tmp_path, tiny_model_
     assert code == 0, err
     code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")
     assert code == 0 and "reusing the baseline" in err, err
+
+
+def test_a_baseline_with_line_separators_in_its_predictions_is_reused(
+    tmp_path, tiny_model_dir, cli
+):
+    """predictions.jsonl keeps U+2028, U+2029 and U+0085 raw (ensure_ascii=False):
+    str.splitlines() cut the line there, and the run crashed after training."""
+    records = chat_records(40)
+    records[0]["meta"] = {"split": "val"}
+    records[0]["messages"][1]["content"] = "one\u2028two\u2029three\x85four"
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    extra = 'name = "ls"\n[eval]\nmetrics = ["exact_match"]\nmax_new_tokens = 4\ncanary = false\n'
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra=extra)
+    assert cli("baseline", recipe)[0] == 0
+    run = tmp_path / "runs" / "ls"
+    assert "\u2028" in (run / "baseline" / "predictions.jsonl").read_text(encoding="utf-8")
+    code, _, err = cli("run", recipe, "train.max_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" in err
+    assert (run / "eval_report.json").is_file()
+
+    # a damaged baseline is a cache to score again, not a traceback
+    preds = run / "baseline" / "predictions.jsonl"
+    preds.write_text(preds.read_text(encoding="utf-8")[:-20], encoding="utf-8")
+    code, _, err = cli("eval", run)
+    assert code == 0, err
+    assert "not reusing the baseline" in err and "scoring the base model again" in err
+    assert "scoring the base model on" in err

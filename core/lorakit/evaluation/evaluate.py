@@ -112,14 +112,31 @@ def sets_digest(sets: list[EvalSet]) -> str:
     return h.hexdigest()[:16]
 
 
-def _cached_baseline(folder: Path, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+def _cached_baseline(
+    folder: Path, key: str, sets: list[EvalSet], say: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The report and predictions of a baseline in ``folder`` scored with ``key``, or None.
+
+    The baseline is a cache: one that cannot be read (damaged, cut short, edited) is not
+    reused, and the base model is scored again (said), never a traceback."""
     report, preds = folder / REPORT, folder / PREDICTIONS
     if not report.is_file() or not preds.is_file():
         return None
     data = read_json(report)
     if data.get("baseline_key") != key:
         return None
-    rows = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line]
+    try:
+        # split on "\n" alone: json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085
+        # raw in strings, and str.splitlines() would cut a line there
+        text = preds.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+        if not all(isinstance(r, dict) for r in rows):
+            raise ValueError("a line is not a JSON object")
+        cached_results(data, rows, sets)  # every split and generation it must give back
+    except (UnicodeDecodeError, ValueError, RunError, KeyError, TypeError) as exc:
+        why = exc.message if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+        say(f"not reusing the baseline in {folder}: {why}; scoring the base model again")
+        return None
     return data, rows
 
 
@@ -249,7 +266,7 @@ def evaluate(
     score = _scorer(model, plan)
     sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
     cached = (
-        _cached_baseline(run.path / BASELINE_DIR, plan.baseline_key)
+        _cached_baseline(run.path / BASELINE_DIR, plan.baseline_key, plan.sets, say)
         if tuned_too and with_base
         else None
     )
@@ -562,9 +579,13 @@ def cached_results(
         if entry is None:
             raise RunError(f"baseline report lacks split {s.split}", fix="rerun `lorakit baseline`")
         by_id = {r["id"]: r for r in rows if r["split"] == s.split}
-        gens = [
-            Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids if i in by_id
-        ]
+        missing = [i for i in s.ids if i not in by_id]
+        if missing:  # one generation per prompt, in order, or none is reusable
+            raise RunError(
+                f"baseline predictions lack example {missing[0]!r} of split {s.split}",
+                fix="rerun `lorakit baseline`",
+            )
+        gens = [Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids]
         out.append(SplitResult(s.split, entry["metrics"], entry["counts"], gens))
     return out
 
