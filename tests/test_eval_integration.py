@@ -196,3 +196,9 @@ def test_a_baseline_with_line_separators_in_its_predictions_is_reused(
     assert code == 0, err
     assert "not reusing the baseline" in err and "scoring the base model again" in err
     assert "scoring the base model on" in err
+    # a damaged baseline report too (its fix said to delete the run and train again)
+    (run / "baseline" / "eval_report.json").write_text("{")
+    code, _, err = cli("eval", run)
+    assert code == 0, err
+    assert "not reusing the baseline" in err and "is not valid JSON" in err
+    assert "train again" not in err and "scoring the base model on" in err

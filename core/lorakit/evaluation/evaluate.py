@@ -122,7 +122,11 @@ def _cached_baseline(
     report, preds = folder / REPORT, folder / PREDICTIONS
     if not report.is_file() or not preds.is_file():
         return None
-    data = read_json(report)
+    try:
+        data = read_json(report)
+    except RunError as exc:
+        say(f"not reusing the baseline: {exc.message}; scoring the base model again")
+        return None
     if data.get("baseline_key") != key:
         return None
     try:
