@@ -571,7 +571,8 @@ def _score_canary(
 def cached_results(
     report: dict[str, Any], rows: list[dict[str, Any]], sets: list[Any]
 ) -> list[Any]:
-    """Rebuild the base model's results from a reusable baseline folder."""
+    """Rebuild the base model's results from a reusable baseline folder (with each pair's
+    margin, DPO's reference for its reward metrics); a RunError when it cannot give them."""
     from lorakit.decoding import Generation
     from lorakit.evaluation.scoring import SplitResult
 
@@ -590,7 +591,15 @@ def cached_results(
                 fix="rerun `lorakit baseline`",
             )
         gens = [Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids]
-        out.append(SplitResult(s.split, entry["metrics"], entry["counts"], gens))
+        margins = entry.get("pair_margins") or []
+        if len(margins) != len(s.pairs):  # DPO's reward metrics are measured against them
+            raise RunError(
+                f"baseline report lacks the base model's pair margins of split {s.split}",
+                fix="rerun `lorakit baseline`",
+            )
+        out.append(
+            SplitResult(s.split, entry["metrics"], entry["counts"], gens, [*map(float, margins)])
+        )
     return out
 
 

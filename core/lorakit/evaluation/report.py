@@ -64,6 +64,8 @@ def write_outputs(
             }
             if label == "start":
                 entry.update(adapter=info.get("start_adapter"), role="start")
+            if label == "base" and res.pair_margins:  # DPO's reference, for a reused baseline
+                entry["pair_margins"] = list(res.pair_margins)
             results.append(entry)
     if general is not None:
         results += general.results(info["model"], info["adapter"])
