@@ -159,6 +159,11 @@ def test_a_baseline_is_reused_only_with_the_same_eval_rows(tmp_path, tiny_model_
     report = json.loads((tmp_path / "runs" / "ol" / "eval_report.json").read_text())
     base, tuned = report["results"]
     assert base["counts"]["loss_examples"] == tuned["counts"]["loss_examples"]
+    # truncated rows are scored (cut to max_length), and report.md says so
+    assert tuned["counts"]["truncated"] == 4 and not tuned["counts"]["skipped"]
+    md = (tmp_path / "runs" / "ol" / "report.md").read_text()
+    assert "- scored after truncation: 4 x loss rows cut to train.max_length" in md
+    assert "not scored" not in md
 
     # the same eval rows: reused
     code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")

@@ -174,8 +174,14 @@ def render_markdown(
             only = (tuned or base or [])[i]
             lines += ["| metric | value |", "|---|---:|"]
             lines += [f"| {n} | {fmt(only.metrics.get(n), k)} |" for n, k in kinds.items()]
-        if counts.get("skipped"):
+        if counts.get("skipped") or counts.get("truncated"):
             lines.append("")
+        if counts.get("truncated"):
+            lines.append(
+                f"- scored after truncation: {counts['truncated']} x loss rows cut to "
+                "train.max_length (data.overlength = truncate)"
+            )
+        if counts.get("skipped"):
             lines += [f"- not scored: {n} x {why}" for why, n in counts["skipped"].items()]
         lines.append("")
         if s.ids:
