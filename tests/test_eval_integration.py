@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_recipe
+from helpers import chat_records, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,72 @@ def test_downstream_uses_the_settings_the_adapter_was_trained_with(
     assert code == 2 and "Traceback" not in err, err
     assert "format.plugin ('chat_template' -> 'instruction')" in err, err
     assert json.loads((run / "eval_report.json").read_text())["results"] == again
+
+
+def test_a_baseline_is_reused_only_with_the_same_eval_rows(tmp_path, tiny_model_dir, cli):
+    """A baseline scored with data.overlength=drop kept fewer eval_loss rows than a run with
+    truncate scores: reusing it compared base and tuned over different rows."""
+    records = chat_records(40)
+    for i, r in enumerate(records[:8]):  # 8 val examples, half of them over max_length
+        r["meta"] = {"split": "val"}
+        if i % 2 == 0:
+            r["messages"][0]["content"] += " The quick brown fox jumps over the lazy dog." * 3
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    extra = 'name = "ol"\n[eval]\nmetrics = ["eval_loss"]\ncanary = false\n'
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra=extra)
+    code, _, err = cli("baseline", recipe, "data.overlength=drop")
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "data.overlength=truncate", "train.max_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" not in err
+    report = json.loads((tmp_path / "runs" / "ol" / "eval_report.json").read_text())
+    base, tuned = report["results"]
+    assert base["counts"]["loss_examples"] == tuned["counts"]["loss_examples"]
+    # truncated rows are scored (cut to max_length), and report.md says so
+    assert tuned["counts"]["truncated"] == 4 and not tuned["counts"]["skipped"]
+    md = (tmp_path / "runs" / "ol" / "report.md").read_text()
+    assert "- scored after truncation: 4 x loss rows cut to train.max_length" in md
+    assert "not scored" not in md
+
+    # the same eval rows: reused
+    code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")
+    assert code == 0, err
+    assert "reusing the baseline" not in err  # the run wrote no baseline folder of its own
+    code, _, err = cli("baseline", recipe, "data.overlength=truncate")
+    assert code == 0, err
+    code, _, err = cli("eval", tmp_path / "runs" / "ol", "data.overlength=truncate")
+    assert code == 0 and "reusing the baseline" in err, err
+
+
+def test_a_baseline_with_line_separators_in_its_predictions_is_reused(
+    tmp_path, tiny_model_dir, cli
+):
+    """predictions.jsonl keeps U+2028, U+2029 and U+0085 raw (ensure_ascii=False):
+    str.splitlines() cut the line there, and the run crashed after training."""
+    records = chat_records(40)
+    records[0]["meta"] = {"split": "val"}
+    records[0]["messages"][1]["content"] = "one\u2028two\u2029three\x85four"
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    extra = 'name = "ls"\n[eval]\nmetrics = ["exact_match"]\nmax_new_tokens = 4\ncanary = false\n'
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, data, extra=extra)
+    assert cli("baseline", recipe)[0] == 0
+    run = tmp_path / "runs" / "ls"
+    assert "\u2028" in (run / "baseline" / "predictions.jsonl").read_text(encoding="utf-8")
+    code, _, err = cli("run", recipe, "train.max_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" in err
+    assert (run / "eval_report.json").is_file()
+
+    # a damaged baseline is a cache to score again, not a traceback
+    preds = run / "baseline" / "predictions.jsonl"
+    preds.write_text(preds.read_text(encoding="utf-8")[:-20], encoding="utf-8")
+    code, _, err = cli("eval", run)
+    assert code == 0, err
+    assert "not reusing the baseline" in err and "scoring the base model again" in err
+    assert "scoring the base model on" in err
+    # a damaged baseline report too (its fix said to delete the run and train again)
+    (run / "baseline" / "eval_report.json").write_text("{")
+    code, _, err = cli("eval", run)
+    assert code == 0, err
+    assert "not reusing the baseline" in err and "is not valid JSON" in err
+    assert "train again" not in err and "scoring the base model on" in err

@@ -268,3 +268,63 @@ def test_a_task_whose_data_cannot_be_fetched_is_named(monkeypatch):
     with pytest.raises(RunError, match="could not load the data of arc_easy") as err:
         harness.score_tasks(object(), object(), plan, manager=None)
     assert "--lm-eval-include" in err.value.fix  # was a ConnectionError traceback
+
+
+def test_the_digest_covers_the_data_files_the_tasks_read(tmp_path):
+    """A baseline's lm-eval base scores were reused after a task's data file changed: the
+    digest hashed the task YAMLs alone, not the data_files they name."""
+    pytest.importorskip("lm_eval")
+    from lorakit.evaluation.harness import HarnessPlan
+
+    tasks = write_tasks(tmp_path / "tasks")
+    data = tmp_path / "elsewhere.jsonl"  # outside the include folder, like /data/my_task.jsonl
+    write_jsonl(data, [{"text": "one"}])
+    (tasks / "tiny_ppl.yaml").write_text(PPL_YAML.format(data=data))
+    plan = HarnessPlan(("tiny_ppl",), tasks, None, None, 1)
+    before = plan.digest
+    assert plan.digest == before
+    write_jsonl(data, [{"text": "one"}, {"text": "two"}])
+    assert plan.digest != before
+
+
+def test_a_reused_base_over_other_documents_is_scored_again(monkeypatch):
+    """Base and tuned lm-eval scores are shown side by side only over the same documents."""
+    pytest.importorskip("lm_eval")
+    import contextlib
+
+    from lorakit.evaluation import harness
+
+    plan = harness.HarnessPlan(("t",), None, None, None, 1)
+    calls = []
+
+    def score(model, tokenizer, plan, manager):
+        calls.append(model)
+        return {"t": {"metrics": {"acc": 0.5}, "higher_is_better": {"acc": True}, "examples": 9}}
+
+    monkeypatch.setattr(harness, "task_manager", lambda plan: None)
+    monkeypatch.setattr(harness, "score_tasks", score)
+    monkeypatch.setattr(harness, "adapter_off", lambda model: contextlib.nullcontext())
+    cached = {
+        "lm_eval": {"digest": plan.digest, "higher_is_better": {"acc": True}},
+        "results": [
+            {
+                "split": "lm_eval/t",
+                "adapter": None,
+                "metrics": {"acc": 0.1},
+                "counts": {"examples": 5},
+            }
+        ],
+    }
+    said = []
+    out = harness.score_harness(
+        "model", None, plan, tuned_too=True, with_base=True, cached_report=cached, say=said.append
+    )
+    assert out.base is not None and out.base["t"]["examples"] == 9
+    assert len(calls) == 2 and any("scoring the base model again" in s for s in said)
+    # the same documents: the baseline's base scores stand
+    cached["results"][0]["counts"]["examples"] = 9
+    calls.clear()
+    out = harness.score_harness(
+        "model", None, plan, tuned_too=True, with_base=True, cached_report=cached, say=said.append
+    )
+    assert len(calls) == 1 and out.base is not None and out.base["t"]["metrics"] == {"acc": 0.1}

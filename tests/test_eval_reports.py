@@ -201,6 +201,28 @@ def test_a_metrics_file_with_a_line_cut_short_is_read_around_it(tmp_path):
     assert _last_eval(RunDir(tmp_path)) == {"step": 2, "eval_loss": 1.5}
 
 
+def test_a_metrics_record_without_an_integer_step_is_left_out_of_the_plot(tmp_path):
+    # "step": null crashed lorakit eval with a TypeError after the report was written
+    from lorakit.evaluation.plot import read_curves
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": null, "loss": 9.0}\n{"step": "2", "loss": 9.0}\n{"loss": 9.0}\n'
+        '{"step": true, "eval_loss": 9.0}\n{"step": 1, "loss": 2.0}\n'
+    )
+    assert read_curves(tmp_path / "metrics.jsonl") == ([(1, 2.0)], [])
+
+
+def test_a_metrics_record_may_hold_line_separators(tmp_path):
+    """A string in a record (a note, a name) may hold U+2028 raw: the record is read whole."""
+    from lorakit.rundir import metric_records
+
+    record = {"step": 3, "eval_loss": 1.25, "note": "a\u2028b\u2029c\x85d"}
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    assert metric_records(tmp_path / "metrics.jsonl") == [record]
+
+
 def test_a_metric_plugin_that_fails_is_named_not_a_traceback():
     from lorakit.errors import PluginError
     from lorakit.evaluation.scoring import _score

@@ -142,3 +142,16 @@ def test_a_dpo_adapter_merges_and_exports_to_gguf_as_the_trained_model(
     assert float((tuned - base_logits).abs().max()) > 1e-4, "DPO moved the model"
     assert float((merged - tuned).abs().max()) < 1e-4
     assert float((gguf - merged).abs().max()) < 1e-5
+
+
+def test_dpo_reward_metrics_survive_a_reused_baseline(tmp_path, pairs_recipe, cli):
+    """The base's pair margins are DPO's reference: a reused baseline rebuilt the base without
+    them, and reward_accuracy and reward_margin disappeared without a word."""
+    common = ['train.objective="dpo"', "output.name=rb", 'eval.metrics=["eval_loss"]']
+    code, _, err = cli("baseline", pairs_recipe, *common)
+    assert code == 0, err
+    code, _, err = cli("run", pairs_recipe, *common, "train.max_steps=2")
+    assert code == 0, err
+    assert "reusing the baseline" in err
+    split = held_out_results(tmp_path / "runs" / "rb")
+    assert {"reward_accuracy", "reward_margin"} <= set(split["tuned"]["metrics"])

@@ -146,7 +146,7 @@ def micro_run(log: Callable[[str], None] | None = None) -> dict[str, Any]:
                 for line in captured.getvalue().splitlines():
                     log(line)
         seconds = time.perf_counter() - started
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]
         steps = [  # null: a NaN or infinity (metrics.jsonl writes them so), compared as NaN
             {"step": r["step"], **nan_for_null({"loss": r["loss"], "grad_norm": r["grad_norm"]})}
             for r in rows

@@ -126,7 +126,9 @@ def metric_records(path: Path) -> list[dict[str, Any]]:
     an append cut short (a full disk, a killed process) leaves half a line, and training
     carries on after it, so the file is read around it rather than refused."""
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # "\n" alone ends a line: str.splitlines() would also cut at U+2028, U+2029 or U+0085,
+    # which JSON strings may hold raw
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         try:
             record = json.loads(line)
         except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +48,14 @@ REPORT = "eval_report.json"
 PREDICTIONS = "predictions.jsonl"
 
 
-def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
-    """Everything the base model's scores depend on; equal keys mean a reusable baseline."""
+def baseline_key(recipe: Recipe, data_fingerprint: str, sets_digest: str = "") -> str:
+    """Everything the base model's scores depend on; equal keys mean a reusable baseline.
+
+    ``sets_digest`` (:func:`sets_digest`) is what is scored, exactly: the rows kept for the
+    loss and how they were cut, the rendered prompts and references. It holds what the recipe's
+    keys cannot show (the tokenizer and chat template in the model folder, what the formatter
+    renders); the recipe's keys say how the base is scored (metrics and their options,
+    generation settings)."""
     from lorakit.options import to_plain
     from lorakit.sections import LM_EVAL_KEYS
 
@@ -58,22 +65,84 @@ def baseline_key(recipe: Recipe, data_fingerprint: str) -> str:
         "quant": recipe.quant.to_plain(),
         "format": recipe.format.to_plain(),
         "eval": ev,
+        "metrics": [m.to_plain() for m in recipe.metrics],  # the resolved plugins and options
         "max_length": recipe.train.max_length,
+        "overlength": eval_overlength(recipe.data.overlength),
+        "objective": recipe.train.objective,
         "data": data_fingerprint,
+        "sets": sets_digest,
     }
-    if recipe.train.objective != "sft":  # pairs are scored too (SFT keys stay as they were)
-        blob["objective"] = recipe.train.objective
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cached_baseline(folder: Path, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+def eval_overlength(policy: str) -> str:
+    """The over-long policy an eval split is prepared with: ``error`` must not stop a run, so
+    an eval split drops (and counts) what training would have refused."""
+    return "drop" if policy == "error" else policy
+
+
+def sets_digest(sets: list[EvalSet]) -> str:
+    """A digest of exactly what :func:`evaluate` scores: each set's loss rows (ids and labels),
+    pairs, answers, prompts and references."""
+    from array import array
+
+    h = hashlib.sha256()
+
+    def tokens(values: Any) -> None:
+        data = array("i", values).tobytes()
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    def text(value: str) -> None:
+        data = value.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    for s in sets:
+        text(s.split)
+        for row in s.rows:
+            tokens(row.input_ids)
+            tokens(row.labels)
+        for pair in s.pairs:
+            for side in (pair.chosen, pair.rejected):
+                tokens(side.input_ids)
+                tokens(side.labels)
+        for answer in s.answers:
+            tokens(answer.input_ids)
+            tokens(answer.labels)
+            text(str(answer.desirable))
+        for value in (*s.ids, *s.prompts, *s.references):
+            text(value)
+    return h.hexdigest()[:16]
+
+
+def _cached_baseline(
+    folder: Path, key: str, sets: list[EvalSet], say: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The report and predictions of a baseline in ``folder`` scored with ``key``, or None.
+
+    The baseline is a cache: one that cannot be read (damaged, cut short, edited) is not
+    reused, and the base model is scored again (said), never a traceback."""
     report, preds = folder / REPORT, folder / PREDICTIONS
     if not report.is_file() or not preds.is_file():
         return None
-    data = read_json(report)
+    try:
+        data = read_json(report)
+    except RunError as exc:
+        say(f"not reusing the baseline: {exc.message}; scoring the base model again")
+        return None
     if data.get("baseline_key") != key:
         return None
-    rows = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line]
+    try:
+        # split on "\n" alone: json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085
+        # raw in strings, and str.splitlines() would cut a line there
+        text = preds.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+        if not all(isinstance(r, dict) for r in rows):
+            raise ValueError("a line is not a JSON object")
+        cached_results(data, rows, sets)  # every split and generation it must give back
+    except (UnicodeDecodeError, ValueError, RunError, KeyError, TypeError) as exc:
+        why = exc.message if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+        say(f"not reusing the baseline in {folder}: {why}; scoring the base model again")
+        return None
     return data, rows
 
 
@@ -121,10 +190,11 @@ class EvalPlan:
     model_label: str
     canary: Canary | None = None  # general text and instructions ([eval].canary)
     harness: HarnessPlan | None = None  # lm-evaluation-harness tasks ([eval].lm_eval_tasks)
+    sets_digest: str = ""  # sets_digest(sets), computed once
 
     @property
     def baseline_key(self) -> str:
-        return baseline_key(self.recipe, self.data_fingerprint)
+        return baseline_key(self.recipe, self.data_fingerprint, self.sets_digest)
 
 
 def plan_eval(
@@ -149,7 +219,7 @@ def plan_eval(
             formatter,
             tokenizer,
             max_length=recipe.train.max_length,
-            overlength=recipe.data.overlength,
+            overlength=eval_overlength(recipe.data.overlength),
             max_examples=ev.max_examples,
             generation=needs_generation(metrics),
             pairs=recipe.train.objective != "sft",
@@ -173,6 +243,7 @@ def plan_eval(
         if ev.canary
         else None,
         harness=plan_harness(recipe),
+        sets_digest=sets_digest(sets),
     )
 
 
@@ -201,7 +272,7 @@ def evaluate(
     score = _scorer(model, plan)
     sizes = ", ".join(f"{s.split} {s.n_examples}" for s in plan.sets)
     cached = (
-        _cached_baseline(run.path / BASELINE_DIR, plan.baseline_key)
+        _cached_baseline(run.path / BASELINE_DIR, plan.baseline_key, plan.sets, say)
         if tuned_too and with_base
         else None
     )
@@ -502,7 +573,8 @@ def _score_canary(
 def cached_results(
     report: dict[str, Any], rows: list[dict[str, Any]], sets: list[Any]
 ) -> list[Any]:
-    """Rebuild the base model's results from a reusable baseline folder."""
+    """Rebuild the base model's results from a reusable baseline folder (with each pair's
+    margin, DPO's reference for its reward metrics); a RunError when it cannot give them."""
     from lorakit.decoding import Generation
     from lorakit.evaluation.scoring import SplitResult
 
@@ -514,10 +586,28 @@ def cached_results(
         if entry is None:
             raise RunError(f"baseline report lacks split {s.split}", fix="rerun `lorakit baseline`")
         by_id = {r["id"]: r for r in rows if r["split"] == s.split}
-        gens = [
-            Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids if i in by_id
-        ]
-        out.append(SplitResult(s.split, nan_for_null(entry["metrics"]), entry["counts"], gens))
+        missing = [i for i in s.ids if i not in by_id]
+        if missing:  # one generation per prompt, in order, or none is reusable
+            raise RunError(
+                f"baseline predictions lack example {missing[0]!r} of split {s.split}",
+                fix="rerun `lorakit baseline`",
+            )
+        gens = [Generation(by_id[i]["base"], by_id[i]["base_stopped"], 0) for i in s.ids]
+        margins = entry.get("pair_margins") or []
+        if len(margins) != len(s.pairs):  # DPO's reward metrics are measured against them
+            raise RunError(
+                f"baseline report lacks the base model's pair margins of split {s.split}",
+                fix="rerun `lorakit baseline`",
+            )
+        out.append(
+            SplitResult(
+                s.split,
+                nan_for_null(entry["metrics"]),
+                entry["counts"],
+                gens,
+                [math.nan if m is None else float(m) for m in margins],  # null: a NaN written
+            )
+        )
     return out
 
 

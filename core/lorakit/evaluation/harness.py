@@ -28,6 +28,8 @@ from lorakit.qpissa import adapter_off
 from lorakit.recipe import LM_EVAL_INSTALL, Recipe
 
 PREFIX = "lm_eval/"  # a task's results are split "lm_eval/<task>"
+# datasets' packaged builders: a task's dataset_path that names one reads data_files
+BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder")
 
 
 @attrs.frozen
@@ -50,6 +52,7 @@ class HarnessPlan:
             "num_fewshot": self.num_fewshot,
             "lm_eval": lm_eval_version(),
             "include": _folder_digest(self.include) if self.include is not None else None,
+            "data": _task_data_digest(self.include) if self.include is not None else None,
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -74,6 +77,73 @@ def _folder_digest(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _task_data_digest(folder: Path) -> str:
+    """The local files the task YAMLs in ``folder`` read (``dataset_kwargs.data_files`` and
+    ``data_dir``, a ``dataset_path`` that is a local path), resolved as ``datasets`` resolves
+    them (against the working directory; the YAML's folder as well, to be safe): a changed
+    data file changes the digest, so a baseline's lm-eval scores are not reused over it."""
+    import glob
+
+    h = hashlib.sha256()
+    for yml in sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml")):
+        for name in sorted(set(_named_paths(_yaml_data(yml)))):
+            for base in (Path.cwd(), yml.parent):
+                pattern = str(base / Path(name).expanduser())
+                for hit in sorted(glob.glob(pattern, recursive=True)):
+                    path = Path(hit)
+                    files = (
+                        sorted(f for f in path.rglob("*") if f.is_file())
+                        if path.is_dir()
+                        else [path]
+                    )
+                    for f in files:
+                        h.update(str(f.resolve()).encode() + b"\0")
+                        try:
+                            h.update(hashlib.sha256(f.read_bytes()).digest())
+                        except OSError:  # lm-eval will say what is wrong with it
+                            h.update(b"unreadable")
+    return h.hexdigest()[:16]
+
+
+def _yaml_data(path: Path) -> Any:
+    """A task YAML as plain data; lm-eval's tags (``!function utils.x``) read as None, and a
+    file that cannot be parsed as nothing (its bytes are in the folder digest anyway)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, _tag, node: None)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def _named_paths(config: Any) -> Iterator[str]:
+    """The local paths a task config names for its data."""
+    if not isinstance(config, dict):
+        return
+    kwargs = config.get("dataset_kwargs")
+    if isinstance(kwargs, dict):
+        for key in ("data_files", "data_dir"):
+            yield from _strings(kwargs.get(key))
+    path = config.get("dataset_path")
+    if isinstance(path, str) and path not in BUILDERS:  # a local folder, when one is there
+        yield path
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
 
 
 def lm_eval_version() -> str:
@@ -373,6 +443,7 @@ def score_harness(
     manager = task_manager(plan)
     tasks = ", ".join(plan.tasks)
     base = cached_harness(cached_report, plan.digest) if cached_report is not None else None
+    reused = base is not None
     if with_base and base is None:
         say(f"lm-eval {tasks}: base model")
         if tuned_too:
@@ -386,4 +457,23 @@ def score_harness(
     if tuned_too:
         say(f"lm-eval {tasks}: base + adapter")
         tuned = score_tasks(model, tokenizer, plan, manager)
+        differ = _different_counts(base, tuned) if reused else []
+        if differ:  # never base vs tuned over different documents
+            say(
+                f"lm-eval {differ[0]}: the baseline's base scores cover another number of "
+                "documents than base + adapter now; scoring the base model again"
+            )
+            with adapter_off(model):
+                base = score_tasks(model, tokenizer, plan, manager)
     return HarnessScores(plan, lm_eval_version(), base if with_base else None, tuned)
+
+
+def _different_counts(base: dict[str, Any] | None, tuned: dict[str, Any]) -> list[str]:
+    """The tasks whose base and tuned scores cover a different number of documents."""
+    if base is None:
+        return []
+    return [
+        task
+        for task, entry in tuned.items()
+        if task not in base or base[task].get("examples") != entry.get("examples")
+    ]

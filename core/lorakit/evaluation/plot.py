@@ -12,7 +12,9 @@ def read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tuple
     from lorakit.rundir import metric_records
 
     for rec in metric_records(metrics_path):
-        step = int(rec.get("step", 0))
+        step = rec.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):  # a damaged record: read around it
+            continue
         if isinstance(rec.get("loss"), (int, float)):
             train.append((step, float(rec["loss"])))
         if isinstance(rec.get("eval_loss"), (int, float)):

@@ -64,6 +64,8 @@ def write_outputs(
             }
             if label == "start":
                 entry.update(adapter=info.get("start_adapter"), role="start")
+            if label == "base" and res.pair_margins:  # DPO's reference, for a reused baseline
+                entry["pair_margins"] = list(res.pair_margins)
             results.append(entry)
     if general is not None:
         results += general.results(info["model"], info["adapter"])
@@ -172,8 +174,14 @@ def render_markdown(
             only = (tuned or base or [])[i]
             lines += ["| metric | value |", "|---|---:|"]
             lines += [f"| {n} | {fmt(only.metrics.get(n), k)} |" for n, k in kinds.items()]
-        if counts.get("skipped"):
+        if counts.get("skipped") or counts.get("truncated"):
             lines.append("")
+        if counts.get("truncated"):
+            lines.append(
+                f"- scored after truncation: {counts['truncated']} x loss rows cut to "
+                "train.max_length (data.overlength = truncate)"
+            )
+        if counts.get("skipped"):
             lines += [f"- not scored: {n} x {why}" for why, n in counts["skipped"].items()]
         lines.append("")
         if s.ids:

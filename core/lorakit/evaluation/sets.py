@@ -31,6 +31,7 @@ class EvalSet:
     skipped: dict[str, int]  # reason -> count
     pairs: list[Any] = attrs.field(factory=list)  # PairRows, with a preference objective
     answers: list[Any] = attrs.field(factory=list)  # AnswerRows (KTO's labelled answers)
+    truncated: int = 0  # loss rows cut to train.max_length and scored so (data.overlength)
 
     def counts(self) -> dict[str, Any]:
         out = {
@@ -44,6 +45,8 @@ class EvalSet:
             out["pairs"] = len(self.pairs)
         if self.answers:
             out["answers"] = len(self.answers)
+        if self.truncated:  # scored, but on their first train.max_length tokens
+            out["truncated"] = self.truncated
         return out
 
 
@@ -79,8 +82,6 @@ def prepare_set(
     policy = "drop" if overlength == "error" else overlength
     rows = tokenize_examples(chosen, formatter, tokenizer, max_length, policy, report)
     skipped: dict[str, int] = {f"loss: {k}": v for k, v in report.dropped.items()}
-    if report.truncated:
-        skipped["loss: truncated to train.max_length"] = report.truncated
     ids: list[str] = []
     inputs: list[str] = []
     prompts: list[str] = []
@@ -119,5 +120,15 @@ def prepare_set(
         )
         skipped.update({f"answers: {k}": v for k, v in answer_report.dropped.items()})
     return EvalSet(
-        split, len(chosen), rows, ids, inputs, prompts, refs, skipped, pair_rows, answer_rows
+        split,
+        len(chosen),
+        rows,
+        ids,
+        inputs,
+        prompts,
+        refs,
+        skipped,
+        pair_rows,
+        answer_rows,
+        truncated=report.truncated,
     )
