@@ -304,7 +304,8 @@ def test_a_null_metric_read_back_is_nan_again(tmp_path):
     }
     for r in report["results"]:
         r["counts"] = {"examples": 2}
-    (base,) = cached_results(report, [], [_set()])
+    rows = [{"id": i, "split": "val", "base": "", "base_stopped": True} for i in ("a", "b")]
+    (base,) = cached_results(report, rows, [_set()])
     assert math.isnan(base.metrics["json_match"])
     assert math.isnan(cached_canary(report, "c")["general_loss"])
     harness = cached_harness(report, "h")
