@@ -192,3 +192,20 @@ def test_a_pickle_that_hides_code_behind_pops_is_refused_without_a_traceback(
     assert "weights_only" not in err and "Traceback" not in err
     resumed_past(cli, recipe, "checkpoint-2", "rng_state.pth is refused")
     assert not marker.exists(), "the pickle's code ran"
+
+
+def test_a_named_checkpoint_without_its_marker_is_incomplete_not_foreign(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A checkpoint whose save was cut short (no LORAKIT_COMPLETE, trainer_state.json written)
+    is refused as incomplete, not as another run's ("no run id in its marker")."""
+    recipe = trained(tmp_path, tiny_model_dir, chat_file, cli, "unmarked")
+    ckpt = tmp_path / "runs" / "unmarked" / "checkpoints" / "checkpoint-2"
+    (ckpt / "LORAKIT_COMPLETE").unlink()
+    assert (ckpt / "trainer_state.json").is_file()
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=3", *COMMON, "--resume-from-checkpoint", str(ckpt)
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert "is incomplete (no LORAKIT_COMPLETE marker)" in err and "killed while saving" in err
+    assert "another run" not in err and "damaged" not in err, err

@@ -526,8 +526,8 @@ class RunDir:
                 f"output.name={other.name!r} --resume-from-checkpoint auto (a resume continues "
                 "the checkpoint's own run)",
             )
-        if not (path / COMPLETE).is_file() and not (path / "trainer_state.json").is_file():
-            raise RunError(
+        if not (path / COMPLETE).is_file():  # before its contents: a save cut short is not
+            raise RunError(  # "another run's" (no run id in a marker that is not there)
                 f"checkpoint {path} is incomplete (no {COMPLETE} marker)",
                 fix="the process was probably killed while saving; resume from an earlier checkpoint",
             )
