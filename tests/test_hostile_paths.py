@@ -85,6 +85,22 @@ def test_an_output_dir_under_a_regular_file_is_a_clear_error(verb, tmp_path, tin
     assert (tmp_path / "afile").read_text() == "x"
 
 
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_file_as_the_run_folder_names_output_name(verb, tmp_path, tiny_model_dir):
+    """The file in the way is the run folder itself: output.name is what to change, not
+    output.dir (which is a folder)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "afile").write_text("x")
+    done = lorakit(verb, _recipe(tmp_path, tiny_model_dir), "output.name=afile")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "output.name" in done.stderr and "is a file, not a folder" in done.stderr, done.stderr
+    assert "set output.dir" not in done.stderr, done.stderr
+    assert "choose another output.name" in done.stderr, done.stderr
+    assert (runs / "afile").read_text() == "x"
+
+
 def test_a_dangling_link_as_output_name_is_a_clear_error_in_prepare(tmp_path, tiny_model_dir):
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -198,7 +198,7 @@ class RunDir:
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.refuse_a_link()
-        make_folder(self.path)
+        make_folder(self.path, run_folder=self.path)
         before = self._lock()
         restarted = before is not None or self.exists()
         try:

@@ -22,13 +22,23 @@ from lorakit.errors import RunError
 _NOT_SCANNED = frozenset({"checkpoints"})
 
 
-def make_folder(path: Path, key: str = "output.dir") -> None:
-    """``path`` and its parents, or a ``RunError`` saying why they cannot be made."""
+def make_folder(path: Path, key: str = "output.dir", run_folder: Path | None = None) -> None:
+    """``path`` and its parents, or a ``RunError`` saying why they cannot be made. A file in
+    the way at ``run_folder`` (the run folder itself, named by ``output.name``) or inside it
+    names ``output.name``; one above it, ``key``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         return
     except (NotADirectoryError, FileExistsError):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        if run_folder is not None and (blocker == run_folder or run_folder in blocker.parents):
+            raise RunError(
+                f"{blocker} is a file, not a folder, so the run folder {run_folder} cannot be "
+                "made there",
+                where="output.name",
+                fix=f"choose another output.name (e.g. output.name={run_folder.name}-run), "
+                "or move the file away",
+            ) from None
         raise RunError(
             f"{blocker} is a file, not a folder, so the run folder {path} cannot be made there",
             where=key,

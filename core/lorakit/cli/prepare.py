@@ -41,7 +41,7 @@ def run(args) -> int:
     for line in report.lines():
         print(line)
     folder = run.splits
-    make_folder(folder)
+    make_folder(folder, run_folder=run.path)
     refuse_links(run.path)  # splits are never written through a link planted in the folder
     write_splits(folder, splits)
     for name in ("train", "val", "test"):
