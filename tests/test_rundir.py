@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CHILD = """
 import sys, time
 from pathlib import Path
@@ -195,3 +197,33 @@ def test_a_run_json_that_is_not_an_object_is_a_clear_error(tmp_path, cli):
             assert code == 2, (verb, err)
             assert f"{run / 'run.json'}" in err and what in err, err
             assert "Traceback" not in out + err
+
+
+@pytest.mark.slow
+def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A user's own folder of the run's name is never claimed: its recipe.toml is not
+    replaced, nor its metrics.jsonl appended to. A folder `lorakit prepare` made (data/splits/
+    and nothing else) is still a run's to claim."""
+    from helpers import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file)
+    mine = tmp_path / "runs" / "userdir"
+    mine.mkdir(parents=True)
+    (mine / "recipe.toml").write_text("notes\n")
+    (mine / "metrics.jsonl").write_text('{"mine":1}\n')
+    before = sorted(p.name for p in mine.iterdir())
+    for verb in ("run", "prepare"):
+        code, out, err = cli(verb, recipe, "output.name=userdir", "train.max_steps=1")
+        assert code == 2 and "Traceback" not in out + err, err
+        assert "is not a run folder" in err and "metrics.jsonl, recipe.toml" in err, err
+        assert "output.name" in err and "fix:" in err, err
+        assert sorted(p.name for p in mine.iterdir()) == before, verb
+        assert (mine / "recipe.toml").read_text() == "notes\n"
+        assert (mine / "metrics.jsonl").read_text() == '{"mine":1}\n'
+    code, _, err = cli("prepare", recipe, "output.name=prepared")
+    assert code == 0, err
+    code, _, err = cli("run", recipe, "output.name=prepared", "train.max_steps=1")
+    assert code == 0, err
+    assert (tmp_path / "runs" / "prepared" / "run.json").is_file()

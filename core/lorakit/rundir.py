@@ -41,6 +41,8 @@ from lorakit.safe_files import make_folder, not_writable, refuse_links, write_te
 from lorakit.secrets import mask
 
 COMPLETE = MARKER  # written last in each checkpoint: "step N" and "run <run_id>"
+SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")  # data/splits/, by prepare and run
+BASELINE = "baseline"  # the base model's scores (evaluation.evaluate.BASELINE_DIR)
 # Claim files this process holds locked (path -> open descriptor), while its run runs.
 _HELD: dict[str, int] = {}
 # Settings a resume may change (prefixes of resolved keys): how long to train, how often to
@@ -198,6 +200,7 @@ class RunDir:
         metrics.jsonl is kept as metrics.attempt-N.jsonl.
         """
         self.refuse_a_link()
+        self.refuse_foreign()
         make_folder(self.path, run_folder=self.path)
         before = self._lock()
         restarted = before is not None or self.exists()
@@ -317,6 +320,45 @@ class RunDir:
                 "lorakit writes runs only inside output.dir",
                 fix="remove the link, or choose another output.name",
             )
+
+    def foreign_files(self) -> list[Path]:
+        """What this folder holds that no lorakit command wrote, when it is not a run's (no
+        run.json, no claim): anything but what ``lorakit prepare`` writes (``data/splits/``
+        with the split files) and the base model's scores a sweep copies in (``baseline/``).
+        Empty for a folder that does not exist, and for any run's folder."""
+        if not self.path.is_dir() or self.exists() or os.path.lexists(self.claim):
+            return []
+        foreign = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name == BASELINE and entry.is_dir() and not entry.is_symlink():
+                continue
+            if entry.name == "data" and entry.is_dir() and not entry.is_symlink():
+                for inner in sorted(entry.iterdir()):
+                    if inner.name != "splits" or not inner.is_dir() or inner.is_symlink():
+                        foreign.append(inner)
+                        continue
+                    foreign += [f for f in sorted(inner.iterdir()) if not _split_file(f)]
+                continue
+            foreign.append(entry)
+        return foreign
+
+    def refuse_foreign(self) -> None:
+        """An existing folder that is not a run's, nor one ``lorakit prepare`` made, holds
+        someone's files: a run there would replace its recipe.toml or append to its
+        metrics.jsonl, so it is refused before anything is written."""
+        foreign = self.foreign_files()
+        if not foreign:
+            return
+        refuse_links(self.path)  # a planted link is named as one, not as a stranger's file
+        shown = ", ".join(str(p.relative_to(self.path)) for p in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise RunError(
+            f"{self.path} is not a run folder: it holds files lorakit did not write ({shown}"
+            f"{more}), and a run would write over them",
+            where="output.name",
+            fix=f"choose another output.name (e.g. output.name={self.path.name}-run), or move "
+            "those files out of the folder",
+        )
 
     def _foreign_claim(self, what: str) -> RunError:
         return RunError(
@@ -548,6 +590,16 @@ def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
+
+
+def _split_file(path: Path) -> bool:
+    """A split file ``lorakit prepare`` writes (or its temporary, left by a kill)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return (
+        path.name in SPLIT_FILES
+        or re.fullmatch(r"\.(train|val|test)\.jsonl\.\d+\.tmp", path.name) is not None
+    )
 
 
 def _free_name(path: Path) -> Path:

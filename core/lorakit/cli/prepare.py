@@ -36,6 +36,7 @@ def run(args) -> int:
             fix=f"prepare the data for a new run under another name, e.g. "
             f"output.name={recipe.name}-2",
         )
+    run.refuse_foreign()  # someone's own folder: its files are not replaced
     report = DataReport()
     splits = load_splits(session.components.sources, recipe.data, recipe.recipe_dir, report)
     for line in report.lines():
