@@ -448,3 +448,19 @@ def test_the_val_splits_drops_are_reported_with_the_training_splits(tmp_path, ti
     assert val and train, report["dropped"]
     assert sum(val.values()) + sum(train.values()) <= 20  # the long ones, some in test
     assert "(val split)" in out + err
+
+
+def test_eval_steps_with_an_empty_val_split_is_a_warning_at_the_start(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """train.eval_steps with no val example evaluates nothing; it was accepted in silence."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "noval"')
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=1", "data.val_fraction=0", "train.eval_steps=1"
+    )
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if "warning: train.eval_steps" in line)
+    assert "val split is empty" in warning and "fix:" in warning and "val_fraction" in warning
+    assert err.index(warning) < err.index("run folder"), "said at the start, before training"
+    code, _, err = cli("run", recipe, "train.max_steps=1", "output.name=withval")
+    assert code == 0 and "warning: train.eval_steps" not in err, err

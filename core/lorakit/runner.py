@@ -210,6 +210,12 @@ def prepare_data(
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"
         )
+    if t.eval_steps and not val_rows:  # accepted, but the Trainer would evaluate nothing
+        say(
+            f"warning: train.eval_steps = {t.eval_steps} does nothing: the val split is empty, so "
+            "no eval loss is logged during training; fix: give the data a val split "
+            '(data.val_fraction, or records with "split": "val"), or leave train.eval_steps unset'
+        )
     if t.objective == "kto":  # unbalanced answers want weights (TRL warns alike)
         good = sum(r.desirable for r in train_rows)
         note = weight_note(good, len(train_rows) - good, t.desirable_weight, t.undesirable_weight)
