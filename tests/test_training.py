@@ -464,3 +464,27 @@ def test_eval_steps_with_an_empty_val_split_is_a_warning_at_the_start(
     assert err.index(warning) < err.index("run folder"), "said at the start, before training"
     code, _, err = cli("run", recipe, "train.max_steps=1", "output.name=withval")
     assert code == 0 and "warning: train.eval_steps" not in err, err
+
+
+def test_a_damaged_from_adapter_is_refused_before_the_run_folder_is_claimed(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A from_adapter whose lorakit.json is not JSON traced back (JSONDecodeError) after the new
+    run's folder was claimed; it is a one-line error naming the file, and no folder is made."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "first"')
+    assert cli("run", recipe, "train.max_steps=1")[0] == 0
+    meta = tmp_path / "runs" / "first" / "adapter" / "lorakit.json"
+    meta.write_text("{oops")
+    code, out, err = cli(
+        "run", recipe, "output.name=second", 'train.from_adapter="runs/first"', "train.max_steps=1"
+    )
+    assert code == 2 and "Traceback" not in out + err, err
+    assert f"{meta} is not valid JSON" in err and "train.from_adapter" in err and "fix:" in err
+    assert not (tmp_path / "runs" / "second").exists(), "nothing is written before the inputs"
+    meta.write_text("{}")
+    (meta.parent / "adapter_model.safetensors").write_bytes(b"cut")
+    code, _, err = cli(
+        "run", recipe, "output.name=second", 'train.from_adapter="runs/first"', "train.max_steps=1"
+    )
+    assert code == 2 and "adapter_model.safetensors" in err, err
+    assert not (tmp_path / "runs" / "second").exists()

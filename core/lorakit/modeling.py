@@ -281,7 +281,6 @@ def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
     """``train.from_adapter``, resolved: a run folder's ``adapter/`` or an adapter folder
     (relative to the recipe file), checked to exist and (with ``ref``) to have been trained on
     this base model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
-    import json
 
     spec = recipe.train.from_adapter
     if spec is None:
@@ -301,9 +300,23 @@ def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
         )
     meta_file = folder / "lorakit.json"
     if ref is not None and meta_file.is_file():
-        trained_on = json.loads(meta_file.read_text(encoding="utf-8")).get("base_model_path")
-        same = not trained_on or not Path(trained_on).exists() or not Path(ref.path).exists()
-        if not same and Path(trained_on).resolve() != Path(ref.path).resolve():
+        from lorakit.rundir import read_json
+
+        try:
+            recorded = read_json(meta_file).get("base_model_path")
+        except RunError as exc:  # damaged: one line naming the file, no JSONDecodeError
+            raise RunError(
+                f"train.from_adapter: {exc.message}",
+                fix="copy the adapter folder again from the run that trained it, or point "
+                "train.from_adapter at another adapter",
+            ) from None
+        trained_on = recorded if isinstance(recorded, str) and recorded else None
+        if (
+            trained_on is not None
+            and Path(trained_on).exists()
+            and Path(ref.path).exists()
+            and Path(trained_on).resolve() != Path(ref.path).resolve()
+        ):
             raise RunError(
                 f"train.from_adapter: {folder} was trained on {trained_on}, this recipe's "
                 f"model is {ref.path}",

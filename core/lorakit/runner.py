@@ -69,6 +69,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     import transformers
 
     from lorakit.device import malloc_mode
+    from lorakit.modeling import start_adapter_dir
 
     transformers.logging.set_verbosity_error()
     run = RunDir(recipe.run_dir)
@@ -79,6 +80,7 @@ def _run(recipe: Recipe, components: Components, resume: str | None, loggers: Lo
     data = prepare_data(recipe, components, run, start, device)
     compute_dtype = components.quant.compute_dtype(device)  # what `auto` picks on this machine
     reference = resolve_reference(recipe, compute_dtype, start)
+    start_adapter_dir(recipe, data.ref)  # so are train.from_adapter's files
     claim_run(run, recipe, components, data, start, loggers, reference, compute_dtype)
     transformers.set_seed(recipe.train.seed)  # LoRA init, dropout and data order draw from it
     base = load_for_training(
