@@ -155,8 +155,8 @@ def test_a_checkpoint_from_another_run_is_skipped_and_refused(
     skipped.clear()
     chosen = host.resolve_checkpoint("auto", on_skip=lambda c, why: skipped.append((c.name, why)))
     assert chosen.name == "checkpoint-2" and "another run" in skipped[0][1]
-    code, _, err = cli(
-        "run", recipe, "train.max_steps=2", *COMMON, "--resume-from-checkpoint", "auto"
+    code, _, err = cli(  # max_steps 3: checkpoint-3 is not past the end, only foreign
+        "run", recipe, "train.max_steps=3", *COMMON, "--resume-from-checkpoint", "auto"
     )
     assert code == 0 and "skipping checkpoint-3: it was written by another run" in err, err
 

@@ -4,6 +4,7 @@ resume, and run-folder safety."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,35 @@ def test_a_damaged_from_adapter_is_refused_before_the_run_folder_is_claimed(
     )
     assert code == 2 and "adapter_model.safetensors" in err, err
     assert not (tmp_path / "runs" / "second").exists()
+
+
+def test_resuming_to_a_lower_max_steps_never_keeps_steps_past_it(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A run killed after checkpoint-4 and resumed with train.max_steps=3 (a constant schedule
+    may change length) kept checkpoint-4's adapter: global_step 4 under max_steps 3."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "shrink"')
+    common = ('train.lr_scheduler_type="constant"', "train.save_steps=2")
+    assert cli("run", recipe, "train.max_steps=4", *common)[0] == 0
+    run = tmp_path / "runs" / "shrink"
+    shutil.rmtree(run / "adapter")  # as if killed while saving the adapter
+    (run / "eval_report.json").unlink()
+    named = run / "checkpoints" / "checkpoint-4"
+    code, out, err = cli(
+        "run", recipe, "train.max_steps=3", *common, "--resume-from-checkpoint", named
+    )
+    assert code == 2 and "Traceback" not in out + err, err
+    assert "is past train.max_steps = 3" in err and "checkpoint-2" in err.split("fix:")[1], err
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=1", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 2 and "no complete checkpoint is at or below step 1" in err, err
+    assert not (run / "adapter").exists()
+    code, _, err = cli(
+        "run", recipe, "train.max_steps=3", *common, "--resume-from-checkpoint", "auto"
+    )
+    assert code == 0, err
+    assert "skipping checkpoint-4: it is past train.max_steps = 3" in err, err
+    assert "from checkpoint-2" in err and "not training" not in err, err
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["global_step"] == 3

@@ -525,10 +525,15 @@ class RunDir:
         return [d for _, d in sorted(found, reverse=True)]
 
     def resolve_checkpoint(
-        self, spec: str, on_skip: Callable[[Path, str], None] | None = None
+        self,
+        spec: str,
+        on_skip: Callable[[Path, str], None] | None = None,
+        last_step: int | None = None,
     ) -> Path:
         """``auto`` -> the newest complete checkpoint of this run whose files read back (a
         damaged one is skipped, and ``on_skip`` told why); else an explicit folder, verified.
+        ``last_step``: the run's new ``train.max_steps``; a checkpoint past it is skipped by
+        ``auto`` and refused when named (its adapter has trained past the end).
         A run folder holding planted links is refused before anything in it is read."""
         refuse_links(self.path)
         if spec == "auto":
@@ -541,6 +546,13 @@ class RunDir:
             if on_skip is not None:
                 for unfinished in self._unfinished_after(done[-1] if done else None):
                     on_skip(unfinished, f"no {COMPLETE} marker (its save was interrupted)")
+            past = [d for d in done if last_step is not None and _step_of(d) > last_step]
+            done = [d for d in done if d not in past]
+            for later in reversed(past):
+                if on_skip is not None:
+                    on_skip(later, f"it is past train.max_steps = {last_step}")
+            if past and not done:
+                raise self._past_the_end(past[0], last_step)
             for candidate in reversed(done):
                 problem = checkpoint_problem(candidate, self.run_id())
                 if problem is None:
@@ -579,7 +591,31 @@ class RunDir:
                 f"checkpoint {path} is damaged: {problem}",
                 fix="resume from an earlier checkpoint, or use --resume-from-checkpoint auto",
             )
+        if last_step is not None and _step_of(path) > last_step:
+            raise self._past_the_end(path, last_step)
         return path
+
+    def _past_the_end(self, checkpoint: Path, last_step: int | None) -> RunError:
+        """A checkpoint past the new ``train.max_steps``: resuming it would keep steps the run
+        no longer has. The fix names the newest complete checkpoint at or below it, if any."""
+        below = [d for d in self.complete_checkpoints() if _step_of(d) <= (last_step or 0)]
+        if below:
+            fix = (
+                f"resume from {below[-1]} (the newest complete checkpoint at or below step "
+                f"{last_step}; --resume-from-checkpoint auto picks it), or keep train.max_steps "
+                f"at {_step_of(checkpoint)} or more"
+            )
+        else:
+            fix = (
+                f"no complete checkpoint is at or below step {last_step}: keep train.max_steps "
+                f"at {_step_of(checkpoint)} or more, or train {last_step} steps as a new run "
+                f"(output.name={self.path.name}-2)"
+            )
+        return RunError(
+            f"checkpoint {checkpoint} is past train.max_steps = {last_step} (step "
+            f"{_step_of(checkpoint)}): resuming it would keep an adapter trained past the end",
+            fix=fix,
+        )
 
 
 def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -590,6 +626,11 @@ def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
+
+
+def _step_of(checkpoint: Path) -> int:
+    """N of a ``checkpoint-N`` folder (its trainer_state.json is checked to agree)."""
+    return int(checkpoint.name.rpartition("-")[2])
 
 
 def _split_file(path: Path) -> bool:

@@ -543,7 +543,16 @@ def train(
         say(f"engine: {running}")
     checkpoint = start.checkpoint
     done = checkpoint_step(checkpoint) if checkpoint else 0
-    if checkpoint and done >= planned_steps(trainer):
+    planned = planned_steps(trainer)
+    if checkpoint and done > planned:  # fewer epochs than the checkpoint has trained
+        raise RunError(
+            f"{checkpoint.name} is past the {planned} steps train.num_train_epochs = "
+            f"{recipe.train.num_train_epochs} comes to: resuming it would keep an adapter "
+            "trained past the end",
+            fix="resume with the run's num_train_epochs, or train the shorter run as a new one "
+            f"(output.name={run.path.name}-2)",
+        )
+    if checkpoint and done >= planned:
         # The run was stopped after its last step (while saving the adapter or evaluating):
         # finish what is missing, train nothing more.
         say(f"{checkpoint.name} is the last step ({done}): not training, finishing the run")
@@ -761,8 +770,11 @@ def _find_checkpoint(
     and what the run.json recorded at the start: the reference mode and the compute dtype
     (None where it has none), the micro-batch merge (0 where it has none) and the prefix
     sharing (False where it has none)."""
+    steps = recipe.train.max_steps
     checkpoint = run.resolve_checkpoint(
-        spec, on_skip=lambda c, why: say(f"skipping {c.name}: {why}")
+        spec,
+        on_skip=lambda c, why: say(f"skipping {c.name}: {why}"),
+        last_step=steps if steps > 0 else None,  # epochs: checked once the trainer counts them
     )
     changed = run.resume_changes(recipe.resolved())
     started_by = read_json(run.run_json)
