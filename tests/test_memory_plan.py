@@ -400,3 +400,28 @@ def test_a_pair_objectives_micro_batch_holds_both_sides(tmp_path, tiny_model_dir
     assert res.returncode == 0, res.stderr
     assert "pairs, both sides" in res.stdout
     assert "HEAVY:\n" in res.stderr, "plan must not import torch/transformers"
+
+
+@pytest.mark.slow
+def test_plan_with_from_adapter_counts_the_adapters_own_shape(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A from_adapter run trains the adapter it loads, with that adapter's r and targets;
+    plan (and run's start-up check) counted [peft]'s instead (r=64: 16x the parameters)."""
+    import re
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "sft"')
+    assert cli("run", recipe, "train.max_steps=1")[0] == 0
+    own = run_probe("plan", str(recipe), cwd=tmp_path)
+    assert own.returncode == 0, own.stderr
+    res = run_probe("plan", str(recipe), 'train.from_adapter="runs/sft"', "peft.r=64", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY:\n" in res.stderr, "plan must not import torch/transformers"
+
+    def trainable(out: str) -> str:
+        return re.search(r"([\d,]+) trainable", out).group(1)  # type: ignore[union-attr]
+
+    assert trainable(res.stdout) == trainable(own.stdout), res.stdout
+    assert "r=64" not in res.stdout and "train.from_adapter's own" in res.stdout, res.stdout
+    wide = run_probe("plan", str(recipe), "peft.r=64", cwd=tmp_path)
+    assert trainable(wide.stdout) != trainable(own.stdout)

@@ -277,11 +277,10 @@ def load_adapter(model: Any, adapter_dir: Path, *, trainable: bool = False) -> A
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
-    """``train.from_adapter``, resolved: a run folder's ``adapter/`` or an adapter folder
-    (relative to the recipe file), checked to exist and (with ``ref``) to have been trained on
-    this base model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
-
+def from_adapter_folder(recipe: Any) -> Path | None:
+    """``train.from_adapter``'s adapter folder (a run folder's ``adapter/``, or the folder
+    itself; relative to the recipe file), checked to hold an ``adapter_config.json``; None
+    when the recipe starts from a fresh adapter. No torch: ``lorakit plan`` reads it too."""
     spec = recipe.train.from_adapter
     if spec is None:
         return None
@@ -298,6 +297,16 @@ def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
             fix="point it at a finished run folder (runs/NAME) or an adapter folder "
             "(with adapter_config.json); the path is relative to the recipe file",
         )
+    return folder
+
+
+def start_adapter_dir(recipe: Any, ref: ModelRef | None) -> Path | None:
+    """``train.from_adapter``, resolved: a run folder's ``adapter/`` or an adapter folder
+    (relative to the recipe file), checked to exist and (with ``ref``) to have been trained on
+    this base model (its ``lorakit.json``); None when the recipe starts from a fresh adapter."""
+    folder = from_adapter_folder(recipe)
+    if folder is None:
+        return None
     meta_file = folder / "lorakit.json"
     if ref is not None and meta_file.is_file():
         from lorakit.rundir import read_json

@@ -211,6 +211,8 @@ def plan_recipe(
     shape = shape_from_config(model_config(components.model_source, recipe.model.name))
     quant = _spec(components.quant, "quant", recipe.quant.name)
     peft = _spec(components.peft, "peft", recipe.peft.name)
+    if recipe.train.from_adapter is not None:  # its own LoRA shape trains; [peft] is not used
+        peft.update(start_adapter_shape(recipe))
     dtype = quant.get("dtype", "auto")
     if dtype == "auto":
         dtype = _auto_dtype(device)
@@ -246,6 +248,41 @@ def plan_recipe(
         merged=merge,
     )
     return make_plan(inputs), note
+
+
+def start_adapter_shape(recipe: Recipe) -> dict[str, Any]:
+    """What decides the size of the adapter a ``train.from_adapter`` run trains, from that
+    adapter's ``adapter_config.json`` (the run loads it with its own settings, not [peft]'s):
+    ``r``, ``alpha``, ``targets`` and ``dora``, as the PEFT plugins' ``memory_spec`` names them.
+    Read as JSON: no torch."""
+    from lorakit.modeling import from_adapter_folder
+    from lorakit.rundir import read_json
+
+    folder = from_adapter_folder(recipe)  # one with adapter_config.json, or a RunError
+    assert folder is not None
+    config_file = folder / "adapter_config.json"
+    config = read_json(config_file)
+    r, targets = config.get("r"), config.get("target_modules")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise RunError(
+            f"{config_file}: r is {r!r}, not a LoRA rank",
+            where="train.from_adapter",
+            fix="copy the adapter again from the run that trained it",
+        )
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        targets = tuple(sorted(targets))
+    elif not isinstance(targets, str):
+        raise RunError(
+            f"{config_file}: target_modules is {targets!r}, not module names",
+            where="train.from_adapter",
+            fix="copy the adapter again from the run that trained it",
+        )
+    return {
+        "r": r,
+        "alpha": config.get("lora_alpha", r),
+        "targets": targets,
+        "dora": bool(config.get("use_dora", False)),
+    }
 
 
 # The rows of `lorakit plan`'s base-weights table: (scheme, double quant, label).

@@ -73,7 +73,9 @@ def run(args) -> int:
     )
     print(
         f"parameters: {plan.total:,} total, {plan.trainable:,} trainable "
-        f"({100 * plan.trainable / plan.total:.3f}%, r={i.r}, {i.targets})"
+        f"({100 * plan.trainable / plan.total:.3f}%, r={i.r}, {i.targets}"
+        + (", train.from_adapter's own" if session.recipe.train.from_adapter else "")
+        + ")"
     )
     if plan.unmatched:
         print(f"  warning: target modules {plan.unmatched} match no linear layer of this layout")
