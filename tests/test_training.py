@@ -521,3 +521,42 @@ def test_resuming_to_a_lower_max_steps_never_keeps_steps_past_it(
     assert "from checkpoint-2" in err and "not training" not in err, err
     meta = json.loads((run / "adapter" / "lorakit.json").read_text())
     assert meta["global_step"] == 3
+
+
+def test_a_resumed_runs_metrics_are_the_uninterrupted_runs(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """Killed after checkpoint-4's steps were logged but before checkpoint-4 was kept, a run
+    resumes from checkpoint-2: its metrics.jsonl logged steps 3 and 4 twice and a summary
+    whose train_loss covered the resumed steps only. Now it is the uninterrupted log, and the
+    earlier attempt's whole log is kept aside."""
+    from lorakit.evaluation.plot import read_curves
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "m"')
+    common = ("train.max_steps=4", "train.save_steps=2", 'train.lr_scheduler_type="constant"')
+    assert cli("run", recipe, *common)[0] == 0
+    run = tmp_path / "runs" / "m"
+    whole = (run / "metrics.jsonl").read_text()
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    (run / "eval_report.json").unlink()
+    code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
+    assert code == 0 and "from checkpoint-2" in err, err
+    assert (run / "metrics.attempt-1.jsonl").read_text() == whole, "nothing logged is lost"
+    before = [json.loads(line) for line in whole.splitlines()]
+    after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in after] == [r["step"] for r in before] == [1, 2, 3, 4, 4]
+    assert [r.get("loss") for r in after] == [r.get("loss") for r in before]  # exact resume
+    assert after[-1]["train_loss"] == pytest.approx(before[-1]["train_loss"], rel=1e-9)
+    train, _ = read_curves(run / "metrics.jsonl")
+    assert [s for s, _ in train] == [1, 2, 3, 4], "the loss plot has each step once"
+    # a log that does not reach the checkpoint's step: no whole-run mean, said, not a wrong one
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    (run / "eval_report.json").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines(True)
+    (run / "metrics.jsonl").write_text(lines[0])  # step 2's record lost
+    code, _, err = cli("run", recipe, *common, "--resume-from-checkpoint", "auto")
+    assert code == 0 and "train_loss left out of the summary" in err, err
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "train_runtime" in last and "train_loss" not in last

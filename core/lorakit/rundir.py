@@ -11,7 +11,8 @@ Layout::
     versions.json        versions of the training stack
     data_report.json     counts per source, skips and drops with reasons, data fingerprint
     data/splits/         train/val/test.jsonl (lorakit prepare, and every run)
-    metrics.jsonl        one JSON object per logged step (loss, lr, grad norm, eval loss)
+    metrics.jsonl        one JSON object per logged step (loss, lr, grad norm, eval loss); a
+                         resume keeps it up to its checkpoint (the rest: metrics.attempt-N.jsonl)
     checkpoints/checkpoint-N/   trainer checkpoints; LORAKIT_COMPLETE (step, run id) written last
     adapter/             the final adapter + tokenizer (+ chat template)
 
@@ -480,6 +481,42 @@ class RunDir:
         )
         write_json(self.run_json, info)
 
+    def keep_metrics_until(self, step: int) -> Path | None:
+        """A resume from the checkpoint of ``step`` continues the log from there: the earlier
+        attempts' records after it (steps trained again now, and their summary) would be
+        logged twice. The whole earlier log is kept as ``metrics.attempt-N.jsonl`` (nothing
+        logged is lost) and ``metrics.jsonl`` keeps its records up to ``step``; returns the
+        kept file, or None when nothing was past ``step``."""
+        if not self.metrics.is_file():
+            return None
+        lines = self.metrics.read_text(encoding="utf-8", errors="replace").splitlines(True)
+        kept = [ln for ln in lines if _logged_at_or_before(ln, step)]
+        if len(kept) == len(lines):
+            return None
+        aside = _free_name(self.metrics)
+        os.replace(self.metrics, aside)
+        write_text(self.metrics, "".join(kept))
+        return aside
+
+    def logged_loss_sum(self, step: int) -> float | None:
+        """The summed training loss of steps 1..``step`` from ``metrics.jsonl``: each logged
+        ``loss`` is the mean over the steps since the one logged before it. None when the
+        logged losses do not cover exactly those steps (no loss logged at ``step`` itself,
+        because logging_steps does not divide it, or records missing)."""
+        records = metric_records(self.metrics) if self.metrics.is_file() else []
+        losses = {
+            r["step"]: float(r["loss"])
+            for r in records
+            if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))
+        }
+        if step not in losses:
+            return None
+        total, before = 0.0, 0
+        for at in sorted(k for k in losses if k <= step):
+            total += losses[at] * (at - before)
+            before = at
+        return total
+
     def version_changes(self) -> dict[str, tuple[Any, Any]]:
         """Packages whose installed versions differ from the run's ``versions.json``."""
         if not self.versions.is_file():
@@ -626,6 +663,17 @@ def flatten_keys(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
+
+
+def _logged_at_or_before(line: str, step: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is a record of ``step`` or earlier (a line cut short
+    by a kill is not: it stays only in the attempt's file)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    at = record.get("step") if isinstance(record, dict) else None
+    return isinstance(at, int) and not isinstance(at, bool) and at <= step
 
 
 def _step_of(checkpoint: Path) -> int:

@@ -309,6 +309,16 @@ def claim_run(
                 batch=data.batch,
                 compute_dtype=dtype,
             )
+            from lorakit.checkpoints import checkpoint_step
+
+            done = checkpoint_step(start.checkpoint)
+            aside = run.keep_metrics_until(done)  # its steps after the checkpoint run again
+            if aside is not None:
+                say(
+                    f"metrics.jsonl continues from step {done}; the earlier attempt's whole "
+                    f"log is kept as {aside.name}"
+                )
+            loggers.resumed = (done, run.logged_loss_sum(done))
             for key, (old, new) in start.changed.items():
                 say(f"resume changes {key}: {old!r} -> {new!r}")
             if start.compute_dtype and start.compute_dtype != dtype:

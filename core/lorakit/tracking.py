@@ -128,6 +128,9 @@ class Loggers:
         self.say = say
         self.closed = False
         self.metrics_file: Path | None = None  # the run's metrics.jsonl, once open
+        # a resumed run: (the checkpoint's step, the summed loss of the steps up to it, None
+        # where the log cannot tell), so the summary's train_loss covers every step
+        self.resumed: tuple[int, float | None] | None = None
 
     def open(self, loggers: Mapping[str, Any], run: LogRun) -> None:
         self.metrics_file = RunDir(run.run_dir).metrics  # created by the first record
@@ -149,6 +152,8 @@ class Loggers:
         """One logged step: appended to metrics.jsonl here and now (complete whenever the run
         reads it), then queued to every logger."""
         wall_time = time.time()
+        if "train_loss" in metrics and self.resumed is not None:
+            metrics = self._whole_run_loss(step, metrics)
         if self.metrics_file is not None:
             # a diverged loss or grad norm (NaN, inf) as null: every line stays JSON
             line = json_text(metrics_record(step, metrics, wall_time)) + "\n"
@@ -167,6 +172,24 @@ class Loggers:
         self._all("log_metrics", step, dict(metrics), wall_time)
         for watcher in list(_WATCHERS):
             watcher(step, metrics)
+
+    def _whole_run_loss(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The Trainer's summary after a resume: its ``train_loss`` is the mean over the steps
+        this session trained; made the mean over all of the run's steps, or left out (and
+        said) where the earlier steps' losses are not all in the log."""
+        assert self.resumed is not None
+        done, earlier = self.resumed
+        out = dict(metrics)
+        if earlier is None or step <= done:
+            del out["train_loss"]
+            self.say(
+                "note: train_loss left out of the summary: the steps before the resumed "
+                "checkpoint are not all in metrics.jsonl (logging_steps does not divide its "
+                "step), so no mean over the whole run can be given"
+            )
+        else:
+            out["train_loss"] = (float(metrics["train_loss"]) * (step - done) + earlier) / step
+        return out
 
     def log_final(self, step: int, metrics: Mapping[str, float]) -> None:
         if metrics:
