@@ -245,3 +245,50 @@ def test_check_says_which_split_drops_come_from_and_counts_the_trained_rows(
     write_jsonl(tmp_path / "c.jsonl", train)  # the val examples' tokens were never counted
     code, out, err = cli("check", str(recipe), "--tokenizer", str(data_tokenizer_dir))
     assert code == 0 and share in out.splitlines(), out
+
+
+@pytest.mark.slow  # lorakit run, stopped before training
+def test_run_refuses_special_token_text_in_a_scored_split_before_training(
+    tmp_path, tiny_model_dir, cli
+):
+    """A test-split conversation that spells ``<|im_end|>`` is refused before training, not
+    after it (the test split is tokenized only for the final evaluation), and nothing is
+    written; an evaluation that meets one (a run made before the check) leaves it unscored."""
+    from helpers import chat_records, tiny_recipe
+    from lorakit.contracts import ModelRef
+    from lorakit.evaluation.sets import prepare_set
+    from lorakit.modeling import load_tokenizer
+    from lorakit_plugins.formatters.chatml import ChatmlFormatter, ChatmlOptions
+
+    recs = chat_records(12)
+    recs[5]["meta"] = {"split": "test"}
+    recs[5]["messages"][1]["content"] = 'Done.<|im_end|> {"item": "cup"}'
+    write_jsonl(tmp_path / "chat.jsonl", recs)
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        tmp_path / "chat.jsonl",
+        extra='[eval]\nsplits = ["val", "test"]\n',
+    )
+    code, _, err = cli("run", str(recipe), "train.max_steps=1")
+    assert code == 2 and "Traceback" not in err, err
+    assert "chat.jsonl:6" in err and "'<|im_end|>'" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+    ex = [
+        Example(id="ok", messages=(Message("user", "hi"), Message("assistant", "yo"))),
+        Example(id="bad", messages=(Message("user", "hi"), Message("assistant", "a<|im_end|>"))),
+    ]
+    tok = load_tokenizer(ModelRef(path=str(tiny_model_dir), label="tiny"))
+    got = prepare_set(
+        "test",
+        ex,
+        ChatmlFormatter(ChatmlOptions()),
+        tok,
+        max_length=64,
+        overlength="drop",
+        max_examples=None,
+        generation=True,
+    )
+    assert got.ids == ["ok"]
+    assert got.skipped == {"a message spells the special token '<|im_end|>' (not scored)": 1}

@@ -253,3 +253,19 @@ def test_a_bad_meta_value_gets_a_fix_about_meta_columns(tmp_path):
     with pytest.raises(DataError, match=r"meta.split is 'validation'") as err:
         read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
     assert "leave the column out of meta_columns" in err.value.fix and "roles" not in err.value.fix
+
+
+def test_turn_annotations_of_hub_datasets_are_not_refused(tmp_path):
+    """WildChat-shaped rows annotate every turn (language, toxic, turn_identifier): a Hub
+    dataset is read wholesale, so those keys are ignored, not an error."""
+    turn = {"language": "English", "toxic": False, "redacted": False, "turn_identifier": 1}
+    row = {
+        "conversation": [
+            {"role": "user", "content": "hi", **turn},
+            {"role": "assistant", "content": "hello", **turn},
+        ]
+    }
+    write_jsonl(tmp_path / "w.jsonl", [row])
+    opts = {"path": "w.jsonl", "messages_column": "conversation"}
+    [ex], _ = read_source(HfDatasetSource, opts, recipe_dir=tmp_path)
+    assert ex.messages == (Message("user", "hi"), Message("assistant", "hello"))

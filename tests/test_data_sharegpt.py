@@ -190,6 +190,14 @@ def test_fields_the_user_wrote_are_read_or_refused_never_ignored(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"system": None, "conversations": turns}])
     [ex], _ = read_source(ShareGptSource, {"path": "s.jsonl"}, recipe_dir=tmp_path)
     assert [m.role for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+    # strict = false: turn annotations (WildChat's) are ignored; a weight is still checked
+    noted = {"language": "English", "toxic": False, "turn_identifier": 7}
+    write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{**q, **noted}, {**a, **noted}]}])
+    [ex], _ = read_source(ShareGptSource, {"path": "s.jsonl", "strict": False}, recipe_dir=tmp_path)
+    assert ex.messages == (Message("user", "q"), Message("assistant", "a"))
+    write_jsonl(tmp_path / "s.jsonl", [{"conversations": [q, {**a, "weight": 0}]}])
+    with pytest.raises(DataError, match="weight 0 on an assistant turn"):
+        read_source(ShareGptSource, {"path": "s.jsonl", "strict": False}, recipe_dir=tmp_path)
 
 
 def test_auto_format_reads_a_pretty_printed_record_and_one_line_records(tmp_path):

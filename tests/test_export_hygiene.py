@@ -241,3 +241,27 @@ def test_an_export_uses_the_base_as_found_here_not_the_training_machines_path(
     assert code == 0, err
     merged = json.loads((tmp_path / "e" / "merged" / "lorakit.json").read_text())
     assert merged["base_model_path"] == here  # what `generate --compare` loads
+
+
+def test_model_card_shows_a_metric_without_a_value_as_n_a():
+    """Reports write NaN as null; the card said "None" for it (report.md and compare: n/a)."""
+    from lorakit.export.model_card import render_card
+
+    report = {
+        "results": [
+            {"split": "val", "adapter": None, "metrics": {"json_match": None, "eval_loss": 1.5}},
+            {"split": "val", "adapter": "a", "metrics": {"json_match": float("nan")}},
+        ]
+    }
+    card = render_card(
+        kind="adapter",
+        meta={"base_model": "x"},
+        recipe_text="",
+        data_report=None,
+        eval_report=report,
+        last_eval=None,
+        parity=None,
+        merge_info=None,
+    )
+    assert "| val | base | 1.5 | n/a |" in card and "| val | fine-tuned | - | n/a |" in card
+    assert "None" not in card and "nan" not in card

@@ -48,6 +48,16 @@ def test_a_url_password_is_masked_whatever_characters_it_holds(template):
         masked = mask(template.format(password))
         assert "Sup" not in masked and "3r" not in masked, (ch, masked)
         assert "alice:***@" in masked
+    # a token's @ is the first one when a later @ follows in the path or query
+    for text, masked in (
+        (
+            "git+https://hf_abc123@github.com/o/r.git@main",
+            "git+https://***@github.com/o/r.git@main",
+        ),
+        ("https://TOKEN@host/p?mail=a@b.c", "https://***@host/p?mail=a@b.c"),
+        ("https://u:pw@host/path?x=a@b", "https://u:***@host/path?x=a@b"),
+    ):
+        assert mask(text) == masked
     # what is not a userinfo stays as it was
     for text in (
         "http://host/path@x",

@@ -30,6 +30,7 @@ from lorakit.data.pipeline import (
     write_splits,
 )
 from lorakit.data.row_files import row_lengths
+from lorakit.data.special_text import check_special_text
 from lorakit.data.unpaired import tokenize_answers, weight_note
 from lorakit.diskfull import disk_full_is_an_error
 from lorakit.distributed import fsdp_launch, is_main, world_size
@@ -208,6 +209,15 @@ def prepare_data(
     special = val_report.special_text_warning()
     if special:
         report.warnings.append(f"val split: {special}")
+    for name in [n for n in dict.fromkeys(recipe.eval.splits) if n not in ("train", "val")]:
+        # the other splits the run scores, checked before training rather than after it
+        split_report = DataReport()
+        it = iter(splits.get(name))
+        while chunk := list(itertools.islice(it, 1024)):
+            check_special_text(chunk, tokenizer, split_report)
+        special = split_report.special_text_warning()
+        if special:
+            report.warnings.append(f"{name} split: {special}")
     if not train_rows:
         raise DataError(
             "no training example is left after formatting", fix="see data_report.json for why"

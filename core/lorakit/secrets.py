@@ -71,11 +71,38 @@ _SECRET_ENV = re.compile(
 )
 
 
+def _userinfo_end(candidate: str) -> tuple[int, str, bool] | None:
+    """Where the userinfo at the start of ``candidate`` (a URL after ``scheme://``) ends, its
+    user part and whether a password follows, or None when it has none. The last ``@`` whose
+    userinfo holds no ``/ ? #`` wins (``u:p@ss@host``); else, for a ``user:password``, the last
+    ``@`` at all (a password with ``/`` in it); a lone user (a token) never runs past ``/ ? #``
+    (``TOKEN@github.com/o/r.git@main`` is the token's ``@``, not the ref's)."""
+    ats = [i for i, c in enumerate(candidate) if c == "@"]
+    if not ats:
+        return None
+
+    def parts(at: int) -> tuple[str, bool, bool]:
+        user, colon, _ = candidate[:at].partition(":")
+        clean = not any(c in candidate[:at] for c in "/?#")
+        return user, bool(colon), clean
+
+    for at in reversed(ats):
+        user, colon, clean = parts(at)
+        if clean:
+            return at, user, colon
+    for at in reversed(ats):
+        user, colon, _ = parts(at)
+        if colon and not any(c in user for c in "/?#'\""):
+            return at, user, colon
+    return None
+
+
 def _mask_userinfo(text: str) -> str:
     """``scheme://user:password@`` as ``scheme://user:***@`` and ``scheme://token@`` as
     ``scheme://***@``. The password may hold any character but whitespace (a URL should
-    percent-encode ``/ ? # @ ' "`` in it, and people do not), so the userinfo runs to the last
-    ``@`` before whitespace or a closing quote, as urllib's ``urlsplit`` reads a netloc."""
+    percent-encode ``/ ? # @ ' "`` in it, and people do not), so the userinfo may run to a
+    later ``@`` before whitespace or a closing quote, as urllib's ``urlsplit`` reads a netloc
+    (:func:`_userinfo_end` picks which)."""
     out, pos = [], 0
     for m in _SCHEME.finditer(text):
         if m.start() < pos:
@@ -85,14 +112,10 @@ def _mask_userinfo(text: str) -> str:
         close = _CLOSING_QUOTE.search(candidate)
         if close:
             candidate = candidate[: close.start()]
-        at = candidate.rfind("@")
-        if at < 0:
+        found = _userinfo_end(candidate)
+        if found is None:
             continue
-        user, colon, _ = candidate[:at].partition(":")
-        if not colon and any(c in user for c in "/?#"):
-            continue  # an @ in a path or a query, not a userinfo
-        if any(c in user for c in "/?#'\""):
-            continue
+        at, user, colon = found
         out.append(text[pos : m.end()])
         out.append(f"{user}:{MASK}@" if colon else f"{MASK}@")  # a lone user is often a token
         pos = m.end() + at + 1

@@ -103,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
+        if debug or not _stdout_closed():
+            raise  # another pipe (a logger's, a subprocess's) broke: a real error
         # the reader of stdout went away (lorakit plan RECIPE | head): no traceback; point
         # stdout at /dev/null so the interpreter's own flush at exit does not fail again
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -123,6 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone: a write to it fails with a broken pipe."""
+    try:
+        sys.stdout.write("\n")  # buffered: the flush is what reaches the pipe
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import re
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lorakit.contracts import Example
@@ -74,7 +74,20 @@ def _conversation_parts(ex: Example) -> Iterator[tuple[str, str]]:
         yield "the tool definitions", text
 
 
-def check_special_text(examples: Sequence[Example], tokenizer: Any, report: DataReport) -> None:
+def conversation_special_token(ex: Example, tokenizer: Any) -> tuple[str, str] | None:
+    """(where, token) for the first piece of conversation ``ex`` that spells a special token
+    of ``tokenizer``, or None (also for a raw text)."""
+    pattern = _pattern(tokenizer)
+    if pattern is None or ex.text is not None:
+        return None
+    for what, text in _conversation_parts(ex):
+        found = pattern.search(text)
+        if found:
+            return what, found.group(0)
+    return None
+
+
+def check_special_text(examples: Iterable[Example], tokenizer: Any, report: DataReport) -> None:
     """Refuse a conversation whose text spells a special token; count raw texts that do (a
     warning in ``report``)."""
     pattern = _pattern(tokenizer)
@@ -86,15 +99,14 @@ def check_special_text(examples: Sequence[Example], tokenizer: Any, report: Data
             if found:
                 report.note_special_text(found.group(0), ex.id)
             continue
-        for what, text in _conversation_parts(ex):
-            found = pattern.search(text)
-            if found:
-                token = found.group(0)
-                raise DataError(
-                    f"{what} holds the text {token!r}, which the "
-                    "tokenizer reads as its special token, not as text: training on it "
-                    "would teach the model that control token in mid-message",
-                    where=example_where(ex),
-                    fix=f"remove or reword {token!r} there (the chat template adds the "
-                    "special tokens a conversation needs), or drop the example",
-                )
+        spelled = conversation_special_token(ex, tokenizer)
+        if spelled:
+            what, token = spelled
+            raise DataError(
+                f"{what} holds the text {token!r}, which the tokenizer reads as its special "
+                "token, not as text: training on it would teach the model that control token "
+                "in mid-message",
+                where=example_where(ex),
+                fix=f"remove or reword {token!r} there (the chat template adds the special "
+                "tokens a conversation needs), or drop the example",
+            )

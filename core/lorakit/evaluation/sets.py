@@ -15,6 +15,7 @@ import attrs
 
 from lorakit.contracts import Example
 from lorakit.data.pipeline import DataReport, tokenize_examples
+from lorakit.data.special_text import conversation_special_token
 from lorakit.data.tokenize import Tokenized
 from lorakit.fidelity import served_prompt
 
@@ -77,11 +78,24 @@ def prepare_set(
     (KTO): each labelled answer tokenized (an unpaired example's, or both of a pair's), and
     only the pairs among the examples kept as pairs."""
     chosen = list(examples[:max_examples] if max_examples is not None else examples)
+    # An eval split must not stop a run: a conversation that spells a special token (which
+    # `lorakit run` refuses before training; a run made before that check may hold one) is
+    # not scored, over-long examples are dropped, each counted.
+    spelling: dict[str, int] = {}
+    scored = []
+    for ex in chosen:
+        spelled = conversation_special_token(ex, tokenizer)
+        if spelled:
+            key = f"a message spells the special token {spelled[1]!r} (not scored)"
+            spelling[key] = spelling.get(key, 0) + 1
+        else:
+            scored.append(ex)
+    chosen = scored
     report = DataReport()
-    # An eval split must not stop a run: over-long examples are dropped and counted.
     policy = "drop" if overlength == "error" else overlength
     rows = tokenize_examples(chosen, formatter, tokenizer, max_length, policy, report)
     skipped: dict[str, int] = {f"loss: {k}": v for k, v in report.dropped.items()}
+    skipped.update(spelling)
     ids: list[str] = []
     inputs: list[str] = []
     prompts: list[str] = []

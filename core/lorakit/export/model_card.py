@@ -8,6 +8,7 @@ version, which base a merge used, and the parity numbers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from lorakit import __version__
 
 
 def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"  # NaN, which the report writes as null (as report.md and compare show it)
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (dict, list)):

@@ -116,7 +116,10 @@ class HfDatasetSource:
     def __init__(self, options: HfDatasetOptions):
         self.options = options
         # sharegpt's turn parser for messages_column; its path is never read here
-        self.turns = ShareGptSource(ShareGptOptions(path=".", roles=dict(options.roles)))
+        # (Hub datasets annotate turns: WildChat's language, toxic, redacted... are ignored)
+        self.turns = ShareGptSource(
+            ShareGptOptions(path=".", roles=dict(options.roles), strict=False)
+        )
         self.builder = ""  # the builder that read the data files ("" for the Hub or a folder)
 
     @property

@@ -109,6 +109,11 @@ class ShareGptOptions:
     merge_consecutive: bool = option(
         False, doc="join consecutive turns of the same speaker (false: such a record is an error)"
     )
+    strict: bool = option(
+        True,
+        doc="a turn field besides the known ones is an error (false: ignored, e.g. the "
+        "language/toxic annotations of WildChat; a weight is checked either way)",
+    )
     format: Literal["auto", "json", "jsonl"] = option(
         "auto",
         doc='file format ("auto": .jsonl, or a first line that is a whole object, is JSONL; '
@@ -246,11 +251,11 @@ class ShareGptSource:
         # a key with a null value is nothing written (Arrow fills other turns' keys with nulls)
         known = (role_key, content_key, *TURN_EXTRAS, "weight")
         unknown = sorted(str(k) for k, x in turn.items() if x is not None and k not in known)
-        if unknown:
+        if unknown and opts.strict:
             return f"turn {i} has unknown field(s) {', '.join(unknown)}", (
                 f"keep only {role_key} and {content_key} (plus tool_calls, reasoning_content, "
-                "tool_call_id, name, weight); put the text in them, or set role_key / content_key "
-                "to the fields that hold it"
+                "tool_call_id, name, weight); put the text in them, set role_key / content_key "
+                "to the fields that hold it, or set strict = false to ignore the others"
             )
         speaker = turn.get(role_key)
         target = self.roles.get(speaker) if isinstance(speaker, str) else None
