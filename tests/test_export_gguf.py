@@ -179,6 +179,19 @@ def test_merge_and_gguf_share_one_fp32_merge(tiny_export, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow  # trains the tiny model (once per module)
+def test_export_of_dot_names_its_files_after_the_run(tiny_export, tmp_path, monkeypatch):
+    """``cd RUN && lorakit export . --gguf`` wrote "-F32.gguf" and a Modelfile without a name."""
+    from lorakit.cli.main import main
+
+    run, _ = tiny_export
+    monkeypatch.chdir(run)
+    out = tmp_path / "dot"
+    assert main(["export", ".", "--gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    assert (out / "gguf" / "recipe-F32.gguf").is_file()
+    assert "ollama create recipe " in (out / "gguf" / "Modelfile").read_text()
+
+
+@pytest.mark.slow  # trains the tiny model (once per module)
 def test_gguf_chat_template_renders_every_training_example(tiny_export):
     from lorakit.catalog import default_catalog
     from lorakit.components import build_components

@@ -265,3 +265,46 @@ def test_model_card_shows_a_metric_without_a_value_as_n_a():
     )
     assert "| val | base | 1.5 | n/a |" in card and "| val | fine-tuned | - | n/a |" in card
     assert "None" not in card and "nan" not in card
+
+
+def test_model_card_names_a_starting_adapter_and_a_base_only_gguf():
+    """A DPO run's report scores the adapter it started from too: the card called both rows
+    "fine-tuned". A --base-only GGUF card said the adapter was merged into the files."""
+    from lorakit.export.model_card import render_card
+
+    report = {
+        "results": [
+            {"split": "val", "adapter": "start", "role": "start", "metrics": {"m": 0.3}},
+            {"split": "val", "adapter": "a", "metrics": {"m": 0.6}},
+        ]
+    }
+
+    def card(kind, parity=None):
+        return render_card(
+            kind=kind,
+            meta={"base_model": "x"},
+            recipe_text="",
+            data_report=None,
+            eval_report=report,
+            last_eval=None,
+            parity=parity,
+            merge_info=None,
+        )
+
+    adapter = card("adapter")
+    assert "| val | starting adapter (from_adapter) | 0.3 |" in adapter
+    assert "| val | fine-tuned | 0.6 |" in adapter
+    assert "lorakit generate <run folder>" in adapter and "<this folder> --prompt" not in adapter
+    measured = {
+        "reference": "r",
+        "probes": "p",
+        "n_tokens": 1,
+        "n_supervised_tokens": 1,
+        "reference_ppl": 1.0,
+        "comparisons": {},
+    }
+    base = {**measured, "merge_base": "dequantized bnb-4bit (fp32)", "base_only": True}
+    gguf = card("gguf", base)
+    assert "without the adapter" in gguf and "adapter merged" not in gguf
+    merged = card("gguf", {**measured, "merge_base": "original (fp32)"})
+    assert "GGUF merge: adapter merged into the **original (fp32)** base" in merged

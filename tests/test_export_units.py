@@ -202,6 +202,16 @@ def test_export_and_generate_verbs_are_registered():
     assert args.prompt == ["a", "b"] and args.temperature == 0.7
 
 
+def test_dtype_without_merge_is_a_clear_error(tmp_path, capsys):
+    """--dtype fp16 without --merge exported the adapter as trained and said nothing."""
+    from lorakit.cli.main import main
+
+    assert main(["export", str(tmp_path), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "--merge was not given" in err and "--merge --dtype fp16" in err
+    assert "Traceback" not in err
+
+
 def test_merge_base_without_merge_is_a_clear_error(tmp_path, capsys):
     from lorakit.cli.main import main
 

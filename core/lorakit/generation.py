@@ -203,8 +203,10 @@ class ModelDirTarget(Target):
             ) from exc
         if not getattr(self.tokenizer, "chat_template", None):
             raise RunError(
-                f"{folder} has a tokenizer without a chat template",
-                fix="export the run with lorakit export",
+                f"{folder} has a tokenizer without a chat template (the run's format plugin "
+                "renders its prompts, e.g. chatml on a base without a template)",
+                fix="generate with the run folder instead (lorakit generate RUN_DIR): its "
+                "recipe's format renders the prompts",
             )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

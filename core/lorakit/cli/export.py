@@ -83,6 +83,12 @@ def run(args) -> int:
             "base is the one the run trained on: dequantized for a quantized run)",
             fix=f"drop --merge-base: lorakit export {args.run_dir} --gguf --base-only",
         )
+    if args.dtype != "fp32" and not args.merge:
+        raise RunError(
+            f"--dtype {args.dtype} chooses the merged model's weights, but --merge was not "
+            "given (the adapter is exported as trained, GGUF files by --gguf-type)",
+            fix=f"add --merge: lorakit export {args.run_dir} --merge --dtype {args.dtype}",
+        )
     if args.merge_base is not None and not (args.merge or args.gguf):
         raise RunError(
             "--merge-base chooses what --merge or --gguf merges into, but neither --merge nor "

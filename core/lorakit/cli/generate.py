@@ -65,7 +65,8 @@ def add_parser(sub) -> None:
         "--system",
         metavar="TEXT",
         help="system prompt for conversations without one (default: the one the run was "
-        'trained with, when every training conversation had the same; "" for none)',
+        'trained with, when every training conversation had the same; "": none is given, '
+        "though a chat template with a default system prompt still adds its own)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)

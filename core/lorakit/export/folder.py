@@ -147,8 +147,11 @@ def export_run(
     options = ExportOptions(
         merge, dtype, merge_base, out, overwrite, tuple(gguf_types), gguf_base_only
     )
-    with run_at_rest(Path(run_dir)):
-        return _export_run(Path(run_dir), options, catalog, say)
+    # `export .` names its files after the run: an absolute path has the run's name (links
+    # are not followed, so a linked run folder is still refused as one)
+    run_dir = Path(os.path.abspath(run_dir))
+    with run_at_rest(run_dir):
+        return _export_run(run_dir, options, catalog, say)
 
 
 def _export_run(

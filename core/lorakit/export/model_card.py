@@ -39,7 +39,10 @@ def _metrics_section(
         out.append("")
         out += [f"| split | model | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
         for r in results:
-            model = "fine-tuned" if r.get("adapter") else "base"
+            if r.get("role") == "start":  # a preference run's starting adapter (from_adapter)
+                model = "starting adapter (from_adapter)"
+            else:
+                model = "fine-tuned" if r.get("adapter") else "base"
             got = r.get("metrics") or {}
             values = [_fmt(got[k]) if k in got else "-" for k in names]
             out.append(f"| {r.get('split', '?')} | {model} | {' | '.join(values)} |")
@@ -179,7 +182,12 @@ def render_card(
             f"- merge: adapter merged into the **{merge_info['merge_base']}** base "
             f"(safe_merge), then cast to {merge_info['dtype']}"
         )
-    if kind == "gguf" and parity:
+    if kind == "gguf" and parity and parity.get("base_only"):
+        lines.append(
+            f"- GGUF files: the **{parity.get('merge_base', '?')}** base as trained, without "
+            "the adapter (apply the adapter GGUF with --lora)"
+        )
+    elif kind == "gguf" and parity:
         lines.append(
             f"- GGUF merge: adapter merged into the **{parity.get('merge_base', '?')}** base"
         )
@@ -204,7 +212,9 @@ def render_card(
             'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
             "```",
         ]
-    if kind != "gguf":
+    if kind == "merged":
         lines += ["", 'or `lorakit generate <this folder> --prompt "..."`.', ""]
+    elif kind == "adapter":  # generate takes the run folder (base + adapter) or a merged model
+        lines += ["", 'or `lorakit generate <run folder> --prompt "..."`.', ""]
     lines += ["## Recipe", "", "```toml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)
