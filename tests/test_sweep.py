@@ -216,3 +216,66 @@ def test_a_sweep_without_examples_to_rank_on_stops_before_any_trial(
     assert "[sweep].split" in err and "data.val_fraction above 0" in err
     folder = tmp_path / "runs" / "novals-sweep"
     assert not (folder / "data").exists() and not (folder / "t000").exists()
+
+
+def _fake_sweep(tmp_path, monkeypatch, metric="eval_loss", space=None, config="c1"):
+    """A sweep of a fake recipe whose trials return 0.5 without training (their values are
+    kept in ``ran``): the study's bookkeeping without a model."""
+    from types import SimpleNamespace as NS
+
+    from lorakit import sweep_study
+    from lorakit.sweep import PreparedSplits
+    from lorakit.sweep_space import Param
+
+    folder = tmp_path / "s-sweep"
+    ran: list[dict] = []
+
+    def objective(_sweep, _prepared, _say):
+        def run_trial(trial):
+            ran.append({p.key: trial.suggest_float(p.key, p.low, p.high) for p in space_})
+            return 0.5
+
+        return run_trial
+
+    space_ = space or (Param("train.learning_rate", low=1e-5, high=1e-2),)
+    monkeypatch.setattr(
+        sweep_study, "prepare", lambda *_: NS(source=PreparedSplits(NS(fingerprint="f1")))
+    )
+    monkeypatch.setattr(sweep_study, "objective", objective)
+    sweep = NS(
+        folder=folder,
+        storage=f"sqlite:///{folder}/study.db",
+        spec=NS(
+            sweep=NS(pruner="off", reduction_factor=3, seed=0, sampler="random", trials=2),
+            space=space_,
+            path=tmp_path / "sweep.toml",
+        ),
+        recipe=NS(train=NS(eval_steps=2), config_hash=lambda: config),
+        metric=metric,
+        split="val",
+        higher_is_better=metric == "json_match",
+    )
+    return sweep, ran
+
+
+def test_a_study_resumed_with_other_settings_is_refused_naming_each_difference(
+    tmp_path, monkeypatch
+):
+    """A study resumed with another metric took its old trials' eval losses for json_match
+    values and ranked them in the other direction: what the trials are (recipe, data, space)
+    and how they are ranked (metric, split, direction) is kept with the study and checked."""
+    from lorakit.sweep_space import Param
+    from lorakit.sweep_study import run_sweep
+
+    sweep, ran = _fake_sweep(tmp_path, monkeypatch)
+    assert run_sweep(sweep, print).user_attrs["metric"] == "eval_loss" and len(ran) == 2
+    # more trials, same settings: resumed
+    assert len(run_sweep(sweep, print, trials=3).trials) == 3 and len(ran) == 3
+    other = (Param("train.learning_rate", low=1e-4, high=1e-2),)
+    changed, _ = _fake_sweep(tmp_path, monkeypatch, "json_match", other, "c2")
+    with pytest.raises(RecipeError) as err:
+        run_sweep(changed, print, trials=4)
+    text = "\n".join(err.value.problems)
+    for what in ("[sweep].metric", "direction", "[space]", "config hash", "new name"):
+        assert what in text, text
+    assert "'eval_loss'" in text and "'json_match'" in text and "data fingerprint" not in text

@@ -4,14 +4,17 @@ its pruner and sampler, the loop that runs trials until the study has enough, th
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from lorakit.errors import LorakitError, RunError
+import attrs
+
+from lorakit.errors import LorakitError, RecipeError, RunError
 from lorakit.rundir import json_text
-from lorakit.sweep import Sweep, loss_in_direction, objective, prepare
+from lorakit.sweep import PreparedSplits, Sweep, loss_in_direction, objective, prepare
 
 
 def _optuna() -> Any:
@@ -81,12 +84,61 @@ def open_study(sweep: Sweep) -> Any:
     )
 
 
+def identity(sweep: Sweep, fingerprint: str) -> dict[str, str]:
+    """What the study's trials are and how they are ranked, as its user attrs: a study resumed
+    with any of these changed would rank values of another kind (or in the other direction)
+    beside its old ones. ``trials`` is not among them: a study may grow or stop early."""
+    space = [attrs.asdict(p) for p in sweep.spec.space]
+    return {
+        "metric": sweep.metric,
+        "split": sweep.split,
+        "direction": "maximize" if sweep.higher_is_better else "minimize",
+        "space": json.dumps(space, sort_keys=True, default=list),
+        "config_hash": sweep.recipe.config_hash(),
+        "data_fingerprint": fingerprint,
+    }
+
+
+_IDENTITY_KEYS = {
+    "metric": "[sweep].metric",
+    "split": "[sweep].split",
+    "direction": "[sweep].metric's direction",
+    "space": "[space]",
+    "config_hash": "the recipe and its overrides (config hash)",
+    "data_fingerprint": "the prepared splits (data fingerprint)",
+}
+
+
+def check_identity(sweep: Sweep, study: Any, wanted: dict[str, str]) -> None:
+    """Record ``wanted`` on a study that has none (new, or from lorakit before 2026-12-08);
+    refuse one started with other settings, naming each difference."""
+    held = study.user_attrs
+    if not any(k in held for k in wanted):
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        return
+    problems = [
+        f"{_IDENTITY_KEYS[k]}: the study was started with {held.get(k)!r}, this run has {v!r}"
+        for k, v in wanted.items()
+        if held.get(k) != v
+    ]
+    if problems:
+        problems.append(
+            f"the study in {sweep.folder} ranks trials of its own settings only: give this "
+            'search a new name ([sweep] name = "NAME-sweep"), or resume it with the settings '
+            "it was started with ([sweep] trials and --trials may change)"
+        )
+        raise RecipeError(problems, source=str(sweep.spec.path))
+
+
 def run_sweep(sweep: Sweep, say: Callable[[str], None], trials: int | None = None) -> Any:
     """Run trials until the study holds ``trials`` (``[sweep].trials``) finished, pruned or
     running ones, all processes together; return the study."""
     optuna = _optuna()
     prepared = prepare(sweep, say)
+    assert isinstance(prepared.source, PreparedSplits)
     study = open_study(sweep)
+    check_identity(sweep, study, identity(sweep, prepared.source.splits.fingerprint))
     want = trials or sweep.spec.sweep.trials
     run_trial = objective(sweep, prepared, say)
     state = optuna.trial.TrialState
