@@ -279,3 +279,28 @@ def test_a_study_resumed_with_other_settings_is_refused_naming_each_difference(
     for what in ("[sweep].metric", "direction", "[space]", "config hash", "new name"):
         assert what in text, text
     assert "'eval_loss'" in text and "'json_match'" in text and "data fingerprint" not in text
+
+
+def test_a_trial_left_running_by_a_killed_process_is_failed_and_tried_again(tmp_path, monkeypatch):
+    """A trial left running by a killed process counted as running forever: the resume saw
+    the study full and stopped before Optuna (which fails stale trials only as a trial
+    starts) ever looked at it. It is failed, and its values are tried again."""
+    import optuna
+    from lorakit import sweep_study
+
+    sweep, ran = _fake_sweep(tmp_path, monkeypatch)
+    monkeypatch.setattr(sweep_study, "GRACE_S", 1)
+    study = sweep_study.open_study(sweep)
+    dead = study.ask()  # a process drew these values, then was killed
+    lr = dead.suggest_float("train.learning_rate", 1e-5, 1e-2)
+    study._storage.record_heartbeat(dead._trial_id)
+    with sqlite3.connect(sweep.folder / "study.db") as db:
+        db.execute("update trial_heartbeats set heartbeat = datetime('now', '-1 hour')")
+    said: list[str] = []
+    study = sweep_study.run_sweep(sweep, said.append, trials=1)
+    state = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [state.FAIL, state.COMPLETE]
+    assert ran == [{"train.learning_rate": lr}]
+    assert said == [
+        "trial t000 was left running by a process that stopped: failed, its values are tried again"
+    ]

@@ -16,6 +16,9 @@ from lorakit.errors import LorakitError, RecipeError, RunError
 from lorakit.rundir import json_text
 from lorakit.sweep import PreparedSplits, Sweep, loss_in_direction, objective, prepare
 
+HEARTBEAT_S = 30  # a running trial's heartbeat, seconds apart
+GRACE_S = 120  # a running trial without a heartbeat this long is stale: failed, tried again
+
 
 def _optuna() -> Any:
     try:
@@ -52,18 +55,21 @@ def open_study(sweep: Sweep) -> Any:
     failed and tries those values again."""
     optuna = _optuna()
     sweep.folder.mkdir(parents=True, exist_ok=True)
-    retry = (
-        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-        or optuna.storages.RetryFailedTrialCallback
-    )
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna 4.9 renamed the callback and its argument; before that, the old names
+        on_stale = (
+            {"heartbeat_stale_trial_callback": retry(max_retry=1)}
+            if retry is not None
+            else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+        )
         storage = optuna.storages.RDBStorage(
             sweep.storage,
             engine_kwargs={"connect_args": {"timeout": 60}},
-            heartbeat_interval=30,
-            grace_period=120,
-            failed_trial_callback=retry(max_retry=1),
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            **on_stale,
         )
     name = sweep.folder.name
     seed = sweep.spec.sweep.seed
@@ -143,15 +149,37 @@ def run_sweep(sweep: Sweep, say: Callable[[str], None], trials: int | None = Non
     run_trial = objective(sweep, prepared, say)
     state = optuna.trial.TrialState
     while True:
+        fail_stale_trials(study, say)
         count = Counter(t.state for t in study.get_trials(deepcopy=False))
         busy = count[state.COMPLETE] + count[state.PRUNED] + count[state.RUNNING]
-        if busy >= want or count[state.FAIL] >= want:
+        # a stale trial failed above waits to be tried again: fails do not end the sweep then
+        if busy >= want or (count[state.FAIL] >= want and not count[state.WAITING]):
             break
         study.optimize(run_trial, n_trials=1, catch=(LorakitError,), gc_after_trial=True)
         last = study.trials[-1]
         if last.state == state.FAIL:
             say(f"trial t{last.number:03d} failed: {last.system_attrs.get('fail_reason', '?')}")
     return study
+
+
+def fail_stale_trials(study: Any, say: Callable[[str], None]) -> None:
+    """Fail the trials left running by a process that died (no heartbeat for ``GRACE_S``); the
+    storage's callback queues each one's values to be tried again. Optuna does this only as
+    a trial starts, and a stale trial counted as running could keep a resume from starting."""
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(state.RUNNING,))}
+    if not running:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(state.FAIL,)):
+        if t.number in running:
+            say(
+                f"trial t{t.number:03d} was left running by a process that stopped: "
+                "failed, its values are tried again"
+            )
 
 
 def ranking(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
