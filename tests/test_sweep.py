@@ -304,3 +304,21 @@ def test_a_trial_left_running_by_a_killed_process_is_failed_and_tried_again(tmp_
     assert said == [
         "trial t000 was left running by a process that stopped: failed, its values are tried again"
     ]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_told_in_one_line_with_its_reason(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A diverged trial printed Optuna's traceback, then "failed: ?" (the reason was read
+    where this Optuna never writes it), and sweep.json had no reason."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "div"\n')
+    (tmp_path / "div.toml").write_text(
+        '[sweep]\ntrials = 1\npruner = "off"\n[space."train.learning_rate"]\nchoices = [1e30]\n'
+    )
+    code, _out, err = cli("sweep", recipe, "train.max_steps=2", "--space", tmp_path / "div.toml")
+    assert code == 0, err
+    assert "Traceback" not in err and "failed: ?" not in err
+    line = next(x for x in err.splitlines() if "trial t000 failed: " in x)
+    [row] = json.loads((tmp_path / "runs" / "div-sweep" / "sweep.json").read_text())
+    assert row["state"] == "FAIL" and row["reason"] and line.endswith(row["reason"])

@@ -14,6 +14,7 @@ trials that finish are ranked by the recipe's main metric on the eval split.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import attrs
 from lorakit.catalog import Entry
 from lorakit.components import Components, SourceComponent
 from lorakit.contracts import SPLITS, Example
-from lorakit.errors import RecipeError, RunError
+from lorakit.errors import LorakitError, RecipeError, RunError
 from lorakit.evaluation.numbers import nan_for_null
 from lorakit.recipe import Recipe
 from lorakit.rundir import read_json
@@ -230,6 +231,13 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
     from lorakit.tracking import watching
 
     def run_trial(trial: Any) -> float:
+        try:
+            return train_trial(trial)
+        except LorakitError as exc:  # the sweep goes on; the reason is kept with the trial
+            trial.set_user_attr("fail_reason", "; ".join(str(exc).split("\n  ")))
+            raise
+
+    def train_trial(trial: Any) -> float:
         values = {p.key: suggest(trial, p) for p in sweep.spec.space}
         name = f"t{trial.number:03d}"
         session = open_session(
@@ -264,6 +272,11 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
         with watching(watch):
             run_recipe(session.recipe, components)
         value = metric_value(run_dir, sweep.metric, sweep.split)
+        if math.isnan(value):
+            raise RunError(
+                f"its {sweep.metric} on {sweep.split} is NaN (nothing was scored)",
+                where=str(run_dir / "eval_report.json"),
+            )
         say(f"trial {name}: {sweep.metric} {value:.4f} on {sweep.split}")
         return value
 

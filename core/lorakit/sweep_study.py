@@ -28,7 +28,8 @@ def _optuna() -> Any:
             "lorakit sweep needs optuna, which is not installed",
             fix="pip install 'lorakit[sweep]'",
         ) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is told in one line by run_sweep, not by Optuna's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -148,6 +149,7 @@ def run_sweep(sweep: Sweep, say: Callable[[str], None], trials: int | None = Non
     want = trials or sweep.spec.sweep.trials
     run_trial = objective(sweep, prepared, say)
     state = optuna.trial.TrialState
+    ran: list[Any] = []  # the trial this process ran (others may have added theirs)
     while True:
         fail_stale_trials(study, say)
         count = Counter(t.state for t in study.get_trials(deepcopy=False))
@@ -155,10 +157,17 @@ def run_sweep(sweep: Sweep, say: Callable[[str], None], trials: int | None = Non
         # a stale trial failed above waits to be tried again: fails do not end the sweep then
         if busy >= want or (count[state.FAIL] >= want and not count[state.WAITING]):
             break
-        study.optimize(run_trial, n_trials=1, catch=(LorakitError,), gc_after_trial=True)
-        last = study.trials[-1]
-        if last.state == state.FAIL:
-            say(f"trial t{last.number:03d} failed: {last.system_attrs.get('fail_reason', '?')}")
+        ran.clear()
+        study.optimize(
+            run_trial,
+            n_trials=1,
+            catch=(LorakitError,),
+            gc_after_trial=True,
+            callbacks=[lambda _study, trial: ran.append(trial)],
+        )
+        for t in ran:
+            if t.state == state.FAIL:
+                say(f"trial t{t.number:03d} failed: {t.user_attrs.get('fail_reason', '?')}")
     return study
 
 
@@ -194,6 +203,7 @@ def ranking(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
             sweep.metric: t.value if t.state == state.COMPLETE else None,
             "params": dict(t.params),
             "run": t.user_attrs.get("run", ""),
+            "reason": t.user_attrs.get("fail_reason") if t.state == state.FAIL else None,
             "eval_losses": {
                 str(k): loss_in_direction(sweep, v)
                 for k, v in sorted(t.intermediate_values.items())
