@@ -322,3 +322,21 @@ def test_a_failed_trial_is_told_in_one_line_with_its_reason(
     line = next(x for x in err.splitlines() if "trial t000 failed: " in x)
     [row] = json.loads((tmp_path / "runs" / "div-sweep" / "sweep.json").read_text())
     assert row["state"] == "FAIL" and row["reason"] and line.endswith(row["reason"])
+
+
+@pytest.mark.slow
+def test_a_sweep_without_a_pruner_keeps_the_eval_losses_by_step(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """With pruner = "off" the eval losses were never reported to the trial, so sweep.json and
+    the table lost them."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "nop"\n')
+    (tmp_path / "nop.toml").write_text(
+        '[sweep]\ntrials = 1\npruner = "off"\n[space."peft.r"]\nchoices = [2]\n'
+    )
+    args = ("sweep", recipe, "train.max_steps=2", "train.eval_steps=1")
+    code, out, err = cli(*args, "--space", tmp_path / "nop.toml")
+    assert code == 0, err
+    [row] = json.loads((tmp_path / "runs" / "nop-sweep" / "sweep.json").read_text())
+    assert row["state"] == "COMPLETE" and sorted(row["eval_losses"]) == ["1", "2"]
+    assert "(step 2)" in out

@@ -260,12 +260,13 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
 
         def watch(step: int, metrics: Mapping[str, Any]) -> None:
             loss = metrics.get("eval_loss")
-            if sweep.spec.sweep.pruner == "off" or not isinstance(loss, (int, float)):
+            if not isinstance(loss, (int, float)):
                 return
             # the study runs in the main metric's direction: a loss is reported negated where
-            # that metric is higher-is-better, so the pruner stops the trials losing most
+            # that metric is higher-is-better, so the pruner stops the trials losing most.
+            # Reported without a pruner too: sweep.json and the table show the losses by step.
             trial.report(loss_in_direction(sweep, float(loss)), step)
-            if trial.should_prune():
+            if sweep.spec.sweep.pruner != "off" and trial.should_prune():
                 say(f"trial {name}: pruned at step {step} (eval_loss {loss:.4f})")
                 raise optuna.TrialPruned(f"eval_loss {loss:.4f} at step {step}")
 
