@@ -282,3 +282,31 @@ def test_the_tensorboard_folder_stays_inside_the_run(tmp_path, cli):
         assert code == 2 and "[log.options.tensorboard].dir" in err and "inside the run" in err, err
     code, _, err = cli("check", recipe, 'log.options.tensorboard.dir="tb/here"')
     assert code == 0, err
+
+
+def test_an_mlflow_run_resumes_in_a_folder_whose_path_holds_a_quote(tmp_path):
+    """The resumed run was searched with the folder's path inside a quoted filter string: an
+    apostrophe in it (o'brien) broke MLflow's parser and the logger."""
+    pytest.importorskip("mlflow")
+    from lorakit.contracts import LogRun
+    from lorakit_plugins.loggers.mlflow import MlflowLogger, MlflowOptions
+
+    out = tmp_path / "o'brien" / "runs"
+    (out / "r1").mkdir(parents=True)
+    run = LogRun(
+        name="r1",
+        run_dir=out / "r1",
+        output_dir=out,
+        params={"train": {"lr": 1}},
+        data_fingerprint="x",
+        versions={},
+        config_hash="h",
+        resumed=False,
+    )
+    first = MlflowLogger(MlflowOptions())
+    first.start(run)
+    first.finish("FINISHED")
+    again = MlflowLogger(MlflowOptions())
+    again.start(attrs.evolve(run, resumed=True))
+    assert again.run_id == first.run_id
+    again.finish("FINISHED")

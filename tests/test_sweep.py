@@ -216,3 +216,127 @@ def test_a_sweep_without_examples_to_rank_on_stops_before_any_trial(
     assert "[sweep].split" in err and "data.val_fraction above 0" in err
     folder = tmp_path / "runs" / "novals-sweep"
     assert not (folder / "data").exists() and not (folder / "t000").exists()
+
+
+def _fake_sweep(tmp_path, monkeypatch, metric="eval_loss", space=None, config="c1"):
+    """A sweep of a fake recipe whose trials return 0.5 without training (their values are
+    kept in ``ran``): the study's bookkeeping without a model."""
+    from types import SimpleNamespace as NS
+
+    from lorakit import sweep_study
+    from lorakit.sweep import PreparedSplits
+    from lorakit.sweep_space import Param
+
+    folder = tmp_path / "s-sweep"
+    ran: list[dict] = []
+
+    def objective(_sweep, _prepared, _say):
+        def run_trial(trial):
+            ran.append({p.key: trial.suggest_float(p.key, p.low, p.high) for p in space_})
+            return 0.5
+
+        return run_trial
+
+    space_ = space or (Param("train.learning_rate", low=1e-5, high=1e-2),)
+    monkeypatch.setattr(
+        sweep_study, "prepare", lambda *_: NS(source=PreparedSplits(NS(fingerprint="f1")))
+    )
+    monkeypatch.setattr(sweep_study, "objective", objective)
+    sweep = NS(
+        folder=folder,
+        storage=f"sqlite:///{folder}/study.db",
+        spec=NS(
+            sweep=NS(pruner="off", reduction_factor=3, seed=0, sampler="random", trials=2),
+            space=space_,
+            path=tmp_path / "sweep.toml",
+        ),
+        recipe=NS(train=NS(eval_steps=2), config_hash=lambda: config),
+        metric=metric,
+        split="val",
+        higher_is_better=metric == "json_match",
+    )
+    return sweep, ran
+
+
+def test_a_study_resumed_with_other_settings_is_refused_naming_each_difference(
+    tmp_path, monkeypatch
+):
+    """A study resumed with another metric took its old trials' eval losses for json_match
+    values and ranked them in the other direction: what the trials are (recipe, data, space)
+    and how they are ranked (metric, split, direction) is kept with the study and checked."""
+    from lorakit.sweep_space import Param
+    from lorakit.sweep_study import run_sweep
+
+    sweep, ran = _fake_sweep(tmp_path, monkeypatch)
+    assert run_sweep(sweep, print).user_attrs["metric"] == "eval_loss" and len(ran) == 2
+    # more trials, same settings: resumed
+    assert len(run_sweep(sweep, print, trials=3).trials) == 3 and len(ran) == 3
+    other = (Param("train.learning_rate", low=1e-4, high=1e-2),)
+    changed, _ = _fake_sweep(tmp_path, monkeypatch, "json_match", other, "c2")
+    with pytest.raises(RecipeError) as err:
+        run_sweep(changed, print, trials=4)
+    text = "\n".join(err.value.problems)
+    for what in ("[sweep].metric", "direction", "[space]", "config hash", "new name"):
+        assert what in text, text
+    assert "'eval_loss'" in text and "'json_match'" in text and "data fingerprint" not in text
+
+
+def test_a_trial_left_running_by_a_killed_process_is_failed_and_tried_again(tmp_path, monkeypatch):
+    """A trial left running by a killed process counted as running forever: the resume saw
+    the study full and stopped before Optuna (which fails stale trials only as a trial
+    starts) ever looked at it. It is failed, and its values are tried again."""
+    import optuna
+    from lorakit import sweep_study
+
+    sweep, ran = _fake_sweep(tmp_path, monkeypatch)
+    monkeypatch.setattr(sweep_study, "GRACE_S", 1)
+    study = sweep_study.open_study(sweep)
+    dead = study.ask()  # a process drew these values, then was killed
+    lr = dead.suggest_float("train.learning_rate", 1e-5, 1e-2)
+    study._storage.record_heartbeat(dead._trial_id)
+    with sqlite3.connect(sweep.folder / "study.db") as db:
+        db.execute("update trial_heartbeats set heartbeat = datetime('now', '-1 hour')")
+    said: list[str] = []
+    study = sweep_study.run_sweep(sweep, said.append, trials=1)
+    state = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [state.FAIL, state.COMPLETE]
+    assert ran == [{"train.learning_rate": lr}]
+    assert said == [
+        "trial t000 was left running by a process that stopped: failed, its values are tried again"
+    ]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_told_in_one_line_with_its_reason(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """A diverged trial printed Optuna's traceback, then "failed: ?" (the reason was read
+    where this Optuna never writes it), and sweep.json had no reason."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "div"\n')
+    (tmp_path / "div.toml").write_text(
+        '[sweep]\ntrials = 1\npruner = "off"\n[space."train.learning_rate"]\nchoices = [1e30]\n'
+    )
+    code, _out, err = cli("sweep", recipe, "train.max_steps=2", "--space", tmp_path / "div.toml")
+    assert code == 0, err
+    assert "Traceback" not in err and "failed: ?" not in err
+    line = next(x for x in err.splitlines() if "trial t000 failed: " in x)
+    [row] = json.loads((tmp_path / "runs" / "div-sweep" / "sweep.json").read_text())
+    assert row["state"] == "FAIL" and row["reason"] and line.endswith(row["reason"])
+
+
+@pytest.mark.slow
+def test_a_sweep_without_a_pruner_keeps_the_eval_losses_by_step(
+    tmp_path, tiny_model_dir, chat_file, cli
+):
+    """With pruner = "off" the eval losses were never reported to the trial, so sweep.json and
+    the table lost them."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, chat_file, extra='name = "nop"\n')
+    (tmp_path / "nop.toml").write_text(
+        '[sweep]\ntrials = 1\npruner = "off"\n[space."peft.r"]\nchoices = [2]\n'
+    )
+    args = ("sweep", recipe, "train.max_steps=2", "train.eval_steps=1")
+    code, out, err = cli(*args, "--space", tmp_path / "nop.toml")
+    assert code == 0, err
+    [row] = json.loads((tmp_path / "runs" / "nop-sweep" / "sweep.json").read_text())
+    assert row["state"] == "COMPLETE" and sorted(row["eval_losses"]) == ["1", "2"]
+    assert "(step 2)" in out

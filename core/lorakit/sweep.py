@@ -14,6 +14,7 @@ trials that finish are ranked by the recipe's main metric on the eval split.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import attrs
 from lorakit.catalog import Entry
 from lorakit.components import Components, SourceComponent
 from lorakit.contracts import SPLITS, Example
-from lorakit.errors import RecipeError, RunError
+from lorakit.errors import LorakitError, RecipeError, RunError
 from lorakit.evaluation.numbers import nan_for_null
 from lorakit.recipe import Recipe
 from lorakit.rundir import read_json
@@ -230,6 +231,13 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
     from lorakit.tracking import watching
 
     def run_trial(trial: Any) -> float:
+        try:
+            return train_trial(trial)
+        except LorakitError as exc:  # the sweep goes on; the reason is kept with the trial
+            trial.set_user_attr("fail_reason", "; ".join(str(exc).split("\n  ")))
+            raise
+
+    def train_trial(trial: Any) -> float:
         values = {p.key: suggest(trial, p) for p in sweep.spec.space}
         name = f"t{trial.number:03d}"
         session = open_session(
@@ -252,18 +260,24 @@ def objective(sweep: Sweep, prepared: SourceComponent, say: Callable[[str], None
 
         def watch(step: int, metrics: Mapping[str, Any]) -> None:
             loss = metrics.get("eval_loss")
-            if sweep.spec.sweep.pruner == "off" or not isinstance(loss, (int, float)):
+            if not isinstance(loss, (int, float)):
                 return
             # the study runs in the main metric's direction: a loss is reported negated where
-            # that metric is higher-is-better, so the pruner stops the trials losing most
+            # that metric is higher-is-better, so the pruner stops the trials losing most.
+            # Reported without a pruner too: sweep.json and the table show the losses by step.
             trial.report(loss_in_direction(sweep, float(loss)), step)
-            if trial.should_prune():
+            if sweep.spec.sweep.pruner != "off" and trial.should_prune():
                 say(f"trial {name}: pruned at step {step} (eval_loss {loss:.4f})")
                 raise optuna.TrialPruned(f"eval_loss {loss:.4f} at step {step}")
 
         with watching(watch):
             run_recipe(session.recipe, components)
         value = metric_value(run_dir, sweep.metric, sweep.split)
+        if math.isnan(value):
+            raise RunError(
+                f"its {sweep.metric} on {sweep.split} is NaN (nothing was scored)",
+                where=str(run_dir / "eval_report.json"),
+            )
         say(f"trial {name}: {sweep.metric} {value:.4f} on {sweep.split}")
         return value
 

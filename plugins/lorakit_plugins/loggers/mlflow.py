@@ -15,6 +15,7 @@ resumed run continues the MLflow run it started (found by its ``lorakit.run_dir`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -113,20 +114,34 @@ class MlflowLogger:
             else client.create_experiment(self.options.experiment, artifact_location=artifacts)
         )
         run_dir = str(run.run_dir.resolve())
+        # a resume finds its MLflow run by a hash of the folder: a folder's path may hold a quote,
+        # which MLflow's filter strings cannot escape
+        run_key = hashlib.sha256(run_dir.encode()).hexdigest()[:32]
         earlier: dict[str, str] = {}
         if run.resumed:
-            found = client.search_runs(
-                [exp_id],
-                filter_string=f"tags.`lorakit.run_dir` = '{run_dir}'",
-                max_results=1,
-                order_by=["attributes.start_time DESC"],
-            )
+            filters = [f"tags.`lorakit.run_key` = '{run_key}'"]
+            if "'" not in run_dir:  # a run tagged before run_key (lorakit before 2026-12-08)
+                filters.append(f"tags.`lorakit.run_dir` = '{run_dir}'")
+            found: list[Any] = []
+            for where in filters:
+                found = client.search_runs(
+                    [exp_id],
+                    filter_string=where,
+                    max_results=1,
+                    order_by=["attributes.start_time DESC"],
+                )
+                if found:
+                    break
             if found:
                 self.run_id = found[0].info.run_id
                 earlier = dict(found[0].data.params)
                 client.update_run(self.run_id, status="RUNNING")
         if not self.run_id:
-            tags = {"lorakit.run_dir": run_dir, "lorakit.config_hash": run.config_hash}
+            tags = {
+                "lorakit.run_dir": run_dir,
+                "lorakit.run_key": run_key,
+                "lorakit.config_hash": run.config_hash,
+            }
             self.run_id = client.create_run(exp_id, run_name=run.name, tags=tags).info.run_id
         params = flatten(run.params)
         params["data_fingerprint"] = run.data_fingerprint
