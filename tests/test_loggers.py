@@ -310,3 +310,28 @@ def test_an_mlflow_run_resumes_in_a_folder_whose_path_holds_a_quote(tmp_path):
     again.start(attrs.evolve(run, resumed=True))
     assert again.run_id == first.run_id
     again.finish("FINISHED")
+
+
+def test_a_resumed_runs_tensorboard_shows_each_step_once(tmp_path):
+    """A resume trains and logs again the steps after its checkpoint, which the interrupted
+    attempt had logged too: TensorBoard showed them twice (metrics.jsonl did not)."""
+    pytest.importorskip("tensorboard")
+    from lorakit.contracts import LogRun
+    from lorakit_plugins.loggers.tensorboard import TensorBoardLogger, TensorBoardOptions
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = LogRun("r", tmp_path, tmp_path, {}, "fp", {}, "hash")
+    first = TensorBoardLogger(TensorBoardOptions())
+    first.start(run)
+    for step in range(1, 7):  # killed after step 6; the last checkpoint was step 4
+        first.log_metrics(step, {"loss": float(step)}, 0.0)
+    first.finish("KILLED")
+    again = TensorBoardLogger(TensorBoardOptions())
+    again.start(attrs.evolve(run, resumed=True, resumed_from=4))
+    for step in (5, 6, 7):
+        again.log_metrics(step, {"loss": 10.0 + step}, 0.0)
+    again.finish("FINISHED")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0), (7, 17.0)]

@@ -428,7 +428,9 @@ class LogRun:
     ``params`` is the resolved recipe (every setting, defaults filled in, as in
     ``resolved.json``); ``versions`` the training stack's package versions (``versions.json``).
     ``resumed`` is true when the run continues from a checkpoint: a logger that can continue
-    its earlier record should.
+    its earlier record should. ``resumed_from`` is that checkpoint's step: the interrupted
+    attempt may have logged the steps after it, which the run trains and logs again (a
+    logger that can drop the earlier ones should; TensorBoard's ``purge_step`` does).
     """
 
     name: str
@@ -439,6 +441,7 @@ class LogRun:
     versions: Mapping[str, str | None]
     config_hash: str
     resumed: bool = False
+    resumed_from: int | None = None
 
 
 @runtime_checkable

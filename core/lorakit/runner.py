@@ -306,6 +306,7 @@ def claim_run(
     the data report and open the loggers: rank 0 only; the other ranks wait for it and stop if
     it fails. run.json records the compute dtype (a new run's and each resume's) and a new
     run's ``reference`` (:func:`resolve_reference`)."""
+    from lorakit.checkpoints import checkpoint_step
     from lorakit.device import dtype_name
 
     dtype = dtype_name(compute_dtype)
@@ -319,8 +320,6 @@ def claim_run(
                 batch=data.batch,
                 compute_dtype=dtype,
             )
-            from lorakit.checkpoints import checkpoint_step
-
             done = checkpoint_step(start.checkpoint)
             aside = run.keep_metrics_until(done)  # its steps after the checkpoint run again
             if aside is not None:
@@ -369,7 +368,13 @@ def claim_run(
         # metrics.jsonl and the recipe's [log] plugins, each on a thread of its own
         loggers.open(
             dict(components.loggers),
-            run_info(recipe, run, data.splits.fingerprint, resumed=start.checkpoint is not None),
+            run_info(
+                recipe,
+                run,
+                data.splits.fingerprint,
+                resumed=start.checkpoint is not None,
+                resumed_from=checkpoint_step(start.checkpoint) if start.checkpoint else None,
+            ),
         )
 
     distributed.on_main(claim)

@@ -230,7 +230,13 @@ def metrics_record(step: int, metrics: Mapping[str, Any], wall_time: float) -> d
     return record
 
 
-def run_info(recipe: Recipe, run: RunDir, data_fingerprint: str, resumed: bool) -> LogRun:
+def run_info(
+    recipe: Recipe,
+    run: RunDir,
+    data_fingerprint: str,
+    resumed: bool,
+    resumed_from: int | None = None,
+) -> LogRun:
     versions = read_json(run.versions) if run.versions.is_file() else stack_versions()
     return LogRun(
         name=recipe.name,
@@ -241,6 +247,7 @@ def run_info(recipe: Recipe, run: RunDir, data_fingerprint: str, resumed: bool) 
         versions=versions,
         config_hash=recipe.config_hash(),
         resumed=resumed,
+        resumed_from=resumed_from,
     )
 
 

@@ -57,7 +57,12 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         logdir = run.run_dir / self.options.dir
-        self.writer = SummaryWriter(log_dir=str(logdir), flush_secs=self.options.flush_secs)
+        # a resumed run logs the steps after its checkpoint again: TensorBoard hides the
+        # interrupted attempt's events from that step on
+        purge = None if run.resumed_from is None else run.resumed_from + 1
+        self.writer = SummaryWriter(
+            log_dir=str(logdir), flush_secs=self.options.flush_secs, purge_step=purge
+        )
         w = self.writer
         w.add_text("recipe", "```json\n" + json.dumps(run.params, indent=2) + "\n```")
         w.add_text("data_fingerprint", f"`{run.data_fingerprint}`")
