@@ -245,24 +245,13 @@ def test_an_export_uses_the_base_as_found_here_not_the_training_machines_path(
 
 def test_model_card_shows_a_metric_without_a_value_as_n_a():
     """Reports write NaN as null; the card said "None" for it (report.md and compare: n/a)."""
-    from lorakit.export.model_card import render_card
-
     report = {
         "results": [
             {"split": "val", "adapter": None, "metrics": {"json_match": None, "eval_loss": 1.5}},
             {"split": "val", "adapter": "a", "metrics": {"json_match": float("nan")}},
         ]
     }
-    card = render_card(
-        kind="adapter",
-        meta={"base_model": "x"},
-        recipe_text="",
-        data_report=None,
-        eval_report=report,
-        last_eval=None,
-        parity=None,
-        merge_info=None,
-    )
+    card = _card("adapter", report)
     assert "| val | base | 1.5 | n/a |" in card and "| val | fine-tuned | - | n/a |" in card
     assert "None" not in card and "nan" not in card
 
@@ -270,8 +259,6 @@ def test_model_card_shows_a_metric_without_a_value_as_n_a():
 def test_model_card_names_a_starting_adapter_and_a_base_only_gguf():
     """A DPO run's report scores the adapter it started from too: the card called both rows
     "fine-tuned". A --base-only GGUF card said the adapter was merged into the files."""
-    from lorakit.export.model_card import render_card
-
     report = {
         "results": [
             {"split": "val", "adapter": "start", "role": "start", "metrics": {"m": 0.3}},
@@ -280,16 +267,7 @@ def test_model_card_names_a_starting_adapter_and_a_base_only_gguf():
     }
 
     def card(kind, parity=None):
-        return render_card(
-            kind=kind,
-            meta={"base_model": "x"},
-            recipe_text="",
-            data_report=None,
-            eval_report=report,
-            last_eval=None,
-            parity=parity,
-            merge_info=None,
-        )
+        return _card(kind, report, parity)
 
     adapter = card("adapter")
     assert "| val | starting adapter (from_adapter) | 0.3 |" in adapter
@@ -308,3 +286,19 @@ def test_model_card_names_a_starting_adapter_and_a_base_only_gguf():
     assert "without the adapter" in gguf and "adapter merged" not in gguf
     merged = card("gguf", {**measured, "merge_base": "original (fp32)"})
     assert "GGUF merge: adapter merged into the **original (fp32)** base" in merged
+
+
+def _card(kind: str, eval_report: dict, parity: dict | None = None) -> str:
+    """The model card of a run with only ``eval_report`` (and ``parity``) to show."""
+    from lorakit.export.model_card import render_card
+
+    return render_card(
+        kind=kind,
+        meta={"base_model": "x"},
+        recipe_text="",
+        data_report=None,
+        eval_report=eval_report,
+        last_eval=None,
+        parity=parity,
+        merge_info=None,
+    )

@@ -75,7 +75,7 @@ STACK = (
 )
 
 
-def finite(data: Any) -> Any:
+def null_for_nan(data: Any) -> Any:
     """``data`` with every NaN and infinity (in dicts, lists and tuples) as None: JSON has no
     such numbers, and ``json.dumps`` would write the bare tokens ``NaN`` / ``Infinity`` that
     other JSON readers (jq, JavaScript, most languages) refuse. A reader of lorakit's files
@@ -83,21 +83,21 @@ def finite(data: Any) -> Any:
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, Mapping):
-        return {k: finite(v) for k, v in data.items()}
+        return {k: null_for_nan(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
+        return [null_for_nan(v) for v in data]
     return data
 
 
 def json_text(data: Any, **kwargs: Any) -> str:
     """``json.dumps`` of ``data`` that is valid JSON: non-finite numbers written as null."""
-    return json.dumps(finite(data), allow_nan=False, **kwargs)
+    return json.dumps(null_for_nan(data), allow_nan=False, **kwargs)
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a killed process never leaves half a file), secrets masked
     (``lorakit.secrets.mask``: overrides and settings may carry URL credentials); NaN and
-    infinities as null (:func:`finite`)."""
+    infinities as null (:func:`null_for_nan`)."""
     text = json_text(data, indent=2, sort_keys=False, default=str)
     write_text(path, mask(text) + "\n")
 
@@ -489,13 +489,15 @@ class RunDir:
         kept file, or None when nothing was past ``step``."""
         if not self.metrics.is_file():
             return None
-        lines = self.metrics.read_text(encoding="utf-8", errors="replace").splitlines(True)
+        # "\n" alone ends a record, as metric_records reads them
+        lines = self.metrics.read_text(encoding="utf-8", errors="replace").split("\n")
+        lines = [ln for ln in lines if ln]
         kept = [ln for ln in lines if _logged_at_or_before(ln, step)]
         if len(kept) == len(lines):
             return None
         aside = _free_name(self.metrics)
         os.replace(self.metrics, aside)
-        write_text(self.metrics, "".join(kept))
+        write_text(self.metrics, "".join(ln + "\n" for ln in kept))
         return aside
 
     def logged_loss_sum(self, step: int) -> float | None:

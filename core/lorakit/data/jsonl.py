@@ -60,6 +60,19 @@ def _no_constant(name: str) -> Any:
     raise JsonRefused(f"{name} is not JSON", "write null or a string instead of NaN/Infinity")
 
 
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string value in a JSON-like value (objects' values, arrays' items; keys are
+    not values)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from json_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from json_strings(item)
+
+
 def loads_strict(text: str, **kwargs: Any) -> Any:
     """``json.loads`` for untrusted data: strict JSON only, as a ``ValueError`` when refused.
 

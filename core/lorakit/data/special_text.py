@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lorakit.contracts import Example
+from lorakit.data.jsonl import json_strings
 from lorakit.data.report import DataReport, example_where
 from lorakit.errors import DataError
 
@@ -52,25 +53,13 @@ def _pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return pattern
 
 
-def _strings(value: Any) -> Iterator[str]:
-    """Every string value in a JSON-like value (keys excluded)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _strings(v)
-
-
 def _conversation_parts(ex: Example) -> Iterator[tuple[str, str]]:
     """(what, text) for every piece of a conversation the template renders from the data."""
     for label, messages in (("message", ex.messages), ("rejected message", ex.rejected)):
         for i, m in enumerate(messages or ()):
-            for text in _strings(m.to_json()):
+            for text in json_strings(m.to_json()):
                 yield f"{label} {i + 1} ({m.role})", text
-    for text in _strings(list(ex.tools or ())):
+    for text in json_strings(list(ex.tools or ())):
         yield "the tool definitions", text
 
 

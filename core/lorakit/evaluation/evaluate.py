@@ -116,8 +116,9 @@ def sets_digest(sets: list[EvalSet]) -> str:
 
 def _cached_baseline(
     folder: Path, key: str, sets: list[EvalSet], say: Callable[[str], None]
-) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """The report and predictions of a baseline in ``folder`` scored with ``key``, or None.
+) -> tuple[dict[str, Any], list[Any]] | None:
+    """The report of a baseline in ``folder`` scored with ``key`` and the base model's results
+    rebuilt from it (:func:`cached_results`), or None.
 
     The baseline is a cache: one that cannot be read (damaged, cut short, edited) is not
     reused, and the base model is scored again (said), never a traceback."""
@@ -138,12 +139,12 @@ def _cached_baseline(
         rows = [json.loads(line) for line in text.split("\n") if line.strip()]
         if not all(isinstance(r, dict) for r in rows):
             raise ValueError("a line is not a JSON object")
-        cached_results(data, rows, sets)  # every split and generation it must give back
+        base = cached_results(data, rows, sets)  # every split and generation it must give back
     except (UnicodeDecodeError, ValueError, RunError, KeyError, TypeError) as exc:
         why = exc.message if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
         say(f"not reusing the baseline in {folder}: {why}; scoring the base model again")
         return None
-    return data, rows
+    return data, base
 
 
 def _splits_to_score(
@@ -333,7 +334,7 @@ def _score_base(
     model: Any,
     plan: EvalPlan,
     run: RunDir,
-    cached: tuple[dict[str, Any], list[dict[str, Any]]] | None,
+    cached: tuple[dict[str, Any], list[Any]] | None,
     score: Callable[[], list[Any]],
     tuned_too: bool,
     with_base: bool,
@@ -345,7 +346,7 @@ def _score_base(
     base = None
     if cached is not None:
         say(f"reusing the baseline in {run.path / BASELINE_DIR} (same model, data and [eval])")
-        base = cached_results(cached[0], cached[1], plan.sets)
+        base = cached[1]
     if with_base and base is None:
         say(f"scoring the base model on {sizes} examples")
         if tuned_too:
@@ -536,7 +537,7 @@ def _score_canary(
     plan: EvalPlan,
     tuned_too: bool,
     with_base: bool,
-    cached: tuple[dict[str, Any], list[dict[str, Any]]] | None,
+    cached: tuple[dict[str, Any], list[Any]] | None,
     say: Callable[[str], None],
 ) -> GeneralScores | None:
     """The forgetting canary on the base (reused from a matching baseline) and the tuned

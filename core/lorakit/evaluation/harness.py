@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from lorakit.data.jsonl import json_strings
 from lorakit.errors import RunError, cause, closest
 from lorakit.evaluation.numbers import fmt, nan_for_null
 from lorakit.qpissa import adapter_off
@@ -129,21 +130,10 @@ def _named_paths(config: Any) -> Iterator[str]:
     kwargs = config.get("dataset_kwargs")
     if isinstance(kwargs, dict):
         for key in ("data_files", "data_dir"):
-            yield from _strings(kwargs.get(key))
+            yield from json_strings(kwargs.get(key))
     path = config.get("dataset_path")
     if isinstance(path, str) and path not in BUILDERS:  # a local folder, when one is there
         yield path
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _strings(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
 
 
 def lm_eval_version() -> str:

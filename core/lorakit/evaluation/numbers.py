@@ -16,5 +16,5 @@ def fmt(value: float | None, kind: str) -> str:
 
 def nan_for_null(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A metric table read back from a report: null (how lorakit writes NaN, which JSON lacks:
-    ``rundir.finite``) is NaN again, so a value read back reads as the one that was written."""
+    ``rundir.null_for_nan``) is NaN again, so a value read back reads as the one that was written."""
     return {name: math.nan if value is None else value for name, value in metrics.items()}
